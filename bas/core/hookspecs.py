@@ -1,0 +1,101 @@
+"""Every hook a ``bas`` plugin can implement.  This module is the reference documentation.
+
+A plugin is a module or object with functions decorated by :data:`bas.hookimpl`, named after the
+specs below.  Built-in behaviour (the masked diffusion loss, LoRA, AdamW, the progress bar, ...)
+is made of plugins exactly like these, in ``bas/plugins/``; installed packages add plugins through
+the ``bas`` entry-point group and are turned on with ``--plugin NAME``.
+
+Registration is by callback: a ``bas_register_*`` hook receives ``register(name, factory,
+description="")`` and calls it once per thing it provides.  The callback records which plugin
+registered which name, so clashes and unknown names are reported with their owners.  An
+implementation may accept a subset of a hook's arguments, so hooks can grow without breaking
+plugins.
+
+The ``register_*`` hooks are called once per run to *resolve* the chosen components into plain
+objects; the training loop then calls those objects directly, never through hook dispatch.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("bas")
+hookimpl = pluggy.HookimplMarker("bas")
+
+
+@hookspec
+def bas_run_options():
+    """Return a list of ``click.Option`` objects to add to ``bas run`` (and the Python API).
+
+    Their values reach components through ``config.options[option.name]``; the Python API takes
+    them as keyword arguments of :func:`bas.extract` with the option's default otherwise.
+    ``bas run --plugin NAME --help`` lists the options a plugin adds.
+    """
+
+
+@hookspec
+def bas_register_commands(cli):
+    """Add commands to the ``bas`` command group ``cli`` (a ``click.Group``)."""
+
+
+@hookspec
+def bas_register_mask_sources(register):
+    """Register mask sources: ``register(name, factory)``.
+
+    ``factory(config)`` returns an object with ``load(config) -> bas.core.scene.SceneInput``: the
+    input image and one soft mask (float array in [0, 1], any size) per concept.  Exactly one mask
+    source is used per run: the one from a plugin named with ``--plugin``, else the default.
+    """
+
+
+@hookspec
+def bas_register_weight_strategies(register):
+    """Register weight strategies: ``register(name, factory)``.
+
+    ``factory(config)`` returns a :class:`bas.core.components.WeightStrategy`: which weights
+    phase 2 trains (LoRA adapters, the full UNet and text encoder, ...), its default learning
+    rate, how they are saved into the output folder and how they are applied to a pipeline for
+    generation.  Exactly one is used per run: the one from a plugin named with ``--plugin``,
+    else the default.
+    """
+
+
+@hookspec
+def bas_register_loss_terms(register):
+    """Register loss terms: ``register(name, factory)``.
+
+    ``factory(config)`` returns a :class:`bas.core.components.LossTerm` (or ``None`` to stay out
+    of this run).  Every term of every enabled plugin is added, each times its ``weight``.  A term
+    may prepare the model in ``setup(run)`` (for example install attention capture) and undo it in
+    ``teardown(run)``; its ``__call__(batch)`` is called once per training step.
+    """
+
+
+@hookspec
+def bas_register_optimizers(register):
+    """Register optimizers: ``register(name, factory)``; ``--optimizer NAME`` picks one.
+
+    ``factory(param_groups, config)`` returns a ``torch.optim.Optimizer``.
+    """
+
+
+@hookspec
+def bas_register_samplers(register):
+    """Register concept samplers: ``register(name, factory)``; the default plugin's is used
+    unless a plugin named with ``--plugin`` provides one.
+
+    ``factory(config, num_concepts)`` returns a callable ``sample(rng) -> list[int]`` giving the
+    concepts (in prompt order) that one training step shows.  ``rng`` is a seeded
+    ``random.Random``.  With no sampler at all, every step shows all concepts.
+    """
+
+
+@hookspec
+def bas_register_observers(register):
+    """Register step and run observers: ``register(name, factory)``.
+
+    ``factory(config)`` returns an object (or ``None``) with any of ``on_run_start(run)``,
+    ``on_phase_start(run, phase)``, ``on_step(run, step)``, ``on_phase_end(run, phase)``,
+    ``on_run_end(run)``.  Logging, progress bars, checkpoints and validation images are observers.
+    ``step`` is a :class:`bas.core.components.StepRecord`.
+    """

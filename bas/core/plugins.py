@@ -1,0 +1,209 @@
+"""Finding, loading and querying plugins.
+
+Built-in plugins live in ``bas/plugins/`` and are registered exactly like installed ones (entry
+point group ``bas``).  Default built-ins are on unless blocked with ``--plugin no:NAME``; opt-in
+built-ins and installed plugins are turned on with ``--plugin NAME``.  A fresh manager is made per
+run (and per test), never a module global.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+import bas
+from bas.core import hookspecs
+from bas.core.errors import BasError, PluginError
+
+ENTRY_POINT_GROUP = "bas"
+
+# name (as users type it) -> (module, on by default)
+BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
+    "files": ("bas.plugins.files", True),
+    "lora": ("bas.plugins.lora", True),
+    "full": ("bas.plugins.full", False),
+    "masked-loss": ("bas.plugins.masked_loss", True),
+    "attention-loss": ("bas.plugins.attention_loss", True),
+    "union-sampling": ("bas.plugins.union_sampling", True),
+    "prior-preservation": ("bas.plugins.prior_preservation", False),
+    "adamw": ("bas.plugins.adamw", True),
+    "progress": ("bas.plugins.progress", True),
+}
+
+REGISTER_HOOKS = {
+    "mask source": "bas_register_mask_sources",
+    "weight strategy": "bas_register_weight_strategies",
+    "loss term": "bas_register_loss_terms",
+    "optimizer": "bas_register_optimizers",
+    "sampler": "bas_register_samplers",
+    "observer": "bas_register_observers",
+}
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    source: str  # "built-in" or "<distribution> <version>"
+    version: str
+    default: bool  # on without being named
+    explicit: bool  # named with --plugin
+    description: str = ""
+
+
+@dataclass
+class Entry:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    description: str = ""
+
+
+@dataclass
+class Registry:
+    kind: str
+    entries: dict[str, Entry] = field(default_factory=dict)
+
+    def add(self, plugin: str, name: str, factory: Callable[..., Any], description: str = "") -> None:
+        if name in self.entries:
+            other = self.entries[name].plugin
+            raise PluginError(
+                f"{self.kind} '{name}' is registered by both plugin '{other}' and plugin '{plugin}'; "
+                f"turn one of them off with --plugin no:{plugin}."
+            )
+        self.entries[name] = Entry(self.kind, name, factory, plugin, description)
+
+    def get(self, name: str, option: str) -> Entry:
+        if name not in self.entries:
+            known = ", ".join(sorted(self.entries)) or "none"
+            raise BasError(f"Unknown {self.kind} '{name}' for {option}; choose one of: {known}.")
+        return self.entries[name]
+
+
+def parse_plugin_names(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split ``--plugin`` values into (wanted, blocked); ``no:NAME`` blocks NAME."""
+    wanted, blocked = [], []
+    for raw in names:
+        for name in str(raw).split(","):
+            name = name.strip()
+            if not name:
+                continue
+            if name.startswith("no:"):
+                blocked.append(name[3:])
+            elif name not in wanted:
+                wanted.append(name)
+    return wanted, blocked
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_plugin_names() -> list[str]:
+    return sorted(set(BUILTIN_PLUGINS) | set(_entry_points()))
+
+
+class Plugins:
+    """A plugin manager for one run: the enabled plugins and the components they register."""
+
+    def __init__(self, names: Iterable[str] = (), *, all_installed: bool = False, extra: Iterable[tuple[str, Any]] = ()):
+        """``names``: the ``--plugin`` values.  ``all_installed`` loads every plugin (for listing).
+        ``extra``: ``(name, plugin object)`` pairs registered as if named (tests, notebooks)."""
+        wanted, blocked = parse_plugin_names(names)
+        extra = list(extra)
+        self.pm = pluggy.PluginManager("bas")
+        self.pm.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+        entry_points = _entry_points()
+        known = set(BUILTIN_PLUGINS) | set(entry_points) | {n for n, _ in extra}
+        for name in wanted + blocked:
+            if name not in known:
+                raise BasError(
+                    f"Unknown plugin '{name}'; available plugins: {', '.join(sorted(known))} "
+                    "(install a package that provides it to add more)."
+                )
+        for name in blocked:
+            self.pm.set_blocked(name)
+
+        for name, (module_name, default) in BUILTIN_PLUGINS.items():
+            if name in blocked or not (default or name in wanted or all_installed):
+                continue
+            module = _import_plugin(name, lambda m=module_name: importlib.import_module(m))
+            self._register(name, module, "built-in", bas.__version__, default, name in wanted)
+        for name, ep in entry_points.items():
+            if name in BUILTIN_PLUGINS or name in blocked or not (name in wanted or all_installed):
+                continue
+            obj = _import_plugin(name, ep.load)
+            dist = getattr(ep, "dist", None)
+            version = dist.version if dist else "unknown"
+            source = f"{dist.name} {version}" if dist else f"entry point {ep.value}"
+            self._register(name, obj, source, version, False, name in wanted)
+        for name, obj in extra:
+            if name not in blocked:
+                self._register(name, obj, "registered in code", "n/a", False, True)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            name = self.pm.get_name(exc.plugin) if getattr(exc, "plugin", None) is not None else "?"
+            raise PluginError(f"Plugin '{name}' implements a hook that bas does not have: {exc}") from exc
+
+    def _register(self, name, obj, source, version, default, explicit) -> None:
+        try:
+            self.pm.register(obj, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"Plugin '{name}' is not a valid bas plugin: {exc}") from exc
+        doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+        self.infos[name] = PluginInfo(name, source, version, default, explicit, doc[0] if doc else "")
+
+    # -- calling hooks with attribution ---------------------------------------------------------
+    def call_each(self, hook_name: str, **kwargs) -> list[tuple[str, Any]]:
+        """Call every implementation of a hook, returning ``(plugin name, result)`` pairs.
+
+        Exceptions are re-raised as :class:`PluginError` naming the plugin and the hook.
+        """
+        results = []
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            plugin = self.pm.get_name(impl.plugin)
+            args = {k: v(plugin) if callable(v) and k == "register" else v for k, v in kwargs.items() if k in impl.argnames}
+            try:
+                results.append((plugin, impl.function(**args)))
+            except BasError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"Plugin '{plugin}' raised in hook {hook_name}: {type(exc).__name__}: {exc}") from exc
+        return results
+
+    def registry(self, kind: str) -> Registry:
+        registry = Registry(kind)
+        self.call_each(REGISTER_HOOKS[kind], register=lambda plugin: (lambda name, factory, description="": registry.add(plugin, name, factory, description)))
+        return registry
+
+    def choose(self, kind: str) -> Entry:
+        """The one component of ``kind`` to use: from a plugin named with --plugin, else a default."""
+        entries = list(self.registry(kind).entries.values())
+        explicit = [e for e in entries if self.infos[e.plugin].explicit]
+        pool = explicit or [e for e in entries if self.infos[e.plugin].default]
+        owners = sorted({e.plugin for e in pool})
+        if len(owners) > 1:
+            raise BasError(f"Plugins {' and '.join(owners)} both provide a {kind}; name only one of them with --plugin.")
+        if not pool:
+            raise BasError(f"No {kind} is enabled; turn one on with --plugin NAME (see `bas plugins`).")
+        return pool[0]
+
+    def run_options(self) -> list[tuple[str, Any]]:
+        """``(plugin, click.Option)`` for every option the enabled plugins add to ``bas run``."""
+        return [(plugin, opt) for plugin, opts in self.call_each("bas_run_options") for opt in (opts or [])]
+
+    def versions(self) -> dict[str, str]:
+        return {name: info.version for name, info in self.infos.items()}
+
+
+def _import_plugin(name: str, load: Callable[[], Any]) -> Any:
+    try:
+        return load()
+    except Exception as exc:
+        raise PluginError(f"Error importing plugin '{name}': {type(exc).__name__}: {exc}") from exc

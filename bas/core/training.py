@@ -1,0 +1,357 @@
+"""The two-phase schedule: phase 1 trains the handles only, phase 2 the weight strategy's weights too.
+
+Everything swappable (mask source, weight strategy, loss terms, optimizer, concept sampler,
+observers) is resolved once from the plugins in :func:`resolve`; the step loop then calls those
+plain objects.  This module knows no particular loss, mask source or weight strategy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.nn import functional as F
+
+import bas
+from bas.core import io
+from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
+from bas.core.errors import BasError
+from bas.core.handles import add_handles
+from bas.core.model import DEFAULT_MODEL, DTYPES, Components, load_components, resolve_device, resolve_precision
+from bas.core.plugins import Plugins
+from bas.core.scene import Scene, prepare_scene
+
+PROMPT_PREFIX = "a photo of "
+
+
+@dataclass
+class RunConfig:
+    """Options of one extraction.  Plugin options live in ``options`` under their click names."""
+
+    out: Path
+    model: str = DEFAULT_MODEL
+    image: Path | None = None
+    plugins: list[str] = field(default_factory=list)
+    phase1_steps: int = 400
+    phase2_steps: int = 400
+    phase1_lr: float = 5e-4
+    phase2_lr: float | None = None  # None: the weight strategy's default
+    seed: int = 0
+    resolution: int | None = None  # None: the model's native resolution
+    init_tokens: list[str] = field(default_factory=list)
+    optimizer: str = "adamw"
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    flip_p: float = 0.5
+    max_grad_norm: float = 1.0
+    overwrite: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        for name in ("phase1_steps", "phase2_steps"):
+            if getattr(self, name) < 0:
+                raise BasError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(self, name)}.")
+        if self.phase1_steps + self.phase2_steps == 0:
+            raise BasError("Both phases have 0 steps; give --phase1-steps or --phase2-steps a positive number.")
+        for name in ("phase1_lr", "phase2_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise BasError(f"--{name.replace('_', '-')} must be positive, not {value}.")
+        if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
+            raise BasError(f"--resolution must be a multiple of 64 (such as 512), not {self.resolution}.")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise BasError(f"--flip-p must be between 0 and 1, not {self.flip_p}.")
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data["image"] = str(self.image) if self.image else None
+        return data
+
+
+@dataclass
+class Resolved:
+    """The components chosen for a run, resolved once from the plugins."""
+
+    mask_source: Any
+    strategy: WeightStrategy
+    strategy_name: str
+    loss_terms: list[LossTerm]
+    optimizer_factory: Callable
+    sampler: Callable[[random.Random], list[int]] | None
+    observers: list[Any]
+
+
+def resolve(plugins: Plugins, config: RunConfig, num_concepts: int | None = None) -> Resolved:
+    source = plugins.choose("mask source")
+    strategy_entry = plugins.choose("weight strategy")
+    optimizers = plugins.registry("optimizer")
+    terms = [t for t in (e.factory(config) for e in plugins.registry("loss term").entries.values()) if t is not None]
+    if not terms:
+        raise BasError("No loss term is enabled; do not block masked-loss, or turn on a plugin that provides a loss.")
+    observers = [o for o in (e.factory(config) for e in plugins.registry("observer").entries.values()) if o is not None]
+    return Resolved(
+        mask_source=source.factory(config),
+        strategy=strategy_entry.factory(config),
+        strategy_name=strategy_entry.name,
+        loss_terms=terms,
+        optimizer_factory=optimizers.get(config.optimizer, "--optimizer").factory,
+        sampler=None,
+        observers=observers,
+    )
+
+
+def _observer_calls(observers: list[Any], name: str) -> list[Callable]:
+    return [getattr(o, name) for o in observers if hasattr(o, name)]
+
+
+class Run:
+    """The state of one extraction: model parts, handles, cached inputs, history."""
+
+    def __init__(self, config: RunConfig, plugins: Plugins):
+        config.check()
+        self.config = config
+        self.plugins = plugins
+        self.out = Path(config.out)
+        self.resolved = resolve(plugins, config)
+        self.history: dict[str, list[dict]] = {"phase1": [], "phase2": []}
+        self.times: dict[str, float] = {}
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.dtype = DTYPES[self.precision]
+        self.rng = random.Random(config.seed)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.phase = 0
+
+    # -- setup --------------------------------------------------------------------------------
+    def check_out(self) -> None:
+        if (self.out / "run.json").exists() and not self.config.overwrite:
+            raise BasError(f"{self.out} already holds a finished run; pass --overwrite to replace it or choose another --out.")
+        if self.out.exists() and not self.out.is_dir():
+            raise BasError(f"--out {self.out} is a file; pass a folder path.")
+
+    def load(self) -> None:
+        t0 = time.perf_counter()
+        scene_input = self.resolved.mask_source.load(self.config)
+        self.components: Components = load_components(self.config.model)
+        c = self.components
+        self.resolution = self.config.resolution or c.native_resolution
+        self.scene: Scene = prepare_scene(scene_input, self.resolution, self.config.init_tokens)
+        n = self.scene.num_concepts
+        sampler_entries = self.plugins.registry("sampler").entries
+        if sampler_entries:
+            self.resolved.sampler = self.plugins.choose("sampler").factory(self.config, n)
+        self.tokens, self.token_ids, self.handle_embedding = add_handles(c.tokenizer, c.text_encoder, n, self.config.init_tokens)
+        for module in (c.unet, c.text_encoder, c.vae):
+            module.requires_grad_(False)
+        self.handle_embedding.handles.requires_grad_(True)
+        self.prediction_type = c.noise_scheduler.config.prediction_type
+        self._cache_latents()
+        weight_dtype = self.dtype if self.resolved.strategy.freezes_base else torch.float32
+        for module in (c.unet, c.text_encoder):
+            place(module, self.device, weight_dtype)
+        self.handle_embedding.handles.data = self.handle_embedding.handles.data.float()
+        if self.config.gradient_checkpointing:
+            c.unet.enable_gradient_checkpointing()
+        self.times["load_s"] = time.perf_counter() - t0
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE latent distribution (mean, std) of images in [-1, 1], computed in fp32."""
+        vae = place(self.components.vae, self.device, torch.float32)
+        dist = vae.encode(images.to(self.device, torch.float32)).latent_dist
+        return dist.mean, dist.std
+
+    def _cache_latents(self) -> None:
+        """The image's latents once per flip: each step samples from the cached distribution."""
+        image = self.scene.image.unsqueeze(0)
+        flipped = torch.flip(image, dims=[-1])
+        mean, std = self.encode_images(torch.cat([image, flipped]))
+        self.latent_mean, self.latent_std = mean, std
+        masks = self.scene.masks.to(self.device)
+        self.masks = torch.stack([masks, torch.flip(masks, dims=[-1])])  # (2, N, R, R)
+
+    def release_vae(self) -> None:
+        self.components.vae.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- text ---------------------------------------------------------------------------------
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.components.tokenizer
+        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(self.device)
+
+    def prompt_for(self, concepts: list[int]) -> str:
+        return PROMPT_PREFIX + " and ".join(self.tokens[c] for c in concepts)
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def noise_and_target(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Random noise and timestep, the noisy latents, and the model's training target."""
+        sched = self.components.noise_scheduler
+        noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.generator, device=self.device)
+        noisy = sched.add_noise(latents, noise, t)
+        target = noise if self.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        return noise, t, noisy, target
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.components
+        encoder_hidden_states = c.text_encoder(input_ids)[0]
+        pred = c.unet(noisy.to(c.unet.dtype), t, encoder_hidden_states=encoder_hidden_states).sample
+        return pred, encoder_hidden_states
+
+    # -- the loop -----------------------------------------------------------------------------
+    def step_batch(self, phase: int, step: int) -> StepBatch:
+        concepts = self.resolved.sampler(self.rng) if self.resolved.sampler else list(range(self.scene.num_concepts))
+        flip = int(self.rng.random() < self.config.flip_p)
+        mean, std = self.latent_mean[flip : flip + 1], self.latent_std[flip : flip + 1]
+        eps = torch.randn(mean.shape, generator=self.generator, device=self.device)
+        latents = (mean + std * eps) * self.components.vae.config.scaling_factor
+        noise, t, noisy, target = self.noise_and_target(latents)
+        prompt = self.prompt_for(concepts)
+        input_ids = self.tokenize([prompt])
+        ids = input_ids[0].tolist()
+        positions = [ids.index(self.token_ids[c]) for c in concepts]
+        masks = self.masks[flip][concepts].unsqueeze(0)
+        with self.autocast():
+            pred, ehs = self.predict(noisy, t, input_ids)
+        return StepBatch(
+            step=step, phase=phase, concepts=concepts, prompt=prompt, latents=latents, noise=noise, timesteps=t,
+            noisy_latents=noisy, target=target, model_pred=pred, masks=masks, union_mask=masks.amax(dim=1, keepdim=True),
+            token_positions=positions, encoder_hidden_states=ehs,
+        )
+
+    def run_phase(self, phase: int, steps: int, params: list[torch.nn.Parameter], lr: float) -> None:
+        if steps == 0:
+            return
+        self.phase = phase
+        terms = [t for t in self.resolved.loss_terms if phase in t.phases]
+        optimizer = self.resolved.optimizer_factory([{"params": params, "lr": lr}], self.config)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        on_step = _observer_calls(self.resolved.observers, "on_step")
+        for call in _observer_calls(self.resolved.observers, "on_phase_start"):
+            call(self, phase)
+        history = self.history[f"phase{phase}"]
+        t_phase = time.perf_counter()
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            batch = self.step_batch(phase, step)
+            with self.autocast():
+                values = {term.name: term(batch) * term.weight for term in terms}
+            loss = sum(values.values())
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            if self.config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            record = StepRecord(
+                phase=phase, step=step, total_steps=steps, loss=float(loss.detach()),
+                terms={k: float(v.detach()) for k, v in values.items()}, prompt=batch.prompt,
+                seconds=time.perf_counter() - t0,
+            )
+            history.append({"step": step, "loss": record.loss, **record.terms})
+            for call in on_step:
+                call(self, record)
+        self.times[f"phase{phase}_s"] = time.perf_counter() - t_phase
+        for call in _observer_calls(self.resolved.observers, "on_phase_end"):
+            call(self, phase)
+
+    def train(self) -> None:
+        c = self.components
+        for term in self.resolved.loss_terms:
+            term.setup(self)
+        self.release_vae()
+        for call in _observer_calls(self.resolved.observers, "on_run_start"):
+            call(self)
+        handles = [self.handle_embedding.handles]
+        c.unet.train()
+        self.run_phase(1, self.config.phase1_steps, handles, self.config.phase1_lr)
+        if self.config.phase2_steps:
+            torch.manual_seed(self.config.seed)  # adapter initialisation draws from the global generator
+            weights = self.resolved.strategy.prepare(self)
+            # adapter libraries freeze every non-adapter parameter they find, the handles included
+            self.handle_embedding.handles.requires_grad_(True)
+            for p in weights:  # trainable parameters train in fp32 whatever the base dtype
+                p.data = p.data.float()
+            if self.config.gradient_checkpointing:
+                enable = getattr(c.text_encoder, "activation_checkpointing_enable", None) or c.text_encoder.gradient_checkpointing_enable
+                enable()
+            c.text_encoder.train()
+            lr = self.config.phase2_lr or self.resolved.strategy.default_lr
+            self.run_phase(2, self.config.phase2_steps, weights + handles, lr)
+        c.unet.eval()
+        c.text_encoder.eval()
+        for term in self.resolved.loss_terms:
+            term.teardown(self)
+
+    # -- output -------------------------------------------------------------------------------
+    def handles_state(self) -> dict[str, torch.Tensor]:
+        rows = self.handle_embedding.handles.detach().float().cpu()
+        return {token: rows[i].clone() for i, token in enumerate(self.tokens)}
+
+    def save(self) -> dict:
+        """Write the handles, the strategy's weights and, last, run.json (which marks a finished run)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        io.write_safetensors(self.out / "handles.safetensors", self.handles_state(), metadata={"base_model": self.config.model})
+        files = ["handles.safetensors"] + (self.resolved.strategy.save(self, self.out) if self.config.phase2_steps else [])
+        info = {
+            "bas_version": bas.__version__,
+            "model": self.config.model,
+            "weights": self.resolved.strategy_name if self.config.phase2_steps else None,
+            "handles": self.tokens,
+            "init_tokens": self.config.init_tokens,
+            "masks": self.scene.mask_names,
+            "resolution": self.resolution,
+            "seed": self.config.seed,
+            "device": str(self.device),
+            "precision": self.precision,
+            "prediction_type": self.prediction_type,
+            "plugins": {name: {"version": i.version, "source": i.source, "default": i.default, "explicit": i.explicit} for name, i in self.plugins.infos.items()},
+            "plugin_names": self.config.plugins,
+            "loss_terms": [{"name": t.name, "weight": t.weight, "phases": list(t.phases)} for t in self.resolved.loss_terms],
+            "config": self.config.to_json(),
+            "history": self.history,
+            "times": self.times,
+            "files": files,
+        }
+        io.write_json(self.out / "run.json", info)
+        return info
+
+
+def extract(config: RunConfig, plugins: Plugins) -> Run:
+    """Run the whole extraction and write the output folder; returns the finished :class:`Run`."""
+    t0 = time.perf_counter()
+    run = Run(config, plugins)
+    run.check_out()
+    run.load()
+    run.train()
+    run.times["total_s"] = time.perf_counter() - t0
+    info = run.save()
+    for call in _observer_calls(run.resolved.observers, "on_run_end"):
+        call(run)
+    run.info = info
+    return run
+
+
+def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move a module, casting only when its dtype differs (diffusers warns on every cast)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module.to(device)
+
+
+def latent_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, H, W) image-resolution mask averaged down to ``like``'s spatial size."""
+    return F.interpolate(mask.float(), size=like.shape[-2:], mode="area")
