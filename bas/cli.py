@@ -1,0 +1,223 @@
+"""The ``bas`` command line: run, generate, demo, tiny-model, plugins (and commands from plugins)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+import bas
+from bas.core.errors import BasError, PluginError
+from bas.core.model import DEFAULT_MODEL, PRECISIONS
+from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names
+
+PLUGIN_FLAGS = ("--plugin", "-p")
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecation notes, load bars) drowns bas's own progress and errors."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        pass
+    for name in ("bitsandbytes", "transformers", "diffusers", "peft", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.formatwarning = lambda message, category, *a, **k: f"Warning: {message}\n"
+
+
+class BasGroup(click.Group):
+    """Turns user errors into one ``Error: ...`` line and exit code 1, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BasError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+
+
+def prescan_plugins(args: list[str]) -> list[str]:
+    """The ``--plugin``/``-p`` values in raw arguments, before click parses them."""
+    names = []
+    it = iter(args)
+    for arg in it:
+        if arg in PLUGIN_FLAGS:
+            names.append(next(it, ""))
+        elif arg.startswith("--plugin="):
+            names.append(arg.split("=", 1)[1])
+        elif arg.startswith("-p") and len(arg) > 2 and not arg.startswith("--"):
+            names.append(arg[2:])
+    return names
+
+
+class RunCommand(click.Command):
+    """``bas run``: the plugins named on the command line add their options before parsing."""
+
+    def parse_args(self, ctx, args):
+        base = [p for p in self.params if not getattr(p, "_from_plugin", False)]
+        try:
+            plugins = Plugins(prescan_plugins(args))
+            added = plugins.run_options()
+        except BasError as exc:
+            raise click.ClickException(str(exc)) from None
+        seen = {name: "bas" for p in base for name in p.opts}
+        for plugin, opt in added:
+            for name in opt.opts:
+                if name in seen:
+                    raise click.ClickException(f"Option {name} is added by both {seen[name]} and plugin '{plugin}'; turn one of them off with --plugin no:{plugin}.")
+                seen[name] = f"plugin '{plugin}'"
+            opt._from_plugin = True
+        self.params = base + [opt for _, opt in added]
+        ctx.meta["bas.plugins"] = plugins
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=BasGroup)
+@click.version_option(bas.__version__, prog_name="bas")
+def cli():
+    """Teach a Stable Diffusion model several concepts from one image (Break-A-Scene).
+
+    Start with `bas demo`; then `bas run --image IMG --mask M0 --mask M1 --out OUT` and
+    `bas generate OUT "a photo of <asset0> at the beach"`.
+    """
+
+
+@cli.command(cls=RunCommand)
+@click.option("--image", type=click.Path(path_type=Path), help="The input image (any size; centre-cropped and resized).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local folder of a Stable Diffusion 1.x/2.x diffusers pipeline.")
+@click.option("--plugin", "-p", "plugin_names", multiple=True, help="Turn on a plugin (repeatable); no:NAME turns a default one off. See `bas plugins`.")
+@click.option("--phase1-steps", type=int, default=400, show_default=True, help="Steps of phase 1 (handles only).")
+@click.option("--phase2-steps", type=int, default=400, show_default=True, help="Steps of phase 2 (weights + handles).")
+@click.option("--phase1-lr", type=float, default=5e-4, show_default=True, help="Learning rate of phase 1.")
+@click.option("--phase2-lr", type=float, default=None, help="Learning rate of phase 2 [default: the weight strategy's, 1e-4 for LoRA, 2e-6 full].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resolution", type=int, default=None, help="Training resolution in pixels [default: the model's, 512 for SD 2.1 base].")
+@click.option("--init-token", "init_tokens", multiple=True, help="A word to start each handle from, one per mask in order [default: 'object'].")
+@click.option("--optimizer", default="adamw", show_default=True, help="adamw or adamw8bit (bitsandbytes, CUDA), or one a plugin adds.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, ~30% slower.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--flip-p", type=float, default=0.5, show_default=True, help="Probability of a horizontal flip of image and masks per step.")
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient norm clip (0: off).")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run already in --out.")
+@click.pass_context
+def run(ctx, plugin_names, **values):
+    """Extract one handle per mask from an image: phase 1 (handles), then phase 2 (weights + handles)."""
+    from bas.core.api import make_config
+    from bas.core.training import extract
+
+    plugins = ctx.meta["bas.plugins"]
+    config = make_config(plugins, values, plugin_names)
+    result = extract(config, plugins)
+    info = result.info
+    click.echo(f"Wrote {config.out}: " + ", ".join(info["files"] + ["run.json"]))
+    click.echo(f"Handles: {' '.join(info['handles'])}. Try: bas generate {config.out} \"a photo of {info['handles'][0]} at the beach\"")
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("--num-images", type=int, default=4, show_default=True, help="Images per prompt (seeds seed, seed+1, ...).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps.")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Where to write PNGs [default: OUT/samples].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
+def generate(out, prompts, **options):
+    """Generate images from a finished run: bas generate OUT "a photo of <asset0> at the beach"."""
+    from bas.core.generation import generate_images
+
+    for path in generate_images(out, list(prompts), **options):
+        click.echo(str(path))
+
+
+@cli.command("tiny-model")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
+def tiny_model(directory, seed, prediction_type):
+    """Write a tiny random Stable Diffusion pipeline (diffusers format) for offline tests."""
+    from bas.core.tiny import save_tiny_model
+
+    save_tiny_model(directory, seed=seed, prediction_type=prediction_type)
+    click.echo(f"Wrote {directory} (loads with StableDiffusionPipeline.from_pretrained).")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bas-demo"), show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True, help="Steps per phase.")
+def demo(out, steps):
+    """Offline demo: draw a scene, build a tiny model, extract two concepts, generate."""
+    from PIL import Image
+
+    from bas.core.api import extract, generate as generate_api
+    from bas.core.demo import contact_sheet, draw_scene
+    from bas.core.tiny import save_tiny_model
+
+    click.echo(f"Building a tiny random model in {out / 'model'} and drawing a scene in {out / 'scene'} ...")
+    save_tiny_model(out / "model")
+    scene = draw_scene(out / "scene")
+    result = extract(scene / "img.png", [scene / "mask0.png", scene / "mask1.png"], out / "run", model=str(out / "model"),
+                     phase1_steps=steps, phase2_steps=steps, init_tokens=["ball", "box"], overwrite=True, device="cpu")
+    prompts = ["a photo of <asset0>", "a photo of <asset1>", "a photo of <asset1> and <asset0> at the beach"]
+    paths = generate_api(out / "run", prompts, num_images=1, steps=20, device="cpu")
+    tiles = [("input", Image.open(scene / "img.png"))] + [(f"mask{i}", Image.open(scene / f"mask{i}.png")) for i in range(2)]
+    tiles += [(p, Image.open(path)) for p, path in zip(["<asset0>", "<asset1>", "<asset1>+<asset0>"], paths)]
+    contact_sheet(out / "demo.png", tiles)
+    t = result.info["times"]
+    click.echo(f"Extraction took {t['total_s']:.1f}s. Wrote {out / 'run'} and {len(paths)} images; overview: {out / 'demo.png'}")
+    click.echo("The tiny model is random, so images show plumbing, not likeness; use --model with a real Stable Diffusion for that.")
+
+
+@cli.command("plugins")
+def list_plugins():
+    """List every plugin: what it provides, whether it is on by default, where it comes from."""
+    manager = Plugins(all_installed=True)
+    provides: dict[str, list[str]] = {}
+    for kind in REGISTER_HOOKS:
+        for entry in manager.registry(kind).entries.values():
+            provides.setdefault(entry.plugin, []).append(f"{kind} '{entry.name}'")
+    options: dict[str, list[str]] = {}
+    for plugin, opt in manager.run_options():
+        options.setdefault(plugin, []).append(opt.opts[0])
+    for name in available_plugin_names():
+        info = manager.infos[name]
+        state = "on by default" if info.default else "opt-in (--plugin " + name + ")"
+        click.echo(f"{name}  [{state}; {info.source}]")
+        if info.description:
+            click.echo(f"    {info.description}")
+        if provides.get(name):
+            click.echo(f"    provides: {', '.join(provides[name])}")
+        if options.get(name):
+            click.echo(f"    options: {' '.join(options[name])}")
+
+
+def add_plugin_commands(group: click.Group) -> None:
+    """Commands from every installed plugin; a broken plugin is reported but core commands keep working."""
+    try:
+        Plugins(all_installed=True).call_each("bas_register_commands", cli=group)
+    except PluginError as exc:
+        click.echo(f"Warning: {exc}", err=True)
+
+
+def main():
+    _quiet_libraries()
+    add_plugin_commands(cli)
+    cli()
+
+
+if __name__ == "__main__":
+    main()
