@@ -1,0 +1,148 @@
+"""The plugin system: loading, blocking, attribution of errors and clashes, plugin options."""
+
+from __future__ import annotations
+
+import inspect
+import types
+from pathlib import Path
+
+import pytest
+
+import bas
+from bas.core import hookspecs, plugins as plugins_module
+from bas.core.errors import BasError, PluginError
+from bas.core.plugins import BUILTIN_PLUGINS, Plugins
+
+
+def test_default_plugins_are_on_and_opt_in_ones_off():
+    pm = Plugins()
+    assert {n for n, (_, default) in BUILTIN_PLUGINS.items() if default} == set(pm.infos)
+    assert "full" not in pm.infos and "prior-preservation" not in pm.infos
+    assert pm.choose("weight strategy").name == "lora"
+    assert pm.choose("mask source").name == "files"
+
+
+def test_unknown_plugin_lists_the_available_ones():
+    with pytest.raises(BasError) as exc:
+        Plugins(["nope"])
+    message = str(exc.value)
+    assert "Unknown plugin 'nope'" in message
+    for name in BUILTIN_PLUGINS:
+        assert name in message
+
+
+def test_named_plugin_beats_the_default_and_two_named_ones_clash():
+    assert Plugins(["full"]).choose("weight strategy").name == "full"
+    with pytest.raises(BasError, match="full and lora both provide a weight strategy"):
+        Plugins(["full", "lora"]).choose("weight strategy")
+
+
+def test_blocking_a_builtin_removes_what_it_registers():
+    pm = Plugins(["no:attention-loss", "no:union-sampling"])
+    assert "attention-loss" not in pm.infos
+    assert set(pm.registry("loss term").entries) == {"diffusion"}
+    assert pm.registry("sampler").entries == {}
+
+
+class ClashingLoss:
+    """Registers a loss under a built-in's name."""
+
+    @bas.hookimpl
+    def bas_register_loss_terms(self, register):
+        register("diffusion", object)
+
+
+class RaisingPlugin:
+    @bas.hookimpl
+    def bas_register_observers(self, register):
+        raise ValueError("boom")
+
+
+def test_a_name_registered_twice_names_both_plugins():
+    pm = Plugins(extra=[("clasher", ClashingLoss())])
+    with pytest.raises(PluginError) as exc:
+        pm.registry("loss term")
+    assert "'masked-loss'" in str(exc.value) and "'clasher'" in str(exc.value)
+
+
+def test_an_exception_inside_a_hook_names_plugin_and_hook():
+    pm = Plugins(extra=[("raiser", RaisingPlugin())])
+    with pytest.raises(PluginError, match=r"Plugin 'raiser' raised in hook bas_register_observers: ValueError: boom"):
+        pm.registry("observer")
+
+
+def test_hook_without_spec_is_rejected():
+    bad = types.SimpleNamespace()
+
+    @bas.hookimpl
+    def bas_no_such_hook():
+        pass
+
+    bad.bas_no_such_hook = bas_no_such_hook
+    with pytest.raises(PluginError, match="'typo'"):
+        Plugins(extra=[("typo", bad)])
+
+
+def test_entry_point_that_fails_to_import_is_named(monkeypatch):
+    class BrokenEntryPoint:
+        name = "broken"
+        value = "broken_pkg:plugin"
+        dist = None
+
+        def load(self):
+            raise ImportError("No module named 'broken_pkg'")
+
+    monkeypatch.setattr(plugins_module, "_entry_points", lambda: {"broken": BrokenEntryPoint()})
+    with pytest.raises(PluginError, match=r"Error importing plugin 'broken': ImportError: No module named 'broken_pkg'"):
+        Plugins(["broken"])
+    assert "broken" not in Plugins().infos  # installed plugins are opt-in
+
+
+def test_installed_plugin_is_loaded_by_name(monkeypatch):
+    module = types.ModuleType("fancy_sampler")
+    module.__doc__ = "A sampler that always shows concept 0."
+
+    @bas.hookimpl
+    def bas_register_samplers(register):
+        register("first", lambda config, n: (lambda rng: [0]))
+
+    module.bas_register_samplers = bas_register_samplers
+
+    class EntryPoint:
+        name, value, dist = "fancy", "fancy_sampler", None
+
+        def load(self):
+            return module
+
+    monkeypatch.setattr(plugins_module, "_entry_points", lambda: {"fancy": EntryPoint()})
+    pm = Plugins(["fancy"])
+    assert pm.choose("sampler").name == "first"  # a named plugin wins over the default union sampler
+    assert pm.infos["fancy"].explicit
+
+
+def test_plugin_options_show_in_run_help_only_when_the_plugin_is_on(invoke):
+    plain = invoke("run", "--help").output
+    with_prior = invoke("run", "--plugin", "prior-preservation", "--help").output
+    assert "--class-prompt" not in plain
+    assert "--class-prompt" in with_prior and "--num-class-images" in with_prior
+    assert "--lora-rank" in plain  # a default plugin's options are always there
+
+
+def test_plugins_command_lists_every_plugin_with_what_it_provides(invoke):
+    out = invoke("plugins").output
+    for name in BUILTIN_PLUGINS:
+        assert f"{name}  [" in out
+    assert "weight strategy 'full'" in out and "opt-in (--plugin full)" in out
+    assert "optimizer 'adamw8bit'" in out
+
+
+def test_every_hook_is_implemented_by_a_builtin_or_tested_and_documented():
+    specs = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("bas_")]
+    assert len(specs) >= 8
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    tests_text = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    pm = Plugins(all_installed=True)
+    for name in specs:
+        assert name in readme, f"{name} is not documented in README.md"
+        implemented = bool(getattr(pm.pm.hook, name).get_hookimpls())
+        assert implemented or name in tests_text.replace(f'"{name}"', ""), f"{name} has no implementation or test"

@@ -1,0 +1,142 @@
+"""What each phase trains, on the tiny model, observed through a plugin like any other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bas
+from bas.core.api import make_config
+from bas.core.plugins import Plugins
+from bas.core.training import extract
+
+
+class Snapshots:
+    """An observer plugin that records every parameter at the start and end of each phase."""
+
+    def __init__(self):
+        self.start, self.end = {}, {}
+
+    @staticmethod
+    def params(run):
+        c = run.components
+        named = {}
+        for prefix, module in (("unet.", c.unet), ("text_encoder.", c.text_encoder)):
+            for name, p in module.named_parameters():
+                named[prefix + name] = p.detach().float().clone()
+        return named
+
+    def on_phase_start(self, run, phase):
+        self.start[phase] = self.params(run)
+
+    def on_phase_end(self, run, phase):
+        self.end[phase] = self.params(run)
+
+    @bas.hookimpl
+    def bas_register_observers(self, register):
+        register("snapshots", lambda config: self)
+
+
+def run_with_snapshots(scene, model, out, plugin_names=(), **values):
+    snaps = Snapshots()
+    pm = Plugins(plugin_names, extra=[("snapshots", snaps)])
+    values = {"scene": scene, "model": str(model), "out": out, "quiet": True, "phase1_steps": 4, "phase2_steps": 4, **values}
+    run = extract(make_config(pm, values, plugin_names), pm)
+    return run, snaps
+
+
+def changed(snaps, phase):
+    start, end = snaps.start[phase], snaps.end[phase]
+    return {n for n in end if n not in start or not torch.equal(start[n], end[n])}
+
+
+HANDLES = "text_encoder.embeddings.token_embedding.handles"  # transformers 5 names them without text_model.
+BASE_ROWS = "text_encoder.embeddings.token_embedding.base.weight"
+
+
+def test_phase1_changes_only_the_handle_rows(scene, tiny_model, tmp_path):
+    run, snaps = run_with_snapshots(scene, tiny_model, tmp_path / "out", phase2_steps=0)
+    assert changed(snaps, 1) == {HANDLES}
+    # the full embedding matrix as a loader sees it: old rows bit-identical, new rows trained
+    full = run.handle_embedding.weight.detach()
+    assert torch.equal(full[: run.handle_embedding.num_base], snaps.start[1][BASE_ROWS])
+    assert not (tmp_path / "out" / "lora").exists()
+
+
+def test_phase2_lora_changes_only_lora_parameters_and_handles(scene, tiny_model, tmp_path):
+    run, snaps = run_with_snapshots(scene, tiny_model, tmp_path / "out", phase1_steps=2)
+    moved = changed(snaps, 2)
+    assert HANDLES in moved
+    others = moved - {HANDLES}
+    assert others and all("lora_" in n for n in others)
+    assert any(n.startswith("unet.") for n in others) and any(n.startswith("text_encoder.") for n in others)
+    lora_b = [n for n in snaps.end[2] if "lora_B" in n]
+    assert lora_b and all(n in moved for n in lora_b)  # LoRA up-projections start at zero and all train
+
+
+def test_no_lora_text_encoder_keeps_the_text_encoder_frozen(scene, tiny_model, tmp_path):
+    run, snaps = run_with_snapshots(scene, tiny_model, tmp_path / "out", phase1_steps=1, lora_text_encoder=False)
+    assert {n.split(".")[0] for n in changed(snaps, 2) - {HANDLES}} == {"unet"}
+
+
+def test_full_fine_tune_trains_unet_and_text_encoder_but_not_old_vocabulary(scene, tiny_model, tmp_path):
+    run, snaps = run_with_snapshots(scene, tiny_model, tmp_path / "out", ["full"], phase1_steps=1, phase2_lr=1e-3)
+    moved = changed(snaps, 2)
+    assert BASE_ROWS not in moved and HANDLES in moved
+    assert any(n.startswith("unet.") for n in moved)
+    assert any(n.startswith("text_encoder.") and n != HANDLES for n in moved)
+    assert not any("lora_" in n for n in snaps.end[2])
+
+
+def test_seeded_runs_are_deterministic(scene, tiny_model, tmp_path):
+    a, _ = run_with_snapshots(scene, tiny_model, tmp_path / "a", phase1_steps=3, phase2_steps=3)
+    b, _ = run_with_snapshots(scene, tiny_model, tmp_path / "b", phase1_steps=3, phase2_steps=3)
+    c, _ = run_with_snapshots(scene, tiny_model, tmp_path / "c", phase1_steps=3, phase2_steps=3, seed=1)
+    assert a.info["history"] == b.info["history"]
+    ha, hb, hc = (r.handles_state() for r in (a, b, c))
+    assert all(torch.equal(ha[k], hb[k]) for k in ha)
+    assert not all(torch.equal(ha[k], hc[k]) for k in ha)
+
+
+def test_v_prediction_model_trains(scene, tiny_vpred_model, tmp_path):
+    run, _ = run_with_snapshots(scene, tiny_vpred_model, tmp_path / "out", phase1_steps=2, phase2_steps=2)
+    assert run.info["prediction_type"] == "v_prediction"
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in run.info["history"]["phase2"])
+
+
+def test_gradient_checkpointing_keeps_the_attention_loss_differentiable(scene, tiny_model, tmp_path):
+    plain, _ = run_with_snapshots(scene, tiny_model, tmp_path / "a", phase1_steps=2, phase2_steps=2)
+    ckpt, _ = run_with_snapshots(scene, tiny_model, tmp_path / "b", phase1_steps=2, phase2_steps=2, gradient_checkpointing=True)
+    hp, hc = plain.handles_state(), ckpt.handles_state()
+    for k in hp:
+        torch.testing.assert_close(hp[k], hc[k], rtol=1e-4, atol=1e-5)
+
+
+def test_prior_preservation_generates_class_images_and_adds_its_loss(scene, tiny_model, tmp_path):
+    run, _ = run_with_snapshots(
+        scene, tiny_model, tmp_path / "out", ["prior-preservation"], phase1_steps=2, phase2_steps=2,
+        num_class_images=2, class_generation_steps=2,
+    )
+    assert len(list((tmp_path / "out" / "class_images").glob("*.png"))) == 2
+    assert all("prior" in h for h in run.info["history"]["phase1"] + run.info["history"]["phase2"])
+    assert {t["name"] for t in run.info["loss_terms"]} == {"diffusion", "attention", "prior"}
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"phase1_steps": -1}, "--phase1-steps must be 0 or more"),
+    ({"phase1_steps": 0, "phase2_steps": 0}, "Both phases have 0 steps"),
+    ({"phase2_lr": 0.0}, "--phase2-lr must be positive"),
+    ({"resolution": 100}, "multiple of 64"),
+    ({"optimizer": "sgd"}, "Unknown optimizer 'sgd'"),
+    ({"precision": "fp16", "device": "cpu"}, "fp16 needs a CUDA GPU"),
+    ({"optimizer": "adamw8bit", "device": "cpu"}, "adamw8bit needs a CUDA GPU"),
+    ({"init_tokens": ["ball"]}, "1 --init-token values were given for 2 masks"),
+    ({"init_tokens": ["ball", "\u2603\u2603"]}, None),
+])
+def test_bad_options_are_one_clear_error(scene, tiny_model, tmp_path, values, message):
+    if message is None:  # a word made only of unknown characters still has byte-level sub-tokens
+        run_with_snapshots(scene, tiny_model, tmp_path / "out", phase1_steps=1, phase2_steps=0, **values)
+        return
+    with pytest.raises(bas.core.errors.BasError, match=message):
+        run_with_snapshots(scene, tiny_model, tmp_path / "out", **values)
+    assert not (tmp_path / "out" / "run.json").exists()
