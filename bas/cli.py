@@ -64,11 +64,14 @@ def prescan_plugins(args: list[str]) -> list[str]:
 class RunCommand(click.Command):
     """``bas run``: the plugins named on the command line add their options before parsing."""
 
+    def plugin_options(self, plugins: Plugins) -> list:
+        return plugins.run_options()
+
     def parse_args(self, ctx, args):
         base = [p for p in self.params if not getattr(p, "_from_plugin", False)]
         try:
             plugins = Plugins(prescan_plugins(args))
-            added = plugins.run_options()
+            added = self.plugin_options(plugins)
         except BasError as exc:
             raise click.ClickException(str(exc)) from None
         seen = {name: "bas" for p in base for name in p.opts}
@@ -81,6 +84,13 @@ class RunCommand(click.Command):
         self.params = base + [opt for _, opt in added]
         ctx.meta["bas.plugins"] = plugins
         return super().parse_args(ctx, args)
+
+
+class MasksCommand(RunCommand):
+    """``bas masks``: as ``bas run``, but only the options of mask sources and mask cleanup."""
+
+    def plugin_options(self, plugins: Plugins) -> list:
+        return plugins.mask_options()
 
 
 @click.group(cls=BasGroup)
@@ -124,6 +134,29 @@ def run(ctx, plugin_names, **values):
     info = result.info
     click.echo(f"Wrote {config.out}: " + ", ".join(info["files"] + ["run.json"]))
     click.echo(f"Handles: {' '.join(info['handles'])}. Try: bas generate {config.out} \"a photo of {info['handles'][0]} at the beach\"")
+
+
+@cli.command(cls=MasksCommand)
+@click.option("--image", type=click.Path(path_type=Path), help="The input image.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for mask0.png, mask1.png, ..., img.png and preview.png.")
+@click.option("--plugin", "-p", "plugin_names", multiple=True, help="The mask source: sam-masks, coco-masks or an installed one [default: files].")
+@click.option("--model", "mask_model", default=None, help="The mask source's model: for sam-masks the SAM checkpoint, hub id or local folder [default: facebook/sam-vit-base].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N, for a source that runs a model.")
+@click.option("--overwrite", is_flag=True, help="Replace masks already in --out.")
+@click.pass_context
+def masks(ctx, plugin_names, **values):
+    """Make a scene's masks and a preview: bas masks --plugin sam-masks --image IMG --point X,Y --out DIR.
+
+    Writes mask0.png, mask1.png, ... (one per concept, in handle order), img.png and preview.png
+    (each mask tinted and labelled with its handle) into --out, which `bas run --scene` then takes.
+    `bas masks --plugin NAME --help` lists a mask source's options.
+    """
+    from bas.core.masks import make_masks, make_masks_config
+
+    plugins = ctx.meta["bas.plugins"]
+    written = make_masks(make_masks_config(plugins, values, plugin_names), plugins)
+    click.echo(f"Wrote {values['out']}: " + ", ".join(p.name for p in written))
+    click.echo(f"Check {values['out'] / 'preview.png'}, then: bas run --scene {values['out']} --out RUN")
 
 
 @cli.command()

@@ -44,7 +44,15 @@ def bas_register_mask_sources(register):
 
     ``factory(config)`` returns an object with ``load(config) -> bas.core.scene.SceneInput``: the
     input image and one soft mask (float array in [0, 1], any size) per concept.  Exactly one mask
-    source is used per run: the one from a plugin named with ``--plugin``, else the default.
+    source is used per run: the one from a plugin named with ``--plugin``, else the default.  The
+    core applies the shared mask cleanup (``--mask-threshold``, ``--fill-holes``, ...) to what
+    ``load`` returns, so a source returns its masks as it found them.
+
+    ``bas masks`` uses the same sources to write masks and a preview; there ``config`` is a
+    :class:`bas.core.masks.MasksConfig`: ``image``, ``device`` and ``options`` as in a run, plus
+    ``mask_model``, the checkpoint given with ``bas masks --model`` (a run's ``--model`` is the
+    diffusion model).  ``bas masks`` offers the options of plugins that provide a mask source or
+    nothing that training uses.
     """
 
 

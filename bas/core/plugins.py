@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "bas"
 # name (as users type it) -> (module, on by default)
 BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "files": ("bas.plugins.files", True),
+    "mask-cleanup": ("bas.plugins.mask_cleanup", True),
     "lora": ("bas.plugins.lora", True),
     "full": ("bas.plugins.full", False),
     "masked-loss": ("bas.plugins.masked_loss", True),
@@ -42,6 +43,7 @@ REGISTER_HOOKS = {
     "sampler": "bas_register_samplers",
     "observer": "bas_register_observers",
 }
+TRAINING_KINDS = ("weight strategy", "loss term", "optimizer", "sampler", "observer")
 
 
 @dataclass
@@ -197,6 +199,13 @@ class Plugins:
     def run_options(self) -> list[tuple[str, Any]]:
         """``(plugin, click.Option)`` for every option the enabled plugins add to ``bas run``."""
         return [(plugin, opt) for plugin, opts in self.call_each("bas_run_options") for opt in (opts or [])]
+
+    def mask_options(self) -> list[tuple[str, Any]]:
+        """The options ``bas masks`` takes: those of plugins that provide a mask source or nothing
+        that training uses (mask cleanup), not those of weight strategies, losses, optimizers, ..."""
+        training = {e.plugin for kind in TRAINING_KINDS for e in self.registry(kind).entries.values()}
+        sources = {e.plugin for e in self.registry("mask source").entries.values()}
+        return [(plugin, opt) for plugin, opt in self.run_options() if plugin in sources or plugin not in training]
 
     def versions(self) -> dict[str, str]:
         return {name: info.version for name, info in self.infos.items()}

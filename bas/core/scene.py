@@ -84,11 +84,15 @@ def load_mask(path: Path) -> np.ndarray:
         raise BasError(f"{path} is not a readable image ({exc}); masks must be PNG files.") from exc
 
 
+def centre_square(width: int, height: int) -> tuple[int, int, int]:
+    """``(left, top, side)`` of the centre square that training crops from a ``width`` x ``height`` image."""
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side
+
+
 def _square(img: Image.Image, resolution: int, resample) -> Image.Image:
     """Centre-crop to a square and resize to ``resolution``."""
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
+    left, top, side = centre_square(*img.size)
     return img.crop((left, top, left + side, top + side)).resize((resolution, resolution), resample)
 
 

@@ -23,6 +23,7 @@ from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
 from bas.core.errors import BasError
 from bas.core.handles import add_handles
 from bas.core.model import DEFAULT_MODEL, DTYPES, Components, load_components, resolve_device, resolve_precision
+from bas.core.masks import load_scene_input
 from bas.core.plugins import Plugins
 from bas.core.scene import Scene, prepare_scene
 
@@ -138,7 +139,7 @@ class Run:
 
     def load(self) -> None:
         t0 = time.perf_counter()
-        scene_input = self.resolved.mask_source.load(self.config)
+        scene_input = load_scene_input(self.plugins, self.resolved.mask_source, self.config)  # source + shared mask cleanup
         self.components: Components = load_components(self.config.model)
         c = self.components
         self.resolution = self.config.resolution or c.native_resolution

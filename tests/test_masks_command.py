@@ -1,0 +1,101 @@
+"""`bas masks` with the default files source: what it writes, the preview, --overwrite, and refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bas.core.masks import PALETTE, render_preview
+
+from conftest import quick_run_args
+
+
+def test_masks_writes_masks_image_and_preview_that_run_takes_as_a_scene(scene, invoke, tmp_path):
+    out = tmp_path / "masks"
+    result = invoke("masks", "--scene", scene, "--mask-threshold", 0.5, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["img.png", "mask0.png", "mask1.png", "preview.png"]
+    for i in range(2):
+        original = np.asarray(Image.open(scene / f"mask{i}.png"), dtype=np.float32) / 255
+        written = np.asarray(Image.open(out / f"mask{i}.png"))
+        assert set(np.unique(written)) == {0, 255}  # --mask-threshold made them binary
+        assert np.array_equal(written == 255, original >= 0.5)
+    assert np.array_equal(np.asarray(Image.open(out / "img.png")), np.asarray(Image.open(scene / "img.png").convert("RGB")))
+    assert f"bas run --scene {out}" in result.output
+
+
+def test_preview_tints_each_mask_in_its_colour_outlines_it_and_dims_outside_the_crop():
+    image = Image.new("RGB", (90, 60), (100, 100, 100))  # the crop keeps x in [15, 75)
+    left = np.zeros((60, 90), np.float32)
+    left[5:55, 18:44] = 1.0
+    right = np.zeros((60, 90), np.float32)
+    right[5:55, 48:72] = 1.0
+    plain = np.asarray(render_preview(image, [left, right], ["", ""]), dtype=np.int16)
+    tint = (np.array([100, 100, 100]) * 0.5 + np.array(PALETTE[0]) * 0.5).round()
+    assert np.abs(plain[8, 25] - tint).max() <= 1  # inside mask 0, away from its edge
+    assert np.abs(plain[30, 2] - 45).max() <= 1  # outside the square crop: dimmed
+    assert np.abs(plain[58, 46] - 100).max() <= 1  # inside the crop, in no mask: untouched
+    assert tuple(plain[5, 30]) == PALETTE[0] and tuple(plain[5, 60]) == PALETTE[1]  # outlines
+
+
+def changed_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.flatnonzero((a != b).any(axis=(1, 2)))
+
+
+def test_preview_labels_each_mask_with_its_handle_on_the_object():
+    image = Image.new("RGB", (300, 100), (100, 100, 100))
+    masks = [np.zeros((100, 300), np.float32) for _ in range(2)]
+    masks[0][10:90, 20:100] = 1.0  # centre (50, 59.5)
+    masks[1][10:90, 180:280] = 1.0  # centre (50, 229.5)
+    plain = np.asarray(render_preview(image, masks, ["", ""]), dtype=np.int16)
+    labelled = np.asarray(render_preview(image, masks, ["<asset0>", "<asset1>"]), dtype=np.int16)
+    for colour, (y, x) in ((PALETTE[0], (50, 60)), (PALETTE[1], (50, 230))):
+        window = labelled[y - 4 : y + 5, x - 12 : x + 13].reshape(-1, 3)
+        assert (window > 200).all(axis=1).any(), "no white text at the mask's centre"
+        assert (window == colour).all(axis=1).any(), "no label box in the mask's colour"
+        assert (plain[y - 4 : y + 5, x - 12 : x + 13] != labelled[y - 4 : y + 5, x - 12 : x + 13]).any()
+
+
+def test_labels_of_overlapping_masks_are_stacked_not_drawn_over_each_other():
+    image = Image.new("RGB", (120, 120), (100, 100, 100))
+    mask = np.zeros((120, 120), np.float32)
+    mask[20:100, 20:100] = 1.0
+    plain = np.asarray(render_preview(image, [mask, mask], ["", ""]), dtype=np.int16)
+    one = changed_rows(np.asarray(render_preview(image, [mask, mask], ["<asset0>", ""]), dtype=np.int16), plain)
+    both = changed_rows(np.asarray(render_preview(image, [mask, mask], ["<asset0>", "<asset1>"]), dtype=np.int16), plain)
+    assert both.max() - both.min() + 1 >= 2 * (one.max() - one.min() + 1) - 1
+
+
+def test_masks_refuses_an_out_that_holds_masks_unless_overwrite_which_drops_stale_ones(scene, invoke, tmp_path):
+    out = tmp_path / "masks"
+    assert invoke("masks", "--scene", scene, "--out", out).exit_code == 0
+    Image.new("L", (8, 8)).save(out / "mask2.png")  # as from an earlier three-concept scene
+    before = (out / "mask0.png").read_bytes()
+    refused = invoke("masks", "--scene", scene, "--mask-dilate", 2, "--out", out)
+    assert refused.exit_code == 1 and "already holds masks; pass --overwrite" in refused.output
+    assert (out / "mask0.png").read_bytes() == before
+    replaced = invoke("masks", "--scene", scene, "--mask-dilate", 2, "--out", out, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert (out / "mask0.png").read_bytes() != before and not (out / "mask2.png").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files were left behind"
+
+
+@pytest.mark.parametrize("mask, message", [
+    (np.zeros((32, 32), np.uint8), "is empty after cropping to a square"),
+    (np.full((32, 32), 255, np.uint8), "covers the whole image"),
+])
+def test_an_empty_or_full_mask_is_refused_before_anything_is_written(invoke, tmp_path, mask, message):
+    Image.new("RGB", (32, 32)).save(tmp_path / "img.png")
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    out = tmp_path / "out"
+    result = invoke("masks", "--image", tmp_path / "img.png", "--mask", tmp_path / "m.png", "--out", out)
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and message in result.output
+    assert not out.exists()
+
+
+def test_run_applies_the_cleanup_to_its_masks(scene, tiny_model, invoke, tmp_path):
+    result = invoke(*quick_run_args(scene, tiny_model, tmp_path / "run", "--mask-erode", 200))
+    assert result.exit_code == 1
+    assert "is empty after mask cleanup (--mask-erode 200); use a smaller --mask-erode" in result.output
+    assert not (tmp_path / "run" / "run.json").exists()
