@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "bas"
 # name (as users type it) -> (module, on by default)
 BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "files": ("bas.plugins.files", True),
+    "sam-masks": ("bas.plugins.sam_masks", False),
     "coco-masks": ("bas.plugins.coco_masks", False),
     "mask-cleanup": ("bas.plugins.mask_cleanup", True),
     "lora": ("bas.plugins.lora", True),
