@@ -23,12 +23,13 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from diffusers.utils import logging as diffusers_logging
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-        diffusers_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        pass
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
     for name in ("bitsandbytes", "transformers", "diffusers", "peft", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.formatwarning = lambda message, category, *a, **k: f"Warning: {message}\n"
@@ -38,12 +39,17 @@ class BasGroup(click.Group):
     """Turns user errors into one ``Error: ...`` line and exit code 1, without a traceback."""
 
     def invoke(self, ctx):
+        from bas.core.training import Interrupted
+
         try:
             return super().invoke(ctx)
+        except Interrupted as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(130)
         except BasError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
+            click.echo("Interrupted; nothing was saved.", err=True)
             sys.exit(130)
 
 
@@ -121,7 +127,8 @@ def cli():
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--flip-p", type=float, default=0.5, show_default=True, help="Probability of a horizontal flip of image and masks per step.")
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient norm clip (0: off).")
-@click.option("--overwrite", is_flag=True, help="Replace a finished run already in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished or interrupted run already in --out.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its newest checkpoint (same options).")
 @click.pass_context
 def run(ctx, plugin_names, **values):
     """Extract one handle per mask from an image: phase 1 (handles), then phase 2 (weights + handles)."""
@@ -246,10 +253,22 @@ def add_plugin_commands(group: click.Group) -> None:
         click.echo(f"Warning: {exc}", err=True)
 
 
-def main():
+def main(args: list[str] | None = None) -> None:
+    """Entry point: every user error is one ``Error: ...`` line on stderr and a non-zero exit."""
     _quiet_libraries()
     add_plugin_commands(cli)
-    cli()
+    try:
+        cli.main(args=args, prog_name="bas", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -91,9 +91,17 @@ def add_handles(tokenizer, text_encoder, n: int, init_words: list[str] | None = 
     return tokens, ids, embedding
 
 
+def check_handle_names(names) -> list[str]:
+    """Handle names from a file, checked, in index order: they end up in prompts and file names."""
+    bad = [n for n in names if not HANDLE_PATTERN.fullmatch(n)]
+    if bad:
+        raise BasError(f"The handles file holds an invalid handle name {bad[0]!r} (handles are <asset0>, <asset1>, ...); re-create it with `bas run`.")
+    return sorted(names, key=lambda t: int(HANDLE_PATTERN.fullmatch(t).group(1)))
+
+
 def install_handles(tokenizer, text_encoder, handles: dict[str, torch.Tensor]) -> None:
     """Add saved handles to a loaded pipeline's tokenizer and text encoder (for generation)."""
-    tokens = sorted(handles, key=lambda t: int(HANDLE_PATTERN.fullmatch(t).group(1)))
+    tokens = check_handle_names(handles)
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]
     if not missing:
         return

@@ -35,6 +35,7 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "prior-preservation": ("bas.plugins.prior_preservation", False),
     "adamw": ("bas.plugins.adamw", True),
     "progress": ("bas.plugins.progress", True),
+    "checkpoints": ("bas.plugins.checkpoints", True),
 }
 
 REGISTER_HOOKS = {

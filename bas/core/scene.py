@@ -96,16 +96,21 @@ def _square(img: Image.Image, resolution: int, resample) -> Image.Image:
     return img.crop((left, top, left + side, top + side)).resize((resolution, resolution), resample)
 
 
-def prepare_scene(scene: SceneInput, resolution: int, init_tokens: list[str] | None = None) -> Scene:
-    """Check the masks against the image and each other, then crop and resize everything."""
+def check_concept_count(scene: SceneInput, init_tokens: list[str] | None = None) -> None:
+    """The checks that need no model, so a bad command fails before anything slow happens."""
     n = len(scene.masks)
-    names = scene.mask_names or [f"mask {i}" for i in range(n)]
     if n == 0:
         raise BasError("No masks were given; pass one --mask PNG per concept (or --scene DIR).")
     if n > MAX_CONCEPTS:
         raise BasError(f"{n} masks were given but at most {MAX_CONCEPTS} concepts are supported; split the scene into fewer concepts.")
     if init_tokens and len(init_tokens) != n:
         raise BasError(f"{len(init_tokens)} --init-token values were given for {n} masks; give one per mask or none.")
+
+
+def prepare_scene(scene: SceneInput, resolution: int, init_tokens: list[str] | None = None) -> Scene:
+    """Check the masks against the image and each other, then crop and resize everything."""
+    check_concept_count(scene, init_tokens)
+    names = scene.mask_names or [f"mask {i}" for i in range(len(scene.masks))]
     w, h = scene.image.size
     masks = []
     for name, mask in zip(names, scene.masks):

@@ -8,7 +8,10 @@ plain objects.  This module knows no particular loss, mask source or weight stra
 from __future__ import annotations
 
 import contextlib
+import math
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,14 +21,14 @@ import torch
 from torch.nn import functional as F
 
 import bas
-from bas.core import io
+from bas.core import checkpoint, io
 from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
 from bas.core.errors import BasError
 from bas.core.handles import add_handles
 from bas.core.model import DEFAULT_MODEL, DTYPES, Components, load_components, resolve_device, resolve_precision
 from bas.core.masks import load_scene_input
 from bas.core.plugins import Plugins
-from bas.core.scene import Scene, prepare_scene
+from bas.core.scene import Scene, check_concept_count, prepare_scene
 
 PROMPT_PREFIX = "a photo of "
 
@@ -52,6 +55,7 @@ class RunConfig:
     flip_p: float = 0.5
     max_grad_norm: float = 1.0
     overwrite: bool = False
+    resume: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -112,6 +116,25 @@ def _observer_calls(observers: list[Any], name: str) -> list[Callable]:
     return [getattr(o, name) for o in observers if hasattr(o, name)]
 
 
+class Interrupted(BasError):
+    """Ctrl-C during training: a checkpoint was saved and the message says how to resume."""
+
+
+class NumericalError(BasError):
+    """The loss stopped being finite."""
+
+
+@dataclass
+class PhaseState:
+    """The live state of the phase being trained, what a checkpoint captures."""
+
+    phase: int
+    step: int
+    optimizer: Any
+    scaler: Any
+    params: list[torch.nn.Parameter]
+
+
 class Run:
     """The state of one extraction: model parts, handles, cached inputs, history."""
 
@@ -129,17 +152,31 @@ class Run:
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.phase = 0
+        self.current: PhaseState | None = None
+        self.resume_from: checkpoint.Checkpoint | None = None
+        self._stop_requested = False
 
     # -- setup --------------------------------------------------------------------------------
     def check_out(self) -> None:
-        if (self.out / "run.json").exists() and not self.config.overwrite:
-            raise BasError(f"{self.out} already holds a finished run; pass --overwrite to replace it or choose another --out.")
+        """Never overwrite another run's output by accident; find the checkpoint to resume from."""
         if self.out.exists() and not self.out.is_dir():
             raise BasError(f"--out {self.out} is a file; pass a folder path.")
+        finished = (self.out / "run.json").exists()
+        unfinished = bool(checkpoint.complete_checkpoints(self.out))
+        if self.config.resume:
+            if finished:
+                raise BasError(f"{self.out} holds a finished run, there is nothing to resume; pass --overwrite instead of --resume to run again.")
+            self.resume_from = checkpoint.load_latest(self.out)
+            checkpoint.check_same_run(self.resume_from.state["config"], self.config.to_json())
+        elif (finished or unfinished) and not self.config.overwrite:
+            what = "a finished run" if finished else "an interrupted run"
+            hint = "pass --overwrite to replace it" if finished else "add --resume to continue it, or --overwrite to start over"
+            raise BasError(f"{self.out} already holds {what}; {hint}, or choose another --out.")
 
     def load(self) -> None:
         t0 = time.perf_counter()
         scene_input = load_scene_input(self.plugins, self.resolved.mask_source, self.config)  # source + shared mask cleanup
+        check_concept_count(scene_input, self.config.init_tokens)
         self.components: Components = load_components(self.config.model)
         c = self.components
         self.resolution = self.config.resolution or c.native_resolution
@@ -232,6 +269,70 @@ class Run:
             token_positions=positions, encoder_hidden_states=ehs,
         )
 
+    def named_trainables(self, params: list[torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+        """Stable names for trainable parameters, as checkpoints store them."""
+        c = self.components
+        names = {id(p): f"{prefix}.{n}" for prefix, m in (("unet", c.unet), ("text_encoder", c.text_encoder)) for n, p in m.named_parameters()}
+        return {names[id(p)]: p for p in params}
+
+    def save_checkpoint(self) -> Path | None:
+        """Save the state after the last completed step of the current phase."""
+        cur = self.current
+        if cur is None:
+            return None
+        rng = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        version, internal, gauss = self.rng.getstate()
+        state = {
+            "phase": cur.phase, "step": cur.step, "history": self.history, "times": self.times,
+            "python_rng": [version, list(internal), gauss], "config": self.config.to_json(),
+        }
+        optimizer_state = {"optimizer": cur.optimizer.state_dict(), "scaler": cur.scaler.state_dict()}
+        return checkpoint.save(self.out, cur.phase, cur.step, self.named_trainables(cur.params), rng, optimizer_state, state)
+
+    def _restore(self, ckpt: checkpoint.Checkpoint, cur: PhaseState) -> None:
+        named = self.named_trainables(cur.params)
+        missing = set(named) ^ set(ckpt.trainable)
+        if missing:
+            raise BasError(f"Checkpoint {ckpt.path} does not match this run's trainable weights ({sorted(missing)[0]}); resume with the same plugins and options.")
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(ckpt.trainable[name].to(p.device, p.dtype))
+        cur.optimizer.load_state_dict(ckpt.optimizer["optimizer"])
+        cur.scaler.load_state_dict(ckpt.optimizer["scaler"])
+        self.generator.set_state(ckpt.rng["generator"])
+        torch.set_rng_state(ckpt.rng["torch_cpu"])
+        if "torch_cuda" in ckpt.rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt.rng["torch_cuda"], self.device)
+        version, internal, gauss = ckpt.state["python_rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.history = ckpt.state["history"]
+        self.times.update({k: v for k, v in ckpt.state["times"].items() if k.startswith("phase")})
+        cur.step = ckpt.step
+
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+
+    @contextlib.contextmanager
+    def _stop_at_step_boundary(self):
+        """Ctrl-C finishes the current step, so the checkpoint holds a consistent state."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop(self, reason: type[BasError], message: str) -> None:
+        path = self.save_checkpoint()
+        where = f"; the state after step {self.current.step} is saved in {path}" if path else ""
+        raise reason(message.format(where=where))
+
     def run_phase(self, phase: int, steps: int, params: list[torch.nn.Parameter], lr: float) -> None:
         if steps == 0:
             return
@@ -239,17 +340,30 @@ class Run:
         terms = [t for t in self.resolved.loss_terms if phase in t.phases]
         optimizer = self.resolved.optimizer_factory([{"params": params, "lr": lr}], self.config)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        cur = self.current = PhaseState(phase, 0, optimizer, scaler, params)
+        if self.resume_from is not None and self.resume_from.phase == phase:
+            self._restore(self.resume_from, cur)
+            self.resume_from = None
         on_step = _observer_calls(self.resolved.observers, "on_step")
         for call in _observer_calls(self.resolved.observers, "on_phase_start"):
             call(self, phase)
         history = self.history[f"phase{phase}"]
+        lr_option = f"--phase{phase}-lr"
         t_phase = time.perf_counter()
-        for step in range(1, steps + 1):
+        for step in range(cur.step + 1, steps + 1):
+            if self._stop_requested:
+                self._stop(Interrupted, f"Interrupted at phase {phase} step {step - 1}{{where}}; run the same command with --resume added to continue.")
             t0 = time.perf_counter()
             batch = self.step_batch(phase, step)
             with self.autocast():
                 values = {term.name: term(batch) * term.weight for term in terms}
             loss = sum(values.values())
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                bad = ", ".join(f"'{k}'" for k, v in values.items() if not torch.isfinite(v.detach()).all())
+                fix = "use --precision bf16 instead of fp16, or" if self.precision == "fp16" else "try"
+                self._stop(NumericalError, f"The loss became {loss_value} at phase {phase} step {step} in term {bad}{{where}}; "
+                           f"{fix} a lower {lr_option} (now {lr:g}).")
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             if self.config.max_grad_norm > 0:
@@ -257,15 +371,16 @@ class Run:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            cur.step = step
             record = StepRecord(
-                phase=phase, step=step, total_steps=steps, loss=float(loss.detach()),
+                phase=phase, step=step, total_steps=steps, loss=loss_value,
                 terms={k: float(v.detach()) for k, v in values.items()}, prompt=batch.prompt,
                 seconds=time.perf_counter() - t0,
             )
             history.append({"step": step, "loss": record.loss, **record.terms})
             for call in on_step:
                 call(self, record)
-        self.times[f"phase{phase}_s"] = time.perf_counter() - t_phase
+        self.times[f"phase{phase}_s"] = self.times.get(f"phase{phase}_s", 0.0) + time.perf_counter() - t_phase
         for call in _observer_calls(self.resolved.observers, "on_phase_end"):
             call(self, phase)
 
@@ -278,7 +393,8 @@ class Run:
             call(self)
         handles = [self.handle_embedding.handles]
         c.unet.train()
-        self.run_phase(1, self.config.phase1_steps, handles, self.config.phase1_lr)
+        if self.resume_from is None or self.resume_from.phase == 1:
+            self.run_phase(1, self.config.phase1_steps, handles, self.config.phase1_lr)
         if self.config.phase2_steps:
             torch.manual_seed(self.config.seed)  # adapter initialisation draws from the global generator
             weights = self.resolved.strategy.prepare(self)
@@ -325,10 +441,32 @@ class Run:
             "config": self.config.to_json(),
             "history": self.history,
             "times": self.times,
+            "resumed": bool(self.config.resume),
             "files": files,
         }
         io.write_json(self.out / "run.json", info)
         return info
+
+
+OOM_ADVICE = (  # ordered by how much memory each saves
+    ("--plugin lora instead of --plugin full", lambda run: run.resolved.strategy_name == "full"),
+    ("--optimizer adamw8bit", lambda run: run.config.optimizer != "adamw8bit" and run.device.type == "cuda"),
+    ("--gradient-checkpointing", lambda run: not run.config.gradient_checkpointing),
+    ("--precision bf16", lambda run: run.precision == "fp32" and run.device.type == "cuda"),
+    ("a lower --resolution (such as 384)", lambda run: True),
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def out_of_memory_message(run: Run) -> str:
+    tips = [tip for tip, applies in OOM_ADVICE if applies(run)]
+    return f"Out of memory on {run.device}; reduce memory with, in order of effect: {', '.join(tips)}."
 
 
 def extract(config: RunConfig, plugins: Plugins) -> Run:
@@ -336,10 +474,19 @@ def extract(config: RunConfig, plugins: Plugins) -> Run:
     t0 = time.perf_counter()
     run = Run(config, plugins)
     run.check_out()
-    run.load()
-    run.train()
+    try:
+        run.load()
+        if config.overwrite and not config.resume:
+            checkpoint.remove_all(run.out)  # the inputs are valid: now the old run may go
+        with run._stop_at_step_boundary():
+            run.train()
+    except (RuntimeError, torch.OutOfMemoryError) as exc:
+        if is_out_of_memory(exc):
+            raise BasError(out_of_memory_message(run)) from exc
+        raise
     run.times["total_s"] = time.perf_counter() - t0
     info = run.save()
+    checkpoint.remove_all(run.out)  # a finished run needs no checkpoints
     for call in _observer_calls(run.resolved.observers, "on_run_end"):
         call(run)
     run.info = info
