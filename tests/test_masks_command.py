@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from bas.core.masks import PALETTE, render_preview
+from bas.core.scene import find_scene_files, load_mask
 
-from conftest import quick_run_args
+from conftest import SHARED_SCENES, quick_run_args
 
 
 def test_masks_writes_masks_image_and_preview_that_run_takes_as_a_scene(scene, invoke, tmp_path):
@@ -99,3 +100,19 @@ def test_run_applies_the_cleanup_to_its_masks(scene, tiny_model, invoke, tmp_pat
     assert result.exit_code == 1
     assert "is empty after mask cleanup (--mask-erode 200); use a smaller --mask-erode" in result.output
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+SCENES = sorted(p for p in SHARED_SCENES.glob("*") if p.is_dir()) if SHARED_SCENES.is_dir() else []
+
+
+@pytest.mark.skipif(not SCENES, reason="../shared/scenes is not present")
+def test_a_real_scenes_soft_rgba_masks_come_through_unchanged(invoke, tmp_path):
+    scene_dir = SCENES[0]
+    out = tmp_path / "masks"
+    result = invoke("masks", "--scene", scene_dir, "--out", out)
+    assert result.exit_code == 0, result.output
+    _, mask_paths = find_scene_files(scene_dir)
+    for i, path in enumerate(mask_paths):
+        expected = (load_mask(path) * 255).round().astype(np.uint8)
+        assert np.array_equal(np.asarray(Image.open(out / f"mask{i}.png")), expected)
+    assert Image.open(out / "preview.png").size == Image.open(out / "img.png").size
