@@ -118,8 +118,23 @@ def test_prior_preservation_generates_class_images_and_adds_its_loss(scene, tiny
         num_class_images=2, class_generation_steps=2,
     )
     assert len(list((tmp_path / "out" / "class_images").glob("*.png"))) == 2
-    assert all("prior" in h for h in run.info["history"]["phase1"] + run.info["history"]["phase2"])
+    assert all("prior" in h for h in run.info["history"]["phase2"])
+    assert not any("prior" in h for h in run.info["history"]["phase1"])
     assert {t["name"] for t in run.info["loss_terms"]} == {"diffusion", "attention", "prior"}
+
+
+def test_prior_loss_is_skipped_in_phase1_because_its_gradient_there_is_zero(scene, tiny_model, tmp_path):
+    run, _ = run_with_snapshots(
+        scene, tiny_model, tmp_path / "out", ["prior-preservation"], phase1_steps=1, phase2_steps=0,
+        num_class_images=1, class_generation_steps=2,
+    )
+    prior = next(t for t in run.resolved.loss_terms if t.name == "prior")
+    assert prior.phases == (2,)
+    prior.run = run  # the model as phase 1 trains it: only the handles require gradients
+    trainable = [p for m in (run.components.unet, run.components.text_encoder) for p in m.parameters() if p.requires_grad]
+    assert trainable == [run.handle_embedding.handles]
+    prior(None).backward()
+    assert run.handle_embedding.handles.grad is not None and not run.handle_embedding.handles.grad.any()
 
 
 @pytest.mark.parametrize("values, message", [
