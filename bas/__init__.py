@@ -19,4 +19,20 @@ def generate(*args, **kwargs):
     return _generate(*args, **kwargs)
 
 
-__all__ = ["extract", "generate", "hookimpl", "__version__"]
+def export(out, dest, fmt="diffusers", **options):
+    """Export a run into the folder ``dest`` for diffusers (``fmt="diffusers"``), AUTOMATIC1111 or
+    ComfyUI (``"kohya"``), or a full fine-tune as a LoRA (``"lora-from-full"``); see
+    :func:`bas.core.export.export_run`."""
+    from bas.core.export import export_run
+
+    return export_run(out, fmt, dest, **options)
+
+
+def edit(out, prompt, image, mask, **options):
+    """Put a run's concept into the masked region of an image; see :func:`bas.core.editing.edit_images`."""
+    from bas.core.editing import edit_images
+
+    return edit_images(out, prompt, image, mask, **options)
+
+
+__all__ = ["edit", "export", "extract", "generate", "hookimpl", "__version__"]

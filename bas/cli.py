@@ -12,6 +12,8 @@ import click
 
 import bas
 from bas.core.errors import BasError, PluginError
+from bas.core.export import FORMATS as EXPORT_FORMATS
+from bas.core.generation import SCHEDULERS
 from bas.core.model import DEFAULT_MODEL, PRECISIONS
 from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names
 
@@ -121,6 +123,7 @@ def cli():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resolution", type=int, default=None, help="Training resolution in pixels [default: the model's, 512 for SD 2.1 base].")
 @click.option("--init-token", "init_tokens", multiple=True, help="A word to start each handle from, one per mask in order [default: 'object'].")
+@click.option("--background", is_flag=True, help="Add a handle for the background: everything outside all masks (after the masks' handles).")
 @click.option("--optimizer", default="adamw", show_default=True, help="adamw or adamw8bit (bitsandbytes, CUDA), or one a plugin adds.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, ~30% slower.")
@@ -140,7 +143,8 @@ def run(ctx, plugin_names, **values):
     result = extract(config, plugins)
     info = result.info
     click.echo(f"Wrote {config.out}: " + ", ".join(info["files"] + ["run.json"]))
-    click.echo(f"Handles: {' '.join(info['handles'])}. Try: bas generate {config.out} \"a photo of {info['handles'][0]} at the beach\"")
+    background = f" ({info['background']} is the background)" if info.get("background") else ""
+    click.echo(f"Handles: {' '.join(info['handles'])}{background}. Try: bas generate {config.out} \"a photo of {info['handles'][0]} at the beach\"")
 
 
 @cli.command(cls=MasksCommand)
@@ -166,22 +170,94 @@ def masks(ctx, plugin_names, **values):
     click.echo(f"Check {values['out'] / 'preview.png'}, then: bas run --scene {values['out']} --out RUN")
 
 
+def parse_seeds(ctx, param, value):
+    if not value:
+        return None
+    try:
+        return [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers such as 1,7,42.") from None
+
+
+def sampling_options(command):
+    """The options generate and edit share."""
+    for option in reversed([
+        click.option("--num-images", type=int, default=None, help="Images per prompt, seeds seed, seed+1, ... [default: 4 for generate, 1 for edit]."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps."),
+        click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale."),
+        click.option("--negative-prompt", default=None, help="What the images should not show."),
+        click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Strength of the run's LoRA (0: base model + handles)."),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True),
+    ]):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.argument("prompts", nargs=-1, required=True)
-@click.option("--num-images", type=int, default=4, show_default=True, help="Images per prompt (seeds seed, seed+1, ...).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps.")
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.argument("prompts", nargs=-1)
+@sampling_options
+@click.option("--seeds", callback=parse_seeds, default=None, help="Exact seeds, comma-separated (such as 1,7,42); overrides --seed and --num-images.")
+@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", show_default=True, help="Sampler; DDIM is the paper's.")
+@click.option("--width", type=int, default=None, help="Image width, a multiple of 8 [default: the run's resolution].")
+@click.option("--height", type=int, default=None, help="Image height, a multiple of 8 [default: the run's resolution].")
+@click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="A text file with one prompt per line (# starts a comment).")
+@click.option("--variations", is_flag=True, help="Add the prompt naming every handle: variations of the whole scene.")
+@click.option("--grid/--no-grid", default=True, show_default=True, help="Also write a grid (a row per prompt, a column per seed).")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Where to write PNGs [default: OUT/samples].")
+def generate(out, prompts, prompts_file, variations, num_images, **options):
+    """Generate images from a finished run: bas generate OUT "a photo of <asset0> at the beach"."""
+    from bas.core.generation import all_handles_prompt, generate_images, read_prompts_file, read_run
+
+    prompts = list(prompts) + (read_prompts_file(prompts_file) if prompts_file else [])
+    if variations:
+        prompts.append(all_handles_prompt(read_run(out)["handles"]))
+    if not prompts:
+        raise BasError('No prompt; pass one such as "a photo of <asset0> at the beach", --prompts-file FILE or --variations.')
+    for path in generate_images(out, prompts, num_images=num_images or 4, **options):
+        click.echo(str(path))
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--image", required=True, type=click.Path(path_type=Path), help="The image to edit (centre-cropped and resized as `bas run` does).")
+@click.option("--mask", required=True, type=click.Path(path_type=Path), help="PNG, white where the prompt's content goes.")
+@sampling_options
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Where to write PNGs [default: OUT/edits].")
+def edit(out, prompt, num_images, **options):
+    """Put a concept into a region of any image: bas edit OUT --image IMG --mask M "a photo of <asset1>".
+
+    Blended latent diffusion with DDIM: inside the mask the prompt is generated, outside the image
+    is kept.
+    """
+    from bas.core.editing import edit_images
+
+    for path in edit_images(out, prompt, num_images=num_images or 1, **options):
+        click.echo(str(path))
+
+
+@cli.command("export")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="diffusers", show_default=True,
+              help="diffusers; kohya (AUTOMATIC1111, ComfyUI); lora-from-full (a full fine-tune as a LoRA).")
+@click.option("--out", "dest", required=True, type=click.Path(path_type=Path), help="Folder to write the export into.")
+@click.option("--rank", type=int, default=32, show_default=True, help="Rank of a LoRA made from a full fine-tune by low-rank difference.")
+@click.option("--name", default=None, help="Name of the kohya LoRA file and embedding prefix [default: the run folder's name].")
+@click.option("--preview/--no-preview", default=True, show_default=True, help="Generate a preview image when the run's report has none.")
+@click.option("--preview-steps", type=int, default=25, show_default=True, help="DDIM steps of a generated preview.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
-def generate(out, prompts, **options):
-    """Generate images from a finished run: bas generate OUT "a photo of <asset0> at the beach"."""
-    from bas.core.generation import generate_images
+def export(out, fmt, dest, **options):
+    """Export a run for diffusers, AUTOMATIC1111 or ComfyUI: bas export OUT --format kohya --out DIR."""
+    from bas.core.export import export_run
 
-    for path in generate_images(out, list(prompts), **options):
-        click.echo(str(path))
+    written = export_run(out, fmt, dest, **options)
+    top = sorted({p.relative_to(dest).parts[0] + ("/" if len(p.relative_to(dest).parts) > 1 else "") for p in written})
+    click.echo(f"Wrote {dest}: {', '.join(top)}. See {dest / 'README.md'}.")
 
 
 @cli.command("tiny-model")

@@ -44,3 +44,16 @@ def invoke():
 
 def quick_run_args(scene: Path, model: Path, out: Path, *extra) -> list:
     return ["run", "--scene", scene, "--model", model, "--out", out, "--phase1-steps", 3, "--phase2-steps", 3, "--quiet", *extra]
+
+
+@pytest.fixture(scope="session")
+def rich_run(tmp_path_factory, tiny_model, scene) -> Path:
+    """A finished LoRA run with a background handle, validation grids and TensorBoard logs: what
+    the export, report, generate and edit tests use."""
+    out = tmp_path_factory.mktemp("runs") / "rich"
+    args = quick_run_args(scene, tiny_model, out, "--background", "--init-token", "ball", "--init-token", "box",
+                          "--validation-prompt", "a photo of <asset0> and <asset2>", "--validate-every", 2,
+                          "--validation-steps", 2, "--plugin", "tensorboard")
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out

@@ -59,7 +59,7 @@ def test_lora_output_loads_into_a_plain_diffusers_pipeline_and_changes_it(lora_r
         return pipe("a photo of a ball", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
 
     before = sample()
-    # exactly the README's plain-diffusers lines
+    # handles.safetensors holds every handle in one file; the README's lines use embeddings/ (test_export.py)
     pipe.load_lora_weights(str(out / "lora"))
     for token, row in load_file(str(out / "handles.safetensors")).items():
         pipe.load_textual_inversion({token: row}, token=token)
@@ -76,7 +76,7 @@ def test_generate_writes_pngs_at_the_run_resolution(lora_run, invoke, tmp_path):
     paths = sorted((tmp_path / "imgs").glob("*.png"))
     assert [p.name for p in paths] == [
         "a-photo-of-asset0-at-the-beach-seed0.png", "a-photo-of-asset0-at-the-beach-seed1.png",
-        "asset1-seed0.png", "asset1-seed1.png",
+        "asset1-seed0.png", "asset1-seed1.png", "grid-a-photo-of-asset0-at-the-beach-and-1-more-seed0.png",
     ]
     assert Image.open(paths[0]).size == (128, 128)
 

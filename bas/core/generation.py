@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from bas.core import io
@@ -57,38 +58,142 @@ def load_run_pipeline(out: Path, device: str = "auto", precision: str = "auto"):
     return pipe, info
 
 
+# name -> (diffusers scheduler class, extra config); DDIM is the paper's sampler
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def check_scheduler(name: str) -> None:
+    if name not in SCHEDULERS:
+        raise BasError(f"Unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}.")
+
+
+def make_scheduler(name: str, config):
+    check_scheduler(name)
+    import diffusers
+
+    cls, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls).from_config(config, **extra)
+
+
+def all_handles_prompt(handles: list[str]) -> str:
+    """The prompt naming every handle, as training phrases it: image variations of the whole scene."""
+    from bas.core.training import PROMPT_PREFIX
+
+    return PROMPT_PREFIX + " and ".join(handles)
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise BasError(f"Prompts file {path} does not exist; pass a text file with one prompt per line.")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise BasError(f"Prompts file {path} holds no prompt; write one prompt per line.")
+    return prompts
+
+
+def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
+    """One image with ``rows`` laid out as given (all tiles the size of the first)."""
+    w, h = rows[0][0].size
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * w, len(rows) * h), "white")
+    for y, row in enumerate(rows):
+        for x, tile in enumerate(row):
+            grid.paste(tile.convert("RGB").resize((w, h)), (x * w, y * h))
+    return grid
+
+
+def grid_name(prompts: list[str], seeds: list[int]) -> str:
+    more = f"-and-{len(prompts) - 1}-more" if len(prompts) > 1 else ""
+    return f"grid-{slug(prompts[0])}{more}-seed{seeds[0]}.png"
+
+
+def check_size(width: int | None, height: int | None) -> None:
+    for name, value in (("--width", width), ("--height", height)):
+        if value is not None and (value < 8 or value % 8):
+            raise BasError(f"{name} must be a positive multiple of 8 (such as 512), not {value}.")
+
+
+def lora_kwargs(pipe, lora_scale: float) -> dict:
+    """``cross_attention_kwargs`` that scale the run's adapters; an error if it has none to scale."""
+    if lora_scale == 1.0:
+        return {}
+    if not any(pipe.get_list_adapters().values()):
+        raise BasError("--lora-scale only applies to runs with LoRA weights; this run has none, so leave it out.")
+    return {"cross_attention_kwargs": {"scale": lora_scale}}
+
+
 def generate_images(
     out: Path,
     prompts: list[str],
     *,
     num_images: int = 4,
     seed: int = 0,
+    seeds: list[int] | None = None,
     steps: int = 50,
     guidance: float = 7.5,
+    negative_prompt: str | None = None,
+    scheduler: str = "ddim",
+    width: int | None = None,
+    height: int | None = None,
+    lora_scale: float = 1.0,
+    grid: bool = True,
     out_dir: Path | None = None,
     device: str = "auto",
     precision: str = "auto",
 ) -> list[Path]:
-    """Sample ``num_images`` images per prompt with DDIM (the paper's sampler); returns the PNG paths."""
+    """Sample images per prompt (DDIM by default, the paper's sampler); returns the PNG paths.
+
+    Seeds are ``seeds`` or ``seed, seed+1, ...`` (``num_images`` of them).  With ``grid`` and more
+    than one image, a grid (a row per prompt, a column per seed) is written beside the single
+    images and its path is returned last.
+    """
     out = Path(out)
     info = read_run(out)
+    if not prompts:
+        raise BasError("No prompt was given; pass a prompt such as \"a photo of <asset0>\" or --prompts-file.")
     for prompt in prompts:
         check_prompt_handles(prompt, info["handles"])
+    seeds = list(seeds) if seeds else [seed + i for i in range(num_images)]
     if num_images < 1 or steps < 1:
         raise BasError("--num-images and --steps must be at least 1.")
-    from diffusers import DDIMScheduler
+    check_size(width, height)
+    check_scheduler(scheduler)  # before the model loads
 
     pipe, info = load_run_pipeline(out, device, precision)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    extra = lora_kwargs(pipe, lora_scale)
     out_dir = Path(out_dir) if out_dir else out / "samples"
     res = info.get("resolution")
-    written = []
+    written, rows = [], []
     for prompt in prompts:
-        for i in range(num_images):
-            generator = torch.Generator(pipe.device).manual_seed(seed + i)
+        row = []
+        for s in seeds:
+            generator = torch.Generator(pipe.device).manual_seed(s)
             with torch.no_grad():
-                image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator, height=res, width=res).images[0]
-            path = out_dir / f"{slug(prompt)}-seed{seed + i}.png"
+                image = pipe(
+                    prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=generator, height=height or res, width=width or res, **extra,
+                ).images[0]
+            path = out_dir / f"{slug(prompt)}-seed{s}.png"
             io.save_image(path, image)
             written.append(path)
+            row.append(image)
+        rows.append(row)
+    if grid and len(written) > 1:
+        path = out_dir / grid_name(prompts, seeds)
+        io.save_image(path, image_grid(rows))
+        written.append(path)
     return written

@@ -105,5 +105,8 @@ def bas_register_observers(register):
     ``factory(config)`` returns an object (or ``None``) with any of ``on_run_start(run)``,
     ``on_phase_start(run, phase)``, ``on_step(run, step)``, ``on_phase_end(run, phase)``,
     ``on_run_end(run)``.  Logging, progress bars, checkpoints and validation images are observers.
-    ``step`` is a :class:`bas.core.components.StepRecord`.
+    ``step`` is a :class:`bas.core.components.StepRecord`.  An observer with
+    ``on_images(run, phase, step, images)`` receives the validation samples that the ``report``
+    plugin makes, ``{prompt: [PIL images, one per seed]}`` (the ``tensorboard`` plugin logs them).
+    Observers run inside the step loop: keep ``on_step`` cheap.
     """

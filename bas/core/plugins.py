@@ -35,6 +35,8 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "prior-preservation": ("bas.plugins.prior_preservation", False),
     "adamw": ("bas.plugins.adamw", True),
     "progress": ("bas.plugins.progress", True),
+    "report": ("bas.plugins.report", True),
+    "tensorboard": ("bas.plugins.tensorboard", False),
     "checkpoints": ("bas.plugins.checkpoints", True),
 }
 

@@ -15,8 +15,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bas.core.errors import BasError
+from bas.core.handles import DEFAULT_INIT_TOKEN
 
 MAX_CONCEPTS = 8  # the paper reports degradation beyond 4; beyond 8 a run is almost surely a mistake
+BACKGROUND_NAME = "background (complement of all masks)"
+BACKGROUND_INIT_TOKEN = "background"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -31,15 +34,26 @@ class SceneInput:
 
 @dataclass
 class Scene:
-    """The prepared scene: ``image`` is (3, R, R) in [-1, 1]; ``masks`` is (N, R, R) in [0, 1]."""
+    """The prepared scene: ``image`` is (3, R, R) in [-1, 1]; ``masks`` is (N, R, R) in [0, 1].
+
+    With ``background`` the last concept is the complement of all the given masks.
+    """
 
     image: torch.Tensor
     masks: torch.Tensor
     mask_names: list[str]
+    background: bool = False
 
     @property
     def num_concepts(self) -> int:
         return self.masks.shape[0]
+
+    def init_words(self, init_tokens: list[str] | None) -> list[str] | None:
+        """One initializer word per handle: the user's (one per given mask), then 'background'."""
+        if not self.background:
+            return init_tokens or None
+        given = list(init_tokens or []) or [DEFAULT_INIT_TOKEN] * (self.num_concepts - 1)
+        return given + [BACKGROUND_INIT_TOKEN]
 
 
 def load_image(path: Path) -> Image.Image:
@@ -107,8 +121,12 @@ def check_concept_count(scene: SceneInput, init_tokens: list[str] | None = None)
         raise BasError(f"{len(init_tokens)} --init-token values were given for {n} masks; give one per mask or none.")
 
 
-def prepare_scene(scene: SceneInput, resolution: int, init_tokens: list[str] | None = None) -> Scene:
-    """Check the masks against the image and each other, then crop and resize everything."""
+def prepare_scene(scene: SceneInput, resolution: int, init_tokens: list[str] | None = None, background: bool = False) -> Scene:
+    """Check the masks against the image and each other, then crop and resize everything.
+
+    ``background`` adds one more concept whose mask is everything no given mask covers (the
+    paper's background extraction).
+    """
     check_concept_count(scene, init_tokens)
     names = scene.mask_names or [f"mask {i}" for i in range(len(scene.masks))]
     w, h = scene.image.size
@@ -131,9 +149,16 @@ def prepare_scene(scene: SceneInput, resolution: int, init_tokens: list[str] | N
         if coverage == 1.0:
             raise BasError(f"{name} covers the whole image; a mask must mark one concept, white on a black background.")
         masks.append(torch.from_numpy(arr))
+    names = list(names)
+    if background:
+        complement = 1.0 - torch.stack(masks).amax(dim=0)
+        if not (complement > 0.5).any():
+            raise BasError("The masks cover the whole image, so --background has nothing to extract; leave out --background.")
+        masks.append(complement)
+        names.append(BACKGROUND_NAME)
     image = _square(scene.image, resolution, Image.BICUBIC)
     image_t = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-    return Scene(image=image_t, masks=torch.stack(masks), mask_names=list(names))
+    return Scene(image=image_t, masks=torch.stack(masks), mask_names=names, background=background)
 
 
 def find_scene_files(directory: Path) -> tuple[Path, list[Path]]:

@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 import bas
-from bas.core import checkpoint, io
+from bas.core import checkpoint, export, io
 from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
 from bas.core.errors import BasError
 from bas.core.handles import add_handles
@@ -56,6 +56,7 @@ class RunConfig:
     max_grad_norm: float = 1.0
     overwrite: bool = False
     resume: bool = False
+    background: bool = False  # one more handle for the complement of all masks
     options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -180,12 +181,12 @@ class Run:
         self.components: Components = load_components(self.config.model)
         c = self.components
         self.resolution = self.config.resolution or c.native_resolution
-        self.scene: Scene = prepare_scene(scene_input, self.resolution, self.config.init_tokens)
+        self.scene: Scene = prepare_scene(scene_input, self.resolution, self.config.init_tokens, background=self.config.background)
         n = self.scene.num_concepts
         sampler_entries = self.plugins.registry("sampler").entries
         if sampler_entries:
             self.resolved.sampler = self.plugins.choose("sampler").factory(self.config, n)
-        self.tokens, self.token_ids, self.handle_embedding = add_handles(c.tokenizer, c.text_encoder, n, self.config.init_tokens)
+        self.tokens, self.token_ids, self.handle_embedding = add_handles(c.tokenizer, c.text_encoder, n, self.scene.init_words(self.config.init_tokens))
         for module in (c.unet, c.text_encoder, c.vae):
             module.requires_grad_(False)
         self.handle_embedding.handles.requires_grad_(True)
@@ -245,7 +246,8 @@ class Run:
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.components
         encoder_hidden_states = c.text_encoder(input_ids)[0]
-        pred = c.unet(noisy.to(c.unet.dtype), t, encoder_hidden_states=encoder_hidden_states).sample
+        # not c.unet.dtype: diffusers walks every module for it, milliseconds per step with LoRA
+        pred = c.unet(noisy.to(next(c.unet.parameters()).dtype), t, encoder_hidden_states=encoder_hidden_states).sample
         return pred, encoder_hidden_states
 
     # -- the loop -----------------------------------------------------------------------------
@@ -431,6 +433,7 @@ class Run:
             "init_tokens": self.config.init_tokens,
             "masks": self.scene.mask_names,
             "resolution": self.resolution,
+            "background": self.tokens[-1] if self.scene.background else None,
             "seed": self.config.seed,
             "device": str(self.device),
             "precision": self.precision,
@@ -445,6 +448,7 @@ class Run:
             "files": files,
         }
         io.write_json(self.out / "run.json", info)
+        info["files"] += export.write_run_exports(self.out, info)  # textual-inversion files, model card
         return info
 
 

@@ -18,10 +18,18 @@ from bas.core.errors import BasError
 
 
 class AttentionStore:
-    """Maps recorded per UNet forward: ``forwards`` holds (encoder_hidden_states, [maps per layer])."""
+    """Maps recorded per UNet forward: ``forwards`` holds (encoder_hidden_states, [maps per layer]).
 
-    def __init__(self):
+    The loss records only forwards that build a graph (training steps); ``without_grad`` also
+    records inference forwards (the report's attention maps).
+    """
+
+    def __init__(self, without_grad: bool = False):
         self.forwards: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        self.without_grad = without_grad
+
+    def recording(self) -> bool:
+        return bool(self.forwards) and (self.without_grad or torch.is_grad_enabled())
 
     def begin_forward(self, module, args, kwargs):
         if not torch.is_grad_enabled():  # sampling (class images, previews) records nothing
@@ -74,7 +82,7 @@ class CaptureCrossAttention:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
             scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
         probs = scores.float().softmax(dim=-1)
-        if self.store.forwards and torch.is_grad_enabled():  # empty during checkpoint recomputation
+        if self.store.recording():  # empty during checkpoint recomputation
             self.store.forwards[-1][1].append(probs.mean(dim=1))
         hidden_states = (probs.to(value.dtype) @ value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -103,6 +111,56 @@ def cross_attention_layers(unet, latent_size: int) -> dict[str, tuple[torch.nn.M
     return layers
 
 
+def loss_resolution(run, requested: int | None = None) -> int:
+    """The attention-map resolution: ``requested``, else a quarter of the latent (16x16 at 512 px)."""
+    return requested or run.resolution // run.components.vae_scale_factor // 4
+
+
+@torch.no_grad()
+def handle_attention_maps(run, res: int | None = None, timestep: int | None = None, seed: int = 0) -> torch.Tensor:
+    """(N, res, res): each handle's cross-attention map on the input image, as the loss sees it.
+
+    The prompt names every handle; the image's latents are noised to ``timestep`` (default 40% of
+    the training schedule) with a fixed seed, so maps from different phases compare.  Maps are
+    averaged over the layers at ``res`` and their heads and divided by their max.  The training
+    random generators are not touched.
+    """
+    c = run.components
+    latent = run.resolution // c.vae_scale_factor
+    res = loss_resolution(run, res)
+    chosen = [m for m, r in cross_attention_layers(c.unet, latent).values() if r == res]
+    if not chosen:
+        raise BasError(f"The model has no cross-attention layers at {res}x{res}; set --attention-res to another size.")
+    n = run.scene.num_concepts
+    input_ids = run.tokenize([run.prompt_for(list(range(n)))])
+    ids = input_ids[0].tolist()
+    positions = [ids.index(run.token_ids[k]) for k in range(n)]
+    sched = c.noise_scheduler
+    t = torch.tensor([timestep if timestep is not None else int(0.4 * sched.config.num_train_timesteps)], device=run.device)
+    latents = run.latent_mean[:1] * c.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(run.device)
+    store = AttentionStore(without_grad=True)
+    store.forwards.append((None, []))
+    processor = CaptureCrossAttention(store)
+    restore = [(m, m.processor) for m in chosen]
+    modes = (c.unet.training, c.text_encoder.training)
+    try:
+        c.unet.eval()
+        c.text_encoder.eval()
+        for module in chosen:
+            module.set_processor(processor)
+        with run.autocast():
+            run.predict(sched.add_noise(latents, noise, t), t, input_ids)
+    finally:
+        for module, previous in restore:
+            module.set_processor(previous)
+        c.unet.train(modes[0])
+        c.text_encoder.train(modes[1])
+    mean = torch.stack(store.forwards[0][1]).mean(dim=0)[0]  # (Q, T)
+    maps = mean[:, positions].T.reshape(n, res, res).float()
+    return maps / maps.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-8)
+
+
 class CrossAttentionLoss(LossTerm):
     name = "attention"
 
@@ -116,7 +174,7 @@ class CrossAttentionLoss(LossTerm):
     def setup(self, run) -> None:
         latent = run.resolution // run.components.vae_scale_factor
         layers = cross_attention_layers(run.components.unet, latent)
-        self.res = self.requested_res or latent // 4  # 16x16 for 512 px images, as in the paper
+        self.res = loss_resolution(run, self.requested_res)  # 16x16 for 512 px images, as in the paper
         chosen = {n: m for n, (m, r) in layers.items() if r == self.res}
         if not chosen:
             have = sorted({r for _, r in layers.values()})

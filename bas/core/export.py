@@ -1,0 +1,386 @@
+"""Exports of a finished run for the places people generate images: diffusers, AUTOMATIC1111, ComfyUI.
+
+Formats (``bas export OUT --format FORMAT --out DIR``):
+
+- ``diffusers``: one textual-inversion file per handle, keyed by its token
+  (``{"<asset0>": tensor[D]}``, so ``pipe.load_textual_inversion(file)`` needs no other
+  argument), and the weights as the run saved them: ``lora/`` for ``pipe.load_lora_weights``, or
+  the whole ``pipeline/`` of a full fine-tune.
+- ``kohya``: one LoRA safetensors with kohya-style keys (``lora_unet_*``, ``lora_te_*`` with
+  ``.lora_down``/``.lora_up``/``.alpha``), as AUTOMATIC1111 and ComfyUI load it, and one
+  embedding per handle as they read it (``{"emb_params": tensor[1, D]}``).  From a full
+  fine-tune the LoRA is its low-rank difference to the base model.
+- ``lora-from-full``: a full fine-tune as a diffusers LoRA by low-rank difference (SVD of the
+  change of every linear layer in the UNet's transformer blocks and the text encoder's layers,
+  the layers kohya's LoRA covers), so a scene costs MB instead of a 5 GB pipeline.
+
+Every export holds a model card, ``README.md``: handles, base model, prompts that work, which
+files go together, and a preview.  ``bas run`` itself writes the cheap parts: the
+textual-inversion files (``embeddings/``) and the model card of the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from bas.core import io
+from bas.core.errors import BasError
+from bas.core.generation import all_handles_prompt, read_run, slug
+
+FORMATS = ("diffusers", "kohya", "lora-from-full")
+EMBEDDINGS_DIR = "embeddings"
+LORA_FILE = "lora/pytorch_lora_weights.safetensors"
+PIPELINE_DIR = "pipeline/"
+PREVIEW = "preview.png"
+DEFAULT_RANK = 32
+EXAMPLE_PLACES = ("at the beach", "in the snow", "on a wooden table")
+
+
+@dataclass
+class LoraLayer:
+    """One adapted linear layer: ``W + alpha / rank * up @ down``."""
+
+    component: str  # "unet" or "text_encoder"
+    module: str  # the module's path inside the component, as diffusers names it
+    down: torch.Tensor  # (rank, in)
+    up: torch.Tensor  # (out, rank)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+# -- reading and writing LoRA --------------------------------------------------------------------
+DIFFUSERS_KEY = re.compile(r"(unet|text_encoder)\.(.+)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight")
+
+
+def read_diffusers_lora(path: Path) -> list[LoraLayer]:
+    """The layers of a LoRA saved by diffusers' ``save_lora_weights`` (what ``bas run`` writes)."""
+    path = Path(path)
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(path)).items():
+        m = DIFFUSERS_KEY.fullmatch(key)
+        if not m:
+            raise BasError(f"{path} holds a key bas does not know ({key}); export a LoRA written by `bas run`.")
+        component, module, kind = m.groups()
+        parts.setdefault((component, module), {})["down" if kind.endswith(("down", "A")) else "up"] = tensor
+    layers = []
+    for (component, module), p in sorted(parts.items()):
+        rank = p["down"].shape[0]
+        alpha = meta.get(f"{component}.alpha_pattern", {}).get(module, meta.get(f"{component}.lora_alpha", rank))
+        layers.append(LoraLayer(component, module, p["down"], p["up"], float(alpha)))
+    return layers
+
+
+def kohya_name(layer: LoraLayer) -> str:
+    """``lora_unet_down_blocks_0_..._to_q`` / ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``."""
+    if layer.component == "unet":
+        return "lora_unet_" + layer.module.replace(".", "_")
+    module = layer.module if layer.module.startswith("text_model.") else "text_model." + layer.module
+    return "lora_te_" + module.replace(".", "_")
+
+
+def kohya_state_dict(layers: list[LoraLayer]) -> dict[str, torch.Tensor]:
+    sd = {}
+    for layer in layers:
+        name = kohya_name(layer)
+        sd[f"{name}.lora_down.weight"] = layer.down
+        sd[f"{name}.lora_up.weight"] = layer.up
+        sd[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=layer.down.dtype)
+    return sd
+
+
+def write_kohya_lora(layers: list[LoraLayer], path: Path, *, name: str, base_model: str, v2: bool) -> None:
+    ranks = sorted({l.rank for l in layers})
+    metadata = {  # what kohya's sd-scripts write and AUTOMATIC1111 shows
+        "ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(layers[0].alpha),
+        "ss_output_name": name, "ss_sd_model_name": base_model, "ss_v2": str(v2), "ss_training_comment": "bas (Break-A-Scene)",
+    }
+    io.write_safetensors(path, kohya_state_dict(layers), metadata=metadata)
+
+
+def write_diffusers_lora(layers: list[LoraLayer], directory: Path) -> None:
+    """``directory/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(directory)``.
+
+    The scale ``alpha / rank`` is folded into ``up``, so diffusers' default alpha (the rank) is right.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    # peft's key names: diffusers' older "lora.down" names exist only for attention layers, and a
+    # file that mixes both styles loads only part of the layers
+    peft = {"unet": {}, "text_encoder": {}}
+    for layer in layers:
+        peft[layer.component][f"{layer.module}.lora_A.weight"] = layer.down.contiguous()
+        peft[layer.component][f"{layer.module}.lora_B.weight"] = (layer.up * (layer.alpha / layer.rank)).contiguous()
+    kwargs = {f"{c}_lora_layers": sd for c, sd in peft.items() if sd}
+    with io.atomic_path(Path(directory), directory=True) as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+
+
+def kohya_targets(component: str, module: str) -> bool:
+    """The linear layers kohya's LoRA adapts: UNet transformer blocks, text-encoder attention and MLP."""
+    return ".attentions." in module if component == "unet" else ".layers." in module
+
+
+@torch.no_grad()
+def low_rank_difference(base: torch.nn.Module, tuned: torch.nn.Module, component: str, rank: int,
+                        device: torch.device | str = "cpu") -> list[LoraLayer]:
+    """A LoRA whose ``up @ down`` is the best rank-``rank`` approximation (SVD) of each linear
+    layer's weight change from ``base`` to ``tuned``.  Unchanged layers are left out."""
+    base_modules = dict(base.named_modules())
+    layers = []
+    for name, module in tuned.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not kohya_targets(component, name):
+            continue
+        delta = module.weight.to(device, torch.float32) - base_modules[name].weight.to(device, torch.float32)
+        if not delta.any():
+            continue
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, s.numel())
+        root = s[:r].sqrt()
+        layers.append(LoraLayer(component, name, (root[:, None] * vh[:r]).cpu(), (u[:, :r] * root).cpu(), float(r)))
+    return layers
+
+
+def lora_from_full(out: Path, info: dict, rank: int, device: str = "auto") -> list[LoraLayer]:
+    """The low-rank difference between a full fine-tune's ``pipeline/`` and its base model."""
+    from bas.core.model import load_components, resolve_device
+
+    if rank < 1:
+        raise BasError(f"--rank must be at least 1, not {rank}.")
+    dev = resolve_device(device)
+    base = load_components(info["model"])
+    tuned = load_components(str(out / "pipeline"))
+    layers = low_rank_difference(base.unet, tuned.unet, "unet", rank, dev)
+    layers += low_rank_difference(base.text_encoder, tuned.text_encoder, "text_encoder", rank, dev)
+    if not layers:
+        raise BasError(f"{out / 'pipeline'} has the same weights as {info['model']}; there is no difference to export.")
+    return layers
+
+
+# -- embeddings ----------------------------------------------------------------------------------
+def handle_file_stem(token: str) -> str:
+    return token.strip("<>")  # "<asset0>" -> "asset0": brackets are not allowed in Windows file names
+
+
+def write_textual_inversions(handles: dict[str, torch.Tensor], directory: Path) -> list[Path]:
+    """diffusers' format: ``{token: tensor[D]}``, one file per handle, named after it."""
+    paths = []
+    for token, row in handles.items():
+        path = Path(directory) / f"{handle_file_stem(token)}.safetensors"
+        io.write_safetensors(path, {token: row.float()})
+        paths.append(path)
+    return paths
+
+
+def a1111_embedding_name(token: str, name: str) -> str:
+    """What to type in AUTOMATIC1111/ComfyUI: the file name, prefixed so scenes do not collide."""
+    return f"{name}-{handle_file_stem(token)}"
+
+
+def write_a1111_embeddings(handles: dict[str, torch.Tensor], directory: Path, name: str) -> list[Path]:
+    """AUTOMATIC1111/ComfyUI's format: ``{"emb_params": tensor[1, D]}``, the file name is the word."""
+    paths = []
+    for token, row in handles.items():
+        path = Path(directory) / f"{a1111_embedding_name(token, name)}.safetensors"
+        io.write_safetensors(path, {"emb_params": row.float()[None]})
+        paths.append(path)
+    return paths
+
+
+# -- the model card ------------------------------------------------------------------------------
+def example_prompts(info: dict) -> list[str]:
+    """Prompts in the style the handles were trained on: each alone, then all of them together."""
+    handles = info["handles"]
+    background = info.get("background")
+    concepts = [h for h in handles if h != background]
+    prompts = [f"a photo of {h} {EXAMPLE_PLACES[i % len(EXAMPLE_PLACES)]}" for i, h in enumerate(concepts)]
+    if len(handles) > 1:
+        prompts.append(all_handles_prompt(handles))
+    if background:
+        prompts.append(f"a photo of a dog and {background}")
+    return prompts
+
+
+def model_card(info: dict, *, title: str, files: list[tuple[str, str]], usage: str, preview: str | None,
+               prompt_map=lambda p: p) -> str:
+    handles = info["handles"]
+    masks = info.get("masks") or [""] * len(handles)
+    inits = info.get("init_tokens") or []
+    lines = [f"# {title}", ""]
+    lines += [f"![samples of the handles]({preview})", ""] if preview else []
+    weights = {"lora": "LoRA on the UNet and text encoder", "full": "a full fine-tune of the UNet and text encoder", None: "none (handles only)"}
+    lines += [
+        f"{len(handles)} concepts extracted from one image with [bas](https://arxiv.org/abs/2305.16311) (Break-A-Scene).", "",
+        f"- Base model: `{info['model']}`",
+        f"- Phase 2 weights: {weights.get(info.get('weights'), info.get('weights'))}",
+        f"- Resolution: {info.get('resolution')} px", "",
+        "| handle | concept (mask) | started from |", "|---|---|---|",
+    ]
+    for i, token in enumerate(handles):
+        init = inits[i] if i < len(inits) else ("background" if token == info.get("background") else "object")
+        lines.append(f"| `{prompt_map(token)}` | {masks[i] if i < len(masks) else ''} | {init} |")
+    if info.get("background"):
+        lines += ["", f"`{prompt_map(info['background'])}` is the background: everything outside the masks."]
+    lines += ["", "## Prompts that work", ""] + [f"- `{prompt_map(p)}`" for p in example_prompts(info)]
+    lines += ["", "## Files (these go together)", "", "| file | what |", "|---|---|"] + [f"| `{f}` | {w} |" for f, w in files]
+    if info.get("weights"):
+        lines += ["", "The handles were trained together with the weights in phase 2: load both; either alone gives weaker likeness."]
+    lines += ["", usage.strip(), ""]
+    return "\n".join(lines)
+
+
+def diffusers_usage(info: dict, root: str, lora: bool, pipeline: bool) -> str:
+    handles = info["handles"]
+    paths = ", ".join(f'"{root}{EMBEDDINGS_DIR}/{handle_file_stem(t)}.safetensors"' for t in handles)
+    model = f"{root}pipeline" if pipeline else info["model"]
+    code = ["from diffusers import StableDiffusionPipeline", f'pipe = StableDiffusionPipeline.from_pretrained("{model}").to("cuda")']
+    if lora:
+        code.append(f'pipe.load_lora_weights("{root}lora")')
+    if not pipeline:  # a full fine-tune's pipeline already knows its handles
+        code.append(f"pipe.load_textual_inversion([{paths}])")
+    code.append(f'pipe("{example_prompts(info)[0]}").images[0].save("sample.png")')
+    return "## Use with diffusers\n\n```python\n" + "\n".join(code) + "\n```"
+
+
+def kohya_usage(info: dict, name: str, lora: bool) -> str:
+    word = a1111_embedding_name(info["handles"][0], name)
+    place = EXAMPLE_PLACES[0]
+    lora_tag = f" <lora:{name}:1>" if lora else ""
+    version = {768: " (Stable Diffusion 1.x)", 1024: " (Stable Diffusion 2.x)"}.get(info.get("handle_dim"), "")
+    return f"""## Use in AUTOMATIC1111 or ComfyUI
+
+Base model: `{info['model']}`{version}.
+
+- AUTOMATIC1111: copy {'`' + name + '.safetensors` into `models/Lora/` and ' if lora else ''}`{EMBEDDINGS_DIR}/*.safetensors` into `embeddings/`;
+  prompt: `a photo of {word} {place}{lora_tag}`.
+- ComfyUI: copy {'`' + name + '.safetensors` into `models/loras/` (a LoraLoader node, strength 1) and ' if lora else ''}`{EMBEDDINGS_DIR}/*.safetensors` into
+  `models/embeddings/`; prompt: `a photo of embedding:{word} {place}`.
+
+Each handle `<assetN>` is typed as the embedding's file name, `{name}-assetN`."""
+
+
+def find_preview(out: Path) -> Path | None:
+    """The newest validation grid of the run's report, if it has one."""
+    grids = sorted((Path(out) / "report").glob("validation-phase*-step*.png"))
+    return grids[-1] if grids else None
+
+
+def run_files(info: dict) -> tuple[bool, bool]:
+    """(has a diffusers LoRA, has a full pipeline)."""
+    files = info.get("files", [])
+    return LORA_FILE in files, PIPELINE_DIR in files
+
+
+def write_run_exports(out: Path, info: dict) -> list[str]:
+    """What ``bas run`` writes besides the weights: textual-inversion files and the model card."""
+    out = Path(out)
+    handles = load_file(str(out / "handles.safetensors"))
+    with io.atomic_path(out / EMBEDDINGS_DIR, directory=True) as tmp:  # replaces an overwritten run's files as a whole
+        names = [p.name for p in write_textual_inversions(handles, tmp)]
+    written = [f"{EMBEDDINGS_DIR}/{name}" for name in names]
+    lora, pipeline = run_files(info)
+    files = [("handles.safetensors", "all handles in one file, `{token: tensor[D]}`")]
+    files += [(f, f"handle `{token}`, textual inversion for diffusers") for token, f in zip(handles, written)]
+    if lora:
+        files.append((LORA_FILE, "the LoRA, for `pipe.load_lora_weights`"))
+    if pipeline:
+        files.append((PIPELINE_DIR, "the whole fine-tuned pipeline, handles included"))
+    preview = find_preview(out)
+    card = model_card(info, title=f"{out.name}: {len(handles)} concepts for {info['model']}", files=files, usage=diffusers_usage(info, f"{out}/", lora, pipeline),
+                      preview=preview.relative_to(out).as_posix() if preview else None)
+    with io.atomic_path(out / "README.md") as tmp:
+        tmp.write_text(card, encoding="utf-8")
+    return written + ["README.md"]
+
+
+# -- bas export ----------------------------------------------------------------------------------
+def check_destination(out: Path, dest: Path, overwrite: bool) -> None:
+    out_r, dest_r = Path(out).resolve(), Path(dest).resolve()
+    if dest_r == out_r or dest_r in out_r.parents or out_r in dest_r.parents:
+        raise BasError(f"--out {dest} overlaps the run folder {out}; export to a folder outside it.")
+    if dest_r.exists() and (not dest_r.is_dir() or any(dest_r.iterdir())) and not overwrite:
+        raise BasError(f"{dest} already exists and is not empty; pass --overwrite to replace it or choose another --out.")
+
+
+def render_preview(out: Path, info: dict, path: Path, steps: int, device: str, precision: str) -> None:
+    """Generate a small grid (each handle alone, then all) when the run has no report to take one from."""
+    from PIL import Image
+
+    from bas.core.generation import generate_images, image_grid
+
+    prompts = example_prompts(info)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = generate_images(out, prompts, num_images=1, steps=steps, grid=False, out_dir=Path(tmp), device=device, precision=precision)
+        io.save_image(path, image_grid([[Image.open(p).convert("RGB") for p in paths]]))
+
+
+def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, name: str | None = None, preview: bool = True,
+               preview_steps: int = 25, overwrite: bool = False, device: str = "auto", precision: str = "auto") -> list[Path]:
+    """Write the export ``fmt`` of the finished run ``out`` into the folder ``dest``; returns the files written."""
+    out, dest = Path(out), Path(dest)
+    if fmt not in FORMATS:
+        raise BasError(f"Unknown export format '{fmt}'; choose one of: {', '.join(FORMATS)}.")
+    info = read_run(out)
+    check_destination(out, dest, overwrite)
+    name = slug(name or out.name, 60)
+    has_lora, has_pipeline = run_files(info)
+    if fmt == "lora-from-full" and not has_pipeline:
+        raise BasError(f"{out} is not a full fine-tune (it has no pipeline/); export it with --format diffusers or kohya.")
+    handles = load_file(str(out / "handles.safetensors"))
+    info = dict(info, handle_dim=next(iter(handles.values())).numel())
+    layers = None
+    if fmt == "lora-from-full" or (fmt == "kohya" and has_pipeline):
+        layers = lora_from_full(out, info, rank, device)
+    elif fmt == "kohya" and has_lora:
+        layers = read_diffusers_lora(out / LORA_FILE)
+
+    with io.atomic_path(dest, directory=True) as tmp:
+        files: list[tuple[str, str]] = []
+        if fmt == "kohya":
+            if layers:
+                write_kohya_lora(layers, tmp / f"{name}.safetensors", name=name, base_model=info["model"], v2=info["handle_dim"] == 1024)
+                how = "by low-rank difference of the full fine-tune, rank " + str(rank) if has_pipeline else "trained in phase 2"
+                files.append((f"{name}.safetensors", f"the LoRA ({how}), kohya keys"))
+            for p in write_a1111_embeddings(handles, tmp / EMBEDDINGS_DIR, name):
+                files.append((f"{EMBEDDINGS_DIR}/{p.name}", f"handle `<{p.stem.rsplit('-', 1)[1]}>` as the embedding `{p.stem}`"))
+            usage = kohya_usage(info, name, bool(layers))
+            prompt_map = lambda p: re.sub(r"<(asset\d+)>", lambda m: f"{name}-{m.group(1)}", p)  # noqa: E731
+        else:
+            for p in write_textual_inversions(handles, tmp / EMBEDDINGS_DIR):
+                files.append((f"{EMBEDDINGS_DIR}/{p.name}", f"handle `<{p.stem}>`, textual inversion (`pipe.load_textual_inversion(file)`)"))
+            if fmt == "lora-from-full":
+                write_diffusers_lora(layers, tmp / "lora")
+                files.append((LORA_FILE, f"the full fine-tune as a LoRA by low-rank difference (rank {rank}), for `pipe.load_lora_weights`"))
+            elif has_lora:
+                (tmp / "lora").mkdir()
+                shutil.copy2(out / LORA_FILE, tmp / LORA_FILE)
+                files.append((LORA_FILE, "the LoRA trained in phase 2, for `pipe.load_lora_weights`"))
+            elif has_pipeline:
+                shutil.copytree(out / "pipeline", tmp / "pipeline")
+                files.append((PIPELINE_DIR, "the whole fine-tuned pipeline, handles included (`--format lora-from-full` makes a LoRA of it)"))
+            lora = fmt == "lora-from-full" or has_lora
+            usage = diffusers_usage(info, f"{dest}/", lora, fmt == "diffusers" and has_pipeline)
+            prompt_map = lambda p: p  # noqa: E731
+        found = find_preview(out)
+        if found:
+            shutil.copy2(found, tmp / PREVIEW)
+        elif preview:
+            render_preview(out, info, tmp / PREVIEW, preview_steps, device, precision)
+        card = model_card(info, title=f"{name}: {len(handles)} concepts for {info['model']}", files=files, usage=usage,
+                          preview=PREVIEW if (tmp / PREVIEW).exists() else None, prompt_map=prompt_map)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        written = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
+    return [dest / p for p in written]

@@ -1,0 +1,219 @@
+"""Exports load where people generate images: plain diffusers, and kohya-style files for A1111/ComfyUI."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from bas.cli import cli
+from bas.core.export import kohya_targets
+
+from conftest import quick_run_args
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def plain_pipeline(model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, prompt):
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model, scene):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    # a high learning rate, so that the fine-tune moves the weights measurably in 2 steps
+    args = quick_run_args(scene, tiny_model, out, "--plugin", "full", "--phase2-lr", "1e-3", "--phase1-steps", 1, "--phase2-steps", 2)
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_run_writes_textual_inversion_files_and_a_model_card(rich_run, tiny_model):
+    handles = load_file(str(rich_run / "handles.safetensors"))
+    assert list(handles) == ["<asset0>", "<asset1>", "<asset2>"]
+    for token, row in handles.items():
+        ti = load_file(str(rich_run / "embeddings" / f"{token.strip('<>')}.safetensors"))
+        assert list(ti) == [token] and torch.equal(ti[token], row)
+    card = (rich_run / "README.md").read_text()
+    preview = re.search(r"!\[[^\]]*\]\(([^)]+)\)", card).group(1)
+    assert (rich_run / preview).is_file() and preview.startswith("report/validation-phase2")
+    assert str(tiny_model) in card and "`<asset2>` is the background" in card
+    assert "a photo of <asset0> at the beach" in card and "lora/pytorch_lora_weights.safetensors" in card
+
+
+def test_readme_plain_diffusers_lines_run_without_bas(rich_run, tiny_model, tmp_path):
+    """The README's snippet, with the model and run folder swapped for the tiny ones, runs as written."""
+    text = README.read_text()
+    code = re.search(r"Using a run in plain diffusers.*?```python\n(.*?)```", text, re.S).group(1)
+    assert len(code.strip().splitlines()) == 5 and "import bas" not in code and "from bas" not in code
+    code = (code.replace("stabilityai/stable-diffusion-2-1-base", str(tiny_model)).replace("runs/toys", str(rich_run))
+            .replace('"cuda"', '"cpu"').replace('"beach.png"', repr(str(tmp_path / "beach.png")))
+            .replace('at the beach")', 'at the beach", num_inference_steps=2)'))
+    assert "num_inference_steps=2" in code
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "beach.png").is_file()
+
+
+def test_diffusers_export_loads_into_a_plain_pipeline_and_changes_it(rich_run, tiny_model, invoke, tmp_path):
+    dest = tmp_path / "export"
+    result = invoke("export", rich_run, "--format", "diffusers", "--out", dest)
+    assert result.exit_code == 0, result.output
+    assert {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()} == {
+        "README.md", "preview.png", "lora/pytorch_lora_weights.safetensors",
+        "embeddings/asset0.safetensors", "embeddings/asset1.safetensors", "embeddings/asset2.safetensors",
+    }
+    pipe = plain_pipeline(tiny_model)
+    before = sample(pipe, "a photo of a ball")
+    pipe.load_lora_weights(str(dest / "lora"))
+    with_lora = sample(pipe, "a photo of a ball")
+    assert not np.allclose(before, with_lora)
+    handle_prompt = "a photo of <asset0> and <asset2>"
+    without_handles = sample(pipe, handle_prompt)  # the tokenizer splits "<asset0>" into characters
+    for path in sorted((dest / "embeddings").glob("*.safetensors")):
+        pipe.load_textual_inversion(str(path))  # no token argument: the file is keyed by its handle
+    handles = load_file(str(rich_run / "handles.safetensors"))
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    for token, row in handles.items():
+        assert torch.equal(emb[pipe.tokenizer.convert_tokens_to_ids(token)], row)
+    assert not np.allclose(without_handles, sample(pipe, handle_prompt))
+    card = (dest / "README.md").read_text()
+    assert "![samples of the handles](preview.png)" in card and "load both" in card
+
+
+def test_kohya_export_has_kohya_keys_and_round_trips_to_diffusers(rich_run, tiny_model, invoke, tmp_path):
+    dest = tmp_path / "kohya"
+    result = invoke("export", rich_run, "--format", "kohya", "--out", dest, "--name", "toys")
+    assert result.exit_code == 0, result.output
+    lora = load_file(str(dest / "toys.safetensors"))
+    key = re.compile(r"(lora_unet|lora_te)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)")
+    assert all(key.fullmatch(k) for k in lora), [k for k in lora if not key.fullmatch(k)][:3]
+
+    pipe = plain_pipeline(tiny_model)
+    expected = {}  # kohya name -> (out, in) of the layer it adapts
+    for prefix, model, targets in (("lora_unet_", pipe.unet, ("to_q", "to_k", "to_v", "to_out.0")), ("lora_te_text_model_", pipe.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj"))):
+        for name, module in model.named_modules():
+            if name.endswith(targets):
+                expected[prefix + name.replace(".", "_")] = tuple(module.weight.shape)
+    assert {k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in lora} == set(expected)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in lora)
+    for name, (out_features, in_features) in expected.items():
+        assert lora[f"{name}.lora_down.weight"].shape == (8, in_features)
+        assert lora[f"{name}.lora_up.weight"].shape == (out_features, 8)
+        assert lora[f"{name}.alpha"].shape == () and float(lora[f"{name}.alpha"]) == 8.0
+    with safe_open(str(dest / "toys.safetensors"), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == "8"
+
+    # back to diffusers: diffusers' own kohya converter gives exactly the LoRA bas saved
+    original = plain_pipeline(tiny_model)
+    original.load_lora_weights(str(rich_run / "lora"))
+    pipe.load_lora_weights(str(dest / "toys.safetensors"))
+    for component in ("unet", "text_encoder"):
+        a = {n: p for n, p in getattr(original, component).named_parameters() if "lora_" in n}
+        b = {n: p for n, p in getattr(pipe, component).named_parameters() if "lora_" in n}
+        assert a.keys() == b.keys() and a
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    np.testing.assert_allclose(sample(original, "a photo of a ball"), sample(pipe, "a photo of a ball"), atol=1e-6)
+
+    handles = load_file(str(rich_run / "handles.safetensors"))
+    for token, row in handles.items():
+        emb = load_file(str(dest / "embeddings" / f"toys-{token.strip('<>')}.safetensors"))
+        assert list(emb) == ["emb_params"] and emb["emb_params"].shape == (1, row.numel())
+        assert torch.equal(emb["emb_params"][0], row)
+    pipe.load_textual_inversion(str(dest / "embeddings" / "toys-asset0.safetensors"), token="<asset0>")
+    card = (dest / "README.md").read_text()
+    assert "a photo of toys-asset0 at the beach <lora:toys:1>" in card and "embedding:toys-asset0" in card
+    assert "`toys-asset2` is the background" in card and "<asset0>" not in card.split("## Prompts")[1].split("## Files")[0]
+
+
+def test_lora_from_full_is_the_low_rank_difference_of_the_fine_tune(full_run, tiny_model, invoke, tmp_path):
+    exact, small = tmp_path / "exact", tmp_path / "small"
+    for dest, rank in ((exact, 1000), (small, 1)):  # 1000: above every layer's size, so the SVD is lossless
+        result = invoke("export", full_run, "--format", "lora-from-full", "--out", dest, "--rank", rank, "--no-preview")
+        assert result.exit_code == 0, result.output
+    assert not (exact / "preview.png").exists()
+    tuned = plain_pipeline(full_run / "pipeline")
+
+    def target_layers(pipe):
+        return {(c, n): m.weight for c in ("unet", "text_encoder") for n, m in getattr(pipe, c).named_modules()
+                if isinstance(m, torch.nn.Linear) and kohya_targets(c, n)}
+
+    goal = target_layers(tuned)
+    base = target_layers(plain_pipeline(tiny_model))
+    assert len(goal) > 100 and all(not torch.equal(base[k], w) for k, w in goal.items())  # every layer trained
+    errors = {}
+    for dest in (exact, small):
+        pipe = plain_pipeline(tiny_model)
+        pipe.load_lora_weights(str(dest / "lora"))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter wrappers
+        fused = target_layers(pipe)
+        errors[dest.name] = max(float((fused[k] - w).abs().max()) for k, w in goal.items())
+    assert errors["exact"] < 1e-5
+    assert errors["small"] > 1e-4  # rank 1 cannot hold a 2-step fine-tune of every layer
+    ranks = {v.shape[0] for k, v in load_file(str(small / "lora" / "pytorch_lora_weights.safetensors")).items() if "lora_A" in k}
+    assert ranks == {1}
+    assert "low-rank difference (rank 1)" in (small / "README.md").read_text()
+
+    kohya = tmp_path / "kohya"
+    result = invoke("export", full_run, "--format", "kohya", "--out", kohya, "--rank", 2, "--no-preview")
+    assert result.exit_code == 0, result.output
+    lora = load_file(str(kohya / "full.safetensors"))
+    assert {v.shape[0] for k, v in lora.items() if k.endswith("lora_down.weight")} == {2}
+    assert any(k.startswith("lora_unet_") and "_ff_net_" in k for k in lora)
+
+
+def test_diffusers_export_of_a_full_fine_tune_is_its_pipeline(full_run, invoke, tmp_path):
+    dest = tmp_path / "d"
+    result = invoke("export", full_run, "--out", dest, "--preview-steps", 2)
+    assert result.exit_code == 0, result.output
+    assert (dest / "pipeline" / "model_index.json").is_file() and (dest / "preview.png").is_file()
+    assert "lora-from-full" in (dest / "README.md").read_text()
+    result = invoke("generate", full_run, "a photo of <asset0>", "--lora-scale", 0.5, "--steps", 1, "--num-images", 1)
+    assert result.exit_code == 1 and "--lora-scale only applies to runs with LoRA" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "lora-from-full"], "is not a full fine-tune"),
+    (["--out", "{run}/inside"], "overlaps the run folder"),
+    (["--out", "{full}"], "already exists and is not empty; pass --overwrite"),
+    (["--format", "kohya", "--rank", 0], None),  # a LoRA run's kohya export does not use --rank
+])
+def test_export_refuses_what_would_lose_data_or_cannot_work(args, message, rich_run, full_run, invoke, tmp_path):
+    args = [str(a).format(run=rich_run, full=full_run) for a in args]
+    if "--out" not in args:
+        args += ["--out", tmp_path / "x"]
+    before = sorted(p.name for p in full_run.iterdir())
+    result = invoke("export", rich_run, *args, "--no-preview")
+    if message is None:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert sorted(p.name for p in full_run.iterdir()) == before and not (rich_run / "inside").exists()
+
+
+def test_rewriting_a_run_folder_leaves_no_stale_embeddings(tmp_path):
+    from bas.core import io
+    from bas.core.export import write_run_exports
+
+    info = {"model": "m", "handles": [], "weights": None, "files": ["handles.safetensors"], "resolution": 64}
+    for n in (3, 2):  # an --overwrite run with fewer handles
+        handles = {f"<asset{i}>": torch.full((4,), float(i)) for i in range(n)}
+        io.write_safetensors(tmp_path / "handles.safetensors", handles)
+        written = write_run_exports(tmp_path, dict(info, handles=list(handles)))
+    assert written == ["embeddings/asset0.safetensors", "embeddings/asset1.safetensors", "README.md"]
+    assert sorted(p.name for p in (tmp_path / "embeddings").iterdir()) == ["asset0.safetensors", "asset1.safetensors"]
+    assert "<asset2>" not in (tmp_path / "README.md").read_text()

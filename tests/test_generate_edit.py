@@ -1,0 +1,119 @@
+"""Generation options, the background handle, and local editing (bas edit) on a finished run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from bas.core.errors import BasError
+from bas.core.generation import SCHEDULERS, generate_images, make_scheduler
+from bas.core.scene import BACKGROUND_NAME, SceneInput, prepare_scene
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+
+def test_generate_takes_a_prompts_file_variations_seeds_a_size_and_writes_a_grid(rich_run, invoke, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# one prompt per line\na photo of <asset0> at the beach\n\na photo of <asset1>\n")
+    result = invoke("generate", rich_run, "--prompts-file", prompts, "--variations", "--seeds", "3,7", "--steps", 2,
+                    "--width", 64, "--height", 128, "--scheduler", "euler-a", "--negative-prompt", "blurry", "--out-dir", tmp_path / "g")
+    assert result.exit_code == 0, result.output
+    stems = ["a-photo-of-asset0-at-the-beach", "a-photo-of-asset1", "a-photo-of-asset0-and-asset1-and-asset2"]
+    singles = [tmp_path / "g" / f"{stem}-seed{s}.png" for stem in stems for s in (3, 7)]
+    grid = tmp_path / "g" / "grid-a-photo-of-asset0-at-the-beach-and-2-more-seed3.png"
+    assert sorted((tmp_path / "g").iterdir()) == sorted(singles + [grid])
+    assert result.stdout.split() == [str(p) for p in singles + [grid]]
+    assert pixels(singles[0]).shape == (128, 64, 3)
+    tiles = pixels(grid)
+    assert tiles.shape == (3 * 128, 2 * 64, 3)
+    np.testing.assert_array_equal(tiles[128:256, 64:128], pixels(singles[3]))  # row: prompt, column: seed
+
+
+def test_negative_prompt_and_lora_scale_change_the_image(rich_run, tiny_model, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    def one(name, **options):
+        (path,) = generate_images(rich_run, ["a photo of <asset0>"], seeds=[0], steps=2, out_dir=tmp_path / name, device="cpu", **options)
+        return pixels(path)
+
+    plain = one("plain")
+    assert not np.array_equal(plain, one("negative", negative_prompt="a photo of <asset1>", scheduler="dpm++"))
+    without_lora = one("scale0", lora_scale=0.0)
+    assert not np.array_equal(plain, without_lora)
+    # --lora-scale 0 is the base model with the handles only: the same image plain diffusers makes
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_textual_inversion([str(p) for p in sorted((rich_run / "embeddings").glob("*.safetensors"))])
+    image = pipe("a photo of <asset0>", num_inference_steps=2, generator=torch.Generator().manual_seed(0), height=128, width=128).images[0]
+    assert np.abs(np.asarray(image, dtype=np.float32) - without_lora).max() <= 1
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_name_makes_a_scheduler(name, tiny_model):
+    from diffusers import DDIMScheduler
+
+    scheduler = make_scheduler(name, DDIMScheduler.from_pretrained(str(tiny_model), subfolder="scheduler").config)
+    scheduler.set_timesteps(4)
+    assert len(scheduler.timesteps) >= 4 and type(scheduler).__name__ == SCHEDULERS[name][0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["a photo of <asset0>", "--scheduler", "nope"], "Invalid value for '--scheduler'"),
+    (["a photo of <asset0>", "--width", 100], "--width must be a positive multiple of 8"),
+    (["a photo of <asset7>"], "names <asset7> but this run has 3 handles"),
+    ([], "No prompt"),
+    (["--prompts-file", "missing.txt"], "Prompts file missing.txt does not exist"),
+])
+def test_generate_user_errors(args, message, rich_run, invoke):
+    result = invoke("generate", rich_run, *args)
+    assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_background_handle_is_the_complement_of_all_masks(rich_run):
+    info = json.loads((rich_run / "run.json").read_text())
+    assert info["handles"] == ["<asset0>", "<asset1>", "<asset2>"] and info["background"] == "<asset2>"
+    assert info["masks"][-1] == BACKGROUND_NAME and info["config"]["background"] is True
+
+    a, b = np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32)
+    a[:4, :4], b[4:, 4:] = 1.0, 0.6
+    scene = prepare_scene(SceneInput(Image.new("RGB", (8, 8)), [a, b]), 8, background=True)
+    assert scene.num_concepts == 3 and scene.background
+    assert torch.allclose(scene.masks[2], 1 - torch.maximum(scene.masks[0], scene.masks[1]))
+    assert scene.init_words(["ball", "box"]) == ["ball", "box", "background"]
+    assert scene.init_words([]) == ["object", "object", "background"]
+    assert prepare_scene(SceneInput(Image.new("RGB", (8, 8)), [a, b]), 8).init_words([]) is None
+    left, right = np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32)
+    left[:, :4], right[:, 4:] = 1.0, 1.0
+    with pytest.raises(BasError, match="leave out --background"):
+        prepare_scene(SceneInput(Image.new("RGB", (8, 8)), [left, right]), 8, background=True)
+
+
+def test_edit_changes_pixels_inside_the_mask_and_keeps_the_outside(rich_run, scene, invoke, tmp_path):
+    mask = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).rectangle((40, 40, 89, 89), fill=255)
+    mask.save(tmp_path / "mask.png")
+    result = invoke("edit", rich_run, "a photo of <asset1>", "--image", scene / "img.png", "--mask", tmp_path / "mask.png",
+                    "--steps", 3, "--num-images", 2, "--out-dir", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    paths = [tmp_path / "e" / f"edit-a-photo-of-asset1-seed{s}.png" for s in (0, 1)]
+    assert result.stdout.split() == [str(p) for p in paths]
+    source, inside = pixels(scene / "img.png"), np.asarray(mask) > 127
+    for path in paths:
+        diff = np.abs(pixels(path) - source)
+        assert diff[inside].mean() > 20
+        assert diff[~inside].max() <= 1
+    assert not np.array_equal(pixels(paths[0]), pixels(paths[1]))
+
+
+def test_edit_refuses_an_empty_mask(rich_run, scene, invoke, tmp_path):
+    Image.new("L", (128, 128), 0).save(tmp_path / "empty.png")
+    result = invoke("edit", rich_run, "a photo of <asset1>", "--image", scene / "img.png", "--mask", tmp_path / "empty.png")
+    assert result.exit_code == 1 and "marks nothing to edit" in result.output
