@@ -289,7 +289,7 @@ def demo(out, steps):
     result = extract(scene / "img.png", [scene / "mask0.png", scene / "mask1.png"], out / "run", model=str(out / "model"),
                      phase1_steps=steps, phase2_steps=steps, init_tokens=["ball", "box"], overwrite=True, device="cpu")
     prompts = ["a photo of <asset0>", "a photo of <asset1>", "a photo of <asset1> and <asset0> at the beach"]
-    paths = generate_api(out / "run", prompts, num_images=1, steps=20, device="cpu")
+    paths = generate_api(out / "run", prompts, num_images=1, steps=20, grid=False, device="cpu")
     tiles = [("input", Image.open(scene / "img.png"))] + [(f"mask{i}", Image.open(scene / f"mask{i}.png")) for i in range(2)]
     tiles += [(p, Image.open(path)) for p, path in zip(["<asset0>", "<asset1>", "<asset1>+<asset0>"], paths)]
     contact_sheet(out / "demo.png", tiles)

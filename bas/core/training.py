@@ -432,8 +432,8 @@ class Run:
             "handles": self.tokens,
             "init_tokens": self.config.init_tokens,
             "masks": self.scene.mask_names,
-            "resolution": self.resolution,
             "background": self.tokens[-1] if self.scene.background else None,
+            "resolution": self.resolution,
             "seed": self.config.seed,
             "device": str(self.device),
             "precision": self.precision,
@@ -447,8 +447,8 @@ class Run:
             "resumed": bool(self.config.resume),
             "files": files,
         }
-        io.write_json(self.out / "run.json", info)
         info["files"] += export.write_run_exports(self.out, info)  # textual-inversion files, model card
+        io.write_json(self.out / "run.json", info)
         return info
 
 
