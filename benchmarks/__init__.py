@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks of extraction; see benchmarks/README.md."""

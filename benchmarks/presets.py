@@ -1,0 +1,138 @@
+"""Architecture presets: Stable Diffusion pipelines with the real shapes and random weights.
+
+Speed and memory depend on shapes, not on the weights' values, so the SD 1.5 and SD 2.1 presets
+build those architectures in code (nothing is downloaded) and save them once, in diffusers format,
+to a cache folder that ``bas`` then loads like any other local model.  ``tiny`` is the test model
+of :mod:`bas.core.tiny`; ``small`` sits between it and SD 1.5: SD's layout (4 UNet levels, 2
+layers per level, linear projections, the 8x VAE, CLIP's 49408-token vocabulary) at a width and
+resolution that run a few training steps per second on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CLIP_VOCAB_SIZE = 49408  # every SD 1.x/2.x tokenizer
+
+SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    resolution: int  # training resolution in pixels
+    description: str
+    unet: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)  # CLIPTextConfig fields; vocab_size is set from the tokenizer
+
+    def key(self) -> str:
+        """Changes when the architecture does, so a cached model is rebuilt."""
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", 128, "bas.core.tiny: the test model (UNet 16/32/32/32, 2-layer 32-d text model)"),
+    "small": Preset(
+        "small", 256, "SD layout at 1/10 width: UNet 32/64/128/128, 2 layers per level, 256-d 4-layer text model, 256 px",
+        unet=dict(
+            sample_size=32, block_out_channels=(32, 64, 128, 128), layers_per_block=2, down_block_types=SD_DOWN,
+            up_block_types=SD_UP, cross_attention_dim=256, attention_head_dim=(1, 2, 4, 4), use_linear_projection=True,
+            norm_num_groups=16,
+        ),
+        vae=dict(SD_VAE, block_out_channels=(16, 32, 64, 64), norm_num_groups=8, sample_size=256),
+        text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256, hidden_act="gelu"),
+    ),
+    "sd15": Preset(
+        "sd15", 512, "Stable Diffusion 1.5: UNet 320/640/1280/1280, 8 heads, CLIP ViT-L/14 text model (768-d, 12 layers)",
+        unet=dict(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, down_block_types=SD_DOWN,
+            up_block_types=SD_UP, cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False,
+            norm_num_groups=32,
+        ),
+        vae=SD_VAE,
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"),
+    ),
+    "sd21": Preset(
+        "sd21", 512, "Stable Diffusion 2.1 base: UNet 320/640/1280/1280, heads 5/10/20/20, linear projections, OpenCLIP ViT-H text tower (1024-d, 23 layers)",
+        unet=dict(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, down_block_types=SD_DOWN,
+            up_block_types=SD_UP, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+            norm_num_groups=32,
+        ),
+        vae=SD_VAE,
+        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, projection_dim=512, hidden_act="gelu"),
+    ),
+}
+
+
+def write_clip_sized_tokenizer(directory: Path) -> None:
+    """The tiny BPE tokenizer, padded with unreachable tokens to CLIP's 49408 entries, special tokens last as in CLIP."""
+    from bas.core.tiny import write_tokenizer
+
+    write_tokenizer(directory)
+    vocab = json.loads((directory / "vocab.json").read_text())
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    tokens = [t for t in sorted(vocab, key=vocab.get) if t not in specials]
+    tokens += [f"<|unused{i}|>" for i in range(CLIP_VOCAB_SIZE - len(tokens) - len(specials))]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens + specials)}, ensure_ascii=False))
+
+
+def build_pipeline(preset: Preset, seed: int = 0):
+    """The preset's pipeline in memory, with random weights."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if preset.name == "tiny":
+        from bas.core.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline(seed=seed)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_sized_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **preset.text,
+        )
+    )
+    unet = UNet2DConditionModel(**preset.unet)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **preset.vae)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1, prediction_type="epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "bas-benchmarks"
+
+
+def materialize(name: str, cache_dir: Path | None = None) -> Path:
+    """The preset saved as a diffusers folder (built on first use, then reused); returns its path."""
+    from bas.core import io
+
+    preset = PRESETS[name]
+    directory = Path(cache_dir or default_cache_dir()) / f"{name}-{preset.key()}"
+    if not (directory / "model_index.json").is_file():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with io.atomic_path(directory, directory=True) as tmp:
+            build_pipeline(preset).save_pretrained(tmp, safe_serialization=True)
+    return directory
