@@ -89,7 +89,8 @@ def render(rows: list[dict]) -> str:
 
 
 def all_rows(directory: Path = RESULTS_DIR) -> list[dict]:
-    return [row for path in sorted(directory.glob("*.json")) for row in json.loads(path.read_text())["rows"]]
+    """The speed rows of every results file (fidelity results, in the same folder, have none)."""
+    return [row for path in sorted(directory.glob("*.json")) for row in json.loads(path.read_text()).get("rows", [])]
 
 
 def main(argv: list[str]) -> None:
