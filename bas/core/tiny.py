@@ -35,12 +35,31 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def write_tokenizer(directory: Path) -> None:
-    """vocab.json + merges.txt of a small CLIP BPE: every byte, and whole-word tokens for WORDS."""
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces CLIP's BPE makes of ``word`` with merge ``ranks`` (lowest rank merges first)."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pair = min(zip(pieces, pieces[1:]), key=lambda p: ranks.get(p, float("inf")))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(pieces):
+            if i < len(pieces) - 1 and (pieces[i], pieces[i + 1]) == pair:
+                merged.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
+def write_tokenizer(directory: Path, words=WORDS) -> None:
+    """vocab.json + merges.txt of a small CLIP BPE: every byte, and whole-word tokens for ``words``."""
     chars = list(_bytes_to_unicode().values())
     vocab: list[str] = chars + [c + "</w>" for c in chars]
     merges: list[str] = []
-    for word in WORDS:
+    for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         left = pieces[0]
         for piece in pieces[1:]:
@@ -50,6 +69,13 @@ def write_tokenizer(directory: Path) -> None:
                 merges.append(merge)
             if left not in vocab:
                 vocab.append(left)
+    for word in words:  # a later word's merges can split an earlier one: join what the BPE leaves, in order
+        pieces = _bpe(word, {tuple(m.split()): i for i, m in enumerate(merges)})
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            if pieces[0] not in vocab:
+                vocab.append(pieces[0])
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
