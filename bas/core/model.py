@@ -30,6 +30,13 @@ class Components:
         return (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
 
 
+def resolve_model(model: str | Path) -> str:
+    """``bas-mini`` names the model shipped with bas; anything else is a hub id or a folder."""
+    from bas import mini
+
+    return str(mini.model_path()) if str(model) == mini.NAME else str(model)
+
+
 def _check_model_path(model: str) -> None:
     path = Path(model)
     if path.exists() and not (path / "model_index.json").is_file():
@@ -48,6 +55,7 @@ def load_components(model: str) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    model = resolve_model(model)
     _check_model_path(model)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
@@ -66,7 +74,7 @@ def load_pipeline(model: str | Path, device: torch.device, dtype: torch.dtype):
     """A ``StableDiffusionPipeline`` for generation, without the safety checker."""
     from diffusers import StableDiffusionPipeline
 
-    model = str(model)
+    model = resolve_model(model)
     _check_model_path(model)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)

@@ -1,0 +1,125 @@
+"""bas-mini: its world's masks and captions, reading images back from pixels, the shipped model, the fidelity benchmark."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bas.mini import metrics, model_path, world
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scenes(count: int, seed: int = 0, novel: bool = False):
+    rng = random.Random(seed)
+    for _ in range(count):
+        if novel:
+            objects = [(c, rng.choice(world.SHAPES), rng.choice(world.TEXTURES + world.NOVEL_TEXTURES)) for c in rng.sample(world.NOVEL_COLOURS, rng.randint(1, 3))]
+            yield world.random_scene(rng, objects=objects)
+        else:
+            yield world.random_scene(rng)
+
+
+@pytest.mark.parametrize("novel", [False, True])
+def test_masks_match_drawings(novel):
+    for scene in scenes(40, novel=novel):
+        image, masks = world.render(scene)
+        pixels = np.asarray(image, dtype=np.float32)
+        background = np.array(world.PALETTE[scene.background], dtype=np.float32)
+        coverage = np.sum(masks, axis=0)
+        assert np.allclose(pixels[coverage == 0], background, atol=1), "no object is drawn outside the masks"
+        assert coverage.max() <= 1.0 + 1e-5, "objects do not overlap"
+        if all(o.texture == "plain" for o in scene.objects):  # then the image is the masks' blend of the colours, to the pixel
+            composite = background * (1 - coverage[..., None])
+            for obj, mask in zip(scene.objects, masks):
+                composite += np.array(world.PALETTE[obj.colour], dtype=np.float32) * mask[..., None]
+            assert np.abs(composite - pixels).max() <= 1.5
+        for obj, mask in zip(scene.objects, masks):
+            inside = pixels[mask > 0.99]
+            allowed = np.array([world.PALETTE[obj.colour], world.TEXTURE_COLOUR], dtype=np.float32)
+            nearest = np.abs(inside[:, None] - allowed).sum(-1).min(-1)
+            assert np.median(nearest) < 1, "an object's pixels are its colour or its texture's"
+            if obj.texture == "plain":
+                assert np.allclose(inside, world.PALETTE[obj.colour], atol=1)
+
+
+def test_captions_use_the_training_vocabulary_only():
+    rng = random.Random(0)
+    for scene in scenes(200):
+        for obj in scene.objects:
+            assert obj.colour in world.COLOURS and obj.colour != scene.background
+            assert (obj.colour, obj.shape) not in world.HELD_OUT and obj.texture in world.TEXTURES
+        words = set(world.training_caption(rng, scene, drop=0).split())
+        assert words <= set(world.VOCABULARY)
+        assert not words & set(world.NOVEL_COLOURS + world.NOVEL_TEXTURES)
+    s = world.Scene("green", [world.Shape("blue", "square", "plain", (40, 5, 60, 25)), world.Shape("red", "circle", "striped", (2, 2, 20, 20))])
+    assert s.caption() == "a red striped circle and a blue square on a green background"
+
+
+def test_pixel_reading_recovers_every_drawn_attribute():
+    total, right = 0, 0
+    for scene in list(scenes(60)) + list(scenes(60, seed=1, novel=True)):
+        reading = metrics.read_image(world.render(scene)[0])
+        assert reading.background == scene.background
+        assert len(reading.objects) == len(scene.objects)
+        for obj in scene.objects:
+            found = reading.find(colour=obj.colour)
+            total += 1
+            right += found is not None and found.shape == obj.shape and found.texture == obj.texture
+    assert right / total > 0.97
+
+
+def test_pixel_reading_sees_a_missing_object_and_a_wrong_background():
+    scene = world.Scene("grey", [world.Shape("purple", "circle", "dotted", (10, 10, 36, 36))])
+    reading = metrics.read_image(world.render(scene)[0])
+    assert reading.find(colour="purple", shape="circle", texture="dotted") is not None
+    assert reading.find(colour="orange") is None and reading.find(colour="purple", shape="square") is None
+    blank = metrics.read_image(Image.new("RGB", (64, 64), world.PALETTE["yellow"]))
+    assert blank.background == "yellow" and blank.objects == []
+
+
+def test_tokenizer_keeps_every_world_word_whole():
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(model_path(), subfolder="tokenizer")
+    assert all(len(tokenizer.tokenize(w)) == 1 for w in world.VOCABULARY)
+
+
+def test_shipped_model_is_small_recorded_and_generates_offline(tmp_path):
+    import torch
+
+    from bas.core.model import load_pipeline
+
+    files = [p for p in model_path().rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 20e6
+    assert {p.name for p in files} >= {"model_index.json", "diffusion_pytorch_model.safetensors", "model.safetensors", "training.json"}
+    record = json.loads((model_path() / "training.json").read_text())
+    assert record["unet_steps_done"] > 0 and record["final_loss"] < 1.0
+    pipe = load_pipeline("bas-mini", torch.device("cpu"), torch.float32)  # the name resolves to the shipped folder
+    image = pipe("a red circle on a blue background", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert np.asarray(image).std() > 1, "not a blank image"
+
+
+def test_short_fidelity_run_produces_every_metric(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import fidelity
+
+    out = tmp_path / "fidelity.json"
+    result = fidelity.run_benchmark(out, scenes=["purple-orange"], ablations=["no-masked-loss"], steps=(2, 2), seeds=[0],
+                                    sample_steps=2, work=tmp_path / "work", log=lambda m: None)
+    saved = json.loads(out.read_text())
+    summary = saved["summary"]["no-masked-loss"]
+    for metric in fidelity.METRICS + fidelity.IDENTITY_PARTS:
+        assert 0.0 <= summary[metric]["mean"] <= 1.0 and len(summary[metric]["per_seed"]) == 1
+    assert saved["ablations"]["no-masked-loss"]["options"] == {"mask_loss": False}
+    run = json.loads((tmp_path / "work" / "runs" / "purple-orange-no-masked-loss" / "run.json").read_text())
+    assert run["config"]["options"]["mask_loss"] is False and run["handles"] == ["<asset0>", "<asset1>"]
+    assert (out.with_suffix("") / "no-masked-loss.png").is_file()
+    assert result["table"].count("\n") == 2  # header, rule, one row
