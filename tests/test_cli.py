@@ -161,7 +161,8 @@ def test_demo_runs_offline(invoke, tmp_path):
     result = invoke("demo", "--out", tmp_path / "demo", "--steps", 2)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "demo.png").is_file()
-    assert len(list((tmp_path / "demo" / "run" / "samples").glob("*.png"))) == 3
+    assert len(list((tmp_path / "demo" / "run" / "samples").glob("*.png"))) == 8  # 4 prompts, 2 seeds
+    assert json.loads((tmp_path / "demo" / "run" / "run.json").read_text())["model"] == "bas-mini"
 
 
 def test_plugins_can_add_commands(monkeypatch):

@@ -1,4 +1,4 @@
-"""``bas demo``: the whole product offline on a scene it draws and a tiny model it builds."""
+"""``bas demo``: the whole product offline, on a scene it draws and bas-mini (or a tiny random model)."""
 
 from __future__ import annotations
 
@@ -34,11 +34,32 @@ def draw_scene(directory: Path, size: int = 128) -> Path:
     return directory
 
 
-def contact_sheet(path: Path, tiles: list[tuple[str, Image.Image]], size: int = 128) -> None:
-    """One PNG with labelled tiles side by side."""
-    sheet = Image.new("RGB", (size * len(tiles), size + 16), "white")
+# (label, prompt) for the contact sheet: each concept alone, recomposed, and in a new context
+DEMO_PROMPTS = (
+    ("<asset0>", "a photo of <asset0>"),
+    ("<asset1>", "a photo of <asset1>"),
+    ("<asset1>+<asset0>", "a photo of <asset1> and <asset0>"),
+    ("<asset0> on yellow", "a photo of <asset0> on a yellow background"),
+)
+
+
+def draw_mini_scene(directory: Path) -> Path:
+    """A bas-mini world scene bas-mini cannot name: a purple dotted circle and an orange square on grey."""
+    import random
+
+    from bas.mini import world
+
+    scene = world.random_scene(random.Random(3), objects=[("purple", "circle", "dotted"), ("orange", "square", "plain")], background="grey")
+    return world.write_scene(directory, scene)
+
+
+def contact_sheet(path: Path, tiles: list[tuple[str, Image.Image]], size: int = 128, columns: int = 6) -> None:
+    """One PNG with labelled tiles, ``columns`` to a row."""
+    rows = (len(tiles) + columns - 1) // columns
+    sheet = Image.new("RGB", (size * min(columns, len(tiles)), (size + 16) * rows), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (label, tile) in enumerate(tiles):
-        sheet.paste(tile.convert("RGB").resize((size, size)), (i * size, 16))
-        draw.text((i * size + 3, 2), label[:22], fill="black")
+        x, y = (i % columns) * size, (i // columns) * (size + 16)
+        sheet.paste(tile.convert("RGB").resize((size, size), Image.NEAREST), (x, y + 16))
+        draw.text((x + 3, y + 2), label[:22], fill="black")
     io.save_image(path, sheet)
