@@ -292,8 +292,9 @@ def demo(out, steps, model):
     result = extract(scene / "img.png", [scene / "mask0.png", scene / "mask1.png"], out / "run", model=model,
                      phase1_steps=steps, phase2_steps=steps, init_tokens=["circle", "square"], overwrite=True, device="cpu", **extra)
     paths = generate_api(out / "run", [p for _, p in DEMO_PROMPTS], num_images=2, steps=25, grid=False, device="cpu")
+    labels = [f"{label} #{k}" for label, _ in DEMO_PROMPTS for k in range(2)]  # generate's order: per prompt, its images
     tiles = [("input", Image.open(scene / "img.png"))] + [(f"mask{i}", Image.open(scene / f"mask{i}.png")) for i in range(2)]
-    tiles += [(f"{label} #{i % 2}", Image.open(path)) for i, (path, (label, _)) in enumerate(zip(paths, [d for d in DEMO_PROMPTS for _ in range(2)]))]
+    tiles += [(label, Image.open(path)) for label, path in zip(labels, paths)]
     contact_sheet(out / "demo.png", tiles)
     t = result.info["times"]
     click.echo(f"Extraction took {t['total_s']:.1f}s. Wrote {out / 'run'} and {len(paths)} images; overview: {out / 'demo.png'}")

@@ -57,11 +57,7 @@ ABLATIONS = [
     Ablation("full-finetune", "phase 2 fine-tunes all UNet and text-encoder weights (lr 2e-6, the paper's)", plugins=["full"]),
 ]
 
-# Objects (colour, shape, texture) bas-mini's captions never name: novel colours, the dotted texture.
-SCENES = {
-    "purple-orange": ("grey", [("purple", "circle", "dotted"), ("orange", "square", "plain")]),
-    "pink-cyan-orange": ("black", [("pink", "triangle", "plain"), ("cyan", "square", "striped"), ("orange", "circle", "dotted")]),
-}
+SCENES = world.NOVEL_SCENES
 
 
 def make_scene(directory: Path, name: str, seed: int = 0) -> tuple[Path, world.Scene]:

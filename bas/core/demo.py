@@ -49,7 +49,8 @@ def draw_mini_scene(directory: Path) -> Path:
 
     from bas.mini import world
 
-    scene = world.random_scene(random.Random(3), objects=[("purple", "circle", "dotted"), ("orange", "square", "plain")], background="grey")
+    background, objects = world.NOVEL_SCENES["purple-orange"]
+    scene = world.random_scene(random.Random(3), objects=objects, background=background)
     return world.write_scene(directory, scene)
 
 

@@ -38,6 +38,12 @@ TEXTURES = ("plain", "striped")  # plain is not named in captions
 NOVEL_TEXTURES = ("dotted",)
 TEXTURE_COLOUR = PALETTE["white"]  # stripes and dots
 HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))  # never trained, for base quality
+# scenes of objects (colour, shape, texture) no caption names, with their background: for `bas demo`
+# (purple-orange) and the fidelity benchmark (both)
+NOVEL_SCENES = {
+    "purple-orange": ("grey", [("purple", "circle", "dotted"), ("orange", "square", "plain")]),
+    "pink-cyan-orange": ("black", [("pink", "triangle", "plain"), ("cyan", "square", "striped"), ("orange", "circle", "dotted")]),
+}
 
 # every word a caption or a benchmark prompt uses, one token each in the bas-mini tokenizer
 VOCABULARY = tuple(dict.fromkeys(
