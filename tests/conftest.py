@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may try to download anything
+# The suite runs as two pytest-xdist workers on two cores: two-thread OpenMP teams in two processes
+# stall each other, one thread each does not.  Subprocesses that tests start inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 from click.testing import CliRunner
