@@ -14,7 +14,7 @@ import bas
 from bas.core.errors import BasError, PluginError
 from bas.core.export import FORMATS as EXPORT_FORMATS
 from bas.core.generation import SCHEDULERS
-from bas.core.model import DEFAULT_MODEL, PRECISIONS
+from bas.core.model import PRECISIONS
 from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names
 
 PLUGIN_FLAGS = ("--plugin", "-p")
@@ -114,7 +114,9 @@ def cli():
 @cli.command(cls=RunCommand)
 @click.option("--image", type=click.Path(path_type=Path), help="The input image (any size; centre-cropped and resized).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local folder of a Stable Diffusion 1.x/2.x diffusers pipeline.")
+@click.option("--model", default=None, help="Hub id or local folder of a diffusers pipeline (Stable Diffusion 1.x/2.x, SDXL, or a family a plugin adds) "
+              "[default: the family's: stabilityai/stable-diffusion-2-1-base, with --family sdxl stabilityai/stable-diffusion-xl-base-1.0].")
+@click.option("--family", default=None, help="Model family: sd, sdxl, or one a plugin adds [default: detected from --model's model_index.json].")
 @click.option("--plugin", "-p", "plugin_names", multiple=True, help="Turn on a plugin (repeatable); no:NAME turns a default one off. See `bas plugins`.")
 @click.option("--phase1-steps", type=int, default=400, show_default=True, help="Steps of phase 1 (handles only).")
 @click.option("--phase2-steps", type=int, default=400, show_default=True, help="Steps of phase 2 (weights + handles).")
@@ -124,9 +126,10 @@ def cli():
 @click.option("--resolution", type=int, default=None, help="Training resolution in pixels [default: the model's, 512 for SD 2.1 base].")
 @click.option("--init-token", "init_tokens", multiple=True, help="A word to start each handle from, one per mask in order [default: 'object'].")
 @click.option("--background", is_flag=True, help="Add a handle for the background: everything outside all masks (after the masks' handles).")
-@click.option("--optimizer", default="adamw", show_default=True, help="adamw or adamw8bit (bitsandbytes, CUDA), or one a plugin adds.")
+@click.option("--optimizer", default=None, help="adamw or adamw8bit (bitsandbytes, CUDA), or one a plugin adds [default: adamw; on CUDA the family may pick adamw8bit, see run.json's family_defaults].")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, ~30% slower.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations in the backward pass: less memory, ~30% slower [default: off; on CUDA on for sdxl].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--flip-p", type=float, default=0.5, show_default=True, help="Probability of a horizontal flip of image and masks per step.")
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient norm clip (0: off).")
@@ -264,12 +267,16 @@ def export(out, fmt, dest, **options):
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
-def tiny_model(directory, seed, prediction_type):
-    """Write a tiny random Stable Diffusion pipeline (diffusers format) for offline tests."""
+@click.option("--family", default=None, help="Model family of the pipeline: sd, sdxl, or one a plugin adds [default: sd, the default model's].")
+def tiny_model(directory, seed, prediction_type, family):
+    """Write a tiny random pipeline of a model family (diffusers format) for offline tests."""
+    from bas.core.family import default_family, get_family
     from bas.core.tiny import save_tiny_model
 
-    save_tiny_model(directory, seed=seed, prediction_type=prediction_type)
-    click.echo(f"Wrote {directory} (loads with StableDiffusionPipeline.from_pretrained).")
+    plugins = Plugins()
+    chosen = get_family(plugins, family) if family else default_family(plugins)
+    save_tiny_model(directory, seed=seed, prediction_type=prediction_type, family=chosen)
+    click.echo(f"Wrote {directory} (loads with {chosen.pipeline_class}.from_pretrained).")
 
 
 @cli.command()

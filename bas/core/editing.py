@@ -18,7 +18,8 @@ from torch.nn import functional as F
 
 from bas.core import io
 from bas.core.errors import BasError
-from bas.core.generation import lora_kwargs, read_run, slug
+from bas.core.family import ImageSize
+from bas.core.generation import lora_kwargs, read_run, run_family, slug
 from bas.core.handles import check_prompt_handles
 from bas.core.sampling import decode, denoise, to_pil
 from bas.core.scene import _square, load_image, load_mask
@@ -65,13 +66,15 @@ def edit_images(
     res = info["resolution"]
     image_t, mask_t = load_edit_inputs(image, mask, res)
     pipe, info = load_run_pipeline(out, device, precision)
-    extra = lora_kwargs(pipe, lora_scale)
+    family = run_family(info)
+    extra = lora_kwargs(pipe, lora_scale, family)
     dev = pipe.device
     guided = guidance > 1.0
     with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(prompt, dev, 1, guided, negative_prompt, lora_scale=extra.get("cross_attention_kwargs", {}).get("scale"))
+        cond, uncond = family.prompt_conditioning(pipe, prompt, negative_prompt, guided, extra.get(family.lora_scale_argument, {}).get("scale"),
+                                                  ImageSize.plain(res))
         vae = pipe.vae
-        source = vae.encode(image_t.to(dev, vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+        source = family.scale_latents(vae, vae.encode(image_t.to(dev, vae.dtype)).latent_dist.mean.float())
     # every latent cell the mask touches is generated (the paper dilates the mask the same way)
     factor = res // source.shape[-1]
     inside = F.max_pool2d((mask_t > 0.5).float(), factor).to(dev)
@@ -86,11 +89,13 @@ def edit_images(
             return inside * latents + (1 - inside) * known
 
         scheduler.set_timesteps(steps, device=dev)
-        start = blend(noise, scheduler.timesteps[0])  # outside the mask, start from the input noised to the first step
+        timesteps = scheduler.timesteps
+        start = blend(noise, timesteps[0])  # outside the mask, start from the input noised to the first step
+        after = {int(t): (timesteps[i + 1] if i + 1 < len(timesteps) else None) for i, t in enumerate(timesteps)}
         with torch.no_grad():
-            latents = denoise(pipe.unet, scheduler, cond, uncond if uncond is not None else cond, start, steps, guidance,
-                              blend=blend, **extra)
-            result = decode(vae, latents).float().cpu()
+            latents = denoise(family, pipe.unet, scheduler, cond, uncond, start * scheduler.init_noise_sigma, guidance, timesteps,
+                              blend=lambda z, t: blend(z, after[int(t)]), **extra)
+            result = decode(family, vae, latents).float().cpu()
         composite = mask_t * result + (1 - mask_t) * image_t
         path = out_dir / f"edit-{slug(prompt)}-seed{s}.png"
         io.save_image(path, to_pil(composite)[0])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import torch
@@ -14,47 +12,30 @@ from bas.core import io
 from bas.core.errors import BasError
 from bas.core.handles import check_prompt_handles, install_handles
 from bas.core.model import DTYPES, load_pipeline, resolve_device, resolve_precision
-from bas.core.plugins import Plugins
-
-
-def read_run(out: Path) -> dict:
-    out = Path(out)
-    path = out / "run.json"
-    if not path.is_file():
-        raise BasError(f"{out} is not a finished bas run (it has no run.json); pass the --out folder of a completed `bas run`.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BasError(f"{path} is not valid JSON ({exc}); re-run `bas run` to rewrite it.") from exc
-
-
-def slug(text: str, length: int = 40) -> str:
-    """A file-name-safe version of a prompt: no separators, no dots, nothing that escapes a folder."""
-    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-    return s[:length].strip("-") or "image"
+from bas.core.runs import SavedConfig, all_handles_prompt, read_run, run_family, run_plugins, slug  # noqa: F401 (re-exported)
 
 
 def load_run_pipeline(out: Path, device: str = "auto", precision: str = "auto"):
-    """The run's base model with its weights and handles applied, ready to sample."""
+    """The run's base model (its family's diffusers pipeline) with its weights and handles applied, ready to sample."""
     out = Path(out)
     info = read_run(out)
     dev = resolve_device(device)
     dtype = DTYPES[resolve_precision(precision, dev)]
+    plugins = run_plugins(info)
+    family = run_family(info, plugins)
 
     def load(model):
-        return load_pipeline(model, dev, dtype)
+        return load_pipeline(model, dev, dtype, family)
 
     if info.get("weights"):
-        plugins = Plugins(info.get("plugin_names") or [])
         strategy = plugins.registry("weight strategy").get(info["weights"], "this run's weights").factory
-        from bas.core.training import RunConfig
-
-        pipe = strategy(RunConfig(out=out, options=info["config"].get("options", {}))).load_pipeline(out, info, load)
+        pipe = strategy(SavedConfig.of(out, info)).load_pipeline(out, info, load)
     else:
         pipe = load(info["model"])
-    handles = load_file(str(out / "handles.safetensors"))
-    install_handles(pipe.tokenizer, pipe.text_encoder, handles)
-    pipe.text_encoder.to(dev)
+    encoders = family.pipeline_text_encoders(pipe)
+    install_handles(encoders, load_file(str(out / "handles.safetensors")))
+    for encoder in encoders:
+        encoder.model.to(dev)
     return pipe, info
 
 
@@ -83,13 +64,6 @@ def make_scheduler(name: str, config):
 
     cls, extra = SCHEDULERS[name]
     return getattr(diffusers, cls).from_config(config, **extra)
-
-
-def all_handles_prompt(handles: list[str]) -> str:
-    """The prompt naming every handle, as training phrases it: image variations of the whole scene."""
-    from bas.core.training import PROMPT_PREFIX
-
-    return PROMPT_PREFIX + " and ".join(handles)
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -126,13 +100,14 @@ def check_size(width: int | None, height: int | None) -> None:
             raise BasError(f"{name} must be a positive multiple of 8 (such as 512), not {value}.")
 
 
-def lora_kwargs(pipe, lora_scale: float) -> dict:
-    """``cross_attention_kwargs`` that scale the run's adapters; an error if it has none to scale."""
+def lora_kwargs(pipe, lora_scale: float, family) -> dict:
+    """The pipeline argument (``cross_attention_kwargs`` for UNet families) that scales the run's
+    adapters; an error if it has none to scale."""
     if lora_scale == 1.0:
         return {}
     if not any(pipe.get_list_adapters().values()):
         raise BasError("--lora-scale only applies to runs with LoRA weights; this run has none, so leave it out.")
-    return {"cross_attention_kwargs": {"scale": lora_scale}}
+    return {family.lora_scale_argument: {"scale": lora_scale}}
 
 
 def generate_images(
@@ -174,7 +149,7 @@ def generate_images(
 
     pipe, info = load_run_pipeline(out, device, precision)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    extra = lora_kwargs(pipe, lora_scale)
+    extra = lora_kwargs(pipe, lora_scale, run_family(info))
     out_dir = Path(out_dir) if out_dir else out / "samples"
     res = info.get("resolution")
     written, rows = [], []

@@ -38,6 +38,8 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "report": ("bas.plugins.report", True),
     "tensorboard": ("bas.plugins.tensorboard", False),
     "checkpoints": ("bas.plugins.checkpoints", True),
+    "sd": ("bas.plugins.sd", True),
+    "sdxl": ("bas.plugins.sdxl", True),
 }
 
 REGISTER_HOOKS = {
@@ -47,8 +49,9 @@ REGISTER_HOOKS = {
     "optimizer": "bas_register_optimizers",
     "sampler": "bas_register_samplers",
     "observer": "bas_register_observers",
+    "model family": "bas_register_model_families",
 }
-TRAINING_KINDS = ("weight strategy", "loss term", "optimizer", "sampler", "observer")
+TRAINING_KINDS = ("weight strategy", "loss term", "optimizer", "sampler", "observer", "model family")
 
 
 @dataclass

@@ -131,9 +131,10 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", sample_
     )
 
 
-def save_tiny_model(directory: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Write the tiny pipeline in diffusers format (safetensors) to ``directory``, atomically."""
-    pipe = build_tiny_pipeline(seed=seed, prediction_type=prediction_type)
+def save_tiny_model(directory: Path, seed: int = 0, prediction_type: str = "epsilon", family=None) -> Path:
+    """Write a tiny pipeline in diffusers format (safetensors) to ``directory``, atomically: this
+    module's (Stable Diffusion's layout), or ``family``'s (a :class:`bas.core.family.ModelFamily`)."""
+    pipe = family.tiny_pipeline(seed, prediction_type) if family else build_tiny_pipeline(seed=seed, prediction_type=prediction_type)
     directory = Path(directory)
     with io.atomic_path(directory, directory=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)

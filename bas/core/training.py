@@ -24,13 +24,16 @@ import bas
 from bas.core import checkpoint, export, io
 from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
 from bas.core.errors import BasError
-from bas.core.handles import add_handles
-from bas.core.model import DEFAULT_MODEL, DTYPES, Components, load_components, resolve_device, resolve_precision
+from bas.core.family import Components, Conditioning, ImageSize, choose_family
+from bas.core.handles import HandleEmbedding, add_handles, handles_file_state
+from bas.core.model import DTYPES, place, resolve_device, resolve_model, resolve_precision
 from bas.core.masks import load_scene_input
 from bas.core.plugins import Plugins
+from bas.core.runs import PROMPT_PREFIX
 from bas.core.scene import Scene, check_concept_count, prepare_scene
 
-PROMPT_PREFIX = "a photo of "
+# Run options a model family may choose where the user did not (None), and their values otherwise.
+FAMILY_CHOOSES = {"gradient_checkpointing": False, "optimizer": "adamw"}
 
 
 @dataclass
@@ -38,7 +41,8 @@ class RunConfig:
     """Options of one extraction.  Plugin options live in ``options`` under their click names."""
 
     out: Path
-    model: str = DEFAULT_MODEL
+    model: str | None = None  # None: the family's default model (the paper's, SD 2.1 base, without --family)
+    family: str | None = None  # None: detected from the model
     image: Path | None = None
     plugins: list[str] = field(default_factory=list)
     phase1_steps: int = 400
@@ -48,9 +52,9 @@ class RunConfig:
     seed: int = 0
     resolution: int | None = None  # None: the model's native resolution
     init_tokens: list[str] = field(default_factory=list)
-    optimizer: str = "adamw"
+    optimizer: str | None = None  # None: adamw, or what the family picks for the device
     precision: str = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: off, or what the family picks for the device
     device: str = "auto"
     flip_p: float = 0.5
     max_grad_norm: float = 1.0
@@ -69,8 +73,6 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise BasError(f"--{name.replace('_', '-')} must be positive, not {value}.")
-        if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
-            raise BasError(f"--resolution must be a multiple of 64 (such as 512), not {self.resolution}.")
         if not 0.0 <= self.flip_p <= 1.0:
             raise BasError(f"--flip-p must be between 0 and 1, not {self.flip_p}.")
 
@@ -89,7 +91,7 @@ class Resolved:
     strategy: WeightStrategy
     strategy_name: str
     loss_terms: list[LossTerm]
-    optimizer_factory: Callable
+    optimizer_factory: Callable | None  # set once the family has had its say on --optimizer
     sampler: Callable[[random.Random], list[int]] | None
     observers: list[Any]
 
@@ -97,7 +99,6 @@ class Resolved:
 def resolve(plugins: Plugins, config: RunConfig, num_concepts: int | None = None) -> Resolved:
     source = plugins.choose("mask source")
     strategy_entry = plugins.choose("weight strategy")
-    optimizers = plugins.registry("optimizer")
     terms = [t for t in (e.factory(config) for e in plugins.registry("loss term").entries.values()) if t is not None]
     if not terms:
         raise BasError("No loss term is enabled; do not block masked-loss, or turn on a plugin that provides a loss.")
@@ -107,7 +108,7 @@ def resolve(plugins: Plugins, config: RunConfig, num_concepts: int | None = None
         strategy=strategy_entry.factory(config),
         strategy_name=strategy_entry.name,
         loss_terms=terms,
-        optimizer_factory=optimizers.get(config.optimizer, "--optimizer").factory,
+        optimizer_factory=None,
         sampler=None,
         observers=observers,
     )
@@ -144,10 +145,17 @@ class Run:
         self.config = config
         self.plugins = plugins
         self.out = Path(config.out)
-        self.resolved = resolve(plugins, config)
+        self.device = resolve_device(config.device)
+        self.resolved = resolve(plugins, config)  # every plugin checks its options here
+        # the family (from --family, else --model's model_index.json) and its choices, before any model loads
+        self.family = choose_family(plugins, resolve_model(config.model) if config.model else None, config.family)
+        config.family = self.family.name
+        config.model = config.model or self.family.default_model
+        self.family.check_resolution(config.resolution)
+        self.family_defaults = self._apply_family_defaults(self.resolved.strategy_name)
+        self.resolved.optimizer_factory = plugins.registry("optimizer").get(config.optimizer, "--optimizer").factory
         self.history: dict[str, list[dict]] = {"phase1": [], "phase2": []}
         self.times: dict[str, float] = {}
-        self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.dtype = DTYPES[self.precision]
         self.rng = random.Random(config.seed)
@@ -156,6 +164,23 @@ class Run:
         self.current: PhaseState | None = None
         self.resume_from: checkpoint.Checkpoint | None = None
         self._stop_requested = False
+
+    def _apply_family_defaults(self, strategy: str) -> dict[str, Any]:
+        """Fill the options the user left open with the family's choice for this device, else bas's."""
+        chosen = {}
+        for name, value in self.family.memory_defaults(self.device, strategy).items():
+            if getattr(self.config, name) is None:
+                setattr(self.config, name, value)
+                chosen[name] = value
+        for name, value in FAMILY_CHOOSES.items():
+            if getattr(self.config, name) is None:
+                setattr(self.config, name, value)
+        return chosen
+
+    @property
+    def handle_embedding(self) -> HandleEmbedding:
+        """The first text encoder's handle embedding (plugins written against bas 0.1 read this)."""
+        return self.handle_embeddings[0]
 
     # -- setup --------------------------------------------------------------------------------
     def check_out(self) -> None:
@@ -178,7 +203,7 @@ class Run:
         t0 = time.perf_counter()
         scene_input = load_scene_input(self.plugins, self.resolved.mask_source, self.config)  # source + shared mask cleanup
         check_concept_count(scene_input, self.config.init_tokens)
-        self.components: Components = load_components(self.config.model)
+        self.components: Components = self.family.load(resolve_model(self.config.model))
         c = self.components
         self.resolution = self.config.resolution or c.native_resolution
         self.scene: Scene = prepare_scene(scene_input, self.resolution, self.config.init_tokens, background=self.config.background)
@@ -186,18 +211,21 @@ class Run:
         sampler_entries = self.plugins.registry("sampler").entries
         if sampler_entries:
             self.resolved.sampler = self.plugins.choose("sampler").factory(self.config, n)
-        self.tokens, self.token_ids, self.handle_embedding = add_handles(c.tokenizer, c.text_encoder, n, self.scene.init_words(self.config.init_tokens))
-        for module in (c.unet, c.text_encoder, c.vae):
+        self.tokens, ids, self.handle_embeddings = add_handles(c.text_encoders, n, self.scene.init_words(self.config.init_tokens))
+        self.token_ids = ids[self.family.sequence_encoder]  # positions in the attended sequence are found by these
+        for module in (*c.trainable_modules().values(), c.vae):
             module.requires_grad_(False)
-        self.handle_embedding.handles.requires_grad_(True)
+        for embedding in self.handle_embeddings:
+            embedding.handles.requires_grad_(True)
         self.prediction_type = c.noise_scheduler.config.prediction_type
         self._cache_latents()
         weight_dtype = self.dtype if self.resolved.strategy.freezes_base else torch.float32
-        for module in (c.unet, c.text_encoder):
+        for module in c.trainable_modules().values():
             place(module, self.device, weight_dtype)
-        self.handle_embedding.handles.data = self.handle_embedding.handles.data.float()
+        for embedding in self.handle_embeddings:
+            embedding.handles.data = embedding.handles.data.float()
         if self.config.gradient_checkpointing:
-            c.unet.enable_gradient_checkpointing()
+            c.denoiser.enable_gradient_checkpointing()
         self.times["load_s"] = time.perf_counter() - t0
 
     @torch.no_grad()
@@ -221,10 +249,27 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    @property
+    def handle_params(self) -> list[torch.nn.Parameter]:
+        """The trainable handle rows, one parameter per text encoder."""
+        return [embedding.handles for embedding in self.handle_embeddings]
+
     # -- text ---------------------------------------------------------------------------------
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.components.tokenizer
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(self.device)
+    def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids of ``prompts`` for each text encoder, ``(B, T_i)``, padded to its tokenizer's length."""
+        return [
+            e.tokenizer(prompts, padding="max_length", max_length=e.max_length, truncation=True, return_tensors="pt").input_ids.to(self.device)
+            for e in self.components.text_encoders
+        ]
+
+    def token_positions(self, input_ids: list[torch.Tensor], concepts: list[int]) -> list[int]:
+        """Where each concept's handle sits in the first prompt's attended token sequence."""
+        ids = input_ids[self.family.sequence_encoder][0].tolist()
+        return [ids.index(self.token_ids[c]) for c in concepts]
+
+    def conditioning(self, input_ids: list[torch.Tensor], size: ImageSize | None = None) -> Conditioning:
+        """The family's conditioning of tokenized prompts; ``size`` defaults to the input image's."""
+        return self.family.conditioning(self.components, input_ids, size or self.scene.size)
 
     def prompt_for(self, concepts: list[int]) -> str:
         return PROMPT_PREFIX + " and ".join(self.tokens[c] for c in concepts)
@@ -236,19 +281,11 @@ class Run:
 
     def noise_and_target(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Random noise and timestep, the noisy latents, and the model's training target."""
-        sched = self.components.noise_scheduler
-        noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.generator, device=self.device)
-        noisy = sched.add_noise(latents, noise, t)
-        target = noise if self.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        return noise, t, noisy, target
+        return self.family.training_noise(self.components.noise_scheduler, latents, self.generator)
 
-    def predict(self, noisy: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.components
-        encoder_hidden_states = c.text_encoder(input_ids)[0]
-        # not c.unet.dtype: diffusers walks every module for it, milliseconds per step with LoRA
-        pred = c.unet(noisy.to(next(c.unet.parameters()).dtype), t, encoder_hidden_states=encoder_hidden_states).sample
-        return pred, encoder_hidden_states
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's prediction for ``noisy`` latents at timesteps ``t`` under ``cond``."""
+        return self.family.predict(self.components.denoiser, noisy, t, cond)
 
     # -- the loop -----------------------------------------------------------------------------
     def step_batch(self, phase: int, step: int) -> StepBatch:
@@ -256,25 +293,25 @@ class Run:
         flip = int(self.rng.random() < self.config.flip_p)
         mean, std = self.latent_mean[flip : flip + 1], self.latent_std[flip : flip + 1]
         eps = torch.randn(mean.shape, generator=self.generator, device=self.device)
-        latents = (mean + std * eps) * self.components.vae.config.scaling_factor
+        latents = self.family.scale_latents(self.components.vae, mean + std * eps)
         noise, t, noisy, target = self.noise_and_target(latents)
         prompt = self.prompt_for(concepts)
         input_ids = self.tokenize([prompt])
-        ids = input_ids[0].tolist()
-        positions = [ids.index(self.token_ids[c]) for c in concepts]
+        positions = self.token_positions(input_ids, concepts)
         masks = self.masks[flip][concepts].unsqueeze(0)
         with self.autocast():
-            pred, ehs = self.predict(noisy, t, input_ids)
+            cond = self.conditioning(input_ids)
+            pred = self.predict(noisy, t, cond)
         return StepBatch(
             step=step, phase=phase, concepts=concepts, prompt=prompt, latents=latents, noise=noise, timesteps=t,
             noisy_latents=noisy, target=target, model_pred=pred, masks=masks, union_mask=masks.amax(dim=1, keepdim=True),
-            token_positions=positions, encoder_hidden_states=ehs,
+            token_positions=positions, conditioning=cond,
         )
 
     def named_trainables(self, params: list[torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
         """Stable names for trainable parameters, as checkpoints store them."""
-        c = self.components
-        names = {id(p): f"{prefix}.{n}" for prefix, m in (("unet", c.unet), ("text_encoder", c.text_encoder)) for n, p in m.named_parameters()}
+        modules = self.components.trainable_modules().items()
+        names = {id(p): f"{prefix}.{n}" for prefix, m in modules for n, p in m.named_parameters()}
         return {names[id(p)]: p for p in params}
 
     def save_checkpoint(self) -> Path | None:
@@ -335,12 +372,15 @@ class Run:
         where = f"; the state after step {self.current.step} is saved in {path}" if path else ""
         raise reason(message.format(where=where))
 
-    def run_phase(self, phase: int, steps: int, params: list[torch.nn.Parameter], lr: float) -> None:
+    def run_phase(self, phase: int, steps: int, groups: list[dict]) -> None:
+        """Train ``steps`` steps of ``phase``.  ``groups`` are the optimizer's parameter groups, each
+        ``{"params": [...], "lr": float, "option": "--phase2-lr"}`` (the option that sets its rate)."""
         if steps == 0:
             return
         self.phase = phase
         terms = [t for t in self.resolved.loss_terms if phase in t.phases]
-        optimizer = self.resolved.optimizer_factory([{"params": params, "lr": lr}], self.config)
+        params = [p for g in groups for p in g["params"]]
+        optimizer = self.resolved.optimizer_factory([{"params": g["params"], "lr": g["lr"]} for g in groups], self.config)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         cur = self.current = PhaseState(phase, 0, optimizer, scaler, params)
         if self.resume_from is not None and self.resume_from.phase == phase:
@@ -350,7 +390,7 @@ class Run:
         for call in _observer_calls(self.resolved.observers, "on_phase_start"):
             call(self, phase)
         history = self.history[f"phase{phase}"]
-        lr_option = f"--phase{phase}-lr"
+        lr_option, lr = groups[0]["option"], groups[0]["lr"]
         t_phase = time.perf_counter()
         for step in range(cur.step + 1, steps + 1):
             if self._stop_requested:
@@ -393,32 +433,36 @@ class Run:
         self.release_vae()
         for call in _observer_calls(self.resolved.observers, "on_run_start"):
             call(self)
-        handles = [self.handle_embedding.handles]
-        c.unet.train()
+        handles = self.handle_params
+        encoders = [e.model for e in c.text_encoders]
+        c.denoiser.train()
         if self.resume_from is None or self.resume_from.phase == 1:
-            self.run_phase(1, self.config.phase1_steps, handles, self.config.phase1_lr)
+            self.run_phase(1, self.config.phase1_steps, [{"params": handles, "lr": self.config.phase1_lr, "option": "--phase1-lr"}])
         if self.config.phase2_steps:
             torch.manual_seed(self.config.seed)  # adapter initialisation draws from the global generator
             weights = self.resolved.strategy.prepare(self)
             # adapter libraries freeze every non-adapter parameter they find, the handles included
-            self.handle_embedding.handles.requires_grad_(True)
+            for p in handles:
+                p.requires_grad_(True)
             for p in weights:  # trainable parameters train in fp32 whatever the base dtype
                 p.data = p.data.float()
-            if self.config.gradient_checkpointing:
-                enable = getattr(c.text_encoder, "activation_checkpointing_enable", None) or c.text_encoder.gradient_checkpointing_enable
-                enable()
-            c.text_encoder.train()
+            for encoder in encoders:
+                if self.config.gradient_checkpointing:
+                    enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+                    enable()
+                encoder.train()
             lr = self.config.phase2_lr or self.resolved.strategy.default_lr
-            self.run_phase(2, self.config.phase2_steps, weights + handles, lr)
-        c.unet.eval()
-        c.text_encoder.eval()
+            self.run_phase(2, self.config.phase2_steps, [{"params": weights + handles, "lr": lr, "option": "--phase2-lr"}])
+        for module in (c.denoiser, *encoders):
+            module.eval()
         for term in self.resolved.loss_terms:
             term.teardown(self)
 
     # -- output -------------------------------------------------------------------------------
     def handles_state(self) -> dict[str, torch.Tensor]:
-        rows = self.handle_embedding.handles.detach().float().cpu()
-        return {token: rows[i].clone() for i, token in enumerate(self.tokens)}
+        """What ``handles.safetensors`` holds: ``{"<asset0>": row, ...}`` of the first text encoder,
+        ``{"text_encoder_2.<asset0>": row, ...}`` of any other (:mod:`bas.core.handles`)."""
+        return handles_file_state(self.tokens, [e.name for e in self.components.text_encoders], self.handle_params)
 
     def save(self) -> dict:
         """Write the handles, the strategy's weights and, last, run.json (which marks a finished run)."""
@@ -428,6 +472,8 @@ class Run:
         info = {
             "bas_version": bas.__version__,
             "model": self.config.model,
+            "family": self.family.name,
+            "family_defaults": self.family_defaults,
             "weights": self.resolved.strategy_name if self.config.phase2_steps else None,
             "handles": self.tokens,
             "init_tokens": self.config.init_tokens,
@@ -496,12 +542,6 @@ def extract(config: RunConfig, plugins: Plugins) -> Run:
     run.info = info
     return run
 
-
-def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a module, casting only when its dtype differs (diffusers warns on every cast)."""
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
-    return module.to(device)
 
 
 def latent_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
