@@ -34,7 +34,10 @@ from safetensors.torch import load_file
 
 from bas.core import io
 from bas.core.errors import BasError
+from bas.core.family import ModelFamily
 from bas.core.generation import all_handles_prompt, read_run, slug
+from bas.core.handles import split_handles
+from bas.core.runs import run_family
 
 FORMATS = ("diffusers", "kohya", "lora-from-full")
 EMBEDDINGS_DIR = "embeddings"
@@ -175,12 +178,20 @@ def handle_file_stem(token: str) -> str:
     return token.strip("<>")  # "<asset0>" -> "asset0": brackets are not allowed in Windows file names
 
 
-def write_textual_inversions(handles: dict[str, torch.Tensor], directory: Path) -> list[Path]:
-    """diffusers' format: ``{token: tensor[D]}``, one file per handle, named after it."""
+def handle_rows(family: ModelFamily, handles: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{token: {encoder name: row}}`` from a handles file, in handle order."""
+    by_encoder = split_handles(handles, [name for name, _ in family.text_encoder_names])
+    tokens = list(next(iter(by_encoder.values())))
+    return {token: {name: rows[token] for name, rows in by_encoder.items()} for token in tokens}
+
+
+def write_textual_inversions(family: ModelFamily, handles: dict[str, dict[str, torch.Tensor]], directory: Path) -> list[Path]:
+    """diffusers' format, one file per handle, named after it: ``{token: tensor[D]}`` for a family
+    with one text encoder (``pipe.load_textual_inversion(file)`` needs no other argument)."""
     paths = []
-    for token, row in handles.items():
+    for token, rows in handles.items():
         path = Path(directory) / f"{handle_file_stem(token)}.safetensors"
-        io.write_safetensors(path, {token: row.float()})
+        io.write_safetensors(path, family.textual_inversion(token, rows))
         paths.append(path)
     return paths
 
@@ -190,12 +201,12 @@ def a1111_embedding_name(token: str, name: str) -> str:
     return f"{name}-{handle_file_stem(token)}"
 
 
-def write_a1111_embeddings(handles: dict[str, torch.Tensor], directory: Path, name: str) -> list[Path]:
-    """AUTOMATIC1111/ComfyUI's format: ``{"emb_params": tensor[1, D]}``, the file name is the word."""
+def write_a1111_embeddings(family: ModelFamily, handles: dict[str, dict[str, torch.Tensor]], directory: Path, name: str) -> list[Path]:
+    """AUTOMATIC1111/ComfyUI's format (``{"emb_params": tensor[1, D]}`` for one text encoder), the file name is the word."""
     paths = []
-    for token, row in handles.items():
+    for token, rows in handles.items():
         path = Path(directory) / f"{a1111_embedding_name(token, name)}.safetensors"
-        io.write_safetensors(path, {"emb_params": row.float()[None]})
+        io.write_safetensors(path, family.webui_embedding(rows))
         paths.append(path)
     return paths
 
@@ -242,15 +253,15 @@ def model_card(info: dict, *, title: str, files: list[tuple[str, str]], usage: s
     return "\n".join(lines)
 
 
-def diffusers_usage(info: dict, root: str, lora: bool, pipeline: bool) -> str:
-    handles = info["handles"]
-    paths = ", ".join(f'"{root}{EMBEDDINGS_DIR}/{handle_file_stem(t)}.safetensors"' for t in handles)
+def diffusers_usage(info: dict, root: str, lora: bool, pipeline: bool, family: ModelFamily) -> str:
+    files = [(t, f"{root}{EMBEDDINGS_DIR}/{handle_file_stem(t)}.safetensors") for t in info["handles"]]
     model = f"{root}pipeline" if pipeline else info["model"]
-    code = ["from diffusers import StableDiffusionPipeline", f'pipe = StableDiffusionPipeline.from_pretrained("{model}").to("cuda")']
+    cls = family.pipeline_class
+    code = [f"from diffusers import {cls}", f'pipe = {cls}.from_pretrained("{model}").to("cuda")']
     if lora:
         code.append(f'pipe.load_lora_weights("{root}lora")')
     if not pipeline:  # a full fine-tune's pipeline already knows its handles
-        code.append(f"pipe.load_textual_inversion([{paths}])")
+        code += family.textual_inversion_code(files)
     code.append(f'pipe("{example_prompts(info)[0]}").images[0].save("sample.png")')
     return "## Use with diffusers\n\n```python\n" + "\n".join(code) + "\n```"
 
@@ -287,19 +298,21 @@ def run_files(info: dict) -> tuple[bool, bool]:
 def write_run_exports(out: Path, info: dict) -> list[str]:
     """What ``bas run`` writes besides the weights: textual-inversion files and the model card."""
     out = Path(out)
-    handles = load_file(str(out / "handles.safetensors"))
+    family = run_family(info)
+    handles = handle_rows(family, load_file(str(out / "handles.safetensors")))
     with io.atomic_path(out / EMBEDDINGS_DIR, directory=True) as tmp:  # replaces an overwritten run's files as a whole
-        names = [p.name for p in write_textual_inversions(handles, tmp)]
+        names = [p.name for p in write_textual_inversions(family, handles, tmp)]
     written = [f"{EMBEDDINGS_DIR}/{name}" for name in names]
     lora, pipeline = run_files(info)
-    files = [("handles.safetensors", "all handles in one file, `{token: tensor[D]}`")]
+    layout = "`{token: tensor[D]}`" if len(family.text_encoder_names) == 1 else "`{token: tensor[D]}`, other text encoders' rows as `{encoder}.{token}`"
+    files = [("handles.safetensors", f"all handles in one file, {layout}")]
     files += [(f, f"handle `{token}`, textual inversion for diffusers") for token, f in zip(handles, written)]
     if lora:
         files.append((LORA_FILE, "the LoRA, for `pipe.load_lora_weights`"))
     if pipeline:
         files.append((PIPELINE_DIR, "the whole fine-tuned pipeline, handles included"))
     preview = find_preview(out)
-    card = model_card(info, title=f"{out.name}: {len(handles)} concepts for {info['model']}", files=files, usage=diffusers_usage(info, f"{out}/", lora, pipeline),
+    card = model_card(info, title=f"{out.name}: {len(handles)} concepts for {info['model']}", files=files, usage=diffusers_usage(info, f"{out}/", lora, pipeline, family),
                       preview=preview.relative_to(out).as_posix() if preview else None)
     with io.atomic_path(out / "README.md") as tmp:
         tmp.write_text(card, encoding="utf-8")
@@ -339,8 +352,9 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
     has_lora, has_pipeline = run_files(info)
     if fmt == "lora-from-full" and not has_pipeline:
         raise BasError(f"{out} is not a full fine-tune (it has no pipeline/); export it with --format diffusers or kohya.")
-    handles = load_file(str(out / "handles.safetensors"))
-    info = dict(info, handle_dim=next(iter(handles.values())).numel())
+    family = run_family(info)
+    handles = handle_rows(family, load_file(str(out / "handles.safetensors")))
+    info = dict(info, handle_dim=next(iter(next(iter(handles.values())).values())).numel())
     layers = None
     if fmt == "lora-from-full" or (fmt == "kohya" and has_pipeline):
         layers = lora_from_full(out, info, rank, device)
@@ -354,12 +368,12 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
                 write_kohya_lora(layers, tmp / f"{name}.safetensors", name=name, base_model=info["model"], v2=info["handle_dim"] == 1024)
                 how = "by low-rank difference of the full fine-tune, rank " + str(rank) if has_pipeline else "trained in phase 2"
                 files.append((f"{name}.safetensors", f"the LoRA ({how}), kohya keys"))
-            for p in write_a1111_embeddings(handles, tmp / EMBEDDINGS_DIR, name):
+            for p in write_a1111_embeddings(family, handles, tmp / EMBEDDINGS_DIR, name):
                 files.append((f"{EMBEDDINGS_DIR}/{p.name}", f"handle `<{p.stem.rsplit('-', 1)[1]}>` as the embedding `{p.stem}`"))
             usage = kohya_usage(info, name, bool(layers))
             prompt_map = lambda p: re.sub(r"<(asset\d+)>", lambda m: f"{name}-{m.group(1)}", p)  # noqa: E731
         else:
-            for p in write_textual_inversions(handles, tmp / EMBEDDINGS_DIR):
+            for p in write_textual_inversions(family, handles, tmp / EMBEDDINGS_DIR):
                 files.append((f"{EMBEDDINGS_DIR}/{p.name}", f"handle `<{p.stem}>`, textual inversion (`pipe.load_textual_inversion(file)`)"))
             if fmt == "lora-from-full":
                 write_diffusers_lora(layers, tmp / "lora")
@@ -372,7 +386,7 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
                 shutil.copytree(out / "pipeline", tmp / "pipeline")
                 files.append((PIPELINE_DIR, "the whole fine-tuned pipeline, handles included (`--format lora-from-full` makes a LoRA of it)"))
             lora = fmt == "lora-from-full" or has_lora
-            usage = diffusers_usage(info, f"{dest}/", lora, fmt == "diffusers" and has_pipeline)
+            usage = diffusers_usage(info, f"{dest}/", lora, fmt == "diffusers" and has_pipeline, family)
             prompt_map = lambda p: p  # noqa: E731
         found = find_preview(out)
         if found:

@@ -264,6 +264,23 @@ class ModelFamily:
         kwargs.update({f"{c}_lora_adapter_metadata": m for c, m in metadata.items()})
         getattr(diffusers, self.pipeline_class).save_lora_weights(directory, safe_serialization=True, **kwargs)
 
+    # A handle as files other tools load, from its rows ``{encoder name: tensor[D_i]}``.  These
+    # defaults are for one text encoder; a family with several defines its own layout.
+    def textual_inversion(self, token: str, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A textual-inversion file for diffusers' ``load_textual_inversion``: ``{token: tensor[D]}``."""
+        (row,) = rows.values()
+        return {token: row.float()}
+
+    def webui_embedding(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An embedding file as AUTOMATIC1111 and ComfyUI read it (the file name is the word): ``{"emb_params": tensor[1, D]}``."""
+        (row,) = rows.values()
+        return {"emb_params": row.float()[None]}
+
+    def textual_inversion_code(self, files: list[tuple[str, str]]) -> list[str]:
+        """Python lines that load textual-inversion files ``[(token, path), ...]`` into ``pipe``."""
+        paths = ", ".join(f'"{path}"' for _, path in files)
+        return [f"pipe.load_textual_inversion([{paths}])"]
+
     def tiny_pipeline(self, seed: int = 0, prediction_type: str = "epsilon") -> Any:
         """A tiny random pipeline of this family for offline tests (``bas tiny-model --family NAME``)."""
         raise NotImplementedError  # pragma: no cover - abstract

@@ -97,6 +97,25 @@ class StableDiffusionXL(UNetFamily):
         return (Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids}),
                 Conditioning(uncond, {"text_embeds": uncond_pooled, "time_ids": time_ids}) if guided else None)
 
+    def textual_inversion(self, token, rows):
+        """One file per handle with both encoders' rows, as AUTOMATIC1111, ComfyUI and diffusers' SDXL
+        examples keep SDXL embeddings: ``{"clip_l": tensor[1, 768], "clip_g": tensor[1, 1280]}``."""
+        return {"clip_l": rows["text_encoder"].float()[None], "clip_g": rows["text_encoder_2"].float()[None]}
+
+    def webui_embedding(self, rows):
+        return self.textual_inversion("", rows)
+
+    def textual_inversion_code(self, files):
+        pairs = ", ".join(f'("{token}", "{path}")' for token, path in files)
+        return [
+            "from safetensors.torch import load_file",
+            f"for token, path in [{pairs}]:",
+            "    state = load_file(path)  # one row per text encoder",
+            '    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)',
+            '    pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)',
+            "pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id  # pool the prompt's end, as bas trained",
+        ]
+
     def tiny_pipeline(self, seed=0, prediction_type="epsilon"):
         return build_tiny_sdxl_pipeline(seed=seed, prediction_type=prediction_type)
 
