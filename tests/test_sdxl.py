@@ -151,3 +151,19 @@ def test_generate_end_to_end_through_the_sdxl_pipeline(sdxl_run, invoke, tmp_pat
         for token in ("<asset0>", "<asset1>"):
             assert torch.equal(weight[tokenizer.convert_tokens_to_ids(token)], handles[prefix + token])
     assert any(pipe.get_list_adapters().values())
+
+
+def test_edit_through_the_sdxl_pipeline(sdxl_run, scene, invoke, tmp_path):
+    from PIL import ImageDraw
+
+    run, _ = sdxl_run
+    mask = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).rectangle((40, 40, 89, 89), fill=255)
+    mask.save(tmp_path / "mask.png")
+    result = invoke("edit", run.out, "a photo of <asset0>", "--image", scene / "img.png", "--mask", tmp_path / "mask.png",
+                    "--steps", 4, "--scheduler", "euler", "--composite", "--out-dir", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    edited = np.asarray(Image.open(tmp_path / "e" / "edit-a-photo-of-asset0-seed0.png").convert("RGB"), dtype=np.float32)
+    source = np.asarray(Image.open(scene / "img.png").convert("RGB"), dtype=np.float32)
+    inside = np.asarray(mask) > 127
+    assert np.abs(edited - source)[inside].mean() > 20 and np.abs(edited - source)[~inside].max() <= 1

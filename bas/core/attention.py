@@ -41,8 +41,31 @@ class AttentionStore:
         self.forwards.clear()
 
 
+def attention_probabilities(attn, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention probabilities ``(B, heads, Q, T)`` in fp32 of ``query``/``key`` ``(B, heads, L, d)``.
+
+    As diffusers' ``Attention.get_attention_scores`` computes them with ``upcast_attention`` and
+    ``upcast_softmax`` on (the scale as ``baddbmm``'s ``alpha``, a mask as its added input), whatever
+    the module's flags say and outside autocast: under bf16 autocast the product ``q k^T`` would
+    otherwise be rounded to bf16 before the softmax, which moves per-head maps by several percent.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    with torch.autocast(query.device.type, enabled=False):
+        q = query.float().reshape(batch * heads, q_len, head_dim)
+        k = key.float().reshape(batch * heads, key.shape[2], head_dim)
+        if attention_mask is None:
+            bias, beta = torch.empty(q.shape[0], q_len, k.shape[1], dtype=q.dtype, device=q.device), 0
+        else:
+            bias, beta = attn.prepare_attention_mask(attention_mask, k.shape[1], batch).float(), 1
+        scores = torch.baddbmm(bias, q, k.transpose(-1, -2), beta=beta, alpha=attn.scale)
+        return scores.softmax(dim=-1).view(batch, heads, q_len, k.shape[1])
+
+
 class CaptureCrossAttention:
-    """An attention processor that also records head-averaged softmax probabilities ``(B, Q, T)``."""
+    """An attention processor that also records head-averaged softmax probabilities ``(B, Q, T)`` in fp32.
+
+    The output is what diffusers' ``AttnProcessor`` computes from the same fp32 probabilities.
+    """
 
     def __init__(self, store: AttentionStore):
         self.store = store
@@ -71,11 +94,7 @@ class CaptureCrossAttention:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        scores = (query @ key.transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
-        probs = scores.float().softmax(dim=-1)
+        probs = attention_probabilities(attn, query, key, attention_mask)
         if self.store.recording():  # empty during checkpoint recomputation
             self.store.forwards[-1][1].append(probs.mean(dim=1))
         hidden_states = (probs.to(value.dtype) @ value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)

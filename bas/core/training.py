@@ -49,6 +49,7 @@ class RunConfig:
     phase2_steps: int = 400
     phase1_lr: float = 5e-4
     phase2_lr: float | None = None  # None: the weight strategy's default
+    phase2_handle_lr: float = 2e-6  # the handles' own rate in phase 2 (the reference code's), whatever the weights
     seed: int = 0
     resolution: int | None = None  # None: the model's native resolution
     init_tokens: list[str] = field(default_factory=list)
@@ -69,7 +70,7 @@ class RunConfig:
                 raise BasError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(self, name)}.")
         if self.phase1_steps + self.phase2_steps == 0:
             raise BasError("Both phases have 0 steps; give --phase1-steps or --phase2-steps a positive number.")
-        for name in ("phase1_lr", "phase2_lr"):
+        for name in ("phase1_lr", "phase2_lr", "phase2_handle_lr"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise BasError(f"--{name.replace('_', '-')} must be positive, not {value}.")
@@ -248,6 +249,11 @@ class Run:
         self.components.vae.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    @property
+    def phase2_lr(self) -> float:
+        """Phase 2's learning rate of the weights: --phase2-lr, else the weight strategy's default."""
+        return self.config.phase2_lr or self.resolved.strategy.default_lr
 
     @property
     def handle_params(self) -> list[torch.nn.Parameter]:
@@ -451,8 +457,11 @@ class Run:
                     enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
                     enable()
                 encoder.train()
-            lr = self.config.phase2_lr or self.resolved.strategy.default_lr
-            self.run_phase(2, self.config.phase2_steps, [{"params": weights + handles, "lr": lr, "option": "--phase2-lr"}])
+            # the handles keep their own low rate (the paper's 2e-6), so phase 2 leaves them near where phase 1 put them
+            self.run_phase(2, self.config.phase2_steps, [
+                {"params": weights, "lr": self.phase2_lr, "option": "--phase2-lr"},
+                {"params": handles, "lr": self.config.phase2_handle_lr, "option": "--phase2-handle-lr"},
+            ])
         for module in (c.denoiser, *encoders):
             module.eval()
         for term in self.resolved.loss_terms:
@@ -484,6 +493,7 @@ class Run:
             "device": str(self.device),
             "precision": self.precision,
             "prediction_type": self.prediction_type,
+            "learning_rates": {"phase1": self.config.phase1_lr, "phase2": self.phase2_lr, "phase2_handles": self.config.phase2_handle_lr},
             "plugins": {name: {"version": i.version, "source": i.source, "default": i.default, "explicit": i.explicit} for name, i in self.plugins.infos.items()},
             "plugin_names": self.config.plugins,
             "loss_terms": [{"name": t.name, "weight": t.weight, "phases": list(t.phases)} for t in self.resolved.loss_terms],
