@@ -7,12 +7,14 @@ Formats (``bas export OUT --format FORMAT --out DIR``):
   argument), and the weights as the run saved them: ``lora/`` for ``pipe.load_lora_weights``, or
   the whole ``pipeline/`` of a full fine-tune.
 - ``kohya``: one LoRA safetensors with kohya-style keys (``lora_unet_*``, ``lora_te_*`` with
-  ``.lora_down``/``.lora_up``/``.alpha``), as AUTOMATIC1111 and ComfyUI load it, and one
-  embedding per handle as they read it (``{"emb_params": tensor[1, D]}``).  From a full
-  fine-tune the LoRA is its low-rank difference to the base model.
+  ``.lora_down``/``.lora_up``/``.alpha``) and kohya's metadata, as AUTOMATIC1111 and ComfyUI load
+  it, and one embedding per handle as they read it (``{"emb_params": tensor[1, D]}``).  From a
+  full fine-tune the LoRA is its low-rank difference to the base model.
 - ``lora-from-full``: a full fine-tune as a diffusers LoRA by low-rank difference (SVD of the
-  change of every linear layer in the UNet's transformer blocks and the text encoder's layers,
-  the layers kohya's LoRA covers), so a scene costs MB instead of a 5 GB pipeline.
+  change of every linear layer and 1x1 convolution in the UNet's transformer blocks and the text
+  encoder's layers, the layers kohya's LoRA covers), so a scene costs MB instead of a 5 GB pipeline.
+
+The file layouts themselves (key names, alphas, headers) are in :mod:`bas.core.formats`.
 
 Every export holds a model card, ``README.md``: handles, base model, prompts that work, which
 files go together, and a preview.  ``bas run`` itself writes the cheap parts: the
