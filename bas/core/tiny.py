@@ -133,8 +133,10 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", sample_
 
 def save_tiny_model(directory: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write the tiny pipeline in diffusers format (safetensors) to ``directory``, atomically."""
+    from bas.core.formats import save_pipeline
+
     pipe = build_tiny_pipeline(seed=seed, prediction_type=prediction_type)
     directory = Path(directory)
     with io.atomic_path(directory, directory=True) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipe, tmp)  # loadable by transformers 4.x too
     return directory

@@ -29,6 +29,8 @@ class FullFineTune(WeightStrategy):
     def save(self, run, out: Path) -> list[str]:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+        from bas.core.formats import save_pipeline
+
         c = run.components
         te = c.text_encoder
         wrapped = te.get_input_embeddings()
@@ -41,7 +43,7 @@ class FullFineTune(WeightStrategy):
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
             with io.atomic_path(out / "pipeline", directory=True) as tmp:
-                pipe.save_pretrained(tmp, safe_serialization=True)
+                save_pipeline(pipe, tmp)  # loadable by transformers 4.x too
         finally:
             te.set_input_embeddings(wrapped)
         return ["pipeline/"]

@@ -11,7 +11,6 @@ from pathlib import Path
 import click
 
 from bas import hookimpl
-from bas.core import io
 from bas.core.components import WeightStrategy
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -56,20 +55,17 @@ class Lora(WeightStrategy):
         return params
 
     def save(self, run, out: Path) -> list[str]:
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """``lora/pytorch_lora_weights.safetensors`` in the layout every diffusers version and ComfyUI read
+        (``bas.core.formats``): this LoRA's scale ``alpha / rank`` is folded into ``lora_B``."""
         from peft.utils import get_peft_model_state_dict
 
+        from bas.core.formats import peft_layers, write_diffusers_lora
+
         c = run.components
-        kwargs = {
-            "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(c.unet)),
-            "unet_lora_adapter_metadata": self.unet_config.to_dict(),
-        }
+        layers = peft_layers("unet", get_peft_model_state_dict(c.unet), self.alpha)
         if self.text_encoder:
-            kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(c.text_encoder))
-            kwargs["text_encoder_lora_adapter_metadata"] = self.text_config.to_dict()
-        with io.atomic_path(out / "lora", directory=True) as tmp:
-            StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+            layers += peft_layers("text_encoder", get_peft_model_state_dict(c.text_encoder), self.alpha)
+        write_diffusers_lora(layers, out / "lora")
         return ["lora/pytorch_lora_weights.safetensors"]
 
     def load_pipeline(self, out: Path, run_info: dict, load):
