@@ -364,8 +364,11 @@ def main(args: list[str] | None = None) -> None:
         click.echo("Aborted.", err=True)
         sys.exit(130)
     except click.UsageError as exc:
+        from bas.option_hints import unknown_option_message
+
+        named = unknown_option_message(exc) if isinstance(exc, click.NoSuchOption) else None  # diffusers' names
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-        click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+        click.echo(f"Error: {named or exc.format_message()}{hint}", err=True)
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         click.echo(f"Error: {exc.format_message()}", err=True)

@@ -63,7 +63,7 @@ def rich_run(tmp_path_factory, tiny_model, scene) -> Path:
     out = tmp_path_factory.mktemp("runs") / "rich"
     args = quick_run_args(scene, tiny_model, out, "--background", "--init-token", "ball", "--init-token", "box",
                           "--validation-prompt", "a photo of <asset0> and <asset2>", "--validate-every", 2,
-                          "--validation-steps", 2, "--plugin", "tensorboard")
+                          "--validation-inference-steps", 2, "--plugin", "tensorboard")
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bas.cli import cli
-from bas.core.export import kohya_targets
+from bas.core.formats import kohya_model_hash, kohya_targets
 
 from conftest import quick_run_args
 
@@ -115,7 +116,12 @@ def test_kohya_export_has_kohya_keys_and_round_trips_to_diffusers(rich_run, tiny
         assert lora[f"{name}.lora_up.weight"].shape == (out_features, 8)
         assert lora[f"{name}.alpha"].shape == () and float(lora[f"{name}.alpha"]) == 8.0
     with safe_open(str(dest / "toys.safetensors"), "pt") as f:
-        assert f.metadata()["ss_network_dim"] == "8"
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "8.0"  # true for every layer, checked above
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert json.loads(meta["ss_tag_frequency"]) == {"toys": {"toys-asset0": 1, "toys-asset1": 1, "toys-asset2": 1}}
+    assert meta["modelspec.title"] == "toys" and meta["modelspec.resolution"] == "128x128"
+    assert meta["sshs_model_hash"] == kohya_model_hash(lora, meta) and len(meta["sshs_model_hash"]) == 64
 
     # back to diffusers: diffusers' own kohya converter gives exactly the LoRA bas saved
     original = plain_pipeline(tiny_model)
@@ -149,7 +155,7 @@ def test_lora_from_full_is_the_low_rank_difference_of_the_fine_tune(full_run, ti
 
     def target_layers(pipe):
         return {(c, n): m.weight for c in ("unet", "text_encoder") for n, m in getattr(pipe, c).named_modules()
-                if isinstance(m, torch.nn.Linear) and kohya_targets(c, n)}
+                if kohya_targets(c, n, m)}
 
     goal = target_layers(tuned)
     base = target_layers(plain_pipeline(tiny_model))
@@ -217,3 +223,22 @@ def test_rewriting_a_run_folder_leaves_no_stale_embeddings(tmp_path):
     assert written == ["embeddings/asset0.safetensors", "embeddings/asset1.safetensors", "README.md"]
     assert sorted(p.name for p in (tmp_path / "embeddings").iterdir()) == ["asset0.safetensors", "asset1.safetensors"]
     assert "<asset2>" not in (tmp_path / "README.md").read_text()
+
+
+def test_full_fine_tune_pipeline_loads_in_transformers_4_layout(full_run, tmp_path):
+    """pipeline/ of --plugin full: text-encoder weights (handle rows included) under text_model., and
+    tokenizer files from which transformers 4.x's CLIPTokenizer knows the handles."""
+    from transformers import CLIPTextModel
+
+    from test_formats import assert_tokenizer_files_agree
+
+    weights = load_file(str(full_run / "pipeline" / "text_encoder" / "model.safetensors"))
+    assert weights and all(k.startswith("text_model.") for k in weights)
+    model, info = CLIPTextModel.from_pretrained(str(full_run / "pipeline" / "text_encoder"), output_loading_info=True)
+    assert not any(info.values()), info
+    handles = load_file(str(full_run / "handles.safetensors"))
+    rows = weights["text_model.embeddings.token_embedding.weight"][-len(handles):]
+    assert torch.equal(rows, torch.stack(list(handles.values())))
+    config = json.loads((full_run / "pipeline" / "tokenizer" / "tokenizer_config.json").read_text())
+    assert {v["content"] for v in config["added_tokens_decoder"].values()} >= set(handles)
+    assert_tokenizer_files_agree(full_run / "pipeline" / "tokenizer", tmp_path, ["a photo of <asset0> and <asset1>", "<asset2>"])

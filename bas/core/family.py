@@ -151,7 +151,8 @@ class ModelFamily:
     resolution_multiple: int = 64
     lora_targets: dict[str, list[str]] = {}  # pipeline component -> peft target module names
     lora_scale_argument: str = "cross_attention_kwargs"  # the pipeline/denoiser argument that scales LoRA
-    export_formats: tuple[str, ...] = ()
+    export_formats: tuple[str, ...] = ("diffusers", "kohya", "lora-from-full")  # what `bas export --format` can write
+    kohya_prefixes: dict[str, str] = {}  # pipeline component -> kohya key prefix ("lora_unet_", "lora_te1_", ...)
 
     # -- recognising and loading ----------------------------------------------------------------
     def recognises(self, model_index: dict) -> bool:
@@ -256,13 +257,12 @@ class ModelFamily:
         """(conditional, unconditional or None) for sampling with a loaded pipeline, as its ``__call__`` makes them."""
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def save_lora(self, directory: Path, layers: dict[str, dict[str, torch.Tensor]], metadata: dict[str, dict]) -> None:
-        """Write a diffusers LoRA (``pytorch_lora_weights.safetensors``) of ``{component: state dict}``."""
-        import diffusers
-
-        kwargs = {f"{c}_lora_layers": sd for c, sd in layers.items()}
-        kwargs.update({f"{c}_lora_adapter_metadata": m for c, m in metadata.items()})
-        getattr(diffusers, self.pipeline_class).save_lora_weights(directory, safe_serialization=True, **kwargs)
+    def kohya_base(self, info: dict) -> dict[str, Any]:
+        """What a kohya LoRA's metadata says of a run's base model (``info`` is run.json with
+        ``handle_dim``, the first encoder's width): ``version`` (``ss_base_model_version``), ``v2``
+        (``ss_v2``), ``architecture`` (``modelspec.architecture``), ``resolution`` (when the run has
+        none) and ``label`` (for people)."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
     # A handle as files other tools load, from its rows ``{encoder name: tensor[D_i]}``.  These
     # defaults are for one text encoder; a family with several defines its own layout.

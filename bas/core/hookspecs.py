@@ -138,7 +138,7 @@ def bas_register_model_families(register):
     - ``pipeline_class`` (the diffusers pipeline that generates and takes ``load_lora_weights``),
       ``load_pipeline``, ``pipeline_from_components``, ``prompt_conditioning`` (sampling and
       ``bas edit`` through the pipeline's own prompt encoding), ``lora_targets`` (peft target
-      names per pipeline component), ``lora_scale_argument``, ``save_lora``,
+      names per pipeline component), ``lora_scale_argument``,
       ``export_formats``, and ``tiny_pipeline`` (``bas tiny-model --family NAME``).
 
     **A transformer family** (FLUX.1, SD3) fits without touching core:

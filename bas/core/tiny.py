@@ -134,8 +134,10 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", sample_
 def save_tiny_model(directory: Path, seed: int = 0, prediction_type: str = "epsilon", family=None) -> Path:
     """Write a tiny pipeline in diffusers format (safetensors) to ``directory``, atomically: this
     module's (Stable Diffusion's layout), or ``family``'s (a :class:`bas.core.family.ModelFamily`)."""
+    from bas.core.formats import save_pipeline
+
     pipe = family.tiny_pipeline(seed, prediction_type) if family else build_tiny_pipeline(seed=seed, prediction_type=prediction_type)
     directory = Path(directory)
     with io.atomic_path(directory, directory=True) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipe, tmp)  # loadable by transformers 4.x too
     return directory

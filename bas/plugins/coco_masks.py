@@ -133,11 +133,28 @@ class CocoMasks:
                 f"Image {self.image_id} has {len(kept)} instances covering at least {self.min_area:.0%} of the square crop but at most "
                 f"{MAX_CONCEPTS} concepts are supported; raise --min-area or name the wanted ones with --category."
             )
+        dropped = dropped_message(self.image_id, self.min_area, [(names.get(a["category_id"], "?"), c) for a, _, c in found if c < self.min_area or c == 0])
+        if dropped:
+            warnings.warn(dropped, stacklevel=1)
         return SceneInput(
             image=image,
             masks=[mask.astype(np.float32) for _, mask, _ in kept],
             mask_names=[f"COCO annotation {a['id']} ({names.get(a['category_id'], '?')}, {c:.0%} of the crop)" for a, _, c in kept],
         )
+
+
+def dropped_message(image_id: int, min_area: float, dropped: list[tuple[str, float]]) -> str | None:
+    """One line saying which instances ``--min-area`` (or the square crop) left out, and how to keep them."""
+    small = sorted((c, name) for name, c in dropped if c > 0)[::-1]
+    outside = [name for name, c in dropped if c == 0]
+    parts = []
+    if small:
+        listed = ", ".join(f"{name} {c:.1%}" for c, name in small[:6]) + (f", and {len(small) - 6} more" if len(small) > 6 else "")
+        parts.append(f"left out {len(small)} instance{'s' if len(small) > 1 else ''} of image {image_id} covering less than "
+                     f"{min_area:.0%} of the square crop ({listed}); pass --min-area 0 to keep them")
+    if outside:
+        parts.append(f"{len(outside)} more ({', '.join(sorted(set(outside)))}) lie{'s' if len(outside) == 1 else ''} outside the square crop")
+    return ("coco-masks " + "; ".join(parts) + ".") if parts else None
 
 
 @dataclass

@@ -29,6 +29,8 @@ class FullFineTune(WeightStrategy):
     def save(self, run, out: Path) -> list[str]:
         from diffusers import DDIMScheduler
 
+        from bas.core.formats import save_pipeline
+
         c = run.components
         wrapped = [e.model.get_input_embeddings() for e in c.text_encoders]
         for encoder, embedding in zip(c.text_encoders, wrapped):  # plain embeddings with the handle rows, as loaders expect
@@ -37,7 +39,7 @@ class FullFineTune(WeightStrategy):
         try:
             pipe = run.family.pipeline_from_components(c, DDIMScheduler.from_config(c.noise_scheduler.config))
             with io.atomic_path(out / "pipeline", directory=True) as tmp:
-                pipe.save_pretrained(tmp, safe_serialization=True)
+                save_pipeline(pipe, tmp)  # loadable by transformers 4.x too
         finally:
             for encoder, embedding in zip(c.text_encoders, wrapped):
                 encoder.model.set_input_embeddings(embedding)

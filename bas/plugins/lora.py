@@ -13,7 +13,6 @@ from pathlib import Path
 import click
 
 from bas import hookimpl
-from bas.core import io
 from bas.core.components import WeightStrategy
 
 
@@ -58,14 +57,14 @@ class Lora(WeightStrategy):
         return params
 
     def save(self, run, out: Path) -> list[str]:
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """``lora/pytorch_lora_weights.safetensors`` in the layout every diffusers version and ComfyUI read
+        (``bas.core.formats``): this LoRA's scale ``alpha / rank`` is folded into ``lora_B``."""
         from peft.utils import get_peft_model_state_dict
 
-        modules = self.adapted(run)
-        layers = {name: convert_state_dict_to_diffusers(get_peft_model_state_dict(module)) for name, module in modules.items()}
-        metadata = {name: self.configs[name].to_dict() for name in modules}
-        with io.atomic_path(out / "lora", directory=True) as tmp:
-            run.family.save_lora(tmp, layers, metadata)
+        from bas.core.formats import peft_layers, write_diffusers_lora
+
+        layers = [layer for name, module in self.adapted(run).items() for layer in peft_layers(name, get_peft_model_state_dict(module), self.alpha)]
+        write_diffusers_lora(layers, out / "lora")
         return ["lora/pytorch_lora_weights.safetensors"]
 
     def load_pipeline(self, out: Path, run_info: dict, load):

@@ -109,8 +109,8 @@ class Report:
         if self.every and not self.prompts:
             raise BasError("--validate-every needs something to sample; add --validation-prompt \"a photo of <asset0>\".")
         self.num_images = o.get("num_validation_images", 2)
-        self.steps = o.get("validation_steps", 25)
-        for name in ("validate_every", "num_validation_images", "validation_steps"):
+        self.steps = o.get("validation_inference_steps", 25)
+        for name in ("validate_every", "num_validation_images", "validation_inference_steps"):
             if o.get(name, 0) < 0:
                 raise BasError(f"--{name.replace('_', '-')} must be 0 or more, not {o[name]}.")
 
@@ -206,7 +206,8 @@ def bas_run_options():
         click.Option(["--validate-every"], type=int, default=0, show_default=True,
                      help="Also sample the validation prompts every N steps (0: only at the end of each phase)."),
         click.Option(["--num-validation-images"], type=int, default=2, show_default=True, help="Samples per validation prompt (seeds seed, seed+1, ...; 0: none)."),
-        click.Option(["--validation-steps"], type=int, default=25, show_default=True, help="DDIM steps of each validation sample."),
+        # not --validation-steps: in diffusers' scripts that means --validate-every (bas/option_hints.py answers it)
+        click.Option(["--validation-inference-steps"], type=int, default=25, show_default=True, help="DDIM steps of each validation sample."),
     ]
 
 

@@ -28,6 +28,17 @@ class StableDiffusion(UNetFamily):
     }
     pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     lora_targets = {"unet": UNET_ATTENTION, "text_encoder": CLIP_ATTENTION}
+    kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+    def kohya_base(self, info):
+        """SD 2.x by its OpenCLIP ViT-H encoder (1024 wide), v-prediction as kohya records it."""
+        from bas.core.formats import base_model_version, modelspec_architecture
+
+        v2 = info.get("handle_dim") == 1024
+        v_prediction = info.get("prediction_type") == "v_prediction"
+        label = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x"}.get(info.get("handle_dim"), "")
+        return {"version": base_model_version(v2, v_prediction), "v2": v2, "architecture": modelspec_architecture(v2, v_prediction),
+                "resolution": 768 if v2 and v_prediction else 512, "label": label}
 
     def conditioning(self, components, input_ids, size):
         return Conditioning(components.text_encoders[0].model(input_ids[0])[0])

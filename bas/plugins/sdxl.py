@@ -49,6 +49,12 @@ class StableDiffusionXL(UNetFamily):
     }
     pipeline_kwargs = {"add_watermarker": False}
     lora_targets = {"unet": UNET_ATTENTION, "text_encoder": CLIP_ATTENTION, "text_encoder_2": CLIP_ATTENTION}
+    # kohya's sd-scripts, AUTOMATIC1111's networks.py and ComfyUI's lora.py name SDXL's encoders te1/te2
+    kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+    def kohya_base(self, info):
+        """As kohya's sd-scripts write SDXL base LoRA (``sdxl_base_v1-0``, ``stable-diffusion-xl-v1-base/lora``)."""
+        return {"version": "sdxl_base_v1-0", "v2": False, "architecture": "stable-diffusion-xl-v1-base/lora", "resolution": 1024, "label": "SDXL"}
 
     def load(self, model):
         components = super().load(model)

@@ -1,0 +1,180 @@
+"""The file layouts older and other loaders need (diffusers 0.2x-0.3x with transformers 4.x, kohya,
+AUTOMATIC1111, ComfyUI), checked in this project's stack by what those loaders read.
+
+The same files were loaded in diffusers 0.30.3 / transformers 4.44.2 / peft 0.12.0 and diffusers
+0.32.2 / transformers 4.48.3 / peft 0.14.0 (README, "Exports"); these tests keep the names and
+files those versions need from changing unnoticed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from bas.core.export import kohya_metadata, low_rank_difference
+from bas.core.family import Components
+from bas.core.formats import kohya_targets, write_diffusers_lora, write_kohya_lora
+from bas.plugins.sd import StableDiffusion
+
+DIFFUSERS_KEY = re.compile(r"(unet\.(down_blocks|mid_block|up_blocks)\.[\w.]+|text_encoder\.text_model\.encoder\.layers\.\d+\.[\w.]+)\.lora_[AB]\.weight")
+
+
+def plain_pipeline(model, unet=None):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
+    if unet is not None:
+        pipe = StableDiffusionPipeline(**{**pipe.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def outputs(pipe):
+    ids = pipe.tokenizer(["a photo of a red ball", "a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    hidden = pipe.text_encoder(ids)[0]
+    c = pipe.unet.config
+    latents = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=torch.Generator().manual_seed(0))
+    return hidden, pipe.unet(latents, torch.tensor([500, 20]), encoder_hidden_states=hidden).sample
+
+
+def test_run_lora_file_has_the_standard_layout_and_loads_at_its_trained_scale(tiny_model, tmp_path):
+    """lora/ as `bas run` saves it: text-encoder keys on transformers 4's path, peft names, one rank,
+    no peft config in the header; loaded by diffusers it gives exactly the adapter trained in memory,
+    alpha != rank included."""
+    from bas.plugins.lora import Lora
+
+    pipe = plain_pipeline(tiny_model)
+    strategy = Lora(SimpleNamespace(options={"lora_rank": 4, "lora_alpha": 2.0}))  # scale 0.5
+    family = StableDiffusion()
+    parts = Components(family, family.pipeline_text_encoders(pipe), pipe.unet, pipe.vae, pipe.scheduler)
+    run = SimpleNamespace(family=family, components=parts, device="cpu")
+    params = strategy.prepare(run)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn_like(p) * 0.1)
+    trained = outputs(pipe)
+    assert strategy.save(run, tmp_path) == ["lora/pytorch_lora_weights.safetensors"]
+
+    path = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    sd = load_file(str(path))
+    assert [k for k in sd if not DIFFUSERS_KEY.fullmatch(k)] == []
+    assert any(k.startswith("text_encoder.text_model.encoder.layers.1.self_attn.out_proj.") for k in sd)
+    assert {v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight")} == {4}
+    assert len(sd) == len(params)  # every trained factor, nothing else
+
+    loaded = plain_pipeline(tiny_model)
+    base = outputs(loaded)
+    loaded.load_lora_weights(str(tmp_path / "lora"))
+    for got, want, before in zip(outputs(loaded), trained, base):
+        assert not torch.allclose(before, want, atol=1e-3)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_model_files_load_in_transformers_4_layout(tiny_model, tmp_path):
+    """`bas tiny-model`: text-encoder weights under text_model. (transformers 4.x drops other names
+    silently) and vocab.json/merges.txt, from which a tokenizer tokenizes as the saved one does."""
+    from transformers import CLIPTextModel
+
+    from bas.core.tiny import build_tiny_pipeline
+
+    keys = load_file(str(tiny_model / "text_encoder" / "model.safetensors")).keys()
+    assert keys and all(k.startswith("text_model.") for k in keys)
+    model, info = CLIPTextModel.from_pretrained(str(tiny_model / "text_encoder"), output_loading_info=True)
+    assert not any(info.values()), info
+    built = build_tiny_pipeline(seed=0).text_encoder.state_dict()
+    assert all(torch.equal(built[k], v) for k, v in model.state_dict().items())
+    assert_tokenizer_files_agree(tiny_model / "tokenizer", tmp_path, ["a photo of a red striped ball", "<|endoftext|> zq"])
+
+
+def assert_tokenizer_files_agree(folder, tmp_path, prompts):
+    """A tokenizer built from vocab.json, merges.txt and tokenizer_config.json alone (what transformers
+    4.x's CLIPTokenizer reads) gives the ids of the saved tokenizer.json."""
+    from transformers import CLIPTokenizer
+
+    legacy = tmp_path / "legacy-tokenizer"
+    shutil.copytree(folder, legacy)
+    (legacy / "tokenizer.json").unlink()
+    assert (legacy / "merges.txt").read_text().startswith("#version: 0.2\n")
+    want = CLIPTokenizer.from_pretrained(str(folder))(prompts).input_ids
+    assert CLIPTokenizer.from_pretrained(str(legacy))(prompts).input_ids == want
+
+
+def sd1_unet(tiny_model):
+    """The tiny UNet with SD 1.x's 1x1-convolution proj_in/proj_out."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(1)
+    config = dict(UNet2DConditionModel.load_config(str(tiny_model / "unet")), use_linear_projection=False)
+    return UNet2DConditionModel.from_config(config)
+
+
+@torch.no_grad()
+def nudge(model, component, rank=2):
+    """A copy of ``model`` with a random rank-``rank`` change in every layer kohya's LoRA covers."""
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    for name, m in tuned.named_modules():
+        if kohya_targets(component, name, m):
+            out, inp = m.weight.shape[0], m.weight[0].numel()
+            m.weight += (0.05 * torch.randn(out, rank, generator=g) @ torch.randn(rank, inp, generator=g)).reshape(m.weight.shape)
+    return tuned
+
+
+def test_low_rank_difference_loads_at_the_right_strength_in_every_layer(tiny_model, tmp_path):
+    """SD 1.x layout (1x1-convolution projections) at a rank above the smallest layers' size: through
+    diffusers' own kohya converter and its diffusers loader, every layer becomes base + difference."""
+    unet = sd1_unet(tiny_model)
+    pipe = plain_pipeline(tiny_model, unet)
+    tuned = {"unet": nudge(pipe.unet, "unet"), "text_encoder": nudge(pipe.text_encoder, "text_encoder")}
+    rank = 24  # the first UNet level is 16 wide: those layers get rank 16, the rest 24
+    layers = [layer for c in ("unet", "text_encoder") for layer in low_rank_difference(getattr(pipe, c), tuned[c], c, rank)]
+    convs = {layer.module.rsplit(".", 1)[1] for layer in layers if layer.down.dim() == 4}
+    assert convs == {"proj_in", "proj_out"}
+    assert {layer.rank for layer in layers} == {16, 24}
+
+    kohya = tmp_path / "k.safetensors"
+    write_kohya_lora(layers, kohya, {})
+    sd = load_file(str(kohya))
+    with safe_open(str(kohya), "pt") as f:
+        alpha = f.metadata()["ss_network_alpha"]
+    assert alpha == "24.0" and {float(v) for k, v in sd.items() if k.endswith(".alpha")} == {24.0}
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_proj_in.") for k in sd)
+    write_diffusers_lora(layers, tmp_path / "d")
+
+    goal = {(c, n): m.weight.detach() for c in tuned for n, m in tuned[c].named_modules() if kohya_targets(c, n, m)}
+    for source in (kohya, tmp_path / "d"):
+        loaded = plain_pipeline(tiny_model, copy.deepcopy(unet))
+        loaded.load_lora_weights(str(source))
+        loaded.fuse_lora()
+        loaded.unload_lora_weights()
+        fused = {(c, n): m.weight.detach() for c in tuned for n, m in getattr(loaded, c).named_modules() if kohya_targets(c, n, m)}
+        assert fused.keys() == goal.keys() and len(goal) > 100
+        worst = max(float((fused[k] - w).abs().max()) for k, w in goal.items())
+        assert worst < 1e-5, (source.name, worst)
+
+
+@pytest.mark.parametrize("handle_dim, prediction, version, architecture, resolution", [
+    (768, "epsilon", "sd_v1", "stable-diffusion-v1/lora", "512x512"),
+    (1024, "epsilon", "sd_v2", "stable-diffusion-v2-512/lora", "512x512"),
+    (1024, "v_prediction", "sd_v2_v", "stable-diffusion-v2-768-v/lora", "768x768"),
+])
+def test_kohya_header_names_the_base_model_as_kohya_does(handle_dim, prediction, version, architecture, resolution):
+    info = {"model": "m", "handle_dim": handle_dim, "prediction_type": prediction, "resolution": int(resolution[:3])}
+    meta = kohya_metadata(info, "toys", {"<asset0>": None, "<asset1>": None}, StableDiffusion())
+    assert meta["ss_base_model_version"] == version and meta["modelspec.architecture"] == architecture
+    assert meta["ss_v2"] == str(handle_dim == 1024) and meta["modelspec.resolution"] == resolution
+    assert meta["modelspec.prediction_type"] == ("v" if prediction == "v_prediction" else "epsilon")
+    assert json.loads(meta["ss_tag_frequency"]) == {"toys": {"toys-asset0": 1, "toys-asset1": 1}}
+    assert meta["modelspec.trigger_phrase"] == "toys-asset0, toys-asset1"
