@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import bas
 from bas.core.api import make_config
+from bas.core.errors import BasError
 from bas.core.plugins import Plugins
 from bas.core.training import extract
 
@@ -167,3 +168,120 @@ def test_edit_through_the_sdxl_pipeline(sdxl_run, scene, invoke, tmp_path):
     source = np.asarray(Image.open(scene / "img.png").convert("RGB"), dtype=np.float32)
     inside = np.asarray(mask) > 127
     assert np.abs(edited - source)[inside].mean() > 20 and np.abs(edited - source)[~inside].max() <= 1
+
+
+def plain_sdxl(model):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, prompt):
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def test_diffusers_export_loads_in_a_plain_sdxl_pipeline_and_changes_its_output(sdxl_run, tiny_sdxl_model, invoke, tmp_path):
+    """The export's model card snippet, run as written (tiny model, CPU, 2 steps), in plain diffusers."""
+    import re
+
+    run, _ = sdxl_run
+    dest = tmp_path / "export"
+    result = invoke("export", run.out, "--format", "diffusers", "--out", dest, "--no-preview")
+    assert result.exit_code == 0, result.output
+    assert {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()} == {
+        "README.md", "lora/pytorch_lora_weights.safetensors", "embeddings/asset0.safetensors", "embeddings/asset1.safetensors"}
+    card = (dest / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "StableDiffusionXLPipeline" in code and "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2" in code
+    plain = plain_sdxl(tiny_sdxl_model)
+    prompt = "a photo of <asset0> at the beach"
+    before = sample(plain, prompt)
+    code = code.replace('"cuda"', '"cpu"').replace(f'pipe("{prompt}").images[0].save("sample.png")', "")
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    pipe = namespace["pipe"]
+    handles = load_file(str(run.out / "handles.safetensors"))
+    for encoder, tokenizer, prefix in ((pipe.text_encoder, pipe.tokenizer, ""), (pipe.text_encoder_2, pipe.tokenizer_2, "text_encoder_2.")):
+        weight = encoder.get_input_embeddings().weight
+        for token in ("<asset0>", "<asset1>"):
+            assert torch.equal(weight[tokenizer.convert_tokens_to_ids(token)], handles[prefix + token])
+    assert not np.allclose(before, sample(pipe, prompt))
+    assert "go together" in card and "load both" in card
+
+
+def test_kohya_export_has_sdxl_keys_and_loads_through_diffusers_kohya_loader_with_every_key(sdxl_run, tiny_sdxl_model, invoke, tmp_path):
+    import re
+
+    from safetensors import safe_open
+
+    run, _ = sdxl_run
+    dest = tmp_path / "kohya"
+    result = invoke("export", run.out, "--format", "kohya", "--out", dest, "--name", "toys", "--no-preview")
+    assert result.exit_code == 0, result.output
+    lora = load_file(str(dest / "toys.safetensors"))
+    key = re.compile(r"(lora_unet|lora_te1|lora_te2)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)")
+    assert all(key.fullmatch(k) for k in lora), [k for k in lora if not key.fullmatch(k)][:3]
+    assert {k.split("_")[1] for k in lora} == {"unet", "te1", "te2"}
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.") for k in lora)
+    with safe_open(str(dest / "toys.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+    # diffusers' own kohya converter takes every key (it raises on any it cannot rename) and gives exactly
+    # the adapters of the LoRA bas saved: every layer of the UNet and both encoders, none missing
+    original, converted = plain_sdxl(tiny_sdxl_model), plain_sdxl(tiny_sdxl_model)
+    original.load_lora_weights(str(run.out / "lora"))
+    converted.load_lora_weights(str(dest / "toys.safetensors"))
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        a = {n: p for n, p in getattr(original, component).named_parameters() if "lora_" in n}
+        b = {n: p for n, p in getattr(converted, component).named_parameters() if "lora_" in n}
+        assert a.keys() == b.keys() and a, component
+        for n in a:  # the same product up @ down (kohya's file folds the scale into lora_up)
+            if "lora_A" in n:
+                m = n.replace("lora_A", "lora_B")
+                torch.testing.assert_close(b[m] @ b[n], a[m] @ a[n], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(sample(original, "a photo of a ball"), sample(converted, "a photo of a ball"), atol=1e-5)
+
+    handles = load_file(str(run.out / "handles.safetensors"))
+    for token in ("<asset0>", "<asset1>"):  # AUTOMATIC1111's and ComfyUI's SDXL embedding layout
+        emb = load_file(str(dest / "embeddings" / f"toys-{token.strip('<>')}.safetensors"))
+        assert set(emb) == {"clip_l", "clip_g"} and emb["clip_l"].shape[0] == emb["clip_g"].shape[0] == 1
+        assert torch.equal(emb["clip_l"][0], handles[token]) and torch.equal(emb["clip_g"][0], handles["text_encoder_2." + token])
+    card = (dest / "README.md").read_text()
+    assert "(SDXL)" in card and "a photo of toys-asset0 at the beach <lora:toys:1>" in card
+
+
+def test_exports_refuse_what_the_family_cannot_write_and_write_nothing(sdxl_run, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    from bas.cli import main
+    from bas.core.export import export_run
+
+    run, _ = sdxl_run
+
+    def refused(argv):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 1 and len(err) == 1 and err[0].startswith("Error: "), err
+        return err[0]
+
+    # run.json naming the sd family over an SDXL LoRA: SD 1.x's lora_te_ names have no place for encoder 2
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(run.out, tampered)
+    info = json.loads((tampered / "run.json").read_text())
+    (tampered / "run.json").write_text(json.dumps(dict(info, family="sd")))
+    handles = load_file(str(tampered / "handles.safetensors"))
+    save_file({k: v for k, v in handles.items() if k.startswith("<")}, str(tampered / "handles.safetensors"))
+    message = refused(["export", tampered, "--format", "kohya", "--out", tmp_path / "k", "--no-preview"])
+    assert "text_encoder_2 layers, which the sd family's kohya names (lora_unet_, lora_te_) have no place for" in message
+    assert not (tmp_path / "k").exists()
+    # a format the family does not offer
+    monkeypatch.setattr(type(run.family), "export_formats", ("diffusers",))
+    with pytest.raises(BasError, match="Runs of the sdxl family export as diffusers; --format kohya is not one of them"):
+        export_run(run.out, "kohya", tmp_path / "f", preview=False)
+    assert not (tmp_path / "f").exists()

@@ -316,7 +316,7 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
     if fmt == "lora-from-full" or (fmt == "kohya" and has_pipeline):
         layers = lora_from_full(out, info, rank, device, family)
     elif fmt == "kohya" and has_lora:
-        layers = read_diffusers_lora(out / LORA_FILE, components=(family.denoiser_name, *(e for e, _ in family.text_encoder_names)))
+        layers = read_diffusers_lora(out / LORA_FILE)
     if fmt == "kohya" and layers:
         check_kohya_names(layers, family)
 

@@ -43,6 +43,8 @@ DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 # -- module naming ---------------------------------------------------------------------------------
 TEXT_MODEL_PREFIX = "text_model."
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # Stable Diffusion 1.x/2.x's
+# the pipeline components diffusers' LoRA loaders take layers for (SD, SDXL, SD3, FLUX)
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def text_encoder_module(module: str) -> str:
@@ -136,10 +138,9 @@ DIFFUSERS_KINDS = {"lora_A": "down", "lora_B": "up", "lora.down": "down", "lora.
                    "lora_linear_layer.down": "down", "lora_linear_layer.up": "up"}
 
 
-def read_diffusers_lora(path: Path, components=tuple(KOHYA_PREFIXES)) -> list[LoraLayer]:
-    """The layers of a diffusers-format LoRA of a model with these ``components``: what ``bas run``
-    writes now, and the layout of earlier bas versions (transformers-5 text-encoder paths, diffusers'
-    ``lora.down`` names, a peft config in the header)."""
+def read_diffusers_lora(path: Path) -> list[LoraLayer]:
+    """The layers of a diffusers-format LoRA: what ``bas run`` writes now, and the layout of earlier bas
+    versions (transformers-5 text-encoder paths, diffusers' ``lora.down`` names, a peft config in the header)."""
     path = Path(path)
     try:
         with safe_open(str(path), "pt") as f:
@@ -151,7 +152,7 @@ def read_diffusers_lora(path: Path, components=tuple(KOHYA_PREFIXES)) -> list[Lo
     for key, tensor in tensors.items():
         component, _, rest = key.partition(".")
         kind = next((k for k in DIFFUSERS_KINDS if rest.endswith(f".{k}.weight")), None)
-        if component not in components or kind is None:
+        if component not in LORA_COMPONENTS or kind is None:
             raise BasError(f"{path} holds a key bas does not know ({key}); export a LoRA written by `bas run`.")
         module = rest[: -len(f".{kind}.weight")]
         parts.setdefault((component, module), {})[DIFFUSERS_KINDS[kind]] = tensor

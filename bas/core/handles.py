@@ -138,8 +138,8 @@ def split_handles(state: dict[str, torch.Tensor], encoder_names: list[str]) -> d
         component, token, _ = HANDLE_KEY.fullmatch(key).groups()
         name = component or encoder_names[0]
         if name not in by_encoder or (component is not None and name == encoder_names[0]):
-            raise BasError(f"The handles file holds {key!r}, but this model's text encoders are {', '.join(encoder_names)}; "
-                           "generate with the model family the run was trained with.")
+            raise BasError(f"The handles file holds {key!r}, but the model family's text encoders are {', '.join(encoder_names)}: "
+                           "the run's files and the family run.json names disagree; re-create the run with `bas run`.")
         by_encoder[name][token] = row
     for name, rows in by_encoder.items():
         if sorted(rows) != sorted(tokens):
