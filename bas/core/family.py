@@ -281,8 +281,9 @@ class ModelFamily:
         paths = ", ".join(f'"{path}"' for _, path in files)
         return [f"pipe.load_textual_inversion([{paths}])"]
 
-    def tiny_pipeline(self, seed: int = 0, prediction_type: str = "epsilon") -> Any:
-        """A tiny random pipeline of this family for offline tests (``bas tiny-model --family NAME``)."""
+    def tiny_pipeline(self, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 16) -> Any:
+        """A tiny random pipeline of this family for offline tests (``bas tiny-model --family NAME``),
+        ``sample_size`` latent cells a side."""
         raise NotImplementedError  # pragma: no cover - abstract
 
 

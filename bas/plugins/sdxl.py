@@ -122,8 +122,8 @@ class StableDiffusionXL(UNetFamily):
             "pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id  # pool the prompt's end, as bas trained",
         ]
 
-    def tiny_pipeline(self, seed=0, prediction_type="epsilon"):
-        return build_tiny_sdxl_pipeline(seed=seed, prediction_type=prediction_type)
+    def tiny_pipeline(self, seed=0, prediction_type="epsilon", sample_size=16):
+        return build_tiny_sdxl_pipeline(seed=seed, prediction_type=prediction_type, sample_size=sample_size)
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 16):
