@@ -240,10 +240,11 @@ def run_files(info: dict) -> tuple[bool, bool]:
     return LORA_FILE in files, PIPELINE_DIR in files
 
 
-def write_run_exports(out: Path, info: dict) -> list[str]:
-    """What ``bas run`` writes besides the weights: textual-inversion files and the model card."""
+def write_run_exports(out: Path, info: dict, family: ModelFamily | None = None) -> list[str]:
+    """What ``bas run`` writes besides the weights: textual-inversion files and the model card, in the
+    layout of the run's ``family`` (by default the one run.json names)."""
     out = Path(out)
-    family = run_family(info)
+    family = family or run_family(info)
     handles = handle_rows(family, load_file(str(out / "handles.safetensors")))
     with io.atomic_path(out / EMBEDDINGS_DIR, directory=True) as tmp:  # replaces an overwritten run's files as a whole
         names = [p.name for p in write_textual_inversions(family, handles, tmp)]

@@ -503,7 +503,7 @@ class Run:
             "resumed": bool(self.config.resume),
             "files": files,
         }
-        info["files"] += export.write_run_exports(self.out, info)  # textual-inversion files, model card
+        info["files"] += export.write_run_exports(self.out, info, self.family)  # textual-inversion files, model card
         io.write_json(self.out / "run.json", info)
         return info
 
