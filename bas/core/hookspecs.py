@@ -136,10 +136,16 @@ def bas_register_model_families(register):
       the processor installed on the chosen layers that records fp32 probabilities ``(B, Q, T)``
       of image queries over text tokens.  Maps finer than the loss's side are area-averaged.
     - ``pipeline_class`` (the diffusers pipeline that generates and takes ``load_lora_weights``),
-      ``load_pipeline``, ``pipeline_from_components``, ``prompt_conditioning`` (sampling and
-      ``bas edit`` through the pipeline's own prompt encoding), ``lora_targets`` (peft target
-      names per pipeline component), ``lora_scale_argument``,
-      ``export_formats``, and ``tiny_pipeline`` (``bas tiny-model --family NAME``).
+      ``load_pipeline``, ``pipeline_from_components``, ``pipeline_text_encoders``,
+      ``prompt_conditioning`` (sampling and ``bas edit`` through the pipeline's own prompt
+      encoding), ``lora_targets`` (peft target names per pipeline component),
+      ``lora_scale_argument``, and ``tiny_pipeline`` (``bas tiny-model --family NAME``).
+    - files: ``textual_inversion`` (one handle's file for diffusers, from its rows in every
+      encoder), ``webui_embedding`` (AUTOMATIC1111/ComfyUI's layout, SDXL's ``clip_l``/``clip_g``),
+      ``textual_inversion_code`` (the model card's loading lines), ``kohya_prefixes`` (per
+      component: ``lora_unet_``, ``lora_te1_``, ...), ``kohya_base`` (the base model as kohya's
+      metadata names it) and ``export_formats``.  ``handles.safetensors`` keys the first
+      encoder's rows by the bare token and another encoder's by ``"<component>.<token>"``.
 
     **A transformer family** (FLUX.1, SD3) fits without touching core:
 
@@ -161,7 +167,11 @@ def bas_register_model_families(register):
       transformer's attention modules that computes the image queries' probabilities over the
       text keys (the text part of the joint sequence) and records them like the UNet's.
     - LoRA on the transformer: ``lora_targets = {"transformer": [...], "text_encoder": [...]}``
-      and ``lora_scale_argument = "joint_attention_kwargs"``; ``denoiser_name = "transformer"``.
+      and ``lora_scale_argument = "joint_attention_kwargs"``; ``denoiser_name = "transformer"``;
+      ``kohya_prefixes`` as kohya's FLUX scripts name them (``lora_unet_`` for the transformer,
+      ``lora_te1_`` for CLIP), or ``export_formats`` without ``kohya``.  T5 module paths have no
+      ``text_model.`` level: ``bas.core.formats.standard_module`` adds it to ``text_encoder*``
+      components (CLIP's), so a T5 component needs a rule of its own there.
     - quantised loading: ``load`` may load a frozen base quantised (bitsandbytes, torchao) when
       a weight strategy trains only adapters (``WeightStrategy.freezes_base``).
     - guidance-distilled sampling: ``guided_prediction`` makes one forward pass with the
