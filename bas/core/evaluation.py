@@ -405,7 +405,9 @@ def generation_settings(config: EvalConfig, runs: Sequence[EvalRun]) -> dict:
             "runs": {r.name: {"path": str(r.path.resolve()), "run.json": (r.path / "run.json").stat().st_mtime_ns} for r in runs}}
 
 
-def prepare_staging(config: EvalConfig, runs: Sequence[EvalRun], say) -> Path:
+def prepare_staging(config: EvalConfig, runs: Sequence[EvalRun], notes: list[str]) -> Path:
+    """The staging folder beside ``--out``: kept from an interrupted evaluation with the same generation
+    settings (its images are reused), else made anew."""
     staging = staging_dir(Path(config.out))
     settings = generation_settings(config, runs)
     state = staging / STAGING_STATE
@@ -419,7 +421,7 @@ def prepare_staging(config: EvalConfig, runs: Sequence[EvalRun], say) -> Path:
         elif config.images is None:
             count = sum(1 for _ in (staging / IMAGES_DIR).rglob("*.png"))
             if count:
-                say(f"Reusing {count} images of an interrupted bas eval with the same settings ({staging}).")
+                notes.append(f"reused {count} images that an interrupted bas eval with the same settings had generated")
     staging.mkdir(parents=True, exist_ok=True)
     io.write_json(state, settings)
     return staging
@@ -602,22 +604,27 @@ def evaluate(config: EvalConfig, plugins: Plugins) -> dict:
             if c.explicit or c.default_for(run.info):
                 c.evaluator.check(run)
     device = resolve_device(config.device)
-
-    out = Path(config.out)
-    staging = prepare_staging(config, runs, say)
     samples: dict[str, list[Sample]] = {}
-    if config.images is None:
-        total = sum(len(specs[r.name]) * config.num_images for r in runs)
-        say(f"Generating {total} images ({config.num_images} per prompt) for {len(runs)} run(s) into {out / IMAGES_DIR} ...")
-        bar = make_bar(total, "generating")
-        for run in runs:
-            samples[run.name] = generate_samples(run, specs[run.name], config, staging / IMAGES_DIR / run.name, bar)
-        bar.close()
-    else:
+    if config.images is not None:
         for run in runs:
             samples[run.name] = find_samples(run, specs[run.name], images_folder(config, run, len(runs) > 1), notes)
 
-    results = score_all(chosen, runs, samples, device, make_bar, notes)
+    # from here on, work is kept: an interrupted evaluation leaves its images in the staging folder
+    out = Path(config.out)
+    staging = prepare_staging(config, runs, notes)
+    try:
+        if config.images is None:
+            total = sum(len(specs[r.name]) * config.num_images for r in runs)
+            say(f"Generating {total} images ({config.num_images} per prompt) for {len(runs)} run(s) into {out / IMAGES_DIR} ...")
+            bar = make_bar(total, "generating")
+            for run in runs:
+                samples[run.name] = generate_samples(run, specs[run.name], config, staging / IMAGES_DIR / run.name, bar)
+            bar.close()
+        results = score_all(chosen, runs, samples, device, make_bar, notes)
+    except KeyboardInterrupt:
+        from bas.core.training import Interrupted
+
+        raise Interrupted(f"Interrupted; the images generated so far are kept in {staging}, and the same command continues from them.") from None
     summary = summary_of(chosen, runs, samples, results)
     data = eval_outputs.result_json(config, runs, chosen, samples, results, summary, notes, template_name, templates, final=out, staging=staging)
     eval_outputs.write_outputs(staging, data)

@@ -42,3 +42,11 @@ def from_pretrained(load: Callable[[str], Any], name: str, *, what: str, option:
             raise BasError(f"{path} does not hold a loadable {what} ({type(exc).__name__}: {reason}); pass a folder written by save_pretrained "
                            f"with {option}.") from exc
         raise BasError(not_found_message(name, what=what, option=option, default=default)) from exc
+
+
+def check_available(name: str, *, what: str, option: str, default: str) -> None:
+    """Fail now, with the same line as :func:`from_pretrained`, if the model's config cannot be found
+    (a cheap check before hours of work that ends by loading it)."""
+    from transformers import AutoConfig
+
+    from_pretrained(AutoConfig.from_pretrained, name, what=what, option=option, default=default)

@@ -19,6 +19,8 @@ class ClipPrompt(Evaluator):
     metrics = (Metric("prompt_similarity", "CLIP cosine between the image and its prompt with each handle replaced by its class word "
                                            "(the paper's prompt similarity)"),)
 
+    where = dict(what="CLIP model", option="--clip-model", default=DEFAULT_MODEL)
+
     def __init__(self, config):
         self.model_name = config.options.get("clip_model") or DEFAULT_MODEL
 
@@ -29,14 +31,17 @@ class ClipPrompt(Evaluator):
         return info.get("model") != NAME  # bas-mini's 64 px world is measured from its pixels (bas-mini evaluator)
 
     def check(self, run) -> None:
+        from bas.core.hub import check_available
+
         run.require_class_words(self.name)
+        check_available(self.model_name, **self.where)
 
     def load(self, device) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
         from bas.core.hub import from_pretrained
 
-        where = dict(what="CLIP model", option="--clip-model", default=DEFAULT_MODEL)
+        where = self.where
         self.processor = from_pretrained(CLIPProcessor.from_pretrained, self.model_name, **where)
         self.model = from_pretrained(CLIPModel.from_pretrained, self.model_name, **where).to(device).eval()
         self.device = device

@@ -18,6 +18,8 @@ from bas.core.evaluation import Evaluator, Metric, iter_chunks
 DEFAULT_MODEL = "facebook/dino-vitb16"  # the paper's DINO ViT-B/16
 DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
 NO_SEGMENTER = "none"
+DINO = dict(what="DINO model", option="--dino-model", default=DEFAULT_MODEL)
+SEGMENTER = dict(what="CLIPSeg segmenter", option="--segmenter-model", default=DEFAULT_SEGMENTER)
 BATCH = 16
 
 
@@ -56,24 +58,26 @@ class DinoIdentity(Evaluator):
         return info.get("model") != NAME
 
     def check(self, run) -> None:
+        from bas.core.hub import check_available
+
         run.load_inputs()
+        check_available(self.model_name, **DINO)
         if not self.whole_image:
             run.require_class_words(self.name)
+            check_available(self.segmenter_name, **SEGMENTER)
 
     def load(self, device) -> None:
         from transformers import AutoImageProcessor, ViTModel
 
         from bas.core.hub import from_pretrained
 
-        where = dict(what="DINO model", option="--dino-model", default=DEFAULT_MODEL)
-        self.processor = from_pretrained(AutoImageProcessor.from_pretrained, self.model_name, **where)
-        self.model = from_pretrained(lambda s: ViTModel.from_pretrained(s, add_pooling_layer=False), self.model_name, **where).to(device).eval()
+        self.processor = from_pretrained(AutoImageProcessor.from_pretrained, self.model_name, **DINO)
+        self.model = from_pretrained(lambda s: ViTModel.from_pretrained(s, add_pooling_layer=False), self.model_name, **DINO).to(device).eval()
         if not self.whole_image:
             from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-            where = dict(what="CLIPSeg segmenter", option="--segmenter-model", default=DEFAULT_SEGMENTER)
-            self.seg_processor = from_pretrained(CLIPSegProcessor.from_pretrained, self.segmenter_name, **where)
-            self.segmenter = from_pretrained(CLIPSegForImageSegmentation.from_pretrained, self.segmenter_name, **where).to(device).eval()
+            self.seg_processor = from_pretrained(CLIPSegProcessor.from_pretrained, self.segmenter_name, **SEGMENTER)
+            self.segmenter = from_pretrained(CLIPSegForImageSegmentation.from_pretrained, self.segmenter_name, **SEGMENTER).to(device).eval()
         self.device = device
 
     def notes(self) -> list[str]:
