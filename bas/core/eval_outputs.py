@@ -31,6 +31,15 @@ def relative(path: Path, staging: Path, final: Path) -> str:
     return Path(os.path.relpath(path, final.resolve())).as_posix()
 
 
+def input_links(run, staging: Path, final: Path) -> list[tuple[str, str]]:
+    """(label, relative path) of the run's input image and masks, for the page."""
+    from bas.core.run_inputs import IMAGE_NAME, INPUTS_DIR, mask_name
+
+    folder = Path(run.path) / INPUTS_DIR
+    files = [("input", folder / IMAGE_NAME)] + [(f"{h} mask", folder / mask_name(i)) for i, h in enumerate(run.handles)]
+    return [(label, relative(f, staging, final)) for label, f in files if f.is_file()]
+
+
 def result_json(config, runs, chosen, samples, results, summary, notes, template_name, templates, *, final: Path, staging: Path) -> dict:
     images = []
     for run in runs:
@@ -54,7 +63,7 @@ def result_json(config, runs, chosen, samples, results, summary, notes, template
         "evaluators": {c.name: {"plugin": c.plugin, "metrics": {m.name: {"description": m.description, "higher_is_better": m.higher_is_better}
                                                                 for m in c.evaluator.metrics}} for c in chosen},
         "runs": {r.name: {"path": str(r.path), "model": r.info.get("model"), "handles": r.handles, "class_words": r.class_words,
-                          "images": len(samples[r.name])} for r in runs},
+                          "images": len(samples[r.name]), "inputs": input_links(r, staging, final)} for r in runs},
         "notes": list(notes),
         "summary": summary,
         "images": images,
@@ -91,6 +100,8 @@ td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
 .ci { color: #777; font-size: 0.85em; }
 .gallery { display: flex; flex-wrap: wrap; gap: 8px; }
 figure { margin: 0; width: 160px; font-size: 0.75em; }
+td.inputs { white-space: nowrap; }
+img.input { width: 40px; height: 40px; object-fit: contain; margin-right: 2px; background: #eee; }
 figure img { width: 160px; height: 160px; object-fit: contain; background: #eee; image-rendering: pixelated; }
 figcaption { overflow-wrap: anywhere; }
 .notes li { color: #555; }
@@ -105,16 +116,17 @@ def index_html(data: dict) -> str:
              f"<p>{len(data['images'])} images of {len(data['runs'])} run(s); templates: {esc(str(data['settings']['templates']))}; "
              f"{data['settings']['num_images']} image(s) per prompt. Cells: mean over the run's images, and its 95% bootstrap interval "
              f"(resampling prompts). Written {esc(data['date'])} by bas {esc(data['bas_version'])}.</p>",
-             "<table><tr><th>run</th><th>model</th><th>images</th>"]
+             "<table><tr><th>run</th><th>input</th><th>model</th><th>images</th>"]
     for name, m in metrics:
         arrow = "↑" if m["higher_is_better"] else "↓"
         parts.append(f"<th title='{esc(m['description'])}'>{esc(name)} {arrow}</th>")
     parts.append("</tr>")
     for run, info in data["runs"].items():
-        parts.append(f"<tr><td>{esc(run)}</td><td>{esc(str(info['model']))}</td><td class='num'>{info['images']}</td>")
+        thumbs = "".join(f"<img class='input' src='{esc(src)}' alt='{esc(alt)}' title='{esc(alt)}'>" for alt, src in info.get("inputs", []))
+        parts.append(f"<tr><td>{esc(run)}</td><td class='inputs'>{thumbs}</td><td>{esc(str(info['model']))}</td><td class='num'>{info['images']}</td>")
         for name, _ in metrics:
             s = data["summary"].get(run, {}).get(name)
-            cell = f"{fmt(s['mean'])} <span class='ci'>[{fmt(s['low'])}, {fmt(s['high'])}] n={s['n']}</span>" if s else "–"
+            cell = f"{fmt(s['mean'])}<br><span class='ci'>[{fmt(s['low'])}, {fmt(s['high'])}] n={s['n']}</span>" if s else "–"
             parts.append(f"<td class='num'>{cell}</td>")
         parts.append("</tr>")
     parts.append("</table>")
