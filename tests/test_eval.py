@@ -313,6 +313,7 @@ def test_eval_scores_images_from_a_folder_and_refuses_ones_it_cannot_match(evalu
     ("not-a-run", "is not a finished bas run (it has no run.json)"),
     ("unknown-handle", "line 1 names <asset7>, which"),
     ("missing-model", "hf download openai/clip-vit-large-patch14 --local-dir DIR"),
+    ("missing-folder", "DINO model folder ./no-such-dino does not exist; pass a folder written by save_pretrained with --dino-model"),
     ("no-class-words", "pass one --class-word per concept"),
     ("other-files-in-out", "holds other files, not an earlier bas eval"),
     ("unknown-evaluator", "Unknown evaluator 'nope' for --evaluator; choose one of: bas-mini, clip-prompt, dino-identity."),
@@ -328,6 +329,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, runs_dir, metri
         extra += ["--prompts", tmp_path / "p.txt"]
     elif case == "missing-model":
         extra = ["--clip-model", "openai/clip-vit-large-patch14", "--evaluator", "clip-prompt"]
+    elif case == "missing-folder":
+        extra += ["--dino-model", "./no-such-dino"]
     elif case == "no-class-words":
         run = tmp_path / "bare"
         shutil.copytree(runs_dir / "toys", run)
@@ -360,6 +363,7 @@ def test_an_interrupted_eval_reuses_its_images_and_overwrite_replaces_an_earlier
     staged = sorted((evaluation.staging_dir(out) / "images" / "toys").glob("*.png"))
     assert len(staged) == 6  # three subsets x two seeds
     monkeypatch.undo()
+    Image.new("RGB", (8, 8)).save(staged[0].parent / "a-photo-of-asset0-on-the-moon-seed0.png")  # a prompt this eval does not have
 
     made = []
     real = bas.core.api.generate
@@ -368,6 +372,7 @@ def test_an_interrupted_eval_reuses_its_images_and_overwrite_replaces_an_earlier
     data = json.loads((out / "eval.json").read_text())
     assert code == 0 and made == [] and "reused 6 images that an interrupted bas eval with the same settings had generated" in data["notes"]
     assert len(data["images"]) == 6 and not evaluation.staging_dir(out).exists()
+    assert len(list((out / "images" / "toys").glob("*.png"))) == 6  # what no prompt of this eval made is not kept
 
     code, _, err = run_main(args, capsys)
     assert code == 1 and "pass --overwrite" in err

@@ -14,6 +14,7 @@ import io as _io
 import math
 import os
 from pathlib import Path
+from urllib.parse import quote
 from typing import Sequence
 
 import bas
@@ -122,7 +123,7 @@ def index_html(data: dict) -> str:
         parts.append(f"<th title='{esc(m['description'])}'>{esc(name)} {arrow}</th>")
     parts.append("</tr>")
     for run, info in data["runs"].items():
-        thumbs = "".join(f"<img class='input' src='{esc(src)}' alt='{esc(alt)}' title='{esc(alt)}'>" for alt, src in info.get("inputs", []))
+        thumbs = "".join(f"<img class='input' src='{esc(quote(src))}' alt='{esc(alt)}' title='{esc(alt)}'>" for alt, src in info.get("inputs", []))
         parts.append(f"<tr><td>{esc(run)}</td><td class='inputs'>{thumbs}</td><td>{esc(str(info['model']))}</td><td class='num'>{info['images']}</td>")
         for name, _ in metrics:
             s = data["summary"].get(run, {}).get(name)
@@ -139,7 +140,8 @@ def index_html(data: dict) -> str:
         parts.append(f"<h2 id='{esc(name)}'>{esc(name)}: best first ({len(scored)} images)</h2><div class='gallery'>")
         for img in scored:
             seed = "" if img["seed"] is None else f" · seed {img['seed']}"
-            parts.append(f"<figure><a href='{esc(img['image'])}'><img loading='lazy' src='{esc(img['image'])}' alt='{esc(img['prompt'])}'></a>"
+            url = esc(quote(img["image"]))
+            parts.append(f"<figure><a href='{url}'><img loading='lazy' src='{url}' alt='{esc(img['prompt'])}'></a>"
                          f"<figcaption><b>{img['scores'][name]:.3f}</b> · {esc(img['run'])}{seed}<br>{esc(img['prompt'])}</figcaption></figure>")
         parts.append("</div>")
     parts.append("</body></html>\n")

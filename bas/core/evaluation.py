@@ -625,11 +625,20 @@ def evaluate(config: EvalConfig, plugins: Plugins) -> dict:
         from bas.core.training import Interrupted
 
         raise Interrupted(f"Interrupted; the images generated so far are kept in {staging}, and the same command continues from them.") from None
+    prune_images(staging, samples)
     summary = summary_of(chosen, runs, samples, results)
     data = eval_outputs.result_json(config, runs, chosen, samples, results, summary, notes, template_name, templates, final=out, staging=staging)
     eval_outputs.write_outputs(staging, data)
     swap_into_place(staging, out)
     return data
+
+
+def prune_images(staging: Path, samples: dict[str, list[Sample]]) -> None:
+    """Remove images an interrupted evaluation made for prompts this one does not score."""
+    kept = {s.path.resolve() for items in samples.values() for s in items}
+    for path in (staging / IMAGES_DIR).rglob("*.png"):
+        if path.resolve() not in kept:
+            path.unlink()
 
 
 def swap_into_place(staging: Path, out: Path) -> None:
