@@ -405,7 +405,7 @@ def generation_settings(config: EvalConfig, runs: Sequence[EvalRun]) -> dict:
             "runs": {r.name: {"path": str(r.path.resolve()), "run.json": (r.path / "run.json").stat().st_mtime_ns} for r in runs}}
 
 
-def prepare_staging(config: EvalConfig, runs: Sequence[EvalRun], notes: list[str]) -> Path:
+def prepare_staging(config: EvalConfig, runs: Sequence[EvalRun]) -> Path:
     """The staging folder beside ``--out``: kept from an interrupted evaluation with the same generation
     settings (its images are reused), else made anew."""
     staging = staging_dir(Path(config.out))
@@ -418,28 +418,26 @@ def prepare_staging(config: EvalConfig, runs: Sequence[EvalRun], notes: list[str
             same = False
         if not same:
             shutil.rmtree(staging)
-        elif config.images is None:
-            count = sum(1 for _ in (staging / IMAGES_DIR).rglob("*.png"))
-            if count:
-                notes.append(f"reused {count} images that an interrupted bas eval with the same settings had generated")
     staging.mkdir(parents=True, exist_ok=True)
     io.write_json(state, settings)
     return staging
 
 
-def generate_samples(run: EvalRun, specs: Sequence[PromptSpec], config: EvalConfig, folder: Path, progress) -> list[Sample]:
-    """Generate (through :func:`bas.generate`) the images of ``specs`` not already in ``folder``."""
+def generate_samples(run: EvalRun, specs: Sequence[PromptSpec], config: EvalConfig, folder: Path, progress) -> tuple[list[Sample], int]:
+    """Generate (through :func:`bas.generate`) the images of ``specs`` not already in ``folder``;
+    returns the samples and how many images were already there."""
     from bas.core.api import generate
     from bas.core.generation import image_stem
 
     seeds = [config.seed + i for i in range(config.num_images)]
     path = lambda spec, s: folder / f"{image_stem(spec.prompt)}-seed{s}.png"  # noqa: E731
     todo = [spec for spec in specs if not all(path(spec, s).is_file() for s in seeds)]
-    progress.update(sum(len(seeds) for spec in specs if spec not in todo))
+    reused = sum(len(seeds) for spec in specs if spec not in todo)
+    progress.update(reused)
     if todo:
         generate(run.path, [s.prompt for s in todo], seeds=seeds, steps=config.steps, guidance=config.guidance, grid=False,
                  out_dir=folder, device=config.device, precision=config.precision, on_image=lambda p: progress.update(1))
-    return [Sample(run.name, spec.prompt, spec.concepts, s, spec.template, path(spec, s)) for spec in specs for s in seeds]
+    return [Sample(run.name, spec.prompt, spec.concepts, s, spec.template, path(spec, s)) for spec in specs for s in seeds], reused
 
 
 def find_samples(run: EvalRun, specs: Sequence[PromptSpec], folder: Path, notes: list[str]) -> list[Sample]:
@@ -611,15 +609,18 @@ def evaluate(config: EvalConfig, plugins: Plugins) -> dict:
 
     # from here on, work is kept: an interrupted evaluation leaves its images in the staging folder
     out = Path(config.out)
-    staging = prepare_staging(config, runs, notes)
+    staging = prepare_staging(config, runs)
     try:
         if config.images is None:
             total = sum(len(specs[r.name]) * config.num_images for r in runs)
             say(f"Generating {total} images ({config.num_images} per prompt) for {len(runs)} run(s) into {out / IMAGES_DIR} ...")
-            bar = make_bar(total, "generating")
+            bar, reused = make_bar(total, "generating"), 0
             for run in runs:
-                samples[run.name] = generate_samples(run, specs[run.name], config, staging / IMAGES_DIR / run.name, bar)
+                samples[run.name], count = generate_samples(run, specs[run.name], config, staging / IMAGES_DIR / run.name, bar)
+                reused += count
             bar.close()
+            if reused:
+                notes.append(f"reused {reused} images that an interrupted bas eval with the same settings had generated")
         results = score_all(chosen, runs, samples, device, make_bar, notes)
     except KeyboardInterrupt:
         from bas.core.training import Interrupted
