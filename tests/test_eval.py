@@ -420,3 +420,17 @@ def test_a_plugin_evaluator_is_loaded_once_and_its_metric_averaged(evaluated, ru
     assert data["summary"]["toys"]["brightness"]["mean"] == pytest.approx(np.mean(values))
     assert all(i["details"] == {"size": 128} for i in data["images"])
     assert "brightness" in (tmp_path / "b" / "eval.csv").read_text().splitlines()[0]
+
+
+def test_the_template_set_is_the_one_every_chosen_evaluator_prefers_else_the_papers():
+    from bas.plugins.bas_mini import BasMini
+    from bas.plugins.clip_prompt import ClipPrompt
+
+    config = evaluation.EvalConfig(runs=[], out=Path("x"))
+    pick = lambda *evaluators: evaluation.choose_templates(config, [evaluation.ChosenEvaluator(e.name, e.name, e, False, None) for e in evaluators], False)  # noqa: E731
+    assert pick(BasMini())[0] == "bas-mini"
+    assert pick(ClipPrompt(config))[0] == "paper"
+    assert pick(ClipPrompt(config), BasMini()) == ("paper", list(evaluation.PAPER_TEMPLATES))
+    config.templates = "nope"
+    with pytest.raises(BasError, match="Unknown template set 'nope' for --templates; choose one of: bas-mini, paper."):
+        pick(BasMini())

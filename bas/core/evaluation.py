@@ -369,8 +369,8 @@ def choose_templates(config: EvalConfig, chosen: Sequence[ChosenEvaluator], has_
     if name is None:
         if has_prompts_file:
             return None, []
-        preferred = {getattr(c.evaluator, "default_templates", None) for c in chosen} - {None}
-        name = preferred.pop() if len(preferred) == 1 else "paper"
+        preferred = {getattr(c.evaluator, "default_templates", None) or "paper" for c in chosen}
+        name = preferred.pop() if len(preferred) == 1 else "paper"  # evaluators that disagree: the paper's
     if name not in sets:
         raise BasError(f"Unknown template set '{name}' for --templates; choose one of: {', '.join(sorted(sets))}.")
     return name, list(sets[name])
