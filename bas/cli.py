@@ -16,6 +16,7 @@ from bas.core.export import FORMATS as EXPORT_FORMATS
 from bas.core.generation import SCHEDULERS
 from bas.core.model import DEFAULT_MODEL, PRECISIONS
 from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names
+from bas.eval_cli import eval_command
 
 PLUGIN_FLAGS = ("--plugin", "-p")
 
@@ -260,6 +261,9 @@ def export(out, fmt, dest, **options):
     click.echo(f"Wrote {dest}: {', '.join(top)}. See {dest / 'README.md'}.")
 
 
+cli.add_command(eval_command(RunCommand))
+
+
 @cli.command("tiny-model")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -306,13 +310,15 @@ def demo(out, steps, model):
 @cli.command("plugins")
 def list_plugins():
     """List every plugin: what it provides, whether it is on by default, where it comes from."""
+    from bas.core.evaluation import eval_options
+
     manager = Plugins(all_installed=True)
     provides: dict[str, list[str]] = {}
     for kind in REGISTER_HOOKS:
         for entry in manager.registry(kind).entries.values():
             provides.setdefault(entry.plugin, []).append(f"{kind} '{entry.name}'")
     options: dict[str, list[str]] = {}
-    for plugin, opt in manager.run_options():
+    for plugin, opt in manager.run_options() + eval_options(manager):
         options.setdefault(plugin, []).append(opt.opts[0])
     for name in available_plugin_names():
         info = manager.infos[name]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -32,6 +34,16 @@ def slug(text: str, length: int = 40) -> str:
     """A file-name-safe version of a prompt: no separators, no dots, nothing that escapes a folder."""
     s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
     return s[:length].strip("-") or "image"
+
+
+def image_stem(prompt: str) -> str:
+    """The file name (without ``-seedS.png``) of a prompt's images: its slug, and when the slug had to be
+    cut short, a hash of the whole prompt, so that long prompts differing only at the end do not collide."""
+    full = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-").lower()
+    short = slug(prompt)
+    if full == short:
+        return short
+    return f"{short}-{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:8]}"
 
 
 def load_run_pipeline(out: Path, device: str = "auto", precision: str = "auto"):
@@ -153,12 +165,14 @@ def generate_images(
     out_dir: Path | None = None,
     device: str = "auto",
     precision: str = "auto",
+    on_image: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Sample images per prompt (DDIM by default, the paper's sampler); returns the PNG paths.
 
-    Seeds are ``seeds`` or ``seed, seed+1, ...`` (``num_images`` of them).  With ``grid`` and more
-    than one image, a grid (a row per prompt, a column per seed) is written beside the single
-    images and its path is returned last.
+    Seeds are ``seeds`` or ``seed, seed+1, ...`` (``num_images`` of them).  Each image is
+    ``out_dir/<image_stem(prompt)>-seed<S>.png``; ``on_image(path)`` is called as each one is
+    written (progress).  With ``grid`` and more than one image, a grid (a row per prompt, a column
+    per seed) is written beside the single images and its path is returned last.
     """
     out = Path(out)
     info = read_run(out)
@@ -187,9 +201,11 @@ def generate_images(
                     prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                     generator=generator, height=height or res, width=width or res, **extra,
                 ).images[0]
-            path = out_dir / f"{slug(prompt)}-seed{s}.png"
+            path = out_dir / f"{image_stem(prompt)}-seed{s}.png"
             io.save_image(path, image)
             written.append(path)
+            if on_image:
+                on_image(path)
             row.append(image)
         rows.append(row)
     if grid and len(written) > 1:

@@ -38,6 +38,9 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "report": ("bas.plugins.report", True),
     "tensorboard": ("bas.plugins.tensorboard", False),
     "checkpoints": ("bas.plugins.checkpoints", True),
+    "clip-prompt": ("bas.plugins.clip_prompt", True),
+    "dino-identity": ("bas.plugins.dino_identity", True),
+    "bas-mini": ("bas.plugins.bas_mini", True),
 }
 
 REGISTER_HOOKS = {
@@ -47,6 +50,7 @@ REGISTER_HOOKS = {
     "optimizer": "bas_register_optimizers",
     "sampler": "bas_register_samplers",
     "observer": "bas_register_observers",
+    "evaluator": "bas_register_evaluators",
 }
 TRAINING_KINDS = ("weight strategy", "loss term", "optimizer", "sampler", "observer")
 

@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 import bas
-from bas.core import checkpoint, export, io
+from bas.core import checkpoint, export, io, run_inputs
 from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
 from bas.core.errors import BasError
 from bas.core.handles import add_handles
@@ -425,6 +425,7 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         io.write_safetensors(self.out / "handles.safetensors", self.handles_state(), metadata={"base_model": self.config.model})
         files = ["handles.safetensors"] + (self.resolved.strategy.save(self, self.out) if self.config.phase2_steps else [])
+        files += run_inputs.save_inputs(self.out, self.scene)  # what `bas eval` compares generated concepts with
         info = {
             "bas_version": bas.__version__,
             "model": self.config.model,
