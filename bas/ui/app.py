@@ -249,7 +249,7 @@ class App:
                         r_resume = gr.Button("Resume the selected run", elem_id="resume-run")
                     r_selected = gr.State(None)
                     r_details = gr.Markdown("Select a run to see its report.", elem_id="run-details")
-                    report = gr.Gallery(label="Report", columns=2, elem_id="run-report")
+                    report = gr.Gallery(label="Report", columns=2, object_fit="contain", elem_id="run-report")
                     r_status = gr.Markdown("", elem_id="runs-status")
 
             timer = gr.Timer(1.0)
