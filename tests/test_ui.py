@@ -17,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -331,7 +330,7 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     page.fill("#phase2-steps input", "2")
     page.locator("#phase2-steps input").press("Tab")
     page.click("#start")
-    progress = wait_text(page, "#progress", r"toys: finished in", timeout=120_000)
+    wait_text(page, "#progress", r"toys: finished in", timeout=120_000)
     command = page.locator("#run-command textarea").input_value()
     assert command.startswith(f"cd {ws}\nbas run --scene scenes/toys --out runs/toys") and "--phase1-steps 2 --phase2-steps 2" in command, command
     run_info = json.loads((ws / "runs" / "toys" / "run.json").read_text())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import io as stdio
-import json
 import shutil
 import threading
 import uuid
@@ -325,10 +324,3 @@ def scene_summary(draft: Draft) -> str:
         word = f", init word '{concept.init_word}'" if concept.init_word else ""
         lines.append(f"- `{label}`: {what}{word}")
     return "\n".join(lines) or "No concept yet: click on an object in the picture, or upload a mask PNG."
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
