@@ -17,6 +17,7 @@ from bas.core.generation import SCHEDULERS
 from bas.core.model import DEFAULT_MODEL, PRECISIONS
 from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names
 from bas.eval_cli import eval_command
+from bas.ui.command import ui as ui_command
 
 PLUGIN_FLAGS = ("--plugin", "-p")
 
@@ -330,6 +331,9 @@ def list_plugins():
             click.echo(f"    provides: {', '.join(provides[name])}")
         if options.get(name):
             click.echo(f"    options: {' '.join(options[name])}")
+
+
+cli.add_command(ui_command)
 
 
 def add_plugin_commands(group: click.Group) -> None:

@@ -313,10 +313,14 @@ class Run:
         self.times.update({k: v for k, v in ckpt.state["times"].items() if k.startswith("phase")})
         cur.step = ckpt.step
 
+    def request_stop(self) -> None:
+        """Stop after the current step and save a checkpoint, as one Ctrl-C does; safe from any thread."""
+        self._stop_requested = True
+
     def _request_stop(self, signum, frame) -> None:
         if self._stop_requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        self._stop_requested = True
+        self.request_stop()
 
     @contextlib.contextmanager
     def _stop_at_step_boundary(self):

@@ -58,7 +58,7 @@ class TensorBoardLogger:
 
 @hookimpl
 def bas_run_options():
-    return [click.Option(["--logging-dir"], default=None, help="TensorBoard log folder [default: OUT/logs].")]
+    return [click.Option(["--logging-dir"], type=click.Path(path_type=Path), default=None, help="TensorBoard log folder [default: OUT/logs].")]
 
 
 @hookimpl
