@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from bas.core import io
 from bas.core.errors import BasError
 from bas.core.generation import all_handles_prompt, read_run, slug
+from bas.core.handles import check_handle_names
 
 FORMATS = ("diffusers", "kohya", "lora-from-full")
 EMBEDDINGS_DIR = "embeddings"
@@ -172,7 +173,10 @@ def lora_from_full(out: Path, info: dict, rank: int, device: str = "auto") -> li
 
 # -- embeddings ----------------------------------------------------------------------------------
 def handle_file_stem(token: str) -> str:
-    return token.strip("<>")  # "<asset0>" -> "asset0": brackets are not allowed in Windows file names
+    """``<asset0>`` -> ``asset0`` (brackets are not allowed in Windows file names); any other
+    name, which a handles file could hold, is refused before it becomes a path."""
+    check_handle_names([token])
+    return token.strip("<>")
 
 
 def write_textual_inversions(handles: dict[str, torch.Tensor], directory: Path) -> list[Path]:
@@ -284,9 +288,13 @@ def run_files(info: dict) -> tuple[bool, bool]:
     return LORA_FILE in files, PIPELINE_DIR in files
 
 
-def write_run_exports(out: Path, info: dict) -> list[str]:
-    """What ``bas run`` writes besides the weights: textual-inversion files and the model card."""
+def write_run_exports(out: Path, info: dict, shown_as: Path | None = None) -> list[str]:
+    """What ``bas run`` writes besides the weights: textual-inversion files and the model card.
+
+    ``shown_as``: the folder's name in the card when ``out`` is where the run is written for now
+    (its staging folder)."""
     out = Path(out)
+    shown = Path(shown_as or out)
     handles = load_file(str(out / "handles.safetensors"))
     with io.atomic_path(out / EMBEDDINGS_DIR, directory=True) as tmp:  # replaces an overwritten run's files as a whole
         names = [p.name for p in write_textual_inversions(handles, tmp)]
@@ -299,7 +307,7 @@ def write_run_exports(out: Path, info: dict) -> list[str]:
     if pipeline:
         files.append((PIPELINE_DIR, "the whole fine-tuned pipeline, handles included"))
     preview = find_preview(out)
-    card = model_card(info, title=f"{out.name}: {len(handles)} concepts for {info['model']}", files=files, usage=diffusers_usage(info, f"{out}/", lora, pipeline),
+    card = model_card(info, title=f"{shown.name}: {len(handles)} concepts for {info['model']}", files=files, usage=diffusers_usage(info, f"{shown}/", lora, pipeline),
                       preview=preview.relative_to(out).as_posix() if preview else None)
     with io.atomic_path(out / "README.md") as tmp:
         tmp.write_text(card, encoding="utf-8")
