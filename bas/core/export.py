@@ -315,12 +315,23 @@ def write_run_exports(out: Path, info: dict, shown_as: Path | None = None) -> li
 
 
 # -- bas export ----------------------------------------------------------------------------------
+EXPORT_NAMES = {"README.md", PREVIEW, EMBEDDINGS_DIR, "lora", "pipeline"}  # and NAME.safetensors (kohya)
+
+
 def check_destination(out: Path, dest: Path, overwrite: bool) -> None:
+    """The export replaces ``dest`` as a whole: never a folder that holds anything but an export."""
+    from bas.core.runfolder import check_target
+
+    check_target(dest, kind="export")
     out_r, dest_r = Path(out).resolve(), Path(dest).resolve()
     if dest_r == out_r or dest_r in out_r.parents or out_r in dest_r.parents:
         raise BasError(f"--out {dest} overlaps the run folder {out}; export to a folder outside it.")
     if dest_r.exists() and (not dest_r.is_dir() or any(dest_r.iterdir())) and not overwrite:
         raise BasError(f"{dest} already exists and is not empty; pass --overwrite to replace it or choose another --out.")
+    foreign = sorted(p.name for p in dest_r.iterdir() if p.name not in EXPORT_NAMES and p.suffix != ".safetensors") if dest_r.is_dir() else []
+    if foreign:
+        raise BasError(f"--out {dest} holds {foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, which no export writes, "
+                       "and --overwrite replaces the whole folder; choose a new or empty folder.")
 
 
 def render_preview(out: Path, info: dict, path: Path, steps: int, device: str, precision: str) -> None:

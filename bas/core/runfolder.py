@@ -27,6 +27,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shlex
 import socket
 import sys
@@ -68,7 +69,10 @@ def canonical(out) -> Path:
     text = str(out)
     if not text.strip() or "\0" in text:
         raise BasError(f"--out must be a folder path, not {text!r}.")
-    return Path(text).expanduser().resolve()
+    try:
+        return Path(text).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # a loop of links, a path too long
+        raise BasError(f"--out {text} cannot be resolved ({exc}); pass a plain folder path.") from exc
 
 
 def staging_path(out) -> Path:
@@ -111,9 +115,13 @@ def replaceable(folder: Path) -> str | None:
     return f"it is not a bas run (it has no run.json) and holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
 
 
-def check_target(out, inputs: Iterable[tuple[str, Path]] = ()) -> Path:
-    """Refuse an ``--out`` that a run may not replace as a whole: the root, home or current folder
-    or one above it, a file, or a folder holding any of the run's inputs (``(option, path)``)."""
+INTERNAL_NAME = re.compile(rf"\..+\.({STAGING_TAG}|{LOCK_TAG}(\.break)?|{io.OLD_TAG}|{io.TRASH_TAG}-.*)")
+
+
+def check_target(out, inputs: Iterable[tuple[str, Path]] = (), kind: str = "run") -> Path:
+    """Refuse an ``--out`` that bas may not replace as a whole: the root, home or current folder
+    or one above it, a file, a name bas uses for its own work, or a folder holding any of the
+    inputs (``(option, path)``).  ``kind`` names what is written (``run``, ``export``)."""
     given = out
     out = canonical(out)
     if out.exists() and not out.is_dir():
@@ -133,13 +141,15 @@ def check_target(out, inputs: Iterable[tuple[str, Path]] = ()) -> Path:
     elif out in cwd.parents:
         what = "a parent of the current folder"
     if what:
-        raise BasError(f"--out {given} is {what}; a run replaces its --out folder as a whole, so pass a folder of its own such as runs/NAME.")
+        raise BasError(f"--out {given} is {what}; bas replaces an --out folder as a whole, so pass a folder of its own such as {kind}s/NAME.")
+    if INTERNAL_NAME.fullmatch(out.name):
+        raise BasError(f"--out {given} is a name bas uses for its own work beside an output folder; pass the output folder's own name.")
     if len(out.name) > MAX_NAME:
         raise BasError(f"--out {given} has a name of {len(out.name)} characters; use a name of at most {MAX_NAME}.")
     for option, path in inputs:
         real = canonical(path)
         if real == out or out in real.parents:
-            raise BasError(f"--out {given} holds {option} {path}, and a run replaces its --out folder as a whole; choose an --out that holds none of the run's inputs.")
+            raise BasError(f"--out {given} holds {option} {path}, and bas replaces an --out folder as a whole; choose an --out that holds none of the {kind}'s inputs.")
     return out
 
 

@@ -549,6 +549,9 @@ def extract(config: RunConfig, plugins: Plugins) -> Run:
                 call(run, exc)
         resumable = bool(checkpoint.complete_checkpoints(folder.staging))
         folder.abandon(keep=resumable)
+        if isinstance(exc, KeyboardInterrupt) and resumable:  # a second Ctrl-C: the last periodic checkpoint stays
+            raise Interrupted(f"Interrupted; {config.out} is unchanged and the newest checkpoint is kept: run the same command "
+                              "with --resume added to continue from it.") from None
         if is_out_of_memory(exc):
             raise BasError(out_of_memory_message(run)) from exc
         error = io.environment_error(exc)
