@@ -45,7 +45,7 @@ def check_finite(name: str, value) -> None:
 def check_positive(name: str, value) -> None:
     check_finite(name, value)
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or value <= 0:
-        raise BasError(f"{option_name(name)} must be a positive number, not {value!r}.")
+        raise BasError(f"{option_name(name)} must be positive, not {value!r}.")
 
 
 def check_seed(seed, count: int = 1, name: str = "seed") -> None:

@@ -18,6 +18,7 @@ from bas.core.plugins import Plugins
 
 
 MAX_RUN_JSON = 64 * 2**20  # a run.json holds options and loss histories: a few MB at most
+MAX_HANDLES_FILE = 16 * 2**20  # 8 handles of 4096 floats take 128 KB
 RUN_FIELDS = {"model": str, "handles": list, "files": list, "resolution": int}
 
 
@@ -69,8 +70,11 @@ def read_run(out: Path) -> dict:
         raise BasError(f"{path} says the run trained {info['weights']} weights but lists no file of them; re-run `bas run`.")
     if "checksums" in info:
         runfolder.verify(out, info["checksums"], out)
+    handles_file = out / "handles.safetensors"
+    if handles_file.is_file() and handles_file.stat().st_size > MAX_HANDLES_FILE:
+        raise BasError(f"{handles_file} is {handles_file.stat().st_size:,} bytes, far more than a few handles take; the folder is damaged, re-run `bas run`.")
     try:
-        saved = load_file(str(out / "handles.safetensors"))
+        saved = load_file(str(handles_file))
     except Exception as exc:  # safetensors reports a damaged header or a truncated file with its own errors
         raise BasError(f"{out / 'handles.safetensors'} cannot be read ({type(exc).__name__}: {exc}); the folder is damaged, re-run `bas run`.") from exc
     if sorted(saved) != sorted(handles):

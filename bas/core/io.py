@@ -224,6 +224,7 @@ ENVIRONMENT_ERRORS = {
     errno.EPERM: "the operation is not permitted",
     errno.ENAMETOOLONG: "the name is too long",
     errno.EMFILE: "too many files are open",
+    errno.EBUSY: "it is in use (or a mount point)",
 }
 
 

@@ -142,6 +142,8 @@ def check_target(out, inputs: Iterable[tuple[str, Path]] = (), kind: str = "run"
         what = "a parent of the current folder"
     if what:
         raise BasError(f"--out {given} is {what}; bas replaces an --out folder as a whole, so pass a folder of its own such as {kind}s/NAME.")
+    if out.is_dir() and os.path.ismount(out):
+        raise BasError(f"--out {given} is a mount point, which bas cannot replace by renaming; pass a folder inside it.")
     if INTERNAL_NAME.fullmatch(out.name):
         raise BasError(f"--out {given} is a name bas uses for its own work beside an output folder; pass the output folder's own name.")
     if len(out.name) > MAX_NAME:
@@ -352,6 +354,21 @@ def settle(out) -> None:
         lock.release()
 
 
+@contextlib.contextmanager
+def _no_ctrl_c():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class RunFolder:
     """The ``--out`` of one run while it works: locked, with its staging folder.
 
@@ -411,12 +428,14 @@ class RunFolder:
         if reason is not None:  # something else appeared at --out while the run worked
             raise BasError(f"The finished run cannot replace {self.out}: {reason}; move it away, and the next bas command on "
                            f"{self.given} puts the run (waiting in {self.staging}) in place.")
-        swap_in(self.staging, self.out)
-        self.committed = True
+        with _no_ctrl_c():  # milliseconds of renames: finished, rather than left to the next command
+            swap_in(self.staging, self.out)
+            self.committed = True
 
     def abandon(self, keep: bool) -> None:
-        """After a failure: remove the staging folder, unless ``keep`` (it holds a checkpoint)."""
-        if not keep:
+        """After a failure: remove the staging folder, unless ``keep`` (it holds a checkpoint) or
+        it holds a complete run (the swap failed half-way: the next command finishes it)."""
+        if not keep and not _complete(self.staging):
             with contextlib.suppress(OSError):
                 io.discard(self.staging, self.out)
 

@@ -184,6 +184,8 @@ class Run:
             if self.config.resume:
                 if finished and not resumable:
                     raise BasError(f"{shown} holds a finished run, there is nothing to resume; pass --overwrite instead of --resume to run again.")
+                if not resumable:
+                    raise BasError(f"{shown} holds no complete checkpoint to resume from; run the command without --resume to start over.")
                 self.resume_from = checkpoint.load_latest(folder.staging)
                 saved = checkpoint.read_inputs(folder.staging)
                 if saved is None:
