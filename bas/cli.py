@@ -17,7 +17,7 @@ from bas.core.errors import BasError
 from bas.core.export import FORMATS as EXPORT_FORMATS
 from bas.core.generation import SCHEDULERS
 from bas.core.model import DEFAULT_MODEL, PRECISIONS
-from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names
+from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names, shadowed_entry_points
 
 PLUGIN_FLAGS = ("--plugin", "-p")
 
@@ -388,6 +388,8 @@ def list_plugins():
     if manager.broken:
         names = ", ".join(sorted(manager.broken))
         click.echo(f"Warning: {len(manager.broken)} plugin(s) could not be loaded ({names}); see their lines above.", err=True)
+    for entry in shadowed_entry_points():
+        click.echo(f"Warning: the installed plugin {entry} has the name of a built-in plugin and is never loaded; rename its entry point.", err=True)
 
 
 def add_plugin_commands(group: click.Group) -> list[str]:

@@ -375,7 +375,7 @@ def bas_process(*args, env=None):
 
 
 def test_a_second_run_into_the_same_out_fails_at_once(work, tiny_model):
-    steps = ["--phase1-steps", "60", "--phase2-steps", "0", "--checkpoint-every", "1", "--quiet"]
+    steps = ["--phase1-steps", "20", "--phase2-steps", "0", "--checkpoint-every", "1", "--quiet"]
     first = bas_process("run", "--scene", "scene", "--model", tiny_model, "--out", "runs/old", "--overwrite", *steps)
     lock = work / "runs" / ".old.bas-lock"
     before = snapshot(work / "runs" / "old")
@@ -384,6 +384,7 @@ def test_a_second_run_into_the_same_out_fails_at_once(work, tiny_model):
         while not complete_checkpoints(work / "runs" / "old"):
             assert first.poll() is None and time.time() - t0 < 300, first.communicate()
             time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # alive, and held where it is while the second run tries
         # the same folder by another path (absolute here, relative there): the same lock
         code, err = run_main(run_args("--overwrite", out=work / "runs" / "old", model=tiny_model))
         assert code == 1 and f"is in use by another bas process (pid {first.pid} on" in error_line(err)

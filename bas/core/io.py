@@ -178,10 +178,11 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         normalise_modes(tmp)
-        fsync_tree(tmp)
         if directory:
+            fsync_tree(tmp)
             replace_dir(tmp, final)
         else:
+            fsync_path(tmp)
             os.replace(tmp, final)
             fsync_path(final.parent)
     except BaseException:

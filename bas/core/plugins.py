@@ -130,6 +130,11 @@ def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def shadowed_entry_points() -> list[str]:
+    """Installed plugins named as a built-in one, which are therefore never loaded."""
+    return sorted(f"{name} ({ep.value})" for name, ep in _entry_points().items() if name in BUILTIN_PLUGINS)
+
+
 def available_plugin_names() -> list[str]:
     return sorted(set(BUILTIN_PLUGINS) | set(_entry_points()))
 
@@ -168,12 +173,8 @@ class Plugins:
             if module is not None:
                 self._register(name, module, "built-in", bas.__version__, default, name in wanted)
         for name, ep in entry_points.items():
-            if name in blocked or not (name in wanted or all_installed):
-                continue
-            if name in BUILTIN_PLUGINS:
-                if all_installed:
-                    self.broken[name] = f"the installed plugin {ep.value} has the name of a built-in plugin, so it is ignored"
-                continue
+            if name in BUILTIN_PLUGINS or name in blocked or not (name in wanted or all_installed):
+                continue  # a built-in's name always means the built-in (see shadowed_entry_points)
             obj = self._import(name, ep.load)
             if obj is None:
                 continue

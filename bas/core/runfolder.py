@@ -17,7 +17,7 @@ One process at a time works on a folder: a lock file ``.NAME.bas-lock`` beside i
 A second command fails at once with one line naming the first.  A lock whose process no longer
 runs on this host (``kill -9``, power loss) is stale: the next command takes it over, with a
 warning.  A lock from another host (a shared file system) cannot be checked and is reported with
-the command that removes it.
+the file to delete.
 """
 
 from __future__ import annotations

@@ -563,7 +563,7 @@ def extract(config: RunConfig, plugins: Plugins) -> Run:
         raise
     finally:
         folder.close()
-    run.out = Path(config.out)
+    run.out = folder.out  # the finished folder, no longer the staging one
     run.info = info
     return run
 
