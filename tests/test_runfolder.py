@@ -164,6 +164,7 @@ MATRIX = [  # (case, prepare, extra arguments, out, message)
     ("a lock from another host", write_foreign_lock, [], "runs/new", "pid 1 on another-host"),
     ("out below a file", write_file_out, [], "runs/afile/new", "is not a folder"),
     ("out is bas's own staging name", None, [], "runs/.old.bas-partial", "is a name bas uses for its own work"),
+    ("a model that cannot load, into new folders", None, ["--model", "no-such/model"], "deep/er/new", "Could not load model 'no-such/model'"),
 ]
 
 
