@@ -155,7 +155,7 @@ MATRIX = [  # (case, prepare, extra arguments, out, message)
     ("device meta", None, ["--device", "meta"], "runs/new", "Unknown --device 'meta'"),
     ("missing gpu", None, ["--device", "cuda:3"], "runs/new", "--device cuda"),
     ("huge resolution", None, ["--resolution", "65536"], "runs/new", "--resolution must be at most 4096 pixels"),
-    ("zero validation images with a cadence", None, ["--validate-every", "2"], "runs/new", "--validate-every needs something to sample"),
+    ("a validation cadence without a prompt", None, ["--validate-every", "2"], "runs/new", "--validate-every needs something to sample"),
     ("mask numbering gap", write_gap, [], "runs/new", "has mask2.png but no mask1.png; number the masks from 0 without gaps"),
     ("two input images", write_two_images, [], "runs/new", "has 2 input images (img.jpg, img.png); keep one img.* file"),
     ("decompression bomb", write_bomb, [], "runs/new", "pixels, PIL's limit against decompression bombs"),
@@ -343,11 +343,18 @@ def test_export_refuses_a_crafted_handle_even_past_the_reader(work):
     assert not (work / "x.safetensors").exists() and not (work / "emb").exists()
 
 
-def test_an_interrupted_run_is_named_as_such_by_readers(work, tiny_model):
+def test_an_interrupted_run_is_named_as_such_by_readers_and_a_damaged_checkpoint_refused(work, tiny_model):
     with pytest.raises(NumericalError):
         run_fragile(work, work / "scene", tiny_model, work / "runs" / "new")
     code, err = run_main(["generate", "runs/new", "a photo of <asset0>"])
     assert code == 1 and "holds an interrupted run, not a finished one; continue it with `bas run ... --resume`" in error_line(err)
+    saved = staging_path(work / "runs" / "new") / "checkpoints" / "phase1-step00002"
+    for damage in (lambda: (saved / "state.json").write_text('{"phase": 1}'), lambda: (saved / "optimizer.pt").write_bytes(b"junk")):
+        damage()
+        before = snapshot(work)
+        with pytest.raises(BasError, match="phase1-step00002 cannot be read .*; start over with --overwrite instead of --resume"):
+            run_fragile(work, work / "scene", tiny_model, work / "runs" / "new", resume=True)
+        assert snapshot(work) == before
 
 
 # -- resume: the same inputs, the same folder by any path ------------------------------------------
