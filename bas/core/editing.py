@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from bas.core import io
 from bas.core.errors import BasError
 from bas.core.generation import lora_kwargs, read_run, slug
-from bas.core.handles import check_prompt_handles
+from bas.core.handles import check_prompt_fits, check_prompt_handles
 from bas.core.sampling import decode, denoise, to_pil
 from bas.core.scene import _square, load_image, load_mask
 
@@ -65,6 +65,8 @@ def edit_images(
     res = info["resolution"]
     image_t, mask_t = load_edit_inputs(image, mask, res)
     pipe, info = load_run_pipeline(out, device, precision)
+    for text in [prompt] + ([negative_prompt] if negative_prompt else []):
+        check_prompt_fits(pipe.tokenizer, text)
     extra = lora_kwargs(pipe, lora_scale)
     dev = pipe.device
     guided = guidance > 1.0

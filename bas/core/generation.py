@@ -12,22 +12,80 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from bas.core import io
+from bas.core import checks, io
 from bas.core.errors import BasError
-from bas.core.handles import check_prompt_handles, install_handles
+from bas.core.handles import check_prompt_fits, check_prompt_handles, install_handles
 from bas.core.model import DTYPES, load_pipeline, resolve_device, resolve_precision
 from bas.core.plugins import Plugins
 
 
+MAX_RUN_JSON = 64 * 2**20  # a run.json holds options and loss histories: a few MB at most
+MAX_HANDLES_FILE = 16 * 2**20  # 8 handles of 4096 floats take 128 KB
+RUN_FIELDS = {"model": str, "handles": list, "files": list, "resolution": int}
+
+
 def read_run(out: Path) -> dict:
+    """The ``run.json`` of a finished run, after checking that the folder's files agree with it.
+
+    Refused with one line: a folder that is not a finished run (an interrupted one is named as
+    such), a damaged ``run.json``, handle names that are not ``<assetN>``, a handles file that does
+    not hold exactly the handles ``run.json`` lists, listed files that are missing or leave the
+    folder, and files that differ from the sizes and hashes ``run.json`` recorded (a mixed folder).
+    An interrupted swap of a newer run into ``out`` is finished (or undone) first.
+    """
+    from bas.core import checkpoint, runfolder
+
     out = Path(out)
+    runfolder.settle(out)
     path = out / "run.json"
     if not path.is_file():
+        if checkpoint.complete_checkpoints(out):
+            raise BasError(f"{out} holds an interrupted run, not a finished one; continue it with `bas run ... --resume` (the same options as before).")
+        if not out.exists():
+            raise BasError(f"{out} does not exist; pass the --out folder of a completed `bas run`.")
         raise BasError(f"{out} is not a finished bas run (it has no run.json); pass the --out folder of a completed `bas run`.")
+    if path.stat().st_size > MAX_RUN_JSON:
+        raise BasError(f"{path} is {path.stat().st_size:,} bytes, far more than a run.json holds; the folder is damaged, re-run `bas run`.")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BasError(f"{path} is not valid JSON ({exc}); re-run `bas run` to rewrite it.") from exc
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise BasError(f"{path} is not valid JSON ({exc}); the folder is damaged, re-run `bas run`.") from exc
+    if not isinstance(info, dict):
+        raise BasError(f"{path} does not hold a run's record; the folder is damaged, re-run `bas run`.")
+    for key, kind in RUN_FIELDS.items():
+        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+            raise BasError(f"{path} has no valid '{key}'; the folder is damaged, re-run `bas run`.")
+    handles = info["handles"]
+    if not handles or handles != [f"<asset{i}>" for i in range(len(handles))]:
+        raise BasError(f"{path} lists the handles {handles!r}, not <asset0>, <asset1>, ... in order; the folder is damaged, re-run `bas run`.")
+    if info.get("background") not in (None, *handles):
+        raise BasError(f"{path} names a background handle {info['background']!r} that is not among its handles; re-run `bas run`.")
+    if info.get("weights") is not None and not isinstance(info["weights"], str):
+        raise BasError(f"{path} has no valid 'weights'; the folder is damaged, re-run `bas run`.")
+    if not isinstance(info.get("config", {}), dict) or not isinstance(info.get("config", {}).get("options", {}), dict):
+        raise BasError(f"{path} has no valid 'config'; the folder is damaged, re-run `bas run`.")
+    checks.check_side(f"{path}'s resolution", info["resolution"])
+    for name in info["files"]:
+        if not isinstance(name, str) or not io.inside(out, name.rstrip("/"), str(path)).exists():
+            raise BasError(f"{out} is incomplete: {name}, which its run.json lists, is missing; restore the folder or re-run `bas run`.")
+    if info.get("weights") and not info.get("weight_files", True):
+        raise BasError(f"{path} says the run trained {info['weights']} weights but lists no file of them; re-run `bas run`.")
+    if "checksums" in info:
+        runfolder.verify(out, info["checksums"], out)
+    handles_file = out / "handles.safetensors"
+    if handles_file.is_file() and handles_file.stat().st_size > MAX_HANDLES_FILE:
+        raise BasError(f"{handles_file} is {handles_file.stat().st_size:,} bytes, far more than a few handles take; the folder is damaged, re-run `bas run`.")
+    try:
+        saved = load_file(str(handles_file))
+    except Exception as exc:  # safetensors reports a damaged header or a truncated file with its own errors
+        raise BasError(f"{out / 'handles.safetensors'} cannot be read ({type(exc).__name__}: {exc}); the folder is damaged, re-run `bas run`.") from exc
+    if sorted(saved) != sorted(handles):
+        raise BasError(f"{out} is mixed: handles.safetensors holds {', '.join(sorted(saved)) or 'nothing'} but run.json lists {', '.join(handles)}; "
+                       "re-run `bas run` into a new folder.")
+    dims = {tuple(t.shape) for t in saved.values()}
+    if len(dims) != 1 or len(next(iter(dims))) != 1 or not all(torch.isfinite(t.float()).all() for t in saved.values()):
+        raise BasError(f"{out / 'handles.safetensors'} does not hold one finite vector per handle; the folder is damaged, re-run `bas run`.")
+    return info
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -104,12 +162,23 @@ def all_handles_prompt(handles: list[str]) -> str:
     return PROMPT_PREFIX + " and ".join(handles)
 
 
+MAX_PROMPTS_FILE = 10 * 2**20
+
+
 def read_prompts_file(path: Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with # are skipped."""
     path = Path(path)
     if not path.is_file():
         raise BasError(f"Prompts file {path} does not exist; pass a text file with one prompt per line.")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    if path.stat().st_size > MAX_PROMPTS_FILE:
+        raise BasError(f"Prompts file {path} is {path.stat().st_size:,} bytes; a prompts file is text of at most {MAX_PROMPTS_FILE // 2**20} MB, one prompt per line.")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BasError(f"Prompts file {path} is not UTF-8 text; save it as plain text with one prompt per line.") from None
+    if "\0" in text:
+        raise BasError(f"Prompts file {path} is not a text file (it holds NUL bytes); pass plain text with one prompt per line.")
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise BasError(f"Prompts file {path} holds no prompt; write one prompt per line.")
@@ -134,8 +203,8 @@ def grid_name(prompts: list[str], seeds: list[int]) -> str:
 
 def check_size(width: int | None, height: int | None) -> None:
     for name, value in (("--width", width), ("--height", height)):
-        if value is not None and (value < 8 or value % 8):
-            raise BasError(f"{name} must be a positive multiple of 8 (such as 512), not {value}.")
+        if value is not None:
+            checks.check_side(name, value)
 
 
 def lora_kwargs(pipe, lora_scale: float) -> dict:
@@ -180,13 +249,18 @@ def generate_images(
         raise BasError("No prompt was given; pass a prompt such as \"a photo of <asset0>\" or --prompts-file.")
     for prompt in prompts:
         check_prompt_handles(prompt, info["handles"])
-    seeds = list(seeds) if seeds else [seed + i for i in range(num_images)]
     if num_images < 1 or steps < 1:
         raise BasError("--num-images and --steps must be at least 1.")
+    checks.check_seed(seed, 1 if seeds else num_images)
+    for s in seeds or []:
+        checks.check_seed(s, name="seeds")
+    seeds = list(seeds) if seeds else [seed + i for i in range(num_images)]
     check_size(width, height)
     check_scheduler(scheduler)  # before the model loads
 
     pipe, info = load_run_pipeline(out, device, precision)
+    for prompt in prompts + ([negative_prompt] if negative_prompt else []):
+        check_prompt_fits(pipe.tokenizer, prompt)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     extra = lora_kwargs(pipe, lora_scale)
     out_dir = Path(out_dir) if out_dir else out / "samples"

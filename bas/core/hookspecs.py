@@ -104,7 +104,12 @@ def bas_register_observers(register):
 
     ``factory(config)`` returns an object (or ``None``) with any of ``on_run_start(run)``,
     ``on_phase_start(run, phase)``, ``on_step(run, step)``, ``on_phase_end(run, phase)``,
-    ``on_run_end(run)``.  Logging, progress bars, checkpoints and validation images are observers.
+    ``on_run_end(run)``, ``on_run_failed(run, error)``.  Logging, progress bars, checkpoints and
+    validation images are observers.  While a run works, ``run.out`` is its staging folder beside
+    ``--out`` (``run.config.out``): what an observer writes there, up to and including
+    ``on_run_end`` (training done, the output not yet written), becomes part of the run when it
+    is complete, and is never mixed into an older run.  ``on_run_failed`` is called instead of
+    ``on_run_end`` when the run stops with an exception (close files and progress bars there).
     ``step`` is a :class:`bas.core.components.StepRecord`.  An observer with
     ``on_images(run, phase, step, images)`` receives the validation samples that the ``report``
     plugin makes, ``{prompt: [PIL images, one per seed]}`` (the ``tensorboard`` plugin logs them).

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from bas import hookimpl
+from bas.core import checks, io
 from bas.core.components import WeightStrategy
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -25,6 +26,9 @@ class Lora(WeightStrategy):
     def __init__(self, config):
         o = config.options
         self.rank = o.get("lora_rank", 8)
+        checks.check_integer("lora_rank", self.rank, 1)
+        if o.get("lora_alpha") is not None:
+            checks.check_positive("lora_alpha", o["lora_alpha"])
         self.alpha = o.get("lora_alpha") or self.rank
         self.text_encoder = o.get("lora_text_encoder", True)
 

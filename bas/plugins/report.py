@@ -119,10 +119,11 @@ class Report:
         if not run.config.resume:  # an overwritten run's curves and grids would mix with these
             for old in [*self.dir.glob("*-phase*.png"), self.dir / "index.html"]:
                 old.unlink(missing_ok=True)
-        from bas.core.handles import check_prompt_handles
+        from bas.core.handles import check_prompt_fits, check_prompt_handles
 
         for prompt in self.prompts:
             check_prompt_handles(prompt, run.tokens)
+            check_prompt_fits(run.components.tokenizer, prompt, "--validation-prompt")
 
     def on_step(self, run, step):
         if self.every and step.step % self.every == 0 and step.step < step.total_steps:
@@ -171,10 +172,10 @@ def write_index(run, directory: Path) -> None:
     rows += [(t, name) for t, name in zip(run.tokens, run.scene.mask_names)]
     rows += [(k, f"{v:.1f} s") for k, v in run.times.items()]
     parts = [
-        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>bas report: {e(run.out.name)}</title>",
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>bas report: {e(Path(run.config.out).name)}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:80em}img{max-width:100%;border:1px solid #ddd}"
         "td{padding:.2em 1em .2em 0}figure{margin:1em 0}</style></head><body>",
-        f"<h1>bas report: {e(run.out.name)}</h1>", "<table>",
+        f"<h1>bas report: {e(Path(run.config.out).name)}</h1>", "<table>",
     ]
     parts += [f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in rows]
     parts.append("</table>")
