@@ -18,11 +18,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from bas.core.export import kohya_metadata, low_rank_difference
-from bas.core.formats import (LoraLayer, kohya_state_dict, kohya_targets, read_diffusers_lora, standard_module, write_diffusers_lora,
-                              write_kohya_lora)
+from bas.core.formats import (LoraLayer, diffusers_state_dict, kohya_state_dict, kohya_targets, read_diffusers_lora, standard_module,
+                              write_diffusers_lora, write_kohya_lora)
 
 import comfyui_keys
 
@@ -217,8 +217,6 @@ def test_every_key_maps_in_comfyui_for_the_real_sd_layouts(preset):
     assert len(layers) == 16 * 12 + 6 * (12 if preset == "sd15" else 23)  # 16 transformer blocks, 12 or 23 text layers
     assert (preset == "sd15") == any(layer.down.dim() == 4 for layer in layers)  # SD 1.x's 1x1-convolution projections
     names = comfyui_keys.key_map(models["unet"], models["text_encoder"])
-    from bas.core.formats import diffusers_state_dict
-
     for sd in (diffusers_state_dict(layers), kohya_state_dict(layers, 4.0)):
         changes, left_out = comfyui_keys.load_lora(sd, names)
         assert left_out == [] and len(changes) == len(layers)
@@ -246,8 +244,6 @@ def previous_layouts(layers, pipe, configs, directory):
     for x in layers:
         sd[f"{x.component}.{x.module}.lora_A.weight"] = x.down
         sd[f"{x.component}.{x.module}.lora_B.weight"] = x.scaled_up(x.rank)
-    from safetensors.torch import save_file
-
     save_file(sd, str(second / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
     return [first / "pytorch_lora_weights.safetensors", second / "pytorch_lora_weights.safetensors"]
 
@@ -289,8 +285,6 @@ def test_lora_files_of_earlier_versions_are_read_and_rewritten_in_the_layout_com
     "unet.down_blocks.0.attentions.0.proj_in.lora_down.weight",
 ])
 def test_reading_refuses_keys_of_other_layouts(key, tmp_path):
-    from safetensors.torch import save_file
-
     from bas.core.errors import BasError
 
     path = tmp_path / "l.safetensors"
