@@ -24,7 +24,6 @@ downloaded.)
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
