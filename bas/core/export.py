@@ -326,9 +326,8 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
             if fmt == "lora-from-full":
                 write_diffusers_lora(layers, tmp / "lora")
                 files.append((LORA_FILE, f"the full fine-tune as a LoRA by low-rank difference (rank {rank}), for `pipe.load_lora_weights`"))
-            elif has_lora:
-                (tmp / "lora").mkdir()
-                shutil.copy2(out / LORA_FILE, tmp / LORA_FILE)
+            elif has_lora:  # rewritten, so that a run of an earlier bas version exports in today's layout
+                write_diffusers_lora(read_diffusers_lora(out / LORA_FILE), tmp / "lora")
                 files.append((LORA_FILE, "the LoRA trained in phase 2, for `pipe.load_lora_weights`"))
             elif has_pipeline:
                 shutil.copytree(out / "pipeline", tmp / "pipeline")

@@ -60,7 +60,7 @@ class Lora(WeightStrategy):
 
     def save(self, run, out: Path) -> list[str]:
         """``lora/pytorch_lora_weights.safetensors`` in the layout every diffusers version and ComfyUI read
-        (``bas.core.formats``): this LoRA's scale ``alpha / rank`` is folded into ``lora_B``."""
+        (``bas.core.formats``): this LoRA's scale ``alpha / rank`` is folded into the up factors."""
         from peft.utils import get_peft_model_state_dict
 
         from bas.core.formats import peft_layers, write_diffusers_lora
