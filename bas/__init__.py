@@ -28,6 +28,14 @@ def export(out, dest, fmt="diffusers", **options):
     return export_run(out, fmt, dest, **options)
 
 
+def evaluate(runs, out, **options):
+    """Score finished runs with the paper's metrics into the folder ``out`` (``bas eval``); returns what
+    ``eval.json`` holds; see :func:`bas.core.evaluation.evaluate_runs`."""
+    from bas.core.evaluation import evaluate_runs
+
+    return evaluate_runs(runs, out, **options)
+
+
 def edit(out, prompt, image, mask, **options):
     """Put a run's concept into the masked region of an image; see :func:`bas.core.editing.edit_images`."""
     from bas.core.editing import edit_images
@@ -35,4 +43,4 @@ def edit(out, prompt, image, mask, **options):
     return edit_images(out, prompt, image, mask, **options)
 
 
-__all__ = ["edit", "export", "extract", "generate", "hookimpl", "__version__"]
+__all__ = ["edit", "evaluate", "export", "extract", "generate", "hookimpl", "__version__"]

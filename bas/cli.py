@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -11,11 +12,14 @@ from pathlib import Path
 import click
 
 import bas
-from bas.core.errors import BasError, PluginError
+from bas.core.checks import MAX_SEED
+from bas.core.errors import BasError
 from bas.core.export import FORMATS as EXPORT_FORMATS
 from bas.core.generation import SCHEDULERS
 from bas.core.model import PRECISIONS
-from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names
+from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names, shadowed_entry_points
+from bas.eval_cli import eval_command
+from bas.ui.command import ui as ui_command
 
 PLUGIN_FLAGS = ("--plugin", "-p")
 
@@ -37,22 +41,64 @@ def _quiet_libraries() -> None:
     warnings.formatwarning = lambda message, category, *a, **k: f"Warning: {message}\n"
 
 
+def close_progress_bars() -> None:
+    """End every open progress bar's line, so an error that follows starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 class BasGroup(click.Group):
-    """Turns user errors into one ``Error: ...`` line and exit code 1, without a traceback."""
+    """bas's commands, then commands from plugins; user errors become one ``Error: ...`` line.
+
+    Plugins' commands are looked up only for a name that is not bas's own, so an installed
+    plugin is not even imported to run ``bas run``, ``bas generate``, ...; it can neither replace
+    a command nor end the process by being installed (:func:`add_plugin_commands`).
+    """
+
+    plugins_loaded = False
+
+    def load_plugin_commands(self) -> None:
+        if not self.plugins_loaded:
+            self.plugins_loaded = True
+            for warning in add_plugin_commands(self):
+                click.echo(f"Warning: {warning}", err=True)
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None:
+            self.load_plugin_commands()
+            command = super().get_command(ctx, name)
+        return command
+
+    def list_commands(self, ctx):
+        self.load_plugin_commands()
+        return super().list_commands(ctx)
 
     def invoke(self, ctx):
+        from bas.core.io import environment_error
         from bas.core.training import Interrupted
 
         try:
             return super().invoke(ctx)
         except Interrupted as exc:
+            close_progress_bars()
             click.echo(str(exc), err=True)
             sys.exit(130)
         except BasError as exc:
+            close_progress_bars()
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
+            close_progress_bars()
             click.echo("Interrupted; nothing was saved.", err=True)
             sys.exit(130)
+        except OSError as exc:  # a full disk, a read-only folder: the machine's state, not a bug
+            error = environment_error(exc)
+            if error is None:
+                raise
+            close_progress_bars()
+            raise click.ClickException(str(error)) from None
 
 
 def prescan_plugins(args: list[str]) -> list[str]:
@@ -178,25 +224,39 @@ def parse_seeds(ctx, param, value):
     if not value:
         return None
     try:
-        return [int(s) for s in value.split(",") if s.strip()]
+        seeds = [int(s) for s in value.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"'{value}' is not a comma-separated list of integers such as 1,7,42.") from None
+    if not seeds or any(not 0 <= s <= MAX_SEED for s in seeds):
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of seeds from 0 to {MAX_SEED}.")
+    return seeds
+
+
+def finite(ctx, param, value):
+    """NaN and infinities pass click's float type; no option of bas means them."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number.")
+    return value
+
+
+SEED = click.IntRange(0, MAX_SEED)
+COUNT = click.IntRange(min=1)
 
 
 def sampling_options(command):
     """The options generate and edit share."""
     for option in reversed([
-        click.option("--num-images", type=int, default=None, help="Images per prompt, seeds seed, seed+1, ... [default: 4 for generate, 1 for edit]."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--num-images", type=COUNT, default=None, help="Images per prompt, seeds seed, seed+1, ... [default: 4 for generate, 1 for edit]."),
+        click.option("--seed", type=SEED, default=0, show_default=True),
         click.option("--seeds", callback=parse_seeds, default=None, help="Exact seeds, comma-separated (such as 1,7,42); overrides --seed and --num-images."),
-        click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps."),
-        click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale."),
+        click.option("--steps", type=COUNT, default=50, show_default=True, help="Sampling steps."),
+        click.option("--guidance", type=float, default=7.5, show_default=True, callback=finite, help="Classifier-free guidance scale."),
         click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", show_default=True, help="Sampler; DDIM is the paper's."),
         click.option("--width", type=int, default=None, help="Image width, a multiple of 8 [default: the run's resolution]."),
         click.option("--height", type=int, default=None, help="Image height, a multiple of 8 [default: the run's resolution]."),
         click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="A text file with one prompt per line (# starts a comment)."),
         click.option("--negative-prompt", default=None, help="What the images should not show."),
-        click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Strength of the run's LoRA (0: base model + handles)."),
+        click.option("--lora-scale", type=float, default=1.0, show_default=True, callback=finite, help="Strength of the run's LoRA (0: base model + handles)."),
         click.option("--device", default="auto", show_default=True),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True),
     ]):
@@ -264,7 +324,7 @@ def edit(out, prompts, prompts_file, num_images, **options):
 @click.option("--rank", type=int, default=32, show_default=True, help="Rank of a LoRA made from a full fine-tune by low-rank difference.")
 @click.option("--name", default=None, help="Name of the kohya LoRA file and embedding prefix [default: the run folder's name].")
 @click.option("--preview/--no-preview", default=True, show_default=True, help="Generate a preview image when the run's report has none.")
-@click.option("--preview-steps", type=int, default=25, show_default=True, help="DDIM steps of a generated preview.")
+@click.option("--preview-steps", type=COUNT, default=25, show_default=True, help="DDIM steps of a generated preview.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
@@ -277,9 +337,12 @@ def export(out, fmt, dest, **options):
     click.echo(f"Wrote {dest}: {', '.join(top)}. See {dest / 'README.md'}.")
 
 
+cli.add_command(eval_command(RunCommand))
+
+
 @cli.command("tiny-model")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
 @click.option("--family", default=None, help="Model family of the pipeline: sd, sdxl, or one a plugin adds [default: sd, the default model's].")
 def tiny_model(directory, seed, prediction_type, family):
@@ -295,7 +358,7 @@ def tiny_model(directory, seed, prediction_type, family):
 
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bas-demo"), show_default=True)
-@click.option("--steps", type=int, default=100, show_default=True, help="Steps per phase.")
+@click.option("--steps", type=COUNT, default=100, show_default=True, help="Steps per phase.")
 @click.option("--model", default="bas-mini", show_default=True, help="bas-mini (shipped), or a pipeline folder such as one `bas tiny-model` writes.")
 def demo(out, steps, model):
     """Offline demo: draw a scene of concepts bas-mini cannot name, extract them, recompose them."""
@@ -326,15 +389,20 @@ def demo(out, steps, model):
 @cli.command("plugins")
 def list_plugins():
     """List every plugin: what it provides, whether it is on by default, where it comes from."""
-    manager = Plugins(all_installed=True)
+    from bas.core.evaluation import eval_options
+
+    manager = Plugins(all_installed=True, tolerant=True)
     provides: dict[str, list[str]] = {}
     for kind in REGISTER_HOOKS:
         for entry in manager.registry(kind).entries.values():
             provides.setdefault(entry.plugin, []).append(f"{kind} '{entry.name}'")
     options: dict[str, list[str]] = {}
-    for plugin, opt in manager.run_options():
+    for plugin, opt in manager.run_options() + eval_options(manager):
         options.setdefault(plugin, []).append(opt.opts[0])
     for name in available_plugin_names():
+        if name in manager.broken:
+            click.echo(f"{name}  [broken: {manager.broken[name]}]")
+            continue
         info = manager.infos[name]
         state = "on by default" if info.default else "opt-in (--plugin " + name + ")"
         click.echo(f"{name}  [{state}; {info.source}]")
@@ -344,20 +412,55 @@ def list_plugins():
             click.echo(f"    provides: {', '.join(provides[name])}")
         if options.get(name):
             click.echo(f"    options: {' '.join(options[name])}")
+    if manager.broken:
+        names = ", ".join(sorted(manager.broken))
+        click.echo(f"Warning: {len(manager.broken)} plugin(s) could not be loaded ({names}); see their lines above.", err=True)
+    for entry in shadowed_entry_points():
+        click.echo(f"Warning: the installed plugin {entry} has the name of a built-in plugin and is never loaded; rename its entry point.", err=True)
 
 
-def add_plugin_commands(group: click.Group) -> None:
-    """Commands from every installed plugin; a broken plugin is reported but core commands keep working."""
-    try:
-        Plugins(all_installed=True).call_each("bas_register_commands", cli=group)
-    except PluginError as exc:
-        click.echo(f"Warning: {exc}", err=True)
+cli.add_command(ui_command)
+
+
+def add_plugin_commands(group: click.Group) -> list[str]:
+    """Add every installed plugin's commands to ``group``; return warnings about what was left out.
+
+    Each plugin registers into a group of its own, so it cannot remove or replace a command; a
+    command named as one ``group`` has already is left out, as are both of two plugins' commands
+    of one name; a plugin that fails to import or raises (``sys.exit`` included) is named and
+    skipped while the others' commands work.
+    """
+    from bas.core.plugins import PerPlugin
+
+    own = set(group.commands)
+    manager = Plugins(all_installed=True, tolerant=True)
+    groups: dict[str, click.Group] = {}
+
+    def group_for(plugin: str) -> click.Group:
+        return groups.setdefault(plugin, click.Group(name=plugin))
+
+    manager.call_each("bas_register_commands", cli=PerPlugin(group_for))
+    warnings = [f"plugin '{name}' was skipped: {message}" for name, message in manager.broken.items()]
+    offered: dict[str, list[tuple[str, click.Command]]] = {}
+    for plugin, plugin_group in groups.items():
+        if plugin in manager.broken:
+            continue
+        for name, command in plugin_group.commands.items():
+            offered.setdefault(name, []).append((plugin, command))
+    for name, offers in sorted(offered.items()):
+        plugins = [plugin for plugin, _ in offers]
+        if name in own:
+            warnings.append(f"plugin '{plugins[0]}' adds a command '{name}', which bas has already; it is left out.")
+        elif len(offers) > 1:
+            warnings.append(f"plugins {' and '.join(plugins)} both add a command '{name}'; neither is used (uninstall one).")
+        else:
+            group.add_command(offers[0][1], name)
+    return warnings
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point: every user error is one ``Error: ...`` line on stderr and a non-zero exit."""
     _quiet_libraries()
-    add_plugin_commands(cli)
     try:
         cli.main(args=args, prog_name="bas", standalone_mode=False)
     except click.exceptions.Abort:

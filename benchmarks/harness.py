@@ -375,14 +375,17 @@ def measure(spec: dict) -> dict:
     t0 = time.perf_counter()
     run = BenchRun(config, plugins, variant)
     run.class_images = class_images
-    run.check_out()
-    run.load()
-    t_train = time.perf_counter()
-    run.train()
-    t_save = time.perf_counter()
-    run.times["total_s"] = t_save - t0
-    run.save()
-    total_s = time.perf_counter() - t0
+    run.check_out()  # locks --out; the run works in its staging folder
+    try:
+        run.load()
+        t_train = time.perf_counter()
+        run.train()
+        t_save = time.perf_counter()
+        run.times["total_s"] = t_save - t0
+        run.save()
+        total_s = time.perf_counter() - t0
+    finally:
+        run.folder.close()
     # around the step loops: loss-term setup (class image latents), adapters, observers at the phases' ends
     around = (t_save - t_train) - run.times["phase1_s"] - run.times["phase2_s"]
     times = dict(run.times, train_around_steps_s=around, save_s=total_s - (t_save - t0))

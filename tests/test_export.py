@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bas.cli import cli
-from bas.core.formats import kohya_model_hash, kohya_targets
+from bas.core.formats import kohya_model_hash, kohya_targets, read_diffusers_lora, standard_module
 
+import comfyui_keys
 from conftest import quick_run_args
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -78,6 +80,10 @@ def test_diffusers_export_loads_into_a_plain_pipeline_and_changes_it(rich_run, t
         "embeddings/asset0.safetensors", "embeddings/asset1.safetensors", "embeddings/asset2.safetensors",
     }
     pipe = plain_pipeline(tiny_model)
+    lora = load_file(str(dest / "lora" / "pytorch_lora_weights.safetensors"))
+    assert lora.keys() == load_file(str(rich_run / "lora" / "pytorch_lora_weights.safetensors")).keys()
+    changes, left_out = comfyui_keys.load_lora(lora, comfyui_keys.key_map(pipe.unet, pipe.text_encoder))
+    assert left_out == [] and len(changes) == len(lora) // 2  # ComfyUI maps every layer
     before = sample(pipe, "a photo of a ball")
     pipe.load_lora_weights(str(dest / "lora"))
     with_lora = sample(pipe, "a photo of a ball")
@@ -170,8 +176,13 @@ def test_lora_from_full_is_the_low_rank_difference_of_the_fine_tune(full_run, ti
         errors[dest.name] = max(float((fused[k] - w).abs().max()) for k, w in goal.items())
     assert errors["exact"] < 1e-5
     assert errors["small"] > 1e-4  # rank 1 cannot hold a 2-step fine-tune of every layer
-    ranks = {v.shape[0] for k, v in load_file(str(small / "lora" / "pytorch_lora_weights.safetensors")).items() if "lora_A" in k}
+    ranks = {v.shape[0] for k, v in load_file(str(small / "lora" / "pytorch_lora_weights.safetensors")).items() if k.endswith(("lora_A.weight", "down.weight"))}
     assert ranks == {1}
+    base_pipe = plain_pipeline(tiny_model)  # ComfyUI maps every key and applies the whole difference
+    changes, left_out = comfyui_keys.load_lora(load_file(str(exact / "lora" / "pytorch_lora_weights.safetensors")),
+                                               comfyui_keys.key_map(base_pipe.unet, base_pipe.text_encoder))
+    assert left_out == [] and changes.keys() == {(c, standard_module(c, n)) for c, n in goal}
+    assert max(float((changes[(c, standard_module(c, n))] - (w - base[(c, n)])).abs().max()) for (c, n), w in goal.items()) < 1e-5
     assert "low-rank difference (rank 1)" in (small / "README.md").read_text()
 
     kohya = tmp_path / "kohya"
@@ -180,6 +191,28 @@ def test_lora_from_full_is_the_low_rank_difference_of_the_fine_tune(full_run, ti
     lora = load_file(str(kohya / "full.safetensors"))
     assert {v.shape[0] for k, v in lora.items() if k.endswith("lora_down.weight")} == {2}
     assert any(k.startswith("lora_unet_") and "_ff_net_" in k for k in lora)
+
+
+def test_a_run_of_an_earlier_version_exports_in_todays_layout(rich_run, invoke, tmp_path):
+    """A run folder whose LoRA has the peft names bas wrote before (ComfyUI leaves out their UNet
+    attention keys) exports the same files as the run written today."""
+    from safetensors.torch import save_file
+
+    old_run = tmp_path / "old-run"
+    shutil.copytree(rich_run, old_run)
+    file = old_run / "lora" / "pytorch_lora_weights.safetensors"
+    save_file({f"{x.component}.{x.module}.lora_{f}.weight": t for x in read_diffusers_lora(file) for f, t in (("A", x.down), ("B", x.up))},
+              str(file), metadata={"format": "pt"})
+    info = json.loads((old_run / "run.json").read_text())
+    info.pop("checksums")  # earlier versions recorded none
+    (old_run / "run.json").write_text(json.dumps(info))
+    for fmt, lora in (("diffusers", "lora/pytorch_lora_weights.safetensors"), ("kohya", "toys.safetensors")):
+        today, old = (tmp_path / f"{fmt}-{n}" for n in ("today", "old"))
+        for run, dest in ((rich_run, today), (old_run, old)):
+            result = invoke("export", run, "--format", fmt, "--out", dest, "--name", "toys")
+            assert result.exit_code == 0, result.output
+        want, got = load_file(str(today / lora)), load_file(str(old / lora))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_diffusers_export_of_a_full_fine_tune_is_its_pipeline(full_run, invoke, tmp_path):

@@ -83,7 +83,7 @@ def test_a_family_picks_defaults_only_where_the_user_chose_none(scene, tiny_sdxl
     pm = Plugins()
     base = {"scene": scene, "model": str(tiny_sdxl_model), "quiet": True}
     chosen = Run(make_config(pm, dict(base, out=tmp_path / "a"), []), pm)
-    assert chosen.config.gradient_checkpointing is True and chosen.family_defaults == {"gradient_checkpointing": True}
-    assert chosen.config.optimizer == "adamw"
+    assert chosen.gradient_checkpointing is True and chosen.family_defaults == {"gradient_checkpointing": True}
+    assert chosen.optimizer_name == "adamw" and chosen.config.gradient_checkpointing is None  # run.json's config: what was asked
     user = Run(make_config(pm, dict(base, out=tmp_path / "b", gradient_checkpointing=False), []), pm)
-    assert user.config.gradient_checkpointing is False and user.family_defaults == {}
+    assert user.gradient_checkpointing is False and user.family_defaults == {}

@@ -2,8 +2,9 @@
 AUTOMATIC1111, ComfyUI), checked in this project's stack by what those loaders read.
 
 The same files were loaded in diffusers 0.30.3 / transformers 4.44.2 / peft 0.12.0 and diffusers
-0.32.2 / transformers 4.48.3 / peft 0.14.0 (README, "Exports"); these tests keep the names and
-files those versions need from changing unnoticed.
+0.32.2 / transformers 4.48.3 / peft 0.14.0 (README, "Exports", ``tools/old_stack_check.py``) and
+through ComfyUI's key map (``tools/comfyui_check.py``); these tests keep the names and files those
+versions need from changing unnoticed, ComfyUI's rules included (``comfyui_keys``).
 """
 
 from __future__ import annotations
@@ -17,14 +18,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from bas.core.export import kohya_metadata, low_rank_difference
 from bas.core.family import Components
-from bas.core.formats import kohya_targets, write_diffusers_lora, write_kohya_lora
+from bas.core.formats import (LoraLayer, diffusers_state_dict, kohya_state_dict, kohya_targets, read_diffusers_lora, standard_module,
+                              write_diffusers_lora, write_kohya_lora)
 from bas.plugins.sd import StableDiffusion
 
-DIFFUSERS_KEY = re.compile(r"(unet\.(down_blocks|mid_block|up_blocks)\.[\w.]+|text_encoder\.text_model\.encoder\.layers\.\d+\.[\w.]+)\.lora_[AB]\.weight")
+import comfyui_keys
+
+# The UNet as diffusers' attention processors named it (to_q/to_k/to_v/to_out, the rest .lora.down/.lora.up),
+# the text encoder with peft's names on transformers 4's path.
+DIFFUSERS_KEY = re.compile(r"unet\.(down_blocks|mid_block|up_blocks)\.[\w.]+\.attn[12]\.processor\.to_(q|k|v|out)_lora\.(down|up)\.weight"
+                           r"|unet\.(down_blocks|mid_block|up_blocks)\.[\w.]+\.lora\.(down|up)\.weight"
+                           r"|text_encoder\.text_model\.encoder\.layers\.\d+\.[\w.]+\.lora_[AB]\.weight")
 
 
 def plain_pipeline(model, unet=None):
@@ -46,10 +54,34 @@ def outputs(pipe):
     return hidden, pipe.unet(latents, torch.tensor([500, 20]), encoder_hidden_states=hidden).sample
 
 
+def trained_changes(pipe, scale):
+    """``{(component, module): scale * B @ A}`` of the peft adapters in ``pipe``, modules named as in the files."""
+    from peft.utils import get_peft_model_state_dict
+
+    changes = {}
+    for component in ("unet", "text_encoder"):
+        sd = get_peft_model_state_dict(getattr(pipe, component))
+        for key, down in sd.items():
+            if key.endswith(".lora_A.weight"):
+                module = key.removesuffix(".lora_A.weight")
+                changes[(component, standard_module(component, module))] = scale * sd[f"{module}.lora_B.weight"] @ down
+    return changes
+
+
+def assert_comfyui_applies(lora, unet, text_encoder, want, atol=1e-6):
+    """ComfyUI's key map (comfyui_keys) loads every key of ``lora`` and changes exactly the layers in ``want``
+    by ``want[layer]``."""
+    got, left_out = comfyui_keys.load_lora(lora, comfyui_keys.key_map(unet, text_encoder))
+    assert left_out == []
+    assert got.keys() == want.keys()
+    worst = max(float((got[k] - w.reshape(got[k].shape)).abs().max()) for k, w in want.items())
+    assert worst < atol
+
+
 def test_run_lora_file_has_the_standard_layout_and_loads_at_its_trained_scale(tiny_model, tmp_path):
-    """lora/ as `bas run` saves it: text-encoder keys on transformers 4's path, peft names, one rank,
-    no peft config in the header; loaded by diffusers it gives exactly the adapter trained in memory,
-    alpha != rank included."""
+    """lora/ as `bas run` saves it: the UNet in diffusers' attention-processor names, the text encoder
+    in peft's on transformers 4's path, one rank, no peft config in the header; loaded by diffusers,
+    and by ComfyUI's key map, it gives exactly the adapter trained in memory, alpha != rank included."""
     from bas.plugins.lora import Lora
 
     pipe = plain_pipeline(tiny_model)
@@ -71,8 +103,10 @@ def test_run_lora_file_has_the_standard_layout_and_loads_at_its_trained_scale(ti
     sd = load_file(str(path))
     assert [k for k in sd if not DIFFUSERS_KEY.fullmatch(k)] == []
     assert any(k.startswith("text_encoder.text_model.encoder.layers.1.self_attn.out_proj.") for k in sd)
-    assert {v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight")} == {4}
+    assert "unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.up.weight" in sd
+    assert {v.shape[0] for k, v in sd.items() if k.endswith(("lora_A.weight", "down.weight"))} == {4}
     assert len(sd) == len(params)  # every trained factor, nothing else
+    assert_comfyui_applies(sd, pipe.unet, pipe.text_encoder, trained_changes(pipe, 0.5))
 
     loaded = plain_pipeline(tiny_model)
     base = outputs(loaded)
@@ -134,7 +168,8 @@ def nudge(model, component, rank=2):
 
 def test_low_rank_difference_loads_at_the_right_strength_in_every_layer(tiny_model, tmp_path):
     """SD 1.x layout (1x1-convolution projections) at a rank above the smallest layers' size: through
-    diffusers' own kohya converter and its diffusers loader, every layer becomes base + difference."""
+    diffusers' own kohya converter and its diffusers loader, and through ComfyUI's key map, every layer
+    becomes base + difference."""
     unet = sd1_unet(tiny_model)
     pipe = plain_pipeline(tiny_model, unet)
     tuned = {"unet": nudge(pipe.unet, "unet"), "text_encoder": nudge(pipe.text_encoder, "text_encoder")}
@@ -154,6 +189,9 @@ def test_low_rank_difference_loads_at_the_right_strength_in_every_layer(tiny_mod
     write_diffusers_lora(layers, tmp_path / "d")
 
     goal = {(c, n): m.weight.detach() for c in tuned for n, m in tuned[c].named_modules() if kohya_targets(c, n, m)}
+    change = {(c, standard_module(c, n)): w - getattr(pipe, c).get_submodule(n).weight.detach() for (c, n), w in goal.items()}
+    for source in (kohya, tmp_path / "d" / "pytorch_lora_weights.safetensors"):
+        assert_comfyui_applies(load_file(str(source)), pipe.unet, pipe.text_encoder, change, atol=1e-5)
     for source in (kohya, tmp_path / "d"):
         loaded = plain_pipeline(tiny_model, copy.deepcopy(unet))
         loaded.load_lora_weights(str(source))
@@ -163,6 +201,102 @@ def test_low_rank_difference_loads_at_the_right_strength_in_every_layer(tiny_mod
         assert fused.keys() == goal.keys() and len(goal) > 100
         worst = max(float((fused[k] - w).abs().max()) for k, w in goal.items())
         assert worst < 1e-5, (source.name, worst)
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sd21"])
+def test_every_key_maps_in_comfyui_for_the_real_sd_layouts(preset):
+    """SD 1.5 and SD 2.1 at their real sizes (on the meta device, no weights): every layer a LoRA run or a
+    low-rank difference writes, in both layouts, has a key ComfyUI maps onto a weight of that shape;
+    with peft's names, which bas wrote before, ComfyUI would leave out the UNet's attention projections."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from benchmarks.presets import CLIP_VOCAB_SIZE, PRESETS
+
+    with torch.device("meta"):
+        models = {"unet": UNet2DConditionModel(**PRESETS[preset].unet),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, **PRESETS[preset].text))}
+        layers = [LoraLayer(c, n, torch.empty(4, *m.weight.shape[1:]), torch.empty(m.weight.shape[0], 4, *m.weight.shape[2:]), 4.0)
+                  for c, model in models.items() for n, m in model.named_modules() if kohya_targets(c, n, m)]
+    assert len(layers) == 16 * 12 + 6 * (12 if preset == "sd15" else 23)  # 16 transformer blocks, 12 or 23 text layers
+    assert (preset == "sd15") == any(layer.down.dim() == 4 for layer in layers)  # SD 1.x's 1x1-convolution projections
+    names = comfyui_keys.key_map(models["unet"], models["text_encoder"])
+    for sd in (diffusers_state_dict(layers), kohya_state_dict(layers, 4.0)):
+        changes, left_out = comfyui_keys.load_lora(sd, names)
+        assert left_out == [] and len(changes) == len(layers)
+    peft_names = {f"{x.component}.{x.module}.lora_{f}.weight": t for x in layers for f, t in (("A", x.down), ("B", x.up))}
+    _, left_out = comfyui_keys.load_lora(peft_names, names)
+    assert len(left_out) == 2 * 16 * 8 and all(".attn" in k for k in left_out)  # both factors of every attention projection
+
+
+def previous_layouts(layers, pipe, configs, directory):
+    """The diffusers LoRA files of earlier bas versions for ``layers``: (1) diffusers' own
+    ``save_lora_weights`` with the peft configs in the header and transformers 5's text-encoder paths,
+    (2) peft's names everywhere with the scale folded in and transformers 4's paths."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    first = directory / "first"
+    StableDiffusionPipeline.save_lora_weights(
+        first, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder)),
+        unet_lora_adapter_metadata=configs["unet"].to_dict(), text_encoder_lora_adapter_metadata=configs["text_encoder"].to_dict())
+    second = directory / "second"
+    second.mkdir()
+    sd = {}
+    for x in layers:
+        sd[f"{x.component}.{x.module}.lora_A.weight"] = x.down
+        sd[f"{x.component}.{x.module}.lora_B.weight"] = x.scaled_up(x.rank)
+    save_file(sd, str(second / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    return [first / "pytorch_lora_weights.safetensors", second / "pytorch_lora_weights.safetensors"]
+
+
+def test_lora_files_of_earlier_versions_are_read_and_rewritten_in_the_layout_comfyui_maps(tiny_model, tmp_path):
+    """Runs written by earlier bas versions still export: their LoRA files read back as the same layers
+    (the first version's per-layer alpha from its peft config), and written again they map in ComfyUI,
+    which left out their UNet keys."""
+    from bas.plugins.lora import Lora
+
+    pipe = plain_pipeline(tiny_model)
+    strategy = Lora(SimpleNamespace(options={"lora_rank": 4, "lora_alpha": 2.0}))
+    family = StableDiffusion()
+    run = SimpleNamespace(family=family, components=Components(family, family.pipeline_text_encoders(pipe), pipe.unet, pipe.vae, pipe.scheduler),
+                          device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in strategy.prepare(run):
+            p.copy_(torch.randn_like(p) * 0.1)
+    want = trained_changes(pipe, 0.5)
+    strategy.save(run, tmp_path)
+    layers = read_diffusers_lora(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    configs = strategy.configs
+    for path in previous_layouts(layers, pipe, configs, tmp_path):
+        old = load_file(str(path))
+        _, left_out = comfyui_keys.load_lora(old, comfyui_keys.key_map(pipe.unet, pipe.text_encoder))
+        assert {k for k in old if k.startswith("unet.")} <= set(left_out) and left_out  # (1) leaves out all
+        read = read_diffusers_lora(path)
+        assert {(x.component, x.module) for x in read} == want.keys()
+        for x in read:
+            got = x.alpha / x.rank * x.up @ x.down
+            torch.testing.assert_close(got, want[(x.component, x.module)], atol=1e-6, rtol=1e-5)
+        write_diffusers_lora(read, tmp_path / "again")
+        assert_comfyui_applies(load_file(str(tmp_path / "again" / "pytorch_lora_weights.safetensors")), pipe.unet, pipe.text_encoder, want)
+
+
+@pytest.mark.parametrize("key", [
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_x_lora.down.weight",
+    "unet.processor.to_q_lora.down.weight",
+    "vae.decoder.conv_in.lora.down.weight",
+    "unet.down_blocks.0.attentions.0.proj_in.lora_down.weight",
+])
+def test_reading_refuses_keys_of_other_layouts(key, tmp_path):
+    from bas.core.errors import BasError
+
+    path = tmp_path / "l.safetensors"
+    save_file({key: torch.zeros(2, 3), key.replace("down", "up"): torch.zeros(3, 2)}, str(path))
+    with pytest.raises(BasError, match=r"holds a key bas does not know \(.+\); export a LoRA written by `bas run`"):
+        read_diffusers_lora(path)
 
 
 @pytest.mark.parametrize("handle_dim, prediction, version, architecture, resolution", [

@@ -71,7 +71,7 @@ def handle_names(run):
 def test_the_family_is_detected_and_recorded(sdxl_run, tiny_sdxl_model):
     run, _ = sdxl_run
     info = json.loads((run.out / "run.json").read_text())
-    assert info["family"] == "sdxl" and info["config"]["family"] == "sdxl" and info["model"] == str(tiny_sdxl_model)
+    assert info["family"] == "sdxl" and info["config"]["family"] is None and info["model"] == str(tiny_sdxl_model)
     assert [e.name for e in run.components.text_encoders] == list(ENCODERS)
 
 
@@ -274,6 +274,7 @@ def test_exports_refuse_what_the_family_cannot_write_and_write_nothing(sdxl_run,
     tampered = tmp_path / "tampered"
     shutil.copytree(run.out, tampered)
     info = json.loads((tampered / "run.json").read_text())
+    info.pop("checksums")  # as a run.json of a bas before checksums, which readers cannot check against its files
     (tampered / "run.json").write_text(json.dumps(dict(info, family="sd")))
     handles = load_file(str(tampered / "handles.safetensors"))
     save_file({k: v for k, v in handles.items() if k.startswith("<")}, str(tampered / "handles.safetensors"))

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from bas.core import io
 from bas.core.errors import BasError
 from bas.core.family import ImageSize
-from bas.core.generation import check_scheduler, check_size, lora_kwargs, make_scheduler, read_run, run_family, slug
+from bas.core.generation import check_prompts_fit, check_scheduler, check_size, lora_kwargs, make_scheduler, read_run, run_family, slug
 from bas.core.handles import check_prompt_handles
 from bas.core.sampling import decode, denoise, to_pil
 from bas.core.scene import load_image, load_mask
@@ -123,6 +123,7 @@ def edit_images(
 
     pipe, info = load_run_pipeline(out, device, precision)
     family = run_family(info)
+    check_prompts_fit(pipe, family, prompts + ([negative_prompt] if negative_prompt else []))
     extra = lora_kwargs(pipe, lora_scale, family)
     dev = pipe.device
     denoiser = getattr(pipe, family.denoiser_name)

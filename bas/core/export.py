@@ -39,7 +39,7 @@ from bas.core.errors import BasError
 from bas.core.family import ModelFamily
 from bas.core.formats import LoraLayer, kohya_targets, read_diffusers_lora, write_diffusers_lora, write_kohya_lora
 from bas.core.generation import all_handles_prompt, read_run, slug
-from bas.core.handles import split_handles
+from bas.core.handles import check_handle_names, split_handles
 from bas.core.runs import run_family
 
 FORMATS = ("diffusers", "kohya", "lora-from-full")
@@ -119,7 +119,10 @@ def kohya_metadata(info: dict, name: str, handles: dict, family: ModelFamily) ->
 
 # -- embeddings ----------------------------------------------------------------------------------
 def handle_file_stem(token: str) -> str:
-    return token.strip("<>")  # "<asset0>" -> "asset0": brackets are not allowed in Windows file names
+    """``<asset0>`` -> ``asset0`` (brackets are not allowed in Windows file names); any other
+    name, which a handles file could hold, is refused before it becomes a path."""
+    check_handle_names([token])
+    return token.strip("<>")
 
 
 def handle_rows(family: ModelFamily, handles: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -240,10 +243,14 @@ def run_files(info: dict) -> tuple[bool, bool]:
     return LORA_FILE in files, PIPELINE_DIR in files
 
 
-def write_run_exports(out: Path, info: dict, family: ModelFamily | None = None) -> list[str]:
+def write_run_exports(out: Path, info: dict, shown_as: Path | None = None, family: ModelFamily | None = None) -> list[str]:
     """What ``bas run`` writes besides the weights: textual-inversion files and the model card, in the
-    layout of the run's ``family`` (by default the one run.json names)."""
+    layout of the run's ``family`` (by default the one run.json names).
+
+    ``shown_as``: the folder's name in the card when ``out`` is where the run is written for now
+    (its staging folder)."""
     out = Path(out)
+    shown = Path(shown_as or out)
     family = family or run_family(info)
     handles = handle_rows(family, load_file(str(out / "handles.safetensors")))
     with io.atomic_path(out / EMBEDDINGS_DIR, directory=True) as tmp:  # replaces an overwritten run's files as a whole
@@ -258,7 +265,8 @@ def write_run_exports(out: Path, info: dict, family: ModelFamily | None = None) 
     if pipeline:
         files.append((PIPELINE_DIR, "the whole fine-tuned pipeline, handles included"))
     preview = find_preview(out)
-    card = model_card(info, title=f"{out.name}: {len(handles)} concepts for {info['model']}", files=files, usage=diffusers_usage(info, f"{out}/", lora, pipeline, family),
+    card = model_card(info, title=f"{shown.name}: {len(handles)} concepts for {info['model']}", files=files,
+                      usage=diffusers_usage(info, f"{shown}/", lora, pipeline, family),
                       preview=preview.relative_to(out).as_posix() if preview else None)
     with io.atomic_path(out / "README.md") as tmp:
         tmp.write_text(card, encoding="utf-8")
@@ -266,12 +274,23 @@ def write_run_exports(out: Path, info: dict, family: ModelFamily | None = None) 
 
 
 # -- bas export ----------------------------------------------------------------------------------
+EXPORT_NAMES = {"README.md", PREVIEW, EMBEDDINGS_DIR, "lora", "pipeline"}  # and NAME.safetensors (kohya)
+
+
 def check_destination(out: Path, dest: Path, overwrite: bool) -> None:
+    """The export replaces ``dest`` as a whole: never a folder that holds anything but an export."""
+    from bas.core.runfolder import check_target
+
+    check_target(dest, kind="export")
     out_r, dest_r = Path(out).resolve(), Path(dest).resolve()
     if dest_r == out_r or dest_r in out_r.parents or out_r in dest_r.parents:
         raise BasError(f"--out {dest} overlaps the run folder {out}; export to a folder outside it.")
     if dest_r.exists() and (not dest_r.is_dir() or any(dest_r.iterdir())) and not overwrite:
         raise BasError(f"{dest} already exists and is not empty; pass --overwrite to replace it or choose another --out.")
+    foreign = sorted(p.name for p in dest_r.iterdir() if p.name not in EXPORT_NAMES and p.suffix != ".safetensors") if dest_r.is_dir() else []
+    if foreign:
+        raise BasError(f"--out {dest} holds {foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, which no export writes, "
+                       "and --overwrite replaces the whole folder; choose a new or empty folder.")
 
 
 def render_preview(out: Path, info: dict, path: Path, steps: int, device: str, precision: str) -> None:
@@ -338,9 +357,8 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
             if fmt == "lora-from-full":
                 write_diffusers_lora(layers, tmp / "lora")
                 files.append((LORA_FILE, f"the full fine-tune as a LoRA by low-rank difference (rank {rank}), for `pipe.load_lora_weights`"))
-            elif has_lora:
-                (tmp / "lora").mkdir()
-                shutil.copy2(out / LORA_FILE, tmp / LORA_FILE)
+            elif has_lora:  # rewritten, so that a run of an earlier bas version exports in today's layout
+                write_diffusers_lora(read_diffusers_lora(out / LORA_FILE), tmp / "lora")
                 files.append((LORA_FILE, "the LoRA trained in phase 2, for `pipe.load_lora_weights`"))
             elif has_pipeline:
                 shutil.copytree(out / "pipeline", tmp / "pipeline")

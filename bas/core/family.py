@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
+from bas.core import checks
 from bas.core.errors import BasError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -170,6 +171,8 @@ class ModelFamily:
         step = self.resolution_multiple
         if resolution is not None and (resolution < step or resolution % step):
             raise BasError(f"--resolution must be a multiple of {step} for {self.name} models (such as {step * 8}), not {resolution}.")
+        if resolution is not None:
+            checks.check_side("resolution", resolution, multiple=step)  # and at most what bas takes
 
     def memory_defaults(self, device: torch.device, strategy: str) -> dict[str, Any]:
         """Run options (``RunConfig`` fields) to use on ``device`` where the user chose none."""

@@ -6,27 +6,33 @@ Each rule below was checked against the loaders (README, "Exports"):
   (transformers 5 drops the ``text_model.`` level of ``CLIPTextModel``).  diffusers 0.2x-0.3x,
   ComfyUI and kohya's tools only know those names; transformers 5 and diffusers 0.3x+ map them
   back when their model lacks the level.
-- A diffusers LoRA holds peft's key names (``lora_A``/``lora_B``, which every diffusers version
-  and ComfyUI read for the text encoder) and no peft config in its header (older peft rejects
-  the fields newer peft writes there).  Without a config every loader takes alpha = rank, and
-  older diffusers give every layer the *first* layer's rank as alpha: so each layer's scale
-  ``alpha / rank`` is folded into ``lora_B`` and all layers have one rank (smaller ones padded
-  with zeros), which every loader then applies at exactly scale 1.
+- A diffusers LoRA names its UNet layers as diffusers' attention processors did
+  (``unet.<...>.attn1.processor.to_q_lora.down.weight``, ``to_k_lora``, ``to_v_lora``, ``to_out_lora``;
+  other layers ``unet.<module>.lora.down.weight``), which every diffusers version converts on loading
+  and ComfyUI maps for SD UNets (it does not map peft's ``unet.<module>.lora_A.weight``), and its text
+  encoders' layers with peft's names (``text_encoder.text_model.<module>.lora_A.weight``), which every
+  diffusers version and ComfyUI read.  Its header holds no peft config (older peft rejects the fields
+  newer peft writes there).  Without a config every loader takes alpha = rank, and older diffusers give
+  every layer the *first* layer's rank as alpha: so each layer's scale ``alpha / rank`` is folded into
+  its up factor and all layers have one rank (smaller ones padded with zeros), which every loader then
+  applies at exactly scale 1.
 - A kohya LoRA has one alpha for all layers, each layer's scale folded into ``lora_up``:
   diffusers' kohya converter assigns per-layer alphas to the wrong layers when they differ.
 - A saved pipeline's CLIP tokenizer also has ``vocab.json`` and ``merges.txt``, which
   transformers 4.x's ``CLIPTokenizer`` needs (transformers 5 writes only ``tokenizer.json``).
 
-The naming of modules (text-encoder paths, kohya prefixes, the layers kohya's LoRA covers) is
-kept in the functions of the first section; a model family gives its own kohya prefixes
-(``ModelFamily.kohya_prefixes``: SD's ``lora_te_``, SDXL's ``lora_te1_``/``lora_te2_``), which
-the functions that name keys take as ``prefixes``.
+The naming of modules (the components' key prefixes in ``COMPONENTS``, text-encoder paths,
+diffusers' and kohya's key names, the layers kohya's LoRA covers) is kept in the first section, the
+only one a model family with other module names would extend.  A model family gives its own kohya
+prefixes (``ModelFamily.kohya_prefixes``: SD's ``lora_te_``, SDXL's ``lora_te1_``/``lora_te2_``),
+which the functions that name kohya keys take as ``prefixes``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +47,31 @@ DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 
 
 # -- module naming ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ComponentNames:
+    """How one pipeline component's LoRA layers are named in the files."""
+
+    diffusers: str  # the key prefix in diffusers' layout, the component's name in the pipeline
+    kohya: str  # the key prefix in kohya's layout
+    text_encoder: bool  # a CLIP text encoder (``text_model.`` paths, peft's key names); else a UNet
+
+
+# Every component a LoRA file can hold, the one table of prefixes.  The kohya prefixes are SD
+# 1.x/2.x's; a family with several text encoders names them its own way (``prefixes`` below).
+COMPONENTS = {
+    "unet": ComponentNames("unet", "lora_unet_", text_encoder=False),
+    "text_encoder": ComponentNames("text_encoder", "lora_te_", text_encoder=True),
+    "text_encoder_2": ComponentNames("text_encoder_2", "lora_te2_", text_encoder=True),
+}
 TEXT_MODEL_PREFIX = "text_model."
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # Stable Diffusion 1.x/2.x's
-# the pipeline components diffusers' LoRA loaders take layers for (SD, SDXL, SD3, FLUX)
-LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+# A UNet attention's projections, and their names as diffusers' attention processors had them.
+ATTENTION_PROCESSOR_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}
+ATTENTION_PROJECTION = re.compile(r"(.+)\.(to_q|to_k|to_v|to_out\.0)")
+# The endings of a layer's factors in the layouts diffusers reads: peft's, its own older ones, and
+# its attention processors' (``...attn1.processor.to_q_lora.down.weight``).
+DIFFUSERS_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
+                      ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down",
+                      ".lora_linear_layer.up.weight": "up", "_lora.down.weight": "down", "_lora.up.weight": "up"}
 
 
 def text_encoder_module(module: str) -> str:
@@ -53,18 +80,57 @@ def text_encoder_module(module: str) -> str:
 
 
 def standard_module(component: str, module: str) -> str:
-    """A module's path as every loader names it: a CLIP text encoder's (``text_encoder``,
-    ``text_encoder_2``) with ``text_model.``, any other as the model names it."""
-    return text_encoder_module(module) if component.startswith("text_encoder") else module
+    return text_encoder_module(module) if COMPONENTS[component].text_encoder else module
 
 
-def kohya_name(component: str, module: str, prefixes: dict[str, str] = KOHYA_PREFIXES) -> str:
+def kohya_name(component: str, module: str, prefixes: dict[str, str] | None = None) -> str:
     """``lora_unet_down_blocks_0_..._to_q`` / ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``
-    (SDXL: ``lora_te1_...``, ``lora_te2_...``), with the model family's ``prefixes``."""
+    (SDXL: ``lora_te1_...``, ``lora_te2_...``), with the model family's ``prefixes`` (default: SD's)."""
+    prefixes = prefixes or {c: names.kohya for c, names in COMPONENTS.items() if c != "text_encoder_2"}
     if component not in prefixes:
         raise BasError(f"The LoRA has {component} layers, which the kohya names {', '.join(prefixes.values())} have no place for; "
                        "export the run with the model family it was trained with (run.json's \"family\").")
     return prefixes[component] + standard_module(component, module).replace(".", "_")
+
+
+def diffusers_keys(component: str, module: str) -> tuple[str, str]:
+    """The keys of a layer's down and up factors in a diffusers LoRA:
+    ``unet.<...>.attn1.processor.to_q_lora.down.weight`` for a UNet attention's projections,
+    ``unet.<module>.lora.down.weight`` for the UNet's other layers, and
+    ``text_encoder.text_model.<module>.lora_A.weight`` / ``.lora_B.weight`` for a text encoder's."""
+    names = COMPONENTS[component]
+    if names.text_encoder:
+        stem = f"{names.diffusers}.{text_encoder_module(module)}"
+        return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+    projection = ATTENTION_PROJECTION.fullmatch(module)
+    if projection:
+        stem = f"{names.diffusers}.{projection[1]}.processor.{ATTENTION_PROCESSOR_NAMES[projection[2]]}_lora"
+    else:
+        stem = f"{names.diffusers}.{module}.lora"
+    return f"{stem}.down.weight", f"{stem}.up.weight"
+
+
+def parse_diffusers_key(key: str) -> tuple[str, str, str] | None:
+    """``(component, module, "down" or "up")`` of a key of a diffusers LoRA in any of the layouts
+    diffusers has read: peft's ``lora_A``/``lora_B``, ``lora.down``/``lora.up``, ``lora_linear_layer``
+    and the attention processors' ``processor.to_q_lora.down``; None for any other key."""
+    prefix, _, rest = key.partition(".")
+    component = next((c for c, names in COMPONENTS.items() if names.diffusers == prefix), None)
+    if component is None:
+        return None
+    for suffix, kind in DIFFUSERS_SUFFIXES.items():
+        if rest.endswith(suffix):
+            module = rest[: -len(suffix)]
+            break
+    else:
+        return None
+    if suffix.startswith("_lora."):  # <...>.attnN.processor.to_q_lora.down.weight
+        head, _, name = module.rpartition(".processor.")
+        projection = next((p for p, n in ATTENTION_PROCESSOR_NAMES.items() if n == name), None)
+        if not head or projection is None:
+            return None
+        module = f"{head}.{projection}"
+    return (component, module, kind) if module else None
 
 
 def kohya_targets(component: str, name: str, module: torch.nn.Module) -> bool:
@@ -73,7 +139,7 @@ def kohya_targets(component: str, name: str, module: torch.nn.Module) -> bool:
     UNet: the linear layers and 1x1 convolutions of the transformer blocks (SD 1.x's ``proj_in`` and
     ``proj_out`` are 1x1 convolutions, SD 2.x's are linear); text encoder: attention and MLP layers.
     """
-    if component == "unet":
+    if not COMPONENTS[component].text_encoder:
         if ".attentions." not in name:
             return False
         return isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1))
@@ -134,13 +200,12 @@ def peft_layers(component: str, state_dict: dict[str, torch.Tensor], alpha: floa
 
 
 # -- diffusers' layout -----------------------------------------------------------------------------
-DIFFUSERS_KINDS = {"lora_A": "down", "lora_B": "up", "lora.down": "down", "lora.up": "up",
-                   "lora_linear_layer.down": "down", "lora_linear_layer.up": "up"}
 
 
 def read_diffusers_lora(path: Path) -> list[LoraLayer]:
-    """The layers of a diffusers-format LoRA: what ``bas run`` writes now, and the layout of earlier bas
-    versions (transformers-5 text-encoder paths, diffusers' ``lora.down`` names, a peft config in the header)."""
+    """The layers of a diffusers-format LoRA: what ``bas run`` writes now, and the layouts of earlier bas
+    versions (peft's ``lora_A`` names in the UNet too, transformers-5 text-encoder paths, a peft config in
+    the header)."""
     path = Path(path)
     try:
         with safe_open(str(path), "pt") as f:
@@ -150,12 +215,11 @@ def read_diffusers_lora(path: Path) -> list[LoraLayer]:
         raise BasError(f"{path} is not a readable LoRA safetensors file ({exc}); re-run `bas run` to rewrite it.") from exc
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        component, _, rest = key.partition(".")
-        kind = next((k for k in DIFFUSERS_KINDS if rest.endswith(f".{k}.weight")), None)
-        if component not in LORA_COMPONENTS or kind is None:
+        parsed = parse_diffusers_key(key)
+        if parsed is None:
             raise BasError(f"{path} holds a key bas does not know ({key}); export a LoRA written by `bas run`.")
-        module = rest[: -len(f".{kind}.weight")]
-        parts.setdefault((component, module), {})[DIFFUSERS_KINDS[kind]] = tensor
+        component, module, kind = parsed
+        parts.setdefault((component, module), {})[kind] = tensor
     layers = []
     for (component, module), p in sorted(parts.items()):
         if set(p) != {"down", "up"}:
@@ -167,13 +231,14 @@ def read_diffusers_lora(path: Path) -> list[LoraLayer]:
 
 
 def diffusers_state_dict(layers: list[LoraLayer]) -> dict[str, torch.Tensor]:
-    """Keys ``unet.<module>.lora_A.weight`` / ``text_encoder.text_model.<module>.lora_B.weight``, one rank,
-    each layer's scale folded into ``lora_B`` (see the module's docstring)."""
+    """The keys of ``diffusers_keys``, one rank, each layer's scale folded into its up factor (see the
+    module's docstring)."""
     rank = max(layer.rank for layer in layers)
     sd = {}
     for layer in (layer.padded(rank) for layer in layers):
-        sd[f"{layer.component}.{layer.module}.lora_A.weight"] = layer.down.contiguous()
-        sd[f"{layer.component}.{layer.module}.lora_B.weight"] = layer.scaled_up(layer.rank)
+        down, up = diffusers_keys(layer.component, layer.module)
+        sd[down] = layer.down.contiguous()
+        sd[up] = layer.scaled_up(layer.rank)
     return sd
 
 
@@ -188,7 +253,7 @@ def write_diffusers_lora(layers: list[LoraLayer], directory: Path) -> Path:
 
 
 # -- kohya's layout --------------------------------------------------------------------------------
-def kohya_state_dict(layers: list[LoraLayer], alpha: float, prefixes: dict[str, str] = KOHYA_PREFIXES) -> dict[str, torch.Tensor]:
+def kohya_state_dict(layers: list[LoraLayer], alpha: float, prefixes: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """``lora_unet_*``/``lora_te_*`` keys with ``.lora_down.weight``, ``.lora_up.weight`` and one ``alpha``."""
     sd = {}
     for layer in layers:
@@ -207,8 +272,9 @@ def kohya_model_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     return hashlib.sha256(data[8 + header:]).hexdigest()
 
 
-def write_kohya_lora(layers: list[LoraLayer], path: Path, metadata: dict[str, str], prefixes: dict[str, str] = KOHYA_PREFIXES) -> None:
-    """The LoRA with one alpha (the largest rank), kohya's training metadata and its model hash."""
+def write_kohya_lora(layers: list[LoraLayer], path: Path, metadata: dict[str, str], prefixes: dict[str, str] | None = None) -> None:
+    """The LoRA with one alpha (the largest rank), kohya's training metadata and its model hash;
+    ``prefixes``: the model family's kohya prefixes (default: SD 1.x/2.x's)."""
     alpha = float(max(layer.rank for layer in layers))
     tensors = {k: v.detach().cpu().contiguous() for k, v in kohya_state_dict(layers, alpha, prefixes).items()}
     metadata = {**metadata, "ss_network_module": "networks.lora", "ss_network_dim": str(int(alpha)), "ss_network_alpha": str(alpha)}

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from bas.core import io
+from bas.core import checks, io
 from bas.core.errors import BasError
-from bas.core.handles import check_prompt_handles, install_handles
+from bas.core.handles import check_prompt_fits, check_prompt_handles, install_handles
 from bas.core.model import DTYPES, load_pipeline, resolve_device, resolve_precision
 from bas.core.runs import SavedConfig, all_handles_prompt, read_run, run_family, run_plugins, slug  # noqa: F401 (re-exported)
+
+
+def image_stem(prompt: str) -> str:
+    """The file name (without ``-seedS.png``) of a prompt's images: its slug, and when the slug had to be
+    cut short, a hash of the whole prompt, so that long prompts differing only at the end do not collide."""
+    full = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-").lower()
+    short = slug(prompt)
+    if full == short:
+        return short
+    return f"{short}-{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:8]}"
 
 
 def load_run_pipeline(out: Path, device: str = "auto", precision: str = "auto"):
@@ -66,12 +79,23 @@ def make_scheduler(name: str, config):
     return getattr(diffusers, cls).from_config(config, **extra)
 
 
+MAX_PROMPTS_FILE = 10 * 2**20
+
+
 def read_prompts_file(path: Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with # are skipped."""
     path = Path(path)
     if not path.is_file():
         raise BasError(f"Prompts file {path} does not exist; pass a text file with one prompt per line.")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    if path.stat().st_size > MAX_PROMPTS_FILE:
+        raise BasError(f"Prompts file {path} is {path.stat().st_size:,} bytes; a prompts file is text of at most {MAX_PROMPTS_FILE // 2**20} MB, one prompt per line.")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BasError(f"Prompts file {path} is not UTF-8 text; save it as plain text with one prompt per line.") from None
+    if "\0" in text:
+        raise BasError(f"Prompts file {path} is not a text file (it holds NUL bytes); pass plain text with one prompt per line.")
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise BasError(f"Prompts file {path} holds no prompt; write one prompt per line.")
@@ -96,8 +120,15 @@ def grid_name(prompts: list[str], seeds: list[int]) -> str:
 
 def check_size(width: int | None, height: int | None) -> None:
     for name, value in (("--width", width), ("--height", height)):
-        if value is not None and (value < 8 or value % 8):
-            raise BasError(f"{name} must be a positive multiple of 8 (such as 512), not {value}.")
+        if value is not None:
+            checks.check_side(name, value)
+
+
+def check_prompts_fit(pipe, family, texts: list[str]) -> None:
+    """Refuse a prompt whose handle one of the family's tokenizers would cut off (``check_prompt_fits``)."""
+    for encoder in family.pipeline_text_encoders(pipe):
+        for text in texts:
+            check_prompt_fits(encoder.tokenizer, text)
 
 
 def lora_kwargs(pipe, lora_scale: float, family) -> dict:
@@ -128,12 +159,14 @@ def generate_images(
     out_dir: Path | None = None,
     device: str = "auto",
     precision: str = "auto",
+    on_image: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Sample images per prompt (DDIM by default, the paper's sampler); returns the PNG paths.
 
-    Seeds are ``seeds`` or ``seed, seed+1, ...`` (``num_images`` of them).  With ``grid`` and more
-    than one image, a grid (a row per prompt, a column per seed) is written beside the single
-    images and its path is returned last.
+    Seeds are ``seeds`` or ``seed, seed+1, ...`` (``num_images`` of them).  Each image is
+    ``out_dir/<image_stem(prompt)>-seed<S>.png``; ``on_image(path)`` is called as each one is
+    written (progress).  With ``grid`` and more than one image, a grid (a row per prompt, a column
+    per seed) is written beside the single images and its path is returned last.
     """
     out = Path(out)
     info = read_run(out)
@@ -141,15 +174,20 @@ def generate_images(
         raise BasError("No prompt was given; pass a prompt such as \"a photo of <asset0>\" or --prompts-file.")
     for prompt in prompts:
         check_prompt_handles(prompt, info["handles"])
-    seeds = list(seeds) if seeds else [seed + i for i in range(num_images)]
     if num_images < 1 or steps < 1:
         raise BasError("--num-images and --steps must be at least 1.")
+    checks.check_seed(seed, 1 if seeds else num_images)
+    for s in seeds or []:
+        checks.check_seed(s, name="seeds")
+    seeds = list(seeds) if seeds else [seed + i for i in range(num_images)]
     check_size(width, height)
     check_scheduler(scheduler)  # before the model loads
 
     pipe, info = load_run_pipeline(out, device, precision)
+    family = run_family(info)
+    check_prompts_fit(pipe, family, prompts + ([negative_prompt] if negative_prompt else []))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    extra = lora_kwargs(pipe, lora_scale, run_family(info))
+    extra = lora_kwargs(pipe, lora_scale, family)
     out_dir = Path(out_dir) if out_dir else out / "samples"
     res = info.get("resolution")
     written, rows = [], []
@@ -162,9 +200,11 @@ def generate_images(
                     prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                     generator=generator, height=height or res, width=width or res, **extra,
                 ).images[0]
-            path = out_dir / f"{slug(prompt)}-seed{s}.png"
+            path = out_dir / f"{image_stem(prompt)}-seed{s}.png"
             io.save_image(path, image)
             written.append(path)
+            if on_image:
+                on_image(path)
             row.append(image)
         rows.append(row)
     if grid and len(written) > 1:

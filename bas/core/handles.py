@@ -157,6 +157,31 @@ def check_handle_names(names) -> list[str]:
     return sorted(tokens, key=lambda t: int(HANDLE_PATTERN.fullmatch(t).group(1)))
 
 
+def check_prompt_fits(tokenizer, prompt: str, what: str = "The prompt") -> None:
+    """Refuse a prompt whose handle the text encoder would not see because the tokenizer's limit
+    (77 tokens for CLIP) cuts it off; warn when only words without handles are cut.
+
+    Call it once per tokenizer a model family uses, with the handles already added to it.
+    """
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not limit or limit > 100_000:  # tokenizers without a limit report a huge number
+        return
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+    if len(ids) <= limit:
+        return
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    kept = limit - 1  # the first limit-1 tokens and an end-of-text token reach the encoder
+    lost = [t for t in tokens[kept:-1] if HANDLE_PATTERN.fullmatch(str(t))]
+    if lost:
+        raise BasError(
+            f"{what} {prompt[:60] + '...' if len(prompt) > 60 else prompt!r} is {len(ids)} tokens long and its handle {lost[0]} comes after "
+            f"the text encoder's limit of {limit}, so it would be cut off; shorten the text before {lost[0]}."
+        )
+    import warnings
+
+    warnings.warn(f"{what} is {len(ids)} tokens long; the text encoder sees the first {limit}, the rest is ignored.", stacklevel=2)
+
+
 def install_handles(encoders, state: dict[str, torch.Tensor]) -> None:
     """Add a handles file's rows to a loaded pipeline's tokenizers and text encoders (for generation).
 

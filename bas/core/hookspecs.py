@@ -185,9 +185,47 @@ def bas_register_observers(register):
 
     ``factory(config)`` returns an object (or ``None``) with any of ``on_run_start(run)``,
     ``on_phase_start(run, phase)``, ``on_step(run, step)``, ``on_phase_end(run, phase)``,
-    ``on_run_end(run)``.  Logging, progress bars, checkpoints and validation images are observers.
+    ``on_run_end(run)``, ``on_run_failed(run, error)``.  Logging, progress bars, checkpoints and
+    validation images are observers.  While a run works, ``run.out`` is its staging folder beside
+    ``--out`` (``run.config.out``): what an observer writes there, up to and including
+    ``on_run_end`` (training done, the output not yet written), becomes part of the run when it
+    is complete, and is never mixed into an older run.  ``on_run_failed`` is called instead of
+    ``on_run_end`` when the run stops with an exception (close files and progress bars there).
     ``step`` is a :class:`bas.core.components.StepRecord`.  An observer with
     ``on_images(run, phase, step, images)`` receives the validation samples that the ``report``
     plugin makes, ``{prompt: [PIL images, one per seed]}`` (the ``tensorboard`` plugin logs them).
     Observers run inside the step loop: keep ``on_step`` cheap.
+    """
+
+
+@hookspec
+def bas_register_evaluators(register):
+    """Register evaluators for ``bas eval``: ``register(name, factory)``; ``--evaluator NAME`` picks them.
+
+    ``factory(config)`` (``config`` is a :class:`bas.core.evaluation.EvalConfig`; plugin options in
+    ``config.options``) returns a :class:`bas.core.evaluation.Evaluator`, made once per ``bas eval``
+    and cheap to make: models load in its ``load(device)``, called once after every check passed.
+    ``bas eval`` calls ``check(run)`` for every run first (raise :class:`bas.core.errors.BasError`
+    for what the user must fix: missing class words, a run it cannot measure), then
+    ``score(run, samples)`` once per run: ``run`` is a :class:`bas.core.evaluation.EvalRun` (its
+    run.json, handles, class words, and ``load_inputs()``: the image and masks it learned from) and
+    ``samples`` its generated images (:class:`bas.core.evaluation.Sample`: image, prompt, seed, the
+    handles the prompt names).  ``score`` yields one dict per sample, in order: a float per
+    :class:`bas.core.evaluation.Metric` the evaluator declares in ``metrics`` and that applies to the
+    image (leave a metric out where it does not apply), and any other keys as per-image details.
+    ``bas eval`` averages each metric per run with a 95% bootstrap interval.
+
+    Without ``--evaluator``, an evaluator is used for the runs for which its factory's
+    ``default_for(run_info)`` (a class method; absent: always) is true.  An evaluator may offer prompt
+    template sets in ``templates`` (``{name: ["a photo of {}", ...]}``) for ``--templates NAME``,
+    and prefer one with ``default_templates``.
+    """
+
+
+@hookspec
+def bas_eval_options():
+    """Return a list of ``click.Option`` objects to add to ``bas eval`` (such as ``--clip-model``).
+
+    Their values reach evaluator factories through ``config.options[option.name]``; the Python API
+    (:func:`bas.evaluate`) takes them as keyword arguments, with the option's default otherwise.
     """

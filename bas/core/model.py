@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -31,20 +32,36 @@ def load_components(model: str, family: ModelFamily | str | None = None) -> Comp
     return family_of(model, family).load(resolve_model(model))
 
 
+def default_model() -> str:
+    """The model ``bas run`` uses without --model and --family: the default family's (the paper's SD 2.1 base)."""
+    from bas.core.family import default_family
+    from bas.core.plugins import Plugins
+
+    return default_family(Plugins()).default_model
+
+
 def load_pipeline(model: str | Path, device: torch.device, dtype: torch.dtype, family: ModelFamily | str | None = None):
     """The family's diffusers pipeline for generation (for SD without the safety checker)."""
     return family_of(str(model), family).load_pipeline(resolve_model(model), device, dtype)
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def resolve_device(device: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against what this machine has."""
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise BasError(f"Unknown --device {device!r}; use auto, cpu, cuda, cuda:N or mps.")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise BasError(f"Unknown --device '{device}'; use auto, cpu or cuda.") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BasError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BasError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BasError(f"--device {device} names GPU {dev.index} but this machine has {torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BasError("--device mps was asked for but this machine has no Apple GPU; use --device cpu.")
     return dev
 
 

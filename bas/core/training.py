@@ -8,6 +8,7 @@ plain objects.  This module knows no particular loss, mask source or weight stra
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import signal
@@ -21,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 import bas
-from bas.core import checkpoint, export, io
+from bas.core import checkpoint, checks, export, io, run_inputs, runfolder
 from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
 from bas.core.errors import BasError
 from bas.core.family import Components, Conditioning, ImageSize, choose_family
@@ -30,7 +31,7 @@ from bas.core.model import DTYPES, place, resolve_device, resolve_model, resolve
 from bas.core.masks import load_scene_input
 from bas.core.plugins import Plugins
 from bas.core.runs import PROMPT_PREFIX
-from bas.core.scene import Scene, check_concept_count, prepare_scene
+from bas.core.scene import Scene, check_concept_count, prepare_scene, scene_fingerprint
 
 # Run options a model family may choose where the user did not (None), and their values otherwise.
 FAMILY_CHOOSES = {"gradient_checkpointing": False, "optimizer": "adamw"}
@@ -65,17 +66,29 @@ class RunConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
+        """Every check of the options that needs no model, plugin options' numbers included."""
         for name in ("phase1_steps", "phase2_steps"):
-            if getattr(self, name) < 0:
-                raise BasError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(self, name)}.")
+            checks.check_integer(name, getattr(self, name), 0)
         if self.phase1_steps + self.phase2_steps == 0:
             raise BasError("Both phases have 0 steps; give --phase1-steps or --phase2-steps a positive number.")
         for name in ("phase1_lr", "phase2_lr", "phase2_handle_lr"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise BasError(f"--{name.replace('_', '-')} must be positive, not {value}.")
+            if getattr(self, name) is not None:
+                checks.check_positive(name, getattr(self, name))
+        checks.check_seed(self.seed)
+        if self.resolution is not None:  # the model family checks the multiples it can take (before any model loads)
+            checks.check_integer("resolution", self.resolution, 1)
+            if self.resolution > checks.MAX_SIDE:
+                raise BasError(f"--resolution must be at most {checks.MAX_SIDE} pixels, not {self.resolution}.")
+        checks.check_finite("flip_p", self.flip_p)
         if not 0.0 <= self.flip_p <= 1.0:
             raise BasError(f"--flip-p must be between 0 and 1, not {self.flip_p}.")
+        checks.check_finite("max_grad_norm", self.max_grad_norm)
+        if self.max_grad_norm < 0:
+            raise BasError(f"--max-grad-norm must be 0 (off) or positive, not {self.max_grad_norm}.")
+        for word in self.init_tokens:
+            if not str(word).strip():
+                raise BasError("An --init-token is empty; give a plain word such as 'dog'.")
+        checks.check_all_finite(self.options)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -148,13 +161,15 @@ class Run:
         self.out = Path(config.out)
         self.device = resolve_device(config.device)
         self.resolved = resolve(plugins, config)  # every plugin checks its options here
-        # the family (from --family, else --model's model_index.json) and its choices, before any model loads
+        # the family (from --family, else --model's model_index.json) and its choices, before any model loads;
+        # config keeps what was asked for (run.json, --resume), the run what it uses
         self.family = choose_family(plugins, resolve_model(config.model) if config.model else None, config.family)
-        config.family = self.family.name
-        config.model = config.model or self.family.default_model
+        self.model = config.model or self.family.default_model
         self.family.check_resolution(config.resolution)
-        self.family_defaults = self._apply_family_defaults(self.resolved.strategy_name)
-        self.resolved.optimizer_factory = plugins.registry("optimizer").get(config.optimizer, "--optimizer").factory
+        self.family_defaults = self._family_choices(self.resolved.strategy_name)
+        self.optimizer_name = self.choice("optimizer")
+        self.gradient_checkpointing = self.choice("gradient_checkpointing")
+        self.resolved.optimizer_factory = plugins.registry("optimizer").get(self.optimizer_name, "--optimizer").factory
         self.history: dict[str, list[dict]] = {"phase1": [], "phase2": []}
         self.times: dict[str, float] = {}
         self.precision = resolve_precision(config.precision, self.device)
@@ -166,17 +181,15 @@ class Run:
         self.resume_from: checkpoint.Checkpoint | None = None
         self._stop_requested = False
 
-    def _apply_family_defaults(self, strategy: str) -> dict[str, Any]:
-        """Fill the options the user left open with the family's choice for this device, else bas's."""
-        chosen = {}
-        for name, value in self.family.memory_defaults(self.device, strategy).items():
-            if getattr(self.config, name) is None:
-                setattr(self.config, name, value)
-                chosen[name] = value
-        for name, value in FAMILY_CHOOSES.items():
-            if getattr(self.config, name) is None:
-                setattr(self.config, name, value)
-        return chosen
+    def _family_choices(self, strategy: str) -> dict[str, Any]:
+        """The family's choices for this device among the options the user left open."""
+        return {name: value for name, value in self.family.memory_defaults(self.device, strategy).items()
+                if name in FAMILY_CHOOSES and getattr(self.config, name) is None}
+
+    def choice(self, name: str) -> Any:
+        """An option the family may choose: the user's value, else the family's, else bas's default."""
+        value = getattr(self.config, name)
+        return value if value is not None else self.family_defaults.get(name, FAMILY_CHOOSES[name])
 
     @property
     def handle_embedding(self) -> HandleEmbedding:
@@ -185,26 +198,57 @@ class Run:
 
     # -- setup --------------------------------------------------------------------------------
     def check_out(self) -> None:
-        """Never overwrite another run's output by accident; find the checkpoint to resume from."""
-        if self.out.exists() and not self.out.is_dir():
-            raise BasError(f"--out {self.out} is a file; pass a folder path.")
-        finished = (self.out / "run.json").exists()
-        unfinished = bool(checkpoint.complete_checkpoints(self.out))
-        if self.config.resume:
-            if finished:
-                raise BasError(f"{self.out} holds a finished run, there is nothing to resume; pass --overwrite instead of --resume to run again.")
-            self.resume_from = checkpoint.load_latest(self.out)
-            checkpoint.check_same_run(self.resume_from.state["config"], self.config.to_json())
-        elif (finished or unfinished) and not self.config.overwrite:
-            what = "a finished run" if finished else "an interrupted run"
-            hint = "pass --overwrite to replace it" if finished else "add --resume to continue it, or --overwrite to start over"
-            raise BasError(f"{self.out} already holds {what}; {hint}, or choose another --out.")
+        """Lock --out and decide what this run may do there, before anything slow happens.
+
+        The run then works in the staging folder beside --out (``self.out``), and only a complete
+        run replaces --out (:mod:`bas.core.runfolder`).  A finished or interrupted run is replaced
+        only with --overwrite, a folder that is not a run never; --resume finds the checkpoint.
+        """
+        runfolder.check_target(self.config.out, input_paths(self.config, self.plugins))
+        folder = self.folder = runfolder.RunFolder(self.config.out)
+        folder.open()
+        try:
+            shown = self.config.out
+            finished = folder.finished
+            resumable = bool(checkpoint.complete_checkpoints(folder.staging))
+            if self.config.resume:
+                if finished and not resumable:
+                    raise BasError(f"{shown} holds a finished run, there is nothing to resume; pass --overwrite instead of --resume to run again.")
+                if not resumable:
+                    raise BasError(f"{shown} holds no complete checkpoint to resume from; run the command without --resume to start over.")
+                self.resume_from = checkpoint.load_latest(folder.staging)
+                saved = checkpoint.read_inputs(folder.staging)
+                if saved is None:
+                    checkpoint.check_same_run(self.resume_from.state["config"], self.config.to_json())
+                else:
+                    checkpoint.check_same_run(saved["config"], resume_record(self.config))
+                    self.saved_inputs = saved.get("inputs")
+            else:
+                if (finished or resumable) and not self.config.overwrite:
+                    what = "an interrupted run" if resumable else "a finished run"
+                    hint = "add --resume to continue it, or --overwrite to start over" if resumable else "pass --overwrite to replace it"
+                    raise BasError(f"{shown} already holds {what}; {hint}, or choose another --out.")
+                reason = runfolder.replaceable(folder.out)
+                if reason is not None:
+                    raise BasError(f"--out {shown} cannot take a run: {reason}; choose a new or empty folder (a run replaces --out as a whole).")
+        except BaseException:
+            folder.close()
+            raise
+        self.out = folder.staging
+
+    def check_inputs(self, scene_input) -> None:
+        """The checks of the loaded image and masks that need no model; with --resume, that they
+        are the ones the interrupted run was trained on."""
+        check_concept_count(scene_input, self.config.init_tokens)
+        self.inputs_sha256 = scene_fingerprint(scene_input)
+        if self.resume_from is not None:
+            checkpoint.check_same_inputs(getattr(self, "saved_inputs", None), self.inputs_sha256)
 
     def load(self) -> None:
         t0 = time.perf_counter()
         scene_input = load_scene_input(self.plugins, self.resolved.mask_source, self.config)  # source + shared mask cleanup
-        check_concept_count(scene_input, self.config.init_tokens)
-        self.components: Components = self.family.load(resolve_model(self.config.model))
+        self.check_inputs(scene_input)
+        self.components: Components = self.family.load(resolve_model(self.model))
         c = self.components
         self.resolution = self.config.resolution or c.native_resolution
         self.scene: Scene = prepare_scene(scene_input, self.resolution, self.config.init_tokens, background=self.config.background)
@@ -225,7 +269,7 @@ class Run:
             place(module, self.device, weight_dtype)
         for embedding in self.handle_embeddings:
             embedding.handles.data = embedding.handles.data.float()
-        if self.config.gradient_checkpointing:
+        if self.gradient_checkpointing:
             c.denoiser.enable_gradient_checkpointing()
         self.times["load_s"] = time.perf_counter() - t0
 
@@ -356,10 +400,14 @@ class Run:
         self.times.update({k: v for k, v in ckpt.state["times"].items() if k.startswith("phase")})
         cur.step = ckpt.step
 
+    def request_stop(self) -> None:
+        """Stop after the current step and save a checkpoint, as one Ctrl-C does; safe from any thread."""
+        self._stop_requested = True
+
     def _request_stop(self, signum, frame) -> None:
         if self._stop_requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        self._stop_requested = True
+        self.request_stop()
 
     @contextlib.contextmanager
     def _stop_at_step_boundary(self):
@@ -453,7 +501,7 @@ class Run:
             for p in weights:  # trainable parameters train in fp32 whatever the base dtype
                 p.data = p.data.float()
             for encoder in encoders:
-                if self.config.gradient_checkpointing:
+                if self.gradient_checkpointing:
                     enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
                     enable()
                 encoder.train()
@@ -474,13 +522,19 @@ class Run:
         return handles_file_state(self.tokens, [e.name for e in self.components.text_encoders], self.handle_params)
 
     def save(self) -> dict:
-        """Write the handles, the strategy's weights and, last, run.json (which marks a finished run)."""
+        """Write the handles, the strategy's weights and, last, run.json (which marks a complete run)
+        into ``self.out`` (the staging folder while the run works; :func:`extract` swaps it in)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        io.write_safetensors(self.out / "handles.safetensors", self.handles_state(), metadata={"base_model": self.config.model})
-        files = ["handles.safetensors"] + (self.resolved.strategy.save(self, self.out) if self.config.phase2_steps else [])
+        io.write_safetensors(self.out / "handles.safetensors", self.handles_state(), metadata={"base_model": self.model})
+        weight_files = list(self.resolved.strategy.save(self, self.out)) if self.config.phase2_steps else []
+        for name in weight_files:  # a plugin's paths become readers' paths: they must stay in the folder
+            if not io.inside(self.out, name, f"Weight strategy '{self.resolved.strategy_name}'").exists():
+                raise BasError(f"Weight strategy '{self.resolved.strategy_name}' says it wrote {name}, but it is not there; report this to the plugin's authors.")
+        files = ["handles.safetensors"] + weight_files
+        files += run_inputs.save_inputs(self.out, self.scene)  # what `bas eval` compares generated concepts with
         info = {
             "bas_version": bas.__version__,
-            "model": self.config.model,
+            "model": self.model,
             "family": self.family.name,
             "family_defaults": self.family_defaults,
             "weights": self.resolved.strategy_name if self.config.phase2_steps else None,
@@ -492,6 +546,8 @@ class Run:
             "seed": self.config.seed,
             "device": str(self.device),
             "precision": self.precision,
+            "optimizer": self.optimizer_name,
+            "gradient_checkpointing": self.gradient_checkpointing,
             "prediction_type": self.prediction_type,
             "learning_rates": {"phase1": self.config.phase1_lr, "phase2": self.phase2_lr, "phase2_handles": self.config.phase2_handle_lr},
             "plugins": {name: {"version": i.version, "source": i.source, "default": i.default, "explicit": i.explicit} for name, i in self.plugins.infos.items()},
@@ -501,17 +557,21 @@ class Run:
             "history": self.history,
             "times": self.times,
             "resumed": bool(self.config.resume),
+            "inputs_sha256": getattr(self, "inputs_sha256", None),
+            "weight_files": weight_files,
             "files": files,
         }
-        info["files"] += export.write_run_exports(self.out, info, self.family)  # textual-inversion files, model card
+        info["files"] += export.write_run_exports(self.out, info, shown_as=Path(self.config.out), family=self.family)  # textual-inversion files, model card
+        info["checksums"] = runfolder.checksums(self.out, files[:1] + weight_files)
+        runfolder.fault_point("save:before-run-json")
         io.write_json(self.out / "run.json", info)
         return info
 
 
 OOM_ADVICE = (  # ordered by how much memory each saves
     ("--plugin lora instead of --plugin full", lambda run: run.resolved.strategy_name == "full"),
-    ("--optimizer adamw8bit", lambda run: run.config.optimizer != "adamw8bit" and run.device.type == "cuda"),
-    ("--gradient-checkpointing", lambda run: not run.config.gradient_checkpointing),
+    ("--optimizer adamw8bit", lambda run: run.optimizer_name != "adamw8bit" and run.device.type == "cuda"),
+    ("--gradient-checkpointing", lambda run: not run.gradient_checkpointing),
     ("--precision bf16", lambda run: run.precision == "fp32" and run.device.type == "cuda"),
     ("a lower --resolution (such as 384)", lambda run: True),
 )
@@ -530,29 +590,83 @@ def out_of_memory_message(run: Run) -> str:
 
 
 def extract(config: RunConfig, plugins: Plugins) -> Run:
-    """Run the whole extraction and write the output folder; returns the finished :class:`Run`."""
+    """Run the whole extraction and write the output folder; returns the finished :class:`Run`.
+
+    The run works in a staging folder beside ``config.out`` and replaces ``config.out`` only
+    when it is complete (:mod:`bas.core.runfolder`).  After a failure ``config.out`` is as it
+    was; the staging folder stays only when it holds a checkpoint to ``--resume`` from.
+    """
     t0 = time.perf_counter()
     run = Run(config, plugins)
     run.check_out()
+    folder = run.folder
     try:
         run.load()
-        if config.overwrite and not config.resume:
-            checkpoint.remove_all(run.out)  # the inputs are valid: now the old run may go
+        if not config.resume:
+            folder.start()  # the inputs are valid and the model loaded: now an earlier interrupted run may go
+            checkpoint.write_inputs(folder.staging, {"config": resume_record(config), "inputs": run.inputs_sha256})
         with run._stop_at_step_boundary():
             run.train()
-    except (RuntimeError, torch.OutOfMemoryError) as exc:
+        run.times["total_s"] = time.perf_counter() - t0
+        for call in _observer_calls(run.resolved.observers, "on_run_end"):
+            call(run)
+        info = run.save()
+        folder.commit()
+    except BaseException as exc:
+        for call in _observer_calls(run.resolved.observers, "on_run_failed"):
+            with contextlib.suppress(Exception):  # closing a progress bar must not hide the error
+                call(run, exc)
+        resumable = bool(checkpoint.complete_checkpoints(folder.staging))
+        folder.abandon(keep=resumable)
+        if isinstance(exc, KeyboardInterrupt) and resumable:  # a second Ctrl-C: the last periodic checkpoint stays
+            raise Interrupted(f"Interrupted; {config.out} is unchanged and the newest checkpoint is kept: run the same command "
+                              "with --resume added to continue from it.") from None
         if is_out_of_memory(exc):
             raise BasError(out_of_memory_message(run)) from exc
+        error = io.environment_error(exc)
+        if error is not None:
+            then = " then run the same command with --resume added to continue." if resumable else f" {config.out} is unchanged."
+            raise BasError(f"{error}{then}") from exc
         raise
-    run.times["total_s"] = time.perf_counter() - t0
-    info = run.save()
-    checkpoint.remove_all(run.out)  # a finished run needs no checkpoints
-    for call in _observer_calls(run.resolved.observers, "on_run_end"):
-        call(run)
+    finally:
+        folder.close()
+    run.out = folder.out  # the finished folder, no longer the staging one
     run.info = info
     return run
 
 
+def input_paths(config: RunConfig, plugins: Plugins) -> list[tuple[str, Path]]:
+    """Every file or folder a run's options name, as ``(option, path)``: the image, a local model,
+    and the values of every plugin option of click's ``Path`` type (masks, scene, class images, ...)."""
+    import click
+
+    found = [("--image", Path(config.image))] if config.image else []
+    if config.model and Path(config.model).expanduser().exists():
+        found.append(("--model", Path(config.model).expanduser()))
+    for _, opt in plugins.run_options():
+        if isinstance(opt.type, click.Path):
+            value = config.options.get(opt.name)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v:
+                    found.append((opt.opts[0], Path(v)))
+    return found
+
+
+def resume_record(config: RunConfig) -> dict:
+    """The options a resumed run must match, with paths resolved (the same file by another path matches)."""
+    def norm(value):
+        if isinstance(value, Path):
+            return str(value.expanduser().resolve())
+        if isinstance(value, (list, tuple)):
+            return [norm(v) for v in value]
+        return value
+
+    data = config.to_json()
+    data["image"] = norm(Path(config.image)) if config.image else None
+    if config.model and Path(config.model).expanduser().exists():
+        data["model"] = norm(Path(config.model))
+    data["options"] = {k: norm(v) for k, v in config.options.items()}
+    return json.loads(json.dumps(data, default=str))
 
 def latent_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A (B, 1, H, W) image-resolution mask averaged down to ``like``'s spatial size."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from bas import hookimpl
+from bas.core import checks, io
 from bas.core.components import WeightStrategy
 
 
@@ -24,6 +25,9 @@ class Lora(WeightStrategy):
     def __init__(self, config):
         o = config.options
         self.rank = o.get("lora_rank", 8)
+        checks.check_integer("lora_rank", self.rank, 1)
+        if o.get("lora_alpha") is not None:
+            checks.check_positive("lora_alpha", o["lora_alpha"])
         self.alpha = o.get("lora_alpha") or self.rank
         self.text_encoder = o.get("lora_text_encoder", True)
 
@@ -58,7 +62,7 @@ class Lora(WeightStrategy):
 
     def save(self, run, out: Path) -> list[str]:
         """``lora/pytorch_lora_weights.safetensors`` in the layout every diffusers version and ComfyUI read
-        (``bas.core.formats``): this LoRA's scale ``alpha / rank`` is folded into ``lora_B``."""
+        (``bas.core.formats``): this LoRA's scale ``alpha / rank`` is folded into the up factors."""
         from peft.utils import get_peft_model_state_dict
 
         from bas.core.formats import peft_layers, write_diffusers_lora

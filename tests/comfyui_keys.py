@@ -1,0 +1,76 @@
+"""What ComfyUI makes of a LoRA file for SD 1.x/2.x: its key map and LoRA reader, rewritten from its
+``comfy/lora.py`` (``model_lora_keys_unet``, ``model_lora_keys_clip``, ``load_lora``),
+``comfy/weight_adapter/lora.py`` (``LoRAAdapter.load``, ``calculate_weight``) and ``comfy/utils.py``
+(``unet_to_diffusers``, which names the UNet's layers as diffusers does).
+
+ComfyUI applies a LoRA layer only where a key of the file is one of its names for a model weight
+followed by one of the endings it reads; any other key is skipped with "lora key not loaded".
+``tools/comfyui_check.py`` runs ComfyUI's own functions on SD 1.5 and SD 2.1 layouts; this module
+lets the tests check the same rules on the tiny models without ComfyUI installed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# The weights of a UNet's transformer blocks that unet_to_diffusers converts (UNET_MAP_ATTENTIONS,
+# TRANSFORMER_BLOCKS): a diffusers LoRA can adapt these.
+ATTENTION_LAYERS = ("proj_in", "proj_out", "norm")
+TRANSFORMER_BLOCK_LAYERS = ("norm1", "norm2", "norm3", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                            "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+UNET_LAYER = re.compile(r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+\.("
+                        + "|".join(map(re.escape, ATTENTION_LAYERS)) + r"|transformer_blocks\.\d+\.("
+                        + "|".join(map(re.escape, TRANSFORMER_BLOCK_LAYERS)) + "))")
+# LORA_CLIP_MAP: the text encoder's layers, with their kohya spelling.
+CLIP_LAYERS = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+               "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+               "self_attn.out_proj": "self_attn_out_proj"}
+CLIP_LAYER = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(" + "|".join(map(re.escape, CLIP_LAYERS)) + r")\.weight")
+# LoRAAdapter.load: the (up, down) endings it reads, in its order.
+FACTOR_ENDINGS = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
+                  (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"), (".lora_B", ".lora_A"),
+                  (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+                  (".lora_B.default.weight", ".lora_A.default.weight"))
+
+
+def key_map(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, tuple[str, str, torch.Size]]:
+    """ComfyUI's names of a LoRA layer (without the endings) -> (component, module, weight shape), for an
+    SD UNet and its CLIP text encoder (``clip_l``/``clip_h``) given as diffusers/transformers models;
+    text-encoder modules named with ``text_model.`` whatever the transformers version."""
+    names = {}
+    for name, weight in unet.named_parameters():
+        module = name.replace(".base_layer.", ".").removesuffix(".weight")  # a layer peft adapts, as its model names it
+        if module == name or not UNET_LAYER.fullmatch(module):
+            continue
+        target = ("unet", module, weight.shape)
+        names["lora_unet_" + module.replace(".", "_")] = target
+        for prefix in ("", "unet."):  # diffusers' attention-processor names
+            key = prefix + module.replace(".to_", ".processor.to_")
+            names[key[:-2] if key.endswith(".to_out.0") else key] = target
+    for name, weight in text_encoder.named_parameters():
+        match = CLIP_LAYER.fullmatch(name.replace(".base_layer.", "."))
+        if match and int(match[1]) < 32:
+            target = ("text_encoder", f"text_model.encoder.layers.{match[1]}.{match[2]}", weight.shape)
+            names[f"lora_te_text_model_encoder_layers_{match[1]}_{CLIP_LAYERS[match[2]]}"] = target
+            names[f"text_encoder.text_model.encoder.layers.{match[1]}.{match[2]}"] = target
+    return names
+
+
+def load_lora(lora: dict[str, torch.Tensor], names: dict) -> tuple[dict[tuple[str, str], torch.Tensor], list[str]]:
+    """``({(component, module): the change ComfyUI adds to its weight at strength 1}, [keys it does not
+    load])``.  Without an ``.alpha`` key ComfyUI applies ``up @ down`` as it is."""
+    loaded, changes = set(), {}
+    for name, (component, module, shape) in names.items():
+        alpha = lora.get(f"{name}.alpha")
+        if alpha is not None:
+            loaded.add(f"{name}.alpha")
+        for up, down in FACTOR_ENDINGS:
+            if name + up in lora:
+                u, d = lora[name + up], lora[name + down]
+                loaded |= {name + up, name + down}
+                scale = float(alpha) / d.shape[0] if alpha is not None else 1.0
+                changes[(component, module)] = (u.flatten(1).float() @ d.flatten(1).float()).reshape(shape) * scale
+                break
+    return changes, [k for k in lora if k not in loaded]
