@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import bas
+import comfyui_keys
 from bas.core.api import make_config
 from bas.core.errors import BasError
 from bas.core.plugins import Plugins
@@ -243,6 +244,25 @@ def test_kohya_export_has_sdxl_keys_and_loads_through_diffusers_kohya_loader_wit
                 m = n.replace("lora_A", "lora_B")
                 torch.testing.assert_close(b[m] @ b[n], a[m] @ a[n], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(sample(original, "a photo of a ball"), sample(converted, "a photo of a ball"), atol=1e-5)
+
+    # ComfyUI's key map for SDXL (tests/comfyui_keys.py, from comfy/lora.py): every key of the kohya
+    # export and of the run's own diffusers LoRA maps, onto the layer it was trained for, at its strength
+    trained = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        params = dict(getattr(original, component).named_parameters())
+        for n in params:
+            if ".lora_A." in n:
+                module = n.split(".lora_A.")[0]
+                if component != "unet" and not module.startswith("text_model."):
+                    module = "text_model." + module
+                trained[(component, module)] = params[n.replace("lora_A", "lora_B")] @ params[n]
+    base = plain_sdxl(tiny_sdxl_model)
+    names = comfyui_keys.key_map(base.unet, base.text_encoder, base.text_encoder_2)
+    for path in (dest / "toys.safetensors", run.out / "lora" / "pytorch_lora_weights.safetensors"):
+        changes, left_out = comfyui_keys.load_lora(load_file(str(path)), names)
+        assert left_out == [] and changes.keys() == trained.keys(), path.name
+        for key, change in changes.items():
+            torch.testing.assert_close(change.flatten(1), trained[key].detach().float(), rtol=1e-5, atol=1e-7)
 
     handles = load_file(str(run.out / "handles.safetensors"))
     for token in ("<asset0>", "<asset1>"):  # AUTOMATIC1111's and ComfyUI's SDXL embedding layout
