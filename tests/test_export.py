@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bas.cli import cli
-from bas.core.formats import kohya_model_hash, kohya_targets, read_diffusers_lora, standard_module
+from bas.core.formats import kohya_model_hash, kohya_targets, standard_module
 
 import comfyui_keys
 from conftest import as_an_earlier_version_wrote, quick_run_args
