@@ -28,6 +28,7 @@ from bas.core import evaluation
 from bas.core.errors import BasError
 from bas.core.evaluation import EvalRun, Sample, concept_subsets, prompt_specs
 from bas.core.generation import image_stem
+from bas.core.runfolder import staging_path
 from bas.core.stats import bootstrap_interval, summarize
 from bas.plugins.bas_mini import read_concepts
 from bas.plugins.dino_identity import DinoIdentity, masked
@@ -311,6 +312,7 @@ def test_eval_scores_images_from_a_folder_and_refuses_ones_it_cannot_match(evalu
 
 @pytest.mark.parametrize("case, message", [
     ("not-a-run", "is not a finished bas run (it has no run.json)"),
+    ("interrupted-run", "stopped holds an interrupted run, not a finished one; finish it with `bas run ... --resume`"),
     ("unknown-handle", "line 1 names <asset7>, which"),
     ("missing-model", "hf download openai/clip-vit-large-patch14 --local-dir DIR"),
     ("missing-folder", "DINO model folder ./no-such-dino does not exist; pass a folder written by save_pretrained with --dino-model"),
@@ -324,6 +326,9 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, runs_dir, metri
     if case == "not-a-run":
         (tmp_path / "half").mkdir()
         run = tmp_path / "half"
+    elif case == "interrupted-run":  # a first run stopped: only its staging folder, with a checkpoint, is there
+        run = tmp_path / "stopped"
+        (staging_path(run) / "checkpoints" / "phase1-step00002").mkdir(parents=True)
     elif case == "unknown-handle":
         (tmp_path / "p.txt").write_text("a photo of <asset7>\n")
         extra += ["--prompts", tmp_path / "p.txt"]

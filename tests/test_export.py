@@ -15,10 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bas.cli import cli
-from bas.core.formats import kohya_model_hash, kohya_targets, read_diffusers_lora, standard_module
+from bas.core.formats import kohya_model_hash, kohya_targets, standard_module
 
 import comfyui_keys
-from conftest import quick_run_args
+from conftest import as_an_earlier_version_wrote, quick_run_args
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -194,18 +194,12 @@ def test_lora_from_full_is_the_low_rank_difference_of_the_fine_tune(full_run, ti
 
 
 def test_a_run_of_an_earlier_version_exports_in_todays_layout(rich_run, invoke, tmp_path):
-    """A run folder whose LoRA has the peft names bas wrote before (ComfyUI leaves out their UNet
-    attention keys) exports the same files as the run written today."""
-    from safetensors.torch import save_file
-
+    """A run folder as an earlier bas version wrote it (a LoRA with the peft names, which ComfyUI
+    leaves out of the UNet's attention, and a run.json without the files' checksums) exports the
+    same files as the run written today."""
     old_run = tmp_path / "old-run"
     shutil.copytree(rich_run, old_run)
-    file = old_run / "lora" / "pytorch_lora_weights.safetensors"
-    save_file({f"{x.component}.{x.module}.lora_{f}.weight": t for x in read_diffusers_lora(file) for f, t in (("A", x.down), ("B", x.up))},
-              str(file), metadata={"format": "pt"})
-    info = json.loads((old_run / "run.json").read_text())
-    info.pop("checksums")  # earlier versions recorded none
-    (old_run / "run.json").write_text(json.dumps(info))
+    as_an_earlier_version_wrote(old_run)
     for fmt, lora in (("diffusers", "lora/pytorch_lora_weights.safetensors"), ("kohya", "toys.safetensors")):
         today, old = (tmp_path / f"{fmt}-{n}" for n in ("today", "old"))
         for run, dest in ((rich_run, today), (old_run, old)):

@@ -36,6 +36,7 @@ from bas.core.plugins import Plugins
 from bas.core.runfolder import staging_path
 from bas.core.training import NumericalError, extract
 
+from conftest import as_an_earlier_version_wrote
 from test_reliability import Fragile
 
 QUICK = ["--phase1-steps", "1", "--phase2-steps", "1", "--quiet"]
@@ -319,6 +320,22 @@ def test_readers_refuse_a_damaged_or_mixed_run_folder(case, damage, message, wor
         assert code == 1 and message in error_line(err), reader[0]
         assert snapshot(work) == before
     assert not (work / "escaped").exists() and not list(work.parent.glob("escaped*"))
+
+
+def test_readers_take_a_run_an_earlier_version_wrote(work):
+    """A run.json without the files' sizes and hashes (bas before the run-folder checks) has nothing
+    to verify, which is no damage: generate, export and edit read the run as before, and the checks
+    that need no record (the files it lists, the handles) still hold."""
+    out = as_an_earlier_version_wrote(work / "runs" / "old")
+    before = snapshot(out)
+    for reader in READERS:
+        code, err = run_main([a.format(out=out, work=work) for a in reader])
+        assert code == 0, (reader[0], err)
+    assert list((out / "samples").glob("*.png")) and list((out / "edits").glob("*.png")) and (work / "exported" / "README.md").is_file()
+    assert {k: v for k, v in snapshot(out).items() if k.split("/")[0] not in ("samples", "edits")} == before
+    (out / "lora" / "pytorch_lora_weights.safetensors").unlink()
+    code, err = run_main(READERS[0][:1] + [str(out)] + READERS[0][2:])
+    assert code == 1 and "is incomplete: lora/pytorch_lora_weights.safetensors" in error_line(err)
 
 
 @pytest.mark.parametrize("dest, message", [

@@ -29,7 +29,10 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from bas.cli import cli
+from bas.core import runfolder
+from bas.core.checkpoint import complete_checkpoints
 from bas.core.errors import BasError
+from bas.core.runfolder import staging_path
 from bas.ui import commands
 from bas.ui.jobs import Jobs
 from bas.ui.workspace import Workspace, check_name
@@ -129,6 +132,8 @@ def test_the_queue_runs_one_extraction_per_device_and_stop_saves_a_resumable_che
     assert first.state == "interrupted" and "Resume continues it" in first.message, first.message
     assert second.state == "finished" and (ws.root / "runs" / "b" / "run.json").is_file()
     assert ws.run_entry(ws.root / "runs" / "a").status == "interrupted" and not (ws.root / "runs" / "a" / "run.json").exists()
+    # the interrupted run lives in its staging folder beside runs/a: the list shows it by its own name
+    assert [p.name for p in ws.run_folders()] == ["a", "b"] and ws.finished_runs() == ["runs/b"]
     stopped_at = len(first.history)
 
     again = jobs.submit(first.args + ["--resume"], "a --resume")
@@ -157,6 +162,95 @@ def test_bas_ui_without_gradio_says_how_to_install_it_and_warns_about_another_ho
     assert result.exit_code == 1
     assert "Warning: --host 0.0.0.0 lets other machines on the network open this page" in result.output
     assert "bas ui needs gradio; install it with: pip install 'bas[ui]'." in result.output
+
+
+def test_the_runs_list_finds_runs_in_staging_folders_and_shows_no_name_bas_keeps_for_itself(tmp_path, scene, monkeypatch):
+    """Since a run works (and stays, interrupted) in ``.NAME.bas-partial`` beside ``runs/NAME``, the
+    list, its report view and Resume find it by ``runs/NAME``, and never take bas's staging folder,
+    lock, trash or old run for a run."""
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(scene, ws.root / "scenes" / "s")
+    runs = ws.root / "runs"
+
+    def finished(name, folder=None):
+        folder = folder or runs / name
+        folder.mkdir()
+        (folder / "run.json").write_text(json.dumps({"bas_version": "0.1.0", "handles": ["<asset0>"], "model": "m",
+                                                     "config": {"phase1_steps": 2, "phase2_steps": 2}}))
+
+    def interrupted(name, step=2, state=None):  # the staging folder with one complete checkpoint, as a stopped run leaves it
+        config, _ = commands.parse_run(["--scene", "scenes/s", "--out", f"runs/{name}", "--seed", "7"], ws)
+        folder = staging_path(runs / name) / "checkpoints" / f"phase1-step{step:05d}"
+        folder.mkdir(parents=True)
+        state = state or {"phase": 1, "step": step, "history": {"phase1": []}, "times": {}, "python_rng": [], "config": config.to_json()}
+        (folder / "state.json").write_text(json.dumps(state, default=str))
+        return folder
+
+    def lock(name, pid):
+        (runs / f".{name}.bas-lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "command": f"bas run --out runs/{name}",
+                                                             "started": "2026-01-01T00:00:00", "proc_start": runfolder._proc_start(pid)}))
+
+    finished("done")
+    interrupted("first")  # a first run: nothing at runs/first yet
+    (staging_path(runs / "first") / "report").mkdir()
+    Image.new("RGB", (8, 8)).save(staging_path(runs / "first") / "report" / "loss-phase1.png")
+    finished("redo")
+    interrupted("redo", step=4)  # an --overwrite run stopped: the finished run stays in place meanwhile
+    interrupted("busy")  # `bas run` working in another process, past its first checkpoint
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        lock("busy", other.pid)
+        lock("stale", gone.pid)  # left by a process that no longer runs: no run
+        (runs / ".gone.bas-trash-0123abcd").mkdir()
+        (runs / ".cache").mkdir()
+        (runs / "elsewhere").symlink_to(ws.root / "scenes")
+        # complete runs whose swap a crash interrupted: the list finishes it, as any reader does, or says why it cannot
+        finished("swapped", staging_path(runs / "swapped"))
+        finished("blocked", staging_path(runs / "blocked"))
+        (runs / "blocked").mkdir()
+        (runs / "blocked" / "notes.txt").write_text("mine")
+
+        assert [p.name for p in ws.run_folders()] == ["blocked", "busy", "done", "first", "redo", "swapped"]
+        assert ws.finished_runs() == ["runs/done", "runs/redo"]  # redo's finished run is usable until the new one completes
+        entries = {p.name: ws.run_entry(p) for p in ws.run_folders()}
+        assert {name: e.status for name, e in entries.items()} == {"blocked": "failed", "busy": "running", "done": "finished", "first": "interrupted",
+                                                                   "redo": "interrupted", "swapped": "finished"}
+        assert "A finished run waits in" in entries["blocked"].note and (runs / "blocked" / "notes.txt").read_text() == "mine"
+        assert (runs / "swapped" / "run.json").is_file() and not staging_path(runs / "swapped").exists()
+        assert f"pid {other.pid}" in entries["busy"].note and "bas run --out runs/busy" in entries["busy"].note
+        assert "the finished run it replaces stays usable" in entries["redo"].note
+        assert entries["first"].path == runs / "first" and entries["first"].report == staging_path(runs / "first") / "report"
+        assert entries["done"].report == runs / "done" / "report"
+        for hidden in ("runs/.first.bas-partial", "runs/.busy.bas-lock", "runs/.gone.bas-trash-0123abcd"):
+            with pytest.raises(BasError, match=r"is where bas keeps its own work for the run \w+; pick the run itself \(runs/\w+\)"):
+                ws.run_path(hidden)
+
+        pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[test]')")
+        from bas.ui.app import App
+
+        app = App(ws, model="m", sam_model="s", device="cpu")
+        assert [e.name for e in app.run_entries()] == ["blocked", "busy", "done", "first", "redo", "swapped"]
+        submitted = []
+        monkeypatch.setattr(app.jobs, "submit", lambda args, shown: submitted.append(args) or shown)
+        for name in ("first", "redo"):  # with the options the newest checkpoint saved
+            assert re.fullmatch(r"bas run .* --resume", app.resume(ws.run_path(f"runs/{name}")))
+            config, _ = commands.parse_run(submitted[-1], ws)
+            assert config.resume and config.out == runs / name and config.seed == 7
+        for name, message in (("busy", f"is being written by another bas process \\(pid {other.pid}"), ("done", "is finished; there is nothing to resume"),
+                              ("stale", "has no checkpoint to resume from")):
+            with pytest.raises(BasError, match=message):
+                app.resume(ws.run_path(f"runs/{name}"))
+        with pytest.raises(BasError, match="holds an interrupted run; press Resume"):
+            app.check_not_overwriting(commands.parse_run(["--scene", "scenes/s", "--out", "runs/redo"], ws)[0])
+        (interrupted("first", step=6, state={"phase": 1}) / "state.json").write_text("{")  # a newer, damaged checkpoint
+        with pytest.raises(BasError, match=r"phase1-step00006 cannot be read .*; delete that folder to resume from an older one"):
+            app.resume(ws.run_path("runs/first"))
+        assert len(submitted) == 2
+    finally:
+        other.kill()
+        other.wait()
 
 
 # -- the page in a real browser --------------------------------------------------------------------------
@@ -352,7 +446,7 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step)")
     page.click("#stop")
     wait_text(page, "#progress", r"long: interrupted .*Resume continues it")
-    assert (ws / "runs" / "long" / "checkpoints").is_dir() and not (ws / "runs" / "long" / "run.json").exists()
+    assert complete_checkpoints(ws / "runs" / "long") and not (ws / "runs" / "long" / "run.json").exists()
     page.click("#resume")
     wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step \d+/60)")
     page.reload()  # the page goes away and comes back: it finds the run, which went on

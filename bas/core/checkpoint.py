@@ -32,6 +32,7 @@ from bas.core.errors import BasError
 
 CHECKPOINT_DIR = runfolder.CHECKPOINTS
 INPUTS_FILE = "inputs.json"
+STATE_FILE = "state.json"
 NAME = re.compile(r"phase([12])-step(\d+)")
 # options that may differ between the interrupted command and the resuming one
 RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "checkpoint_every"}
@@ -71,42 +72,78 @@ def save(out: Path, phase: int, step: int, trainable: dict[str, torch.Tensor], r
         save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         save_file({k: v.to("cpu").contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, default=str))
+        (tmp / STATE_FILE).write_text(json.dumps(state, default=str))
     for old in complete_checkpoints(out)[:-keep]:
         io.discard(old)  # renamed first: a crash half-way leaves a dot-name, never a damaged final one
     return final
 
 
-def load_latest(out: Path) -> Checkpoint:
+def _newest(out: Path) -> tuple[list[Path], Path, int, int]:
     found = complete_checkpoints(out)
     if not found:
         raise BasError(f"{checkpoint_root(out)} holds no complete checkpoint to resume from; run the command without --resume to start over.")
-    path = found[-1]
-    m = NAME.fullmatch(path.name)
+    m = NAME.fullmatch(found[-1].name)
+    return found, found[-1], int(m.group(1)), int(m.group(2))
+
+
+def _unreadable(found: list[Path], path: Path, problem: str) -> BasError:
+    older = "delete that folder to resume from an older one" if len(found) > 1 else "start over with --overwrite instead of --resume"
+    return BasError(f"Checkpoint {path} cannot be read ({problem}); {older}.")
+
+
+def _problem(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def latest_state(out: Path) -> dict:
+    """The ``state.json`` of the newest complete checkpoint of the interrupted run for ``out``
+    (phase, step, loss history, times and the run's options as ``config``), checked as
+    :func:`load_latest` checks it, without loading any tensor: what a caller shows, or resumes
+    with.  No checkpoint, or a damaged one, is one line."""
+    found, path, phase, step = _newest(out)
     try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        problem = _state_damage(state, phase, step)
+    except (OSError, ValueError) as exc:
+        problem = _problem(exc)
+    if problem:
+        raise _unreadable(found, path, problem)
+    return state
+
+
+def load_latest(out: Path) -> Checkpoint:
+    found, path, phase, step = _newest(out)
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         trainable = load_file(str(path / "trainable.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
-        problem = _damage(state, optimizer, rng, int(m.group(1)), int(m.group(2)))
+        problem = _damage(state, optimizer, rng, phase, step)
     except Exception as exc:  # a damaged checkpoint is a user-facing condition, not a bug
-        problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        problem = _problem(exc)
     if problem:
-        older = "delete that folder to resume from an older one" if len(found) > 1 else "start over with --overwrite instead of --resume"
-        raise BasError(f"Checkpoint {path} cannot be read ({problem}); {older}.")
-    return Checkpoint(path, int(m.group(1)), int(m.group(2)), state, trainable, rng, optimizer)
+        raise _unreadable(found, path, problem)
+    return Checkpoint(path, phase, step, state, trainable, rng, optimizer)
+
+
+def _state_damage(state, phase: int, step: int) -> str | None:
+    """What is wrong with a checkpoint's loaded ``state.json``, or ``None``."""
+    if not isinstance(state, dict):
+        return f"{STATE_FILE} is not an object"
+    kinds = {"phase": int, "step": int, "history": dict, "times": dict, "python_rng": list, "config": dict}
+    for key, kind in kinds.items():
+        if not isinstance(state.get(key), kind):
+            return f"{STATE_FILE} has no valid '{key}'"
+    if (state["phase"], state["step"]) != (phase, step):
+        return f"{STATE_FILE} is of phase {state['phase']} step {state['step']}, not of the folder's"
+    return None
 
 
 def _damage(state, optimizer, rng, phase: int, step: int) -> str | None:
     """What is wrong with a checkpoint's parts that loaded, or ``None``."""
-    if not isinstance(state, dict):
-        return "state.json is not an object"
-    kinds = {"phase": int, "step": int, "history": dict, "times": dict, "python_rng": list, "config": dict}
-    for key, kind in kinds.items():
-        if not isinstance(state.get(key), kind):
-            return f"state.json has no valid '{key}'"
-    if (state["phase"], state["step"]) != (phase, step):
-        return f"state.json is of phase {state['phase']} step {state['step']}, not of the folder's"
+    problem = _state_damage(state, phase, step)
+    if problem:
+        return problem
     if not isinstance(optimizer, dict) or not {"optimizer", "scaler"} <= set(optimizer):
         return "optimizer.pt holds no optimizer and scaler state"
     if "generator" not in rng or "torch_cpu" not in rng:

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from bas.core import io
+from bas.core.checkpoint import complete_checkpoints
 from bas.core.errors import BasError, PluginError
 from bas.core.handles import HANDLE_PATTERN
 from bas.core.plugins import Plugins
@@ -211,6 +212,8 @@ def collect_runs(paths: Sequence[Path], out: Path | None = None) -> tuple[list[P
     for raw in paths:
         path = Path(raw)
         if not path.exists():
+            if complete_checkpoints(path):  # a first run stopped: it lives in its staging folder beside path
+                raise BasError(f"{path} holds an interrupted run, not a finished one; finish it with `bas run ... --resume` or leave it out.")
             raise BasError(f"{path} does not exist; pass run folders written by `bas run` or `bas batch`.")
         resolved = path.resolve()
         if resolved in seen:

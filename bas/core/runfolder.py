@@ -239,6 +239,14 @@ class RunLock:
             os.close(fd)
             breaker.unlink(missing_ok=True)
 
+    def holder(self) -> LockHolder | None:
+        """Who works on the folder now: the lock's process while it runs (one on another host cannot
+        be checked, so it counts as running), ``None`` for no lock, a stale one or one being written."""
+        _, holder = self._read()
+        if holder is None or (holder.host == socket.gethostname() and not _running(holder.pid, holder.proc_start)):
+            return None
+        return holder
+
     def acquire(self, command: str) -> None:
         info = {
             "pid": os.getpid(), "host": socket.gethostname(), "command": command,
@@ -453,6 +461,54 @@ class RunFolder:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+
+# -- what is where, for those who list runs ------------------------------------------------------
+def own_name(path) -> str | None:
+    """The ``--out`` name that one of bas's own entries beside it belongs to (``.NAME.bas-partial``,
+    ``.NAME.bas-lock``, ``.NAME.bas-old``, a lock breaker or trash): ``NAME``; ``None`` for any
+    other name.  Such entries are never runs of their own."""
+    name = Path(path).name
+    match = INTERNAL_NAME.fullmatch(name)
+    return name[1:-len(match.group(1)) - 1] if match else None
+
+
+@dataclass
+class RunPlace:
+    """Where the run for one ``--out`` stands on disk.  Read only: nothing is locked or recovered
+    (a reader that then opens the run, such as :func:`bas.core.generation.read_run`, finishes an
+    interrupted swap first)."""
+
+    out: Path  # the --out folder; it may not exist (a first run still working or interrupted)
+    finished: bool  # a finished run is in place: OUT/run.json
+    staging: Path | None  # the staging folder, where one exists: a run working, interrupted, or complete and not yet swapped in
+    holder: LockHolder | None  # the process working on the folder now (see RunLock.holder)
+
+
+def run_place(out) -> RunPlace:
+    """Where the run for ``--out`` ``out`` stands (see :class:`RunPlace`)."""
+    out = canonical(out)
+    staging = io.sibling(out, STAGING_TAG)
+    return RunPlace(out, (out / RUN_FILE).is_file(), staging if staging.is_dir() else None, RunLock(out).holder())
+
+
+def run_places(folder) -> list[RunPlace]:
+    """The runs in ``folder`` (one level), by ``--out`` name, sorted: each folder in it, and each run
+    that so far lives only in bas's own entries (a first run working or interrupted in its staging
+    folder or locked by a live process, a swap a crash interrupted).  bas's entries
+    (:func:`own_name`), other hidden names and links are never listed themselves."""
+    folder = canonical(folder)
+    names = set()
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in folder.iterdir():
+            owner = own_name(entry)
+            if owner is not None:
+                tag = entry.name[len(owner) + 2:]
+                if tag in (STAGING_TAG, io.OLD_TAG) or (tag == LOCK_TAG and RunLock(folder / owner).holder() is not None):
+                    names.add(owner)  # not trash, a lock breaker or a stale lock: nothing of a run is there
+            elif entry.is_dir() and not entry.is_symlink():
+                names.add(entry.name)
+    return [run_place(folder / name) for name in sorted(names) if not name.startswith(".")]
 
 
 # -- a run folder's files agree with each other --------------------------------------------------

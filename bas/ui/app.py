@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import functools
 import html
-import json
+import os
 import re
+import socket
 import threading
 import zipfile
 from pathlib import Path
 
 import gradio as gr
 
-from bas.core import io
-from bas.core.checkpoint import complete_checkpoints
+from bas.core import io, runfolder
+from bas.core.checkpoint import complete_checkpoints, latest_state
 from bas.core.errors import BasError
 from bas.core.export import FORMATS
 from bas.core.generation import SCHEDULERS, read_run
@@ -442,7 +443,7 @@ class App:
             # ---------------------------------------------------------------- Generate events
             def run_handles(run):
                 try:
-                    info = read_run(self.ws.inside(run))
+                    info = read_run(self.ws.run_path(run))
                 except BasError as exc:
                     return "", status_error(exc)
                 buttons = "".join(f'<button class="bas-chip" data-handle="{html.escape(h)}">{html.escape(h)}</button>' for h in info["handles"])
@@ -463,7 +464,7 @@ class App:
                 from bas.core.generation import generate_images
 
                 try:
-                    out = self.ws.inside(run or "")
+                    out = self.ws.run_path(run or "")
                     prompt_list = [p.strip() for p in (text or "").splitlines() if p.strip()]
                     if not prompt_list:
                         raise BasError('Write a prompt, such as "a photo of <asset0> at the beach" (click a handle to add it).')
@@ -489,7 +490,7 @@ class App:
                 from bas.core.export import export_run
 
                 try:
-                    out = self.ws.inside(run or "")
+                    out = self.ws.run_path(run or "")
                     read_run(out)
                     if name:
                         check_name(name, "export")
@@ -531,7 +532,7 @@ class App:
                 if row is None or row >= len(rows):
                     return None, "", []
                 entry = rows[row]
-                report_dir = entry.path / "report"
+                report_dir = entry.report  # a run working or interrupted writes it in its staging folder
                 pictures = [str(p) for p in sorted(report_dir.glob("*.png"))] if report_dir.is_dir() else []
                 return self.ws.relative(entry.path), self.run_details(entry), pictures
 
@@ -541,7 +542,7 @@ class App:
                 if not selected:
                     return gr.skip(), gr.skip(), "Select an interrupted run first.", gr.skip(), gr.skip()
                 try:
-                    job = self.resume(self.ws.inside(selected))
+                    job = self.resume(self.ws.run_path(selected))
                 except BasError as exc:
                     return gr.skip(), gr.skip(), status_error(exc), gr.skip(), gr.skip()
                 return job.id, job.shown, f"Resuming {job.out.name}: follow it in the Extract tab.", -1, gr.Tabs(selected="extract")
@@ -566,27 +567,38 @@ class App:
         strategies = {e.plugin for e in manager.registry("weight strategy").entries.values()}
         return sorted(n for n, info in manager.infos.items() if not info.default and n in training and n not in strategies)
 
+    @staticmethod
+    def check_not_busy(out: Path) -> None:
+        """Refuse a run another process (a `bas run` on the command line) is writing now (the queue
+        refuses this server's own, with its state)."""
+        holder = runfolder.run_place(out).holder
+        if holder is not None and (holder.pid, holder.host) != (os.getpid(), socket.gethostname()):
+            raise BasError(f"{out.name} is being written by another bas process ({holder.describe()}); wait for it to finish or choose another run name.")
+
     def check_not_overwriting(self, config) -> None:
         out = Path(config.out)
+        self.check_not_busy(out)
         if config.resume or config.overwrite:
             return
+        if complete_checkpoints(out):  # before a finished run in place: `bas run` says the same
+            raise BasError(f"{out.name} holds an interrupted run; press Resume to continue it, tick 'Replace a run of that name' to start over, or choose another name.")
         if (out / "run.json").is_file():
             raise BasError(f"{out.name} already holds a finished run; tick 'Replace a run of that name' or choose another run name.")
-        if complete_checkpoints(out):
-            raise BasError(f"{out.name} holds an interrupted run; press Resume to continue it, tick 'Replace a run of that name' to start over, or choose another name.")
 
     def resume(self, out: Path):
-        """Queue ``bas run ... --resume`` for the interrupted run in ``out`` (the page's command, or the checkpoint's options)."""
-        if (out / "run.json").is_file():
-            raise BasError(f"{out.name} is finished; there is nothing to resume.")
+        """Queue ``bas run ... --resume`` for the interrupted run for ``out``, wherever its checkpoints
+        are (the page's command, or the options its newest checkpoint saved)."""
+        self.check_not_busy(out)  # it may have checkpoints already
         if not complete_checkpoints(out):
+            if (out / "run.json").is_file():
+                raise BasError(f"{out.name} is finished; there is nothing to resume.")
             raise BasError(f"{out.name} has no checkpoint to resume from; start it again.")
         job = self.jobs.for_out(out)
         if job is not None:
             args = [a for a in job.args if a not in ("--overwrite", "--resume")] + ["--resume"]
             text = "\n".join(job.shown.split("\n")[:-1] + [job.shown.split("\n")[-1].replace(" --overwrite", "") + " --resume"])
         else:
-            saved = json.loads((complete_checkpoints(out)[-1] / "state.json").read_text())["config"]
+            saved = latest_state(out)["config"]
             args = commands.config_args(saved) + ["--resume"]
             text = f"bas run {commands.shell(args)}"
         return self.jobs.submit(args, text)

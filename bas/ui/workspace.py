@@ -7,7 +7,8 @@ scene's, a run's) are checked before they become folder names.
 Layout::
 
     WORKSPACE/scenes/NAME/     img.png, mask0.png, ..., preview.png (what `bas run --scene` reads), scene.json
-    WORKSPACE/runs/NAME/       `bas run` output folders
+    WORKSPACE/runs/NAME/       `bas run` output folders (a run working or interrupted lives in runs/.NAME.bas-partial/
+                               until it completes: bas.core.runfolder; the runs list shows it as runs/NAME)
     WORKSPACE/exports/         `bas export` folders and their zips
     WORKSPACE/.bas-ui/uploads/ files uploaded from the page (gradio's upload folder)
     WORKSPACE/.bas-ui/jobs/ID/ one extraction started from the page: job.json, attention.png
@@ -20,6 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bas.core import runfolder
 from bas.core.checkpoint import complete_checkpoints
 from bas.core.errors import BasError
 from bas.core.scene import find_scene_files
@@ -38,14 +40,23 @@ def check_name(name: str, what: str) -> str:
 
 @dataclass
 class RunEntry:
-    """A run folder of the workspace as the runs list shows it."""
+    """A run of the workspace as the runs list shows it, by its ``--out`` folder (``path``, which
+    need not exist yet: a first run works and stays, when interrupted, in its staging folder)."""
 
     name: str
     path: Path
-    status: str  # finished, interrupted, failed, or a job's state (queued, running, stopping)
-    info: dict | None  # run.json of a finished run
+    status: str  # finished, interrupted, running (another process), failed, or a job's state (queued, running, stopping)
+    info: dict | None  # run.json of the finished run in place
     note: str = ""
     steps: str = ""
+    staging: Path | None = None  # where the run working or interrupted writes (bas.core.runfolder)
+
+    @property
+    def report(self) -> Path:
+        """The report to show: the finished run's, or while a run works or after it stopped, the one it writes."""
+        if self.status != "finished" and self.staging is not None and (self.staging / "report").is_dir():
+            return self.staging / "report"
+        return self.path / "report"
 
 
 class Workspace:
@@ -117,27 +128,57 @@ class Workspace:
     def run_dir(self, name: str) -> Path:
         return self.inside(Path(RUNS) / check_name(name, "run"))
 
+    def run_path(self, path: str | Path) -> Path:
+        """A run picked or typed on the page: inside the workspace, and a run's own folder, never one
+        of the entries bas keeps beside it (its staging folder, lock, the old run moved aside)."""
+        resolved = self.inside(path)
+        owner = runfolder.own_name(resolved)
+        if owner is not None:
+            raise BasError(f"{path} is where bas keeps its own work for the run {owner}; pick the run itself ({self.relative(resolved.parent / owner)}).")
+        return resolved
+
     def run_folders(self) -> list[Path]:
-        return sorted(p for p in (self.root / RUNS).iterdir() if p.is_dir() and not p.name.startswith("."))
+        """The ``--out`` folders of ``runs/``: finished runs, and runs working or interrupted in their
+        staging folders (bas's own entries are never listed as runs)."""
+        return [place.out for place in runfolder.run_places(self.root / RUNS)]
 
     def finished_runs(self) -> list[str]:
-        return [self.relative(p) for p in self.run_folders() if (p / "run.json").is_file()]
+        return [self.relative(place.out) for place in runfolder.run_places(self.root / RUNS) if place.finished]
 
     def run_entry(self, folder: Path, job_state: str | None = None, job_error: str = "") -> RunEntry:
-        """The status of a run folder: a job's live state wins, then run.json, then checkpoints."""
+        """The status of the run for the ``--out`` ``folder``: a job's live state wins, then another
+        process working on it, then an interrupted run's checkpoints (even where a finished run is
+        still in place: the run that replaces it stopped), then run.json."""
+        try:
+            runfolder.settle(folder)  # a swap a crash interrupted: finished (or undone), as any reader does
+            problem = ""
+        except BasError as exc:  # a finished run waits beside a folder it may not replace: the message says what to do
+            problem = str(exc)
+        place = runfolder.run_place(folder)
+        name, folder = place.out.name, place.out
+
+        def entry(status, info=None, note=""):
+            return RunEntry(name, folder, status, info, note, staging=place.staging)
+
+        if problem:
+            return entry("failed", None, problem)
+
         info = None
-        if (folder / "run.json").is_file():
+        if place.finished:
             try:
                 info = json.loads((folder / "run.json").read_text())
             except (OSError, json.JSONDecodeError):
-                return RunEntry(folder.name, folder, "failed", None, "run.json cannot be read")
+                return entry("failed", None, "run.json cannot be read")
         if job_state in ("queued", "running", "stopping"):
-            return RunEntry(folder.name, folder, job_state, info)
-        if info is not None:
-            return RunEntry(folder.name, folder, "finished", info)
+            return entry(job_state, info)
+        if place.holder is not None:
+            return entry("running", info, f"being written by {place.holder.describe()}")
         if complete_checkpoints(folder):
-            return RunEntry(folder.name, folder, "interrupted", None, job_error or "resumable from its newest checkpoint")
-        return RunEntry(folder.name, folder, "failed", None, job_error or "no run.json and no checkpoint")
+            kept = "; the finished run it replaces stays usable until it completes" if info is not None else ""
+            return entry("interrupted", None, (job_error or "resumable from its newest checkpoint") + kept)
+        if info is not None:
+            return entry("finished", info)
+        return entry("failed", None, job_error or "no run.json and no checkpoint")
 
     def export_dir(self, run_name: str, fmt: str) -> Path:
         return self.inside(Path(EXPORTS) / f"{check_name(run_name, 'run')}-{fmt}")
