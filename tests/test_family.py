@@ -4,14 +4,12 @@ and the bad input a family refuses with one line before anything is written."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 import bas
 from bas.core.api import make_config
-from bas.core.errors import BasError
 from bas.core.family import choose_family, model_families
 from bas.core.plugins import Plugins
 from bas.core.training import Run

@@ -22,7 +22,6 @@ from bas.core.training import extract
 from bas.plugins.sd import StableDiffusion
 from bas.plugins.sdxl import StableDiffusionXL
 
-from conftest import quick_run_args
 
 # bf16 keeps 8 significant bits: a unit roundoff of 2**-8 (0.39%) per rounded value
 BF16_ROUNDOFF = 2.0**-8
