@@ -16,7 +16,7 @@ from bas.core.checks import MAX_SEED
 from bas.core.errors import BasError
 from bas.core.export import FORMATS as EXPORT_FORMATS
 from bas.core.generation import SCHEDULERS
-from bas.core.model import DEFAULT_MODEL, PRECISIONS
+from bas.core.model import PRECISIONS
 from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names, shadowed_entry_points
 from bas.eval_cli import eval_command
 from bas.ui.command import ui as ui_command
@@ -160,19 +160,23 @@ def cli():
 @cli.command(cls=RunCommand)
 @click.option("--image", type=click.Path(path_type=Path), help="The input image (any size; centre-cropped and resized).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local folder of a Stable Diffusion 1.x/2.x diffusers pipeline.")
+@click.option("--model", default=None, help="Hub id or local folder of a diffusers pipeline (Stable Diffusion 1.x/2.x, SDXL, or a family a plugin adds) "
+              "[default: the family's: stabilityai/stable-diffusion-2-1-base, with --family sdxl stabilityai/stable-diffusion-xl-base-1.0].")
+@click.option("--family", default=None, help="Model family: sd, sdxl, or one a plugin adds [default: detected from --model's model_index.json].")
 @click.option("--plugin", "-p", "plugin_names", multiple=True, help="Turn on a plugin (repeatable); no:NAME turns a default one off. See `bas plugins`.")
 @click.option("--phase1-steps", type=int, default=400, show_default=True, help="Steps of phase 1 (handles only).")
 @click.option("--phase2-steps", type=int, default=400, show_default=True, help="Steps of phase 2 (weights + handles).")
 @click.option("--phase1-lr", type=float, default=5e-4, show_default=True, help="Learning rate of phase 1.")
 @click.option("--phase2-lr", type=float, default=None, help="Learning rate of phase 2 [default: the weight strategy's, 1e-4 for LoRA, 2e-6 full].")
+@click.option("--phase2-handle-lr", type=float, default=2e-6, show_default=True, help="Learning rate of the handles in phase 2 (the reference code's), apart from the weights'.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resolution", type=int, default=None, help="Training resolution in pixels [default: the model's, 512 for SD 2.1 base].")
 @click.option("--init-token", "init_tokens", multiple=True, help="A word to start each handle from, one per mask in order [default: 'object'].")
 @click.option("--background", is_flag=True, help="Add a handle for the background: everything outside all masks (after the masks' handles).")
-@click.option("--optimizer", default="adamw", show_default=True, help="adamw or adamw8bit (bitsandbytes, CUDA), or one a plugin adds.")
+@click.option("--optimizer", default=None, help="adamw or adamw8bit (bitsandbytes, CUDA), or one a plugin adds [default: adamw; on CUDA the family may pick adamw8bit, see run.json's family_defaults].")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, ~30% slower.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations in the backward pass: less memory, ~30% slower [default: off; on CUDA on for sdxl].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--flip-p", type=float, default=0.5, show_default=True, help="Probability of a horizontal flip of image and masks per step.")
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient norm clip (0: off).")
@@ -244,8 +248,13 @@ def sampling_options(command):
     for option in reversed([
         click.option("--num-images", type=COUNT, default=None, help="Images per prompt, seeds seed, seed+1, ... [default: 4 for generate, 1 for edit]."),
         click.option("--seed", type=SEED, default=0, show_default=True),
+        click.option("--seeds", callback=parse_seeds, default=None, help="Exact seeds, comma-separated (such as 1,7,42); overrides --seed and --num-images."),
         click.option("--steps", type=COUNT, default=50, show_default=True, help="Sampling steps."),
         click.option("--guidance", type=float, default=7.5, show_default=True, callback=finite, help="Classifier-free guidance scale."),
+        click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", show_default=True, help="Sampler; DDIM is the paper's."),
+        click.option("--width", type=int, default=None, help="Image width, a multiple of 8 [default: the run's resolution]."),
+        click.option("--height", type=int, default=None, help="Image height, a multiple of 8 [default: the run's resolution]."),
+        click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="A text file with one prompt per line (# starts a comment)."),
         click.option("--negative-prompt", default=None, help="What the images should not show."),
         click.option("--lora-scale", type=float, default=1.0, show_default=True, callback=finite, help="Strength of the run's LoRA (0: base model + handles)."),
         click.option("--device", default="auto", show_default=True),
@@ -255,23 +264,24 @@ def sampling_options(command):
     return command
 
 
+def read_prompts(prompts, prompts_file) -> list[str]:
+    from bas.core.generation import read_prompts_file
+
+    return list(prompts) + (read_prompts_file(prompts_file) if prompts_file else [])
+
+
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.argument("prompts", nargs=-1)
 @sampling_options
-@click.option("--seeds", callback=parse_seeds, default=None, help="Exact seeds, comma-separated (such as 1,7,42); overrides --seed and --num-images.")
-@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", show_default=True, help="Sampler; DDIM is the paper's.")
-@click.option("--width", type=int, default=None, help="Image width, a multiple of 8 [default: the run's resolution].")
-@click.option("--height", type=int, default=None, help="Image height, a multiple of 8 [default: the run's resolution].")
-@click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="A text file with one prompt per line (# starts a comment).")
 @click.option("--variations", is_flag=True, help="Add the prompt naming every handle: variations of the whole scene.")
 @click.option("--grid/--no-grid", default=True, show_default=True, help="Also write a grid (a row per prompt, a column per seed).")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Where to write PNGs [default: OUT/samples].")
 def generate(out, prompts, prompts_file, variations, num_images, **options):
     """Generate images from a finished run: bas generate OUT "a photo of <asset0> at the beach"."""
-    from bas.core.generation import all_handles_prompt, generate_images, read_prompts_file, read_run
+    from bas.core.generation import all_handles_prompt, generate_images, read_run
 
-    prompts = list(prompts) + (read_prompts_file(prompts_file) if prompts_file else [])
+    prompts = read_prompts(prompts, prompts_file)
     if variations:
         prompts.append(all_handles_prompt(read_run(out)["handles"]))
     if not prompts:
@@ -282,20 +292,27 @@ def generate(out, prompts, prompts_file, variations, num_images, **options):
 
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.argument("prompt")
-@click.option("--image", required=True, type=click.Path(path_type=Path), help="The image to edit (centre-cropped and resized as `bas run` does).")
+@click.argument("prompts", nargs=-1)
+@click.option("--image", required=True, type=click.Path(path_type=Path), help="The image to edit (centre-cropped to the output's aspect and resized, as `bas run` does).")
 @click.option("--mask", required=True, type=click.Path(path_type=Path), help="PNG, white where the prompt's content goes.")
 @sampling_options
+@click.option("--blend-start", type=float, default=0.25, show_default=True,
+              help="Fraction of the schedule skipped: sampling starts from pure noise this far in (the script's --blending_start_percentage).")
+@click.option("--composite", is_flag=True, help="Paste the input's pixels outside the mask over the result (beyond the reference script).")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Where to write PNGs [default: OUT/edits].")
-def edit(out, prompt, num_images, **options):
+def edit(out, prompts, prompts_file, num_images, **options):
     """Put a concept into a region of any image: bas edit OUT --image IMG --mask M "a photo of <asset1>".
 
-    Blended latent diffusion with DDIM: inside the mask the prompt is generated, outside the image
-    is kept.
+    Blended Latent Diffusion as the paper's reference script runs it: a quarter into the schedule,
+    the prompt is generated inside the mask while outside it the image's latents, noised afresh,
+    replace the sample's after every step.
     """
     from bas.core.editing import edit_images
 
-    for path in edit_images(out, prompt, num_images=num_images or 1, **options):
+    prompts = read_prompts(prompts, prompts_file)
+    if not prompts:
+        raise BasError('No prompt; pass one such as "a photo of <asset1>" or --prompts-file FILE.')
+    for path in edit_images(out, prompts, num_images=num_images or 1, **options):
         click.echo(str(path))
 
 
@@ -327,12 +344,16 @@ cli.add_command(eval_command(RunCommand))
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
-def tiny_model(directory, seed, prediction_type):
-    """Write a tiny random Stable Diffusion pipeline (diffusers format) for offline tests."""
+@click.option("--family", default=None, help="Model family of the pipeline: sd, sdxl, or one a plugin adds [default: sd, the default model's].")
+def tiny_model(directory, seed, prediction_type, family):
+    """Write a tiny random pipeline of a model family (diffusers format) for offline tests."""
+    from bas.core.family import default_family, get_family
     from bas.core.tiny import save_tiny_model
 
-    save_tiny_model(directory, seed=seed, prediction_type=prediction_type)
-    click.echo(f"Wrote {directory} (loads with StableDiffusionPipeline.from_pretrained).")
+    plugins = Plugins()
+    chosen = get_family(plugins, family) if family else default_family(plugins)
+    save_tiny_model(directory, seed=seed, prediction_type=prediction_type, family=chosen)
+    click.echo(f"Wrote {directory} (loads with {chosen.pipeline_class}.from_pretrained).")
 
 
 @cli.command()
@@ -349,9 +370,8 @@ def demo(out, steps, model):
 
     click.echo(f"Drawing a scene in {out / 'scene'} and extracting its two concepts into {model} ...")
     scene = draw_mini_scene(out / "scene")
-    # bas-mini's latent is 8x8 (attention maps at its middle level, 4x4), and its 64-d embeddings and
-    # small UNet move too little in 100 steps at Stable Diffusion's learning rates
-    extra = {"attention_res": 4, "phase1_lr": 5e-3, "phase2_lr": 1e-3} if model == NAME else {}
+    # bas-mini's 64-d embeddings and small UNet move too little in 100 steps at Stable Diffusion's learning rates
+    extra = {"phase1_lr": 5e-3, "phase2_lr": 1e-3} if model == NAME else {}
     result = extract(scene / "img.png", [scene / "mask0.png", scene / "mask1.png"], out / "run", model=model,
                      phase1_steps=steps, phase2_steps=steps, init_tokens=["circle", "square"], overwrite=True, device="cpu", **extra)
     paths = generate_api(out / "run", [p for _, p in DEMO_PROMPTS], num_images=2, steps=25, grid=False, device="cpu")

@@ -142,6 +142,9 @@ def targets(arch: str, device: str, variant: Variant, configs: dict, speedup: fl
                 out["h100_extraction_under_60s"] = {"value": bas["projected_extraction_s"], "met": bas["projected_extraction_s"] < 60}
         elif variant.optimizer == "adamw8bit" and variant.gradient_checkpointing:
             out["full_8bit_checkpointing_at_most_12gb"] = {"value": peak, "met": peak <= 12}
+    if arch == "sdxl" and device != "cpu" and variant.strategy == "lora":  # issue 11: SDXL at 1024 px on a 12 GB card
+        peak = bas["peak_memory_bytes"] / GB
+        out["sdxl_lora_peak_memory_at_most_11gb"] = {"value": peak, "met": peak <= 11}
     return out
 
 
@@ -171,7 +174,7 @@ def save_row(path: Path, row: dict) -> None:
 @click.option("--compare", type=click.Choice(["reference-style"]), default=None, help="Also measure the reference code's way of training.")
 @click.option("--ablation", "ablations", multiple=True, type=click.Choice(sorted(ABLATIONS)), help="Also measure bas with one setting changed (repeatable).")
 @click.option("--plugin", "-p", "plugin_names", multiple=True, help="Passed to every configuration as `bas run --plugin` (NAME or no:NAME, repeatable).")
-@click.option("--resolution", type=int, default=None, help="Training resolution [default: the preset's: 128 tiny, 256 small, 512 sd15/sd21].")
+@click.option("--resolution", type=int, default=None, help="Training resolution [default: the preset's: 128 tiny, 256 small and sdxl-small, 512 sd15/sd21, 1024 sdxl].")
 @click.option("--threads", type=int, default=None, help="CPU threads per measurement [default: torch's].  1 gives stable figures on a shared machine.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--num-class-images", type=int, default=4, show_default=True, help="Pre-made class images for prior preservation.")

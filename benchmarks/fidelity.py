@@ -259,9 +259,11 @@ def merge_results(parts: list[Path], out: Path) -> dict:
 @click.option("--phase1-lr", type=float, default=None, help="[default: bas run's, 5e-4]")
 @click.option("--phase2-lr", type=float, default=None, help="Phase-2 learning rate of LoRA [default: bas run's, 1e-4].")
 @click.option("--full-phase2-lr", type=float, default=None, help="Phase-2 learning rate of the full fine-tune [default: bas run's, 2e-6].")
+@click.option("--phase2-handle-lr", type=float, default=None, help="Phase-2 learning rate of the handles [default: bas run's, 2e-6].")
 @click.option("--grids", type=click.Path(path_type=Path), default=None, help="Folder of the grid PNGs [default: --out without .json].")
 @click.option("--merge", "merge", multiple=True, type=click.Path(exists=True, path_type=Path), help="Instead of running: merge these result files into --out.")
-def main(model, out, scenes, ablations, phase1_steps, phase2_steps, seeds, sample_steps, guidance, attention_res, threads, grids, merge, phase1_lr, phase2_lr, full_phase2_lr):
+def main(model, out, scenes, ablations, phase1_steps, phase2_steps, seeds, sample_steps, guidance, attention_res, threads, grids, merge, phase1_lr, phase2_lr, full_phase2_lr,
+         phase2_handle_lr):
     """Run the fidelity benchmark and print its table."""
     import torch
 
@@ -275,7 +277,8 @@ def main(model, out, scenes, ablations, phase1_steps, phase2_steps, seeds, sampl
     result = run_benchmark(out, model=model, scenes=list(scenes) or None, ablations=list(ablations) or None,
                            steps=(phase1_steps, phase2_steps), seeds=list(range(seeds)), sample_steps=sample_steps,
                            guidance=guidance, attention_res=attention_res, grids=grids,
-                           learning_rates={k: v for k, v in (("phase1_lr", phase1_lr), ("phase2_lr", phase2_lr), ("full_phase2_lr", full_phase2_lr)) if v} or None, log=lambda m: print(m, file=sys.stderr, flush=True))
+                           learning_rates={k: v for k, v in (("phase1_lr", phase1_lr), ("phase2_lr", phase2_lr), ("full_phase2_lr", full_phase2_lr),
+                                                                ("phase2_handle_lr", phase2_handle_lr)) if v} or None, log=lambda m: print(m, file=sys.stderr, flush=True))
     click.echo(result["table"])
     click.echo(f"Wrote {out}")
 

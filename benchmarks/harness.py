@@ -255,12 +255,13 @@ class BenchRun(Run):
         if not v.fused_attention:
             from diffusers.models.attention_processor import AttnProcessor
 
-            c.unet.set_attn_processor(AttnProcessor())
-            c.text_encoder.set_attn_implementation("eager")
+            c.denoiser.set_attn_processor(AttnProcessor())
+            for encoder in c.text_encoders:
+                encoder.model.set_attn_implementation("eager")
         if v.channels_last:
-            c.unet.to(memory_format=torch.channels_last)
+            c.denoiser.to(memory_format=torch.channels_last)
         if v.compile:
-            c.unet.compile(dynamic=False)  # with dynamic shapes inductor fails on this UNet (torch 2.13)
+            c.denoiser.compile(dynamic=False)  # with dynamic shapes inductor fails on this UNet (torch 2.13)
         if not v.cached_latents:
             image = self.scene.image.unsqueeze(0)
             encoded = EncodedEachStep(self, torch.cat([image, image.flip(-1)]))
@@ -277,21 +278,23 @@ class BenchRun(Run):
                 encoded = EncodedEachStep(self, self.class_images)
                 term.mean, term.std = encoded.mean, encoded.std
 
-    def run_phase(self, phase, steps, params, lr) -> None:
+    def run_phase(self, phase, steps, groups) -> None:
         c, v = self.components, self.variant
         extra, frozen = [], []
         if not v.handle_rows_only:
-            matrix = self.handle_embedding.base.weight
-            matrix.requires_grad_(True)
-            extra.append(matrix)
-            self.kept_rows = matrix.detach().clone() if phase == 1 else None
+            matrices = [e.base.weight for e in self.handle_embeddings]
+            for matrix in matrices:
+                matrix.requires_grad_(True)
+            extra += matrices
+            self.kept_rows = [m.detach().clone() for m in matrices] if phase == 1 else None
         if phase == 1 and not v.skip_frozen_grads:
-            frozen = [p for m in (c.unet, c.text_encoder) for p in m.parameters() if not p.requires_grad]
+            frozen = [p for m in c.trainable_modules().values() for p in m.parameters() if not p.requires_grad]
             for p in frozen:
                 p.requires_grad_(True)
-        self.trainable[f"phase{phase}"] = sum(p.numel() for p in params + extra)
+        self.trainable[f"phase{phase}"] = sum(p.numel() for g in groups for p in g["params"]) + sum(p.numel() for p in extra)
+        groups = [dict(groups[0], params=groups[0]["params"] + extra), *groups[1:]]  # the matrix trains at the first group's rate
         try:
-            super().run_phase(phase, steps, params + extra, lr)
+            super().run_phase(phase, steps, groups)
         finally:
             for p in frozen:
                 p.requires_grad_(False)
@@ -300,7 +303,8 @@ class BenchRun(Run):
     def after_step(self, record) -> None:
         if self.kept_rows is not None and record.phase == 1:  # the reference restores the old rows
             with torch.no_grad():
-                self.handle_embedding.base.weight.copy_(self.kept_rows)
+                for embedding, rows in zip(self.handle_embeddings, self.kept_rows):
+                    embedding.base.weight.copy_(rows)
 
 
 # -- one measurement -----------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """Architecture presets: Stable Diffusion pipelines with the real shapes and random weights.
 
-Speed and memory depend on shapes, not on the weights' values, so the SD 1.5 and SD 2.1 presets
-build those architectures in code (nothing is downloaded) and save them once, in diffusers format,
-to a cache folder that ``bas`` then loads like any other local model.  ``tiny`` is the test model
-of :mod:`bas.core.tiny`; ``small`` sits between it and SD 1.5: SD's layout (4 UNet levels, 2
-layers per level, linear projections, the 8x VAE, CLIP's 49408-token vocabulary) at a width and
-resolution that run a few training steps per second on a CPU.
+Speed and memory depend on shapes, not on the weights' values, so the SD 1.5, SD 2.1 and SDXL
+presets build those architectures in code (nothing is downloaded) and save them once, in
+diffusers format, to a cache folder that ``bas`` then loads like any other local model.  ``tiny``
+is the test model of :mod:`bas.core.tiny`; ``small`` sits between it and SD 1.5: SD's layout (4
+UNet levels, 2 layers per level, linear projections, the 8x VAE, CLIP's 49408-token vocabulary) at
+a width and resolution that run a few training steps per second on a CPU.  ``sdxl-small`` is
+SDXL's layout (3 UNet levels with 1/2/10-deep transformers, text-time conditioning, two CLIP text
+models of 12 and 32 layers) at a tenth of its widths, for the CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ CLIP_VOCAB_SIZE = 49408  # every SD 1.x/2.x tokenizer
 
 SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+SDXL_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+SDXL_UP = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
 SD_VAE = dict(
     block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
@@ -35,6 +39,7 @@ class Preset:
     unet: dict = field(default_factory=dict)
     vae: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)  # CLIPTextConfig fields; vocab_size is set from the tokenizer
+    text_2: dict = field(default_factory=dict)  # SDXL's second text model (with a projection); empty: an SD pipeline
 
     def key(self) -> str:
         """Changes when the architecture does, so a cached model is rebuilt."""
@@ -73,6 +78,28 @@ PRESETS: dict[str, Preset] = {
         vae=SD_VAE,
         text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, projection_dim=512, hidden_act="gelu"),
     ),
+    "sdxl": Preset(
+        "sdxl", 1024, "SDXL base: UNet 320/640/1280 with 1/2/10-deep transformers, heads 5/10/20, text-time conditioning; CLIP ViT-L (768-d, 12 layers) + OpenCLIP bigG (1280-d, 32 layers)",
+        unet=dict(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, down_block_types=SDXL_DOWN, up_block_types=SDXL_UP,
+            transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+        ),
+        vae=dict(SD_VAE, sample_size=1024, scaling_factor=0.13025),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280, hidden_act="gelu"),
+    ),
+    "sdxl-small": Preset(
+        "sdxl-small", 256, "SDXL layout at 1/10 width: UNet 32/64/128 with 1/2/10-deep transformers; 64-d 12-layer and 128-d 32-layer text models, 256 px",
+        unet=dict(
+            sample_size=32, block_out_channels=(32, 64, 128), layers_per_block=2, down_block_types=SDXL_DOWN, up_block_types=SDXL_UP,
+            transformer_layers_per_block=(1, 2, 10), cross_attention_dim=192, attention_head_dim=(1, 2, 4), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=32, projection_class_embeddings_input_dim=6 * 32 + 128, norm_num_groups=16,
+        ),
+        vae=dict(SD_VAE, block_out_channels=(16, 32, 64, 64), norm_num_groups=8, sample_size=256, scaling_factor=0.13025),
+        text=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=12, num_attention_heads=4, projection_dim=64, hidden_act="quick_gelu"),
+        text_2=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=32, num_attention_heads=4, projection_dim=128, hidden_act="gelu"),
+    ),
 }
 
 
@@ -91,8 +118,9 @@ def write_clip_sized_tokenizer(directory: Path) -> None:
 def build_pipeline(preset: Preset, seed: int = 0):
     """The preset's pipeline in memory, with random weights."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if preset.name == "tiny":
         from bas.core.tiny import build_tiny_pipeline
@@ -102,14 +130,22 @@ def build_pipeline(preset: Preset, seed: int = 0):
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_sized_tokenizer(Path(tmp))
         tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **preset.text,
-        )
-    )
+        tokenizer_2 = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77, pad_token="!")
+
+    def clip_config(fields, **extra):
+        return CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **fields, **extra)
+
+    text_encoder = CLIPTextModel(clip_config(preset.text, eos_token_id=tokenizer.eos_token_id))
     unet = UNet2DConditionModel(**preset.unet)
     vae = AutoencoderKL(in_channels=3, out_channels=3, **preset.vae)
+    if preset.text_2:  # SDXL: its second encoder ships with the legacy eos_token_id 2, as the real one
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=CLIPTextModelWithProjection(clip_config(preset.text_2, eos_token_id=2)),
+            tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, add_watermarker=False,
+            scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                             timestep_spacing="leading"),
+        )
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
         steps_offset=1, prediction_type="epsilon",

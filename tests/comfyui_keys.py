@@ -1,4 +1,4 @@
-"""What ComfyUI makes of a LoRA file for SD 1.x/2.x: its key map and LoRA reader, rewritten from its
+"""What ComfyUI makes of a LoRA file for SD 1.x/2.x and SDXL: its key map and LoRA reader, rewritten from its
 ``comfy/lora.py`` (``model_lora_keys_unet``, ``model_lora_keys_clip``, ``load_lora``),
 ``comfy/weight_adapter/lora.py`` (``LoRAAdapter.load``, ``calculate_weight``) and ``comfy/utils.py``
 (``unet_to_diffusers``, which names the UNet's layers as diffusers does).
@@ -35,10 +35,12 @@ FACTOR_ENDINGS = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", 
                   (".lora_B.default.weight", ".lora_A.default.weight"))
 
 
-def key_map(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, tuple[str, str, torch.Size]]:
+def key_map(unet: torch.nn.Module, text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module | None = None) -> dict[str, tuple[str, str, torch.Size]]:
     """ComfyUI's names of a LoRA layer (without the endings) -> (component, module, weight shape), for an
     SD UNet and its CLIP text encoder (``clip_l``/``clip_h``) given as diffusers/transformers models;
-    text-encoder modules named with ``text_model.`` whatever the transformers version."""
+    text-encoder modules named with ``text_model.`` whatever the transformers version.  With
+    ``text_encoder_2``, an SDXL model: ``clip_l`` also answers to ``lora_te1_``, and ``clip_g`` (as
+    ``model_lora_keys_clip`` maps it when ``clip_l`` is present) to ``lora_te2_`` and ``text_encoder_2.``."""
     names = {}
     for name, weight in unet.named_parameters():
         module = name.replace(".base_layer.", ".").removesuffix(".weight")  # a layer peft adapts, as its model names it
@@ -49,12 +51,17 @@ def key_map(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, t
         for prefix in ("", "unet."):  # diffusers' attention-processor names
             key = prefix + module.replace(".to_", ".processor.to_")
             names[key[:-2] if key.endswith(".to_out.0") else key] = target
-    for name, weight in text_encoder.named_parameters():
-        match = CLIP_LAYER.fullmatch(name.replace(".base_layer.", "."))
-        if match and int(match[1]) < 32:
-            target = ("text_encoder", f"text_model.encoder.layers.{match[1]}.{match[2]}", weight.shape)
-            names[f"lora_te_text_model_encoder_layers_{match[1]}_{CLIP_LAYERS[match[2]]}"] = target
-            names[f"text_encoder.text_model.encoder.layers.{match[1]}.{match[2]}"] = target
+    encoders = [("text_encoder", text_encoder, ("lora_te_", "lora_te1_") if text_encoder_2 is not None else ("lora_te_",))]
+    if text_encoder_2 is not None:
+        encoders.append(("text_encoder_2", text_encoder_2, ("lora_te2_",)))
+    for component, encoder, prefixes in encoders:
+        for name, weight in encoder.named_parameters():
+            match = CLIP_LAYER.fullmatch(name.replace(".base_layer.", "."))
+            if match and int(match[1]) < 32:
+                target = (component, f"text_model.encoder.layers.{match[1]}.{match[2]}", weight.shape)
+                for prefix in prefixes:
+                    names[f"{prefix}text_model_encoder_layers_{match[1]}_{CLIP_LAYERS[match[2]]}"] = target
+                names[f"{component}.text_model.encoder.layers.{match[1]}.{match[2]}"] = target
     return names
 
 

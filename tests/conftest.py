@@ -31,6 +31,13 @@ def tiny_vpred_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    from bas.plugins.sdxl import StableDiffusionXL
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0, family=StableDiffusionXL())
+
+
+@pytest.fixture(scope="session")
 def scene(tmp_path_factory) -> Path:
     return draw_scene(tmp_path_factory.mktemp("scene"))
 

@@ -242,7 +242,7 @@ def test_rewriting_a_run_folder_leaves_no_stale_embeddings(tmp_path):
     from bas.core import io
     from bas.core.export import write_run_exports
 
-    info = {"model": "m", "handles": [], "weights": None, "files": ["handles.safetensors"], "resolution": 64}
+    info = {"model": "m", "family": "sd", "handles": [], "weights": None, "files": ["handles.safetensors"], "resolution": 64}
     for n in (3, 2):  # an --overwrite run with fewer handles
         handles = {f"<asset{i}>": torch.full((4,), float(i)) for i in range(n)}
         io.write_safetensors(tmp_path / "handles.safetensors", handles)

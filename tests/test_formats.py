@@ -21,8 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bas.core.export import kohya_metadata, low_rank_difference
+from bas.core.family import Components
 from bas.core.formats import (LoraLayer, diffusers_state_dict, kohya_state_dict, kohya_targets, read_diffusers_lora, standard_module,
                               write_diffusers_lora, write_kohya_lora)
+from bas.plugins.sd import StableDiffusion
 
 import comfyui_keys
 
@@ -84,7 +86,9 @@ def test_run_lora_file_has_the_standard_layout_and_loads_at_its_trained_scale(ti
 
     pipe = plain_pipeline(tiny_model)
     strategy = Lora(SimpleNamespace(options={"lora_rank": 4, "lora_alpha": 2.0}))  # scale 0.5
-    run = SimpleNamespace(components=SimpleNamespace(unet=pipe.unet, text_encoder=pipe.text_encoder), device="cpu")
+    family = StableDiffusion()
+    parts = Components(family, family.pipeline_text_encoders(pipe), pipe.unet, pipe.vae, pipe.scheduler)
+    run = SimpleNamespace(family=family, components=parts, device="cpu")
     params = strategy.prepare(run)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -256,7 +260,9 @@ def test_lora_files_of_earlier_versions_are_read_and_rewritten_in_the_layout_com
 
     pipe = plain_pipeline(tiny_model)
     strategy = Lora(SimpleNamespace(options={"lora_rank": 4, "lora_alpha": 2.0}))
-    run = SimpleNamespace(components=SimpleNamespace(unet=pipe.unet, text_encoder=pipe.text_encoder), device="cpu")
+    family = StableDiffusion()
+    run = SimpleNamespace(family=family, components=Components(family, family.pipeline_text_encoders(pipe), pipe.unet, pipe.vae, pipe.scheduler),
+                          device="cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in strategy.prepare(run):
@@ -264,7 +270,7 @@ def test_lora_files_of_earlier_versions_are_read_and_rewritten_in_the_layout_com
     want = trained_changes(pipe, 0.5)
     strategy.save(run, tmp_path)
     layers = read_diffusers_lora(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
-    configs = {"unet": strategy.unet_config, "text_encoder": strategy.text_config}
+    configs = strategy.configs
     for path in previous_layouts(layers, pipe, configs, tmp_path):
         old = load_file(str(path))
         _, left_out = comfyui_keys.load_lora(old, comfyui_keys.key_map(pipe.unet, pipe.text_encoder))
@@ -300,7 +306,7 @@ def test_reading_refuses_keys_of_other_layouts(key, tmp_path):
 ])
 def test_kohya_header_names_the_base_model_as_kohya_does(handle_dim, prediction, version, architecture, resolution):
     info = {"model": "m", "handle_dim": handle_dim, "prediction_type": prediction, "resolution": int(resolution[:3])}
-    meta = kohya_metadata(info, "toys", {"<asset0>": None, "<asset1>": None})
+    meta = kohya_metadata(info, "toys", {"<asset0>": None, "<asset1>": None}, StableDiffusion())
     assert meta["ss_base_model_version"] == version and meta["modelspec.architecture"] == architecture
     assert meta["ss_v2"] == str(handle_dim == 1024) and meta["modelspec.resolution"] == resolution
     assert meta["modelspec.prediction_type"] == ("v" if prediction == "v_prediction" else "epsilon")

@@ -96,12 +96,12 @@ def test_background_handle_is_the_complement_of_all_masks(rich_run):
         prepare_scene(SceneInput(Image.new("RGB", (8, 8)), [left, right]), 8, background=True)
 
 
-def test_edit_changes_pixels_inside_the_mask_and_keeps_the_outside(rich_run, scene, invoke, tmp_path):
+def test_edit_changes_pixels_inside_the_mask_and_composite_keeps_the_outside(rich_run, scene, invoke, tmp_path):
     mask = Image.new("L", (128, 128), 0)
     ImageDraw.Draw(mask).rectangle((40, 40, 89, 89), fill=255)
     mask.save(tmp_path / "mask.png")
     result = invoke("edit", rich_run, "a photo of <asset1>", "--image", scene / "img.png", "--mask", tmp_path / "mask.png",
-                    "--steps", 3, "--num-images", 2, "--out-dir", tmp_path / "e")
+                    "--steps", 4, "--seeds", "0,1", "--composite", "--out-dir", tmp_path / "e")
     assert result.exit_code == 0, result.output
     paths = [tmp_path / "e" / f"edit-a-photo-of-asset1-seed{s}.png" for s in (0, 1)]
     assert result.stdout.split() == [str(p) for p in paths]
@@ -111,6 +111,41 @@ def test_edit_changes_pixels_inside_the_mask_and_keeps_the_outside(rich_run, sce
         assert diff[inside].mean() > 20
         assert diff[~inside].max() <= 1
     assert not np.array_equal(pixels(paths[0]), pixels(paths[1]))
+
+
+def test_edit_follows_the_blended_latent_diffusion_script(rich_run, scene, tmp_path, monkeypatch):
+    """A quarter into the schedule, from pure noise; after every step the input's latents noised to that
+    step with fresh noise replace the outside of the nearest-sampled mask; the decoded result as is."""
+    import diffusers
+
+    from bas.core.editing import edit_images, latent_mask
+
+    mask = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).rectangle((40, 40, 89, 89), fill=255)
+    mask.save(tmp_path / "mask.png")
+    blends, calls = [], []
+    add_noise = diffusers.DDIMScheduler.add_noise
+
+    def recording_add_noise(self, original, noise, t):
+        blends.append((int(t), noise.clone()))
+        return add_noise(self, original, noise, t)
+
+    monkeypatch.setattr(diffusers.DDIMScheduler, "add_noise", recording_add_noise)
+    unet_forward = diffusers.UNet2DConditionModel.forward
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "forward",
+                        lambda self, sample, t, *a, **k: calls.append((int(t), sample.clone())) or unet_forward(self, sample, t, *a, **k))
+    (path,) = edit_images(rich_run, "a photo of <asset1>", scene / "img.png", tmp_path / "mask.png", steps=8, out_dir=tmp_path / "e", device="cpu")
+    timesteps = [875, 750, 625, 500, 375, 250, 125, 0][2:]  # DDIM over 1000 steps from 0, as the script's; a quarter skipped
+    assert [t for t, _ in calls] == timesteps and [t for t, _ in blends] == timesteps
+    assert all(not torch.equal(a, b) for (_, a), (_, b) in zip(blends, blends[1:]))  # fresh noise at every blend
+    first_input = calls[0][1][:1]
+    assert first_input.std() > 0.8  # pure noise, not the input's latents: inside and outside alike
+    # the mask on the latent grid: nearest samples (pixels 0, 8, 16, ...) of the 128 px mask, thresholded at
+    # 0.5; cell 11 holds pixels 88-95, of which only 88-89 are white, and is in (an area average would drop it)
+    grid = latent_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None, None], (16, 16))[0, 0]
+    assert grid.sum() == 49 and grid[5:12, 5:12].all()
+    source = pixels(scene / "img.png")
+    assert np.abs(pixels(path) - source)[~(np.asarray(mask) > 127)].max() > 1  # not pasted over the input
 
 
 def test_edit_refuses_an_empty_mask(rich_run, scene, invoke, tmp_path):

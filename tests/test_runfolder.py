@@ -354,9 +354,10 @@ def test_export_never_replaces_a_folder_that_is_not_an_export(dest, message, wor
 def test_export_refuses_a_crafted_handle_even_past_the_reader(work):
     """The check where a name becomes a path holds without read_run's."""
     from bas.core.export import write_textual_inversions
+    from bas.plugins.sd import StableDiffusion
 
     with pytest.raises(BasError, match="invalid handle name '../x'"):
-        write_textual_inversions({"../x": torch.zeros(4)}, work / "emb")
+        write_textual_inversions(StableDiffusion(), {"../x": {"text_encoder": torch.zeros(4)}}, work / "emb")
     assert not (work / "x.safetensors").exists() and not (work / "emb").exists()
 
 

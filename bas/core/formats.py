@@ -21,9 +21,11 @@ Each rule below was checked against the loaders (README, "Exports"):
 - A saved pipeline's CLIP tokenizer also has ``vocab.json`` and ``merges.txt``, which
   transformers 4.x's ``CLIPTokenizer`` needs (transformers 5 writes only ``tokenizer.json``).
 
-The naming of Stable Diffusion 1.x/2.x modules (the components' key prefixes in ``COMPONENTS``,
-text-encoder paths, diffusers' and kohya's key names, the layers kohya's LoRA covers) is kept in the
-first section, the only one a model family with other module names would extend.
+The naming of modules (the components' key prefixes in ``COMPONENTS``, text-encoder paths,
+diffusers' and kohya's key names, the layers kohya's LoRA covers) is kept in the first section, the
+only one a model family with other module names would extend.  A model family gives its own kohya
+prefixes (``ModelFamily.kohya_prefixes``: SD's ``lora_te_``, SDXL's ``lora_te1_``/``lora_te2_``),
+which the functions that name kohya keys take as ``prefixes``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from bas.core.errors import BasError
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 
 
-# -- Stable Diffusion 1.x/2.x naming ---------------------------------------------------------------
+# -- module naming ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ComponentNames:
     """How one pipeline component's LoRA layers are named in the files."""
@@ -54,10 +56,12 @@ class ComponentNames:
     text_encoder: bool  # a CLIP text encoder (``text_model.`` paths, peft's key names); else a UNet
 
 
-# Every component a LoRA file can hold, the one table of prefixes (SDXL adds "text_encoder_2").
+# Every component a LoRA file can hold, the one table of prefixes.  The kohya prefixes are SD
+# 1.x/2.x's; a family with several text encoders names them its own way (``prefixes`` below).
 COMPONENTS = {
     "unet": ComponentNames("unet", "lora_unet_", text_encoder=False),
     "text_encoder": ComponentNames("text_encoder", "lora_te_", text_encoder=True),
+    "text_encoder_2": ComponentNames("text_encoder_2", "lora_te2_", text_encoder=True),
 }
 TEXT_MODEL_PREFIX = "text_model."
 # A UNet attention's projections, and their names as diffusers' attention processors had them.
@@ -79,9 +83,14 @@ def standard_module(component: str, module: str) -> str:
     return text_encoder_module(module) if COMPONENTS[component].text_encoder else module
 
 
-def kohya_name(component: str, module: str) -> str:
-    """``lora_unet_down_blocks_0_..._to_q`` / ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``."""
-    return COMPONENTS[component].kohya + standard_module(component, module).replace(".", "_")
+def kohya_name(component: str, module: str, prefixes: dict[str, str] | None = None) -> str:
+    """``lora_unet_down_blocks_0_..._to_q`` / ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``
+    (SDXL: ``lora_te1_...``, ``lora_te2_...``), with the model family's ``prefixes`` (default: SD's)."""
+    prefixes = prefixes or {c: names.kohya for c, names in COMPONENTS.items() if c != "text_encoder_2"}
+    if component not in prefixes:
+        raise BasError(f"The LoRA has {component} layers, which the kohya names {', '.join(prefixes.values())} have no place for; "
+                       "export the run with the model family it was trained with (run.json's \"family\").")
+    return prefixes[component] + standard_module(component, module).replace(".", "_")
 
 
 def diffusers_keys(component: str, module: str) -> tuple[str, str]:
@@ -244,11 +253,11 @@ def write_diffusers_lora(layers: list[LoraLayer], directory: Path) -> Path:
 
 
 # -- kohya's layout --------------------------------------------------------------------------------
-def kohya_state_dict(layers: list[LoraLayer], alpha: float) -> dict[str, torch.Tensor]:
+def kohya_state_dict(layers: list[LoraLayer], alpha: float, prefixes: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """``lora_unet_*``/``lora_te_*`` keys with ``.lora_down.weight``, ``.lora_up.weight`` and one ``alpha``."""
     sd = {}
     for layer in layers:
-        name = kohya_name(layer.component, layer.module)
+        name = kohya_name(layer.component, layer.module, prefixes)
         sd[f"{name}.lora_down.weight"] = layer.down.contiguous()
         sd[f"{name}.lora_up.weight"] = layer.scaled_up(alpha)
         sd[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=layer.down.dtype)
@@ -263,10 +272,11 @@ def kohya_model_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     return hashlib.sha256(data[8 + header:]).hexdigest()
 
 
-def write_kohya_lora(layers: list[LoraLayer], path: Path, metadata: dict[str, str]) -> None:
-    """The LoRA with one alpha (the largest rank), kohya's training metadata and its model hash."""
+def write_kohya_lora(layers: list[LoraLayer], path: Path, metadata: dict[str, str], prefixes: dict[str, str] | None = None) -> None:
+    """The LoRA with one alpha (the largest rank), kohya's training metadata and its model hash;
+    ``prefixes``: the model family's kohya prefixes (default: SD 1.x/2.x's)."""
     alpha = float(max(layer.rank for layer in layers))
-    tensors = {k: v.detach().cpu().contiguous() for k, v in kohya_state_dict(layers, alpha).items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in kohya_state_dict(layers, alpha, prefixes).items()}
     metadata = {**metadata, "ss_network_module": "networks.lora", "ss_network_dim": str(int(alpha)), "ss_network_alpha": str(alpha)}
     metadata["sshs_model_hash"] = kohya_model_hash(tensors, metadata)
     io.write_safetensors(path, tensors, metadata=metadata)

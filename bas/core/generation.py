@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Callable
@@ -16,82 +15,7 @@ from bas.core import checks, io
 from bas.core.errors import BasError
 from bas.core.handles import check_prompt_fits, check_prompt_handles, install_handles
 from bas.core.model import DTYPES, load_pipeline, resolve_device, resolve_precision
-from bas.core.plugins import Plugins
-
-
-MAX_RUN_JSON = 64 * 2**20  # a run.json holds options and loss histories: a few MB at most
-MAX_HANDLES_FILE = 16 * 2**20  # 8 handles of 4096 floats take 128 KB
-RUN_FIELDS = {"model": str, "handles": list, "files": list, "resolution": int}
-
-
-def read_run(out: Path) -> dict:
-    """The ``run.json`` of a finished run, after checking that the folder's files agree with it.
-
-    Refused with one line: a folder that is not a finished run (an interrupted one is named as
-    such), a damaged ``run.json``, handle names that are not ``<assetN>``, a handles file that does
-    not hold exactly the handles ``run.json`` lists, listed files that are missing or leave the
-    folder, and files that differ from the sizes and hashes ``run.json`` recorded (a mixed folder).
-    An interrupted swap of a newer run into ``out`` is finished (or undone) first.
-    """
-    from bas.core import checkpoint, runfolder
-
-    out = Path(out)
-    runfolder.settle(out)
-    path = out / "run.json"
-    if not path.is_file():
-        if checkpoint.complete_checkpoints(out):
-            raise BasError(f"{out} holds an interrupted run, not a finished one; continue it with `bas run ... --resume` (the same options as before).")
-        if not out.exists():
-            raise BasError(f"{out} does not exist; pass the --out folder of a completed `bas run`.")
-        raise BasError(f"{out} is not a finished bas run (it has no run.json); pass the --out folder of a completed `bas run`.")
-    if path.stat().st_size > MAX_RUN_JSON:
-        raise BasError(f"{path} is {path.stat().st_size:,} bytes, far more than a run.json holds; the folder is damaged, re-run `bas run`.")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise BasError(f"{path} is not valid JSON ({exc}); the folder is damaged, re-run `bas run`.") from exc
-    if not isinstance(info, dict):
-        raise BasError(f"{path} does not hold a run's record; the folder is damaged, re-run `bas run`.")
-    for key, kind in RUN_FIELDS.items():
-        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
-            raise BasError(f"{path} has no valid '{key}'; the folder is damaged, re-run `bas run`.")
-    handles = info["handles"]
-    if not handles or handles != [f"<asset{i}>" for i in range(len(handles))]:
-        raise BasError(f"{path} lists the handles {handles!r}, not <asset0>, <asset1>, ... in order; the folder is damaged, re-run `bas run`.")
-    if info.get("background") not in (None, *handles):
-        raise BasError(f"{path} names a background handle {info['background']!r} that is not among its handles; re-run `bas run`.")
-    if info.get("weights") is not None and not isinstance(info["weights"], str):
-        raise BasError(f"{path} has no valid 'weights'; the folder is damaged, re-run `bas run`.")
-    if not isinstance(info.get("config", {}), dict) or not isinstance(info.get("config", {}).get("options", {}), dict):
-        raise BasError(f"{path} has no valid 'config'; the folder is damaged, re-run `bas run`.")
-    checks.check_side(f"{path}'s resolution", info["resolution"])
-    for name in info["files"]:
-        if not isinstance(name, str) or not io.inside(out, name.rstrip("/"), str(path)).exists():
-            raise BasError(f"{out} is incomplete: {name}, which its run.json lists, is missing; restore the folder or re-run `bas run`.")
-    if info.get("weights") and not info.get("weight_files", True):
-        raise BasError(f"{path} says the run trained {info['weights']} weights but lists no file of them; re-run `bas run`.")
-    if "checksums" in info:
-        runfolder.verify(out, info["checksums"], out)
-    handles_file = out / "handles.safetensors"
-    if handles_file.is_file() and handles_file.stat().st_size > MAX_HANDLES_FILE:
-        raise BasError(f"{handles_file} is {handles_file.stat().st_size:,} bytes, far more than a few handles take; the folder is damaged, re-run `bas run`.")
-    try:
-        saved = load_file(str(handles_file))
-    except Exception as exc:  # safetensors reports a damaged header or a truncated file with its own errors
-        raise BasError(f"{out / 'handles.safetensors'} cannot be read ({type(exc).__name__}: {exc}); the folder is damaged, re-run `bas run`.") from exc
-    if sorted(saved) != sorted(handles):
-        raise BasError(f"{out} is mixed: handles.safetensors holds {', '.join(sorted(saved)) or 'nothing'} but run.json lists {', '.join(handles)}; "
-                       "re-run `bas run` into a new folder.")
-    dims = {tuple(t.shape) for t in saved.values()}
-    if len(dims) != 1 or len(next(iter(dims))) != 1 or not all(torch.isfinite(t.float()).all() for t in saved.values()):
-        raise BasError(f"{out / 'handles.safetensors'} does not hold one finite vector per handle; the folder is damaged, re-run `bas run`.")
-    return info
-
-
-def slug(text: str, length: int = 40) -> str:
-    """A file-name-safe version of a prompt: no separators, no dots, nothing that escapes a folder."""
-    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-    return s[:length].strip("-") or "image"
+from bas.core.runs import SavedConfig, all_handles_prompt, read_run, run_family, run_plugins, slug  # noqa: F401 (re-exported)
 
 
 def image_stem(prompt: str) -> str:
@@ -105,26 +29,26 @@ def image_stem(prompt: str) -> str:
 
 
 def load_run_pipeline(out: Path, device: str = "auto", precision: str = "auto"):
-    """The run's base model with its weights and handles applied, ready to sample."""
+    """The run's base model (its family's diffusers pipeline) with its weights and handles applied, ready to sample."""
     out = Path(out)
     info = read_run(out)
     dev = resolve_device(device)
     dtype = DTYPES[resolve_precision(precision, dev)]
+    plugins = run_plugins(info)
+    family = run_family(info, plugins)
 
     def load(model):
-        return load_pipeline(model, dev, dtype)
+        return load_pipeline(model, dev, dtype, family)
 
     if info.get("weights"):
-        plugins = Plugins(info.get("plugin_names") or [])
         strategy = plugins.registry("weight strategy").get(info["weights"], "this run's weights").factory
-        from bas.core.training import RunConfig
-
-        pipe = strategy(RunConfig(out=out, options=info["config"].get("options", {}))).load_pipeline(out, info, load)
+        pipe = strategy(SavedConfig.of(out, info)).load_pipeline(out, info, load)
     else:
         pipe = load(info["model"])
-    handles = load_file(str(out / "handles.safetensors"))
-    install_handles(pipe.tokenizer, pipe.text_encoder, handles)
-    pipe.text_encoder.to(dev)
+    encoders = family.pipeline_text_encoders(pipe)
+    install_handles(encoders, load_file(str(out / "handles.safetensors")))
+    for encoder in encoders:
+        encoder.model.to(dev)
     return pipe, info
 
 
@@ -153,13 +77,6 @@ def make_scheduler(name: str, config):
 
     cls, extra = SCHEDULERS[name]
     return getattr(diffusers, cls).from_config(config, **extra)
-
-
-def all_handles_prompt(handles: list[str]) -> str:
-    """The prompt naming every handle, as training phrases it: image variations of the whole scene."""
-    from bas.core.training import PROMPT_PREFIX
-
-    return PROMPT_PREFIX + " and ".join(handles)
 
 
 MAX_PROMPTS_FILE = 10 * 2**20
@@ -207,13 +124,21 @@ def check_size(width: int | None, height: int | None) -> None:
             checks.check_side(name, value)
 
 
-def lora_kwargs(pipe, lora_scale: float) -> dict:
-    """``cross_attention_kwargs`` that scale the run's adapters; an error if it has none to scale."""
+def check_prompts_fit(pipe, family, texts: list[str]) -> None:
+    """Refuse a prompt whose handle one of the family's tokenizers would cut off (``check_prompt_fits``)."""
+    for encoder in family.pipeline_text_encoders(pipe):
+        for text in texts:
+            check_prompt_fits(encoder.tokenizer, text)
+
+
+def lora_kwargs(pipe, lora_scale: float, family) -> dict:
+    """The pipeline argument (``cross_attention_kwargs`` for UNet families) that scales the run's
+    adapters; an error if it has none to scale."""
     if lora_scale == 1.0:
         return {}
     if not any(pipe.get_list_adapters().values()):
         raise BasError("--lora-scale only applies to runs with LoRA weights; this run has none, so leave it out.")
-    return {"cross_attention_kwargs": {"scale": lora_scale}}
+    return {family.lora_scale_argument: {"scale": lora_scale}}
 
 
 def generate_images(
@@ -259,10 +184,10 @@ def generate_images(
     check_scheduler(scheduler)  # before the model loads
 
     pipe, info = load_run_pipeline(out, device, precision)
-    for prompt in prompts + ([negative_prompt] if negative_prompt else []):
-        check_prompt_fits(pipe.tokenizer, prompt)
+    family = run_family(info)
+    check_prompts_fit(pipe, family, prompts + ([negative_prompt] if negative_prompt else []))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    extra = lora_kwargs(pipe, lora_scale)
+    extra = lora_kwargs(pipe, lora_scale, family)
     out_dir = Path(out_dir) if out_dir else out / "samples"
     res = info.get("resolution")
     written, rows = [], []

@@ -99,6 +99,87 @@ def bas_register_samplers(register):
 
 
 @hookspec
+def bas_register_model_families(register):
+    """Register model families: ``register(name, factory)``; ``factory()`` returns a
+    :class:`bas.core.family.ModelFamily`.
+
+    A family is what bas needs to know about one model architecture.  The built-in ``sd``
+    (Stable Diffusion 1.x/2.x) and ``sdxl`` are plugins like any other.  A run's family is the
+    one whose ``recognises(model_index)`` accepts ``--model``'s ``model_index.json`` (for a hub
+    id only that file is fetched), or the one named with ``--family NAME``; it is stored in
+    ``run.json`` and used again by ``bas generate``, ``bas edit`` and ``bas export``.  The loop
+    never asks which family it runs; it calls these verbs:
+
+    - ``load(model)``: the parts, as :class:`bas.core.family.Components`: every text encoder
+      with its tokenizer (``TextEncoder``, in pipeline order), the denoiser, the VAE, the
+      training noise scheduler.  bas adds one new token per concept to *every* tokenizer and
+      one trainable row per encoder (``HandleEmbedding``), so each tokenizer must support
+      ``add_tokens`` and each encoder ``get/set_input_embeddings``.  A tokenizer may be
+      smaller than its embedding matrix (T5 pads its vocabulary): the handle rows then take
+      the ids the tokenizer gives them.  ``native_resolution``, ``check_resolution`` (before
+      any model loads), ``memory_defaults(device, strategy)`` (run options used where the
+      user chose none, such as gradient checkpointing on CUDA).
+    - ``conditioning(components, input_ids, size)``: tokenized prompts (one tensor per
+      encoder, each padded to its tokenizer's ``model_max_length``) to a
+      :class:`bas.core.family.Conditioning`: ``hidden_states``, the sequence the denoiser
+      attends to, and ``extra``, every other batch-first input (pooled embeddings, SDXL's
+      ``time_ids`` from an :class:`bas.core.family.ImageSize`).  ``sequence_encoder`` says
+      whose token positions index that sequence.  ``unconditional`` is guidance's empty branch.
+    - ``scale_latents``/``unscale_latents`` (VAE scaling and shift), ``training_noise(scheduler,
+      latents, generator)`` -> ``(noise, timesteps, noisy, target)`` (the objective: epsilon,
+      v-prediction, or a flow-matching velocity), ``predict(denoiser, latents, t, cond)``
+      (spatial in and out, passing ``cond.hidden_states`` itself as ``encoder_hidden_states``),
+      ``guided_prediction`` (classifier-free guidance by default).
+    - ``attention_layers(components, latent_size)`` -> ``{name: (module, map side)}``,
+      ``attention_resolution(available, latent_size, requested)`` (default: a quarter of the
+      latent side snapped to a side the model has, at least 4), ``capture_processor(store)``:
+      the processor installed on the chosen layers that records fp32 probabilities ``(B, Q, T)``
+      of image queries over text tokens.  Maps finer than the loss's side are area-averaged.
+    - ``pipeline_class`` (the diffusers pipeline that generates and takes ``load_lora_weights``),
+      ``load_pipeline``, ``pipeline_from_components``, ``pipeline_text_encoders``,
+      ``prompt_conditioning`` (sampling and ``bas edit`` through the pipeline's own prompt
+      encoding), ``lora_targets`` (peft target names per pipeline component),
+      ``lora_scale_argument``, and ``tiny_pipeline`` (``bas tiny-model --family NAME``).
+    - files: ``textual_inversion`` (one handle's file for diffusers, from its rows in every
+      encoder), ``webui_embedding`` (AUTOMATIC1111/ComfyUI's layout, SDXL's ``clip_l``/``clip_g``),
+      ``textual_inversion_code`` (the model card's loading lines), ``kohya_prefixes`` (per
+      component: ``lora_unet_``, ``lora_te1_``, ...), ``kohya_base`` (the base model as kohya's
+      metadata names it) and ``export_formats``.  ``handles.safetensors`` keys the first
+      encoder's rows by the bare token and another encoder's by ``"<component>.<token>"``.
+
+    **A transformer family** (FLUX.1, SD3) fits without touching core:
+
+    - several tokenizers of different kinds (CLIP's BPE and T5's SentencePiece, ``text_encoder``
+      and ``text_encoder_2``, SD3 a third): each is a ``TextEncoder`` with its own max length;
+      ``add_tokens`` works on both kinds and the handle rows follow the ids each tokenizer
+      gives (T5's tokenizer has 32100 tokens for 32128 rows).  ``sequence_encoder`` names T5,
+      whose tokens the joint attention reads; CLIP contributes only its pooled output, in
+      ``extra`` (``pooled_projections``), with ``guidance`` for a guidance-distilled model.
+    - packed latents: FLUX packs 2x2 latent patches into tokens.  ``predict`` packs the
+      spatial latents, calls the transformer (position ids, ``guidance``, ``joint_attention_kwargs``)
+      and unpacks its output, so masks and the masked loss stay spatial; the attention maps
+      come out at the packed grid (latent side / 2), which ``attention_layers`` declares as
+      their side, and the loss averages them down to its own resolution.
+    - the objective: ``training_noise`` draws shifted-sigmoid timesteps, noises
+      ``(1 - sigma) * x + sigma * noise`` and returns the velocity ``noise - x`` as target;
+      ``scale_latents`` applies the VAE's shift and scale factors.
+    - maps from joint image-text attention: ``capture_processor`` returns a processor for the
+      transformer's attention modules that computes the image queries' probabilities over the
+      text keys (the text part of the joint sequence) and records them like the UNet's.
+    - LoRA on the transformer: ``lora_targets = {"transformer": [...], "text_encoder": [...]}``
+      and ``lora_scale_argument = "joint_attention_kwargs"``; ``denoiser_name = "transformer"``;
+      ``kohya_prefixes`` as kohya's FLUX scripts name them (``lora_unet_`` for the transformer,
+      ``lora_te1_`` for CLIP), or ``export_formats`` without ``kohya``.  T5 module paths have no
+      ``text_model.`` level: ``bas.core.formats.standard_module`` adds it to ``text_encoder*``
+      components (CLIP's), so a T5 component needs a rule of its own there.
+    - quantised loading: ``load`` may load a frozen base quantised (bitsandbytes, torchao) when
+      a weight strategy trains only adapters (``WeightStrategy.freezes_base``).
+    - guidance-distilled sampling: ``guided_prediction`` makes one forward pass with the
+      guidance embedding instead of two.
+    """
+
+
+@hookspec
 def bas_register_observers(register):
     """Register step and run observers: ``register(name, factory)``.
 

@@ -47,6 +47,8 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "clip-prompt": ("bas.plugins.clip_prompt", True),
     "dino-identity": ("bas.plugins.dino_identity", True),
     "bas-mini": ("bas.plugins.bas_mini", True),
+    "sd": ("bas.plugins.sd", True),
+    "sdxl": ("bas.plugins.sdxl", True),
 }
 
 REGISTER_HOOKS = {
@@ -57,8 +59,9 @@ REGISTER_HOOKS = {
     "sampler": "bas_register_samplers",
     "observer": "bas_register_observers",
     "evaluator": "bas_register_evaluators",
+    "model family": "bas_register_model_families",
 }
-TRAINING_KINDS = ("weight strategy", "loss term", "optimizer", "sampler", "observer")
+TRAINING_KINDS = ("weight strategy", "loss term", "optimizer", "sampler", "observer", "model family")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from bas.core.errors import BasError
+from bas.core.family import ImageSize
 from bas.core.handles import DEFAULT_INIT_TOKEN
 
 MAX_CONCEPTS = 8  # the paper reports degradation beyond 4; beyond 8 a run is almost surely a mistake
@@ -39,13 +40,15 @@ class SceneInput:
 class Scene:
     """The prepared scene: ``image`` is (3, R, R) in [-1, 1]; ``masks`` is (N, R, R) in [0, 1].
 
-    With ``background`` the last concept is the complement of all the given masks.
+    With ``background`` the last concept is the complement of all the given masks.  ``size`` is
+    the image's size conditioning: its original size and where the square crop lies.
     """
 
     image: torch.Tensor
     masks: torch.Tensor
     mask_names: list[str]
     background: bool = False
+    size: ImageSize | None = None
 
     @property
     def num_concepts(self) -> int:
@@ -258,7 +261,17 @@ def prepare_scene(scene: SceneInput, resolution: int, init_tokens: list[str] | N
         names.append(BACKGROUND_NAME)
     image = _square(scene.image, resolution, Image.BICUBIC)
     image_t = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-    return Scene(image=image_t, masks=torch.stack(masks), mask_names=names, background=background)
+    return Scene(image=image_t, masks=torch.stack(masks), mask_names=names, background=background,
+                 size=crop_size(w, h, resolution))
+
+
+def crop_size(width: int, height: int, resolution: int) -> ImageSize:
+    """The size conditioning of an image centre-cropped to a square and resized to ``resolution``:
+    the crop's corner is given in the image resized so its short side is ``resolution``, as
+    diffusers' SDXL training scripts give it."""
+    left, top, side = centre_square(width, height)
+    scale = resolution / side
+    return ImageSize((height, width), (round(top * scale), round(left * scale)), (resolution, resolution))
 
 
 MASK_FILE = re.compile(r"mask(\d+)\.([A-Za-z0-9]+)", re.IGNORECASE)

@@ -123,7 +123,8 @@ class Report:
 
         for prompt in self.prompts:
             check_prompt_handles(prompt, run.tokens)
-            check_prompt_fits(run.components.tokenizer, prompt, "--validation-prompt")
+            for encoder in run.components.text_encoders:  # every tokenizer the family uses
+                check_prompt_fits(encoder.tokenizer, prompt, "--validation-prompt")
 
     def on_step(self, run, step):
         if self.every and step.step % self.every == 0 and step.step < step.total_steps:
@@ -167,7 +168,7 @@ class Report:
 def write_index(run, directory: Path) -> None:
     """``index.html`` linking whatever the report folder holds now (resumed runs included)."""
     e = html.escape
-    rows = [("base model", run.config.model), ("weights", run.resolved.strategy_name if run.config.phase2_steps else "handles only"),
+    rows = [("base model", run.model), ("weights", run.resolved.strategy_name if run.config.phase2_steps else "handles only"),
             ("steps", f"phase 1: {run.config.phase1_steps}, phase 2: {run.config.phase2_steps}"), ("seed", run.config.seed)]
     rows += [(t, name) for t, name in zip(run.tokens, run.scene.mask_names)]
     rows += [(k, f"{v:.1f} s") for k, v in run.times.items()]

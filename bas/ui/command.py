@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from bas.core.errors import BasError
-from bas.core.model import DEFAULT_MODEL
+from bas.core.model import default_model
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_UPLOAD = "200mb"
@@ -22,7 +22,7 @@ MAX_UPLOAD = "200mb"
 @click.option("--port", type=int, default=7860, show_default=True)
 @click.option("--workspace", type=click.Path(path_type=Path), default=Path("bas-workspace"), show_default=True,
               help="The only folder the page reads and writes: scenes/, runs/, exports/ and uploads (created if missing).")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="The model the Extract tab starts with (hub id or pipeline folder).")
+@click.option("--model", default=None, help="The model the Extract tab starts with (hub id or pipeline folder) [default: bas run's, stabilityai/stable-diffusion-2-1-base].")
 @click.option("--sam-model", default=None, help="The SAM checkpoint the Scene tab starts with [default: facebook/sam-vit-base].")
 @click.option("--device", default="auto", show_default=True, help="The device the page's SAM, generation and extraction fields start with.")
 def ui(host, port, workspace, model, sam_model, device):
@@ -47,7 +47,7 @@ def ui(host, port, workspace, model, sam_model, device):
     os.environ.pop("GRADIO_SHARE", None)
     from bas.ui.app import CSS, App
 
-    app = App(ws, model=model, sam_model=sam_model or DEFAULT_CHECKPOINT, device=device)
+    app = App(ws, model=model or default_model(), sam_model=sam_model or DEFAULT_CHECKPOINT, device=device)
     demo = app.build()
     try:
         demo.queue(default_concurrency_limit=4).launch(
