@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 import bas
+from bas.core.batch.command import make_batch_command
 from bas.core.errors import BasError, PluginError
 from bas.core.export import FORMATS as EXPORT_FORMATS
 from bas.core.generation import SCHEDULERS
@@ -145,6 +146,9 @@ def run(ctx, plugin_names, **values):
     click.echo(f"Wrote {config.out}: " + ", ".join(info["files"] + ["run.json"]))
     background = f" ({info['background']} is the background)" if info.get("background") else ""
     click.echo(f"Handles: {' '.join(info['handles'])}{background}. Try: bas generate {config.out} \"a photo of {info['handles'][0]} at the beach\"")
+
+
+cli.add_command(make_batch_command(run))
 
 
 @cli.command(cls=MasksCommand)

@@ -38,6 +38,8 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "report": ("bas.plugins.report", True),
     "tensorboard": ("bas.plugins.tensorboard", False),
     "checkpoints": ("bas.plugins.checkpoints", True),
+    "local-executor": ("bas.plugins.local_executor", True),
+    "ray-executor": ("bas.plugins.ray_executor", True),
 }
 
 REGISTER_HOOKS = {
@@ -47,6 +49,7 @@ REGISTER_HOOKS = {
     "optimizer": "bas_register_optimizers",
     "sampler": "bas_register_samplers",
     "observer": "bas_register_observers",
+    "executor": "bas_register_executors",
 }
 TRAINING_KINDS = ("weight strategy", "loss term", "optimizer", "sampler", "observer")
 
@@ -204,6 +207,10 @@ class Plugins:
     def run_options(self) -> list[tuple[str, Any]]:
         """``(plugin, click.Option)`` for every option the enabled plugins add to ``bas run``."""
         return [(plugin, opt) for plugin, opts in self.call_each("bas_run_options") for opt in (opts or [])]
+
+    def batch_options(self) -> list[tuple[str, Any]]:
+        """``(plugin, click.Option)`` for every option the enabled plugins add to ``bas batch``."""
+        return [(plugin, opt) for plugin, opts in self.call_each("bas_batch_options") for opt in (opts or [])]
 
     def mask_options(self) -> list[tuple[str, Any]]:
         """The options ``bas masks`` takes: those of plugins that provide a mask source or nothing
