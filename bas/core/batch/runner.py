@@ -114,18 +114,15 @@ def convert_core(kind, value: Any, text: bool) -> Any:
         if text and value.lower() in TRUE | FALSE:
             return value.lower() in TRUE
         raise ValueError("must be true or false")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if text:
-            return int(value)
-        raise ValueError("must be a whole number")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if text:
-            return float(value)
-        raise ValueError("must be a number")
+    if kind in (int, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int)):
+            return kind(value)
+        try:
+            if text:
+                return kind(value)
+        except ValueError:
+            pass
+        raise ValueError("must be a whole number" if kind is int else "must be a number")
     if kind is list:
         if text:
             return [v.strip() for v in value.split(LIST_SEPARATOR) if v.strip()]
@@ -170,9 +167,10 @@ def convert_values(values: dict[str, Any], table: OptionTable, base: Path, sourc
                 value = opt.type_cast_value(ctx, value)
                 if isinstance(opt.type, click.Path):
                     value = tuple(_absolute(v, base) for v in value) if opt.multiple else _absolute(value, base)
-        except (ValueError, TypeError, click.BadParameter) as exc:
-            message = exc.format_message() if isinstance(exc, click.BadParameter) else str(exc)
-            raise BasError(f"{source}: \"{key}\" {message.rstrip('.')} (got {value!r}).") from None
+        except click.BadParameter as exc:
+            raise BasError(f"{source}: \"{key}\": {exc.message.rstrip('.')}.") from None
+        except (ValueError, TypeError) as exc:
+            raise BasError(f"{source}: \"{key}\" {str(exc).rstrip('.')} (got {value!r}).") from None
         converted[name] = value
     return converted
 
@@ -358,35 +356,35 @@ class Batch:
 
     def run(self) -> dict:
         to_run = [s for s in self.states if s.task is not None]
-        with BatchLock(self.out):
-            self.write()
-            try:
-                if to_run:
-                    self.execute(to_run)
-            finally:
-                for state in to_run:
-                    if state.record["status"] in ("pending", "running", "retrying"):
-                        state.record.update(status="interrupted" if state.started else "not-started",
-                                            error=state.record.get("error") or "The batch stopped before this scene finished; run it again to continue.")
-                self.finished_at = time.time()
-                summary = self.write()
+        executor = None
+        if to_run:  # an executor that cannot start (Ray missing, an unreachable cluster) fails before anything is written
+            executor = self.entry.factory(self.config())
+            executor.open(len(to_run))
+        try:
+            with BatchLock(self.out):
+                self.write()
+                try:
+                    if executor is not None:
+                        progress = BatchProgress(len(to_run), skipped=len(self.states) - len(to_run), quiet=self.quiet)
+                        try:
+                            self.follow(executor, to_run, progress)
+                        finally:
+                            progress.close()
+                finally:
+                    for state in to_run:
+                        if state.record["status"] in ("pending", "running", "retrying"):
+                            state.record.update(status="interrupted" if state.started else "not-started",
+                                                error=state.record.get("error") or "The batch stopped before this scene finished; run it again to continue.")
+                    self.finished_at = time.time()
+                    summary = self.write()
+        finally:
+            if executor is not None:
+                executor.close()
         if self.interrupted:
             stopped = [s.spec.name for s in to_run if s.record["status"] == "interrupted"]
             raise Interrupted(f"Interrupted; {len(stopped)} running scene(s) stopped at a step boundary with a checkpoint "
                               f"({', '.join(stopped[:5]) or 'none'}); run the same command again to continue. Summary: {self.out / summary_io.SUMMARY}")
         return summary
-
-    def execute(self, to_run: list[SceneState]) -> None:
-        executor = self.entry.factory(self.config())
-        progress = BatchProgress(len(to_run), skipped=len(self.states) - len(to_run), quiet=self.quiet)
-        try:
-            executor.open(len(to_run))
-            self.follow(executor, to_run, progress)
-        finally:
-            try:
-                executor.close()
-            finally:
-                progress.close()
 
     def follow(self, executor, to_run: list[SceneState], progress: BatchProgress) -> None:
         by_name = {s.spec.name: s for s in to_run}

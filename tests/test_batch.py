@@ -1,0 +1,285 @@
+"""`bas batch`: manifests, planning, the local executor with a killed worker, Ray, the summary and gallery."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import bas
+from bas.cli import main
+from bas.core import checkpoint
+from bas.core import plugins as plugins_module
+from bas.core.batch import runner as runner_module
+from bas.core.batch.runner import Batch
+from bas.core.batch.tasks import Finished, Started, crashed
+from bas.core.errors import BasError
+from bas.core.training import Interrupted
+
+FAST = ["--phase1-steps", "3", "--phase2-steps", "3"]
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def summary(out: Path) -> dict[str, dict]:
+    return {s["name"]: s for s in json.loads((out / "batch.json").read_text())["scenes"]}
+
+
+def files_state(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_coco(root: Path) -> Path:
+    """A COCO annotation file with one image of two large things (a person and a dog)."""
+    image = Image.new("RGB", (128, 128), (90, 160, 90))
+    pixels = np.asarray(image).copy()
+    pixels[10:60, 10:60] = (200, 40, 40)
+    pixels[70:120, 60:120] = (40, 40, 200)
+    Image.fromarray(pixels).save(root / "000001.png")
+    data = {
+        "images": [{"id": 1, "width": 128, "height": 128, "file_name": "000001.png"}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
+        "annotations": [
+            {"id": 10, "image_id": 1, "category_id": 1, "segmentation": [[8, 8, 62, 8, 62, 62, 8, 62]], "area": 2916, "iscrowd": 0, "bbox": [8, 8, 54, 54]},
+            {"id": 11, "image_id": 1, "category_id": 18, "segmentation": [[58, 68, 122, 68, 122, 122, 58, 122]], "area": 3456, "iscrowd": 0, "bbox": [58, 68, 64, 54]},
+        ],
+    }
+    path = root / "instances.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+# -- manifests and planning (nothing runs) ---------------------------------------------------------
+
+def test_manifests_give_per_scene_options_with_paths_relative_to_the_manifest(scene, tmp_path):
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    shutil.copytree(scene, folder / "toys")
+    (folder / "scenes.jsonl").write_text(
+        "# a comment line\n"
+        '{"name": "toys-long", "scene": "toys", "phase1-steps": 7, "init_token": ["ball", "box"], "plugins": ["tensorboard"]}\n'
+        "\n"
+        '{"image": "toys/img.png", "mask": ["toys/mask0.png", "toys/mask1.png"], "background": true}\n'
+    )
+    (folder / "more.csv").write_text("name,image,masks,init_tokens,phase2_steps,lora_rank\n"
+                                     "csv-scene,toys/img.png,toys/mask0.png;toys/mask1.png,ball;box,5,\n")
+    batch = Batch([folder / "scenes.jsonl", folder / "more.csv"], tmp_path / "runs", "local", [], False, 1, True,
+                  {"phase1_steps": 2, "phase2_steps": 2, "lora_rank": 4})
+    tasks = {s.spec.name: s.task for s in batch.states}
+    assert list(tasks) == ["toys-long", "img", "csv-scene"]  # a line without a name is named after its image
+    long, img, csv_scene = tasks.values()
+    assert long.values["scene"] == folder / "toys" and long.values["phase1_steps"] == 7 and long.values["phase2_steps"] == 2
+    assert long.values["init_tokens"] == ["ball", "box"] and long.plugins == ["tensorboard"]
+    assert img.values["image"] == folder / "toys" / "img.png" and img.values["masks"] == (folder / "toys/mask0.png", folder / "toys/mask1.png")
+    assert img.values["background"] is True and img.plugins == []
+    # CSV text becomes typed values; an empty cell keeps the batch's value
+    assert csv_scene.values["phase2_steps"] == 5 and csv_scene.values["lora_rank"] == 4 and csv_scene.values["init_tokens"] == ["ball", "box"]
+    assert all(t.out == str(tmp_path.resolve() / "runs" / n) for n, t in tasks.items())
+    assert not (tmp_path / "runs").exists()  # planning writes nothing
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ('{"image": "a.png"}\n{"image": "b.png",}\n', r"scenes.jsonl line 2 is not valid JSON \(Expecting property name .*\); each line must be one JSON object"),
+    ('["a.png"]\n', r"scenes.jsonl line 1 is a JSON list, not an object"),
+    ('{"image": "a.png", "phase1_step": 3}\n', r'scenes.jsonl line 1: unknown option "phase1_step"; did you mean "phase1_steps"\?'),
+    ('{"image": "a.png", "phase1_steps": "many"}\n', r'scenes.jsonl line 1: "phase1_steps" must be a whole number \(got \'many\'\)'),
+    ('{"image": "a.png", "phase1_steps": -1}\n', r"scenes.jsonl line 1: --phase1-steps must be 0 or more, not -1"),
+    ('{"image": "a.png", "out": "elsewhere"}\n', r'scenes.jsonl line 1: "out" is set by the batch, not per scene'),
+    ('{"image": "a.png", "plugins": ["no-such-plugin"]}\n', r"scenes.jsonl line 1: Unknown plugin 'no-such-plugin'"),
+    ('{"name": "up/../x", "image": "a.png"}\n', r"scenes.jsonl line 1: the scene name 'up/../x' contains '/'"),
+    ('{"name": "..", "image": "a.png"}\n', r"scenes.jsonl line 1: the scene name '..' starts with '.'"),
+    ('{"name": "batch", "image": "a.png"}\n', r"the scene name 'batch' is taken by the batch's own files"),
+    ('{"phase1_steps": 3}\n', r'scenes.jsonl line 1: the line has no "name", "image" or "scene"'),
+    ('{"name": "x", "image": "a.png"}\n{"name": "X", "image": "b.png"}\n',
+     r"scenes.jsonl line 1 and .*scenes.jsonl line 2 are both named 'X' \(as 'x'\); every scene needs its own name"),
+])
+def test_bad_manifests_are_one_line_naming_the_line_and_nothing_is_written(manifest, message, tmp_path, capsys):
+    (tmp_path / "scenes.jsonl").write_text(manifest)
+    code, out, err = run_main(["batch", tmp_path / "scenes.jsonl", "--out", tmp_path / "runs"], capsys)
+    assert code == 1 and err.startswith("Error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("csv_text, message", [
+    ("image,masks\na.png,m.png,extra\n", r"scenes.csv line 2 has 3 cells but the header names 2 columns"),
+    ("a.png,m.png\n", r"scenes.csv line 1 must be a header naming the columns"),
+    ("image,phase2_steps\na.png,4.5\n", r'scenes.csv line 2: "phase2_steps" must be a whole number \(got \'4.5\'\)'),
+    ("image,lora_rank\na.png,eight\n", r'scenes.csv line 2: "lora_rank": \'eight\' is not a valid integer\.'),
+])
+def test_bad_csv_manifests_name_the_line(csv_text, message, tmp_path):
+    (tmp_path / "scenes.csv").write_text(csv_text)
+    with pytest.raises(BasError, match=message):
+        bas.batch([tmp_path / "scenes.csv"], tmp_path / "runs")
+
+
+def test_scene_folders_and_command_line_mistakes(scene, tmp_path, capsys):
+    shutil.copytree(scene, tmp_path / "set" / "toys")
+    shutil.copytree(scene, tmp_path / "other" / "toys")
+    cases = [
+        ([tmp_path / "set"], r"set holds scene folders \(toys\), not a scene; pass them one by one, such as .*set/\*"),
+        ([tmp_path / "set" / "toys", tmp_path / "other" / "toys"], r"are both named 'toys'"),
+        ([tmp_path / "nowhere"], r"nowhere does not exist; pass scene folders or manifests"),
+        ([], r"No scenes were given"),
+        ([tmp_path / "set" / "toys", "--executor", "slurm"], r"Unknown executor 'slurm' for --executor; choose one of: local, ray"),
+        ([tmp_path / "set" / "toys", "--executor", "ray", "--workers", "2"], r"--workers belongs to the 'local' executor, but this batch runs on 'ray'"),
+        ([tmp_path / "set" / "toys", "--workers", "0"], r"--workers must be 1 or more, not 0"),
+        ([tmp_path / "set" / "toys", "--phase1-steps", "-2"], r"--phase1-steps must be 0 or more"),
+    ]
+    for args, message in cases:
+        code, _, err = run_main(["batch", *args, "--out", tmp_path / "runs"], capsys)
+        assert code == 1 and err.startswith("Error: ") and "Traceback" not in err, (args, err)
+        assert re.search(message, err), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ray_missing_or_unreachable_is_one_line(scene, tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(BasError, match=rf"Cannot reach the Ray cluster at 127.0.0.1:{port} \(.*\); check that `ray start --head` runs there"):
+        bas.batch([scene], tmp_path / "runs", executor="ray", ray_address=f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 30  # Ray alone retries such an address for minutes
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(BasError, match=r"--executor ray needs Ray, which is not installed; install it with: pip install 'bas\[ray\]'"):
+        bas.batch([scene], tmp_path / "runs", executor="ray")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_coco_select_writes_a_manifest_that_bas_batch_takes(tmp_path, capsys):
+    annotations = write_coco(tmp_path)
+    code, out, err = run_main(["coco-select", "--annotations", annotations, "--format", "jsonl", "--images", tmp_path], capsys)
+    assert code == 0, err
+    line = json.loads(out.strip())
+    assert line == {"name": "coco-1", "image": str(tmp_path / "000001.png"), "plugins": ["coco-masks"], "annotations": str(annotations),
+                    "image_id": 1, "min_area": 0.15}
+    code, _, err = run_main(["coco-select", "--annotations", annotations, "--format", "jsonl"], capsys)
+    assert code == 1 and "pass the folder of the COCO images with --images DIR" in err
+
+
+# -- the runner's decisions, with an executor that runs nothing --------------------------------------
+
+class ScriptedExecutor:
+    """An executor whose tasks 'run' by script, without training: the first attempt of 'dies'
+    crashes, 'slow' runs until Ctrl-C, 'queued' never starts, the rest finish at once."""
+
+    submitted: list = []
+
+    def __init__(self, config):
+        self.pending, self.running, self.events = [], [], []
+
+    def open(self, num_tasks):
+        pass
+
+    def submit(self, task):
+        ScriptedExecutor.submitted.append((task.name, task.attempt, task.overwrite))
+        self.pending.append(task)
+
+    def poll(self, timeout):
+        if self.events:
+            events, self.events = self.events, []
+            return events
+        events = []
+        for task in list(self.pending):
+            if task.name == "queued":
+                continue
+            if task.name == "slow":
+                if task in self.running:
+                    raise KeyboardInterrupt
+                self.running.append(task)
+                events.append(Started(task.name, task.attempt, "host", 1))
+                continue
+            self.pending.remove(task)
+            result = crashed(task, "killed by SIGKILL") if task.name == "dies" and task.attempt == 1 else \
+                {"status": "done", "attempt": task.attempt, "device": "cpu", "files": ["run.json"], "started": time.time(), "finished": time.time()}
+            events += [Started(task.name, task.attempt, "host", 1), Finished(task.name, result)]
+        return events
+
+    def interrupt(self):
+        self.pending = []
+        self.events = [Finished(t.name, {"status": "interrupted", "error": "Interrupted at phase 1 step 2; ..."}) for t in self.running]
+
+    def close(self):
+        pass
+
+
+class Scripted:
+    def __init__(self):
+        self.executor = ScriptedExecutor
+
+    @bas.hookimpl
+    def bas_register_executors(self, register):
+        register("scripted", ScriptedExecutor)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    class EntryPoint:
+        name, value, dist = "scripted", "tests", None
+
+        def load(self):
+            return Scripted()
+
+    monkeypatch.setattr(plugins_module, "_entry_points", lambda: {"scripted": EntryPoint()})
+    ScriptedExecutor.submitted = []
+    return ScriptedExecutor
+
+
+def fake_finished_run(folder: Path, config: dict) -> None:
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"config": config, "device": "cpu", "files": ["handles.safetensors"], "times": {"total_s": 1.5}}, default=str))
+
+
+def test_runner_skips_same_options_reports_other_options_and_retries_a_dead_process(scene, scripted, tmp_path):
+    out = tmp_path / "runs"
+    lines = [{"name": n, "scene": str(scene)} for n in ("same", "other", "dies", "fresh")]
+    options = {"plugins": ["scripted"], "phase1_steps": 2, "phase2_steps": 2, "quiet": True}
+    planned = Batch(lines, out, "scripted", ["scripted"], False, 1, True, {"phase1_steps": 2, "phase2_steps": 2})
+    wanted = {s.spec.name: s for s in planned.states}
+    from bas.core.api import make_config
+
+    config = make_config(planned.managers[("scripted",)], dict(wanted["same"].task.values, out=out / "same"), ["scripted"]).to_json()
+    fake_finished_run(out / "same", config)
+    fake_finished_run(out / "other", dict(config, seed=7))
+    before = files_state(out)
+
+    result = bas.batch(lines, out, executor="scripted", **options)
+    scenes = {s["name"]: s for s in result["scenes"]}
+    assert [(n, scenes[n]["status"]) for n in scenes] == [("same", "skipped"), ("other", "other-options"), ("dies", "done"), ("fresh", "done")]
+    assert "holds a finished run made with other options (seed: 7 there, 0 requested); pass --overwrite" in scenes["other"]["error"]
+    assert scenes["same"]["seconds"] == 1.5 and scenes["dies"]["attempt"] == 2
+    assert scripted.submitted == [("dies", 1, False), ("fresh", 1, False), ("dies", 2, False)]
+    assert {k: v for k, v in files_state(out).items() if not k.startswith(("batch", "index"))} == before
+    assert result["counts"] == {"done": 2, "skipped": 1, "other-options": 1}
+
+    scripted.submitted = []
+    result = bas.batch(lines, out, executor="scripted", overwrite=True, **options)
+    assert scripted.submitted == [("other", 1, True), ("dies", 1, False), ("fresh", 1, False), ("dies", 2, False)]
+
+
+def test_ctrl_c_stops_running_scenes_with_a_checkpoint_and_says_how_to_continue(scene, scripted, tmp_path):
+    lines = [{"name": "slow", "scene": str(scene)}, {"name": "queued", "scene": str(scene)}]
+    with pytest.raises(Interrupted, match=r"Interrupted; 1 running scene\(s\) stopped .* \(slow\); run the same command again to continue"):
+        bas.batch(lines, tmp_path / "runs", executor="scripted", plugins=["scripted"], quiet=True)
+    scenes = summary(tmp_path / "runs")
+    assert scenes["slow"]["status"] == "interrupted" and scenes["queued"]["status"] == "not-started"
+    assert json.loads((tmp_path / "runs" / "batch.json").read_text())["interrupted"] is True
