@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -283,3 +284,104 @@ def test_ctrl_c_stops_running_scenes_with_a_checkpoint_and_says_how_to_continue(
     scenes = summary(tmp_path / "runs")
     assert scenes["slow"]["status"] == "interrupted" and scenes["queued"]["status"] == "not-started"
     assert json.loads((tmp_path / "runs" / "batch.json").read_text())["interrupted"] is True
+
+
+# -- real runs: local worker processes and Ray --------------------------------------------------------
+
+def wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout=300.0) -> None:
+    t0 = time.time()
+    while not checkpoint.complete_checkpoints(out):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.005)
+
+
+def gallery_pictures(out: Path) -> list[str]:
+    page = (out / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page and "<script" not in page  # renders with no network
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    for src in sources:
+        assert (out / src).is_file(), src
+    return sources
+
+
+def test_local_workers_kill_one_scene_then_skip_resume_and_retry(scene, tiny_model, tmp_path, capsys):
+    """Three scenes on two workers: one from a manifest with its own options (killed with SIGKILL
+    mid-run), one from `bas coco-select`, one bad.  The second invocation resumes the killed one,
+    leaves the finished one untouched and fails the bad one again."""
+    out = tmp_path / "runs"
+    (tmp_path / "scenes.jsonl").write_text(json.dumps({"name": "slow", "scene": str(scene), "phase1_steps": 12, "phase2_steps": 12,
+                                                        "checkpoint_every": 2, "init_tokens": ["ball", "box"]}) + "\n")
+    annotations = write_coco(tmp_path)
+    code, coco_lines, _ = run_main(["coco-select", "--annotations", annotations, "--format", "jsonl", "--images", tmp_path], capsys)
+    (tmp_path / "coco.jsonl").write_text(coco_lines)
+    bad = tmp_path / "bad"
+    shutil.copytree(scene, bad)
+    Image.new("L", (128, 128), 0).save(bad / "mask1.png")  # an empty mask: the scene fails in its worker
+    args = ["batch", tmp_path / "scenes.jsonl", tmp_path / "coco.jsonl", bad, "--out", out, "--model", tiny_model, *FAST, "--workers", "2"]
+
+    proc = subprocess.Popen([sys.executable, "-m", "bas.cli", *map(str, args), "--retries", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(out / "slow", proc)
+    killed = summary(out)["slow"]["pid"]
+    (tmp_path / "killed-at").write_text(checkpoint.complete_checkpoints(out / "slow")[-1].name)
+    os.kill(killed, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr
+    scenes = summary(out)
+    assert scenes["slow"]["status"] == "failed" and "died (killed by SIGKILL)" in scenes["slow"]["error"]
+    assert "running the batch again resumes it" in scenes["slow"]["error"]
+    assert scenes["coco-1"]["status"] == "done" and scenes["bad"]["status"] == "failed"
+    assert "mask1.png is empty after cropping to a square" in scenes["bad"]["error"]
+    assert f"bad (failed): {scenes['bad']['error']}" in stdout and "Traceback" not in stderr
+    assert "coco-1: phase 2, 3 steps" in stderr  # each scene's phase, forwarded from its worker
+    coco_run = json.loads((out / "coco-1" / "run.json").read_text())
+    assert coco_run["config"]["plugins"] == ["coco-masks"] and coco_run["config"]["options"]["image_id"] == 1
+    assert coco_run["config"]["phase1_steps"] == 3 and len(coco_run["handles"]) == 2  # the person and the dog
+    assert not (out / "slow" / "run.json").exists() and checkpoint.complete_checkpoints(out / "slow")
+    finished_files = files_state(out / "coco-1")
+
+    code, stdout, _ = run_main(args[:-1] + ["1"], capsys)  # --workers 1: an executor option, not one of the runs'
+    assert code == 1
+    scenes = summary(out)
+    assert scenes["coco-1"]["status"] == "skipped" and files_state(out / "coco-1") == finished_files  # not rewritten
+    assert scenes["bad"]["status"] == "failed" and "bad (failed)" in stdout and "slow" not in stdout
+    slow = scenes["slow"]
+    assert slow["status"] == "done" and slow["resumed"] is True and slow["attempt"] == 1
+    phase, step = re.fullmatch(r"phase(\d)-step(\d+)", (tmp_path / "killed-at").read_text()).groups()
+    assert (slow["resumed_at"]["phase"], slow["resumed_at"]["step"]) >= (int(phase), int(step))  # only the steps since it were lost
+    slow_run = json.loads((out / "slow" / "run.json").read_text())
+    assert slow_run["resumed"] is True and slow_run["config"]["phase1_steps"] == 12 and slow_run["config"]["init_tokens"] == ["ball", "box"]
+    assert not checkpoint.complete_checkpoints(out / "slow")
+
+    pictures = gallery_pictures(out)
+    for name in ("slow", "coco-1"):
+        assert f"batch/previews/{name}.png" in pictures and f"{name}/report/attention-phase2.png" in pictures
+    page = (out / "index.html").read_text()
+    assert "is empty after cropping to a square" in page and 'href="#bad"' in page  # the bad scene is listed first, with its error
+
+
+@pytest.fixture
+def local_ray():
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'bas[ray]'); the ray executor cannot be tested")
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_executor_runs_each_scene_as_a_ray_task_with_progress(local_ray, scene, tiny_model, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(runner_module.BatchProgress, "update", lambda self, name, phase, step, total: seen.append((name, phase, step, total)))
+    scenes = [scene, {"name": "other", "scene": str(scene), "phase2_steps": 2}]
+    # two CPUs per scene on a Ray of two: one scene at a time
+    result = bas.batch(scenes, tmp_path / "runs", executor="ray", cpus_per_scene=2, model=str(tiny_model), phase1_steps=3, phase2_steps=3, quiet=True)
+    records = {s["name"]: s for s in result["scenes"]}
+    name = scene.name
+    assert records[name]["status"] == "done" and records["other"]["status"] == "done", records
+    assert records[name]["device"] == "cpu" and records[name]["host"] == socket.gethostname()
+    assert result["executor"] == "ray" and result["executor_options"]["cpus_per_scene"] == 2
+    assert json.loads((tmp_path / "runs" / "other" / "run.json").read_text())["config"]["phase2_steps"] == 2
+    # phase and step came from the Ray tasks through the queue, up to each phase's end
+    assert (name, 2, 3, 3) in seen and ("other", 2, 2, 2) in seen and ("other", 1, 3, 3) in seen
+    assert local_ray.is_initialized()  # the caller's Ray is left running
