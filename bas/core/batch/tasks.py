@@ -107,6 +107,7 @@ class Forwarder:
         self.device = ""
         self.gpu: str | None = None
         self.first_step: tuple[int, int] | None = None
+        self.last_step: tuple[int, int] | None = None
         self.last_emit = 0.0
 
     @bas.hookimpl
@@ -130,6 +131,7 @@ class Forwarder:
     def on_step(self, run, record):
         if self.first_step is None:
             self.first_step = (record.phase, record.step)
+        self.last_step = (record.phase, record.step)
         now = time.monotonic()
         if now - self.last_emit >= PROGRESS_EVERY_S or record.step == record.total_steps:
             self.last_emit = now
@@ -179,8 +181,9 @@ def run_scene(task: SceneTask, emit: Callable[[Any], None]) -> dict[str, Any]:
             values = dict(task.values, out=out, resume=resume, overwrite=task.overwrite)
             emit(Progress(task.name, 0, 0, 0, ""))
             run = extract(make_config(plugins, values, task.plugins), plugins)
-        except Interrupted as exc:
-            result.update(status="interrupted", error=_one_line(exc))
+        except Interrupted:
+            where = f" after phase {forwarder.last_step[0]} step {forwarder.last_step[1]}" if forwarder.last_step else ""
+            result.update(status="interrupted", error=f"Stopped by Ctrl-C{where} with a checkpoint; running the batch again resumes it.")
         except KeyboardInterrupt:
             result.update(status="interrupted", error="Stopped by Ctrl-C before a checkpoint could be saved; the newest earlier checkpoint is kept.")
         except BasError as exc:
