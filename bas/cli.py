@@ -316,7 +316,7 @@ def list_plugins():
         for entry in manager.registry(kind).entries.values():
             provides.setdefault(entry.plugin, []).append(f"{kind} '{entry.name}'")
     options: dict[str, list[str]] = {}
-    for plugin, opt in manager.run_options():
+    for plugin, opt in manager.run_options() + manager.batch_options():
         options.setdefault(plugin, []).append(opt.opts[0])
     for name in available_plugin_names():
         info = manager.infos[name]

@@ -384,4 +384,6 @@ def test_ray_executor_runs_each_scene_as_a_ray_task_with_progress(local_ray, sce
     assert json.loads((tmp_path / "runs" / "other" / "run.json").read_text())["config"]["phase2_steps"] == 2
     # phase and step came from the Ray tasks through the queue, up to each phase's end
     assert (name, 2, 3, 3) in seen and ("other", 2, 2, 2) in seen and ("other", 1, 3, 3) in seen
+    order = [n for n, *_ in seen]
+    assert order == sorted(order, key=order.index)  # one scene after the other: sending progress lends Ray no CPU
     assert local_ray.is_initialized()  # the caller's Ray is left running

@@ -1,5 +1,8 @@
-"""Executor `local`: worker processes on this machine, one scene at a time each (--workers N);
-each pinned to its own GPU when there are GPUs, sharing the CPU threads when there are none."""
+"""Executor `local` of bas batch: worker processes on this machine, one scene at a time each.
+
+--workers N processes, each pinned to its own GPU when there are GPUs, sharing the CPU threads
+when there are none.  Each worker has its own pipe to the batch, so a worker killed mid-message
+cannot garble another's."""
 
 from __future__ import annotations
 

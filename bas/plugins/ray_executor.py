@@ -1,5 +1,8 @@
-"""Executor `ray`: one Ray task per scene, scheduled by Ray with --gpus-per-scene GPUs, on a
-cluster (--ray-address auto|HOST:PORT|ray://HOST:PORT) or a Ray started on this machine."""
+"""Executor `ray` of bas batch: one Ray task per scene, on a Ray cluster or a local Ray.
+
+Ray schedules each task with --gpus-per-scene GPUs and --cpus-per-scene cores, on the cluster
+--ray-address names (auto, HOST:PORT or ray://HOST:PORT) or on a Ray started on this machine;
+progress comes back through an actor."""
 
 from __future__ import annotations
 
@@ -46,11 +49,29 @@ def check_reachable(address: str) -> None:
                        "and that the port is open from this machine.") from None
 
 
-def run_task(task: SceneTask, queue, cpu_only: bool) -> dict:
-    """The Ray task: one scene, its progress sent through the batch's queue."""
+class Inbox:
+    """The Ray actor that collects the tasks' events for the batch (it needs no CPU)."""
+
+    def __init__(self):
+        self.events = []
+
+    def put(self, event) -> None:
+        self.events.append(event)
+
+    def drain(self) -> list:
+        events, self.events = self.events, []
+        return events
+
+
+def run_task(task: SceneTask, inbox, cpu_only: bool) -> dict:
+    """The Ray task: one scene, its events sent to the batch's inbox actor.
+
+    The calls are not waited for: a task blocked in ``ray.get`` lends its CPU to another task,
+    and Ray would then run more scenes at once than --cpus-per-scene allows.  Calls from one task
+    arrive in order."""
     if cpu_only and os.environ.get("CUDA_VISIBLE_DEVICES") is None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Ray gave this task no GPU: do not take one anyway
-    return run_scene(task, queue.put_nowait)
+    return run_scene(task, inbox.put.remote)
 
 
 class RayExecutor:
@@ -65,7 +86,7 @@ class RayExecutor:
         self.device = config.device
         self.refs: dict = {}
         self.owned = False
-        self.queue = None
+        self.inbox = None
 
     def open(self, num_tasks: int) -> None:
         ray = import_ray()
@@ -80,21 +101,19 @@ class RayExecutor:
                 raise BasError(f"Cannot reach a Ray cluster at {self.address} ({str(exc).splitlines()[0]}); start one with "
                                "`ray start --head`, or leave out --ray-address to run on a Ray started on this machine.") from None
             self.owned = True
-        from ray.util.queue import Queue
-
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         if self.gpus is None:
             self.gpus = 1 if cluster_gpus and self.device != "cpu" else 0
         if self.gpus and not cluster_gpus and not self.address:
             raise BasError(f"--gpus-per-scene {self.gpus:g} but this machine's Ray has no GPU; pass --gpus-per-scene 0 to run on the CPU.")
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.inbox = ray.remote(Inbox).options(num_cpus=0).remote()
         self.remote = ray.remote(run_task)
         # retries are the batch's (--retries), the same for every executor
         self.task_options = {"num_gpus": self.gpus, "num_cpus": self.cpus, "max_retries": 0}
 
     def submit(self, task: SceneTask) -> None:
         task.threads = max(1, math.ceil(self.cpus))
-        ref = self.remote.options(name=f"bas batch: {task.name}", **self.task_options).remote(task, self.queue, not self.gpus)
+        ref = self.remote.options(name=f"bas batch: {task.name}", **self.task_options).remote(task, self.inbox, not self.gpus)
         self.refs[ref] = task
 
     def poll(self, timeout: float) -> list:
@@ -116,6 +135,11 @@ class RayExecutor:
                 result = ray.get(ref)
             except exceptions.TaskCancelledError:
                 result = {"status": "interrupted", "attempt": task.attempt, "error": "Cancelled before it could save a checkpoint."}
+            except exceptions.RayTaskError as exc:  # raised before or outside run_scene: bas missing on a node, a bug
+                cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+                hint = " (is bas installed on every node of the cluster?)" if isinstance(cause, ImportError) else ""
+                result = {"status": "failed", "attempt": task.attempt, "error": f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}{hint}",
+                          "traceback": str(exc)}
             except (exceptions.WorkerCrashedError, exceptions.NodeDiedError, exceptions.ObjectLostError, exceptions.OwnerDiedError,
                     exceptions.LocalRayletDiedError) as exc:
                 result = crashed(task, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -125,12 +149,13 @@ class RayExecutor:
         return events
 
     def _drain(self) -> list:
-        if self.queue is None:
+        import ray
+
+        if self.inbox is None:
             return []
         try:
-            size = self.queue.qsize()
-            return self.queue.get_nowait_batch(size) if size else []
-        except Exception:  # the queue's actor went away with the cluster: the tasks report that
+            return ray.get(self.inbox.drain.remote(), timeout=30)
+        except Exception:  # the inbox went away with its node: the tasks' own results still come
             return []
 
     def interrupt(self) -> None:
@@ -145,12 +170,12 @@ class RayExecutor:
         for ref in list(self.refs):
             ray.cancel(ref, force=True)
         self.refs.clear()
-        if self.queue is not None:
+        if self.inbox is not None:
             try:
-                self.queue.shutdown()
+                ray.kill(self.inbox)
             except Exception:
                 pass
-            self.queue = None
+            self.inbox = None
         if self.owned and ray.is_initialized():
             ray.shutdown()
 

@@ -246,8 +246,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def split_options(manager: Plugins, executor: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """The chosen executor's registry entry, the executor options and the run options."""
+def split_options(manager: Plugins, executor: str, options: dict[str, Any]) -> tuple[Any, dict, dict, dict]:
+    """The chosen executor's registry entry, the executor options, the run options and the
+    executor options that concern this executor (for the summary)."""
     batch_options = {opt.name: (plugin, opt) for plugin, opt in manager.batch_options()}
     executor_values = {name: option_default(opt) for name, (_, opt) in batch_options.items()}
     run_values = {}
@@ -263,7 +264,8 @@ def split_options(manager: Plugins, executor: str, options: dict[str, Any]) -> t
         if plugin in owners and plugin != entry.plugin and executor_values[name] != option_default(opt):
             raise BasError(f"{opt.opts[0]} belongs to the '{owners[plugin]}' executor, but this batch runs on '{executor}'; "
                            f"drop {opt.opts[0]} or pass --executor {owners[plugin]}.")
-    return entry, executor_values, run_values
+    shown = {name: value for name, value in executor_values.items() if batch_options[name][0] == entry.plugin or batch_options[name][0] not in owners}
+    return entry, executor_values, run_values, shown
 
 
 class Batch:
@@ -278,7 +280,7 @@ class Batch:
             raise BasError(f"--out {self.out} is a file; pass a folder for the batch's runs.")
         self.plugin_names = list(plugin_names)
         self.manager = Plugins(self.plugin_names)
-        self.entry, self.executor_values, run_values = split_options(self.manager, executor, options)
+        self.entry, self.executor_values, run_values, self.shown_options = split_options(self.manager, executor, options)
         self.executor_name, self.overwrite, self.retries, self.quiet = executor, overwrite, retries, quiet
         self.managers: dict[tuple[str, ...], Plugins] = {tuple(self.plugin_names): self.manager}
         self.base_values = convert_values(run_values, OptionTable.of(self.manager), Path.cwd(), "the batch's options", text=False)
@@ -450,7 +452,7 @@ class Batch:
             "bas_version": bas.__version__,
             "out": str(self.out),
             "executor": self.executor_name,
-            "executor_options": self.executor_values,
+            "executor_options": self.shown_options,
             "plugins": self.plugin_names,
             "overwrite": self.overwrite,
             "retries": self.retries,
