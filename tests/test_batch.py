@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import bas
 from bas.cli import main
@@ -288,12 +290,19 @@ def test_ctrl_c_stops_running_scenes_with_a_checkpoint_and_says_how_to_continue(
 
 # -- real runs: local worker processes and Ray --------------------------------------------------------
 
-def wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout=300.0) -> None:
+def wait_until(ready, proc: subprocess.Popen, timeout=300.0) -> None:
     t0 = time.time()
-    while not checkpoint.complete_checkpoints(out):
+    while not ready():
         assert proc.poll() is None, proc.communicate()
         assert time.time() - t0 < timeout
-        time.sleep(0.005)
+        time.sleep(0.01)
+
+
+def status_of(out: Path, name: str) -> str | None:
+    try:
+        return summary(out)[name]["status"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def gallery_pictures(out: Path) -> list[str]:
@@ -310,7 +319,7 @@ def test_local_workers_kill_one_scene_then_skip_resume_and_retry(scene, tiny_mod
     mid-run), one from `bas coco-select`, one bad.  The second invocation resumes the killed one,
     leaves the finished one untouched and fails the bad one again."""
     out = tmp_path / "runs"
-    (tmp_path / "scenes.jsonl").write_text(json.dumps({"name": "slow", "scene": str(scene), "phase1_steps": 12, "phase2_steps": 12,
+    (tmp_path / "scenes.jsonl").write_text(json.dumps({"name": "slow", "scene": str(scene), "phase1_steps": 20, "phase2_steps": 20,
                                                         "checkpoint_every": 2, "init_tokens": ["ball", "box"]}) + "\n")
     annotations = write_coco(tmp_path)
     code, coco_lines, _ = run_main(["coco-select", "--annotations", annotations, "--format", "jsonl", "--images", tmp_path], capsys)
@@ -318,10 +327,12 @@ def test_local_workers_kill_one_scene_then_skip_resume_and_retry(scene, tiny_mod
     bad = tmp_path / "bad"
     shutil.copytree(scene, bad)
     Image.new("L", (128, 128), 0).save(bad / "mask1.png")  # an empty mask: the scene fails in its worker
-    args = ["batch", tmp_path / "scenes.jsonl", tmp_path / "coco.jsonl", bad, "--out", out, "--model", tiny_model, *FAST, "--workers", "2"]
+    # 'slow' goes to one worker; 'bad' to the other, which then runs 'coco-1' after that failure
+    args = ["batch", tmp_path / "scenes.jsonl", bad, tmp_path / "coco.jsonl", "--out", out, "--model", tiny_model, *FAST, "--workers", "2"]
 
     proc = subprocess.Popen([sys.executable, "-m", "bas.cli", *map(str, args), "--retries", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_checkpoint(out / "slow", proc)
+    # kill 'slow' once it has a checkpoint and 'bad' has failed, so that 'coco-1' runs in bad's worker
+    wait_until(lambda: status_of(out, "bad") == "failed" and checkpoint.complete_checkpoints(out / "slow"), proc)
     killed = summary(out)["slow"]["pid"]
     (tmp_path / "killed-at").write_text(checkpoint.complete_checkpoints(out / "slow")[-1].name)
     os.kill(killed, signal.SIGKILL)
@@ -337,6 +348,14 @@ def test_local_workers_kill_one_scene_then_skip_resume_and_retry(scene, tiny_mod
     coco_run = json.loads((out / "coco-1" / "run.json").read_text())
     assert coco_run["config"]["plugins"] == ["coco-masks"] and coco_run["config"]["options"]["image_id"] == 1
     assert coco_run["config"]["phase1_steps"] == 3 and len(coco_run["handles"]) == 2  # the person and the dog
+    assert scenes["coco-1"]["pid"] == scenes["bad"]["pid"]  # a worker runs scene after scene
+    # what bas run writes for that scene, weight for weight
+    line = json.loads(coco_lines)
+    alone = bas.extract(line.pop("image"), [], tmp_path / "alone", plugins=line.pop("plugins"), **{k: v for k, v in line.items() if k != "name"},
+                        model=str(tiny_model), phase1_steps=3, phase2_steps=3, quiet=True)
+    for name in ("handles.safetensors", "lora/pytorch_lora_weights.safetensors"):
+        batch_tensors, alone_tensors = load_file(str(out / "coco-1" / name)), load_file(str(alone.out / name))
+        assert batch_tensors.keys() == alone_tensors.keys() and all(torch.equal(batch_tensors[k], alone_tensors[k]) for k in batch_tensors), name
     assert not (out / "slow" / "run.json").exists() and checkpoint.complete_checkpoints(out / "slow")
     finished_files = files_state(out / "coco-1")
 
@@ -350,7 +369,7 @@ def test_local_workers_kill_one_scene_then_skip_resume_and_retry(scene, tiny_mod
     phase, step = re.fullmatch(r"phase(\d)-step(\d+)", (tmp_path / "killed-at").read_text()).groups()
     assert (slow["resumed_at"]["phase"], slow["resumed_at"]["step"]) >= (int(phase), int(step))  # only the steps since it were lost
     slow_run = json.loads((out / "slow" / "run.json").read_text())
-    assert slow_run["resumed"] is True and slow_run["config"]["phase1_steps"] == 12 and slow_run["config"]["init_tokens"] == ["ball", "box"]
+    assert slow_run["resumed"] is True and slow_run["config"]["phase1_steps"] == 20 and slow_run["config"]["init_tokens"] == ["ball", "box"]
     assert not checkpoint.complete_checkpoints(out / "slow")
 
     pictures = gallery_pictures(out)

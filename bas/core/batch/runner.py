@@ -46,6 +46,7 @@ IGNORED_OPTIONS = {"out", "resume", "overwrite", "quiet", "checkpoint_every"}
 BATCH_FIELDS = {"out", "resume", "overwrite", "options", "plugins"}
 CORE_ALIASES = {"init_token": "init_tokens"}
 POLL_S = 0.5
+GALLERY_EVERY_S = 10.0  # index.html is rewritten at most this often while scenes run (and at the end)
 FINAL_STATUSES = ("done", "skipped", "failed", "other-options", "interrupted", "not-started")
 OK_STATUSES = ("done", "skipped")
 
@@ -291,6 +292,7 @@ class Batch:
         self.started_at = time.time()
         self.finished_at: float | None = None
         self.interrupted = False
+        self.gallery_written = -GALLERY_EVERY_S
 
     # -- planning -------------------------------------------------------------------------------
     def scene_manager(self, names: list[str], source: str) -> Plugins:
@@ -441,7 +443,7 @@ class Batch:
                     progress.finished(event.name, record["status"], record.get("error"), record.get("seconds"))
                 changed = True
         if changed:
-            self.write()
+            self.write(gallery=False)
 
     # -- the summary ----------------------------------------------------------------------------
     def summary(self) -> dict:
@@ -464,9 +466,15 @@ class Batch:
             "scenes": [ordered(s.record) for s in self.states],
         }
 
-    def write(self) -> dict:
+    def write(self, gallery: bool = True) -> dict:
+        """batch.json now; index.html too when ``gallery`` or GALLERY_EVERY_S have passed (it
+        looks into every scene's report folder, which on shared storage is not free)."""
         data = self.summary()
-        summary_io.write_summary(self.out, data)
+        now = time.monotonic()
+        with_gallery = gallery or now - self.gallery_written >= GALLERY_EVERY_S
+        summary_io.write_summary(self.out, data, gallery=with_gallery)
+        if with_gallery:
+            self.gallery_written = now
         return data
 
 

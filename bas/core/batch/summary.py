@@ -1,8 +1,9 @@
 """The batch's own files in its output folder: ``batch.json`` (per scene: status, error, times,
 files, device) and ``index.html``, a gallery of every scene that renders with no network (the
 input with its masks, the run report's attention maps, validation grids and loss curves, the
-status and error).  Both are rewritten whenever a scene starts or ends, each under a temporary
-name and renamed, so a reader sees the old or the new one."""
+status and error).  ``batch.json`` is rewritten whenever a scene starts or ends, the gallery at
+most every few seconds meanwhile and at the end; each under a temporary name and renamed, so a
+reader sees the old or the new one."""
 
 from __future__ import annotations
 
@@ -41,10 +42,11 @@ def read_previous(out: Path) -> dict[str, dict]:
         return {}
 
 
-def write_summary(out: Path, data: dict) -> None:
+def write_summary(out: Path, data: dict, gallery: bool = True) -> None:
     out = Path(out)
     io.write_json(out / SUMMARY, data)
-    write_gallery(out, data)
+    if gallery:
+        write_gallery(out, data)
 
 
 def _report_pictures(out: Path, name: str) -> dict[str, list[Path]]:
