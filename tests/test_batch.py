@@ -406,3 +406,40 @@ def test_ray_executor_runs_each_scene_as_a_ray_task_with_progress(local_ray, sce
     order = [n for n, *_ in seen]
     assert order == sorted(order, key=order.index)  # one scene after the other: sending progress lends Ray no CPU
     assert local_ray.is_initialized()  # the caller's Ray is left running
+
+
+class RecordingProcess:
+    """Stands in for a spawned worker: records the environment it would start with."""
+
+    started: list = []
+
+    def __init__(self, target, args, name, daemon):
+        self.name = name
+
+    def start(self):
+        RecordingProcess.started.append((self.name, {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}))
+
+
+@pytest.mark.parametrize("visible, device, workers, expected", [
+    ("3,5", "auto", None, [("0", "3"), ("1", "5")]),  # one worker per GPU, each sees only its own
+    ("3,5", "auto", 3, [("0", "3"), ("1", "5"), ("2", "3")]),  # more workers than GPUs: in turn
+    ("3,5", "cpu", 2, [("0", ""), ("1", "")]),  # --device cpu: no GPU for anyone
+    ("3,5", "cuda:1", 2, [("0", "3,5"), ("1", "3,5")]),  # one named GPU: every worker sees them all and uses it
+    ("", "auto", None, [("0", "")]),  # no GPU: one worker
+])
+def test_local_workers_are_pinned_one_per_gpu_and_split_the_cpu_threads(visible, device, workers, expected, monkeypatch, tmp_path):
+    from bas.core.batch.tasks import BatchConfig, SceneTask
+    from bas.plugins import local_executor
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    executor = local_executor.LocalExecutor(BatchConfig(out=tmp_path, device=device, options={"workers": workers}))
+    monkeypatch.setattr(executor.context, "Process", RecordingProcess)
+    RecordingProcess.started = []
+    executor.open(num_tasks=5)
+    for i in range(len(expected)):
+        executor.submit(SceneTask(name=f"s{i}", out=str(tmp_path / f"s{i}"), values={}, plugins=[]))
+    threads = str(8 // len(expected))
+    assert RecordingProcess.started == [(f"bas-batch-worker-{i}", {"CUDA_VISIBLE_DEVICES": gpu, "OMP_NUM_THREADS": threads}) for i, gpu in expected]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == visible  # the batch's own environment is as it was
+    assert all(w.task.threads == int(threads) for w in executor.pool)

@@ -100,6 +100,8 @@ class LocalExecutor:
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
         if worker.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = worker.gpu
+        elif self.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # nothing in the worker initialises a GPU it will not use
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # a spawned process starts with the environment of this moment
         try:
