@@ -150,6 +150,7 @@ def main(argv=None) -> None:
     date = time.strftime("%Y-%m-%d")
     out_file = args.out or RESULTS / f"batch-cpu-{date}.json"
     load_before = os.getloadavg()
+    revision = git_revision()  # before the runs: the code they measured
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="bas-batch-bench-") as tmp:
         work = Path(tmp)
@@ -167,7 +168,7 @@ def main(argv=None) -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_average_before": [round(x, 2) for x in load_before], "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "settings": {"scenes": args.scenes, "steps_per_phase": args.steps, "threads_per_scene": 1, "repeats": args.repeats, "model": "tiny (bas tiny-model)"},
-        "git": git_revision(),
+        "git": revision,
         "runs": runs,
         "summary": summarise(runs),
     }

@@ -95,8 +95,11 @@ class RayExecutor:
         else:
             if self.address and self.address != "auto":
                 check_reachable(self.address)
+            options = {"logging_level": logging.ERROR, "log_to_driver": False}  # the batch reports each scene itself
+            if not self.address:
+                options["include_dashboard"] = False  # a Ray of our own, for this batch only
             try:
-                ray.init(address=self.address or None, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+                ray.init(address=self.address or None, **options)
             except ConnectionError as exc:
                 raise BasError(f"Cannot reach a Ray cluster at {self.address} ({str(exc).splitlines()[0]}); start one with "
                                "`ray start --head`, or leave out --ray-address to run on a Ray started on this machine.") from None
