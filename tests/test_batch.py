@@ -392,17 +392,20 @@ def local_ray():
 def test_ray_executor_runs_each_scene_as_a_ray_task_with_progress(local_ray, scene, tiny_model, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(runner_module.BatchProgress, "update", lambda self, name, phase, step, total: seen.append((name, phase, step, total)))
-    scenes = [scene, {"name": "other", "scene": str(scene), "phase2_steps": 2}]
+    no_masks = tmp_path / "no-masks"
+    no_masks.mkdir()
+    shutil.copy(scene / "img.png", no_masks / "img.png")
+    lines = [{"name": "toys", "scene": str(scene), "phase2_steps": 2}, {"name": "no-masks", "image": str(no_masks / "img.png")}]
     # two CPUs per scene on a Ray of two: one scene at a time
-    result = bas.batch(scenes, tmp_path / "runs", executor="ray", cpus_per_scene=2, model=str(tiny_model), phase1_steps=3, phase2_steps=3, quiet=True)
+    result = bas.batch(lines, tmp_path / "runs", executor="ray", cpus_per_scene=2, model=str(tiny_model), phase1_steps=3, phase2_steps=3, quiet=True)
     records = {s["name"]: s for s in result["scenes"]}
-    name = scene.name
-    assert records[name]["status"] == "done" and records["other"]["status"] == "done", records
-    assert records[name]["device"] == "cpu" and records[name]["host"] == socket.gethostname()
+    assert records["toys"]["status"] == "done", records
+    assert records["toys"]["device"] == "cpu" and records["toys"]["host"] == socket.gethostname()
+    assert records["no-masks"]["status"] == "failed" and records["no-masks"]["error"] == "No masks; pass one --mask PNG per concept (or --scene DIR)."
     assert result["executor"] == "ray" and result["executor_options"]["cpus_per_scene"] == 2
-    assert json.loads((tmp_path / "runs" / "other" / "run.json").read_text())["config"]["phase2_steps"] == 2
-    # phase and step came from the Ray tasks through the queue, up to each phase's end
-    assert (name, 2, 3, 3) in seen and ("other", 2, 2, 2) in seen and ("other", 1, 3, 3) in seen
+    assert json.loads((tmp_path / "runs" / "toys" / "run.json").read_text())["config"]["phase2_steps"] == 2
+    # phase and step came from the Ray tasks through the inbox actor, up to each phase's end
+    assert ("toys", 1, 3, 3) in seen and ("toys", 2, 2, 2) in seen and ("no-masks", 0, 0, 0) in seen
     order = [n for n, *_ in seen]
     assert order == sorted(order, key=order.index)  # one scene after the other: sending progress lends Ray no CPU
     assert local_ray.is_initialized()  # the caller's Ray is left running
