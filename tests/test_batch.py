@@ -198,6 +198,8 @@ class ScriptedExecutor:
         self.pending.append(task)
 
     def poll(self, timeout):
+        self.polls = getattr(self, "polls", 0) + 1
+        assert self.polls < 50, "the batch waits for a scene that can no longer finish"
         if self.events:
             events, self.events = self.events, []
             return events
@@ -280,11 +282,13 @@ def test_runner_skips_same_options_reports_other_options_and_retries_a_dead_proc
 
 
 def test_ctrl_c_stops_running_scenes_with_a_checkpoint_and_says_how_to_continue(scene, scripted, tmp_path):
-    lines = [{"name": "slow", "scene": str(scene)}, {"name": "queued", "scene": str(scene)}]
+    # 'dies' crashes and is queued again; Ctrl-C comes before its retry starts
+    lines = [{"name": "slow", "scene": str(scene)}, {"name": "queued", "scene": str(scene)}, {"name": "dies", "scene": str(scene)}]
     with pytest.raises(Interrupted, match=r"Interrupted; 1 running scene\(s\) stopped .* \(slow\); run the same command again to continue"):
         bas.batch(lines, tmp_path / "runs", executor="scripted", plugins=["scripted"], quiet=True)
     scenes = summary(tmp_path / "runs")
     assert scenes["slow"]["status"] == "interrupted" and scenes["queued"]["status"] == "not-started"
+    assert scenes["dies"]["status"] == "not-started" and "died (killed by SIGKILL)" in scenes["dies"]["error"]
     assert json.loads((tmp_path / "runs" / "batch.json").read_text())["interrupted"] is True
 
 

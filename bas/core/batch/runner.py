@@ -363,7 +363,11 @@ class Batch:
         executor = None
         if to_run:  # an executor that cannot start (Ray missing, an unreachable cluster) fails before anything is written
             executor = self.entry.factory(self.config())
-            executor.open(len(to_run))
+            try:
+                executor.open(len(to_run))
+            except BaseException:
+                executor.close()  # whatever it started before it failed (a Ray of its own)
+                raise
         try:
             with BatchLock(self.out):
                 self.write()
@@ -431,6 +435,7 @@ class Batch:
                 if result.get("crashed") and task.attempt <= self.retries and executor is not None:
                     task.attempt += 1
                     task.overwrite = False  # resume from what the dead process saved
+                    state.started = False  # queued again: after Ctrl-C it is not waited for
                     record.update(status="retrying", error=result["error"])
                     progress.note(f"{event.name}: {result['error']} Retrying ({task.attempt - 1} of {self.retries}).")
                     executor.submit(task)
