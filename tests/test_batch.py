@@ -174,7 +174,7 @@ def test_coco_select_writes_a_manifest_that_bas_batch_takes(tmp_path, capsys):
     assert code == 0, err
     line = json.loads(out.strip())
     assert line == {"name": "coco-1", "image": str(tmp_path / "000001.png"), "plugins": ["coco-masks"], "annotations": str(annotations),
-                    "image_id": 1, "min_area": 0.15}
+                    "image_id": 1, "min_area": 0.15, "init_tokens": ["dog", "person"]}  # largest first, as coco-masks orders them
     code, _, err = run_main(["coco-select", "--annotations", annotations, "--format", "jsonl"], capsys)
     assert code == 1 and "pass the folder of the COCO images with --images DIR" in err
 
@@ -351,7 +351,8 @@ def test_local_workers_kill_one_scene_then_skip_resume_and_retry(scene, tiny_mod
     assert "coco-1: phase 2, 3 steps" in stderr  # each scene's phase, forwarded from its worker
     coco_run = json.loads((out / "coco-1" / "run.json").read_text())
     assert coco_run["config"]["plugins"] == ["coco-masks"] and coco_run["config"]["options"]["image_id"] == 1
-    assert coco_run["config"]["phase1_steps"] == 3 and len(coco_run["handles"]) == 2  # the person and the dog
+    assert coco_run["config"]["phase1_steps"] == 3 and len(coco_run["handles"]) == 2  # the dog and the person
+    assert coco_run["init_tokens"] == ["dog", "person"] and coco_run["masks"][0].startswith("COCO annotation 11 (dog,")
     assert scenes["coco-1"]["pid"] == scenes["bad"]["pid"]  # a worker runs scene after scene
     # what bas run writes for that scene, weight for weight
     line = json.loads(coco_lines)

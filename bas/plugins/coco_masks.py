@@ -221,10 +221,13 @@ def coco_select(annotations, min_fraction, min_segments, sample, seed, include_c
 
 def manifest_line(selected: Selected, annotations: Path, images: Path, min_fraction: float, include_crowd: bool) -> dict:
     """A `bas batch` manifest line for one selected image: its instances become the concepts
-    through this mask source, with the selection's own coverage rule (absolute paths, so the
-    manifest works from any folder)."""
+    through this mask source, with the selection's own coverage rule, and each handle starts from
+    its instance's category name (largest first, the order coco-masks gives the masks; `bas eval`
+    takes these words as the concepts' class words).  Paths are absolute, so the manifest works
+    from any folder."""
     line = {"name": f"coco-{selected.image_id}", "image": str((images / selected.file_name).resolve()), "plugins": ["coco-masks"],
-            "annotations": str(annotations.resolve()), "image_id": selected.image_id, "min_area": min_fraction}
+            "annotations": str(annotations.resolve()), "image_id": selected.image_id, "min_area": min_fraction,
+            "init_tokens": [name for name, _ in selected.segments]}
     if include_crowd:
         line["include_crowd"] = True
     return line
