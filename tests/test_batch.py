@@ -109,7 +109,7 @@ def test_manifests_give_per_scene_options_with_paths_relative_to_the_manifest(sc
     ('{"image": "a.png", "plugins": ["no-such-plugin"]}\n', r"scenes.jsonl line 1: Unknown plugin 'no-such-plugin'"),
     ('{"name": "up/../x", "image": "a.png"}\n', r"scenes.jsonl line 1: the scene name 'up/../x' contains '/'"),
     ('{"name": "..", "image": "a.png"}\n', r"scenes.jsonl line 1: the scene name '..' starts with '.'"),
-    ('{"name": "batch", "image": "a.png"}\n', r"the scene name 'batch' is taken by the batch's own files"),
+    ('{"name": "index.html", "image": "a.png"}\n', r"the scene name 'index.html' is taken by the batch's own files"),
     ('{"phase1_steps": 3}\n', r'scenes.jsonl line 1: the line has no "name", "image" or "scene"'),
     ('{"name": "x", "image": "a.png"}\n{"name": "X", "image": "b.png"}\n',
      r"scenes.jsonl line 1 and .*scenes.jsonl line 2 are both named 'X' \(as 'x'\); every scene needs its own name"),
@@ -273,7 +273,7 @@ def test_runner_skips_same_options_reports_other_options_and_retries_a_dead_proc
     assert "holds a finished run made with other options (seed: 7 there, 0 requested); pass --overwrite" in scenes["other"]["error"]
     assert scenes["same"]["seconds"] == 1.5 and scenes["dies"]["attempt"] == 2
     assert scripted.submitted == [("dies", 1, False), ("fresh", 1, False), ("dies", 2, False)]
-    assert {k: v for k, v in files_state(out).items() if not k.startswith(("batch", "index"))} == before
+    assert {k: v for k, v in files_state(out).items() if not k.startswith((".batch", "batch.json", "index"))} == before
     assert result["counts"] == {"done": 2, "skipped": 1, "other-options": 1}
 
     scripted.submitted = []
@@ -379,7 +379,7 @@ def test_local_workers_kill_one_scene_then_skip_resume_and_retry(scene, tiny_mod
 
     pictures = gallery_pictures(out)
     for name in ("slow", "coco-1"):
-        assert f"batch/previews/{name}.png" in pictures and f"{name}/report/attention-phase2.png" in pictures
+        assert f".batch/previews/{name}.png" in pictures and f"{name}/report/attention-phase2.png" in pictures
     page = (out / "index.html").read_text()
     assert "is empty after cropping to a square" in page and 'href="#bad"' in page  # the bad scene is listed first, with its error
 

@@ -202,7 +202,7 @@ def _iso(t: float | None) -> str | None:
 
 
 class BatchLock:
-    """``<out>/batch/lock``: one ``bas batch`` at a time per output folder (created exclusively;
+    """``<out>/.batch/lock``: one ``bas batch`` at a time per output folder (created exclusively;
     a lock left by a process of this machine that no longer runs is taken over)."""
 
     def __init__(self, out: Path):

@@ -29,7 +29,7 @@ from bas.core.scene import IMAGE_SUFFIXES
 MANIFEST_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 LIST_SEPARATOR = ";"
 # the batch's own files in its output folder, which no scene may be named as
-RESERVED_NAMES = {"batch", "batch.json", "index.html"}
+RESERVED_NAMES = {"batch.json", "index.html"}
 MAX_NAME_LENGTH = 128
 _BAD_NAME_CHARS = re.compile(r'[/\\<>:"|?*\x00-\x1f]')
 _EXTRA_CELLS = "\0extra"  # where csv puts the cells of a row longer than the header

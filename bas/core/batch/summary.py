@@ -17,7 +17,7 @@ from bas.core import io
 
 SUMMARY = "batch.json"
 GALLERY = "index.html"
-BATCH_DIR = "batch"  # the gallery's pictures and the lock
+BATCH_DIR = ".batch"  # the gallery's pictures and the lock; hidden, so `runs/*` globs only runs and the summary
 PREVIEW_DIR = f"{BATCH_DIR}/previews"
 REPORT_DIR = "report"  # where a run keeps its report (the report plugin's folder)
 _VALIDATION = re.compile(r"validation-phase(\d)-step(\d+)\.png")
