@@ -43,4 +43,13 @@ def edit(out, prompt, image, mask, **options):
     return edit_images(out, prompt, image, mask, **options)
 
 
-__all__ = ["edit", "evaluate", "export", "extract", "generate", "hookimpl", "__version__"]
+def batch(scenes, out, executor="local", **options):
+    """Extract many scenes into ``out/<name>/`` on this machine (``executor="local"``, ``workers=N``)
+    or a Ray cluster (``"ray"``, ``ray_address=...``) and return the summary ``batch.json`` holds;
+    see :func:`bas.core.batch.runner.run_batch`."""
+    from bas.core.batch.runner import run_batch
+
+    return run_batch(scenes, out, executor=executor, **options)
+
+
+__all__ = ["batch", "edit", "evaluate", "export", "extract", "generate", "hookimpl", "__version__"]

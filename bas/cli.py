@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 import bas
+from bas.core.batch.command import make_batch_command
 from bas.core.checks import MAX_SEED
 from bas.core.errors import BasError
 from bas.core.export import FORMATS as EXPORT_FORMATS
@@ -195,6 +196,9 @@ def run(ctx, plugin_names, **values):
     click.echo(f"Wrote {config.out}: " + ", ".join(info["files"] + ["run.json"]))
     background = f" ({info['background']} is the background)" if info.get("background") else ""
     click.echo(f"Handles: {' '.join(info['handles'])}{background}. Try: bas generate {config.out} \"a photo of {info['handles'][0]} at the beach\"")
+
+
+cli.add_command(make_batch_command(run))
 
 
 @cli.command(cls=MasksCommand)
@@ -397,7 +401,7 @@ def list_plugins():
         for entry in manager.registry(kind).entries.values():
             provides.setdefault(entry.plugin, []).append(f"{kind} '{entry.name}'")
     options: dict[str, list[str]] = {}
-    for plugin, opt in manager.run_options() + eval_options(manager):
+    for plugin, opt in manager.run_options() + eval_options(manager) + manager.batch_options():
         options.setdefault(plugin, []).append(opt.opts[0])
     for name in available_plugin_names():
         if name in manager.broken:

@@ -229,3 +229,42 @@ def bas_eval_options():
     Their values reach evaluator factories through ``config.options[option.name]``; the Python API
     (:func:`bas.evaluate`) takes them as keyword arguments, with the option's default otherwise.
     """
+
+
+@hookspec
+def bas_register_executors(register):
+    """Register batch executors: ``register(name, factory)``; ``bas batch --executor NAME`` picks one.
+
+    ``factory(config)`` gets the batch's :class:`bas.core.batch.tasks.BatchConfig` (``out``,
+    ``workers``-style executor options in ``config.options``, ``device``) and returns an object
+    with these methods, which the batch calls in this order and only from its own thread:
+
+    - ``open(num_tasks)``: get ready to run up to ``num_tasks`` scenes (start worker processes
+      or join a cluster).  Raise :class:`bas.core.errors.BasError` for what a user can fix (a
+      library that is not installed, an address that cannot be reached).
+    - ``submit(task)``: queue one :class:`bas.core.batch.tasks.SceneTask`.  The executor runs
+      :func:`bas.core.batch.tasks.run_scene` ``(task, emit)`` for it somewhere (a process, a
+      cluster node), where ``emit`` carries the task's events back.  A task is submitted again
+      after its worker died, when retries are left.
+    - ``poll(timeout)``: wait up to ``timeout`` seconds and return the events that arrived, a
+      list of :class:`bas.core.batch.tasks.Started`, :class:`~bas.core.batch.tasks.Progress` and
+      :class:`~bas.core.batch.tasks.Finished`.  Every submitted task ends with exactly one
+      ``Finished``: the result ``run_scene`` returned, or, when the process running it died,
+      one made with :func:`bas.core.batch.tasks.crashed`.
+    - ``interrupt()``: Ctrl-C: ask running tasks to stop at a step boundary and save a
+      checkpoint (they then finish as ``interrupted``), and drop queued ones.
+    - ``close()``: stop everything the executor started.
+
+    The batch itself decides which scenes to skip, resume or retry; an executor only runs tasks.
+    Built-ins: ``local`` (worker processes on this machine) and ``ray`` (a Ray cluster).
+    """
+
+
+@hookspec
+def bas_batch_options():
+    """Return a list of ``click.Option`` objects to add to ``bas batch`` (and :func:`bas.batch`).
+
+    Executors take their options this way (``--workers``, ``--ray-address``); the values reach
+    the executor's factory in ``config.options[option.name]``.  An option of an executor other
+    than the chosen one is refused unless it has its default value.
+    """

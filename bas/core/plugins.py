@@ -49,6 +49,8 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "bas-mini": ("bas.plugins.bas_mini", True),
     "sd": ("bas.plugins.sd", True),
     "sdxl": ("bas.plugins.sdxl", True),
+    "local-executor": ("bas.plugins.local_executor", True),
+    "ray-executor": ("bas.plugins.ray_executor", True),
 }
 
 REGISTER_HOOKS = {
@@ -60,6 +62,7 @@ REGISTER_HOOKS = {
     "observer": "bas_register_observers",
     "evaluator": "bas_register_evaluators",
     "model family": "bas_register_model_families",
+    "executor": "bas_register_executors",
 }
 TRAINING_KINDS = ("weight strategy", "loss term", "optimizer", "sampler", "observer", "model family")
 
@@ -278,6 +281,10 @@ class Plugins:
     def run_options(self) -> list[tuple[str, Any]]:
         """``(plugin, click.Option)`` for every option the enabled plugins add to ``bas run``."""
         return [(plugin, opt) for plugin, opts in self.call_each("bas_run_options") for opt in (opts or [])]
+
+    def batch_options(self) -> list[tuple[str, Any]]:
+        """``(plugin, click.Option)`` for every option the enabled plugins add to ``bas batch``."""
+        return [(plugin, opt) for plugin, opts in self.call_each("bas_batch_options") for opt in (opts or [])]
 
     def mask_options(self) -> list[tuple[str, Any]]:
         """The options ``bas masks`` takes: those of plugins that provide a mask source or nothing
