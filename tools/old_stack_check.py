@@ -24,9 +24,8 @@ UNet and both text encoders, each embedding file's ``clip_l`` and ``clip_g`` row
 the second encoder pooling the end-of-text token as the model card's snippet sets it; its outputs
 are both encoders' penultimate states, the pooled projection and the UNet's prediction with SDXL's
 size conditioning, and a 2-step sample through the pipeline itself.  Exit status 1 when anything
-differs.  (diffusers before
-0.31 refuses ``load_lora_weights(folder)`` under ``HF_HUB_OFFLINE=1``; leave it unset, nothing is
-downloaded.)
+differs.  (diffusers before 0.31 refuses ``load_lora_weights(folder)`` under ``HF_HUB_OFFLINE=1``;
+leave it unset, nothing is downloaded.)
 """
 
 from __future__ import annotations
