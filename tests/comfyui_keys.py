@@ -1,11 +1,12 @@
 """What ComfyUI makes of a LoRA file for SD 1.x/2.x and SDXL: its key map and LoRA reader, rewritten from its
 ``comfy/lora.py`` (``model_lora_keys_unet``, ``model_lora_keys_clip``, ``load_lora``),
 ``comfy/weight_adapter/lora.py`` (``LoRAAdapter.load``, ``calculate_weight``) and ``comfy/utils.py``
-(``unet_to_diffusers``, which names the UNet's layers as diffusers does).
+(``unet_to_diffusers``, which names the UNet's layers as diffusers does), and what its tokenizers read from an
+embedding file (``comfy/sd1_clip.py``'s ``load_embed``, ``comfy/sdxl_clip.py``'s ``clip_g`` tokenizer).
 
 ComfyUI applies a LoRA layer only where a key of the file is one of its names for a model weight
 followed by one of the endings it reads; any other key is skipped with "lora key not loaded".
-``tools/comfyui_check.py`` runs ComfyUI's own functions on SD 1.5 and SD 2.1 layouts; this module
+``tools/comfyui_check.py`` runs ComfyUI's own functions on SD 1.5, SD 2.1 and SDXL layouts; this module
 lets the tests check the same rules on the tiny models without ComfyUI installed.
 """
 
@@ -65,10 +66,11 @@ def key_map(unet: torch.nn.Module, text_encoder: torch.nn.Module, text_encoder_2
     return names
 
 
-def load_lora(lora: dict[str, torch.Tensor], names: dict) -> tuple[dict[tuple[str, str], torch.Tensor], list[str]]:
-    """``({(component, module): the change ComfyUI adds to its weight at strength 1}, [keys it does not
-    load])``.  Without an ``.alpha`` key ComfyUI applies ``up @ down`` as it is."""
-    loaded, changes = set(), {}
+def read_lora(lora: dict[str, torch.Tensor], names: dict) -> tuple[dict[tuple[str, str], tuple[float, torch.Tensor, torch.Tensor]], list[str]]:
+    """``({(component, module): (scale, up, down)}, [keys ComfyUI does not load])``: the factors ComfyUI reads for
+    each layer, its change at strength 1 being ``scale * up @ down`` (``scale``: alpha / rank; without an
+    ``.alpha`` key ComfyUI applies ``up @ down`` as it is)."""
+    loaded, factors = set(), {}
     for name, (component, module, shape) in names.items():
         alpha = lora.get(f"{name}.alpha")
         if alpha is not None:
@@ -77,7 +79,31 @@ def load_lora(lora: dict[str, torch.Tensor], names: dict) -> tuple[dict[tuple[st
             if name + up in lora:
                 u, d = lora[name + up], lora[name + down]
                 loaded |= {name + up, name + down}
-                scale = float(alpha) / d.shape[0] if alpha is not None else 1.0
-                changes[(component, module)] = (u.flatten(1).float() @ d.flatten(1).float()).reshape(shape) * scale
+                factors[(component, module)] = (float(alpha) / d.shape[0] if alpha is not None else 1.0, u, d)
                 break
-    return changes, [k for k in lora if k not in loaded]
+    return factors, [k for k in lora if k not in loaded]
+
+
+def load_lora(lora: dict[str, torch.Tensor], names: dict) -> tuple[dict[tuple[str, str], torch.Tensor], list[str]]:
+    """``({(component, module): the change ComfyUI adds to its weight at strength 1}, [keys it does not
+    load])``."""
+    factors, left_out = read_lora(lora, names)
+    shapes = {(component, module): shape for component, module, shape in names.values()}
+    changes = {k: (u.flatten(1).float() @ d.flatten(1).float()).reshape(shapes[k]) * scale for k, (scale, u, d) in factors.items()}
+    return changes, left_out
+
+
+# sd1_clip.py's tokenizers: which key of an embedding file each text encoder reads (SDTokenizer's
+# embedding_key) and the width it takes (embedding_size).
+EMBEDDING_KEYS = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}
+
+
+def load_embed(embed: dict[str, torch.Tensor], embed_key: str) -> torch.Tensor:
+    """``sd1_clip.load_embed`` for a safetensors file: the rows one text encoder gets (``embed_key``: SD 1.x's
+    ``clip_l``, SD 2.x's ``clip_h``, SDXL's ``clip_l`` and ``clip_g``)."""
+    if "string_to_param" in embed:
+        return next(iter(embed["string_to_param"].values()))
+    if embed_key in embed:
+        return embed[embed_key]
+    bundled = [v for k, v in embed.items() if k.startswith("bundle_emb.") and k.endswith(f".{embed_key}")]
+    return torch.cat(bundled) if bundled else next(iter(embed.values()))

@@ -3,8 +3,9 @@ AUTOMATIC1111, ComfyUI), checked in this project's stack by what those loaders r
 
 The same files were loaded in diffusers 0.30.3 / transformers 4.44.2 / peft 0.12.0 and diffusers
 0.32.2 / transformers 4.48.3 / peft 0.14.0 (README, "Exports", ``tools/old_stack_check.py``) and
-through ComfyUI's key map (``tools/comfyui_check.py``); these tests keep the names and files those
-versions need from changing unnoticed, ComfyUI's rules included (``comfyui_keys``).
+through ComfyUI's own loaders (``tools/comfyui_check.py``); these tests keep the names and files those
+versions need from changing unnoticed, ComfyUI's and AUTOMATIC1111's rules included (``comfyui_keys``,
+``a1111_keys``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from bas.core.export import kohya_metadata, low_rank_difference
 from bas.core.family import Components
-from bas.core.formats import (LoraLayer, diffusers_state_dict, kohya_state_dict, kohya_targets, read_diffusers_lora, standard_module,
+from bas.core.formats import (LoraLayer, diffusers_state_dict, kohya_targets, read_diffusers_lora, standard_module,
                               write_diffusers_lora, write_kohya_lora)
 from bas.plugins.sd import StableDiffusion
 
@@ -203,30 +204,89 @@ def test_low_rank_difference_loads_at_the_right_strength_in_every_layer(tiny_mod
         assert worst < 1e-5, (source.name, worst)
 
 
-@pytest.mark.parametrize("preset", ["sd15", "sd21"])
-def test_every_key_maps_in_comfyui_for_the_real_sd_layouts(preset):
-    """SD 1.5 and SD 2.1 at their real sizes (on the meta device, no weights): every layer a LoRA run or a
-    low-rank difference writes, in both layouts, has a key ComfyUI maps onto a weight of that shape;
-    with peft's names, which bas wrote before, ComfyUI would leave out the UNet's attention projections."""
+@pytest.mark.parametrize("preset", ["sd15", "sd21", "sdxl"])
+def test_every_key_maps_in_comfyui_and_automatic1111_for_the_real_layouts(preset, tmp_path):
+    """SD 1.5, SD 2.1 and SDXL at their real sizes (on the meta device, no weights): every layer a LoRA run or a
+    low-rank difference writes, with the family's kohya prefixes (SDXL: lora_te1_, lora_te2_), has a key
+    ComfyUI (both layouts) and AUTOMATIC1111 (kohya's) map onto that layer, at the trained scale; A1111
+    changes SD 2.x's and SDXL's OpenCLIP attention (one fused in_proj_weight) only with all four of its
+    projections, which bas writes.  Each handle's embedding file gives every text encoder its own row in
+    both.  With peft's names, which bas wrote before, ComfyUI would leave out the UNet's attention."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    import a1111_keys
+    from bas.core.export import write_a1111_embeddings, write_textual_inversions
+    from bas.plugins.sdxl import StableDiffusionXL
     from benchmarks.presets import CLIP_VOCAB_SIZE, PRESETS
 
+    p, family = PRESETS[preset], StableDiffusionXL() if preset == "sdxl" else StableDiffusion()
     with torch.device("meta"):
-        models = {"unet": UNet2DConditionModel(**PRESETS[preset].unet),
-                  "text_encoder": CLIPTextModel(CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, **PRESETS[preset].text))}
-        layers = [LoraLayer(c, n, torch.empty(4, *m.weight.shape[1:]), torch.empty(m.weight.shape[0], 4, *m.weight.shape[2:]), 4.0)
-                  for c, model in models.items() for n, m in model.named_modules() if kohya_targets(c, n, m)]
-    assert len(layers) == 16 * 12 + 6 * (12 if preset == "sd15" else 23)  # 16 transformer blocks, 12 or 23 text layers
-    assert (preset == "sd15") == any(layer.down.dim() == 4 for layer in layers)  # SD 1.x's 1x1-convolution projections
-    names = comfyui_keys.key_map(models["unet"], models["text_encoder"])
-    for sd in (diffusers_state_dict(layers), kohya_state_dict(layers, 4.0)):
-        changes, left_out = comfyui_keys.load_lora(sd, names)
-        assert left_out == [] and len(changes) == len(layers)
-    peft_names = {f"{x.component}.{x.module}.lora_{f}.weight": t for x in layers for f, t in (("A", x.down), ("B", x.up))}
-    _, left_out = comfyui_keys.load_lora(peft_names, names)
-    assert len(left_out) == 2 * 16 * 8 and all(".attn" in k for k in left_out)  # both factors of every attention projection
+        models = {"unet": UNet2DConditionModel(**p.unet),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, **p.text))}
+        if p.text_2:
+            models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, **p.text_2))
+    g = torch.Generator().manual_seed(0)
+    lora_run, difference = [], []  # the layers bas's LoRA trains (rank 4, alpha 2), and those kohya's extraction covers
+    for c, model in models.items():
+        for n, m in model.named_modules():
+            shape = m.weight.shape if hasattr(m, "weight") else None
+            if isinstance(m, torch.nn.Linear) and n.endswith(tuple(family.lora_targets[c])):
+                lora_run.append(LoraLayer(c, n, torch.randn(4, *shape[1:], generator=g), torch.randn(shape[0], 4, generator=g), 2.0))
+            if kohya_targets(c, n, m):
+                rank = 2 if len(difference) % 5 == 0 else 4
+                difference.append(LoraLayer(c, n, torch.randn(rank, *shape[1:], generator=g), torch.randn(shape[0], rank, *shape[2:], generator=g), float(rank)))
+    blocks, text_layers = {"sd15": (16, 12), "sd21": (16, 23), "sdxl": (70, 12 + 32)}[preset]
+    attentions = {"sd15": 16, "sd21": 16, "sdxl": 11}[preset]  # one proj_in and proj_out each
+    assert len(lora_run) == 8 * blocks + 4 * text_layers and len(difference) == 10 * blocks + 2 * attentions + 6 * text_layers
+    assert (preset == "sd15") == any(layer.down.dim() == 4 for layer in difference)  # SD 1.x's 1x1-convolution projections
+
+    comfy_names = comfyui_keys.key_map(*models.values())
+    a1111_names = a1111_keys.layer_mapping(*models.values())
+    width = {c: m.get_input_embeddings().embedding_dim for c, m in models.items() if c != "unet"}
+    info = {"model": "m", "handle_dim": width["text_encoder"], "prediction_type": "epsilon"}
+    for layers in (lora_run, difference):
+        want = {(x.component, x.module): x for x in layers}
+        kohya = tmp_path / "kohya.safetensors"
+        write_kohya_lora(layers, kohya, kohya_metadata(info, "scene", {"<asset0>": None}, family), family.kohya_prefixes)
+        with safe_open(str(kohya), "pt") as f:
+            assert a1111_keys.detect_version(f.metadata()) == {"sd15": "SD1", "sd21": "SD2", "sdxl": "SDXL"}[preset]
+        matched, failed = a1111_keys.load_network(load_file(str(kohya)), a1111_names)
+        a1111 = a1111_keys.applied(matched, a1111_names)
+        assert failed == [] and a1111.keys() == want.keys()
+        for lora, loader in ((load_file(str(kohya)), "ComfyUI (kohya)"), (diffusers_state_dict(layers), "ComfyUI (diffusers)")):
+            comfy, left_out = comfyui_keys.read_lora(lora, comfy_names)
+            assert left_out == [] and comfy.keys() == want.keys(), loader
+            for key, (scale, up, down) in comfy.items():  # the trained change alpha / rank * up @ down, as factors
+                x = want[key]
+                assert torch.equal(down[: x.rank], x.down) and not down[x.rank:].any(), (loader, key)
+                torch.testing.assert_close(scale * up[:, : x.rank].float(), x.alpha / x.rank * x.up, msg=f"{loader} {key}")
+        for key, (scale, up, down) in a1111.items():
+            x = want[key]
+            assert torch.equal(down, x.down) and up.shape[0] * down[0].numel() == x.up.shape[0] * x.down[0].numel(), key
+            torch.testing.assert_close(scale * up.float(), x.alpha / x.rank * x.up, msg=f"A1111 {key}")
+    if preset != "sd15":  # OpenCLIP's q/k/v are rows of one fused in_proj_weight: without one of them A1111 drops the attention
+        open_clip = "text_encoder_2" if preset == "sdxl" else "text_encoder"
+        v_proj = family.kohya_prefixes[open_clip] + "text_model_encoder_layers_0_self_attn_v_proj."
+        matched, _ = a1111_keys.load_network({k: v for k, v in load_file(str(kohya)).items() if not k.startswith(v_proj)}, a1111_names)
+        layer_0 = {m for c, m in a1111_keys.applied(matched, a1111_names) if c == open_clip and m.startswith("text_model.encoder.layers.0.")}
+        assert layer_0 == {"text_model.encoder.layers.0.mlp.fc1", "text_model.encoder.layers.0.mlp.fc2"}
+
+    rows = {token: {c: torch.randn(w, generator=g) for c, w in width.items()} for token in ("<asset0>", "<asset1>")}
+    keys = {"sd15": {"clip_l": "text_encoder"}, "sd21": {"clip_h": "text_encoder"}, "sdxl": {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}}[preset]
+    files = write_a1111_embeddings(family, rows, tmp_path / "kohya-embeddings", "scene") + write_textual_inversions(family, rows, tmp_path / "embeddings")
+    for path in files:
+        data, token = load_file(str(path)), f"<{path.stem.rsplit('-', 1)[-1]}>"
+        vec, vectors = a1111_keys.load_embedding(data, expected_shape=sum(width.values()))
+        assert vectors == 1
+        for key, component in keys.items():
+            assert torch.equal(a1111_keys.embedding_rows(vec, "clip_g" if key == "clip_g" else "clip_l"), rows[token][component][None]), (path.name, key)
+            comfy = comfyui_keys.load_embed(data, key)
+            assert comfy.shape[-1] == comfyui_keys.EMBEDDING_KEYS[key] and torch.equal(comfy.reshape(-1), rows[token][component]), (path.name, key)
+
+    peft_names = {f"{x.component}.{x.module}.lora_{f}.weight": t for x in difference for f, t in (("A", x.down), ("B", x.up))}
+    _, left_out = comfyui_keys.read_lora(peft_names, comfy_names)
+    assert len(left_out) == 2 * blocks * 8 and all(".attn" in k for k in left_out)  # both factors of every attention projection
 
 
 def previous_layouts(layers, pipe, configs, directory):
