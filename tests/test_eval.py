@@ -224,9 +224,14 @@ def test_segmenter_scores_are_cosines_and_say_how_much_they_found(metric_models,
     assert "threshold 0.5" in evaluator.notes()[0]
 
 
-def test_bas_mini_evaluator_gives_the_numbers_the_fidelity_benchmark_gave_before_the_move():
+def test_bas_mini_evaluator_gives_the_numbers_the_fidelity_benchmark_gave_before_the_move(monkeypatch):
     sys.path.insert(0, str(ROOT))
+    from bas.mini import metrics
     from benchmarks import fidelity
+
+    # the numbers were recorded before the reader split touching objects by colour, which changes some
+    # readings of these blurry early-model images; the move itself must change nothing
+    monkeypatch.setattr(metrics, "split_by_colour", lambda region, nearest, coloured: [region])
 
     numbers = json.loads((BEFORE / "numbers.json").read_text())
     scene = json.loads((BEFORE / "scene" / "scene.json").read_text())
