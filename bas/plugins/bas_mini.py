@@ -10,7 +10,9 @@ judges anything.  ``benchmarks/fidelity.py`` scores with this evaluator; its num
   object's shape / texture;
 * ``composition`` (two or more named): the fraction of them shown with their colour and shape;
 * ``leakage`` (some concepts not named): the fraction of the others whose colour appears;
-* ``adherence`` (the prompt asks for "on a COLOUR background" other than the input's): that background.
+* ``adherence`` (the prompt asks for "on a COLOUR background" other than the input's): that background;
+* ``entanglement`` (the same prompts): the share of the image's pixels in the input's background
+  colour, which a concept that learned its surroundings carries into the new background.
 """
 
 from __future__ import annotations
@@ -64,9 +66,11 @@ def asked_background(prompt: str) -> str | None:
     return m.group(1) if m and m.group(1) in PALETTE else None
 
 
-def score_reading(reading, concepts: list[Concept | None], shown: tuple[int, ...], background: str, asked: str | None) -> dict[str, float]:
+def score_reading(reading, concepts: list[Concept | None], shown: tuple[int, ...], background: str, asked: str | None,
+                  background_share: float | None = None) -> dict[str, float]:
     """The metrics that apply to one read-back image of a prompt naming the concepts ``shown``
-    (indices into ``concepts``; a ``None`` concept, the background handle's, is left out)."""
+    (indices into ``concepts``; a ``None`` concept, the background handle's, is left out).
+    ``background_share``: the share of the image's pixels in the input's background colour."""
     scores: dict[str, float] = {}
     shown = tuple(k for k in shown if concepts[k] is not None)
     others = [j for j, c in enumerate(concepts) if c is not None and j not in shown]
@@ -84,6 +88,8 @@ def score_reading(reading, concepts: list[Concept | None], shown: tuple[int, ...
         scores["leakage"] = float(np.mean([reading.find(colour=concepts[j].colour) is not None for j in others]))
     if asked is not None and asked != background:
         scores["adherence"] = float(reading.background == asked)
+        if background_share is not None:
+            scores["entanglement"] = float(background_share)
     return scores
 
 
@@ -96,6 +102,7 @@ class BasMini(Evaluator):
         Metric("composition", "several named: the fraction shown with their colour and shape"),
         Metric("adherence", "the background the prompt asks for ('on a yellow background')"),
         Metric("leakage", "the fraction of the concepts not named whose colour appears", higher_is_better=False),
+        Metric("entanglement", "another background asked: the share of pixels in the input's background colour", higher_is_better=False),
         Metric("identity_colour", "one concept named: its colour appears"),
         Metric("identity_shape", "one concept named: the largest object has its shape"),
         Metric("identity_texture", "one concept named: the largest object has its texture"),
@@ -135,7 +142,10 @@ class BasMini(Evaluator):
 
         background, concepts = self.concepts_of(run)
         for s in samples:
-            yield score_reading(metrics.read_image(s.image()), concepts, s.concepts, background, asked_background(s.prompt))
+            image = s.image()
+            asked = asked_background(s.prompt)
+            share = metrics.colour_share(image, background) if asked is not None and asked != background else None
+            yield score_reading(metrics.read_image(image), concepts, s.concepts, background, asked, share)
 
 
 @hookimpl
