@@ -245,7 +245,8 @@ def test_bas_mini_evaluator_gives_the_numbers_the_fidelity_benchmark_gave_before
     run = EvalRun("scene", BEFORE / "scene", {"handles": ["<asset0>", "<asset1>", "<asset2>"], "model": "bas-mini"}, inputs=(image, masks))
     groups = fidelity.prompt_groups(3, scene["background"])  # the benchmark's prompts are the ones recorded
     assert groups == {"identity": numbers["groups"]["identity"], "composition": numbers["groups"]["composition"],
-                      "background": numbers["groups"]["adherence"]}
+                      "background": numbers["groups"]["adherence"], "prior": list(fidelity.PRIOR_PROMPTS)}  # prior: added after
+    groups.pop("prior")
     concepts_of = {p: tuple(int(h[-2]) for h in re.findall(r"<asset\d>", p)) for group in groups.values() for p in group}
     samples = [Sample(run.name, img["prompt"], concepts_of[img["prompt"]], None, None, BEFORE / "images" / img["file"]) for img in numbers["images"]]
     scores = {(img["prompt"], img["column"]): s for img, s in zip(numbers["images"], BasMini().score(run, samples))}

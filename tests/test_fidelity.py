@@ -5,6 +5,7 @@ two-step run on one scene goes through bas batch and bas eval and writes every f
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -171,5 +172,36 @@ def test_two_step_benchmark_on_one_scene_writes_paired_results(tmp_path):
     assert info["init_tokens"] == ["circle", "square"]
     assert json.loads((runs / "batch.json").read_text())["scenes"][0]["status"] == "done"  # through bas batch
     ev = json.loads((tmp_path / "work" / "eval" / "purple-orange--full--e0" / "eval.json").read_text())
-    assert list(ev["evaluators"]) == ["bas-mini"] and len(ev["images"]) == 2 + 1 + 4  # identity, composition, backgrounds
+    assert list(ev["evaluators"]) == ["bas-mini"] and len(ev["images"]) == 2 + 1 + 4 + len(fidelity.PRIOR_PROMPTS)  # identity, composition, backgrounds, prior
+    assert all(set(img["scores"]) == {"prior"} for img in ev["images"] if img["prompt"] in fidelity.PRIOR_PROMPTS)
     assert (out.with_suffix("") / "no-masked-loss.png").is_file() and set(saved["times"]) >= {"extraction_s", "evaluation_s", "total_s"}
+
+
+def test_captions_of_the_world_parse_back_to_their_scenes_and_nothing_else_does():
+    rng = random.Random(5)
+    for _ in range(200):
+        scene = world.random_scene(rng, counts=(1, 2, 3), count_weights=(1, 1, 1))
+        ordered = sorted(scene.objects, key=lambda o: o.box[0])
+        for photo_of in (True, False):
+            parsed = world.parse_caption(scene.caption(photo_of=photo_of))
+            assert parsed.background == scene.background
+            assert [(o.colour, o.shape, o.texture) for o in parsed.objects] == [(o.colour, o.shape, o.texture) for o in ordered]
+    for text in ("a photo of <asset0>", "a photo of <asset0> on a yellow background", "a red circle", "a photo of a red cube on a blue background",
+                 "a photo of a red wavy circle on a blue background", "a photo of a red circle on a plaid background", ""):
+        assert world.parse_caption(text) is None, text
+
+
+def test_prior_metric_is_all_correct_of_a_caption_without_handles(tmp_path):
+    from bas.core.evaluation import EvalRun, Sample
+    from bas.plugins.bas_mini import BasMini
+
+    rng = random.Random(3)
+    drawn = world.random_scene(rng, objects=[("red", "circle", "plain")], background="blue")
+    image, masks = world.render(drawn)
+    image.save(tmp_path / "s.png")
+    run = EvalRun("r", tmp_path, {"handles": ["<asset0>"], "model": "bas-mini"}, inputs=(image, [m.astype(np.float32) for m in masks]))
+    prompts = {"a photo of a red circle on a blue background": 1.0, "a photo of a red square on a blue background": 0.0,
+               "a photo of a red circle on a green background": 0.0, "a photo of a red circle and a green square on a blue background": 0.0}
+    samples = [Sample("r", p, (), 0, None, tmp_path / "s.png") for p in prompts]
+    scores = list(BasMini().score(run, samples + [Sample("r", "a photo of something", (), 0, None, tmp_path / "s.png")]))
+    assert [s["prior"] for s in scores[:-1]] == list(prompts.values()) and scores[-1] == {}

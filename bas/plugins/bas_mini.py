@@ -12,7 +12,10 @@ judges anything.  ``benchmarks/fidelity.py`` scores with this evaluator; its num
 * ``leakage`` (some concepts not named): the fraction of the others whose colour appears;
 * ``adherence`` (the prompt asks for "on a COLOUR background" other than the input's): that background;
 * ``entanglement`` (the same prompts): the share of the image's pixels in the input's background
-  colour, which a concept that learned its surroundings carries into the new background.
+  colour, which a concept that learned its surroundings carries into the new background;
+* ``prior`` (no handle named, the prompt a caption of the world such as "a photo of a red circle on
+  a blue background"): the image is all correct, as ``python -m bas.mini.quality`` counts it: what
+  the base model could draw and extraction should not take away (prior preservation's purpose).
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class BasMini(Evaluator):
         Metric("adherence", "the background the prompt asks for ('on a yellow background')"),
         Metric("leakage", "the fraction of the concepts not named whose colour appears", higher_is_better=False),
         Metric("entanglement", "another background asked: the share of pixels in the input's background colour", higher_is_better=False),
+        Metric("prior", "no handle, a caption of the world: background and every object's colour, shape and texture right"),
         Metric("identity_colour", "one concept named: its colour appears"),
         Metric("identity_shape", "one concept named: the largest object has its shape"),
         Metric("identity_texture", "one concept named: the largest object has its texture"),
@@ -138,11 +142,16 @@ class BasMini(Evaluator):
         self.concepts_of(run)
 
     def score(self, run, samples):
-        from bas.mini import metrics
+        from bas.mini import metrics, world
+        from bas.mini.quality import score as caption_score
 
         background, concepts = self.concepts_of(run)
         for s in samples:
             image = s.image()
+            if not s.concepts:
+                asked = world.parse_caption(s.prompt)
+                yield {"prior": caption_score(asked, metrics.read_image(image))["all correct"]} if asked else {}
+                continue
             asked = asked_background(s.prompt)
             share = metrics.colour_share(image, background) if asked is not None and asked != background else None
             yield score_reading(metrics.read_image(image), concepts, s.concepts, background, asked, share)
