@@ -49,6 +49,7 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "bas-mini": ("bas.plugins.bas_mini", True),
     "sd": ("bas.plugins.sd", True),
     "sdxl": ("bas.plugins.sdxl", True),
+    "flux": ("bas.plugins.flux", True),
 }
 
 REGISTER_HOOKS = {
