@@ -56,7 +56,7 @@ def flux_run(tmp_path_factory, tiny_flux_model, scene):
     pm = Plugins([], extra=[("snapshots", snaps)])
     out = tmp_path_factory.mktemp("flux") / "run"
     values = {"scene": scene, "model": str(tiny_flux_model), "out": out, "quiet": True, "phase1_steps": 2, "phase2_steps": 2,
-              "init_tokens": ["ball", "box"]}
+              "init_tokens": ["ball", "box"], "gradient_checkpointing": True}  # the capture under recomputation, as on a GPU
     with pytest.warns(UserWarning, match="FLUX runs unquantised on the CPU"):
         run = extract(make_config(pm, values, []), pm)
     return run, snaps
@@ -76,6 +76,64 @@ def test_the_family_is_detected_and_recorded(flux_run, tiny_flux_model):
     # on CUDA the family picks what fits 12 GB; on the CPU nothing
     assert Flux().memory_defaults(torch.device("cuda"), "lora") == {"gradient_checkpointing": True, "optimizer": "adamw8bit", "quantize": "nf4"}
     assert Flux().memory_defaults(torch.device("cpu"), "lora") == {}
+
+
+def test_quantised_loading_asks_bitsandbytes_for_the_transformer_and_t5_only(tiny_flux_model, monkeypatch):
+    """What ``load`` passes to ``from_pretrained`` for --quantize nf4 and int8 (bitsandbytes needs CUDA to
+    load them, so the loading itself runs unquantised here)."""
+    import diffusers
+    import transformers
+
+    from bas.core.family import LoadPlan
+
+    seen = {}
+    for library, cls in ((diffusers, "FluxTransformer2DModel"), (transformers, "T5EncoderModel"), (transformers, "CLIPTextModel"),
+                         (diffusers, "AutoencoderKL")):
+        original = getattr(library, cls).from_pretrained.__func__
+
+        def record(klass, model, original=original, cls=cls, **kwargs):
+            seen[cls] = kwargs
+            return original(klass, model, **{k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")})
+        monkeypatch.setattr(getattr(library, cls), "from_pretrained", classmethod(record))
+    for quantize in ("nf4", "int8"):
+        Flux().load(str(tiny_flux_model), LoadPlan(torch.device("cpu"), torch.bfloat16, quantize))
+        transformer, t5 = seen["FluxTransformer2DModel"]["quantization_config"], seen["T5EncoderModel"]["quantization_config"]
+        assert isinstance(transformer, diffusers.BitsAndBytesConfig) and isinstance(t5, transformers.BitsAndBytesConfig)
+        for config in (transformer, t5):
+            if quantize == "nf4":
+                assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_compute_dtype == torch.bfloat16
+            else:
+                assert config.load_in_8bit and not config.load_in_4bit
+        assert seen["T5EncoderModel"]["device_map"] == {"": torch.device("cpu")}
+        assert "quantization_config" not in seen["CLIPTextModel"] and "quantization_config" not in seen["AutoencoderKL"]
+        assert seen["CLIPTextModel"]["dtype"] == torch.bfloat16 and "dtype" not in seen["AutoencoderKL"]  # the VAE encodes in fp32
+
+
+def test_prior_preservation_reuses_t5_states_of_the_class_prompt(tiny_flux_model, scene, tmp_path):
+    """Class images come from FluxPipeline with the flow-matching sampler; the class prompt holds no handle,
+    so in phase 2 T5 encodes it once (T5 trains only its handle rows) and each step's handle prompt anew."""
+    calls = []
+
+    class T5Calls:
+        def on_phase_start(self, run, phase):
+            if phase == 2:
+                run.components.text_encoders[1].model.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0][0].tolist())))
+
+        @bas.hookimpl
+        def bas_register_observers(self, register):
+            register("t5-calls", lambda config: self)
+
+    pm = Plugins(["prior-preservation"], extra=[("t5-calls", T5Calls())])
+    values = {"scene": scene, "model": str(tiny_flux_model), "out": tmp_path / "run", "quiet": True, "phase1_steps": 1, "phase2_steps": 3,
+              "num_class_images": 1, "class_generation_steps": 2, "class_prompt": "a photo at the beach"}
+    with pytest.warns(UserWarning, match="FLUX runs unquantised"):
+        run = extract(make_config(pm, values, ["prior-preservation"]), pm)
+    class_ids = tuple(run.tokenize(["a photo at the beach"])[1][0].tolist())
+    first = run.handle_embeddings[1].first_id
+    others = [c for c in calls if c != class_ids]
+    assert calls.count(class_ids) == 1 and len(others) >= 3  # each step's handle prompt (and the report's), the class prompt once
+    assert all(any(first <= i < first + 2 for i in ids) for ids in others)
+    assert all(step["prior"] > 0 for step in run.info["history"]["phase2"])
 
 
 def test_phase1_changes_only_the_handle_rows_of_clip_and_t5(flux_run):

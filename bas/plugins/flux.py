@@ -166,8 +166,12 @@ class CaptureJointAttention:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        if text_len and self.store.recording():  # empty during checkpoint recomputation
-            self.store.forwards[-1][1].append(image_text_probabilities(query, key, text_len, attention_mask))
+        if text_len:
+            # computed on every forward, recorded only while recording: gradient checkpointing's recomputation
+            # (when the store is empty) must save the same tensors as the forward pass did
+            probs = image_text_probabilities(query, key, text_len, attention_mask)
+            if self.store.recording():
+                self.store.forwards[-1][1].append(probs)
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
