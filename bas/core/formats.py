@@ -16,6 +16,10 @@ Each rule below was checked against the loaders (README, "Exports"):
   every layer the *first* layer's rank as alpha: so each layer's scale ``alpha / rank`` is folded into
   its up factor and all layers have one rank (smaller ones padded with zeros), which every loader then
   applies at exactly scale 1.
+- A transformer's LoRA (FLUX) keeps peft's names in diffusers' layout
+  (``transformer.<module>.lora_A.weight``), which ``FluxPipeline.load_lora_weights`` and ComfyUI read;
+  kohya's FLUX layout names Black Forest Labs' fused layers, which the family makes
+  (``ModelFamily.kohya_layers``).
 - A kohya LoRA has one alpha for all layers, each layer's scale folded into ``lora_up``:
   diffusers' kohya converter assigns per-layer alphas to the wrong layers when they differ.
 - A saved pipeline's CLIP tokenizer also has ``vocab.json`` and ``merges.txt``, which
