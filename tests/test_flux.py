@@ -104,7 +104,7 @@ def test_quantised_loading_asks_bitsandbytes_for_the_transformer_and_t5_only(tin
                 assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_compute_dtype == torch.bfloat16
             else:
                 assert config.load_in_8bit and not config.load_in_4bit
-        assert seen["T5EncoderModel"]["device_map"] == {"": torch.device("cpu")}
+        assert seen["T5EncoderModel"]["device_map"] == seen["FluxTransformer2DModel"]["device_map"] == {"": torch.device("cpu")}
         assert "quantization_config" not in seen["CLIPTextModel"] and "quantization_config" not in seen["AutoencoderKL"]
         assert seen["CLIPTextModel"]["dtype"] == torch.bfloat16 and "dtype" not in seen["AutoencoderKL"]  # the VAE encodes in fp32
 

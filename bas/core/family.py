@@ -162,7 +162,7 @@ class ModelFamily:
     text_encoder_names: tuple[tuple[str, str], ...] = (("text_encoder", "tokenizer"),)
     sequence_encoder: int = 0  # the encoder whose token positions index the attended sequence
     resolution_multiple: int = 64
-    lora_targets: dict[str, list[str]] = {}  # pipeline component -> peft target module names
+    lora_targets: dict[str, list[str] | str] = {}  # pipeline component -> peft target module names, or a regular expression
     lora_scale_argument: str = "cross_attention_kwargs"  # the pipeline/denoiser argument that scales LoRA
     export_formats: tuple[str, ...] = ("diffusers", "kohya", "lora-from-full")  # what `bas export --format` can write
     kohya_prefixes: dict[str, str] = {}  # pipeline component -> kohya key prefix ("lora_unet_", "lora_te1_", ...)

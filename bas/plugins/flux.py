@@ -279,8 +279,8 @@ class Flux(ModelFamily):
     def check_run(self, device, strategy, quantize):
         super().check_run(device, strategy, quantize)
         if device.type != "cuda":
-            warnings.warn("FLUX runs unquantised on the CPU (bitsandbytes' 4-bit loading needs CUDA), where only a tiny model fits; "
-                          "train FLUX.1 on a CUDA GPU.", stacklevel=2)
+            warnings.warn(f"FLUX runs unquantised on the {device.type.upper()} (bitsandbytes' 4-bit loading needs CUDA), where only a tiny "
+                          "model fits; train FLUX.1 on a CUDA GPU.", stacklevel=2)
 
     def memory_defaults(self, device, strategy):
         """On a GPU, what fits 12 GB at 512 px: the transformer and T5 in nf4, gradient checkpointing, 8-bit AdamW."""
@@ -308,8 +308,8 @@ class Flux(ModelFamily):
         big = dict(dtype)  # the transformer and T5: quantised where the plan asks
         try:
             transformer_kwargs, t5_kwargs = dict(big), dict(big)
-            if quantize != "none":
-                transformer_kwargs["quantization_config"] = self.quantization("diffusers", quantize, plan.dtype)
+            if quantize != "none":  # straight onto the run's GPU: bitsandbytes quantises while it places the weights
+                transformer_kwargs.update(quantization_config=self.quantization("diffusers", quantize, plan.dtype), device_map={"": plan.device})
                 t5_kwargs.update(quantization_config=self.quantization("transformers", quantize, plan.dtype), device_map={"": plan.device})
             transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", **transformer_kwargs)
             t5 = T5EncoderModel.from_pretrained(model, subfolder="text_encoder_2", **t5_kwargs)
