@@ -349,7 +349,7 @@ cli.add_command(eval_command(RunCommand))
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
-@click.option("--family", default=None, help="Model family of the pipeline: sd, sdxl, or one a plugin adds [default: sd, the default model's].")
+@click.option("--family", default=None, help="Model family of the pipeline: sd, sdxl, flux, or one a plugin adds [default: sd, the default model's].")
 def tiny_model(directory, seed, prediction_type, family):
     """Write a tiny random pipeline of a model family (diffusers format) for offline tests."""
     from bas.core.family import default_family, get_family

@@ -55,6 +55,7 @@ def test_built_in_families_are_plugins_and_detected_from_model_index(tiny_model,
 @pytest.mark.parametrize("args, message", [
     (["--model", "{other}"], "is a HunyuanDiTPipeline, which no model family knows (families: flux, sd, sdxl); pass --family NAME"),
     (["--model", "{tiny}", "--family", "nope"], "Unknown model family 'nope'; choose one of: flux, sd, sdxl"),
+    (["--model", "{tiny}", "--quantize", "nf4"], "--quantize nf4 is not a quantisation the sd family loads (it loads none); use --quantize none"),
     (["--model", "{sdxl}", "--resolution", "96"], "--resolution must be a multiple of 64 for sdxl models (such as 512), not 96"),
     (["--model", "{sdxl}", "--attention-res", "2"], "--attention-res 2 is too small to hold a mask"),
     (["--model", "{sdxl}", "--attention-res", "16"], "no cross-attention layers at 16x16; set --attention-res to one of [4, 8]"),

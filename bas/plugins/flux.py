@@ -517,6 +517,8 @@ class Flux(ModelFamily):
         ]
 
     def tiny_pipeline(self, seed=0, prediction_type="epsilon", sample_size=16):
+        if prediction_type != "epsilon":
+            raise BasError("A FLUX pipeline predicts a flow velocity, not epsilon or v; leave out --prediction-type with --family flux.")
         return build_tiny_flux_pipeline(seed=seed, sample_size=sample_size)
 
 
