@@ -14,7 +14,8 @@ What differs from the UNet families, each through the family verbs (:mod:`bas.co
 - **The objective.** Rectified flow: ``x_t = (1 - s) x + s noise`` and the target velocity
   ``noise - x``; ``s`` is drawn logit-normal (``sigmoid`` of a standard normal) and shifted as the
   model's scheduler shifts its sampling schedule: by the image's token count where it asks for
-  dynamic shifting (dev, schnell's ``shift``), as kohya's ``flux_shift`` sampling.  A
+  dynamic shifting (dev, as kohya's ``flux_shift`` sampling), else by its fixed ``shift``
+  (schnell's is 1: none).  A
   guidance-distilled model (dev: ``guidance_embeds``) gets ``guidance`` 3.5 in training, as
   diffusers' FLUX DreamBooth script sets it.
 - **Packed latents.** The VAE's 16 channels are normalised with its ``shift_factor`` and
