@@ -462,6 +462,7 @@ class App:
 
             def generate_handler(run, text, negative_, seeds_text, steps_, guidance_, scale, sampler):
                 from bas.core.generation import generate_images
+                from bas.core.runs import read_run, run_family
 
                 try:
                     out = self.ws.run_path(run or "")
@@ -474,7 +475,8 @@ class App:
                         raise BasError(f"Seeds '{seeds_text}' are not integers; write them as 0,1,2,3.") from None
                     options = {"seeds": seed_list or [0], "steps": int(steps_ or 50), "guidance": float(guidance_), "lora_scale": float(scale),
                                "negative_prompt": negative_ or None, "scheduler": sampler, "device": self.device}
-                    cli = "bas generate " + commands.shell(commands.generate_args(self.ws.relative(out), prompt_list, options))
+                    family = run_family(read_run(out))
+                    cli = "bas generate " + commands.shell(commands.generate_args(self.ws.relative(out), prompt_list, options, family))
                     with self.generating:
                         paths = generate_images(out, prompt_list, **options)
                 except BasError as exc:

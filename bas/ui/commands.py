@@ -148,9 +148,15 @@ def command_defaults(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in cli.commands[name].params if isinstance(p, click.Option)}
 
 
-def generate_args(run: str, prompts: list[str], options: dict[str, Any]) -> list[str]:
-    """``bas generate`` arguments equivalent to :func:`bas.generate` with ``options`` (defaults left out)."""
+def generate_args(run: str, prompts: list[str], options: dict[str, Any], family=None) -> list[str]:
+    """``bas generate`` arguments equivalent to :func:`bas.generate` with ``options`` (defaults left out:
+    the sampler and guidance are the run's ``family``'s, by default the default family's)."""
+    from bas.core.family import default_family
+    from bas.core.plugins import Plugins
+
     d = command_defaults("generate")
+    family = family or default_family(Plugins())
+    d.update(guidance=family.default_guidance, scheduler=family.default_scheduler)
     args = [run, *prompts, "--seeds", ",".join(str(s) for s in options["seeds"])]
     for name in ("negative_prompt", "steps", "guidance", "lora_scale", "scheduler", "width", "height", "device"):
         value = options.get(name)
