@@ -228,14 +228,16 @@ def masks(ctx, plugin_names, **values):
 
 
 def parse_seeds(ctx, param, value):
+    """``1,7,42`` as integers; their range is checked where the Python API checks it too
+    (:func:`bas.core.generation.sampling_seeds`)."""
     if not value:
         return None
     try:
         seeds = [int(s) for s in value.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"'{value}' is not a comma-separated list of integers such as 1,7,42.") from None
-    if not seeds or any(not 0 <= s <= MAX_SEED for s in seeds):
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of seeds from 0 to {MAX_SEED}.")
+    if not seeds:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of seeds such as 1,7,42.")
     return seeds
 
 
@@ -254,7 +256,7 @@ def sampling_options(command):
     """The options generate and edit share."""
     for option in reversed([
         click.option("--num-images", type=COUNT, default=None, help="Images per prompt, seeds seed, seed+1, ... [default: 4 for generate, 1 for edit]."),
-        click.option("--seed", type=SEED, default=0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help=f"The first seed, 0 to {MAX_SEED}."),
         click.option("--seeds", callback=parse_seeds, default=None, help="Exact seeds, comma-separated (such as 1,7,42); overrides --seed and --num-images."),
         click.option("--steps", type=COUNT, default=50, show_default=True, help="Sampling steps."),
         click.option("--guidance", type=float, default=None, callback=finite,
