@@ -335,7 +335,8 @@ def edit(out, prompts, prompts_file, num_images, **options):
 @click.option("--rank", type=int, default=32, show_default=True, help="Rank of a LoRA made from a full fine-tune by low-rank difference.")
 @click.option("--name", default=None, help="Name of the kohya LoRA file and embedding prefix [default: the run folder's name].")
 @click.option("--preview/--no-preview", default=True, show_default=True, help="Generate a preview image when the run's report has none.")
-@click.option("--preview-steps", type=COUNT, default=25, show_default=True, help="DDIM steps of a generated preview.")
+@click.option("--preview-steps", type=COUNT, default=25, show_default=True,
+              help="Sampling steps of a generated preview (with the run's family's sampler and guidance, as bas generate's defaults).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
