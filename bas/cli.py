@@ -228,14 +228,16 @@ def masks(ctx, plugin_names, **values):
 
 
 def parse_seeds(ctx, param, value):
+    """``1,7,42`` as integers; their range is checked where the Python API checks it too
+    (:func:`bas.core.generation.sampling_seeds`)."""
     if not value:
         return None
     try:
         seeds = [int(s) for s in value.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"'{value}' is not a comma-separated list of integers such as 1,7,42.") from None
-    if not seeds or any(not 0 <= s <= MAX_SEED for s in seeds):
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of seeds from 0 to {MAX_SEED}.")
+    if not seeds:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of seeds such as 1,7,42.")
     return seeds
 
 
@@ -254,7 +256,7 @@ def sampling_options(command):
     """The options generate and edit share."""
     for option in reversed([
         click.option("--num-images", type=COUNT, default=None, help="Images per prompt, seeds seed, seed+1, ... [default: 4 for generate, 1 for edit]."),
-        click.option("--seed", type=SEED, default=0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help=f"The first seed, 0 to {MAX_SEED}."),
         click.option("--seeds", callback=parse_seeds, default=None, help="Exact seeds, comma-separated (such as 1,7,42); overrides --seed and --num-images."),
         click.option("--steps", type=COUNT, default=50, show_default=True, help="Sampling steps."),
         click.option("--guidance", type=float, default=None, callback=finite,
@@ -333,7 +335,8 @@ def edit(out, prompts, prompts_file, num_images, **options):
 @click.option("--rank", type=int, default=32, show_default=True, help="Rank of a LoRA made from a full fine-tune by low-rank difference.")
 @click.option("--name", default=None, help="Name of the kohya LoRA file and embedding prefix [default: the run folder's name].")
 @click.option("--preview/--no-preview", default=True, show_default=True, help="Generate a preview image when the run's report has none.")
-@click.option("--preview-steps", type=COUNT, default=25, show_default=True, help="DDIM steps of a generated preview.")
+@click.option("--preview-steps", type=COUNT, default=25, show_default=True,
+              help="Sampling steps of a generated preview (with the run's family's sampler and guidance, as bas generate's defaults).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)

@@ -427,6 +427,47 @@ def test_a_plugin_evaluator_is_loaded_once_and_its_metric_averaged(evaluated, ru
     assert "brightness" in (tmp_path / "b" / "eval.csv").read_text().splitlines()[0]
 
 
+def test_each_run_is_generated_with_its_familys_sampler_and_guidance(runs_dir, tmp_path, monkeypatch):
+    """FLUX.1-dev reads guidance as its distilled guidance (3.5), not classifier-free 7.5: without
+    --guidance/--scheduler each run gets its family's, as `bas generate` gives them; given, both apply
+    to every run, and a sampler a run's family does not take is refused before anything is generated."""
+    from bas.core.plugins import Plugins
+
+    flux = tmp_path / "flux-run"  # the same files, recorded as a FLUX run: only generation's arguments are looked at
+    shutil.copytree(runs_dir / "toys", flux)
+    info = json.loads((flux / "run.json").read_text())
+    (flux / "run.json").write_text(json.dumps(dict(info, family="flux")))
+    (tmp_path / "p.txt").write_text("a photo of <asset0>\n")
+    calls = {}
+
+    def generate(out, prompts, seeds, out_dir, **options):
+        calls[Path(out).name] = {k: options.get(k) for k in ("scheduler", "guidance")}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for prompt in prompts:
+            for s in seeds:
+                Image.new("RGB", (8, 8)).save(Path(out_dir) / f"{image_stem(prompt)}-seed{s}.png")
+
+    monkeypatch.setattr(bas.core.api, "generate", generate)
+    plugins = Plugins(extra=[("brightness", BrightnessPlugin())])
+
+    def evaluate(out, **values):
+        config = evaluation.make_eval_config(plugins, {"runs": [runs_dir / "toys", flux], "out": tmp_path / out, "prompts": tmp_path / "p.txt",
+                                                       "num_images": 1, "evaluators": ["brightness"], "quiet": True, **values})
+        return evaluation.evaluate(config, plugins)
+
+    data = evaluate("defaults")
+    expected = {"toys": {"scheduler": "ddim", "guidance": 7.5}, "flux-run": {"scheduler": "flow-euler", "guidance": 3.5}}
+    assert calls == expected and {name: r["sampling"] for name, r in data["runs"].items()} == expected
+    assert data["settings"]["guidance"] is None and data["settings"]["scheduler"] is None
+    calls.clear()
+    evaluate("given", guidance=5.0)
+    assert calls == {"toys": {"scheduler": "ddim", "guidance": 5.0}, "flux-run": {"scheduler": "flow-euler", "guidance": 5.0}}
+    calls.clear()
+    with pytest.raises(BasError, match="flux-run: --scheduler ddim does not sample flux models; use flow-euler"):
+        evaluate("refused", scheduler="ddim")
+    assert calls == {} and not (tmp_path / "refused").exists() and not evaluation.staging_dir(tmp_path / "refused").exists()
+
+
 def test_the_template_set_is_the_one_every_chosen_evaluator_prefers_else_the_papers():
     from bas.plugins.bas_mini import BasMini
     from bas.plugins.clip_prompt import ClipPrompt

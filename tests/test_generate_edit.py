@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import bas
 from bas.core.errors import BasError
 from bas.core.generation import SCHEDULERS, generate_images, make_scheduler
 from bas.core.scene import BACKGROUND_NAME, SceneInput, prepare_scene
@@ -152,3 +154,21 @@ def test_edit_refuses_an_empty_mask(rich_run, scene, invoke, tmp_path):
     Image.new("L", (128, 128), 0).save(tmp_path / "empty.png")
     result = invoke("edit", rich_run, "a photo of <asset1>", "--image", scene / "img.png", "--mask", tmp_path / "empty.png")
     assert result.exit_code == 1 and "marks nothing to edit" in result.output
+
+
+@pytest.mark.parametrize("call", ["generate", "edit"])
+@pytest.mark.parametrize("seeds, message", [
+    ({"seed": -1}, "--seed must be 0 or more, not -1"),
+    ({"seed": 2**63 - 1, "num_images": 2}, "--seed 9223372036854775807 plus 1 more seeds passes"),
+    ({"seeds": [3, 2**64]}, "--seeds must be at most 9223372036854775807"),
+    ({"seeds": "3,7"}, "--seeds must be a list of whole numbers"),
+])
+def test_the_python_api_checks_seeds_as_the_command_line_does(call, seeds, message, rich_run, scene, tmp_path):
+    """``bas.generate`` and ``bas.edit`` refuse the seeds ``bas generate``/``bas edit`` refuse, before the model loads."""
+    out_dir = tmp_path / "images"
+    with pytest.raises(BasError, match=re.escape(message)):
+        if call == "generate":
+            bas.generate(rich_run, "a photo of <asset0>", steps=1, out_dir=out_dir, **seeds)
+        else:
+            bas.edit(rich_run, "a photo of <asset0>", scene / "img.png", scene / "mask0.png", steps=1, out_dir=out_dir, **seeds)
+    assert not out_dir.exists()

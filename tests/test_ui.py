@@ -253,6 +253,39 @@ def test_the_runs_list_finds_runs_in_staging_folders_and_shows_no_name_bas_keeps
         other.wait()
 
 
+def test_the_generate_tab_offers_the_picked_runs_family_samplers_and_defaults(tmp_path):
+    """A FLUX run samples with flow-euler at FLUX.1-dev's distilled guidance 3.5, an SD run with the
+    paper's DDIM at 7.5: the tab follows the run picked, and a blank guidance is the family's."""
+    from safetensors.torch import save_file
+
+    from bas.core.family import get_family
+    from bas.core.generation import SCHEDULERS
+    from bas.core.plugins import Plugins
+
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[test]')")
+    from bas.ui.app import App
+
+    ws = Workspace(tmp_path / "ws")
+    for name, rows in (("sd", {"<asset0>": torch.zeros(4)}), ("flux", {"<asset0>": torch.zeros(4), "text_encoder_2.<asset0>": torch.zeros(8)})):
+        folder = ws.root / "runs" / name
+        folder.mkdir(parents=True)
+        save_file(rows, str(folder / "handles.safetensors"))
+        (folder / "run.json").write_text(json.dumps({"bas_version": "0.1.0", "model": "m", "family": name, "handles": ["<asset0>"],
+                                                     "files": ["handles.safetensors"], "resolution": 64}))
+    ddpm_type = [n for n in SCHEDULERS if n != "flow-euler"]
+    assert commands.sampling_choices() == {"schedulers": ddpm_type, "scheduler": "ddim", "guidance": 7.5}  # before a run is picked
+    app = App(ws, model="m", sam_model="s", device="cpu")
+    for run, schedulers, scheduler, guidance in (("runs/flux", ["flow-euler"], "flow-euler", 3.5), ("runs/sd", ddpm_type, "ddim", 7.5)):
+        chips, status, sampler, scale = app.generate_settings(run)
+        assert 'data-handle="&lt;asset0&gt;"' in chips and status == "1 handles, base model m."
+        assert (sampler["choices"], sampler["value"], scale["value"]) == (schedulers, scheduler, guidance)
+    _, status, _, _ = app.generate_settings("runs/.flux.bas-partial")
+    assert "is where bas keeps its own work for the run flux" in status
+    # a blank guidance is left to the family, in the command line shown too
+    flux = get_family(Plugins(), "flux")
+    assert commands.generate_args("runs/flux", ["p"], {"seeds": [0], "guidance": None, "scheduler": "flow-euler"}, flux) == ["runs/flux", "p", "--seeds", "0"]
+
+
 # -- the page in a real browser --------------------------------------------------------------------------
 def browser_or_skip():
     for module in ("gradio", "playwright"):

@@ -56,7 +56,7 @@ def result_json(config, runs, chosen, samples, results, summary, notes, template
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "settings": {
             "templates": template_name, "template_list": list(templates), "prompts_file": str(config.prompts) if config.prompts else None,
-            "num_images": config.num_images, "seed": config.seed, "steps": config.steps, "guidance": config.guidance,
+            "num_images": config.num_images, "seed": config.seed, "steps": config.steps, "guidance": config.guidance, "scheduler": config.scheduler,
             "images": str(config.images) if config.images else None, "class_words": list(config.class_words) or None,
             "device": config.device, "precision": config.precision, "options": config.options,
             "interval": "95% percentile bootstrap of the mean, resampling prompts with all their images (10000 resamples)",
@@ -64,7 +64,7 @@ def result_json(config, runs, chosen, samples, results, summary, notes, template
         "evaluators": {c.name: {"plugin": c.plugin, "metrics": {m.name: {"description": m.description, "higher_is_better": m.higher_is_better}
                                                                 for m in c.evaluator.metrics}} for c in chosen},
         "runs": {r.name: {"path": str(r.path), "model": r.info.get("model"), "handles": r.handles, "class_words": r.class_words,
-                          "images": len(samples[r.name]), "inputs": input_links(r, staging, final)} for r in runs},
+                          "images": len(samples[r.name]), "sampling": r.sampling, "inputs": input_links(r, staging, final)} for r in runs},
         "notes": list(notes),
         "summary": summary,
         "images": images,

@@ -203,7 +203,8 @@ class ModelFamily:
 
     def check_run(self, device: torch.device, strategy: str, quantize: str) -> None:
         """Refuse, before anything loads, a weight strategy the family cannot train
-        (``refused_strategies``) and a ``--quantize`` it cannot load or the device cannot run."""
+        (``refused_strategies``) and a ``--quantize`` it cannot load (not among ``quantizations``,
+        with a strategy that trains the base weights, or what :meth:`check_quantization` refuses)."""
         if strategy in self.refused_strategies:
             raise BasError(self.refused_strategies[strategy])
         if quantize == "none":
@@ -211,10 +212,14 @@ class ModelFamily:
         if quantize not in self.quantizations:
             offered = f"it takes {', '.join(self.quantizations)}" if self.quantizations else "it loads none"
             raise BasError(f"--quantize {quantize} is not a quantisation the {self.name} family loads ({offered}); use --quantize none.")
-        if device.type != "cuda":
-            raise BasError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes' quantised layers); use --quantize none on the {device.type.upper()}.")
         if strategy == "full":
             raise BasError(f"--quantize {quantize} freezes the base weights, which --plugin full trains; use --plugin lora or --quantize none.")
+        self.check_quantization(quantize, device)
+
+    def check_quantization(self, quantize: str, device: torch.device) -> None:
+        """Refuse, before anything loads, one of the family's ``quantizations`` that ``device`` or this
+        installation cannot load (the library that quantises is the family's: bitsandbytes needs
+        CUDA).  Called for training and for sampling a run trained quantised on CUDA."""
 
     # -- text -----------------------------------------------------------------------------------
     def conditioning(self, components: Components, input_ids: list[torch.Tensor], size: ImageSize) -> Conditioning:

@@ -135,6 +135,21 @@ def grid_name(prompts: list[str], seeds: list[int]) -> str:
     return f"grid-{slug(prompts[0])}{more}-seed{seeds[0]}.png"
 
 
+def sampling_seeds(seed: int, seeds, num_images: int) -> list[int]:
+    """The seeds of ``generate`` and ``edit``: ``seeds``, else ``seed, seed+1, ...`` (``num_images`` of them),
+    each one torch's generators take.  The command line and the Python API both pass here."""
+    checks.check_integer("num_images", num_images, 1)
+    if seeds:
+        if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+            raise BasError(f"--seeds must be a list of whole numbers such as [1, 7, 42], not {seeds!r}.")
+        seeds = list(seeds)
+        for s in seeds:
+            checks.check_seed(s, name="seeds")
+        return seeds
+    checks.check_seed(seed, num_images)
+    return [seed + i for i in range(num_images)]
+
+
 def check_size(width: int | None, height: int | None) -> None:
     for name, value in (("--width", width), ("--height", height)):
         if value is not None:
@@ -192,12 +207,8 @@ def generate_images(
         raise BasError("No prompt was given; pass a prompt such as \"a photo of <asset0>\" or --prompts-file.")
     for prompt in prompts:
         check_prompt_handles(prompt, info["handles"])
-    if num_images < 1 or steps < 1:
-        raise BasError("--num-images and --steps must be at least 1.")
-    checks.check_seed(seed, 1 if seeds else num_images)
-    for s in seeds or []:
-        checks.check_seed(s, name="seeds")
-    seeds = list(seeds) if seeds else [seed + i for i in range(num_images)]
+    checks.check_integer("steps", steps, 1)
+    seeds = sampling_seeds(seed, seeds, num_images)
     check_size(width, height)
     family = run_family(info)
     scheduler, guidance = sampling_defaults(family, scheduler, guidance)  # before the model loads

@@ -83,7 +83,11 @@ def bas_register_loss_terms(register):
 def bas_register_optimizers(register):
     """Register optimizers: ``register(name, factory)``; ``--optimizer NAME`` picks one.
 
-    ``factory(param_groups, config)`` returns a ``torch.optim.Optimizer``.
+    ``factory(param_groups, config)`` returns a ``torch.optim.Optimizer``.  A factory may carry
+    ``factory.check(config, device)``, which the run calls before any model loads to refuse, with a
+    :class:`bas.core.errors.BasError`, a device or installation the optimizer cannot run on
+    (``adamw8bit``: CUDA and an importable bitsandbytes), so that such a run fails in a second
+    rather than after the model loaded.
     """
 
 
@@ -122,8 +126,10 @@ def bas_register_model_families(register):
       ``native_resolution``, ``check_resolution`` (before any model loads),
       ``memory_defaults(device, strategy)`` (run options used where the user chose none:
       ``gradient_checkpointing``, ``optimizer``, ``quantize``), ``check_run(device, strategy,
-      quantize)`` (refuses ``refused_strategies`` and a quantisation the family or device cannot
-      load, before any model loads), ``prediction_type`` (run.json's word for the objective).
+      quantize)`` (refuses ``refused_strategies`` and a quantisation the family does not list or the
+      strategy trains through, before any model loads), ``check_quantization(quantize, device)``
+      (the family's own quantising library: what the device or installation cannot load; bitsandbytes
+      needs CUDA), ``prediction_type`` (run.json's word for the objective).
     - ``conditioning(components, input_ids, size)``: tokenized prompts (one tensor per
       encoder, each padded to its tokenizer's ``model_max_length``) to a
       :class:`bas.core.family.Conditioning`: ``hidden_states``, the sequence the denoiser
@@ -193,7 +199,8 @@ def bas_register_model_families(register):
       (they have no ``text_model.`` level); a family that adapts T5 must add one.
     - quantised loading: ``load`` loads the frozen transformer and T5 quantised
       (``quantizations``: bitsandbytes nf4 and int8) when the plan asks, which ``check_run``
-      allows only on CUDA and with a strategy that freezes the base.
+      allows only with a strategy that freezes the base and ``check_quantization`` only on CUDA
+      with bitsandbytes importable.
     - guidance-distilled sampling: ``unconditional`` returns None and ``guided_prediction``
       makes one forward pass with the guidance embedding instead of two.
     """

@@ -45,7 +45,10 @@ def load_pipeline(model: str | Path, device: torch.device, dtype: torch.dtype, f
     """The family's diffusers pipeline for generation (for SD without the safety checker); ``quantize``
     the run's ``--quantize``, used on CUDA only."""
     quantize = quantize if device.type == "cuda" else "none"
-    return family_of(str(model), family).load_pipeline(resolve_model(model), device, dtype, quantize)
+    chosen = family_of(str(model), family)
+    if quantize != "none":
+        chosen.check_quantization(quantize, device)  # before the pipeline loads
+    return chosen.load_pipeline(resolve_model(model), device, dtype, quantize)
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

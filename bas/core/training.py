@@ -176,6 +176,9 @@ class Run:
         self.quantize = self.choice("quantize")
         self.family.check_run(self.device, self.resolved.strategy_name, self.quantize)
         self.resolved.optimizer_factory = plugins.registry("optimizer").get(self.optimizer_name, "--optimizer").factory
+        check_optimizer = getattr(self.resolved.optimizer_factory, "check", None)  # what the optimizer needs of the device
+        if check_optimizer is not None:
+            check_optimizer(config, self.device)
         self.history: dict[str, list[dict]] = {"phase1": [], "phase2": []}
         self.times: dict[str, float] = {}
         self.precision = resolve_precision(config.precision, self.device)

@@ -277,6 +277,16 @@ class Flux(ModelFamily):
         self._t5_cache: dict[tuple, torch.Tensor] = {}
 
     # -- loading -----------------------------------------------------------------------------------
+    def check_quantization(self, quantize, device):
+        """bitsandbytes' 4- and 8-bit layers: CUDA only, and the library must import."""
+        if device.type != "cuda":
+            raise BasError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes' quantised layers); use --quantize none on the {device.type.upper()}.")
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as exc:  # bitsandbytes raises various errors when its CUDA library is missing
+            raise BasError(f"--quantize {quantize} loads FLUX through bitsandbytes, which could not be loaded ({exc}); "
+                           "install it with `pip install bitsandbytes`, or pass --quantize none.") from exc
+
     def check_run(self, device, strategy, quantize):
         super().check_run(device, strategy, quantize)
         if device.type != "cuda":

@@ -23,7 +23,7 @@ from bas.core import io, runfolder
 from bas.core.checkpoint import complete_checkpoints, latest_state
 from bas.core.errors import BasError
 from bas.core.export import FORMATS
-from bas.core.generation import SCHEDULERS, read_run
+from bas.core.generation import read_run
 from bas.core.mask_cleanup import MaskCleanup
 from bas.core.model import PRECISIONS
 from bas.ui import commands, scenes
@@ -216,9 +216,10 @@ class App:
                             seeds = gr.Textbox("0,1,2,3", label="Seeds (comma-separated)", elem_id="seeds")
                             with gr.Row():
                                 steps = gr.Number(50, precision=0, label="Steps", elem_id="generate-steps")
-                                guidance = gr.Number(7.5, label="Guidance")
+                                sampling = commands.sampling_choices()  # until a run is picked: the default family's
+                                guidance = gr.Number(sampling["guidance"], label="Guidance (blank: the run's family's)", elem_id="guidance")
                                 lora_scale = gr.Number(1.0, label="LoRA scale (0: handles only)")
-                            scheduler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Sampler")
+                            scheduler = gr.Dropdown(sampling["schedulers"], value=sampling["scheduler"], label="Sampler", elem_id="sampler")
                             generate = gr.Button("Generate", variant="primary", elem_id="generate")
                             g_command = gr.Textbox(label="The same from the command line", interactive=False, buttons=["copy"], elem_id="generate-command")
                             g_status = gr.Markdown("", elem_id="generate-status")
@@ -441,15 +442,7 @@ class App:
             demo.load(on_load, None, [job_id, seen, command])
 
             # ---------------------------------------------------------------- Generate events
-            def run_handles(run):
-                try:
-                    info = read_run(self.ws.run_path(run))
-                except BasError as exc:
-                    return "", status_error(exc)
-                buttons = "".join(f'<button class="bas-chip" data-handle="{html.escape(h)}">{html.escape(h)}</button>' for h in info["handles"])
-                return buttons, f"{len(info['handles'])} handles, base model {info['model']}."
-
-            g_run.change(run_handles, g_run, [chips, g_status])
+            g_run.change(self.generate_settings, g_run, [chips, g_status, scheduler, guidance])
 
             def add_chip(text, evt: gr.EventData):
                 handle = evt._data.get("handle", "")
@@ -473,7 +466,8 @@ class App:
                         seed_list = [int(s) for s in re.split(r"[,\s]+", seeds_text or "") if s]
                     except ValueError:
                         raise BasError(f"Seeds '{seeds_text}' are not integers; write them as 0,1,2,3.") from None
-                    options = {"seeds": seed_list or [0], "steps": int(steps_ or 50), "guidance": float(guidance_), "lora_scale": float(scale),
+                    options = {"seeds": seed_list or [0], "steps": int(steps_ or 50), "lora_scale": float(scale),
+                               "guidance": None if guidance_ in (None, "") else float(guidance_),  # blank: the family's
                                "negative_prompt": negative_ or None, "scheduler": sampler, "device": self.device}
                     family = run_family(read_run(out))
                     cli = "bas generate " + commands.shell(commands.generate_args(self.ws.relative(out), prompt_list, options, family))
@@ -553,6 +547,20 @@ class App:
         return demo
 
     # -- helpers --------------------------------------------------------------------------------------
+    def generate_settings(self, run):
+        """The Generate tab for the picked run: its handles as chips, a line about it, and its family's
+        samplers with the family's default sampler and guidance (FLUX: flow-euler and 3.5; SD: DDIM and 7.5)."""
+        from bas.core.runs import run_family
+
+        try:
+            info = read_run(self.ws.run_path(run))
+            sampling = commands.sampling_choices(run_family(info))
+        except BasError as exc:
+            return "", status_error(exc), gr.skip(), gr.skip()
+        buttons = "".join(f'<button class="bas-chip" data-handle="{html.escape(h)}">{html.escape(h)}</button>' for h in info["handles"])
+        return (buttons, f"{len(info['handles'])} handles, base model {info['model']}.",
+                gr.update(choices=sampling["schedulers"], value=sampling["scheduler"]), gr.update(value=sampling["guidance"]))
+
     def cleanup(self, values) -> MaskCleanup:
         try:
             return MaskCleanup.from_options(self.cleanup_options(*values))

@@ -148,6 +148,17 @@ def command_defaults(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in cli.commands[name].params if isinstance(p, click.Option)}
 
 
+def sampling_choices(family=None) -> dict[str, Any]:
+    """What the Generate tab offers for a run of ``family`` (by default the default family's): the
+    samplers the family takes, and its default sampler and guidance, as ``bas generate`` picks them."""
+    from bas.core.family import default_family
+    from bas.core.generation import family_schedulers
+    from bas.core.plugins import Plugins
+
+    family = family or default_family(Plugins())
+    return {"schedulers": family_schedulers(family), "scheduler": family.default_scheduler, "guidance": family.default_guidance}
+
+
 def generate_args(run: str, prompts: list[str], options: dict[str, Any], family=None) -> list[str]:
     """``bas generate`` arguments equivalent to :func:`bas.generate` with ``options`` (defaults left out:
     the sampler and guidance are the run's ``family``'s, by default the default family's)."""
