@@ -261,9 +261,10 @@ def evaluated(runs_dir, metric_models, tmp_path_factory):
     return out, result
 
 
-def test_eval_of_a_batch_folder_gives_a_row_per_run_and_skips_what_is_not_a_run(evaluated, runs_dir):
+def test_eval_of_a_batch_folder_gives_a_row_per_run_and_skips_what_is_not_a_run(evaluated, runs_dir, metric_models):
     out, result = evaluated
     data = json.loads((out / "eval.json").read_text())
+    assert data["evaluators"]["dino-identity"]["used"] == {"segmenter": str(metric_models["clipseg"]), "threshold": 0.5}
     assert list(data["runs"]) == ["toys", "toys-again"] and set(data["summary"]) == {"toys", "toys-again"}
     assert any("skipped" in n and "batch.json" in n for n in data["notes"]) and any("index.html" in n for n in data["notes"])
     assert list(data["evaluators"]) == ["clip-prompt", "dino-identity"]  # the paper's two, for runs not on bas-mini
@@ -317,6 +318,7 @@ def test_eval_scores_images_from_a_folder_and_refuses_ones_it_cannot_match(evalu
     ("missing-model", "hf download openai/clip-vit-large-patch14 --local-dir DIR"),
     ("missing-folder", "DINO model folder ./no-such-dino does not exist; pass a folder written by save_pretrained with --dino-model"),
     ("no-class-words", "pass one --class-word per concept"),
+    ("missing-segmenter", "CLIPSeg segmenter 'bas-tests/no-such-clipseg' is not in the Hugging Face cache"),
     ("other-files-in-out", "holds other files, not an earlier bas eval"),
     ("unknown-evaluator", "Unknown evaluator 'nope' for --evaluator; choose one of: bas-mini, clip-prompt, dino-identity."),
 ])
@@ -336,6 +338,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, runs_dir, metri
         extra = ["--clip-model", "openai/clip-vit-large-patch14", "--evaluator", "clip-prompt"]
     elif case == "missing-folder":
         extra += ["--dino-model", "./no-such-dino"]
+    elif case == "missing-segmenter":  # named explicitly: an error, not the fallback to whole images
+        extra += ["--segmenter-model", "bas-tests/no-such-clipseg"]
     elif case == "no-class-words":
         run = tmp_path / "bare"
         shutil.copytree(runs_dir / "toys", run)
@@ -351,6 +355,35 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, runs_dir, metri
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_unavailable_default_segmenter_falls_back_to_whole_images_and_says_so(evaluated, metric_models, runs_dir, tmp_path, capsys,
+                                                                                monkeypatch):
+    from bas.plugins import dino_identity
+
+    out, _ = evaluated
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(dino_identity, "DEFAULT_SEGMENTER", "bas-tests/no-such-clipseg")  # not cached, and offline
+    base = ["eval", runs_dir / "toys", "--images", out / "images", "--evaluator", "dino-identity", "--dino-model", metric_models["dino"], "--quiet"]
+    code, _, err = run_main([*base, "--out", tmp_path / "fallback"], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "segmenter" in line]
+    assert len(notes) == 1 and notes[0].startswith("Note: dino-identity: no segmenter: bas-tests/no-such-clipseg could not be loaded, "
+                                                   "so each generated image was compared whole"), err
+    assert "hf download bas-tests/no-such-clipseg" in notes[0]  # and how to get it
+    data = json.loads((tmp_path / "fallback" / "eval.json").read_text())
+    used = data["evaluators"]["dino-identity"]["used"]
+    assert used["segmenter"] == "whole image" and used["why"].startswith("the default segmenter could not be loaded: CLIPSeg segmenter")
+    assert all("segmented fraction" not in i["details"] for i in data["images"])
+    assert "no segmenter: bas-tests/no-such-clipseg could not be loaded" in (tmp_path / "fallback" / "index.html").read_text()
+
+    code, _, err = run_main([*base, "--out", tmp_path / "none", "--segmenter-model", "none"], capsys)
+    assert code == 0, err
+    whole = json.loads((tmp_path / "none" / "eval.json").read_text())
+    assert whole["evaluators"]["dino-identity"]["used"] == {"segmenter": "whole image", "why": "--segmenter-model none"}
+    assert [i["scores"] for i in whole["images"]] == [i["scores"] for i in data["images"]]  # the fallback is the whole-image score
+    segmented = json.loads((out / "eval.json").read_text())["images"][:len(data["images"])]
+    assert [i["scores"]["identity_similarity"] for i in segmented] != [i["scores"]["identity_similarity"] for i in data["images"]]
 
 
 def test_an_interrupted_eval_reuses_its_images_and_overwrite_replaces_an_earlier_one(runs_dir, metric_models, tmp_path, capsys, monkeypatch):

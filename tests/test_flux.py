@@ -498,3 +498,103 @@ def test_flux_sampling_and_export_bad_input(flux_run, tmp_path, capsys):
     message = refused(capsys, ["export", tampered, "--format", "kohya", "--out", tmp_path / "k", "--no-preview"])
     assert "transformer layers, which the sd family's kohya names (lora_unet_, lora_te_) have no place for" in message
     assert not (tmp_path / "k").exists()
+
+
+# -- guidance: dev's distilled embedding gets 3.5 in training, schnell has none ------------------------------------------
+def record_guidance(monkeypatch) -> list:
+    """Every ``guidance`` the FLUX transformer is called with from now on (None where none is passed), checked
+    to hold one value per image of the batch."""
+    from diffusers import FluxTransformer2DModel
+
+    seen, real = [], FluxTransformer2DModel.forward
+
+    def forward(self, *args, guidance=None, **kwargs):
+        if guidance is not None and guidance.shape != (kwargs["hidden_states"].shape[0],):
+            seen.append(f"guidance of shape {tuple(guidance.shape)} for a batch of {kwargs['hidden_states'].shape[0]}")
+        else:
+            seen.append(None if guidance is None else guidance.detach().clone())
+        return real(self, *args, guidance=guidance, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", forward)
+    return seen
+
+
+def quick_extract(model, scene, out, **values):
+    pm = Plugins([])
+    values = {"scene": scene, "model": str(model), "out": out, "quiet": True, "phase1_steps": 1, "phase2_steps": 1,
+              "init_tokens": ["ball", "box"], **values}
+    with pytest.warns(UserWarning, match="FLUX runs unquantised on the CPU"):
+        return extract(make_config(pm, values, []), pm)
+
+
+@pytest.fixture(scope="module")
+def tiny_schnell_model(tmp_path_factory):
+    """A tiny FLUX.1-schnell: no guidance embedding, and schnell's scheduler (a fixed shift of 1, no dynamic shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from bas.core.formats import save_pipeline
+    from bas.plugins.flux import build_tiny_flux_pipeline
+
+    pipe = build_tiny_flux_pipeline(seed=0, guidance_embeds=False)
+    pipe.register_modules(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
+                                                                    base_image_seq_len=256, max_image_seq_len=4096))
+    out = tmp_path_factory.mktemp("models") / "tiny-flux-schnell"
+    save_pipeline(pipe, out)
+    return out
+
+
+def test_training_passes_guidance_35_to_a_guidance_distilled_transformer_as_diffusers_flux_dreambooth(tiny_flux_model, scene, tmp_path,
+                                                                                                       monkeypatch):
+    """diffusers' train_dreambooth_lora_flux.py: ``guidance = [args.guidance_scale (3.5)] * batch`` when the
+    transformer's config has ``guidance_embeds`` (dev), else ``None``."""
+    from bas.plugins.flux import TRAINING_GUIDANCE
+
+    seen = record_guidance(monkeypatch)
+    quick_extract(tiny_flux_model, scene, tmp_path / "run")
+    assert TRAINING_GUIDANCE == 3.5 and len(seen) >= 2  # a step in each phase
+    for g in seen:  # one value per image of the batch
+        assert isinstance(g, torch.Tensor) and g.dtype == torch.float32 and torch.equal(g, torch.full_like(g, 3.5)), g
+
+
+def test_flux_schnell_trains_without_guidance_and_generates_in_few_steps(tiny_schnell_model, scene, tmp_path, invoke, monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    seen = record_guidance(monkeypatch)
+    run = quick_extract(tiny_schnell_model, scene, tmp_path / "run")
+    info = json.loads((run.out / "run.json").read_text())
+    assert info["family"] == "flux" and info["prediction_type"] == "flow"
+    assert not run.components.denoiser.config.guidance_embeds
+    assert len(seen) >= 2 and all(g is None for g in seen)  # schnell has no guidance embedding to feed
+    # schnell's scheduler does not shift: training draws s = sigmoid(normal), whatever the image size
+    sched = run.components.noise_scheduler
+    assert isinstance(sched, FlowMatchEulerDiscreteScheduler) and not sched.config.use_dynamic_shifting
+    gen = torch.Generator().manual_seed(0)
+    _, t, _, _ = run.family.training_noise(sched, torch.randn(3, 4, 16, 16), gen)
+    gen = torch.Generator().manual_seed(0)
+    torch.randn((3, 4, 16, 16), generator=gen)
+    torch.testing.assert_close(t / 1000, torch.sigmoid(torch.randn((3,), generator=gen)))
+
+    seen.clear()
+    prompt = "a photo of <asset0> at the beach"
+    result = invoke("generate", run.out, prompt, "--steps", 4, "--num-images", 1, "--out-dir", tmp_path / "g")  # schnell's 4 steps
+    assert result.exit_code == 0, result.output
+    assert len(seen) == 4 and all(g is None for g in seen)  # one pass per step, no guidance
+    image = np.asarray(Image.open(tmp_path / "g" / "a-photo-of-asset0-at-the-beach-seed0.png"))
+    assert image.shape == (128, 128, 3) and image.std() > 0
+    result = invoke("generate", run.out, prompt, "--steps", 4, "--num-images", 1, "--guidance", 0, "--out-dir", tmp_path / "g0")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g0" / "a-photo-of-asset0-at-the-beach-seed0.png")), image)  # ignored
+
+
+def test_dev_samples_with_its_guidance_embedding(flux_run, tmp_path, invoke, monkeypatch):
+    run, _ = flux_run
+    seen = record_guidance(monkeypatch)
+    images = []
+    for extra in ([], ["--guidance", 0]):
+        seen.clear()
+        out = tmp_path / f"g{len(images)}"
+        result = invoke("generate", run.out, "a photo of <asset0>", "--steps", 2, "--num-images", 1, "--out-dir", out, *extra)
+        assert result.exit_code == 0, result.output
+        assert len(seen) == 2 and all(isinstance(g, torch.Tensor) and torch.equal(g, torch.full_like(g, 0.0 if extra else 3.5)) for g in seen)
+        images.append(np.asarray(Image.open(out / "a-photo-of-asset0-seed0.png")))
+    assert not np.array_equal(*images)  # dev's guidance changes the image, schnell's absence of it does not

@@ -62,7 +62,8 @@ def result_json(config, runs, chosen, samples, results, summary, notes, template
             "interval": "95% percentile bootstrap of the mean, resampling prompts with all their images (10000 resamples)",
         },
         "evaluators": {c.name: {"plugin": c.plugin, "metrics": {m.name: {"description": m.description, "higher_is_better": m.higher_is_better}
-                                                                for m in c.evaluator.metrics}} for c in chosen},
+                                                                for m in c.evaluator.metrics},
+                                "used": getattr(c.evaluator, "record", dict)()} for c in chosen},
         "runs": {r.name: {"path": str(r.path), "model": r.info.get("model"), "handles": r.handles, "class_words": r.class_words,
                           "images": len(samples[r.name]), "sampling": r.sampling, "inputs": input_links(r, staging, final)} for r in runs},
         "notes": list(notes),

@@ -98,6 +98,11 @@ class Evaluator:
         """Lines the output shows about how this evaluator measured (e.g. what it fell back to)."""
         return []
 
+    def record(self) -> dict[str, Any]:
+        """What this evaluator measured with (models, fallbacks and why), after :meth:`score`; eval.json
+        keeps it as ``evaluators[name]["used"]``. Optional: an evaluator without it records nothing."""
+        return {}
+
 
 @dataclass
 class EvalRun:
