@@ -38,6 +38,41 @@ class Snapshots:
     def on_phase_end(self, run, phase):
         self.end[phase] = self.params(run)
 
+    def on_run_start(self, run):
+        """Record, at every training step, the maps the attention loss captured, what the step showed, and the
+        probabilities recomputed independently from each captured layer's own queries and keys."""
+        term = next((t for t in run.resolved.loss_terms if t.name == "attention"), None)
+        if term is None:
+            return
+        modules = dict(run.components.denoiser.named_modules())
+        reference = {}
+
+        def explicit(name):
+            def hook(module, args, kwargs, output):
+                if not torch.is_grad_enabled():
+                    return
+                with torch.no_grad():
+                    q, k = module.to_q(args[0]).double(), module.to_k(kwargs["encoder_hidden_states"]).double()
+                    heads, d = module.heads, q.shape[-1] // module.heads
+                    q, k = (x.view(x.shape[0], -1, heads, d).transpose(1, 2) for x in (q, k))
+                    reference[name] = ((q @ k.transpose(-1, -2)) * module.scale).softmax(-1).mean(1)
+            return hook
+
+        for name in term.layer_names:
+            modules[name].register_forward_hook(explicit(name), with_kwargs=True)
+        token_maps = term.token_maps
+
+        def recording(batch):
+            maps = term.store.maps_for(batch.conditioning.hidden_states)
+            result = token_maps(batch)
+            self.maps.append({"phase": batch.phase, "res": term.res, "layers": list(term.layer_names), "concepts": list(batch.concepts),
+                              "positions": list(batch.token_positions), "ids": run.tokenize([batch.prompt]),
+                              "maps": [m.detach().clone() for m in maps], "reference": [reference[n] for n in term.layer_names],
+                              "token_maps": result.detach().clone()})
+            return result
+
+        term.token_maps = recording
+
     @bas.hookimpl
     def bas_register_observers(self, register):
         register("snapshots", lambda config: self)
@@ -74,6 +109,36 @@ def test_the_family_is_detected_and_recorded(sdxl_run, tiny_sdxl_model):
     info = json.loads((run.out / "run.json").read_text())
     assert info["family"] == "sdxl" and info["config"]["family"] is None and info["model"] == str(tiny_sdxl_model)
     assert [e.name for e in run.components.text_encoders] == list(ENCODERS)
+
+
+def check_captured_maps(run, snaps, latent):
+    """The attention loss's maps at every step: at a quarter of the ``latent`` side (the layers the family has
+    there), fp32 softmax probabilities over all tokens of the prompt, read at the shown handles' positions."""
+    res = latent // 4
+    layers = run.family.attention_layers(run.components, latent)
+    at_res = sorted(n for n, (_, side) in layers.items() if side == res)
+    assert at_res and all(n.endswith("attn2") for n in at_res) and {side for _, side in layers.values()} - {res}  # other sides exist
+    steps = run.config.phase1_steps + run.config.phase2_steps
+    assert len(snaps.maps) == steps and {r["phase"] for r in snaps.maps} == {1, 2}
+    tokens = [e.tokenizer.convert_tokens_to_ids(run.tokens) for e in run.components.text_encoders]
+    for record in snaps.maps:
+        assert record["res"] == res and record["layers"] == at_res and len(record["maps"]) == len(at_res)
+        for m, reference in zip(record["maps"], record["reference"]):
+            length = record["ids"][0].shape[1]
+            assert m.dtype == torch.float32 and m.shape == (1, res * res, length) and (m >= 0).all()
+            torch.testing.assert_close(m.sum(-1), torch.ones(1, res * res))  # softmax over every token, pads included
+            torch.testing.assert_close(m.double(), reference, rtol=1e-4, atol=1e-7)
+        for ids, handle_ids in zip(record["ids"], tokens):  # the positions hold the shown handles in both encoders' prompts
+            assert [int(ids[0, p]) for p in record["positions"]] == [handle_ids[c] for c in record["concepts"]]
+        picked = torch.stack(record["maps"]).mean(0)[:, :, record["positions"]].permute(0, 2, 1)
+        picked = picked.reshape(1, len(record["positions"]), res, res)
+        torch.testing.assert_close(record["token_maps"], picked / picked.amax(dim=(-2, -1), keepdim=True))
+
+
+def test_the_attention_loss_captures_softmax_maps_of_the_handle_tokens_at_the_chosen_resolution(sdxl_run):
+    run, snaps = sdxl_run
+    assert run.resolution == 128  # the tiny SDXL's native size: a 16x16 latent, maps at 4x4 as SDXL's 32x32 at 1024 px
+    check_captured_maps(run, snaps, 16)
 
 
 def test_phase1_changes_only_the_handle_rows_of_both_encoders(sdxl_run):
