@@ -1,5 +1,6 @@
 """SDXL on a tiny random SDXL pipeline: what each phase trains in both text encoders, the attention
-loss's maps, generation and editing through diffusers' SDXL pipeline, and the family's files."""
+loss's maps, generation and editing through diffusers' SDXL pipeline, the family's files, --plugin full,
+prior preservation and a non-native --resolution (resuming an SDXL run: tests/test_reliability.py)."""
 
 from __future__ import annotations
 
@@ -83,14 +84,37 @@ def changed(snaps, phase):
     return {n for n in end if n not in start or not torch.equal(start[n], end[n])}
 
 
+class DenoiserCalls:
+    """An observer plugin that records every training forward of the denoiser: the phase, the latents' shape and
+    the SDXL time ids (the step's own forward and any a loss term makes, such as the prior's)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_run_start(self, run):
+        def record(module, args, kwargs):
+            if torch.is_grad_enabled():
+                self.calls.append((run.phase, tuple(args[0].shape), kwargs["added_cond_kwargs"]["time_ids"][0].tolist()))
+
+        run.components.denoiser.register_forward_pre_hook(record, with_kwargs=True)
+
+    @bas.hookimpl
+    def bas_register_observers(self, register):
+        register("denoiser-calls", lambda config: self)
+
+
+def run_sdxl(scene, model, out, plugin_names=(), **values):
+    """A run on the tiny SDXL with :class:`Snapshots` and :class:`DenoiserCalls` observing it."""
+    snaps, calls = Snapshots(), DenoiserCalls()
+    pm = Plugins(list(plugin_names), extra=[("snapshots", snaps), ("denoiser-calls", calls)])
+    values = {"scene": scene, "model": str(model), "out": out, "quiet": True, "phase1_steps": 2, "phase2_steps": 2, **values}
+    run = extract(make_config(pm, values, list(plugin_names)), pm)
+    return run, snaps, calls
+
+
 @pytest.fixture(scope="module")
 def sdxl_run(tmp_path_factory, tiny_sdxl_model, scene):
-    snaps = Snapshots()
-    pm = Plugins([], extra=[("snapshots", snaps)])
-    out = tmp_path_factory.mktemp("sdxl") / "run"
-    values = {"scene": scene, "model": str(tiny_sdxl_model), "out": out, "quiet": True, "phase1_steps": 2, "phase2_steps": 2,
-              "init_tokens": ["ball", "box"]}
-    run = extract(make_config(pm, values, []), pm)
+    run, snaps, _ = run_sdxl(scene, tiny_sdxl_model, tmp_path_factory.mktemp("sdxl") / "run", init_tokens=["ball", "box"])
     return run, snaps
 
 
@@ -371,3 +395,73 @@ def test_exports_refuse_what_the_family_cannot_write_and_write_nothing(sdxl_run,
     with pytest.raises(BasError, match="Runs of the sdxl family export as diffusers; --format kohya is not one of them"):
         export_run(run.out, "kohya", tmp_path / "f", preview=False)
     assert not (tmp_path / "f").exists()
+
+
+def test_full_fine_tune_trains_the_unet_and_both_encoders_and_saves_a_pipeline_plain_diffusers_loads(scene, tiny_sdxl_model, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from bas.core.generation import load_run_pipeline
+
+    run, snaps, _ = run_sdxl(scene, tiny_sdxl_model, tmp_path / "out", ["full"], phase1_steps=1, phase2_lr=1e-3)
+    moved, handles = changed(snaps, 2), set(handle_names(run).values())
+    assert handles <= moved and not any("lora_" in n for n in snaps.end[2])
+    for component in ("unet", *ENCODERS):  # the denoiser's weights and both encoders' own weights train
+        assert any(n.startswith(component + ".") and n not in handles for n in moved), component
+    base_rows = {n for n in snaps.end[2] if n.endswith("token_embedding.base.weight")}
+    assert len(base_rows) == 2 and not base_rows & moved  # the old vocabulary of both encoders stays as it was
+    assert (run.out / "pipeline" / "model_index.json").is_file() and not (run.out / "lora").exists()
+
+    plain = StableDiffusionXLPipeline.from_pretrained(str(run.out / "pipeline"))
+    trained = run.components.denoiser.state_dict()
+    loaded = plain.unet.state_dict()
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
+    saved = load_file(str(run.out / "handles.safetensors"))
+    for prefix, encoder, tokenizer in (("", plain.text_encoder, plain.tokenizer), ("text_encoder_2.", plain.text_encoder_2, plain.tokenizer_2)):
+        params = dict(encoder.named_parameters())
+        name = prefix.rstrip(".") or "text_encoder"
+        for n, value in snaps.end[2].items():  # every trained weight of the encoder, as the run left it
+            if n.startswith(name + ".") and "token_embedding" not in n:
+                assert torch.equal(params[n[len(name) + 1:]], value), n
+        weight = encoder.get_input_embeddings().weight
+        for token in ("<asset0>", "<asset1>"):
+            assert torch.equal(weight[tokenizer.convert_tokens_to_ids(token)], saved[prefix + token])
+    pipe, _ = load_run_pipeline(run.out, device="cpu")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert all(torch.equal(v, trained[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_prior_preservation_uses_its_class_images_with_their_size_conditioning_in_phase2(scene, tiny_sdxl_model, tmp_path):
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    wide = np.zeros((128, 160, 3), dtype=np.uint8)
+    wide[:, :, 0] = np.linspace(0, 255, 160, dtype=np.uint8)
+    Image.fromarray(wide).save(classes / "a-wide.png")  # given: 160x128, so its crop starts 16 px from the left
+    run, _, calls = run_sdxl(scene, tiny_sdxl_model, tmp_path / "out", ["prior-preservation"], phase2_steps=4,
+                             class_data_dir=classes, num_class_images=2, class_generation_steps=2)
+    generated = sorted(p.name for p in classes.iterdir())
+    assert generated == ["a-wide.png", "class-0001.png"] and Image.open(classes / "class-0001.png").size == (128, 128)
+    history = run.info["history"]
+    assert all("prior" not in h for h in history["phase1"]) and all(h["prior"] > 0 for h in history["phase2"])
+    assert {t["name"] for t in run.info["loss_terms"]} == {"diffusion", "attention", "prior"}
+    # phase 1: one forward a step (the scene's); phase 2: the scene's, then the prior's on a class image
+    assert [c[0] for c in calls.calls] == [1, 1] + [2] * 8
+    scene_ids = [*run.scene.size.original, *run.scene.size.crop_top_left, *run.scene.size.target]
+    assert all(c[2] == scene_ids for c in calls.calls[:2] + calls.calls[2::2])
+    prior = [c[2] for c in calls.calls[3::2]]
+    assert {tuple(ids) for ids in prior} == {(128, 160, 0, 16, 128, 128), (128, 128, 0, 0, 128, 128)}  # both class images drawn
+    assert all(c[1] == (1, 4, 16, 16) for c in calls.calls)
+
+
+def test_a_non_native_resolution_trains_and_generates_at_that_size(scene, tiny_sdxl_model, tmp_path, invoke):
+    """As --resolution 768 on SDXL's 1024: the tiny SDXL (native 128 px) at 192 px, another multiple of 64."""
+    run, snaps, calls = run_sdxl(scene, tiny_sdxl_model, tmp_path / "out", phase1_steps=1, phase2_steps=1, resolution=192)
+    info = json.loads((run.out / "run.json").read_text())
+    assert run.resolution == info["resolution"] == 192
+    # trained on 24x24 latents, conditioned on a 192 px target, the attention loss's maps at 6x6 (a quarter of 24)
+    assert [c[1] for c in calls.calls] == [(1, 4, 24, 24)] * 2
+    assert all(c[2][4:] == [192, 192] for c in calls.calls)
+    check_captured_maps(run, snaps, 24)
+    result = invoke("generate", run.out, "a photo of <asset0>", "--steps", 2, "--num-images", 1, "--scheduler", "euler",
+                    "--out-dir", tmp_path / "g")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "g" / "a-photo-of-asset0-seed0.png").size == (192, 192)
