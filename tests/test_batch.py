@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -25,7 +26,8 @@ from bas.core import checkpoint
 from bas.core import plugins as plugins_module
 from bas.core.batch import runner as runner_module
 from bas.core.batch.runner import Batch
-from bas.core.batch.tasks import Finished, Started, crashed
+from bas.core.batch import progress as progress_module
+from bas.core.batch.tasks import Finished, Progress, Started, crashed
 from bas.core.errors import BasError
 from bas.core.training import Interrupted
 
@@ -227,6 +229,39 @@ class ScriptedExecutor:
         pass
 
 
+class PacedExecutor:
+    """An executor that runs nothing and sets the progress clock: every poll is ten seconds later;
+    the first starts every scene (each at phase 1, step 2 of 4), each later one finishes one scene
+    in the order submitted ('bad' fails)."""
+
+    now = 0.0
+
+    def __init__(self, config):
+        self.pending, self.begun = [], False
+
+    def open(self, num_tasks):
+        pass
+
+    def submit(self, task):
+        self.pending.append(task)
+
+    def poll(self, timeout):
+        PacedExecutor.now += 10
+        if not self.begun:
+            self.begun = True
+            return [Started(t.name, t.attempt, "host", 1) for t in self.pending] + [Progress(t.name, 1, 2, 4, "cpu") for t in self.pending]
+        task = self.pending.pop(0)
+        if task.name == "bad":
+            return [Finished(task.name, {"status": "failed", "attempt": 1, "error": "mask1.png is empty after cropping to a square."})]
+        return [Finished(task.name, {"status": "done", "attempt": 1, "device": "cpu", "files": ["run.json"], "seconds": 10.0})]
+
+    def interrupt(self):
+        pass
+
+    def close(self):
+        pass
+
+
 class Scripted:
     def __init__(self):
         self.executor = ScriptedExecutor
@@ -234,6 +269,7 @@ class Scripted:
     @bas.hookimpl
     def bas_register_executors(self, register):
         register("scripted", ScriptedExecutor)
+        register("paced", PacedExecutor)
 
 
 @pytest.fixture
@@ -290,6 +326,62 @@ def test_ctrl_c_stops_running_scenes_with_a_checkpoint_and_says_how_to_continue(
     assert scenes["slow"]["status"] == "interrupted" and scenes["queued"]["status"] == "not-started"
     assert scenes["dies"]["status"] == "not-started" and "died (killed by SIGKILL)" in scenes["dies"]["error"]
     assert json.loads((tmp_path / "runs" / "batch.json").read_text())["interrupted"] is True
+
+
+# -- what a person sees while a batch runs --------------------------------------------------------------
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def paced(scene, scripted, tmp_path, monkeypatch):
+    """``bas batch`` arguments for three scenes (a, bad, c) on the paced executor, whose polls set the clock."""
+    PacedExecutor.now = 0.0
+    monkeypatch.setattr(progress_module, "clock", lambda: PacedExecutor.now)
+    (tmp_path / "scenes.jsonl").write_text("".join(json.dumps({"name": n, "scene": str(scene)}) + "\n" for n in ("a", "bad", "c")))
+    return ["batch", tmp_path / "scenes.jsonl", "--out", tmp_path / "runs", "--plugin", "scripted", "--executor", "paced"]
+
+
+def test_progress_off_a_terminal_shows_each_scene_and_the_counts_with_an_eta(paced, capsys):
+    code, out, err = run_main(paced, capsys)
+    assert code == 1 and "bad (failed): mask1.png is empty" in out
+    assert err.splitlines() == [
+        "Running 3 scene(s).",
+        "a: started", "bad: started", "c: started",
+        "a: phase 1, 4 steps, from step 2", "bad: phase 1, 4 steps, from step 2", "c: phase 1, 4 steps, from step 2",
+        "a: done in 10.0 s",
+        "scenes 1/3: 1 done, 2 running, 0 failed; 00:20 elapsed, ETA 00:40",  # one scene per 20 s so far, two to go
+        "bad: failed: mask1.png is empty after cropping to a square.",
+        "scenes 2/3: 1 done, 1 running, 1 failed; 00:30 elapsed, ETA 00:15",
+        "c: done in 10.0 s",
+        "scenes 3/3: 2 done, 0 running, 1 failed; 00:40 elapsed",
+    ]
+
+
+def test_progress_on_a_terminal_is_one_bar_over_the_scenes_and_quiet_silences_it(paced, capsys, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code, out, _ = run_main(paced, capsys)
+    assert code == 1 and "bad (failed)" in out
+    shown = terminal.getvalue()
+    frames = [f.strip() for f in re.split(r"[\r\n]|\x1b\[A", shown) if f.strip()]
+    bars = [f for f in frames if f.startswith("scenes:")]
+    # the main bar: finished/total, elapsed<ETA, and the counts; redrawn as scenes start and end
+    assert re.search(r"\b0/3 \[[\d:]+<\?, .*0 done, 3 running, 0 failed\]", shown), bars
+    assert re.search(r"\b1/3 \[[\d:]+<[\d:]+, .*1 done, 2 running, 0 failed\]", shown), bars
+    assert re.search(r"\b2/3 \[[\d:]+<[\d:]+, .*1 done, 1 running, 1 failed\]", shown), bars
+    assert re.search(r"\b3/3 \[[\d:]+<00:00, .*2 done, 0 running, 1 failed\]", shown), bars
+    # a bar per running scene with its phase and step, and a line per finished scene above the bars
+    assert re.search(r"a: phase 1: +50%\|.*\| 2/4", shown) and "bad: failed: mask1.png is empty after cropping to a square." in frames
+    assert not any(f.startswith("scenes ") for f in frames)  # the one-line tally is for logs only
+
+    terminal.seek(0), terminal.truncate()
+    shutil.rmtree(paced[3])
+    code, out, err = run_main([*paced, "--quiet"], capsys)
+    assert code == 1 and "bad (failed)" in out  # the outcome still comes, on stdout
+    assert terminal.getvalue() == "" and err == ""
 
 
 # -- real runs: local worker processes and Ray --------------------------------------------------------
