@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,9 @@ import bas
 from bas.cli import main
 from bas.core import checkpoint
 from bas.core import plugins as plugins_module
+from bas.core.batch import progress as progress_module
 from bas.core.batch import runner as runner_module
 from bas.core.batch.runner import Batch
-from bas.core.batch import progress as progress_module
 from bas.core.batch.tasks import Finished, Progress, Started, crashed
 from bas.core.errors import BasError
 from bas.core.training import Interrupted
@@ -167,6 +168,136 @@ def test_ray_missing_or_unreachable_is_one_line(scene, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(BasError, match=r"--executor ray needs Ray, which is not installed; install it with: pip install 'bas\[ray\]'"):
         bas.batch([scene], tmp_path / "runs", executor="ray")
+    assert not (tmp_path / "runs").exists()
+
+
+class Ref:
+    """A fake Ray object reference: it holds its value."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class FakeRemote:
+    def __init__(self, ray, target, options=None):
+        self.ray, self.target, self.given = ray, target, options or {}
+
+    def options(self, **options):
+        return FakeRemote(self.ray, self.target, options)
+
+    def remote(self, *args):
+        if isinstance(self.target, type):  # the inbox actor: no events
+            return types.SimpleNamespace(drain=types.SimpleNamespace(remote=lambda: Ref([])), put=types.SimpleNamespace(remote=lambda e: None))
+        task, _, cpu_only = args
+        self.ray.tasks.append((task.name, self.given, cpu_only))
+        return Ref({"status": "done", "attempt": task.attempt, "device": "cpu" if cpu_only else "cuda:0", "files": ["run.json"]})
+
+
+class FakeRay(types.ModuleType):
+    """Ray as the ray executor uses it, on a cluster with ``resources``: it records ray.init's
+    arguments and each task's options, and its tasks finish at once without running."""
+
+    def __init__(self, resources, fail=None):
+        super().__init__("ray")
+        self.resources, self.fail = resources, fail
+        self.inits, self.tasks, self.connected = [], [], False
+        self.exceptions = types.SimpleNamespace()
+
+    def is_initialized(self):
+        return self.connected
+
+    def init(self, address=None, **options):
+        self.inits.append((address, options))
+        if self.fail:
+            raise self.fail
+        self.connected = True
+
+    def shutdown(self):
+        self.connected = False
+
+    def cluster_resources(self):
+        return dict(self.resources)
+
+    def remote(self, target):
+        return FakeRemote(self, target)
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref, timeout=None):
+        return ref.value
+
+    def cancel(self, ref, force=False):
+        pass
+
+    def kill(self, actor):
+        pass
+
+
+@pytest.fixture
+def listening():
+    """A port on this machine that accepts connections (where a cluster's head would listen)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, resources, extra, gpus", [
+    ("ray://127.0.0.1:{port}", {"CPU": 64.0, "GPU": 8.0}, [], 1),  # a GPU cluster: one GPU per scene
+    ("auto", {"CPU": 64.0}, [], 0),  # a CPU cluster: none
+    ("127.0.0.1:{port}", {"CPU": 64.0, "GPU": 8.0}, ["--device", "cpu"], 0),  # the runs asked for the CPU
+    ("ray://127.0.0.1:{port}", {"CPU": 64.0, "GPU": 8.0}, ["--gpus-per-scene", "0.5"], 0.5),
+])
+def test_ray_address_reaches_ray_init_unchanged_and_gpus_per_scene_follow_the_cluster(address, resources, extra, gpus, listening, scene,
+                                                                                       tmp_path, monkeypatch, capsys):
+    """A real cluster cannot run here: a fake Ray stands in for one, behind a port that listens."""
+    address = address.format(port=listening)
+    ray = FakeRay(resources)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    (tmp_path / "scenes.jsonl").write_text("".join(json.dumps({"name": n, "scene": str(scene)}) + "\n" for n in ("a", "b")))
+    code, out, err = run_main(["batch", tmp_path / "scenes.jsonl", "--out", tmp_path / "runs", "--executor", "ray", "--ray-address", address,
+                               *extra, "--quiet"], capsys)
+    assert code == 0, err
+    assert [a for a, _ in ray.inits] == [address]  # as given: Ray Client takes ray://, a driver on the cluster HOST:PORT or auto
+    assert "include_dashboard" not in ray.inits[0][1]  # joining a cluster starts nothing of its own
+    assert ray.tasks == [(n, {"name": f"bas batch: {n}", "num_gpus": gpus, "num_cpus": 1.0, "max_retries": 0}, not gpus) for n in ("a", "b")]
+    scenes = summary(tmp_path / "runs")
+    assert [scenes[n]["status"] for n in ("a", "b")] == ["done", "done"] and scenes["a"]["device"] == ("cuda:0" if gpus else "cpu")
+    assert json.loads((tmp_path / "runs" / "batch.json").read_text())["executor_options"]["ray_address"] == address
+    assert not ray.connected  # the batch leaves the cluster it joined
+
+
+def test_bad_ray_addresses_are_one_line_each_and_nothing_is_written(listening, scene, tmp_path, monkeypatch, capsys):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    # what Ray raises: a Ray Client that got no answer, no cluster for auto, another Ray version on the cluster
+    no_answer = ConnectionError("ray client connection timeout")
+    no_cluster = ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by setting `--address` flag "
+                                 "or `RAY_ADDRESS` environment variable.")
+    mismatch = RuntimeError("Version mismatch: The cluster was started with:\n    Ray: 2.41.0\n    Python: 3.11.9\n"
+                            "This process on node 10.0.0.5 was started with:\n    Ray: 2.60.0\n    Python: 3.12.3\n")
+    cases = [
+        ("ray://", None, r"--ray-address ray:// is not an address; pass auto, HOST:PORT \(a cluster's head, port 6379\) or ray://HOST:10001\."),
+        ("ray://head:port", None, r"--ray-address ray://head:port is not an address; pass auto"),
+        ("http://127.0.0.1:8265", None, r"--ray-address http://127.0.0.1:8265 is not a Ray address; pass auto, HOST:PORT .* or ray://HOST:10001"),
+        (f"ray://127.0.0.1:{closed}", None, rf"Cannot reach the Ray cluster at ray://127.0.0.1:{closed} \(Connection refused\); check that "
+                                            r"`ray start --head` runs there and that the port is open from this machine\."),
+        (f"ray://127.0.0.1:{listening}", no_answer, rf"Cannot reach a Ray cluster at ray://127.0.0.1:{listening} \(ray client connection timeout\); "
+                                                    r"start one with `ray start --head`, or leave out --ray-address"),
+        ("auto", no_cluster, r"Cannot reach a Ray cluster at auto \(Could not find any running Ray instance\); start one with `ray start --head`"),
+        (f"ray://127.0.0.1:{listening}", mismatch, rf"Cannot join the Ray cluster at ray://127.0.0.1:{listening} \(Version mismatch: The cluster was "
+                                                   r"started with: Ray: 2.41.0 Python: 3.11.9 This process .* Ray: 2.60.0 Python: 3.12.3\); install the "
+                                                   r"cluster's Ray and Python versions here, or leave out --ray-address"),
+    ]
+    for address, failure, message in cases:
+        ray = FakeRay({"CPU": 8.0}, fail=failure)
+        monkeypatch.setitem(sys.modules, "ray", ray)
+        code, _, err = run_main(["batch", scene, "--out", tmp_path / "runs", "--executor", "ray", "--ray-address", address], capsys)
+        assert code == 1 and err.startswith("Error: ") and err.count("\n") == 1 and "Traceback" not in err, (address, err)
+        assert re.fullmatch(f"Error: {message}.*\n", err), err
+        assert len(ray.inits) == (failure is not None) and not ray.connected, address  # checked before Ray is asked, where that can be
     assert not (tmp_path / "runs").exists()
 
 
