@@ -515,6 +515,19 @@ def test_progress_on_a_terminal_is_one_bar_over_the_scenes_and_quiet_silences_it
     assert terminal.getvalue() == "" and err == ""
 
 
+def test_a_retried_scene_keeps_one_bar_on_a_terminal():
+    progress = progress_module.BatchProgress(2, stream=Terminal())
+    progress.started("a")
+    progress.started("a", attempt=2)  # its process died and it runs again
+    progress.started("b")
+    assert sorted(progress.slots.items()) == [("a", 1), ("b", 2)] and progress.counts() == "0 done, 2 running, 0 failed"
+    progress.finished("a", "done")
+    progress.finished("b", "failed", "boom")
+    assert progress.slots == {} and progress.free_slots == list(range(1, progress_module.MAX_SCENE_BARS + 1))
+    progress.close()
+    assert "2/2" in progress.stream.getvalue() and "1 done, 0 running, 1 failed" in progress.stream.getvalue()
+
+
 # -- real runs: local worker processes and Ray --------------------------------------------------------
 
 def wait_until(ready, proc: subprocess.Popen, timeout=300.0) -> None:
