@@ -32,8 +32,10 @@ from bas.cli import cli
 from bas.core import runfolder
 from bas.core.checkpoint import complete_checkpoints
 from bas.core.errors import BasError
+from bas.core.export import FORMATS
+from bas.core.mask_cleanup import MaskCleanup
 from bas.core.runfolder import staging_path
-from bas.ui import commands
+from bas.ui import commands, scenes
 from bas.ui.jobs import Jobs
 from bas.ui.workspace import Workspace, check_name
 
@@ -85,6 +87,23 @@ def test_a_path_option_typed_on_the_page_is_refused_outside_the_workspace(tmp_pa
     assert config.options["logging_dir"] == ws.root / "logs" / "a" and names == ["tensorboard"]
     with pytest.raises(BasError, match="No such option '--no-such-option'"):
         commands.parse_run(["--out", "runs/a", "--no-such-option"], ws)
+
+
+# -- the Scene tab's init words -------------------------------------------------------------------------
+def test_an_init_word_goes_to_the_concept_it_was_typed_for(scene):
+    """The page sends the word with the concept shown beside it: a word whose last keystroke arrives
+    after another concept was picked still goes to the one it was typed for."""
+    draft = scenes.new_draft(scene / "img.png")
+    assert not scenes.set_init_word(draft, None, "bear") and not scenes.set_init_word(None, "<asset0>", "bear")  # no concept yet
+    draft.concepts += [scenes.Concept(), scenes.Concept(), scenes.Concept()]
+    draft.selected = 2
+    assert scenes.set_init_word(draft, "<asset0>", " bear ")  # typed for <asset0>, <asset2> picked since
+    assert scenes.set_init_word(draft, None, "box")  # no concept named: the selected one
+    assert [c.init_word for c in draft.concepts] == ["bear", "", "box"]
+    assert scenes.init_words(draft) == ["bear", "object", "box"]  # a blank word is the default one
+    scenes.set_init_word(draft, "<asset1>", "teddy bear")
+    with pytest.raises(BasError, match="The init word 'teddy bear' is not one word"):
+        scenes.init_words(draft)
 
 
 # -- the command lines the page shows are the ones it runs ---------------------------------------------

@@ -318,18 +318,20 @@ class App:
 
             concept.input(on_select_concept, [draft, concept, *cleanup_inputs], scene_out)
 
-            def on_init_word(current, word):
-                if current is not None and current.concepts:
-                    current.current.init_word = word.strip()
+            def on_init_word(current, word, label):
+                if scenes.set_init_word(current, label, word):
                     return scenes.scene_summary(current)
                 return gr.skip()
 
-            init_word.input(on_init_word, [draft, init_word], concepts_md)
+            # always_last: a keystroke typed while the previous one is handled is not dropped (gradio's
+            # default for .input); the concept shown when the word was typed gets it, whatever is selected since
+            init_word.input(on_init_word, [draft, init_word, concept], concepts_md, trigger_mode="always_last")
 
-            def save_handler(current, name, overwrite_scene, checkpoint, *cleanup):
+            def save_handler(current, name, overwrite_scene, checkpoint, word, label, *cleanup):
                 try:
                     if current is None:
                         raise BasError("Upload an image first (or open a scene folder).")
+                    scenes.set_init_word(current, label, word)  # the field as shown, should its last keystroke still be on its way
                     options = self.cleanup_options(*cleanup)
                     MaskCleanup.from_options(options)
                     folder, written, cli = scenes.save(current, self.ws, name, options, bool(overwrite_scene), checkpoint.strip() or self.sam_model)
@@ -340,7 +342,7 @@ class App:
                 message = f"Saved {relative}: " + ", ".join(p.name for p in written) + ". Next: the Extract tab."
                 return gr.update(choices=choices, value=relative), gr.update(choices=choices, value=relative), cli or "(this scene mixes uploaded masks and SAM prompts: bas run --scene reads its folder)", message
 
-            save_button.click(save_handler, [draft, scene_name, replace, sam_model, *cleanup_inputs], [open_path, x_scene, scene_command, scene_status])
+            save_button.click(save_handler, [draft, scene_name, replace, sam_model, init_word, concept, *cleanup_inputs], [open_path, x_scene, scene_command, scene_status])
 
             # ---------------------------------------------------------------- Extract events
             def scene_words(folder):
