@@ -418,14 +418,14 @@ def open_tab(page, label):
 
 def export_on_page(page, run, fmt, name):
     """Export ``run`` as ``fmt`` from the Export tab and download the zip it offers."""
+    from playwright.sync_api import expect
+
     page.locator("#export-run input").fill(run)
     page.locator("#export-run input").press("Enter")
     page.click(f"#export-format label:has-text('{fmt}')")
     page.click("#export")
     wait_text(page, "#export-status", rf"Wrote exports/{name} and {name}.zip", timeout=60_000)
     link = page.locator("#export-file a").first
-    from playwright.sync_api import expect
-
     expect(link).to_have_attribute("href", re.compile(re.escape(f"{name}.zip") + "$"))
     with page.expect_download() as download:
         link.click()
