@@ -150,12 +150,12 @@ class App:
                                 undo_button = gr.Button("Undo", elem_id="undo")
                                 remove_button = gr.Button("Remove concept", elem_id="remove-concept")
                             init_word = gr.Textbox(label="Init word of this concept (one word, such as 'bear'; blank: 'object')", elem_id="init-word")
-                            with gr.Accordion("Mask cleanup", open=False):
+                            with gr.Accordion("Mask cleanup", open=False, elem_id="mask-cleanup"):
                                 threshold = gr.Number(0, label="Threshold (--mask-threshold; 0: keep soft values)", elem_id="mask-threshold")
-                                fill = gr.Checkbox(False, label="Fill holes (--fill-holes)")
-                                dilate = gr.Number(0, label="Dilate, pixels (--mask-dilate)", minimum=0)
-                                erode = gr.Number(0, label="Erode, pixels (--mask-erode)", minimum=0)
-                                feather = gr.Number(0, label="Feather, pixels (--mask-feather)", minimum=0)
+                                fill = gr.Checkbox(False, label="Fill holes (--fill-holes)", elem_id="fill-holes")
+                                dilate = gr.Number(0, label="Dilate, pixels (--mask-dilate)", minimum=0, elem_id="mask-dilate")
+                                erode = gr.Number(0, label="Erode, pixels (--mask-erode)", minimum=0, elem_id="mask-erode")
+                                feather = gr.Number(0, label="Feather, pixels (--mask-feather)", minimum=0, elem_id="mask-feather")
                             with gr.Accordion("Segment Anything", open=False):
                                 sam_model = gr.Textbox(self.sam_model, label="SAM checkpoint (hub id or folder)", elem_id="sam-model")
                                 sam_device = gr.Textbox(self.device, label="Device (auto, cpu, cuda, cuda:N)")
@@ -218,7 +218,7 @@ class App:
                                 steps = gr.Number(50, precision=0, label="Steps", elem_id="generate-steps")
                                 sampling = commands.sampling_choices()  # until a run is picked: the default family's
                                 guidance = gr.Number(sampling["guidance"], label="Guidance (blank: the run's family's)", elem_id="guidance")
-                                lora_scale = gr.Number(1.0, label="LoRA scale (0: handles only)")
+                                lora_scale = gr.Number(1.0, label="LoRA scale (0: handles only)", elem_id="lora-scale")
                             scheduler = gr.Dropdown(sampling["schedulers"], value=sampling["scheduler"], label="Sampler", elem_id="sampler")
                             generate = gr.Button("Generate", variant="primary", elem_id="generate")
                             g_command = gr.Textbox(label="The same from the command line", interactive=False, buttons=["copy"], elem_id="generate-command")
@@ -318,18 +318,20 @@ class App:
 
             concept.input(on_select_concept, [draft, concept, *cleanup_inputs], scene_out)
 
-            def on_init_word(current, word):
-                if current is not None and current.concepts:
-                    current.current.init_word = word.strip()
+            def on_init_word(current, word, label):
+                if scenes.set_init_word(current, label, word):
                     return scenes.scene_summary(current)
                 return gr.skip()
 
-            init_word.input(on_init_word, [draft, init_word], concepts_md)
+            # always_last: a keystroke typed while the previous one is handled is not dropped (gradio's
+            # default for .input); the concept shown when the word was typed gets it, whatever is selected since
+            init_word.input(on_init_word, [draft, init_word, concept], concepts_md, trigger_mode="always_last")
 
-            def save_handler(current, name, overwrite_scene, checkpoint, *cleanup):
+            def save_handler(current, name, overwrite_scene, checkpoint, word, label, *cleanup):
                 try:
                     if current is None:
                         raise BasError("Upload an image first (or open a scene folder).")
+                    scenes.set_init_word(current, label, word)  # the field as shown, should its last keystroke still be on its way
                     options = self.cleanup_options(*cleanup)
                     MaskCleanup.from_options(options)
                     folder, written, cli = scenes.save(current, self.ws, name, options, bool(overwrite_scene), checkpoint.strip() or self.sam_model)
@@ -340,7 +342,7 @@ class App:
                 message = f"Saved {relative}: " + ", ".join(p.name for p in written) + ". Next: the Extract tab."
                 return gr.update(choices=choices, value=relative), gr.update(choices=choices, value=relative), cli or "(this scene mixes uploaded masks and SAM prompts: bas run --scene reads its folder)", message
 
-            save_button.click(save_handler, [draft, scene_name, replace, sam_model, *cleanup_inputs], [open_path, x_scene, scene_command, scene_status])
+            save_button.click(save_handler, [draft, scene_name, replace, sam_model, init_word, concept, *cleanup_inputs], [open_path, x_scene, scene_command, scene_status])
 
             # ---------------------------------------------------------------- Extract events
             def scene_words(folder):
@@ -477,7 +479,7 @@ class App:
                     return gr.skip(), gr.skip(), gr.skip(), status_error(exc)
                 grid_path = [p for p in paths if p.name.startswith("grid-")]
                 singles = [str(p) for p in paths if p not in grid_path]
-                return (str(grid_path[0]) if grid_path else singles[0]), singles, cli, f"Wrote {len(singles)} images into {self.ws.relative(paths[0].parent)}."
+                return (str(grid_path[0]) if grid_path else singles[0]), singles, cli, f"Wrote {len(singles)} image{'' if len(singles) == 1 else 's'} into {self.ws.relative(paths[0].parent)}."
 
             generate.click(generate_handler, [g_run, prompts, negative, seeds, steps, guidance, lora_scale, scheduler], [grid, gallery, g_command, g_status], concurrency_limit=1)
 

@@ -262,6 +262,16 @@ def data_url(image: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def set_init_word(draft: Draft | None, label: str | None, word: str | None) -> bool:
+    """Give the concept ``label`` (the selected one when None) the init word ``word``; False when there is none."""
+    if draft is None or not draft.concepts:
+        return False
+    labels = draft.labels()
+    concept = draft.concepts[labels.index(label)] if label in labels else draft.current
+    concept.init_word = (word or "").strip()
+    return True
+
+
 def init_words(draft: Draft) -> list[str]:
     """One word per concept for ``--init-token`` (the default word where one is blank), or none at all."""
     words = [c.init_word.strip() for c in draft.concepts]
