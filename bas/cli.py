@@ -162,8 +162,9 @@ def cli():
 @click.option("--image", type=click.Path(path_type=Path), help="The input image (any size; centre-cropped and resized).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--model", default=None, help="Hub id or local folder of a diffusers pipeline (Stable Diffusion 1.x/2.x, SDXL, or a family a plugin adds) "
-              "[default: the family's: stabilityai/stable-diffusion-2-1-base, with --family sdxl stabilityai/stable-diffusion-xl-base-1.0].")
-@click.option("--family", default=None, help="Model family: sd, sdxl, or one a plugin adds [default: detected from --model's model_index.json].")
+              "[default: the family's: stabilityai/stable-diffusion-2-1-base, with --family sdxl stabilityai/stable-diffusion-xl-base-1.0, "
+              "with --family flux black-forest-labs/FLUX.1-dev].")
+@click.option("--family", default=None, help="Model family: sd, sdxl, flux, or one a plugin adds [default: detected from --model's model_index.json].")
 @click.option("--plugin", "-p", "plugin_names", multiple=True, help="Turn on a plugin (repeatable); no:NAME turns a default one off. See `bas plugins`.")
 @click.option("--phase1-steps", type=int, default=400, show_default=True, help="Steps of phase 1 (handles only).")
 @click.option("--phase2-steps", type=int, default=400, show_default=True, help="Steps of phase 2 (weights + handles).")
@@ -177,7 +178,9 @@ def cli():
 @click.option("--optimizer", default=None, help="adamw or adamw8bit (bitsandbytes, CUDA), or one a plugin adds [default: adamw; on CUDA the family may pick adamw8bit, see run.json's family_defaults].")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
-              help="Recompute activations in the backward pass: less memory, ~30% slower [default: off; on CUDA on for sdxl].")
+              help="Recompute activations in the backward pass: less memory, ~30% slower [default: off; on CUDA on for sdxl and flux].")
+@click.option("--quantize", type=click.Choice(["none", "nf4", "int8"]), default=None,
+              help="Load the frozen base weights quantised (bitsandbytes, CUDA, LoRA only): nf4 (4-bit) or int8 [default: none; on CUDA nf4 for flux].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--flip-p", type=float, default=0.5, show_default=True, help="Probability of a horizontal flip of image and masks per step.")
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient norm clip (0: off).")
@@ -225,14 +228,16 @@ def masks(ctx, plugin_names, **values):
 
 
 def parse_seeds(ctx, param, value):
+    """``1,7,42`` as integers; their range is checked where the Python API checks it too
+    (:func:`bas.core.generation.sampling_seeds`)."""
     if not value:
         return None
     try:
         seeds = [int(s) for s in value.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"'{value}' is not a comma-separated list of integers such as 1,7,42.") from None
-    if not seeds or any(not 0 <= s <= MAX_SEED for s in seeds):
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of seeds from 0 to {MAX_SEED}.")
+    if not seeds:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of seeds such as 1,7,42.")
     return seeds
 
 
@@ -251,11 +256,13 @@ def sampling_options(command):
     """The options generate and edit share."""
     for option in reversed([
         click.option("--num-images", type=COUNT, default=None, help="Images per prompt, seeds seed, seed+1, ... [default: 4 for generate, 1 for edit]."),
-        click.option("--seed", type=SEED, default=0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help=f"The first seed, 0 to {MAX_SEED}."),
         click.option("--seeds", callback=parse_seeds, default=None, help="Exact seeds, comma-separated (such as 1,7,42); overrides --seed and --num-images."),
         click.option("--steps", type=COUNT, default=50, show_default=True, help="Sampling steps."),
-        click.option("--guidance", type=float, default=7.5, show_default=True, callback=finite, help="Classifier-free guidance scale."),
-        click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", show_default=True, help="Sampler; DDIM is the paper's."),
+        click.option("--guidance", type=float, default=None, callback=finite,
+                     help="Guidance scale: classifier-free, or FLUX.1-dev's distilled guidance [default: 7.5; flux 3.5, which schnell ignores]."),
+        click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=None,
+                     help="Sampler [default: ddim, the paper's; flow-euler for flux, the one flow-matching sampler]."),
         click.option("--width", type=int, default=None, help="Image width, a multiple of 8 [default: the run's resolution]."),
         click.option("--height", type=int, default=None, help="Image height, a multiple of 8 [default: the run's resolution]."),
         click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="A text file with one prompt per line (# starts a comment)."),
@@ -328,7 +335,8 @@ def edit(out, prompts, prompts_file, num_images, **options):
 @click.option("--rank", type=int, default=32, show_default=True, help="Rank of a LoRA made from a full fine-tune by low-rank difference.")
 @click.option("--name", default=None, help="Name of the kohya LoRA file and embedding prefix [default: the run folder's name].")
 @click.option("--preview/--no-preview", default=True, show_default=True, help="Generate a preview image when the run's report has none.")
-@click.option("--preview-steps", type=COUNT, default=25, show_default=True, help="DDIM steps of a generated preview.")
+@click.option("--preview-steps", type=COUNT, default=25, show_default=True,
+              help="Sampling steps of a generated preview (with the run's family's sampler and guidance, as bas generate's defaults).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
@@ -348,7 +356,7 @@ cli.add_command(eval_command(RunCommand))
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
-@click.option("--family", default=None, help="Model family of the pipeline: sd, sdxl, or one a plugin adds [default: sd, the default model's].")
+@click.option("--family", default=None, help="Model family of the pipeline: sd, sdxl, flux, or one a plugin adds [default: sd, the default model's].")
 def tiny_model(directory, seed, prediction_type, family):
     """Write a tiny random pipeline of a model family (diffusers format) for offline tests."""
     from bas.core.family import default_family, get_family

@@ -10,6 +10,7 @@ import click
 def eval_command(command_class: type[click.Command]) -> click.Command:
     """The ``bas eval`` command, built on ``command_class`` (bas's command that adds the options of the
     plugins named with ``--plugin`` before parsing); here the options come from ``bas_eval_options``."""
+    from bas.core.generation import SCHEDULERS
     from bas.core.model import PRECISIONS
 
     class EvalCommand(command_class):
@@ -34,8 +35,11 @@ def eval_command(command_class: type[click.Command]) -> click.Command:
                   help="Score images already generated (named as bas generate names them; a folder per run when several) instead of generating.")
     @click.option("--class-word", "class_words", multiple=True,
                   help="The class word of each concept in handle order, replacing the handles in prompts [default: the run's --init-token words].")
-    @click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps per image (the paper's 50).")
-    @click.option("--guidance", type=float, default=7.5, show_default=True)
+    @click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps per image (the paper's 50).")
+    @click.option("--guidance", type=float, default=None,
+                  help="Guidance scale [default: each run's family's: 7.5 for SD and SDXL (the paper's), 3.5 for FLUX.1-dev, which schnell ignores].")
+    @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=None,
+                  help="Sampler [default: each run's family's: ddim for SD and SDXL (the paper's), flow-euler for FLUX].")
     @click.option("--device", default="auto", show_default=True, help="For generation and the evaluators' models.")
     @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
     @click.option("--overwrite", is_flag=True, help="Replace an earlier bas eval in --out.")

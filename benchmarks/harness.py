@@ -52,6 +52,7 @@ class Variant:
     skip_frozen_grads: bool = True
     channels_last: bool = False
     compile: bool = False
+    quantize: str | None = None  # None: what `bas run` picks for the family and device (FLUX on CUDA: nf4)
 
 
 # The reference code (../shared/METHOD.md): explicit attention everywhere, VAE every step, full
@@ -73,6 +74,9 @@ ABLATIONS: dict[str, dict] = {
     "fp32": {"precision": "fp32"},
     "bf16": {"precision": "bf16"},
     "grad-checkpointing": {"gradient_checkpointing": True},
+    "nf4": {"quantize": "nf4"},
+    "int8": {"quantize": "int8"},
+    "no-quantize": {"quantize": "none"},
     "no-grad-checkpointing": {"gradient_checkpointing": False},
     "adamw-fused": {"optimizer": "adamw-fused"},
     "adamw8bit": {"optimizer": "adamw8bit"},
@@ -362,7 +366,7 @@ def measure(spec: dict) -> dict:
     values = dict(
         out=work / "out", image=scene / "img.png", masks=[scene / "mask0.png", scene / "mask1.png"], model=spec["model"],
         phase1_steps=steps, phase2_steps=steps, precision=variant.precision, optimizer=variant.optimizer,
-        gradient_checkpointing=variant.gradient_checkpointing, resolution=res, seed=spec["seed"], device=spec["device"],
+        gradient_checkpointing=variant.gradient_checkpointing, quantize=variant.quantize, resolution=res, seed=spec["seed"], device=spec["device"],
         quiet=True,
     )
     class_images = None

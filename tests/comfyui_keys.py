@@ -107,3 +107,78 @@ def load_embed(embed: dict[str, torch.Tensor], embed_key: str) -> torch.Tensor:
         return embed[embed_key]
     bundled = [v for k, v in embed.items() if k.startswith("bundle_emb.") and k.endswith(f".{embed_key}")]
     return torch.cat(bundled) if bundled else next(iter(embed.values()))
+
+
+
+# FLUX (comfy/utils.py ``flux_to_diffusers``, comfy/lora.py's Flux branch of ``model_lora_keys_unet``):
+# ComfyUI holds the transformer in Black Forest Labs' layout, where q/k/v (and a single block's MLP
+# input) are one fused weight; a diffusers LoRA's separate layers land in slices of it.
+FLUX_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
+               "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+               "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin"}
+FLUX_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+
+
+def flux_key_map(transformer: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, tuple[str, tuple[int, int] | None, torch.Size]]:
+    """ComfyUI's names of a FLUX LoRA layer -> (its weight in BFL's layout, (first row, rows) of a slice or
+    None, the weight's shape): ``transformer.<diffusers module>`` and ``lora_transformer_...`` for diffusers'
+    names, ``lora_unet_<BFL module>`` for kohya's, and CLIP-L as ``lora_te1_``, ``text_encoder.``."""
+    config = transformer.config
+    hidden = config.num_attention_heads * config.attention_head_dim
+    names = {}
+
+    def add(diffusers_module, bfl, offset, rows):
+        target = (bfl, offset, torch.Size((rows, hidden)))
+        names["transformer." + diffusers_module] = target
+        names["lora_transformer_" + diffusers_module.replace(".", "_")] = target
+        names["lora_unet_" + bfl.replace(".", "_")] = (bfl, None, torch.Size((rows, hidden)))
+
+    for i in range(config.num_layers):
+        for j, p in enumerate(("to_q", "to_k", "to_v")):
+            add(f"transformer_blocks.{i}.attn.{p}", f"double_blocks.{i}.img_attn.qkv", (j * hidden, hidden), 3 * hidden)
+        for j, p in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            add(f"transformer_blocks.{i}.attn.{p}", f"double_blocks.{i}.txt_attn.qkv", (j * hidden, hidden), 3 * hidden)
+        block = transformer.transformer_blocks[i]
+        for module, bfl in FLUX_DOUBLE.items():
+            weight = block.get_submodule(module).weight
+            target = (f"double_blocks.{i}.{bfl}", None, torch.Size(weight.shape))
+            for key in (f"transformer.transformer_blocks.{i}.{module}", f"lora_transformer_transformer_blocks_{i}_{module.replace('.', '_')}",
+                        f"lora_unet_double_blocks_{i}_{bfl.replace('.', '_')}"):
+                names[key] = target
+    for i in range(config.num_single_layers):
+        fused = f"single_blocks.{i}.linear1"
+        rows = 3 * hidden + 4 * hidden
+        for j, p in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+            add(f"single_transformer_blocks.{i}.{p}", fused, (j * hidden, hidden), rows)
+        add(f"single_transformer_blocks.{i}.proj_mlp", fused, (3 * hidden, 4 * hidden), rows)
+        block = transformer.single_transformer_blocks[i]
+        for module, bfl in FLUX_SINGLE.items():
+            weight = block.get_submodule(module).weight
+            target = (f"single_blocks.{i}.{bfl}", None, torch.Size(weight.shape))
+            for key in (f"transformer.single_transformer_blocks.{i}.{module}", f"lora_unet_single_blocks_{i}_{bfl.replace('.', '_')}"):
+                names[key] = target
+    for name, weight in text_encoder.named_parameters():
+        match = CLIP_LAYER.fullmatch(name.replace(".base_layer.", "."))
+        if match:
+            target = (f"clip_l.text_model.encoder.layers.{match[1]}.{match[2]}", None, weight.shape)
+            names[f"lora_te1_text_model_encoder_layers_{match[1]}_{CLIP_LAYERS[match[2]]}"] = target
+            names[f"text_encoder.text_model.encoder.layers.{match[1]}.{match[2]}"] = target
+    return names
+
+
+def load_flux_lora(lora: dict[str, torch.Tensor], names: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``({weight in BFL's layout: the change ComfyUI adds at strength 1}, [keys it does not load])``;
+    slices of a fused weight add up."""
+    loaded, changes = set(), {}
+    for name, (weight, offset, shape) in names.items():
+        alpha = lora.get(f"{name}.alpha")
+        for up, down in FACTOR_ENDINGS:
+            if name + up in lora:
+                u, d = lora[name + up], lora[name + down]
+                loaded |= {name + up, name + down} | ({f"{name}.alpha"} if alpha is not None else set())
+                scale = float(alpha) / d.shape[0] if alpha is not None else 1.0
+                change = changes.setdefault(weight, torch.zeros(shape))
+                rows = slice(offset[0], offset[0] + offset[1]) if offset else slice(None)
+                change[rows] += (u.float() @ d.float()) * scale
+                break
+    return changes, [k for k in lora if k not in loaded]

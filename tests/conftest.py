@@ -38,6 +38,13 @@ def tiny_sdxl_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_model(tmp_path_factory) -> Path:
+    from bas.plugins.flux import Flux
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0, family=Flux())
+
+
+@pytest.fixture(scope="session")
 def scene(tmp_path_factory) -> Path:
     return draw_scene(tmp_path_factory.mktemp("scene"))
 

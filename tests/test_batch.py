@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,10 @@ import bas
 from bas.cli import main
 from bas.core import checkpoint
 from bas.core import plugins as plugins_module
+from bas.core.batch import progress as progress_module
 from bas.core.batch import runner as runner_module
 from bas.core.batch.runner import Batch
-from bas.core.batch.tasks import Finished, Started, crashed
+from bas.core.batch.tasks import Finished, Progress, Started, crashed
 from bas.core.errors import BasError
 from bas.core.training import Interrupted
 
@@ -168,6 +171,136 @@ def test_ray_missing_or_unreachable_is_one_line(scene, tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+class Ref:
+    """A fake Ray object reference: it holds its value."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class FakeRemote:
+    def __init__(self, ray, target, options=None):
+        self.ray, self.target, self.given = ray, target, options or {}
+
+    def options(self, **options):
+        return FakeRemote(self.ray, self.target, options)
+
+    def remote(self, *args):
+        if isinstance(self.target, type):  # the inbox actor: no events
+            return types.SimpleNamespace(drain=types.SimpleNamespace(remote=lambda: Ref([])), put=types.SimpleNamespace(remote=lambda e: None))
+        task, _, cpu_only = args
+        self.ray.tasks.append((task.name, self.given, cpu_only))
+        return Ref({"status": "done", "attempt": task.attempt, "device": "cpu" if cpu_only else "cuda:0", "files": ["run.json"]})
+
+
+class FakeRay(types.ModuleType):
+    """Ray as the ray executor uses it, on a cluster with ``resources``: it records ray.init's
+    arguments and each task's options, and its tasks finish at once without running."""
+
+    def __init__(self, resources, fail=None):
+        super().__init__("ray")
+        self.resources, self.fail = resources, fail
+        self.inits, self.tasks, self.connected = [], [], False
+        self.exceptions = types.SimpleNamespace()
+
+    def is_initialized(self):
+        return self.connected
+
+    def init(self, address=None, **options):
+        self.inits.append((address, options))
+        if self.fail:
+            raise self.fail
+        self.connected = True
+
+    def shutdown(self):
+        self.connected = False
+
+    def cluster_resources(self):
+        return dict(self.resources)
+
+    def remote(self, target):
+        return FakeRemote(self, target)
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref, timeout=None):
+        return ref.value
+
+    def cancel(self, ref, force=False):
+        pass
+
+    def kill(self, actor):
+        pass
+
+
+@pytest.fixture
+def listening():
+    """A port on this machine that accepts connections (where a cluster's head would listen)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, resources, extra, gpus", [
+    ("ray://127.0.0.1:{port}", {"CPU": 64.0, "GPU": 8.0}, [], 1),  # a GPU cluster: one GPU per scene
+    ("auto", {"CPU": 64.0}, [], 0),  # a CPU cluster: none
+    ("127.0.0.1:{port}", {"CPU": 64.0, "GPU": 8.0}, ["--device", "cpu"], 0),  # the runs asked for the CPU
+    ("ray://127.0.0.1:{port}", {"CPU": 64.0, "GPU": 8.0}, ["--gpus-per-scene", "0.5"], 0.5),
+])
+def test_ray_address_reaches_ray_init_unchanged_and_gpus_per_scene_follow_the_cluster(address, resources, extra, gpus, listening, scene,
+                                                                                       tmp_path, monkeypatch, capsys):
+    """A real cluster cannot run here: a fake Ray stands in for one, behind a port that listens."""
+    address = address.format(port=listening)
+    ray = FakeRay(resources)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    (tmp_path / "scenes.jsonl").write_text("".join(json.dumps({"name": n, "scene": str(scene)}) + "\n" for n in ("a", "b")))
+    code, out, err = run_main(["batch", tmp_path / "scenes.jsonl", "--out", tmp_path / "runs", "--executor", "ray", "--ray-address", address,
+                               *extra, "--quiet"], capsys)
+    assert code == 0, err
+    assert [a for a, _ in ray.inits] == [address]  # as given: Ray Client takes ray://, a driver on the cluster HOST:PORT or auto
+    assert "include_dashboard" not in ray.inits[0][1]  # joining a cluster starts nothing of its own
+    assert ray.tasks == [(n, {"name": f"bas batch: {n}", "num_gpus": gpus, "num_cpus": 1.0, "max_retries": 0}, not gpus) for n in ("a", "b")]
+    scenes = summary(tmp_path / "runs")
+    assert [scenes[n]["status"] for n in ("a", "b")] == ["done", "done"] and scenes["a"]["device"] == ("cuda:0" if gpus else "cpu")
+    assert json.loads((tmp_path / "runs" / "batch.json").read_text())["executor_options"]["ray_address"] == address
+    assert not ray.connected  # the batch leaves the cluster it joined
+
+
+def test_bad_ray_addresses_are_one_line_each_and_nothing_is_written(listening, scene, tmp_path, monkeypatch, capsys):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    # what Ray raises: a Ray Client that got no answer, no cluster for auto, another Ray version on the cluster
+    no_answer = ConnectionError("ray client connection timeout")
+    no_cluster = ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by setting `--address` flag "
+                                 "or `RAY_ADDRESS` environment variable.")
+    mismatch = RuntimeError("Version mismatch: The cluster was started with:\n    Ray: 2.41.0\n    Python: 3.11.9\n"
+                            "This process on node 10.0.0.5 was started with:\n    Ray: 2.60.0\n    Python: 3.12.3\n")
+    cases = [
+        ("ray://", None, r"--ray-address ray:// is not an address; pass auto, HOST:PORT \(a cluster's head, port 6379\) or ray://HOST:10001\."),
+        ("ray://head:port", None, r"--ray-address ray://head:port is not an address; pass auto"),
+        ("http://127.0.0.1:8265", None, r"--ray-address http://127.0.0.1:8265 is not a Ray address; pass auto, HOST:PORT .* or ray://HOST:10001"),
+        (f"ray://127.0.0.1:{closed}", None, rf"Cannot reach the Ray cluster at ray://127.0.0.1:{closed} \(Connection refused\); check that "
+                                            r"`ray start --head` runs there and that the port is open from this machine\."),
+        (f"ray://127.0.0.1:{listening}", no_answer, rf"Cannot reach a Ray cluster at ray://127.0.0.1:{listening} \(ray client connection timeout\); "
+                                                    r"start one with `ray start --head`, or leave out --ray-address"),
+        ("auto", no_cluster, r"Cannot reach a Ray cluster at auto \(Could not find any running Ray instance\); start one with `ray start --head`"),
+        (f"ray://127.0.0.1:{listening}", mismatch, rf"Cannot join the Ray cluster at ray://127.0.0.1:{listening} \(Version mismatch: The cluster was "
+                                                   r"started with: Ray: 2.41.0 Python: 3.11.9 This process .* Ray: 2.60.0 Python: 3.12.3\); install the "
+                                                   r"cluster's Ray and Python versions here, or leave out --ray-address"),
+    ]
+    for address, failure, message in cases:
+        ray = FakeRay({"CPU": 8.0}, fail=failure)
+        monkeypatch.setitem(sys.modules, "ray", ray)
+        code, _, err = run_main(["batch", scene, "--out", tmp_path / "runs", "--executor", "ray", "--ray-address", address], capsys)
+        assert code == 1 and err.startswith("Error: ") and err.count("\n") == 1 and "Traceback" not in err, (address, err)
+        assert re.fullmatch(f"Error: {message}.*\n", err), err
+        assert len(ray.inits) == (failure is not None) and not ray.connected, address  # checked before Ray is asked, where that can be
+    assert not (tmp_path / "runs").exists()
+
+
 def test_coco_select_writes_a_manifest_that_bas_batch_takes(tmp_path, capsys):
     annotations = write_coco(tmp_path)
     code, out, err = run_main(["coco-select", "--annotations", annotations, "--format", "jsonl", "--images", tmp_path], capsys)
@@ -227,6 +360,39 @@ class ScriptedExecutor:
         pass
 
 
+class PacedExecutor:
+    """An executor that runs nothing and sets the progress clock: every poll is ten seconds later;
+    the first starts every scene (each at phase 1, step 2 of 4), each later one finishes one scene
+    in the order submitted ('bad' fails)."""
+
+    now = 0.0
+
+    def __init__(self, config):
+        self.pending, self.begun = [], False
+
+    def open(self, num_tasks):
+        pass
+
+    def submit(self, task):
+        self.pending.append(task)
+
+    def poll(self, timeout):
+        PacedExecutor.now += 10
+        if not self.begun:
+            self.begun = True
+            return [Started(t.name, t.attempt, "host", 1) for t in self.pending] + [Progress(t.name, 1, 2, 4, "cpu") for t in self.pending]
+        task = self.pending.pop(0)
+        if task.name == "bad":
+            return [Finished(task.name, {"status": "failed", "attempt": 1, "error": "mask1.png is empty after cropping to a square."})]
+        return [Finished(task.name, {"status": "done", "attempt": 1, "device": "cpu", "files": ["run.json"], "seconds": 10.0})]
+
+    def interrupt(self):
+        pass
+
+    def close(self):
+        pass
+
+
 class Scripted:
     def __init__(self):
         self.executor = ScriptedExecutor
@@ -234,6 +400,7 @@ class Scripted:
     @bas.hookimpl
     def bas_register_executors(self, register):
         register("scripted", ScriptedExecutor)
+        register("paced", PacedExecutor)
 
 
 @pytest.fixture
@@ -290,6 +457,75 @@ def test_ctrl_c_stops_running_scenes_with_a_checkpoint_and_says_how_to_continue(
     assert scenes["slow"]["status"] == "interrupted" and scenes["queued"]["status"] == "not-started"
     assert scenes["dies"]["status"] == "not-started" and "died (killed by SIGKILL)" in scenes["dies"]["error"]
     assert json.loads((tmp_path / "runs" / "batch.json").read_text())["interrupted"] is True
+
+
+# -- what a person sees while a batch runs --------------------------------------------------------------
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def paced(scene, scripted, tmp_path, monkeypatch):
+    """``bas batch`` arguments for three scenes (a, bad, c) on the paced executor, whose polls set the clock."""
+    PacedExecutor.now = 0.0
+    monkeypatch.setattr(progress_module, "clock", lambda: PacedExecutor.now)
+    (tmp_path / "scenes.jsonl").write_text("".join(json.dumps({"name": n, "scene": str(scene)}) + "\n" for n in ("a", "bad", "c")))
+    return ["batch", tmp_path / "scenes.jsonl", "--out", tmp_path / "runs", "--plugin", "scripted", "--executor", "paced"]
+
+
+def test_progress_off_a_terminal_shows_each_scene_and_the_counts_with_an_eta(paced, capsys):
+    code, out, err = run_main(paced, capsys)
+    assert code == 1 and "bad (failed): mask1.png is empty" in out
+    assert err.splitlines() == [
+        "Running 3 scene(s).",
+        "a: started", "bad: started", "c: started",
+        "a: phase 1, 4 steps, from step 2", "bad: phase 1, 4 steps, from step 2", "c: phase 1, 4 steps, from step 2",
+        "a: done in 10.0 s",
+        "scenes 1/3: 1 done, 2 running, 0 failed; 00:20 elapsed, ETA 00:40",  # one scene per 20 s so far, two to go
+        "bad: failed: mask1.png is empty after cropping to a square.",
+        "scenes 2/3: 1 done, 1 running, 1 failed; 00:30 elapsed, ETA 00:15",
+        "c: done in 10.0 s",
+        "scenes 3/3: 2 done, 0 running, 1 failed; 00:40 elapsed",
+    ]
+
+
+def test_progress_on_a_terminal_is_one_bar_over_the_scenes_and_quiet_silences_it(paced, capsys, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code, out, _ = run_main(paced, capsys)
+    assert code == 1 and "bad (failed)" in out
+    shown = terminal.getvalue()
+    frames = [f.strip() for f in re.split(r"[\r\n]|\x1b\[A", shown) if f.strip()]
+    bars = [f for f in frames if f.startswith("scenes:")]
+    # the main bar: finished/total, elapsed<ETA, and the counts; redrawn as scenes start and end
+    assert re.search(r"\b0/3 \[[\d:]+<\?, .*0 done, 3 running, 0 failed\]", shown), bars
+    assert re.search(r"\b1/3 \[[\d:]+<[\d:]+, .*1 done, 2 running, 0 failed\]", shown), bars
+    assert re.search(r"\b2/3 \[[\d:]+<[\d:]+, .*1 done, 1 running, 1 failed\]", shown), bars
+    assert re.search(r"\b3/3 \[[\d:]+<00:00, .*2 done, 0 running, 1 failed\]", shown), bars
+    # a bar per running scene with its phase and step, and a line per finished scene above the bars
+    assert re.search(r"a: phase 1: +50%\|.*\| 2/4", shown) and "bad: failed: mask1.png is empty after cropping to a square." in frames
+    assert not any(f.startswith("scenes ") for f in frames)  # the one-line tally is for logs only
+
+    terminal.seek(0), terminal.truncate()
+    shutil.rmtree(paced[3])
+    code, out, err = run_main([*paced, "--quiet"], capsys)
+    assert code == 1 and "bad (failed)" in out  # the outcome still comes, on stdout
+    assert terminal.getvalue() == "" and err == ""
+
+
+def test_a_retried_scene_keeps_one_bar_on_a_terminal():
+    progress = progress_module.BatchProgress(2, stream=Terminal())
+    progress.started("a")
+    progress.started("a", attempt=2)  # its process died and it runs again
+    progress.started("b")
+    assert sorted(progress.slots.items()) == [("a", 1), ("b", 2)] and progress.counts() == "0 done, 2 running, 0 failed"
+    progress.finished("a", "done")
+    progress.finished("b", "failed", "boom")
+    assert progress.slots == {} and progress.free_slots == list(range(1, progress_module.MAX_SCENE_BARS + 1))
+    progress.close()
+    assert "2/2" in progress.stream.getvalue() and "1 done, 0 running, 1 failed" in progress.stream.getvalue()
 
 
 # -- real runs: local worker processes and Ray --------------------------------------------------------

@@ -272,9 +272,10 @@ def evaluated(runs_dir, metric_models, tmp_path_factory):
     return out, result
 
 
-def test_eval_of_a_batch_folder_gives_a_row_per_run_and_skips_what_is_not_a_run(evaluated, runs_dir):
+def test_eval_of_a_batch_folder_gives_a_row_per_run_and_skips_what_is_not_a_run(evaluated, runs_dir, metric_models):
     out, result = evaluated
     data = json.loads((out / "eval.json").read_text())
+    assert data["evaluators"]["dino-identity"]["used"] == {"segmenter": str(metric_models["clipseg"]), "threshold": 0.5}
     assert list(data["runs"]) == ["toys", "toys-again"] and set(data["summary"]) == {"toys", "toys-again"}
     assert any("skipped" in n and "batch.json" in n for n in data["notes"]) and any("index.html" in n for n in data["notes"])
     assert list(data["evaluators"]) == ["clip-prompt", "dino-identity"]  # the paper's two, for runs not on bas-mini
@@ -328,6 +329,7 @@ def test_eval_scores_images_from_a_folder_and_refuses_ones_it_cannot_match(evalu
     ("missing-model", "hf download openai/clip-vit-large-patch14 --local-dir DIR"),
     ("missing-folder", "DINO model folder ./no-such-dino does not exist; pass a folder written by save_pretrained with --dino-model"),
     ("no-class-words", "pass one --class-word per concept"),
+    ("missing-segmenter", "CLIPSeg segmenter 'bas-tests/no-such-clipseg' is not in the Hugging Face cache"),
     ("other-files-in-out", "holds other files, not an earlier bas eval"),
     ("unknown-evaluator", "Unknown evaluator 'nope' for --evaluator; choose one of: bas-mini, clip-prompt, dino-identity."),
 ])
@@ -347,6 +349,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, runs_dir, metri
         extra = ["--clip-model", "openai/clip-vit-large-patch14", "--evaluator", "clip-prompt"]
     elif case == "missing-folder":
         extra += ["--dino-model", "./no-such-dino"]
+    elif case == "missing-segmenter":  # named explicitly: an error, not the fallback to whole images
+        extra += ["--segmenter-model", "bas-tests/no-such-clipseg"]
     elif case == "no-class-words":
         run = tmp_path / "bare"
         shutil.copytree(runs_dir / "toys", run)
@@ -362,6 +366,35 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, runs_dir, metri
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_unavailable_default_segmenter_falls_back_to_whole_images_and_says_so(evaluated, metric_models, runs_dir, tmp_path, capsys,
+                                                                                monkeypatch):
+    from bas.plugins import dino_identity
+
+    out, _ = evaluated
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(dino_identity, "DEFAULT_SEGMENTER", "bas-tests/no-such-clipseg")  # not cached, and offline
+    base = ["eval", runs_dir / "toys", "--images", out / "images", "--evaluator", "dino-identity", "--dino-model", metric_models["dino"], "--quiet"]
+    code, _, err = run_main([*base, "--out", tmp_path / "fallback"], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "segmenter" in line]
+    assert len(notes) == 1 and notes[0].startswith("Note: dino-identity: no segmenter: bas-tests/no-such-clipseg could not be loaded, "
+                                                   "so each generated image was compared whole"), err
+    assert "hf download bas-tests/no-such-clipseg" in notes[0]  # and how to get it
+    data = json.loads((tmp_path / "fallback" / "eval.json").read_text())
+    used = data["evaluators"]["dino-identity"]["used"]
+    assert used["segmenter"] == "whole image" and used["why"].startswith("the default segmenter could not be loaded: CLIPSeg segmenter")
+    assert all("segmented fraction" not in i["details"] for i in data["images"])
+    assert "no segmenter: bas-tests/no-such-clipseg could not be loaded" in (tmp_path / "fallback" / "index.html").read_text()
+
+    code, _, err = run_main([*base, "--out", tmp_path / "none", "--segmenter-model", "none"], capsys)
+    assert code == 0, err
+    whole = json.loads((tmp_path / "none" / "eval.json").read_text())
+    assert whole["evaluators"]["dino-identity"]["used"] == {"segmenter": "whole image", "why": "--segmenter-model none"}
+    assert [i["scores"] for i in whole["images"]] == [i["scores"] for i in data["images"]]  # the fallback is the whole-image score
+    segmented = json.loads((out / "eval.json").read_text())["images"][:len(data["images"])]
+    assert [i["scores"]["identity_similarity"] for i in segmented] != [i["scores"]["identity_similarity"] for i in data["images"]]
 
 
 def test_an_interrupted_eval_reuses_its_images_and_overwrite_replaces_an_earlier_one(runs_dir, metric_models, tmp_path, capsys, monkeypatch):
@@ -436,6 +469,47 @@ def test_a_plugin_evaluator_is_loaded_once_and_its_metric_averaged(evaluated, ru
     assert data["summary"]["toys"]["brightness"]["mean"] == pytest.approx(np.mean(values))
     assert all(i["details"] == {"size": 128} for i in data["images"])
     assert "brightness" in (tmp_path / "b" / "eval.csv").read_text().splitlines()[0]
+
+
+def test_each_run_is_generated_with_its_familys_sampler_and_guidance(runs_dir, tmp_path, monkeypatch):
+    """FLUX.1-dev reads guidance as its distilled guidance (3.5), not classifier-free 7.5: without
+    --guidance/--scheduler each run gets its family's, as `bas generate` gives them; given, both apply
+    to every run, and a sampler a run's family does not take is refused before anything is generated."""
+    from bas.core.plugins import Plugins
+
+    flux = tmp_path / "flux-run"  # the same files, recorded as a FLUX run: only generation's arguments are looked at
+    shutil.copytree(runs_dir / "toys", flux)
+    info = json.loads((flux / "run.json").read_text())
+    (flux / "run.json").write_text(json.dumps(dict(info, family="flux")))
+    (tmp_path / "p.txt").write_text("a photo of <asset0>\n")
+    calls = {}
+
+    def generate(out, prompts, seeds, out_dir, **options):
+        calls[Path(out).name] = {k: options.get(k) for k in ("scheduler", "guidance")}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for prompt in prompts:
+            for s in seeds:
+                Image.new("RGB", (8, 8)).save(Path(out_dir) / f"{image_stem(prompt)}-seed{s}.png")
+
+    monkeypatch.setattr(bas.core.api, "generate", generate)
+    plugins = Plugins(extra=[("brightness", BrightnessPlugin())])
+
+    def evaluate(out, **values):
+        config = evaluation.make_eval_config(plugins, {"runs": [runs_dir / "toys", flux], "out": tmp_path / out, "prompts": tmp_path / "p.txt",
+                                                       "num_images": 1, "evaluators": ["brightness"], "quiet": True, **values})
+        return evaluation.evaluate(config, plugins)
+
+    data = evaluate("defaults")
+    expected = {"toys": {"scheduler": "ddim", "guidance": 7.5}, "flux-run": {"scheduler": "flow-euler", "guidance": 3.5}}
+    assert calls == expected and {name: r["sampling"] for name, r in data["runs"].items()} == expected
+    assert data["settings"]["guidance"] is None and data["settings"]["scheduler"] is None
+    calls.clear()
+    evaluate("given", guidance=5.0)
+    assert calls == {"toys": {"scheduler": "ddim", "guidance": 5.0}, "flux-run": {"scheduler": "flow-euler", "guidance": 5.0}}
+    calls.clear()
+    with pytest.raises(BasError, match="flux-run: --scheduler ddim does not sample flux models; use flow-euler"):
+        evaluate("refused", scheduler="ddim")
+    assert calls == {} and not (tmp_path / "refused").exists() and not evaluation.staging_dir(tmp_path / "refused").exists()
 
 
 def test_the_template_set_is_the_one_every_chosen_evaluator_prefers_else_the_papers():

@@ -40,7 +40,7 @@ def fake_pipeline(tmp_path, class_name):
 
 def test_built_in_families_are_plugins_and_detected_from_model_index(tiny_model, tiny_sdxl_model, tmp_path):
     pm = Plugins()
-    assert set(model_families(pm)) == {"sd", "sdxl"}
+    assert set(model_families(pm)) == {"sd", "sdxl", "flux"}
     assert choose_family(pm, str(tiny_model), None).name == "sd"
     assert choose_family(pm, str(tiny_sdxl_model), None).name == "sdxl"
     assert choose_family(pm, None, None).default_model == "stabilityai/stable-diffusion-2-1-base"
@@ -49,12 +49,13 @@ def test_built_in_families_are_plugins_and_detected_from_model_index(tiny_model,
     mine = fake_pipeline(tmp_path, "MyPipeline")
     with_plugin = Plugins(extra=[("mine", MyFamilyPlugin())])
     assert choose_family(with_plugin, str(mine), None).name == "mine"
-    assert not Plugins(["no:sdxl"]).registry("model family").entries.keys() - {"sd"}
+    assert not Plugins(["no:sdxl", "no:flux"]).registry("model family").entries.keys() - {"sd"}
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "{flux}"], "is a FluxPipeline, which no model family knows (families: sd, sdxl); pass --family NAME"),
-    (["--model", "{tiny}", "--family", "nope"], "Unknown model family 'nope'; choose one of: sd, sdxl"),
+    (["--model", "{other}"], "is a HunyuanDiTPipeline, which no model family knows (families: flux, sd, sdxl); pass --family NAME"),
+    (["--model", "{tiny}", "--family", "nope"], "Unknown model family 'nope'; choose one of: flux, sd, sdxl"),
+    (["--model", "{tiny}", "--quantize", "nf4"], "--quantize nf4 is not a quantisation the sd family loads (it loads none); use --quantize none"),
     (["--model", "{sdxl}", "--resolution", "96"], "--resolution must be a multiple of 64 for sdxl models (such as 512), not 96"),
     (["--model", "{sdxl}", "--attention-res", "2"], "--attention-res 2 is too small to hold a mask"),
     (["--model", "{sdxl}", "--attention-res", "16"], "no cross-attention layers at 16x16; set --attention-res to one of [4, 8]"),
@@ -62,9 +63,9 @@ def test_built_in_families_are_plugins_and_detected_from_model_index(tiny_model,
 def test_family_bad_input_is_one_line_and_nothing_is_written(args, message, scene, tiny_model, tiny_sdxl_model, tmp_path, capsys):
     from bas.cli import main
 
-    flux = fake_pipeline(tmp_path, "FluxPipeline")
+    other = fake_pipeline(tmp_path, "HunyuanDiTPipeline")
     out = tmp_path / "out"
-    argv = [a.format(flux=flux, tiny=tiny_model, sdxl=tiny_sdxl_model) for a in map(str, args)]
+    argv = [a.format(other=other, tiny=tiny_model, sdxl=tiny_sdxl_model) for a in map(str, args)]
     with pytest.raises(SystemExit) as exc:
         main(["run", "--scene", str(scene), "--out", str(out), "--quiet", "--phase1-steps", "1", "--phase2-steps", "0", *argv])
     err = capsys.readouterr().err.strip().splitlines()

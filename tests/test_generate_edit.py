@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import bas
 from bas.core.errors import BasError
 from bas.core.generation import SCHEDULERS, generate_images, make_scheduler
 from bas.core.scene import BACKGROUND_NAME, SceneInput, prepare_scene
@@ -152,3 +155,110 @@ def test_edit_refuses_an_empty_mask(rich_run, scene, invoke, tmp_path):
     Image.new("L", (128, 128), 0).save(tmp_path / "empty.png")
     result = invoke("edit", rich_run, "a photo of <asset1>", "--image", scene / "img.png", "--mask", tmp_path / "empty.png")
     assert result.exit_code == 1 and "marks nothing to edit" in result.output
+
+
+@pytest.mark.parametrize("call", ["generate", "edit"])
+@pytest.mark.parametrize("seeds, message", [
+    ({"seed": -1}, "--seed must be 0 or more, not -1"),
+    ({"seed": 2**63 - 1, "num_images": 2}, "--seed 9223372036854775807 plus 1 more seeds passes"),
+    ({"seeds": [3, 2**64]}, "--seeds must be at most 9223372036854775807"),
+    ({"seeds": "3,7"}, "--seeds must be a list of whole numbers"),
+])
+def test_the_python_api_checks_seeds_as_the_command_line_does(call, seeds, message, rich_run, scene, tmp_path):
+    """``bas.generate`` and ``bas.edit`` refuse the seeds ``bas generate``/``bas edit`` refuse, before the model loads."""
+    out_dir = tmp_path / "images"
+    with pytest.raises(BasError, match=re.escape(message)):
+        if call == "generate":
+            bas.generate(rich_run, "a photo of <asset0>", steps=1, out_dir=out_dir, **seeds)
+        else:
+            bas.edit(rich_run, "a photo of <asset0>", scene / "img.png", scene / "mask0.png", steps=1, out_dir=out_dir, **seeds)
+    assert not out_dir.exists()
+
+
+# -- bas edit takes bas generate's sampling options ----------------------------------------------------------------------
+def square_mask(path, size=(128, 128), box=(40, 40, 89, 89)):
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    mask.save(path)
+    return path
+
+
+def test_edit_takes_a_prompts_file_and_seeds_one_image_per_prompt_and_seed(rich_run, scene, invoke, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# one prompt per line\na photo of <asset1>\n\na photo of <asset0> at the beach\n")
+    result = invoke("edit", rich_run, "--prompts-file", prompts, "--seeds", "3,7", "--image", scene / "img.png",
+                    "--mask", square_mask(tmp_path / "mask.png"), "--steps", 2, "--out-dir", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    paths = [tmp_path / "e" / f"edit-{stem}-seed{s}.png" for stem in ("a-photo-of-asset1", "a-photo-of-asset0-at-the-beach") for s in (3, 7)]
+    assert result.stdout.split() == [str(p) for p in paths] and sorted((tmp_path / "e").iterdir()) == sorted(paths)
+    images = [pixels(p) for p in paths]
+    assert all(not np.array_equal(a, b) for i, a in enumerate(images) for b in images[i + 1:])  # each prompt and seed its own
+    # a prompt on the command line comes first, then the file's
+    result = invoke("edit", rich_run, "a photo of <asset0>", "--prompts-file", prompts, "--image", scene / "img.png",
+                    "--mask", tmp_path / "mask.png", "--steps", 2, "--out-dir", tmp_path / "e2")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in map(Path, result.stdout.split())] == ["edit-a-photo-of-asset0-seed0.png", "edit-a-photo-of-asset1-seed0.png",
+                                                                  "edit-a-photo-of-asset0-at-the-beach-seed0.png"]
+
+
+def test_edit_width_and_height_give_that_size_with_the_input_cropped_to_it(rich_run, scene, invoke, tmp_path):
+    from bas.core.editing import fit
+
+    mask = square_mask(tmp_path / "mask.png")
+    result = invoke("edit", rich_run, "a photo of <asset1>", "--image", scene / "img.png", "--mask", mask, "--steps", 2,
+                    "--width", 64, "--height", 128, "--composite", "--out-dir", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    out = pixels(tmp_path / "e" / "edit-a-photo-of-asset1-seed0.png")
+    assert out.shape == (128, 64, 3)
+    # outside the mask the composite is the input, centre-cropped to 64x128 as bas run crops (not squashed)
+    with Image.open(scene / "img.png") as img, Image.open(mask) as m:
+        source = np.asarray(fit(img.convert("RGB"), 64, 128, Image.BICUBIC), dtype=np.float32)
+        outside = np.asarray(fit(m.convert("L"), 64, 128, Image.BILINEAR)) == 0
+    assert outside.any() and (~outside).any()
+    assert np.abs(out - source)[outside].max() <= 1
+
+
+def test_edit_blend_start_is_where_sampling_starts(rich_run, scene, tmp_path, monkeypatch):
+    import diffusers
+
+    from bas.core.editing import edit_images
+
+    mask = square_mask(tmp_path / "mask.png")
+    calls = []
+    unet_forward = diffusers.UNet2DConditionModel.forward
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "forward",
+                        lambda self, sample, t, *a, **k: calls.append(int(t)) or unet_forward(self, sample, t, *a, **k))
+    images, counts = {}, {}
+    for start in (None, 0.0, 0.5):
+        calls.clear()
+        options = {} if start is None else {"blend_start": start}
+        (path,) = edit_images(rich_run, "a photo of <asset1>", scene / "img.png", mask, steps=4, out_dir=tmp_path / f"e{start}", device="cpu",
+                              **options)
+        images[start], counts[start] = pixels(path), list(calls)
+    # DDIM's 4 steps over 1000 timesteps counted from 0: 750, 500, 250, 0; the default skips a quarter
+    assert counts == {None: [500, 250, 0], 0.0: [750, 500, 250, 0], 0.5: [250, 0]}
+    assert not np.array_equal(images[None], images[0.0]) and not np.array_equal(images[None], images[0.5])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--blend-start", 1], "--blend-start must be at least 0 and below 1 (the script's 0.25), not 1.0."),
+    (["--blend-start", -0.1], "--blend-start must be at least 0 and below 1 (the script's 0.25), not -0.1."),
+    (["--width", 100], "--width must be a positive multiple of 8"),
+    (["--height", 0], "--height must be a positive multiple of 8"),
+    (["--prompts-file", "missing.txt"], "Prompts file missing.txt does not exist"),
+    (["--prompts-file", "comments.txt"], "Prompts file comments.txt holds no prompt; write one prompt per line."),
+    (["--blend-start", "nan"], "--blend-start must be at least 0 and below 1 (the script's 0.25), not nan."),
+])
+def test_edit_sampling_option_errors_are_one_line_and_write_nothing(args, message, rich_run, scene, tmp_path, capsys, monkeypatch):
+    from bas.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "comments.txt").write_text("# nothing but a comment\n\n")
+    square_mask(tmp_path / "mask.png")
+    prompt = [] if "--prompts-file" in args else ["a photo of <asset1>"]
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in ["edit", rich_run, *prompt, "--image", scene / "img.png", "--mask", "mask.png", "--steps", 2,
+                                "--out-dir", "e", *args]])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 1 and len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
+    assert not (tmp_path / "e").exists()

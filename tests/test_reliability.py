@@ -81,6 +81,47 @@ def test_interrupted_run_resumes_to_the_same_weights(how, checkpoint_name, unint
     assert not (out / "checkpoints").exists() and not staging_path(out).exists()  # a finished run keeps no checkpoints
 
 
+class StopAt:
+    """An observer that stops the run after ``step`` of ``phase``, as Ctrl-C does."""
+
+    def __init__(self, phase, step):
+        self.phase, self.step = phase, step
+
+    def on_step(self, run, record):
+        if (record.phase, record.step) == (self.phase, self.step):
+            run.request_stop()
+
+    @bas.hookimpl
+    def bas_register_observers(self, register):
+        register("stop-at", lambda config: self)
+
+
+def test_a_stopped_sdxl_run_resumes_to_the_same_weights(scene, tiny_sdxl_model, tmp_path):
+    """The SDXL family's state (both encoders' handle rows and LoRA, the UNet's LoRA, the optimizer, the random
+    generators) comes back from a checkpoint whole: stopped in phase 2 and resumed, the run ends with exactly an
+    uninterrupted run's tensors."""
+    def sdxl_run(out, extra=(), **values):
+        pm = Plugins([], extra=list(extra))
+        values = {"scene": scene, "model": str(tiny_sdxl_model), "out": out, "quiet": True, "phase1_steps": 2, "phase2_steps": 4,
+                  "checkpoint_every": 2, **values}
+        return extract(make_config(pm, values, []), pm)
+
+    sdxl_run(tmp_path / "ref")
+    uninterrupted = tensors(tmp_path / "ref")
+    assert {k.split(".")[0] for k in uninterrupted} == {"<asset0>", "<asset1>", "text_encoder_2", "lora"}
+    assert {k.split(".")[1] for k in uninterrupted if k.startswith("lora.")} == {"unet", "text_encoder", "text_encoder_2"}
+    out = tmp_path / "out"
+    with pytest.raises(BasError, match="Interrupted at phase 2 step 3.*run the same command with --resume added to continue"):
+        sdxl_run(out, [("stop-at", StopAt(2, 3))])
+    assert not (out / "run.json").exists() and (staging_path(out) / "checkpoints" / "phase2-step00003").is_dir()
+    run = sdxl_run(out, resume=True)
+    assert run.info["family"] == "sdxl" and [h["step"] for h in run.info["history"]["phase2"]] == [1, 2, 3, 4]
+    got = tensors(out)
+    assert set(got) == set(uninterrupted)
+    for k in got:
+        assert torch.equal(got[k], uninterrupted[k]), k
+
+
 def test_resume_refuses_other_options_and_missing_checkpoints(scene, tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
     code = run_main(["run", "--scene", scene, "--model", tiny_model, "--out", out, "--resume", "--quiet"], capsys)

@@ -322,6 +322,27 @@ def test_readers_refuse_a_damaged_or_mixed_run_folder(case, damage, message, wor
     assert not (work / "escaped").exists() and not list(work.parent.glob("escaped*"))
 
 
+@pytest.mark.parametrize("entry, what", [
+    (".old.bas-partial", "the staging folder"),  # a complete run waiting to be swapped in: readable, but not the run
+    (".old.bas-old", "the previous run set aside during a swap"),
+    (".old.bas-lock", "the lock file"),
+])
+def test_readers_refuse_the_entries_bas_keeps_beside_a_run_naming_the_run(entry, what, work):
+    runs = work / "runs"
+    if entry.endswith("lock"):
+        (runs / entry).write_text('{"pid": 1, "host": "elsewhere", "command": "bas run", "started": "2026-01-01T00:00:00"}')
+    else:
+        shutil.copytree(runs / "old", runs / entry)
+    (work / "linked").symlink_to(runs / entry)
+    before = snapshot(work)
+    for given in (runs / entry, work / "linked"):
+        for reader in READERS:
+            code, err = run_main([a.format(out=given, work=work) for a in reader])
+            line = error_line(err)
+            assert code == 1 and f"is {what} that bas keeps beside the run " in line and line.endswith(f"runs/old itself."), (reader[0], line)
+            assert snapshot(work) == before
+
+
 def test_readers_take_a_run_an_earlier_version_wrote(work):
     """A run.json without the files' sizes and hashes (bas before the run-folder checks) has nothing
     to verify, which is no damage: generate, export and edit read the run as before, and the checks

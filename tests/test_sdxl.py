@@ -1,5 +1,6 @@
 """SDXL on a tiny random SDXL pipeline: what each phase trains in both text encoders, the attention
-loss's maps, generation and editing through diffusers' SDXL pipeline, and the family's files."""
+loss's maps, generation and editing through diffusers' SDXL pipeline, the family's files, --plugin full,
+prior preservation and a non-native --resolution (resuming an SDXL run: tests/test_reliability.py)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,41 @@ class Snapshots:
     def on_phase_end(self, run, phase):
         self.end[phase] = self.params(run)
 
+    def on_run_start(self, run):
+        """Record, at every training step, the maps the attention loss captured, what the step showed, and the
+        probabilities recomputed independently from each captured layer's own queries and keys."""
+        term = next((t for t in run.resolved.loss_terms if t.name == "attention"), None)
+        if term is None:
+            return
+        modules = dict(run.components.denoiser.named_modules())
+        reference = {}
+
+        def explicit(name):
+            def hook(module, args, kwargs, output):
+                if not torch.is_grad_enabled():
+                    return
+                with torch.no_grad():
+                    q, k = module.to_q(args[0]).double(), module.to_k(kwargs["encoder_hidden_states"]).double()
+                    heads, d = module.heads, q.shape[-1] // module.heads
+                    q, k = (x.view(x.shape[0], -1, heads, d).transpose(1, 2) for x in (q, k))
+                    reference[name] = ((q @ k.transpose(-1, -2)) * module.scale).softmax(-1).mean(1)
+            return hook
+
+        for name in term.layer_names:
+            modules[name].register_forward_hook(explicit(name), with_kwargs=True)
+        token_maps = term.token_maps
+
+        def recording(batch):
+            maps = term.store.maps_for(batch.conditioning.hidden_states)
+            result = token_maps(batch)
+            self.maps.append({"phase": batch.phase, "res": term.res, "layers": list(term.layer_names), "concepts": list(batch.concepts),
+                              "positions": list(batch.token_positions), "ids": run.tokenize([batch.prompt]),
+                              "maps": [m.detach().clone() for m in maps], "reference": [reference[n] for n in term.layer_names],
+                              "token_maps": result.detach().clone()})
+            return result
+
+        term.token_maps = recording
+
     @bas.hookimpl
     def bas_register_observers(self, register):
         register("snapshots", lambda config: self)
@@ -48,14 +84,37 @@ def changed(snaps, phase):
     return {n for n in end if n not in start or not torch.equal(start[n], end[n])}
 
 
+class DenoiserCalls:
+    """An observer plugin that records every training forward of the denoiser: the phase, the latents' shape and
+    the SDXL time ids (the step's own forward and any a loss term makes, such as the prior's)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_run_start(self, run):
+        def record(module, args, kwargs):
+            if torch.is_grad_enabled():
+                self.calls.append((run.phase, tuple(args[0].shape), kwargs["added_cond_kwargs"]["time_ids"][0].tolist()))
+
+        run.components.denoiser.register_forward_pre_hook(record, with_kwargs=True)
+
+    @bas.hookimpl
+    def bas_register_observers(self, register):
+        register("denoiser-calls", lambda config: self)
+
+
+def run_sdxl(scene, model, out, plugin_names=(), **values):
+    """A run on the tiny SDXL with :class:`Snapshots` and :class:`DenoiserCalls` observing it."""
+    snaps, calls = Snapshots(), DenoiserCalls()
+    pm = Plugins(list(plugin_names), extra=[("snapshots", snaps), ("denoiser-calls", calls)])
+    values = {"scene": scene, "model": str(model), "out": out, "quiet": True, "phase1_steps": 2, "phase2_steps": 2, **values}
+    run = extract(make_config(pm, values, list(plugin_names)), pm)
+    return run, snaps, calls
+
+
 @pytest.fixture(scope="module")
 def sdxl_run(tmp_path_factory, tiny_sdxl_model, scene):
-    snaps = Snapshots()
-    pm = Plugins([], extra=[("snapshots", snaps)])
-    out = tmp_path_factory.mktemp("sdxl") / "run"
-    values = {"scene": scene, "model": str(tiny_sdxl_model), "out": out, "quiet": True, "phase1_steps": 2, "phase2_steps": 2,
-              "init_tokens": ["ball", "box"]}
-    run = extract(make_config(pm, values, []), pm)
+    run, snaps, _ = run_sdxl(scene, tiny_sdxl_model, tmp_path_factory.mktemp("sdxl") / "run", init_tokens=["ball", "box"])
     return run, snaps
 
 
@@ -74,6 +133,36 @@ def test_the_family_is_detected_and_recorded(sdxl_run, tiny_sdxl_model):
     info = json.loads((run.out / "run.json").read_text())
     assert info["family"] == "sdxl" and info["config"]["family"] is None and info["model"] == str(tiny_sdxl_model)
     assert [e.name for e in run.components.text_encoders] == list(ENCODERS)
+
+
+def check_captured_maps(run, snaps, latent):
+    """The attention loss's maps at every step: at a quarter of the ``latent`` side (the layers the family has
+    there), fp32 softmax probabilities over all tokens of the prompt, read at the shown handles' positions."""
+    res = latent // 4
+    layers = run.family.attention_layers(run.components, latent)
+    at_res = sorted(n for n, (_, side) in layers.items() if side == res)
+    assert at_res and all(n.endswith("attn2") for n in at_res) and {side for _, side in layers.values()} - {res}  # other sides exist
+    steps = run.config.phase1_steps + run.config.phase2_steps
+    assert len(snaps.maps) == steps and {r["phase"] for r in snaps.maps} == {1, 2}
+    tokens = [e.tokenizer.convert_tokens_to_ids(run.tokens) for e in run.components.text_encoders]
+    for record in snaps.maps:
+        assert record["res"] == res and record["layers"] == at_res and len(record["maps"]) == len(at_res)
+        for m, reference in zip(record["maps"], record["reference"]):
+            length = record["ids"][0].shape[1]
+            assert m.dtype == torch.float32 and m.shape == (1, res * res, length) and (m >= 0).all()
+            torch.testing.assert_close(m.sum(-1), torch.ones(1, res * res))  # softmax over every token, pads included
+            torch.testing.assert_close(m.double(), reference, rtol=1e-4, atol=1e-7)
+        for ids, handle_ids in zip(record["ids"], tokens):  # the positions hold the shown handles in both encoders' prompts
+            assert [int(ids[0, p]) for p in record["positions"]] == [handle_ids[c] for c in record["concepts"]]
+        picked = torch.stack(record["maps"]).mean(0)[:, :, record["positions"]].permute(0, 2, 1)
+        picked = picked.reshape(1, len(record["positions"]), res, res)
+        torch.testing.assert_close(record["token_maps"], picked / picked.amax(dim=(-2, -1), keepdim=True))
+
+
+def test_the_attention_loss_captures_softmax_maps_of_the_handle_tokens_at_the_chosen_resolution(sdxl_run):
+    run, snaps = sdxl_run
+    assert run.resolution == 128  # the tiny SDXL's native size: a 16x16 latent, maps at 4x4 as SDXL's 32x32 at 1024 px
+    check_captured_maps(run, snaps, 16)
 
 
 def test_phase1_changes_only_the_handle_rows_of_both_encoders(sdxl_run):
@@ -306,3 +395,73 @@ def test_exports_refuse_what_the_family_cannot_write_and_write_nothing(sdxl_run,
     with pytest.raises(BasError, match="Runs of the sdxl family export as diffusers; --format kohya is not one of them"):
         export_run(run.out, "kohya", tmp_path / "f", preview=False)
     assert not (tmp_path / "f").exists()
+
+
+def test_full_fine_tune_trains_the_unet_and_both_encoders_and_saves_a_pipeline_plain_diffusers_loads(scene, tiny_sdxl_model, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from bas.core.generation import load_run_pipeline
+
+    run, snaps, _ = run_sdxl(scene, tiny_sdxl_model, tmp_path / "out", ["full"], phase1_steps=1, phase2_lr=1e-3)
+    moved, handles = changed(snaps, 2), set(handle_names(run).values())
+    assert handles <= moved and not any("lora_" in n for n in snaps.end[2])
+    for component in ("unet", *ENCODERS):  # the denoiser's weights and both encoders' own weights train
+        assert any(n.startswith(component + ".") and n not in handles for n in moved), component
+    base_rows = {n for n in snaps.end[2] if n.endswith("token_embedding.base.weight")}
+    assert len(base_rows) == 2 and not base_rows & moved  # the old vocabulary of both encoders stays as it was
+    assert (run.out / "pipeline" / "model_index.json").is_file() and not (run.out / "lora").exists()
+
+    plain = StableDiffusionXLPipeline.from_pretrained(str(run.out / "pipeline"))
+    trained = run.components.denoiser.state_dict()
+    loaded = plain.unet.state_dict()
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
+    saved = load_file(str(run.out / "handles.safetensors"))
+    for prefix, encoder, tokenizer in (("", plain.text_encoder, plain.tokenizer), ("text_encoder_2.", plain.text_encoder_2, plain.tokenizer_2)):
+        params = dict(encoder.named_parameters())
+        name = prefix.rstrip(".") or "text_encoder"
+        for n, value in snaps.end[2].items():  # every trained weight of the encoder, as the run left it
+            if n.startswith(name + ".") and "token_embedding" not in n:
+                assert torch.equal(params[n[len(name) + 1:]], value), n
+        weight = encoder.get_input_embeddings().weight
+        for token in ("<asset0>", "<asset1>"):
+            assert torch.equal(weight[tokenizer.convert_tokens_to_ids(token)], saved[prefix + token])
+    pipe, _ = load_run_pipeline(run.out, device="cpu")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert all(torch.equal(v, trained[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_prior_preservation_uses_its_class_images_with_their_size_conditioning_in_phase2(scene, tiny_sdxl_model, tmp_path):
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    wide = np.zeros((128, 160, 3), dtype=np.uint8)
+    wide[:, :, 0] = np.linspace(0, 255, 160, dtype=np.uint8)
+    Image.fromarray(wide).save(classes / "a-wide.png")  # given: 160x128, so its crop starts 16 px from the left
+    run, _, calls = run_sdxl(scene, tiny_sdxl_model, tmp_path / "out", ["prior-preservation"], phase2_steps=4,
+                             class_data_dir=classes, num_class_images=2, class_generation_steps=2)
+    generated = sorted(p.name for p in classes.iterdir())
+    assert generated == ["a-wide.png", "class-0001.png"] and Image.open(classes / "class-0001.png").size == (128, 128)
+    history = run.info["history"]
+    assert all("prior" not in h for h in history["phase1"]) and all(h["prior"] > 0 for h in history["phase2"])
+    assert {t["name"] for t in run.info["loss_terms"]} == {"diffusion", "attention", "prior"}
+    # phase 1: one forward a step (the scene's); phase 2: the scene's, then the prior's on a class image
+    assert [c[0] for c in calls.calls] == [1, 1] + [2] * 8
+    scene_ids = [*run.scene.size.original, *run.scene.size.crop_top_left, *run.scene.size.target]
+    assert all(c[2] == scene_ids for c in calls.calls[:2] + calls.calls[2::2])
+    prior = [c[2] for c in calls.calls[3::2]]
+    assert {tuple(ids) for ids in prior} == {(128, 160, 0, 16, 128, 128), (128, 128, 0, 0, 128, 128)}  # both class images drawn
+    assert all(c[1] == (1, 4, 16, 16) for c in calls.calls)
+
+
+def test_a_non_native_resolution_trains_and_generates_at_that_size(scene, tiny_sdxl_model, tmp_path, invoke):
+    """As --resolution 768 on SDXL's 1024: the tiny SDXL (native 128 px) at 192 px, another multiple of 64."""
+    run, snaps, calls = run_sdxl(scene, tiny_sdxl_model, tmp_path / "out", phase1_steps=1, phase2_steps=1, resolution=192)
+    info = json.loads((run.out / "run.json").read_text())
+    assert run.resolution == info["resolution"] == 192
+    # trained on 24x24 latents, conditioned on a 192 px target, the attention loss's maps at 6x6 (a quarter of 24)
+    assert [c[1] for c in calls.calls] == [(1, 4, 24, 24)] * 2
+    assert all(c[2][4:] == [192, 192] for c in calls.calls)
+    check_captured_maps(run, snaps, 24)
+    result = invoke("generate", run.out, "a photo of <asset0>", "--steps", 2, "--num-images", 1, "--scheduler", "euler",
+                    "--out-dir", tmp_path / "g")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "g" / "a-photo-of-asset0-seed0.png").size == (192, 192)

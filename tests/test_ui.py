@@ -32,8 +32,10 @@ from bas.cli import cli
 from bas.core import runfolder
 from bas.core.checkpoint import complete_checkpoints
 from bas.core.errors import BasError
+from bas.core.export import FORMATS
+from bas.core.mask_cleanup import MaskCleanup
 from bas.core.runfolder import staging_path
-from bas.ui import commands
+from bas.ui import commands, scenes
 from bas.ui.jobs import Jobs
 from bas.ui.workspace import Workspace, check_name
 
@@ -85,6 +87,23 @@ def test_a_path_option_typed_on_the_page_is_refused_outside_the_workspace(tmp_pa
     assert config.options["logging_dir"] == ws.root / "logs" / "a" and names == ["tensorboard"]
     with pytest.raises(BasError, match="No such option '--no-such-option'"):
         commands.parse_run(["--out", "runs/a", "--no-such-option"], ws)
+
+
+# -- the Scene tab's init words -------------------------------------------------------------------------
+def test_an_init_word_goes_to_the_concept_it_was_typed_for(scene):
+    """The page sends the word with the concept shown beside it: a word whose last keystroke arrives
+    after another concept was picked still goes to the one it was typed for."""
+    draft = scenes.new_draft(scene / "img.png")
+    assert not scenes.set_init_word(draft, None, "bear") and not scenes.set_init_word(None, "<asset0>", "bear")  # no concept yet
+    draft.concepts += [scenes.Concept(), scenes.Concept(), scenes.Concept()]
+    draft.selected = 2
+    assert scenes.set_init_word(draft, "<asset0>", " bear ")  # typed for <asset0>, <asset2> picked since
+    assert scenes.set_init_word(draft, None, "box")  # no concept named: the selected one
+    assert [c.init_word for c in draft.concepts] == ["bear", "", "box"]
+    assert scenes.init_words(draft) == ["bear", "object", "box"]  # a blank word is the default one
+    scenes.set_init_word(draft, "<asset1>", "teddy bear")
+    with pytest.raises(BasError, match="The init word 'teddy bear' is not one word"):
+        scenes.init_words(draft)
 
 
 # -- the command lines the page shows are the ones it runs ---------------------------------------------
@@ -253,6 +272,39 @@ def test_the_runs_list_finds_runs_in_staging_folders_and_shows_no_name_bas_keeps
         other.wait()
 
 
+def test_the_generate_tab_offers_the_picked_runs_family_samplers_and_defaults(tmp_path):
+    """A FLUX run samples with flow-euler at FLUX.1-dev's distilled guidance 3.5, an SD run with the
+    paper's DDIM at 7.5: the tab follows the run picked, and a blank guidance is the family's."""
+    from safetensors.torch import save_file
+
+    from bas.core.family import get_family
+    from bas.core.generation import SCHEDULERS
+    from bas.core.plugins import Plugins
+
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[test]')")
+    from bas.ui.app import App
+
+    ws = Workspace(tmp_path / "ws")
+    for name, rows in (("sd", {"<asset0>": torch.zeros(4)}), ("flux", {"<asset0>": torch.zeros(4), "text_encoder_2.<asset0>": torch.zeros(8)})):
+        folder = ws.root / "runs" / name
+        folder.mkdir(parents=True)
+        save_file(rows, str(folder / "handles.safetensors"))
+        (folder / "run.json").write_text(json.dumps({"bas_version": "0.1.0", "model": "m", "family": name, "handles": ["<asset0>"],
+                                                     "files": ["handles.safetensors"], "resolution": 64}))
+    ddpm_type = [n for n in SCHEDULERS if n != "flow-euler"]
+    assert commands.sampling_choices() == {"schedulers": ddpm_type, "scheduler": "ddim", "guidance": 7.5}  # before a run is picked
+    app = App(ws, model="m", sam_model="s", device="cpu")
+    for run, schedulers, scheduler, guidance in (("runs/flux", ["flow-euler"], "flow-euler", 3.5), ("runs/sd", ddpm_type, "ddim", 7.5)):
+        chips, status, sampler, scale = app.generate_settings(run)
+        assert 'data-handle="&lt;asset0&gt;"' in chips and status == "1 handles, base model m."
+        assert (sampler["choices"], sampler["value"], scale["value"]) == (schedulers, scheduler, guidance)
+    _, status, _, _ = app.generate_settings("runs/.flux.bas-partial")
+    assert "is where bas keeps its own work for the run flux" in status
+    # a blank guidance is left to the family, in the command line shown too
+    flux = get_family(Plugins(), "flux")
+    assert commands.generate_args("runs/flux", ["p"], {"seeds": [0], "guidance": None, "scheduler": "flow-euler"}, flux) == ["runs/flux", "p", "--seeds", "0"]
+
+
 # -- the page in a real browser --------------------------------------------------------------------------
 def browser_or_skip():
     for module in ("gradio", "playwright"):
@@ -364,7 +416,36 @@ def open_tab(page, label):
     page.click(f"button[role=tab]:has-text('{label}')")
 
 
-def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots, scene, tmp_path):
+def export_on_page(page, run, fmt, name):
+    """Export ``run`` as ``fmt`` from the Export tab and download the zip it offers."""
+    from playwright.sync_api import expect
+
+    page.locator("#export-run input").fill(run)
+    page.locator("#export-run input").press("Enter")
+    page.click(f"#export-format label:has-text('{fmt}')")
+    page.click("#export")
+    wait_text(page, "#export-status", rf"Wrote exports/{name} and {name}.zip", timeout=60_000)
+    link = page.locator("#export-file a").first
+    expect(link).to_have_attribute("href", re.compile(re.escape(f"{name}.zip") + "$"))
+    with page.expect_download() as download:
+        link.click()
+    assert download.value.suggested_filename == f"{name}.zip"
+    return zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes()))
+
+
+def assert_diffusers_files(archive, folder, handles):
+    """A diffusers export: the LoRA in diffusers keys (``load_lora_weights`` reads both styles), one textual
+    inversion per handle, named by it."""
+    lora = load_safetensors(archive.read(f"{folder}/lora/pytorch_lora_weights.safetensors"))
+    assert lora and all(re.match(r"(unet|text_encoder)\.[\w.]+\.(lora_[AB]|(\w+_)?lora\.(down|up))\.weight$", k) for k in lora), sorted(lora)[:5]
+    assert {k.split(".")[0] for k in lora} == {"unet", "text_encoder"}
+    for handle in handles:
+        embedding = load_safetensors(archive.read(f"{folder}/embeddings/{handle[1:-1]}.safetensors"))
+        assert list(embedding) == [handle] and embedding[handle].ndim == 1
+    assert "pipe.load_textual_inversion" in archive.read(f"{folder}/README.md").decode()
+
+
+def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots, scene, tiny_model, tmp_path):
     from playwright.sync_api import expect
 
     ws = server["workspace"]
@@ -388,6 +469,25 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     wait_text(page, "#scene-status", r"<asset1>: box 70,30 to 111,91")
     upload(page, "#upload-mask", scene / "mask1.png")
     wait_text(page, "#scene-status", r"<asset2>: mask from mask1.png")
+    # an init word per concept: the field edits the selected concept (the newest, or one picked)
+    init_word = page.locator("#init-word textarea, #init-word input")
+    init_word.press_sequentially("box")  # typed: the field follows keystrokes
+    wait_text(page, "#scene-concepts", r"<asset2>: mask mask1.png, init word 'box'")
+    page.click("#concept label:has-text('<asset0>')")
+    wait_text(page, "#scene-status", r"<asset0> selected")
+    expect(init_word).to_have_value("")
+    init_word.press_sequentially("ball")  # typed: the field follows keystrokes
+    wait_text(page, "#scene-concepts", r"<asset0>: SAM .*, init word 'ball'")
+    # cleanup options: the preview shows them at once, the saved masks have them
+    before = page.locator("#scene-canvas img").get_attribute("src")
+    page.get_by_text("Mask cleanup", exact=True).click()
+    page.fill("#mask-threshold input", "0.5")
+    page.locator("#fill-holes input").check()
+    page.fill("#mask-dilate input", "2")
+    page.locator("#mask-dilate input").press("Tab")
+    wait_text(page, "#scene-status", r"Cleanup applies to the preview")
+    page.wait_for_function("src => { const img = document.querySelector('#scene-canvas img'); return img && img.src !== src; }", arg=before)
+    cleanup = MaskCleanup(threshold=0.5, fill_holes=True, dilate=2.0)
     concepts = text_of(page, "#scene-concepts")
     assert re.search(r"<asset0>: SAM --point \d+,\d+\+no:20,100", concepts) and "<asset1>: SAM --box 70,30,111,91" in concepts, concepts
     page.fill("#scene-name input, #scene-name textarea", "toys")
@@ -397,14 +497,19 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     saved = ws / "scenes" / "toys"
     info = json.loads((saved / "scene.json").read_text())
     assert info["prompts"][0][0] == "--point" and info["prompts"][1] == ["--box", "70,30,111,91"] and info["prompts"][2] is None
+    assert info["init_tokens"] == ["ball", "object", "box"]  # a blank word is the default one
     # the masks are what `bas masks --plugin sam-masks` makes from the same prompts, and the uploaded one unchanged
     direct = tmp_path / "direct"
     result = CliRunner().invoke(cli, ["masks", "-p", "sam-masks", "--image", str(scene / "img.png"), "--model", str(server["root"] / "tiny-sam"),
-                                      "--device", "cpu", info["prompts"][0][0], info["prompts"][0][1], "--box", "70,30,111,91", "--out", str(direct)])
+                                      "--device", "cpu", info["prompts"][0][0], info["prompts"][0][1], "--box", "70,30,111,91", "--out", str(direct),
+                                      "--mask-threshold", "0.5", "--fill-holes", "--mask-dilate", "2"])
     assert result.exit_code == 0, result.output
     for i in range(2):
         assert np.array_equal(np.asarray(Image.open(saved / f"mask{i}.png")), np.asarray(Image.open(direct / f"mask{i}.png")))
-    assert np.array_equal(np.asarray(Image.open(saved / "mask2.png")), np.asarray(Image.open(scene / "mask1.png").convert("L")))
+    uploaded = np.asarray(Image.open(scene / "mask1.png").convert("L"))
+    mask2 = np.asarray(Image.open(saved / "mask2.png"))
+    assert np.array_equal(mask2, (cleanup.apply(uploaded / 255.0) * 255).round().astype(np.uint8))
+    assert set(np.unique(mask2)) == {0, 255} and (mask2 > 0).sum() > (uploaded >= 128).sum()  # thresholded, then grown by 2 pixels
 
     # a path that leaves the workspace is refused, on the page and by the file route
     page.fill("#open-scene input", str(scene))
@@ -415,6 +520,17 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     wait_text(page, "#scene-status", r"Error: \.\./ is outside the workspace")
     assert page.request.get(f"{server['url']}gradio_api/file={scene / 'img.png'}").status == 403
     assert page.request.get(f"{server['url']}gradio_api/file={saved / 'preview.png'}").status == 200
+
+    # a scene folder of the workspace opens: its image with its masks tinted (the cleanup still shown), and its init words
+    page.fill("#open-scene input", "scenes/toys")
+    page.click("#open-scene-button")
+    wait_text(page, "#scene-status", r"Opened scenes/toys: 3 masks")
+    concepts = text_of(page, "#scene-concepts")
+    for i, word in enumerate(["ball", "object", "box"]):
+        assert f"<asset{i}>: mask scenes/toys/mask{i}.png, init word '{word}'" in concepts, concepts
+    expect(page.locator("#concept label")).to_have_text(["<asset0>", "<asset1>", "<asset2>"])
+    opened = scenes.render(scenes.open_scene(Workspace(ws), "scenes/toys"), cleanup)
+    expect(page.locator("#scene-canvas img")).to_have_attribute("src", scenes.data_url(opened))
 
     # Extract: a few steps in the background; progress reaches the end; the command line is the run's
     open_tab(page, "Extract")
@@ -427,12 +543,25 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     wait_text(page, "#progress", r"toys: finished in", timeout=120_000)
     command = page.locator("#run-command textarea").input_value()
     assert command.startswith(f"cd {ws}\nbas run --scene scenes/toys --out runs/toys") and "--phase1-steps 2 --phase2-steps 2" in command, command
+    assert "--init-token ball --init-token object --init-token box" in command, command  # the scene's words
     run_info = json.loads((ws / "runs" / "toys" / "run.json").read_text())
     typed, _ = commands.parse_run(shlex.split(command.split("\n")[1])[2:], Workspace(ws))
     as_saved = json.loads(json.dumps(typed.to_json(), default=str))
     as_saved["options"]["quiet"] = True  # the page shows progress itself (quiet is free to differ on --resume)
     assert as_saved == run_info["config"]
-    assert run_info["handles"] == ["<asset0>", "<asset1>", "<asset2>"]
+    assert run_info["handles"] == ["<asset0>", "<asset1>", "<asset2>"] and run_info["config"]["init_tokens"] == ["ball", "object", "box"]
+    # the loss curve: a line per phase, a point per step (steps counted across both phases) with the run's own loss
+    plot = page.locator("#loss-plot")
+    expect(plot.locator("[aria-label^='X-axis']")).to_have_attribute("aria-label", re.compile(r"X-axis titled 'step' .* values from 1(\.0)? to 4(\.0)?$"))
+    expect(plot.locator("[aria-roledescription='point']")).to_have_count(4)
+    expect(plot.locator("[aria-roledescription='line mark']")).to_have_count(2)
+    points = [re.fullmatch(r"step: (\d+); loss: ([\d.e-]+); phase: phase (\d)", label).groups()
+              for label in plot.locator("[aria-roledescription='point']").evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")]
+    phase1, phase2 = run_info["history"]["phase1"], run_info["history"]["phase2"]
+    history = [(h["step"], 1) for h in phase1] + [(len(phase1) + h["step"], 2) for h in phase2]
+    assert [(int(step), int(phase)) for step, _, phase in points] == history, points
+    losses = [h["loss"] for h in phase1 + phase2]
+    assert all(abs(float(shown) - loss) < 1e-6 * max(1.0, abs(loss)) for (_, shown, _), loss in zip(points, losses)), (points, losses)
     page.wait_for_function("document.querySelector('#attention img') && document.querySelector('#attention img').naturalWidth > 0")
     shots(page, "extract")
 
@@ -471,18 +600,22 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
         "a-photo-of-asset0-seed0.png", "a-photo-of-asset0-seed1.png", "grid-a-photo-of-asset0-seed0.png"]
     expect(page.locator("#generate-command textarea")).to_have_value("bas generate runs/toys 'a photo of <asset0>' --seeds 0,1 --steps 2 --device cpu")
     shots(page, "generate")
+    # LoRA scale 0: the handles without the phase-2 LoRA, a different image of the same seed
+    sample = ws / "runs" / "toys" / "samples" / "a-photo-of-asset0-seed0.png"
+    at_scale_1 = np.asarray(Image.open(sample))
+    page.fill("#lora-scale input", "0")
+    page.fill("#seeds textarea, #seeds input", "0")
+    page.locator("#seeds textarea, #seeds input").press("Tab")
+    page.click("#generate")
+    wait_text(page, "#generate-status", r"Wrote 1 image into runs/toys/samples", timeout=60_000)
+    expect(page.locator("#generate-command textarea")).to_have_value("bas generate runs/toys 'a photo of <asset0>' --seeds 0 --steps 2 --lora-scale 0 --device cpu")
+    assert not np.array_equal(np.asarray(Image.open(sample)), at_scale_1)
 
-    # Export: the kohya zip downloads, with its model card, and holds kohya keys
+    # Export: every format the tab offers downloads as a zip with its model card, and its weights open
     open_tab(page, "Export")
-    page.locator("#export-run input").fill("runs/toys")
-    page.locator("#export-run input").press("Enter")
-    page.click("#export-format label:has-text('kohya')")
-    page.click("#export")
-    wait_text(page, "#export-status", r"Wrote exports/toys-kohya and toys-kohya.zip", timeout=60_000)
+    expect(page.locator("#export-format label")).to_have_text(list(FORMATS))
+    archive = export_on_page(page, "runs/toys", "kohya", "toys-kohya")
     wait_text(page, "#export-card", r"AUTOMATIC1111")
-    with page.expect_download() as download:
-        page.locator("#export-file a").first.click()
-    archive = zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes()))
     names = sorted(archive.namelist())
     assert "toys-kohya/README.md" in names and "toys-kohya/toys.safetensors" in names, names
     lora = load_safetensors(archive.read("toys-kohya/toys.safetensors"))
@@ -490,6 +623,25 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     embedding = load_safetensors(archive.read("toys-kohya/embeddings/toys-asset0.safetensors"))
     assert list(embedding) == ["emb_params"]
     shots(page, "export")
+
+    handles = [f"<asset{i}>" for i in range(3)]
+    archive = export_on_page(page, "runs/toys", "diffusers", "toys-diffusers")
+    wait_text(page, "#export-card", r"load_lora_weights")
+    assert sorted(archive.namelist()) == sorted(f"toys-diffusers/{n}" for n in ["README.md", "preview.png", "lora/pytorch_lora_weights.safetensors",
+                                                                              *[f"embeddings/asset{i}.safetensors" for i in range(3)]])
+    assert_diffusers_files(archive, "toys-diffusers", handles)
+
+    # a LoRA from a full fine-tune: refused for the LoRA run, made for a full one (trained here on the command line)
+    page.click("#export-format label:has-text('lora-from-full')")
+    page.click("#export")
+    wait_text(page, "#export-status", r"Error: .*toys is not a full fine-tune \(it has no pipeline/\); export it with --format diffusers or kohya")
+    result = CliRunner().invoke(cli, ["run", "--scene", str(ws / "scenes" / "toys"), "--model", str(tiny_model), "--out", str(ws / "runs" / "full"),
+                                      "--plugin", "full", "--phase1-steps", "1", "--phase2-steps", "1", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    archive = export_on_page(page, "runs/full", "lora-from-full", "full-lora-from-full")
+    assert {"full-lora-from-full/README.md", "full-lora-from-full/lora/pytorch_lora_weights.safetensors"} <= set(archive.namelist())
+    assert not any("/pipeline/" in n for n in archive.namelist())
+    assert_diffusers_files(archive, "full-lora-from-full", handles)
 
     # Runs: finished, interrupted and failed runs from the workspace, each with its report
     open_tab(page, "Runs")

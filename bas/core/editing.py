@@ -28,10 +28,11 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from bas.core import io
+from bas.core import checks, io
 from bas.core.errors import BasError
 from bas.core.family import ImageSize
-from bas.core.generation import check_prompts_fit, check_scheduler, check_size, lora_kwargs, make_scheduler, read_run, run_family, slug
+from bas.core.generation import (check_prompts_fit, check_size, lora_kwargs, make_scheduler, read_run, run_family, sampling_defaults,
+                                 sampling_seeds, slug)
 from bas.core.handles import check_prompt_handles
 from bas.core.sampling import decode, denoise, to_pil
 from bas.core.scene import load_image, load_mask
@@ -71,7 +72,7 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def pure_noise_scale(scheduler, t: torch.Tensor) -> float:
     """The scale of a start from pure noise at timestep ``t``: 1 for schedulers in DDPM's
     parametrisation (DDIM, as the script), ``sqrt(1 + sigma_t^2)`` for sigma-parametrised ones (Euler, Heun)."""
-    if scheduler.init_noise_sigma == 1.0:
+    if getattr(scheduler, "init_noise_sigma", 1.0) == 1.0:  # flow matching has none: it starts at 1
         return 1.0
     sigma = float(scheduler.add_noise(torch.zeros(1), torch.ones(1), t.reshape(1).cpu()))
     return (1.0 + sigma**2) ** 0.5
@@ -87,9 +88,9 @@ def edit_images(
     seed: int = 0,
     seeds: list[int] | None = None,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     negative_prompt: str | None = None,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     width: int | None = None,
     height: int | None = None,
     lora_scale: float = 1.0,
@@ -110,19 +111,19 @@ def edit_images(
         raise BasError("No prompt was given; pass a prompt such as \"a photo of <asset0>\" or --prompts-file.")
     for prompt in prompts:
         check_prompt_handles(prompt, info["handles"])
-    if num_images < 1 or steps < 1:
-        raise BasError("--num-images and --steps must be at least 1.")
+    checks.check_integer("steps", steps, 1)
+    seeds = sampling_seeds(seed, seeds, num_images)  # as generate checks them, for the API as for the command line
     if not 0.0 <= blend_start < 1.0:
         raise BasError(f"--blend-start must be at least 0 and below 1 (the script's 0.25), not {blend_start}.")
     check_size(width, height)
-    check_scheduler(scheduler)
-    seeds = list(seeds) if seeds else [seed + i for i in range(num_images)]
+    family = run_family(info)
+    scheduler, guidance = sampling_defaults(family, scheduler, guidance)
+    family.check_sampling(negative_prompt)
     res = info["resolution"]
     width, height = width or res, height or res
     image_t, mask_t = load_edit_inputs(image, mask, width, height)  # before the model loads
 
     pipe, info = load_run_pipeline(out, device, precision)
-    family = run_family(info)
     check_prompts_fit(pipe, family, prompts + ([negative_prompt] if negative_prompt else []))
     extra = lora_kwargs(pipe, lora_scale, family)
     dev = pipe.device
@@ -144,7 +145,7 @@ def edit_images(
             cond, uncond = family.prompt_conditioning(pipe, prompt, negative_prompt, guided, scale, ImageSize.plain(height, width))
         for s in seeds:
             sched = make_scheduler(scheduler, config)
-            sched.set_timesteps(steps, device=dev)
+            family.set_timesteps(sched, steps, dev, source)
             first = int(len(sched.timesteps) * blend_start)
             timesteps = sched.timesteps[first:]
             if hasattr(sched, "set_begin_index"):  # schedulers that count their steps start counting there
@@ -154,7 +155,7 @@ def edit_images(
 
             def blend(latents, t, generator=generator, sched=sched):
                 fresh = torch.randn(source.shape, generator=generator).to(dev)
-                known = sched.add_noise(source, fresh, t.reshape(1))
+                known = family.noised(sched, source, fresh, t.reshape(1))
                 return latents * inside + known * (1 - inside)
 
             with torch.no_grad():

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from bas.core import io
+from bas.core import checks, io
 from bas.core.checkpoint import complete_checkpoints
 from bas.core.errors import BasError, PluginError
 from bas.core.handles import HANDLE_PATTERN
@@ -98,6 +98,11 @@ class Evaluator:
         """Lines the output shows about how this evaluator measured (e.g. what it fell back to)."""
         return []
 
+    def record(self) -> dict[str, Any]:
+        """What this evaluator measured with (models, fallbacks and why), after :meth:`score`; eval.json
+        keeps it as ``evaluators[name]["used"]``. Optional: an evaluator without it records nothing."""
+        return {}
+
 
 @dataclass
 class EvalRun:
@@ -108,6 +113,7 @@ class EvalRun:
     info: dict
     class_words: list[str] | None = None  # one per handle, or None when the run has none
     inputs: tuple[Image.Image, list[np.ndarray]] | None = None  # loaded on first use
+    sampling: dict[str, Any] | None = None  # the sampler and guidance its images are generated with (its family's by default)
 
     @property
     def handles(self) -> list[str]:
@@ -172,7 +178,8 @@ class EvalConfig:
     images: Path | None = None
     class_words: list[str] = field(default_factory=list)
     steps: int = 50
-    guidance: float = 7.5
+    guidance: float | None = None  # None: each run's family's (7.5 for SD and SDXL, FLUX.1-dev's distilled 3.5)
+    scheduler: str | None = None  # None: each run's family's (DDIM, the paper's, for SD and SDXL; flow-euler for FLUX)
     device: str = "auto"
     precision: str = "auto"
     overwrite: bool = False
@@ -185,6 +192,8 @@ class EvalConfig:
             raise BasError(f"--num-images must be at least 1, not {self.num_images}.")
         if self.steps < 1:
             raise BasError(f"--steps must be at least 1, not {self.steps}.")
+        if self.guidance is not None:
+            checks.check_finite("guidance", self.guidance)
         if not self.runs:
             raise BasError("No run to evaluate; pass one or more run folders, such as `bas eval runs/* --out eval`.")
         if self.images is not None and not Path(self.images).is_dir():
@@ -404,8 +413,23 @@ def check_out(config: EvalConfig) -> None:
 
 def generation_settings(config: EvalConfig, runs: Sequence[EvalRun]) -> dict:
     """What must match for an interrupted evaluation's images to be reused."""
-    return {"steps": config.steps, "guidance": config.guidance, "device": config.device, "precision": config.precision,
-            "runs": {r.name: {"path": str(r.path.resolve()), "run.json": (r.path / "run.json").stat().st_mtime_ns} for r in runs}}
+    return {"steps": config.steps, "device": config.device, "precision": config.precision,
+            "runs": {r.name: {"path": str(r.path.resolve()), "run.json": (r.path / "run.json").stat().st_mtime_ns, "sampling": r.sampling}
+                     for r in runs}}
+
+
+def choose_sampling(config: EvalConfig, runs: Sequence[EvalRun]) -> None:
+    """Each run's sampler and guidance: ``--scheduler``/``--guidance`` where given, else its family's
+    defaults (as ``bas generate`` picks them), checked against its family before anything generates."""
+    from bas.core.generation import sampling_defaults
+    from bas.core.runs import run_family
+
+    for run in runs:
+        try:
+            scheduler, guidance = sampling_defaults(run_family(run.info), config.scheduler, config.guidance)
+        except BasError as exc:
+            raise BasError(f"{run.path}: {exc}") from None
+        run.sampling = {"scheduler": scheduler, "guidance": guidance}
 
 
 def prepare_staging(config: EvalConfig, runs: Sequence[EvalRun]) -> Path:
@@ -438,7 +462,7 @@ def generate_samples(run: EvalRun, specs: Sequence[PromptSpec], config: EvalConf
     reused = sum(len(seeds) for spec in specs if spec not in todo)
     progress.update(reused)
     if todo:
-        generate(run.path, [s.prompt for s in todo], seeds=seeds, steps=config.steps, guidance=config.guidance, grid=False,
+        generate(run.path, [s.prompt for s in todo], seeds=seeds, steps=config.steps, grid=False, **run.sampling,
                  out_dir=folder, device=config.device, precision=config.precision, on_image=lambda p: progress.update(1))
     return [Sample(run.name, spec.prompt, spec.concepts, s, spec.template, path(spec, s)) for spec in specs for s in seeds], reused
 
@@ -606,7 +630,9 @@ def evaluate(config: EvalConfig, plugins: Plugins) -> dict:
                 c.evaluator.check(run)
     device = resolve_device(config.device)
     samples: dict[str, list[Sample]] = {}
-    if config.images is not None:
+    if config.images is None:
+        choose_sampling(config, runs)
+    else:
         for run in runs:
             samples[run.name] = find_samples(run, specs[run.name], images_folder(config, run, len(runs) > 1), notes)
 

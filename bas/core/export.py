@@ -110,7 +110,7 @@ def kohya_metadata(info: dict, name: str, handles: dict, family: ModelFamily) ->
         "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": base["architecture"],
         "modelspec.implementation": "diffusers", "modelspec.implementation_version": f"bas/{bas.__version__}",
         "modelspec.title": name, "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "modelspec.prediction_type": base.get("prediction_type") or ("v" if v_prediction else "epsilon"),
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"), "modelspec.trigger_phrase": ", ".join(words),
         "modelspec.description": f"{len(words)} concepts extracted from one image with bas (Break-A-Scene), base model {info['model']}.",
         "modelspec.usage_hint": f"Load the embeddings too and prompt such as 'a photo of {words[0]} at the beach'.",
@@ -339,6 +339,7 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
         layers = read_diffusers_lora(out / LORA_FILE)
     if fmt == "kohya" and layers:
         check_kohya_names(layers, family)
+        layers = family.kohya_layers(layers)
 
     with io.atomic_path(dest, directory=True) as tmp:
         files: list[tuple[str, str]] = []

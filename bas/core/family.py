@@ -48,6 +48,18 @@ class TextEncoder:
         return self.tokenizer.model_max_length
 
 
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a run wants the parts loaded: ``quantize`` ("none", or one of the family's
+    ``quantizations`` such as "nf4" and "int8") for the frozen base weights, on ``device``, with
+    ``dtype`` the compute dtype of quantised layers.  ``None`` in place of a plan: unquantised,
+    as every reader of a finished run (export, evaluation) loads."""
+
+    device: torch.device
+    dtype: torch.dtype
+    quantize: str = "none"
+
+
 @dataclass
 class Components:
     """The loaded parts of a pipeline that training needs.
@@ -150,21 +162,32 @@ class ModelFamily:
     text_encoder_names: tuple[tuple[str, str], ...] = (("text_encoder", "tokenizer"),)
     sequence_encoder: int = 0  # the encoder whose token positions index the attended sequence
     resolution_multiple: int = 64
-    lora_targets: dict[str, list[str]] = {}  # pipeline component -> peft target module names
+    lora_targets: dict[str, list[str] | str] = {}  # pipeline component -> peft target module names, or a regular expression
     lora_scale_argument: str = "cross_attention_kwargs"  # the pipeline/denoiser argument that scales LoRA
     export_formats: tuple[str, ...] = ("diffusers", "kohya", "lora-from-full")  # what `bas export --format` can write
     kohya_prefixes: dict[str, str] = {}  # pipeline component -> kohya key prefix ("lora_unet_", "lora_te1_", ...)
+    quantizations: tuple[str, ...] = ()  # --quantize values ``load`` takes besides "none" (bitsandbytes' "nf4", "int8")
+    refused_strategies: dict[str, str] = {}  # weight strategy -> why the family refuses it (the fix, in one sentence)
+    schedulers: tuple[str, ...] | None = None  # `bas generate --scheduler` names the family samples with (None: every DDPM-type one)
+    default_scheduler: str = "ddim"
+    default_guidance: float = 7.5
 
     # -- recognising and loading ----------------------------------------------------------------
     def recognises(self, model_index: dict) -> bool:
         """Whether a pipeline with this ``model_index.json`` belongs to the family."""
         return model_index.get("_class_name") in self.recognised_pipelines
 
-    def load(self, model: str) -> Components:
+    def load(self, model: str, plan: LoadPlan | None = None) -> Components:
+        """The parts of the pipeline at ``model``; ``plan`` (from a run) may ask for quantised base weights."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def native_resolution(self, components: Components) -> int:
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def prediction_type(self, noise_scheduler) -> str:
+        """What the denoiser predicts, as run.json records it: the scheduler's ``prediction_type``
+        (``epsilon``, ``v_prediction``), or a family's own word (``flow``)."""
+        return noise_scheduler.config.prediction_type
 
     def check_resolution(self, resolution: int | None) -> None:
         """Refuse a training resolution the family cannot take, before anything loads."""
@@ -177,6 +200,26 @@ class ModelFamily:
     def memory_defaults(self, device: torch.device, strategy: str) -> dict[str, Any]:
         """Run options (``RunConfig`` fields) to use on ``device`` where the user chose none."""
         return {}
+
+    def check_run(self, device: torch.device, strategy: str, quantize: str) -> None:
+        """Refuse, before anything loads, a weight strategy the family cannot train
+        (``refused_strategies``) and a ``--quantize`` it cannot load (not among ``quantizations``,
+        with a strategy that trains the base weights, or what :meth:`check_quantization` refuses)."""
+        if strategy in self.refused_strategies:
+            raise BasError(self.refused_strategies[strategy])
+        if quantize == "none":
+            return
+        if quantize not in self.quantizations:
+            offered = f"it takes {', '.join(self.quantizations)}" if self.quantizations else "it loads none"
+            raise BasError(f"--quantize {quantize} is not a quantisation the {self.name} family loads ({offered}); use --quantize none.")
+        if strategy == "full":
+            raise BasError(f"--quantize {quantize} freezes the base weights, which --plugin full trains; use --plugin lora or --quantize none.")
+        self.check_quantization(quantize, device)
+
+    def check_quantization(self, quantize: str, device: torch.device) -> None:
+        """Refuse, before anything loads, one of the family's ``quantizations`` that ``device`` or this
+        installation cannot load (the library that quantises is the family's: bitsandbytes needs
+        CUDA).  Called for training and for sampling a run trained quantised on CUDA."""
 
     # -- text -----------------------------------------------------------------------------------
     def conditioning(self, components: Components, input_ids: list[torch.Tensor], size: ImageSize) -> Conditioning:
@@ -199,6 +242,28 @@ class ModelFamily:
     def training_noise(self, scheduler, latents: torch.Tensor, generator: torch.Generator):
         """``(noise, timesteps, noisy latents, target)`` of one training step, drawn from ``generator``."""
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def noised(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``latents`` noised to ``timesteps`` with ``noise`` (the training scheduler's, or a sampling one's)."""
+        return scheduler.add_noise(latents, noise, timesteps)
+
+    def probe_timestep(self, scheduler, fraction: float, device) -> torch.Tensor:
+        """The training timestep ``fraction`` of the way from clean to pure noise (the report's attention maps use 40%)."""
+        return torch.tensor([int(fraction * scheduler.config.num_train_timesteps)], device=device)
+
+    def sampling_scheduler(self, noise_scheduler) -> Any:
+        """The scheduler validation samples with during training (the paper's DDIM for DDPM-type models)."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(noise_scheduler.config)
+
+    def check_sampling(self, negative_prompt: str | None) -> None:
+        """Refuse, before a model loads, sampling options the family's pipeline does not use."""
+
+    def set_timesteps(self, scheduler, steps: int, device, latents: torch.Tensor) -> None:
+        """Set ``steps`` sampling steps on ``scheduler`` for ``latents`` (B, C, h, w) (a flow-matching
+        family shifts its schedule by the image's size)."""
+        scheduler.set_timesteps(steps, device=device)
 
     def predict(self, denoiser: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, **kwargs) -> torch.Tensor:
         """The denoiser's prediction, spatial like ``latents`` ``(B, C, h, w)``.  It must pass
@@ -248,7 +313,9 @@ class ModelFamily:
         """The family's diffusers pipeline around a run's parts (class images, a full fine-tune's ``pipeline/``)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def load_pipeline(self, model: str, device: torch.device, dtype: torch.dtype) -> Any:
+    def load_pipeline(self, model: str, device: torch.device, dtype: torch.dtype, quantize: str = "none") -> Any:
+        """The family's diffusers pipeline on ``device``; ``quantize`` is the run's ``--quantize`` where the
+        device takes it (a frozen base the run trained quantised is sampled quantised too)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def pipeline_text_encoders(self, pipe) -> list[TextEncoder]:
@@ -266,6 +333,11 @@ class ModelFamily:
         (``ss_v2``), ``architecture`` (``modelspec.architecture``), ``resolution`` (when the run has
         none) and ``label`` (for people)."""
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def kohya_layers(self, layers: list) -> list:
+        """A LoRA's layers (:class:`bas.core.formats.LoraLayer`) as kohya's scripts name and shape them for
+        this family (FLUX fuses q/k/v into one layer); SD and SDXL keep diffusers' modules."""
+        return layers
 
     # A handle as files other tools load, from its rows ``{encoder name: tensor[D_i]}``.  These
     # defaults are for one text encoder; a family with several defines its own layout.
@@ -300,7 +372,7 @@ class UNetFamily(ModelFamily):
     component_classes: dict[str, tuple[str, str]] = {}
     pipeline_kwargs: dict[str, Any] = {}  # passed to the pipeline's constructor and from_pretrained
 
-    def load(self, model: str) -> Components:
+    def load(self, model: str, plan: LoadPlan | None = None) -> Components:
         from diffusers import DDPMScheduler
 
         check_model_path(model)
@@ -373,7 +445,7 @@ class UNetFamily(ModelFamily):
             vae=components.vae, **{components.denoiser_name: components.denoiser}, scheduler=scheduler, **parts, **self.pipeline_kwargs,
         )
 
-    def load_pipeline(self, model, device, dtype):
+    def load_pipeline(self, model, device, dtype, quantize="none"):
         import diffusers
 
         check_model_path(model)

@@ -16,6 +16,10 @@ Each rule below was checked against the loaders (README, "Exports"):
   every layer the *first* layer's rank as alpha: so each layer's scale ``alpha / rank`` is folded into
   its up factor and all layers have one rank (smaller ones padded with zeros), which every loader then
   applies at exactly scale 1.
+- A transformer's LoRA (FLUX) keeps peft's names in diffusers' layout
+  (``transformer.<module>.lora_A.weight``), which ``FluxPipeline.load_lora_weights`` and ComfyUI read;
+  kohya's FLUX layout names Black Forest Labs' fused layers, which the family makes
+  (``ModelFamily.kohya_layers``).
 - A kohya LoRA has one alpha for all layers, each layer's scale folded into ``lora_up``:
   diffusers' kohya converter assigns per-layer alphas to the wrong layers when they differ.
 - A saved pipeline's CLIP tokenizer also has ``vocab.json`` and ``merges.txt``, which
@@ -53,7 +57,8 @@ class ComponentNames:
 
     diffusers: str  # the key prefix in diffusers' layout, the component's name in the pipeline
     kohya: str  # the key prefix in kohya's layout
-    text_encoder: bool  # a CLIP text encoder (``text_model.`` paths, peft's key names); else a UNet
+    text_encoder: bool  # a CLIP text encoder (``text_model.`` paths, peft's key names); else a denoiser
+    processor_names: bool = True  # a UNet: attention projections named as diffusers' attention processors had them
 
 
 # Every component a LoRA file can hold, the one table of prefixes.  The kohya prefixes are SD
@@ -62,6 +67,8 @@ COMPONENTS = {
     "unet": ComponentNames("unet", "lora_unet_", text_encoder=False),
     "text_encoder": ComponentNames("text_encoder", "lora_te_", text_encoder=True),
     "text_encoder_2": ComponentNames("text_encoder_2", "lora_te2_", text_encoder=True),
+    # a transformer (FLUX): peft's names as diffusers' transformer LoRA loaders and ComfyUI read them
+    "transformer": ComponentNames("transformer", "lora_unet_", text_encoder=False, processor_names=False),
 }
 TEXT_MODEL_PREFIX = "text_model."
 # A UNet attention's projections, and their names as diffusers' attention processors had them.
@@ -97,11 +104,14 @@ def diffusers_keys(component: str, module: str) -> tuple[str, str]:
     """The keys of a layer's down and up factors in a diffusers LoRA:
     ``unet.<...>.attn1.processor.to_q_lora.down.weight`` for a UNet attention's projections,
     ``unet.<module>.lora.down.weight`` for the UNet's other layers, and
-    ``text_encoder.text_model.<module>.lora_A.weight`` / ``.lora_B.weight`` for a text encoder's."""
+    ``text_encoder.text_model.<module>.lora_A.weight`` / ``.lora_B.weight`` for a text encoder's, and
+    ``transformer.<module>.lora_A.weight`` for a transformer's (FLUX)."""
     names = COMPONENTS[component]
     if names.text_encoder:
         stem = f"{names.diffusers}.{text_encoder_module(module)}"
         return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+    if not names.processor_names:
+        return f"{names.diffusers}.{module}.lora_A.weight", f"{names.diffusers}.{module}.lora_B.weight"
     projection = ATTENTION_PROJECTION.fullmatch(module)
     if projection:
         stem = f"{names.diffusers}.{projection[1]}.processor.{ATTENTION_PROCESSOR_NAMES[projection[2]]}_lora"

@@ -38,7 +38,7 @@ def load_run_pipeline(out: Path, device: str = "auto", precision: str = "auto"):
     family = run_family(info, plugins)
 
     def load(model):
-        return load_pipeline(model, dev, dtype, family)
+        return load_pipeline(model, dev, dtype, family, quantize=info.get("quantize") or "none")
 
     if info.get("weights"):
         strategy = plugins.registry("weight strategy").get(info["weights"], "this run's weights").factory
@@ -52,8 +52,10 @@ def load_run_pipeline(out: Path, device: str = "auto", precision: str = "auto"):
     return pipe, info
 
 
-# name -> (diffusers scheduler class, extra config); DDIM is the paper's sampler
+# name -> (diffusers scheduler class, extra config); DDIM is the paper's sampler.  The flow-matching
+# sampler is for flow-matching families (FLUX), the others for DDPM-type ones (``ModelFamily.schedulers``).
 SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
@@ -66,9 +68,24 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 }
 
 
-def check_scheduler(name: str) -> None:
+def family_schedulers(family) -> list[str]:
+    """The samplers a family takes: its own list, else every DDPM-type one."""
+    return list(family.schedulers) if family is not None and family.schedulers is not None else [n for n in SCHEDULERS if not n.startswith("flow-")]
+
+
+def check_scheduler(name: str, family=None) -> None:
     if name not in SCHEDULERS:
         raise BasError(f"Unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}.")
+    allowed = family_schedulers(family)
+    if family is not None and name not in allowed:
+        raise BasError(f"--scheduler {name} does not sample {family.name} models; use {' or '.join(allowed)} (or leave --scheduler out).")
+
+
+def sampling_defaults(family, scheduler: str | None, guidance: float | None) -> tuple[str, float]:
+    """``--scheduler`` and ``--guidance``, the family's defaults where not given (DDIM and 7.5 for SD)."""
+    scheduler = scheduler or family.default_scheduler
+    check_scheduler(scheduler, family)
+    return scheduler, family.default_guidance if guidance is None else guidance
 
 
 def make_scheduler(name: str, config):
@@ -118,6 +135,21 @@ def grid_name(prompts: list[str], seeds: list[int]) -> str:
     return f"grid-{slug(prompts[0])}{more}-seed{seeds[0]}.png"
 
 
+def sampling_seeds(seed: int, seeds, num_images: int) -> list[int]:
+    """The seeds of ``generate`` and ``edit``: ``seeds``, else ``seed, seed+1, ...`` (``num_images`` of them),
+    each one torch's generators take.  The command line and the Python API both pass here."""
+    checks.check_integer("num_images", num_images, 1)
+    if seeds:
+        if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+            raise BasError(f"--seeds must be a list of whole numbers such as [1, 7, 42], not {seeds!r}.")
+        seeds = list(seeds)
+        for s in seeds:
+            checks.check_seed(s, name="seeds")
+        return seeds
+    checks.check_seed(seed, num_images)
+    return [seed + i for i in range(num_images)]
+
+
 def check_size(width: int | None, height: int | None) -> None:
     for name, value in (("--width", width), ("--height", height)):
         if value is not None:
@@ -149,9 +181,9 @@ def generate_images(
     seed: int = 0,
     seeds: list[int] | None = None,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     negative_prompt: str | None = None,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     width: int | None = None,
     height: int | None = None,
     lora_scale: float = 1.0,
@@ -161,7 +193,8 @@ def generate_images(
     precision: str = "auto",
     on_image: Callable[[Path], None] | None = None,
 ) -> list[Path]:
-    """Sample images per prompt (DDIM by default, the paper's sampler); returns the PNG paths.
+    """Sample images per prompt (the family's sampler by default: DDIM, the paper's, for SD and SDXL;
+    ``guidance`` the family's default, 7.5 for them); returns the PNG paths.
 
     Seeds are ``seeds`` or ``seed, seed+1, ...`` (``num_images`` of them).  Each image is
     ``out_dir/<image_stem(prompt)>-seed<S>.png``; ``on_image(path)`` is called as each one is
@@ -174,17 +207,14 @@ def generate_images(
         raise BasError("No prompt was given; pass a prompt such as \"a photo of <asset0>\" or --prompts-file.")
     for prompt in prompts:
         check_prompt_handles(prompt, info["handles"])
-    if num_images < 1 or steps < 1:
-        raise BasError("--num-images and --steps must be at least 1.")
-    checks.check_seed(seed, 1 if seeds else num_images)
-    for s in seeds or []:
-        checks.check_seed(s, name="seeds")
-    seeds = list(seeds) if seeds else [seed + i for i in range(num_images)]
+    checks.check_integer("steps", steps, 1)
+    seeds = sampling_seeds(seed, seeds, num_images)
     check_size(width, height)
-    check_scheduler(scheduler)  # before the model loads
+    family = run_family(info)
+    scheduler, guidance = sampling_defaults(family, scheduler, guidance)  # before the model loads
+    family.check_sampling(negative_prompt)
 
     pipe, info = load_run_pipeline(out, device, precision)
-    family = run_family(info)
     check_prompts_fit(pipe, family, prompts + ([negative_prompt] if negative_prompt else []))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     extra = lora_kwargs(pipe, lora_scale, family)

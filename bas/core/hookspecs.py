@@ -83,7 +83,11 @@ def bas_register_loss_terms(register):
 def bas_register_optimizers(register):
     """Register optimizers: ``register(name, factory)``; ``--optimizer NAME`` picks one.
 
-    ``factory(param_groups, config)`` returns a ``torch.optim.Optimizer``.
+    ``factory(param_groups, config)`` returns a ``torch.optim.Optimizer``.  A factory may carry
+    ``factory.check(config, device)``, which the run calls before any model loads to refuse, with a
+    :class:`bas.core.errors.BasError`, a device or installation the optimizer cannot run on
+    (``adamw8bit``: CUDA and an importable bitsandbytes), so that such a run fails in a second
+    rather than after the model loaded.
     """
 
 
@@ -104,21 +108,28 @@ def bas_register_model_families(register):
     :class:`bas.core.family.ModelFamily`.
 
     A family is what bas needs to know about one model architecture.  The built-in ``sd``
-    (Stable Diffusion 1.x/2.x) and ``sdxl`` are plugins like any other.  A run's family is the
+    (Stable Diffusion 1.x/2.x), ``sdxl`` and ``flux`` (FLUX.1) are plugins like any other.  A run's family is the
     one whose ``recognises(model_index)`` accepts ``--model``'s ``model_index.json`` (for a hub
     id only that file is fetched), or the one named with ``--family NAME``; it is stored in
     ``run.json`` and used again by ``bas generate``, ``bas edit`` and ``bas export``.  The loop
     never asks which family it runs; it calls these verbs:
 
-    - ``load(model)``: the parts, as :class:`bas.core.family.Components`: every text encoder
+    - ``load(model, plan=None)``: the parts, as :class:`bas.core.family.Components`: every text encoder
       with its tokenizer (``TextEncoder``, in pipeline order), the denoiser, the VAE, the
       training noise scheduler.  bas adds one new token per concept to *every* tokenizer and
       one trainable row per encoder (``HandleEmbedding``), so each tokenizer must support
       ``add_tokens`` and each encoder ``get/set_input_embeddings``.  A tokenizer may be
       smaller than its embedding matrix (T5 pads its vocabulary): the handle rows then take
-      the ids the tokenizer gives them.  ``native_resolution``, ``check_resolution`` (before
-      any model loads), ``memory_defaults(device, strategy)`` (run options used where the
-      user chose none, such as gradient checkpointing on CUDA).
+      the ids the tokenizer gives them.  A run passes a :class:`bas.core.family.LoadPlan`
+      (device, compute dtype, ``--quantize``): a family that lists ``quantizations`` loads its
+      frozen base quantised where asked; readers of finished runs pass none.
+      ``native_resolution``, ``check_resolution`` (before any model loads),
+      ``memory_defaults(device, strategy)`` (run options used where the user chose none:
+      ``gradient_checkpointing``, ``optimizer``, ``quantize``), ``check_run(device, strategy,
+      quantize)`` (refuses ``refused_strategies`` and a quantisation the family does not list or the
+      strategy trains through, before any model loads), ``check_quantization(quantize, device)``
+      (the family's own quantising library: what the device or installation cannot load; bitsandbytes
+      needs CUDA), ``prediction_type`` (run.json's word for the objective).
     - ``conditioning(components, input_ids, size)``: tokenized prompts (one tensor per
       encoder, each padded to its tokenizer's ``model_max_length``) to a
       :class:`bas.core.family.Conditioning`: ``hidden_states``, the sequence the denoiser
@@ -129,7 +140,11 @@ def bas_register_model_families(register):
       latents, generator)`` -> ``(noise, timesteps, noisy, target)`` (the objective: epsilon,
       v-prediction, or a flow-matching velocity), ``predict(denoiser, latents, t, cond)``
       (spatial in and out, passing ``cond.hidden_states`` itself as ``encoder_hidden_states``),
-      ``guided_prediction`` (classifier-free guidance by default).
+      ``guided_prediction`` (classifier-free guidance by default), ``noised(scheduler, latents,
+      noise, t)`` (a timestep's noisy latents, for the report's maps and editing),
+      ``probe_timestep``, ``sampling_scheduler`` (validation's: DDIM for DDPM-type models) and
+      ``set_timesteps(scheduler, steps, device, latents)`` (a flow-matching family shifts its
+      schedule by the image size).
     - ``attention_layers(components, latent_size)`` -> ``{name: (module, map side)}``,
       ``attention_resolution(available, latent_size, requested)`` (default: a quarter of the
       latent side snapped to a side the model has, at least 4), ``capture_processor(store)``:
@@ -138,44 +153,56 @@ def bas_register_model_families(register):
     - ``pipeline_class`` (the diffusers pipeline that generates and takes ``load_lora_weights``),
       ``load_pipeline``, ``pipeline_from_components``, ``pipeline_text_encoders``,
       ``prompt_conditioning`` (sampling and ``bas edit`` through the pipeline's own prompt
-      encoding), ``lora_targets`` (peft target names per pipeline component),
+      encoding), ``schedulers``/``default_scheduler``/``default_guidance`` (what ``bas generate``
+      samples with), ``check_sampling`` (sampling options the pipeline ignores), ``lora_targets``
+      (peft target names, or a regular expression, per pipeline component),
       ``lora_scale_argument``, and ``tiny_pipeline`` (``bas tiny-model --family NAME``).
     - files: ``textual_inversion`` (one handle's file for diffusers, from its rows in every
       encoder), ``webui_embedding`` (AUTOMATIC1111/ComfyUI's layout, SDXL's ``clip_l``/``clip_g``),
       ``textual_inversion_code`` (the model card's loading lines), ``kohya_prefixes`` (per
       component: ``lora_unet_``, ``lora_te1_``, ...), ``kohya_base`` (the base model as kohya's
-      metadata names it) and ``export_formats``.  ``handles.safetensors`` keys the first
+      metadata names it), ``kohya_layers`` (the LoRA's layers as kohya names and shapes them:
+      FLUX fuses q/k/v) and ``export_formats``.  ``handles.safetensors`` keys the first
       encoder's rows by the bare token and another encoder's by ``"<component>.<token>"``.
 
-    **A transformer family** (FLUX.1, SD3) fits without touching core:
+    **A transformer family**: the built-in ``flux`` family (:mod:`bas.plugins.flux`) is the worked
+    example, and SD3 would take the same verbs:
 
     - several tokenizers of different kinds (CLIP's BPE and T5's SentencePiece, ``text_encoder``
       and ``text_encoder_2``, SD3 a third): each is a ``TextEncoder`` with its own max length;
       ``add_tokens`` works on both kinds and the handle rows follow the ids each tokenizer
       gives (T5's tokenizer has 32100 tokens for 32128 rows).  ``sequence_encoder`` names T5,
       whose tokens the joint attention reads; CLIP contributes only its pooled output, in
-      ``extra`` (``pooled_projections``), with ``guidance`` for a guidance-distilled model.
-    - packed latents: FLUX packs 2x2 latent patches into tokens.  ``predict`` packs the
-      spatial latents, calls the transformer (position ids, ``guidance``, ``joint_attention_kwargs``)
-      and unpacks its output, so masks and the masked loss stay spatial; the attention maps
-      come out at the packed grid (latent side / 2), which ``attention_layers`` declares as
-      their side, and the loss averages them down to its own resolution.
-    - the objective: ``training_noise`` draws shifted-sigmoid timesteps, noises
-      ``(1 - sigma) * x + sigma * noise`` and returns the velocity ``noise - x`` as target;
-      ``scale_latents`` applies the VAE's shift and scale factors.
+      ``extra`` (``pooled_projections``).  A CLIP config from before 2023 (``eos_token_id: 2``)
+      pools the highest token id, a handle once handles exist: the family points it at the
+      end of text, as SDXL's does for its second encoder.
+    - packed latents: ``predict`` packs the spatial latents into 2x2 patch tokens, calls the
+      transformer (position ids, ``guidance``, ``joint_attention_kwargs``) and unpacks its
+      output, so masks and the masked loss stay spatial; the attention maps come out at the
+      packed grid (latent side / 2), which ``attention_layers`` declares as their side, and
+      ``attention_resolution`` picks a quarter of the latent side, which the loss averages
+      them down to.
+    - the objective: ``training_noise`` draws logit-normal flow times shifted by the
+      scheduler's rule, noises ``(1 - s) x + s noise`` and returns the velocity ``noise - x``;
+      ``scale_latents`` applies the VAE's shift and scale factors; ``noised``,
+      ``sampling_scheduler`` and ``set_timesteps`` are flow matching's.
     - maps from joint image-text attention: ``capture_processor`` returns a processor for the
-      transformer's attention modules that computes the image queries' probabilities over the
-      text keys (the text part of the joint sequence) and records them like the UNet's.
-    - LoRA on the transformer: ``lora_targets = {"transformer": [...], "text_encoder": [...]}``
-      and ``lora_scale_argument = "joint_attention_kwargs"``; ``denoiser_name = "transformer"``;
-      ``kohya_prefixes`` as kohya's FLUX scripts name them (``lora_unet_`` for the transformer,
-      ``lora_te1_`` for CLIP), or ``export_formats`` without ``kohya``.  T5 module paths have no
-      ``text_model.`` level: ``bas.core.formats.standard_module`` adds it to ``text_encoder*``
-      components (CLIP's), so a T5 component needs a rule of its own there.
-    - quantised loading: ``load`` may load a frozen base quantised (bitsandbytes, torchao) when
-      a weight strategy trains only adapters (``WeightStrategy.freezes_base``).
-    - guidance-distilled sampling: ``guided_prediction`` makes one forward pass with the
-      guidance embedding instead of two.
+      transformer's attention modules that keeps the fused kernel for the output and computes,
+      beside it, the image queries' probabilities over the text keys (the text part of the
+      joint sequence, first in FLUX), computed on every forward so that gradient
+      checkpointing's recomputation matches.
+    - LoRA on the transformer (``lora_targets`` a regular expression over its blocks' layers),
+      ``lora_scale_argument = "joint_attention_kwargs"``, ``denoiser_name = "transformer"``;
+      ``kohya_prefixes`` as kohya's FLUX scripts name them (``lora_unet_``, ``lora_te1_`` for
+      CLIP-L) and ``kohya_layers`` to BFL's fused layers.  T5 takes no LoRA (it is quantised and
+      trains only its handle rows), so :mod:`bas.core.formats` needs no rule for T5 module paths
+      (they have no ``text_model.`` level); a family that adapts T5 must add one.
+    - quantised loading: ``load`` loads the frozen transformer and T5 quantised
+      (``quantizations``: bitsandbytes nf4 and int8) when the plan asks, which ``check_run``
+      allows only with a strategy that freezes the base and ``check_quantization`` only on CUDA
+      with bitsandbytes importable.
+    - guidance-distilled sampling: ``unconditional`` returns None and ``guided_prediction``
+      makes one forward pass with the guidance embedding instead of two.
     """
 
 

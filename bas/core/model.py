@@ -40,9 +40,15 @@ def default_model() -> str:
     return default_family(Plugins()).default_model
 
 
-def load_pipeline(model: str | Path, device: torch.device, dtype: torch.dtype, family: ModelFamily | str | None = None):
-    """The family's diffusers pipeline for generation (for SD without the safety checker)."""
-    return family_of(str(model), family).load_pipeline(resolve_model(model), device, dtype)
+def load_pipeline(model: str | Path, device: torch.device, dtype: torch.dtype, family: ModelFamily | str | None = None,
+                  quantize: str = "none"):
+    """The family's diffusers pipeline for generation (for SD without the safety checker); ``quantize``
+    the run's ``--quantize``, used on CUDA only."""
+    quantize = quantize if device.type == "cuda" else "none"
+    chosen = family_of(str(model), family)
+    if quantize != "none":
+        chosen.check_quantization(quantize, device)  # before the pipeline loads
+    return chosen.load_pipeline(resolve_model(model), device, dtype, quantize)
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -87,7 +93,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a module, casting only when its dtype differs (diffusers warns on every cast)."""
+    """Move a module, casting only when its dtype differs (diffusers warns on every cast).  A quantised
+    model (bitsandbytes) is left as it was loaded: onto its device, in its own dtypes."""
+    if getattr(module, "is_quantized", False):
+        return module
     if next(module.parameters()).dtype != dtype:
         module.to(dtype=dtype)
     return module.to(device)

@@ -51,6 +51,7 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "sdxl": ("bas.plugins.sdxl", True),
     "local-executor": ("bas.plugins.local_executor", True),
     "ray-executor": ("bas.plugins.ray_executor", True),
+    "flux": ("bas.plugins.flux", True),
 }
 
 REGISTER_HOOKS = {

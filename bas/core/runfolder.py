@@ -473,6 +473,23 @@ def own_name(path) -> str | None:
     return name[1:-len(match.group(1)) - 1] if match else None
 
 
+OWN_ENTRIES = {STAGING_TAG: "the staging folder", LOCK_TAG: "the lock file", LOCK_TAG + ".break": "the lock breaker",
+               io.OLD_TAG: "the previous run set aside during a swap"}
+
+
+def check_not_own_entry(path) -> None:
+    """Refuse, for commands that read a run, a path naming one of bas's own entries beside a run
+    (:func:`own_name`, also through a link), with one line naming the run it belongs to."""
+    given = Path(path)
+    for candidate in (given, canonical(given)):
+        owner = own_name(candidate)
+        if owner is not None:
+            tag = candidate.name[len(owner) + 2:]
+            what = OWN_ENTRIES.get(tag, "a folder being deleted")
+            run = given.parent / owner if candidate is given else candidate.parent / owner
+            raise BasError(f"{given} is {what} that bas keeps beside the run {run}, not a run; pass {run} itself.")
+
+
 @dataclass
 class RunPlace:
     """Where the run for one ``--out`` stands on disk.  Read only: nothing is locked or recovered

@@ -37,7 +37,8 @@ def all_handles_prompt(handles: list[str]) -> str:
 def read_run(out: Path) -> dict:
     """The ``run.json`` of a finished run, after checking that the folder's files agree with it.
 
-    Refused with one line: a folder that is not a finished run (an interrupted one is named as
+    Refused with one line: one of bas's own entries beside a run (``.NAME.bas-partial``, its lock,
+    ``.NAME.bas-old``), named with its run; a folder that is not a finished run (an interrupted one is named as
     such), a damaged ``run.json``, handle names that are not ``<assetN>``, a handles file that does
     not hold exactly the handles ``run.json`` lists, listed files that are missing or leave the
     folder, and files that differ from the sizes and hashes ``run.json`` recorded (a mixed folder).
@@ -46,6 +47,7 @@ def read_run(out: Path) -> dict:
     from bas.core import checkpoint, runfolder
 
     out = Path(out)
+    runfolder.check_not_own_entry(out)  # a staging folder may hold a complete run.json: not the run to read
     runfolder.settle(out)
     path = out / "run.json"
     if not path.is_file():

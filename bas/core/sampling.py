@@ -32,7 +32,7 @@ def denoise(family: ModelFamily, denoiser, scheduler, cond: Conditioning, uncond
     cond = cond.expand(b)
     uncond = uncond.expand(b) if uncond is not None and guidance > 1.0 else None
     for t in timesteps:
-        z = scheduler.scale_model_input(latents, t)
+        z = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents  # flow matching has none
         pred = family.guided_prediction(denoiser, z, t, cond, uncond, guidance, **kwargs)
         latents = scheduler.step(pred, t, latents).prev_sample
         if blend is not None:
@@ -54,20 +54,19 @@ def decode(family: ModelFamily, vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_run(run: "Run", prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 7.5) -> list[list[Image.Image]]:
+def sample_run(run: "Run", prompts: list[str], seeds: list[int], steps: int = 25, guidance: float | None = None) -> list[list[Image.Image]]:
     """Images from the weights and handles as they are now in a training run: a row per prompt.
 
-    DDIM, like the paper's inference.  Training modes and the training random generators are
+    The family's sampling scheduler: DDIM, like the paper's inference, for DDPM-type models.  Training modes and the training random generators are
     left as they were, so validation does not change what the run learns.
     """
-    from diffusers import DDIMScheduler
-
     c, family = run.components, run.family
+    guidance = family.default_guidance if guidance is None else guidance
     modules = c.trainable_modules().values()
     modes = [m.training for m in modules]
     for module in modules:
         module.eval()
-    scheduler = DDIMScheduler.from_config(c.noise_scheduler.config)
+    scheduler = family.sampling_scheduler(c.noise_scheduler)
     side = run.resolution // c.vae_scale_factor
     size = ImageSize.plain(run.resolution)
     noise = torch.cat([
@@ -80,7 +79,7 @@ def sample_run(run: "Run", prompts: list[str], seeds: list[int], steps: int = 25
             latents = []
             for prompt in prompts:
                 cond = run.conditioning(run.tokenize([prompt]), size)
-                scheduler.set_timesteps(steps, device=run.device)
+                family.set_timesteps(scheduler, steps, run.device, noise)
                 latents.append(denoise(family, c.denoiser, scheduler, cond, uncond, noise * scheduler.init_noise_sigma, guidance,
                                        scheduler.timesteps))
         vae_device = next(c.vae.parameters()).device

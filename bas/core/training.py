@@ -25,7 +25,7 @@ import bas
 from bas.core import checkpoint, checks, export, io, run_inputs, runfolder
 from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
 from bas.core.errors import BasError
-from bas.core.family import Components, Conditioning, ImageSize, choose_family
+from bas.core.family import Components, Conditioning, ImageSize, LoadPlan, choose_family
 from bas.core.handles import HandleEmbedding, add_handles, handles_file_state
 from bas.core.model import DTYPES, place, resolve_device, resolve_model, resolve_precision
 from bas.core.masks import load_scene_input
@@ -34,7 +34,8 @@ from bas.core.runs import PROMPT_PREFIX
 from bas.core.scene import Scene, check_concept_count, prepare_scene, scene_fingerprint
 
 # Run options a model family may choose where the user did not (None), and their values otherwise.
-FAMILY_CHOOSES = {"gradient_checkpointing": False, "optimizer": "adamw"}
+FAMILY_CHOOSES = {"gradient_checkpointing": False, "optimizer": "adamw", "quantize": "none"}
+QUANTIZE = ("none", "nf4", "int8")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RunConfig:
     optimizer: str | None = None  # None: adamw, or what the family picks for the device
     precision: str = "auto"
     gradient_checkpointing: bool | None = None  # None: off, or what the family picks for the device
+    quantize: str | None = None  # None: none, or what the family picks for the device (FLUX on CUDA: nf4)
     device: str = "auto"
     flip_p: float = 0.5
     max_grad_norm: float = 1.0
@@ -85,6 +87,8 @@ class RunConfig:
         checks.check_finite("max_grad_norm", self.max_grad_norm)
         if self.max_grad_norm < 0:
             raise BasError(f"--max-grad-norm must be 0 (off) or positive, not {self.max_grad_norm}.")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise BasError(f"Unknown --quantize {self.quantize!r}; use one of {', '.join(QUANTIZE)}.")
         for word in self.init_tokens:
             if not str(word).strip():
                 raise BasError("An --init-token is empty; give a plain word such as 'dog'.")
@@ -169,7 +173,12 @@ class Run:
         self.family_defaults = self._family_choices(self.resolved.strategy_name)
         self.optimizer_name = self.choice("optimizer")
         self.gradient_checkpointing = self.choice("gradient_checkpointing")
+        self.quantize = self.choice("quantize")
+        self.family.check_run(self.device, self.resolved.strategy_name, self.quantize)
         self.resolved.optimizer_factory = plugins.registry("optimizer").get(self.optimizer_name, "--optimizer").factory
+        check_optimizer = getattr(self.resolved.optimizer_factory, "check", None)  # what the optimizer needs of the device
+        if check_optimizer is not None:
+            check_optimizer(config, self.device)
         self.history: dict[str, list[dict]] = {"phase1": [], "phase2": []}
         self.times: dict[str, float] = {}
         self.precision = resolve_precision(config.precision, self.device)
@@ -248,7 +257,8 @@ class Run:
         t0 = time.perf_counter()
         scene_input = load_scene_input(self.plugins, self.resolved.mask_source, self.config)  # source + shared mask cleanup
         self.check_inputs(scene_input)
-        self.components: Components = self.family.load(resolve_model(self.model))
+        plan = LoadPlan(self.device, self.dtype, self.quantize)
+        self.components: Components = self.family.load(resolve_model(self.model), plan)
         c = self.components
         self.resolution = self.config.resolution or c.native_resolution
         self.scene: Scene = prepare_scene(scene_input, self.resolution, self.config.init_tokens, background=self.config.background)
@@ -262,7 +272,7 @@ class Run:
             module.requires_grad_(False)
         for embedding in self.handle_embeddings:
             embedding.handles.requires_grad_(True)
-        self.prediction_type = c.noise_scheduler.config.prediction_type
+        self.prediction_type = self.family.prediction_type(c.noise_scheduler)
         self._cache_latents()
         weight_dtype = self.dtype if self.resolved.strategy.freezes_base else torch.float32
         for module in c.trainable_modules().values():
@@ -548,6 +558,7 @@ class Run:
             "precision": self.precision,
             "optimizer": self.optimizer_name,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "quantize": self.quantize,
             "prediction_type": self.prediction_type,
             "learning_rates": {"phase1": self.config.phase1_lr, "phase2": self.phase2_lr, "phase2_handles": self.config.phase2_handle_lr},
             "plugins": {name: {"version": i.version, "source": i.source, "default": i.default, "explicit": i.explicit} for name, i in self.plugins.infos.items()},

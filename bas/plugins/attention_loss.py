@@ -66,7 +66,7 @@ def handle_attention_maps(run, res: int | None = None, timestep: int | None = No
     input_ids = run.tokenize([run.prompt_for(list(range(n)))])
     positions = run.token_positions(input_ids, list(range(n)))
     sched = c.noise_scheduler
-    t = torch.tensor([timestep if timestep is not None else int(0.4 * sched.config.num_train_timesteps)], device=run.device)
+    t = torch.tensor([timestep], device=run.device) if timestep is not None else family.probe_timestep(sched, 0.4, run.device)
     latents = family.scale_latents(c.vae, run.latent_mean[:1])
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(run.device)
     store = AttentionStore(without_grad=True)
@@ -81,7 +81,7 @@ def handle_attention_maps(run, res: int | None = None, timestep: int | None = No
         for module, _ in chosen.values():
             module.set_processor(processor)
         with run.autocast():
-            run.predict(sched.add_noise(latents, noise, t), t, run.conditioning(input_ids))
+            run.predict(family.noised(sched, latents, noise, t), t, run.conditioning(input_ids))
     finally:
         for module, previous in restore:
             module.set_processor(previous)

@@ -2,7 +2,9 @@
 
 The generated image's mask comes from a segmenter prompted with the concept's class word (CLIPSeg:
 one text-prompted model, no box or point to invent; SAM would need a box from it first), or, with
-``--segmenter-model none``, the whole generated image is compared.
+``--segmenter-model none``, the whole generated image is compared. When the default CLIPSeg cannot be
+loaded (offline and not cached), the whole image is compared too and the output says so and why; a
+segmenter the user named that cannot be loaded is an error.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ class DinoIdentity(Evaluator):
 
     def __init__(self, config):
         self.model_name = config.options.get("dino_model") or DEFAULT_MODEL
-        self.segmenter_name = config.options.get("segmenter_model") or DEFAULT_SEGMENTER
+        named = config.options.get("segmenter_model")
+        self.segmenter_named = named is not None  # named by the user: failing to load it is an error, not a fallback
+        self.segmenter_name = named or DEFAULT_SEGMENTER
+        self.fallback: str | None = None  # why the default segmenter could not be used, when it could not
         self.threshold = config.options.get("segmenter_threshold", 0.5)
         if self.threshold is None or not 0 < self.threshold < 1:
             raise BasError(f"--segmenter-threshold must be between 0 and 1, not {self.threshold}.")
@@ -63,8 +68,20 @@ class DinoIdentity(Evaluator):
         run.load_inputs()
         check_available(self.model_name, **DINO)
         if not self.whole_image:
+            self.with_fallback(check_available, self.segmenter_name, **SEGMENTER)
+        if not self.whole_image:
             run.require_class_words(self.name)
-            check_available(self.segmenter_name, **SEGMENTER)
+
+    def with_fallback(self, load, *args, **kwargs):
+        """``load(*args, **kwargs)``; when it fails for the default segmenter (not one the user named),
+        switch to whole images, remember why, and return None."""
+        try:
+            return load(*args, **kwargs)
+        except BasError as exc:
+            if self.segmenter_named:
+                raise
+            self.whole_image, self.fallback = True, str(exc).removeprefix("Error: ")
+            return None
 
     def load(self, device) -> None:
         from transformers import AutoImageProcessor, ViTModel
@@ -76,11 +93,26 @@ class DinoIdentity(Evaluator):
         if not self.whole_image:
             from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-            self.seg_processor = from_pretrained(CLIPSegProcessor.from_pretrained, self.segmenter_name, **SEGMENTER)
-            self.segmenter = from_pretrained(CLIPSegForImageSegmentation.from_pretrained, self.segmenter_name, **SEGMENTER).to(device).eval()
+            def load_segmenter():
+                processor = from_pretrained(CLIPSegProcessor.from_pretrained, self.segmenter_name, **SEGMENTER)
+                return processor, from_pretrained(CLIPSegForImageSegmentation.from_pretrained, self.segmenter_name, **SEGMENTER)
+
+            loaded = self.with_fallback(load_segmenter)
+            if loaded is not None:
+                self.seg_processor, self.segmenter = loaded[0], loaded[1].to(device).eval()
         self.device = device
 
+    def record(self) -> dict:
+        """Which segmenter masked the generated images, or ``whole image`` and why."""
+        if not self.whole_image:
+            return {"segmenter": self.segmenter_name, "threshold": self.threshold}
+        why = f"the default segmenter could not be loaded: {self.fallback}" if self.fallback else "--segmenter-model none"
+        return {"segmenter": "whole image", "why": why}
+
     def notes(self) -> list[str]:
+        if self.fallback:
+            return [f"no segmenter: {DEFAULT_SEGMENTER} could not be loaded, so each generated image was compared whole with the masked "
+                    f"input concept ({self.fallback})"]
         if self.whole_image:
             return ["no segmenter (--segmenter-model none): each generated image was compared whole with the masked input concept"]
         return [f"generated concepts masked by {self.segmenter_name} prompted with each concept's class word, threshold {self.threshold}"]
@@ -157,8 +189,9 @@ def bas_eval_options():
     return [
         click.Option(["--dino-model"], default=DEFAULT_MODEL, show_default=True,
                      help="dino-identity's DINO ViT: a hub id or a local folder (offline: hf download ID --local-dir DIR)."),
-        click.Option(["--segmenter-model"], default=DEFAULT_SEGMENTER, show_default=True,
-                     help="CLIPSeg that finds each concept in a generated image by its class word; 'none' compares whole images."),
+        click.Option(["--segmenter-model"], default=None,
+                     help="CLIPSeg that finds each concept in a generated image by its class word; 'none' compares whole images "
+                          f"[default: {DEFAULT_SEGMENTER}, or whole images, with a note, when it cannot be loaded]."),
         click.Option(["--segmenter-threshold"], type=float, default=0.5, show_default=True,
                      help="Segmenter probability from which a pixel belongs to the concept."),
     ]

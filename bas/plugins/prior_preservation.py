@@ -40,10 +40,8 @@ class PriorPreservationLoss(LossTerm):
             raise BasError(f"--num-class-images must be at least 1, not {self.num_images}.")
 
     def _generate(self, run, directory: Path, count: int) -> None:
-        from diffusers import DDIMScheduler
-
         c = run.components
-        pipe = run.family.pipeline_from_components(c, DDIMScheduler.from_config(c.noise_scheduler.config))
+        pipe = run.family.pipeline_from_components(c, run.family.sampling_scheduler(c.noise_scheduler))
         pipe.set_progress_bar_config(disable=True)
         start = len(self._existing(directory))
         generator = torch.Generator(run.device).manual_seed(run.config.seed + 1)

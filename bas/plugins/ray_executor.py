@@ -34,6 +34,9 @@ def import_ray():
 def check_reachable(address: str) -> None:
     """Fail in seconds with one line where Ray itself would retry an unreachable address for minutes."""
     parsed = urlparse(address if "://" in address else f"gcs://{address}")
+    if parsed.scheme not in ("ray", "gcs"):
+        raise BasError(f"--ray-address {address} is not a Ray address; pass auto, HOST:PORT (a cluster's head, port 6379) or ray://HOST:10001 "
+                       "(a cluster's Ray Client port).")
     try:
         host, port = parsed.hostname, parsed.port
     except ValueError:
@@ -101,8 +104,14 @@ class RayExecutor:
             try:
                 ray.init(address=self.address or None, **options)
             except ConnectionError as exc:
-                raise BasError(f"Cannot reach a Ray cluster at {self.address} ({str(exc).splitlines()[0]}); start one with "
+                reason = str(exc).splitlines()[0].split(". ")[0].rstrip(".")  # Ray's advice names its own flags, not bas's
+                raise BasError(f"Cannot reach a Ray cluster at {self.address} ({reason}); start one with "
                                "`ray start --head`, or leave out --ray-address to run on a Ray started on this machine.") from None
+            except RuntimeError as exc:  # Ray Client: this machine's Ray or Python is not the cluster's
+                reason = " ".join(str(exc).split())  # its lines, as one
+                fix = "install the cluster's Ray and Python versions here" if "mismatch" in reason.lower() else "fix that"
+                raise BasError(f"Cannot join the Ray cluster at {self.address} ({reason}); {fix}, or leave out --ray-address "
+                               "to run on a Ray started on this machine.") from None
             self.owned = True
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         if self.gpus is None:

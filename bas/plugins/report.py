@@ -209,7 +209,8 @@ def bas_run_options():
                      help="Also sample the validation prompts every N steps (0: only at the end of each phase)."),
         click.Option(["--num-validation-images"], type=int, default=2, show_default=True, help="Samples per validation prompt (seeds seed, seed+1, ...; 0: none)."),
         # not --validation-steps: in diffusers' scripts that means --validate-every (bas/option_hints.py answers it)
-        click.Option(["--validation-inference-steps"], type=int, default=25, show_default=True, help="DDIM steps of each validation sample."),
+        click.Option(["--validation-inference-steps"], type=int, default=25, show_default=True,
+                     help="Sampling steps of each validation sample (with the family's sampler and guidance, as bas generate's defaults)."),
     ]
 
 

@@ -56,14 +56,14 @@ class StableDiffusionXL(UNetFamily):
         """As kohya's sd-scripts write SDXL base LoRA (``sdxl_base_v1-0``, ``stable-diffusion-xl-v1-base/lora``)."""
         return {"version": "sdxl_base_v1-0", "v2": False, "architecture": "stable-diffusion-xl-v1-base/lora", "resolution": 1024, "label": "SDXL"}
 
-    def load(self, model):
-        components = super().load(model)
+    def load(self, model, plan=None):
+        components = super().load(model, plan)
         for encoder in components.text_encoders:
             pool_at_end_of_text(encoder)
         return components
 
-    def load_pipeline(self, model, device, dtype):
-        pipe = super().load_pipeline(model, device, dtype)
+    def load_pipeline(self, model, device, dtype, quantize="none"):
+        pipe = super().load_pipeline(model, device, dtype, quantize)
         for encoder in self.pipeline_text_encoders(pipe):
             pool_at_end_of_text(encoder)
         return pipe

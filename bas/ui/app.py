@@ -23,7 +23,7 @@ from bas.core import io, runfolder
 from bas.core.checkpoint import complete_checkpoints, latest_state
 from bas.core.errors import BasError
 from bas.core.export import FORMATS
-from bas.core.generation import SCHEDULERS, read_run
+from bas.core.generation import read_run
 from bas.core.mask_cleanup import MaskCleanup
 from bas.core.model import PRECISIONS
 from bas.ui import commands, scenes
@@ -150,12 +150,12 @@ class App:
                                 undo_button = gr.Button("Undo", elem_id="undo")
                                 remove_button = gr.Button("Remove concept", elem_id="remove-concept")
                             init_word = gr.Textbox(label="Init word of this concept (one word, such as 'bear'; blank: 'object')", elem_id="init-word")
-                            with gr.Accordion("Mask cleanup", open=False):
+                            with gr.Accordion("Mask cleanup", open=False, elem_id="mask-cleanup"):
                                 threshold = gr.Number(0, label="Threshold (--mask-threshold; 0: keep soft values)", elem_id="mask-threshold")
-                                fill = gr.Checkbox(False, label="Fill holes (--fill-holes)")
-                                dilate = gr.Number(0, label="Dilate, pixels (--mask-dilate)", minimum=0)
-                                erode = gr.Number(0, label="Erode, pixels (--mask-erode)", minimum=0)
-                                feather = gr.Number(0, label="Feather, pixels (--mask-feather)", minimum=0)
+                                fill = gr.Checkbox(False, label="Fill holes (--fill-holes)", elem_id="fill-holes")
+                                dilate = gr.Number(0, label="Dilate, pixels (--mask-dilate)", minimum=0, elem_id="mask-dilate")
+                                erode = gr.Number(0, label="Erode, pixels (--mask-erode)", minimum=0, elem_id="mask-erode")
+                                feather = gr.Number(0, label="Feather, pixels (--mask-feather)", minimum=0, elem_id="mask-feather")
                             with gr.Accordion("Segment Anything", open=False):
                                 sam_model = gr.Textbox(self.sam_model, label="SAM checkpoint (hub id or folder)", elem_id="sam-model")
                                 sam_device = gr.Textbox(self.device, label="Device (auto, cpu, cuda, cuda:N)")
@@ -216,9 +216,10 @@ class App:
                             seeds = gr.Textbox("0,1,2,3", label="Seeds (comma-separated)", elem_id="seeds")
                             with gr.Row():
                                 steps = gr.Number(50, precision=0, label="Steps", elem_id="generate-steps")
-                                guidance = gr.Number(7.5, label="Guidance")
-                                lora_scale = gr.Number(1.0, label="LoRA scale (0: handles only)")
-                            scheduler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Sampler")
+                                sampling = commands.sampling_choices()  # until a run is picked: the default family's
+                                guidance = gr.Number(sampling["guidance"], label="Guidance (blank: the run's family's)", elem_id="guidance")
+                                lora_scale = gr.Number(1.0, label="LoRA scale (0: handles only)", elem_id="lora-scale")
+                            scheduler = gr.Dropdown(sampling["schedulers"], value=sampling["scheduler"], label="Sampler", elem_id="sampler")
                             generate = gr.Button("Generate", variant="primary", elem_id="generate")
                             g_command = gr.Textbox(label="The same from the command line", interactive=False, buttons=["copy"], elem_id="generate-command")
                             g_status = gr.Markdown("", elem_id="generate-status")
@@ -317,18 +318,20 @@ class App:
 
             concept.input(on_select_concept, [draft, concept, *cleanup_inputs], scene_out)
 
-            def on_init_word(current, word):
-                if current is not None and current.concepts:
-                    current.current.init_word = word.strip()
+            def on_init_word(current, word, label):
+                if scenes.set_init_word(current, label, word):
                     return scenes.scene_summary(current)
                 return gr.skip()
 
-            init_word.input(on_init_word, [draft, init_word], concepts_md)
+            # always_last: a keystroke typed while the previous one is handled is not dropped (gradio's
+            # default for .input); the concept shown when the word was typed gets it, whatever is selected since
+            init_word.input(on_init_word, [draft, init_word, concept], concepts_md, trigger_mode="always_last")
 
-            def save_handler(current, name, overwrite_scene, checkpoint, *cleanup):
+            def save_handler(current, name, overwrite_scene, checkpoint, word, label, *cleanup):
                 try:
                     if current is None:
                         raise BasError("Upload an image first (or open a scene folder).")
+                    scenes.set_init_word(current, label, word)  # the field as shown, should its last keystroke still be on its way
                     options = self.cleanup_options(*cleanup)
                     MaskCleanup.from_options(options)
                     folder, written, cli = scenes.save(current, self.ws, name, options, bool(overwrite_scene), checkpoint.strip() or self.sam_model)
@@ -339,7 +342,7 @@ class App:
                 message = f"Saved {relative}: " + ", ".join(p.name for p in written) + ". Next: the Extract tab."
                 return gr.update(choices=choices, value=relative), gr.update(choices=choices, value=relative), cli or "(this scene mixes uploaded masks and SAM prompts: bas run --scene reads its folder)", message
 
-            save_button.click(save_handler, [draft, scene_name, replace, sam_model, *cleanup_inputs], [open_path, x_scene, scene_command, scene_status])
+            save_button.click(save_handler, [draft, scene_name, replace, sam_model, init_word, concept, *cleanup_inputs], [open_path, x_scene, scene_command, scene_status])
 
             # ---------------------------------------------------------------- Extract events
             def scene_words(folder):
@@ -441,15 +444,7 @@ class App:
             demo.load(on_load, None, [job_id, seen, command])
 
             # ---------------------------------------------------------------- Generate events
-            def run_handles(run):
-                try:
-                    info = read_run(self.ws.run_path(run))
-                except BasError as exc:
-                    return "", status_error(exc)
-                buttons = "".join(f'<button class="bas-chip" data-handle="{html.escape(h)}">{html.escape(h)}</button>' for h in info["handles"])
-                return buttons, f"{len(info['handles'])} handles, base model {info['model']}."
-
-            g_run.change(run_handles, g_run, [chips, g_status])
+            g_run.change(self.generate_settings, g_run, [chips, g_status, scheduler, guidance])
 
             def add_chip(text, evt: gr.EventData):
                 handle = evt._data.get("handle", "")
@@ -462,6 +457,7 @@ class App:
 
             def generate_handler(run, text, negative_, seeds_text, steps_, guidance_, scale, sampler):
                 from bas.core.generation import generate_images
+                from bas.core.runs import read_run, run_family
 
                 try:
                     out = self.ws.run_path(run or "")
@@ -472,16 +468,18 @@ class App:
                         seed_list = [int(s) for s in re.split(r"[,\s]+", seeds_text or "") if s]
                     except ValueError:
                         raise BasError(f"Seeds '{seeds_text}' are not integers; write them as 0,1,2,3.") from None
-                    options = {"seeds": seed_list or [0], "steps": int(steps_ or 50), "guidance": float(guidance_), "lora_scale": float(scale),
+                    options = {"seeds": seed_list or [0], "steps": int(steps_ or 50), "lora_scale": float(scale),
+                               "guidance": None if guidance_ in (None, "") else float(guidance_),  # blank: the family's
                                "negative_prompt": negative_ or None, "scheduler": sampler, "device": self.device}
-                    cli = "bas generate " + commands.shell(commands.generate_args(self.ws.relative(out), prompt_list, options))
+                    family = run_family(read_run(out))
+                    cli = "bas generate " + commands.shell(commands.generate_args(self.ws.relative(out), prompt_list, options, family))
                     with self.generating:
                         paths = generate_images(out, prompt_list, **options)
                 except BasError as exc:
                     return gr.skip(), gr.skip(), gr.skip(), status_error(exc)
                 grid_path = [p for p in paths if p.name.startswith("grid-")]
                 singles = [str(p) for p in paths if p not in grid_path]
-                return (str(grid_path[0]) if grid_path else singles[0]), singles, cli, f"Wrote {len(singles)} images into {self.ws.relative(paths[0].parent)}."
+                return (str(grid_path[0]) if grid_path else singles[0]), singles, cli, f"Wrote {len(singles)} image{'' if len(singles) == 1 else 's'} into {self.ws.relative(paths[0].parent)}."
 
             generate.click(generate_handler, [g_run, prompts, negative, seeds, steps, guidance, lora_scale, scheduler], [grid, gallery, g_command, g_status], concurrency_limit=1)
 
@@ -551,6 +549,20 @@ class App:
         return demo
 
     # -- helpers --------------------------------------------------------------------------------------
+    def generate_settings(self, run):
+        """The Generate tab for the picked run: its handles as chips, a line about it, and its family's
+        samplers with the family's default sampler and guidance (FLUX: flow-euler and 3.5; SD: DDIM and 7.5)."""
+        from bas.core.runs import run_family
+
+        try:
+            info = read_run(self.ws.run_path(run))
+            sampling = commands.sampling_choices(run_family(info))
+        except BasError as exc:
+            return "", status_error(exc), gr.skip(), gr.skip()
+        buttons = "".join(f'<button class="bas-chip" data-handle="{html.escape(h)}">{html.escape(h)}</button>' for h in info["handles"])
+        return (buttons, f"{len(info['handles'])} handles, base model {info['model']}.",
+                gr.update(choices=sampling["schedulers"], value=sampling["scheduler"]), gr.update(value=sampling["guidance"]))
+
     def cleanup(self, values) -> MaskCleanup:
         try:
             return MaskCleanup.from_options(self.cleanup_options(*values))

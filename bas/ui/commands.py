@@ -148,9 +148,26 @@ def command_defaults(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in cli.commands[name].params if isinstance(p, click.Option)}
 
 
-def generate_args(run: str, prompts: list[str], options: dict[str, Any]) -> list[str]:
-    """``bas generate`` arguments equivalent to :func:`bas.generate` with ``options`` (defaults left out)."""
+def sampling_choices(family=None) -> dict[str, Any]:
+    """What the Generate tab offers for a run of ``family`` (by default the default family's): the
+    samplers the family takes, and its default sampler and guidance, as ``bas generate`` picks them."""
+    from bas.core.family import default_family
+    from bas.core.generation import family_schedulers
+    from bas.core.plugins import Plugins
+
+    family = family or default_family(Plugins())
+    return {"schedulers": family_schedulers(family), "scheduler": family.default_scheduler, "guidance": family.default_guidance}
+
+
+def generate_args(run: str, prompts: list[str], options: dict[str, Any], family=None) -> list[str]:
+    """``bas generate`` arguments equivalent to :func:`bas.generate` with ``options`` (defaults left out:
+    the sampler and guidance are the run's ``family``'s, by default the default family's)."""
+    from bas.core.family import default_family
+    from bas.core.plugins import Plugins
+
     d = command_defaults("generate")
+    family = family or default_family(Plugins())
+    d.update(guidance=family.default_guidance, scheduler=family.default_scheduler)
     args = [run, *prompts, "--seeds", ",".join(str(s) for s in options["seeds"])]
     for name in ("negative_prompt", "steps", "guidance", "lora_scale", "scheduler", "width", "height", "device"):
         value = options.get(name)

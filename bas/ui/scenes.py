@@ -262,6 +262,16 @@ def data_url(image: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def set_init_word(draft: Draft | None, label: str | None, word: str | None) -> bool:
+    """Give the concept ``label`` (the selected one when None) the init word ``word``; False when there is none."""
+    if draft is None or not draft.concepts:
+        return False
+    labels = draft.labels()
+    concept = draft.concepts[labels.index(label)] if label in labels else draft.current
+    concept.init_word = (word or "").strip()
+    return True
+
+
 def init_words(draft: Draft) -> list[str]:
     """One word per concept for ``--init-token`` (the default word where one is blank), or none at all."""
     words = [c.init_word.strip() for c in draft.concepts]
@@ -293,14 +303,14 @@ def save(draft: Draft, workspace: Workspace, name: str, cleanup_options: dict, o
         for i, concept in enumerate(draft.concepts):
             masks.append(staging / f"mask{i}.png")
             Image.fromarray((np.clip(concept.mask, 0, 1) * 255).round().astype(np.uint8)).save(masks[-1])
+        # the image too: an opened scene saved again under its name lives in the folder that bas masks replaces
+        image = staging / f"image{draft.image.suffix}"
+        shutil.copyfile(draft.image, image)
         plugins = Plugins([])
-        config = make_masks_config(plugins, {"out": folder, "image": draft.image, "overwrite": overwrite, "masks": masks, **cleanup_options}, [])
-        written = make_masks(config, plugins)
+        config = make_masks_config(plugins, {"out": folder, "image": image, "overwrite": overwrite, "masks": masks, **cleanup_options}, [])
+        written = make_masks(config, plugins)  # the folder as a whole: no older image or mask stays beside the new ones
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for stale in folder.glob("img.*"):  # an older image beside img.png would be the one `bas run --scene` reads
-        if stale.name != "img.png":
-            stale.unlink()
     prompts = [c.sam_prompt() for c in draft.concepts]
     info = {"init_tokens": words, "prompts": [list(p) if p else None for p in prompts],
             "masks_from": [c.mask_file for c in draft.concepts], "sam_model": sam_model}
