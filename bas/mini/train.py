@@ -3,8 +3,9 @@
 ``python -m bas.mini.train --out bas/mini/weights`` (or ``bas-mini-train``) is the whole recipe,
 one command:
 
-1. draw a fixed set of captioned scenes, and half as many again from the whole world (novel
-   colours and the dotted texture included: the VAE reads no caption);
+1. draw a fixed set of captioned scenes for the UNet, and one from the whole world for the VAE
+   (the novel colours and the dotted texture included, a third of the objects dotted: the VAE
+   reads no caption, and extraction needs it to draw what no caption names);
 2. train a 4x VAE (64 px -> 16x16x4 latents, so dots 8 px apart survive) on random crops with
    reconstruction + a small KL term (the VAE is fully convolutional), then cache the latents;
 3. train the UNet and the text encoder together on the captioned scenes: v-prediction on a
@@ -44,16 +45,16 @@ MAX_TOKENS = 32  # the longest caption is about 22 tokens
 class TrainConfig:
     out: Path = Path("bas/mini/weights")
     seed: int = 0
-    num_scenes: int = 20000
+    num_scenes: int = 16000
     # VAE: 2**(len(vae_channels) - 1) is its reduction; (32, 64, 64) is 4x, 64 px -> 16x16
     vae_channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = 4
-    vae_steps: int = 3000
+    vae_steps: int = 4000
     vae_batch: int = 16
     vae_crop: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    vae_whole_world: bool = True  # the VAE also sees the colours and textures no caption names
+    vae_scenes: int = 12000  # the VAE's own scenes, from the whole world: every colour and texture, dotted a third of the time
     vae_from: str = ""  # reuse the VAE of this pipeline folder instead of training one (for experiments)
     # UNet: one level per entry, cross-attention at every level
     unet_channels: tuple[int, ...] = (48, 96, 96)
@@ -61,7 +62,7 @@ class TrainConfig:
     unet_layers: int = 1
     text_width: int = 64
     text_layers: int = 2
-    unet_steps: int = 5000
+    unet_steps: int = 7000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup_steps: int = 100
@@ -69,7 +70,7 @@ class TrainConfig:
     caption_drop: float = 0.1
     prediction: str = "v_prediction"  # or epsilon
     zero_snr: bool = True  # rescale the betas so the last timestep is pure noise (Lin et al. 2023)
-    snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023); 0 = plain MSE
+    snr_gamma: float = 5.0  # min-SNR loss weighting (see loss_weights); 0 = plain MSE
     minutes: float = 0.0  # wall-clock cap of the UNet phase (0: none); the run then ends early
     save_every: int = 500
     device: str = "auto"
@@ -221,19 +222,20 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, scheduler) -> N
             (tmp / "training.json").write_text(record)
 
 
-def loss_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, prediction: str, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weight of each sample's MSE, for the model's prediction target.
+def loss_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weight of each sample's loss: min(1, gamma / SNR), 1 everywhere when gamma is 0.
 
-    With x0-MSE weighted by min(SNR, gamma), the epsilon loss carries min(SNR, gamma) / SNR and
-    the v loss min(SNR, gamma) / (SNR + 1).  gamma = 0 is the plain, unweighted loss.
+    Nearly clean timesteps (SNR above gamma) are weighted down, so they do not dominate the
+    gradient (Hang et al. 2023).  For the epsilon target this is the paper's min(SNR, gamma) / SNR.
+    For the v target it is used as is too, rather than the paper's min(SNR, gamma) / (SNR + 1):
+    that one is 0 at SNR 0, so on a zero-terminal-SNR schedule the pure-noise step, where
+    sampling starts and the background is decided, would never be trained.
     """
     if not gamma:
         return torch.ones(len(timesteps))
     a = alphas_cumprod[timesteps].double()
     snr = a / (1 - a).clamp(min=1e-12)
-    clipped = snr.clamp(max=gamma)
-    weight = clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr.clamp(min=1e-12)
-    return weight.float()
+    return (gamma / snr.clamp(min=1e-12)).clamp(max=1.0).float()
 
 
 def load_vae(folder: str):
@@ -258,7 +260,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.vae_from:
         vae = load_vae(cfg.vae_from)
     scenes, images = draw_dataset(cfg.num_scenes, cfg.seed)
-    vae_images = draw_dataset(cfg.num_scenes // 2, cfg.seed + 3, whole_world=True)[1] if cfg.vae_whole_world and not cfg.vae_from else images[:0]
+    vae_images = draw_dataset(cfg.vae_scenes, cfg.seed + 3, whole_world=True)[1] if not cfg.vae_from else None
     record["times"]["draw_s"] = time.perf_counter() - t0
     count = lambda m: sum(p.numel() for p in m.parameters())
     record["parameters"] = {"vae": count(vae), "unet": count(unet), "text_encoder": count(text_encoder)}
@@ -267,7 +269,7 @@ def train(cfg: TrainConfig) -> dict:
 
     t = time.perf_counter()
     if not cfg.vae_from:
-        record["vae_history"] = train_vae(vae, torch.cat([images, vae_images]), cfg, device, log)
+        record["vae_history"] = train_vae(vae, vae_images, cfg, device, log)
     latents = encode_all(vae, images, device)
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
@@ -320,7 +322,7 @@ def train(cfg: TrainConfig) -> dict:
         target = noise if cfg.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
         pred = unet(noisy, timesteps.to(device), encoder_hidden_states=text_encoder(ids)[0]).sample
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weights(alphas, timesteps, cfg.prediction, cfg.snr_gamma).to(device)).mean()
+        loss = (per_sample * loss_weights(alphas, timesteps, cfg.snr_gamma).to(device)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -367,6 +369,7 @@ DEFAULTS = TrainConfig()
 @click.option("--num-scenes", type=int, default=DEFAULTS.num_scenes, show_default=True, help="Captioned scenes drawn once and cached (images and latents).")
 @click.option("--vae-channels", default=",".join(map(str, DEFAULTS.vae_channels)), show_default=True, help="VAE widths per level; n levels reduce 2**(n-1) times.")
 @click.option("--latent-channels", type=int, default=DEFAULTS.latent_channels, show_default=True)
+@click.option("--vae-scenes", type=int, default=DEFAULTS.vae_scenes, show_default=True, help="Whole-world scenes the VAE trains on.")
 @click.option("--vae-steps", type=int, default=DEFAULTS.vae_steps, show_default=True)
 @click.option("--vae-from", default=DEFAULTS.vae_from, help="Reuse the VAE of this pipeline folder instead of training one.")
 @click.option("--unet-channels", default=",".join(map(str, DEFAULTS.unet_channels)), show_default=True, help="UNet widths per level.")
@@ -382,8 +385,6 @@ DEFAULTS = TrainConfig()
 @click.option("--snr-gamma", type=float, default=DEFAULTS.snr_gamma, show_default=True, help="Min-SNR loss weighting (0: plain MSE).")
 @click.option("--minutes", type=float, default=DEFAULTS.minutes, show_default=True, help="Stop the UNet phase after this many minutes (0: run every step).")
 @click.option("--save-every", type=int, default=DEFAULTS.save_every, show_default=True)
-@click.option("--vae-whole-world/--vae-captioned-only", default=DEFAULTS.vae_whole_world, show_default=True,
-              help="Also train the VAE on scenes with the colours and textures no caption names.")
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU where there is one), cpu, cuda.")
 @click.option("--threads", type=int, default=DEFAULTS.threads, show_default=True, help="CPU threads for torch.")
 def main(**values):
