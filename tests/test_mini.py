@@ -164,3 +164,32 @@ def test_training_command_writes_a_loadable_recorded_pipeline(tmp_path):
     assert (tmp_path / "m-train.log").read_text().count("unet step") == 0  # logged every 25 steps
     bad = CliRunner().invoke(train.main, ["--out", str(out), "--unet-channels", "16,32", "--unet-heads", "1"])
     assert bad.exit_code != 0 and "one head dimension per UNet level" in bad.output
+
+
+def test_training_resumes_bit_identically_and_refuses_changed_options(tmp_path):
+    import torch
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from bas.mini import train
+
+    base = ["--num-scenes", 8, "--vae-scenes", 8, "--vae-channels", "8,16,16", "--vae-steps", 2, "--unet-channels", "16,32",
+            "--unet-heads", "1,1", "--unet-steps", 6, "--unet-batch", 2, "--save-every", 2]
+    run = lambda *args: CliRunner().invoke(train.main, [str(a) for a in args])
+    assert run("--out", tmp_path / "a", *base).exit_code == 0
+    stopped = run("--out", tmp_path / "b", *base, "--minutes", "1e-9")  # stops after its first step, saving the exact state
+    assert stopped.exit_code == 0 and json.loads((tmp_path / "b" / "training.json").read_text())["unet_steps_done"] == 1
+    assert (tmp_path / "b-state" / "state.safetensors").exists()
+    assert run("--out", tmp_path / "b", *base, "--resume").exit_code == 0
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / part)), load_file(str(tmp_path / "b" / part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((tmp_path / "b" / "training.json").read_text())
+    assert record["unet_steps_done"] == 6 and record["legs"][0]["unet_steps_done"] == 1 and record["legs"][0]["resumed_exactly"]
+    assert not (tmp_path / "b-state").exists()  # the state goes once the run is whole
+    done = run("--out", tmp_path / "b", *base, "--resume")
+    assert done.exit_code != 0 and "already trained all 6 UNet steps" in done.output
+    changed = run("--out", tmp_path / "b", *base[:-4], "--unet-steps", 9, "--unet-lr", 1, "--resume")
+    assert changed.exit_code != 0 and "--unet-lr, --unet-steps" in changed.output
+    missing = run("--out", tmp_path / "none", *base, "--resume")
+    assert missing.exit_code != 0 and "run without --resume" in missing.output

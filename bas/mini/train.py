@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -75,11 +76,83 @@ class TrainConfig:
     save_every: int = 500
     device: str = "auto"
     threads: int = 1  # on a shared CPU one thread is several times faster than two
+    resume: bool = False  # continue the UNet phase of the pipeline at ``out`` from its last save
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["out"] = str(self.out)
         return data
+
+
+# what a resumed run may change: where it writes, how often, its budget and the machine it runs on
+RESUMABLE_CHANGES = {"out", "minutes", "save_every", "device", "threads", "resume"}
+
+
+def state_dir(out: Path) -> Path:
+    """The exact training state beside the pipeline (live and EMA weights, AdamW moments, random
+    generators), written at every save so ``--resume`` continues bit-identically; removed at the end."""
+    return out.parent / f"{out.name}-state"
+
+
+def save_state(out: Path, step: int, params, ema, opt, gen: torch.Generator, rng: random.Random) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"live.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+    tensors.update({f"ema.{i}": e.detach().cpu().contiguous() for i, e in enumerate(ema)})
+    for i, p in enumerate(params):
+        for key, value in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{key}"] = value.detach().cpu().contiguous()
+    tensors["generator"] = gen.get_state()
+    version, internal, gauss = rng.getstate()
+    with io.atomic_path(state_dir(out), directory=True) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "python_random": [version, list(internal), gauss]}))
+
+
+def load_state(out: Path, step: int, params, ema, opt, gen: torch.Generator, rng: random.Random) -> bool:
+    """Restore the state saved at ``step``; False when there is none for that step (then the caller rebuilds what it can)."""
+    from safetensors.torch import load_file
+
+    folder = state_dir(out)
+    try:
+        info = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if info.get("step") != step:
+        return False
+    tensors = load_file(str(folder / "state.safetensors"))
+    with torch.no_grad():
+        for i, (p, e) in enumerate(zip(params, ema)):
+            p.copy_(tensors[f"live.{i}"])
+            e.copy_(tensors[f"ema.{i}"])
+    state = {}
+    for i in range(len(params)):
+        entries = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+        if entries:
+            state[i] = entries
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    gen.set_state(tensors["generator"])
+    version, internal, gauss = info["python_random"]
+    rng.setstate((version, tuple(internal), gauss))
+    return True
+
+
+def read_previous(cfg: TrainConfig) -> dict:
+    """The training.json of the run ``--resume`` continues, checked against this run's options."""
+    path = Path(cfg.out) / "training.json"
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise click.UsageError(f"--resume needs a pipeline that bas.mini.train saved at {cfg.out} (no readable {path}); run without --resume.")
+    old = {k: v for k, v in previous.get("config", {}).items() if k not in RESUMABLE_CHANGES}
+    new = {k: v for k, v in json.loads(json.dumps(cfg.to_json())).items() if k not in RESUMABLE_CHANGES}
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        raise click.UsageError(f"--resume continues the run at {cfg.out} with its own options, but these differ: "
+                               f"{', '.join('--' + k.replace('_', '-') for k in changed)}; pass them as before or train afresh.")
+    if previous.get("unet_steps_done", 0) >= cfg.unet_steps:
+        raise click.UsageError(f"the run at {cfg.out} already trained all {cfg.unet_steps} UNet steps; nothing to resume.")
+    return previous
 
 
 def build_tokenizer():
@@ -254,28 +327,43 @@ def train(cfg: TrainConfig) -> dict:
                     "cpu_count": os.cpu_count(), "threads": cfg.threads, "times": {}, "vae_history": [], "unet_history": []}
     if device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(device)
+    previous = read_previous(cfg) if cfg.resume else None
     t0, cpu0 = time.perf_counter(), time.process_time()
     tokenizer = build_tokenizer()
     vae, unet, text_encoder, scheduler = build_models(tokenizer, cfg)
-    if cfg.vae_from:
+    if previous:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        vae = load_vae(str(out))
+        unet = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
+        text_encoder = CLIPTextModel.from_pretrained(str(out), subfolder="text_encoder")
+        prior_times = dict(previous.get("times", {}))
+        record.update({k: previous[k] for k in ("vae_history", "unet_history", "parameters") if k in previous})
+        record["times"] = {k: prior_times[k] for k in ("draw_s", "vae_s", "draw_and_vae_cpu_s") if k in prior_times}
+        record["legs"] = previous.get("legs", []) + [{k: previous.get(k) for k in ("unet_steps_done", "device", "machine", "threads", "torch")}
+                                                     | {"unet_s": prior_times.get("unet_s"), "cpu_s": prior_times.get("cpu_s")}]
+    elif cfg.vae_from:
         vae = load_vae(cfg.vae_from)
     scenes, images = draw_dataset(cfg.num_scenes, cfg.seed)
-    vae_images = draw_dataset(cfg.vae_scenes, cfg.seed + 3, whole_world=True)[1] if not cfg.vae_from else None
-    record["times"]["draw_s"] = time.perf_counter() - t0
+    vae_images = draw_dataset(cfg.vae_scenes, cfg.seed + 3, whole_world=True)[1] if not (cfg.vae_from or previous) else None
+    if not previous:
+        record["times"]["draw_s"] = time.perf_counter() - t0
     count = lambda m: sum(p.numel() for p in m.parameters())
     record["parameters"] = {"vae": count(vae), "unet": count(unet), "text_encoder": count(text_encoder)}
     log(f"drew {len(scenes)} scenes; vae {count(vae)/1e6:.2f}M, unet {count(unet)/1e6:.2f}M, text {count(text_encoder)/1e6:.2f}M parameters, "
         f"device {device}, load {cpu_load()}")
 
     t = time.perf_counter()
-    if not cfg.vae_from:
+    if not (cfg.vae_from or previous):
         record["vae_history"] = train_vae(vae, vae_images, cfg, device, log)
     latents = encode_all(vae, images, device)
-    scale = float(1.0 / latents.std())
+    scale = float(1.0 / latents.std()) if not previous else float(vae.config.scaling_factor)
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
-    record["times"]["vae_s"] = time.perf_counter() - t
-    record["times"]["draw_and_vae_cpu_s"] = time.process_time() - cpu0
+    if not previous:
+        record["times"]["vae_s"] = time.perf_counter() - t
+        record["times"]["draw_and_vae_cpu_s"] = time.process_time() - cpu0
     log(f"vae done; latents {tuple(latents.shape)}, scaling factor {scale:.4f}")
 
     # captions tokenized once per wording: the step picks a scene and a random wording of it
@@ -293,11 +381,30 @@ def train(cfg: TrainConfig) -> dict:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    start = previous["unet_steps_done"] if previous else 0
     lr_at = lambda s: min(1.0, s / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.unet_steps) / cfg.unet_steps))
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s + start))
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     alphas = scheduler.alphas_cumprod
-    t_unet, cpu_unet, running, step = time.perf_counter(), time.process_time(), None, 0
+    running, step = (previous.get("final_loss") if previous else None), start
+    if previous:
+        if load_state(out, start, params, ema, opt, gen, rng):
+            record["legs"][-1]["resumed_exactly"] = True
+            log(f"resuming at UNet step {start} from {state_dir(out)}: weights, EMA, AdamW moments and random generators as saved")
+        else:
+            # no exact state (a run saved before it was kept): the saved EMA weights become the live ones, AdamW's
+            # moments start again, and the data stream is replayed so every later step draws what it would have drawn
+            for _ in range(start):
+                idx = torch.randint(0, len(scenes), (cfg.unet_batch,), generator=gen)
+                for i in idx.tolist():
+                    world.training_caption(rng, scenes[i], cfg.caption_drop)
+                torch.randn(latents[idx].shape, generator=gen)
+                torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+            record["legs"][-1]["resumed_exactly"] = False
+            log(f"resuming at UNet step {start} from the saved (EMA) weights: no exact state at {state_dir(out)}, so AdamW's moments restart")
+    # the earlier legs' times (cumulative): this leg's are added to them
+    prior = {k: float(prior_times.get(k) or 0.0) for k in ("unet_s", "total_s", "cpu_s")} if previous else dict.fromkeys(("unet_s", "total_s", "cpu_s"), 0.0)
+    t_unet, cpu_unet = time.perf_counter(), time.process_time()
 
     def save_ema() -> None:
         live = [p.detach().clone() for p in params]
@@ -311,7 +418,7 @@ def train(cfg: TrainConfig) -> dict:
                 for p, v in zip(params, live):
                     p.copy_(v)
 
-    for step in range(1, cfg.unet_steps + 1):
+    for step in range(start + 1, cfg.unet_steps + 1):
         idx = torch.randint(0, len(scenes), (cfg.unet_batch,), generator=gen)
         x0 = latents[idx].to(device)
         ids = torch.stack([ids_for(world.training_caption(rng, scenes[i], cfg.caption_drop)) for i in idx.tolist()]).to(device)
@@ -335,13 +442,15 @@ def train(cfg: TrainConfig) -> dict:
         running = value if running is None else 0.98 * running + 0.02 * value
         if step % 25 == 0:
             record["unet_history"].append({"step": step, "loss": running, "lr": lr_sched.get_last_lr()[0], "load": cpu_load()})
-            log(f"unet step {step}/{cfg.unet_steps} loss {running:.4f} ({(time.perf_counter() - t_unet) / step:.2f}s/step, "
-                f"{(time.process_time() - cpu_unet) / step:.2f}s CPU, load {cpu_load()})")
+            done = step - start
+            log(f"unet step {step}/{cfg.unet_steps} loss {running:.4f} ({(time.perf_counter() - t_unet) / done:.2f}s/step, "
+                f"{(time.process_time() - cpu_unet) / done:.2f}s CPU, load {cpu_load()})")
         out_of_time = cfg.minutes and time.perf_counter() - t_unet > cfg.minutes * 60
         if step % cfg.save_every == 0 or step == cfg.unet_steps or out_of_time:
-            record["times"]["unet_s"] = time.perf_counter() - t_unet
-            record["times"]["total_s"] = time.perf_counter() - t0
-            record["times"]["cpu_s"] = time.process_time() - cpu0  # this process's CPU time: what the run costs whatever else runs
+            record["times"]["unet_s"] = prior["unet_s"] + time.perf_counter() - t_unet
+            record["times"]["total_s"] = prior["total_s"] + time.perf_counter() - t0
+            # this process's CPU time (and the earlier legs'): what the run costs whatever else runs
+            record["times"]["cpu_s"] = prior["cpu_s"] + time.process_time() - cpu0
             record["unet_steps_done"] = step
             record["final_loss"] = running
             loads = [h["load"] for h in record["vae_history"] + record["unet_history"] if h.get("load") is not None]
@@ -349,6 +458,10 @@ def train(cfg: TrainConfig) -> dict:
                 record["load_average"] = {"mean": round(float(np.mean(loads)), 2), "min": min(loads), "max": max(loads)}
             save_ema()
             io.write_json(out / "training.json", record)
+            if step < cfg.unet_steps:
+                save_state(out, step, params, ema, opt, gen, rng)
+            elif state_dir(out).exists():
+                shutil.rmtree(state_dir(out))
             log(f"saved {out} at step {step}")
         if out_of_time:
             log(f"stopping at step {step}: the {cfg.minutes} minute budget is spent")
@@ -387,6 +500,7 @@ DEFAULTS = TrainConfig()
 @click.option("--save-every", type=int, default=DEFAULTS.save_every, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU where there is one), cpu, cuda.")
 @click.option("--threads", type=int, default=DEFAULTS.threads, show_default=True, help="CPU threads for torch.")
+@click.option("--resume", is_flag=True, help="Continue the UNet phase of the run at --out from its last save (same options; the state is kept beside it).")
 def main(**values):
     """Train bas-mini on the procedural world and write it as a diffusers pipeline."""
     for name in ("vae_channels", "unet_channels", "unet_heads"):
