@@ -28,6 +28,14 @@ def export(out, dest, fmt="diffusers", **options):
     return export_run(out, fmt, dest, **options)
 
 
+def evaluate(runs, out, **options):
+    """Score finished runs with the paper's metrics into the folder ``out`` (``bas eval``); returns what
+    ``eval.json`` holds; see :func:`bas.core.evaluation.evaluate_runs`."""
+    from bas.core.evaluation import evaluate_runs
+
+    return evaluate_runs(runs, out, **options)
+
+
 def edit(out, prompt, image, mask, **options):
     """Put a run's concept into the masked region of an image; see :func:`bas.core.editing.edit_images`."""
     from bas.core.editing import edit_images
@@ -35,4 +43,13 @@ def edit(out, prompt, image, mask, **options):
     return edit_images(out, prompt, image, mask, **options)
 
 
-__all__ = ["edit", "export", "extract", "generate", "hookimpl", "__version__"]
+def batch(scenes, out, executor="local", **options):
+    """Extract many scenes into ``out/<name>/`` on this machine (``executor="local"``, ``workers=N``)
+    or a Ray cluster (``"ray"``, ``ray_address=...``) and return the summary ``batch.json`` holds;
+    see :func:`bas.core.batch.runner.run_batch`."""
+    from bas.core.batch.runner import run_batch
+
+    return run_batch(scenes, out, executor=executor, **options)
+
+
+__all__ = ["batch", "edit", "evaluate", "export", "extract", "generate", "hookimpl", "__version__"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -11,11 +12,15 @@ from pathlib import Path
 import click
 
 import bas
-from bas.core.errors import BasError, PluginError
+from bas.core.batch.command import make_batch_command
+from bas.core.checks import MAX_SEED
+from bas.core.errors import BasError
 from bas.core.export import FORMATS as EXPORT_FORMATS
 from bas.core.generation import SCHEDULERS
-from bas.core.model import DEFAULT_MODEL, PRECISIONS
-from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names
+from bas.core.model import PRECISIONS
+from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names, shadowed_entry_points
+from bas.eval_cli import eval_command
+from bas.ui.command import ui as ui_command
 
 PLUGIN_FLAGS = ("--plugin", "-p")
 
@@ -37,22 +42,64 @@ def _quiet_libraries() -> None:
     warnings.formatwarning = lambda message, category, *a, **k: f"Warning: {message}\n"
 
 
+def close_progress_bars() -> None:
+    """End every open progress bar's line, so an error that follows starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 class BasGroup(click.Group):
-    """Turns user errors into one ``Error: ...`` line and exit code 1, without a traceback."""
+    """bas's commands, then commands from plugins; user errors become one ``Error: ...`` line.
+
+    Plugins' commands are looked up only for a name that is not bas's own, so an installed
+    plugin is not even imported to run ``bas run``, ``bas generate``, ...; it can neither replace
+    a command nor end the process by being installed (:func:`add_plugin_commands`).
+    """
+
+    plugins_loaded = False
+
+    def load_plugin_commands(self) -> None:
+        if not self.plugins_loaded:
+            self.plugins_loaded = True
+            for warning in add_plugin_commands(self):
+                click.echo(f"Warning: {warning}", err=True)
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None:
+            self.load_plugin_commands()
+            command = super().get_command(ctx, name)
+        return command
+
+    def list_commands(self, ctx):
+        self.load_plugin_commands()
+        return super().list_commands(ctx)
 
     def invoke(self, ctx):
+        from bas.core.io import environment_error
         from bas.core.training import Interrupted
 
         try:
             return super().invoke(ctx)
         except Interrupted as exc:
+            close_progress_bars()
             click.echo(str(exc), err=True)
             sys.exit(130)
         except BasError as exc:
+            close_progress_bars()
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
+            close_progress_bars()
             click.echo("Interrupted; nothing was saved.", err=True)
             sys.exit(130)
+        except OSError as exc:  # a full disk, a read-only folder: the machine's state, not a bug
+            error = environment_error(exc)
+            if error is None:
+                raise
+            close_progress_bars()
+            raise click.ClickException(str(error)) from None
 
 
 def prescan_plugins(args: list[str]) -> list[str]:
@@ -114,19 +161,26 @@ def cli():
 @cli.command(cls=RunCommand)
 @click.option("--image", type=click.Path(path_type=Path), help="The input image (any size; centre-cropped and resized).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local folder of a Stable Diffusion 1.x/2.x diffusers pipeline.")
+@click.option("--model", default=None, help="Hub id or local folder of a diffusers pipeline (Stable Diffusion 1.x/2.x, SDXL, or a family a plugin adds) "
+              "[default: the family's: stabilityai/stable-diffusion-2-1-base, with --family sdxl stabilityai/stable-diffusion-xl-base-1.0, "
+              "with --family flux black-forest-labs/FLUX.1-dev].")
+@click.option("--family", default=None, help="Model family: sd, sdxl, flux, or one a plugin adds [default: detected from --model's model_index.json].")
 @click.option("--plugin", "-p", "plugin_names", multiple=True, help="Turn on a plugin (repeatable); no:NAME turns a default one off. See `bas plugins`.")
 @click.option("--phase1-steps", type=int, default=400, show_default=True, help="Steps of phase 1 (handles only).")
 @click.option("--phase2-steps", type=int, default=400, show_default=True, help="Steps of phase 2 (weights + handles).")
 @click.option("--phase1-lr", type=float, default=5e-4, show_default=True, help="Learning rate of phase 1.")
 @click.option("--phase2-lr", type=float, default=None, help="Learning rate of phase 2 [default: the weight strategy's, 1e-4 for LoRA, 2e-6 full].")
+@click.option("--phase2-handle-lr", type=float, default=2e-6, show_default=True, help="Learning rate of the handles in phase 2 (the reference code's), apart from the weights'.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resolution", type=int, default=None, help="Training resolution in pixels [default: the model's, 512 for SD 2.1 base].")
 @click.option("--init-token", "init_tokens", multiple=True, help="A word to start each handle from, one per mask in order [default: 'object'].")
 @click.option("--background", is_flag=True, help="Add a handle for the background: everything outside all masks (after the masks' handles).")
-@click.option("--optimizer", default="adamw", show_default=True, help="adamw or adamw8bit (bitsandbytes, CUDA), or one a plugin adds.")
+@click.option("--optimizer", default=None, help="adamw or adamw8bit (bitsandbytes, CUDA), or one a plugin adds [default: adamw; on CUDA the family may pick adamw8bit, see run.json's family_defaults].")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, ~30% slower.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Recompute activations in the backward pass: less memory, ~30% slower [default: off; on CUDA on for sdxl and flux].")
+@click.option("--quantize", type=click.Choice(["none", "nf4", "int8"]), default=None,
+              help="Load the frozen base weights quantised (bitsandbytes, CUDA, LoRA only): nf4 (4-bit) or int8 [default: none; on CUDA nf4 for flux].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--flip-p", type=float, default=0.5, show_default=True, help="Probability of a horizontal flip of image and masks per step.")
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient norm clip (0: off).")
@@ -145,6 +199,9 @@ def run(ctx, plugin_names, **values):
     click.echo(f"Wrote {config.out}: " + ", ".join(info["files"] + ["run.json"]))
     background = f" ({info['background']} is the background)" if info.get("background") else ""
     click.echo(f"Handles: {' '.join(info['handles'])}{background}. Try: bas generate {config.out} \"a photo of {info['handles'][0]} at the beach\"")
+
+
+cli.add_command(make_batch_command(run))
 
 
 @cli.command(cls=MasksCommand)
@@ -171,23 +228,46 @@ def masks(ctx, plugin_names, **values):
 
 
 def parse_seeds(ctx, param, value):
+    """``1,7,42`` as integers; their range is checked where the Python API checks it too
+    (:func:`bas.core.generation.sampling_seeds`)."""
     if not value:
         return None
     try:
-        return [int(s) for s in value.split(",") if s.strip()]
+        seeds = [int(s) for s in value.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"'{value}' is not a comma-separated list of integers such as 1,7,42.") from None
+    if not seeds:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of seeds such as 1,7,42.")
+    return seeds
+
+
+def finite(ctx, param, value):
+    """NaN and infinities pass click's float type; no option of bas means them."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number.")
+    return value
+
+
+SEED = click.IntRange(0, MAX_SEED)
+COUNT = click.IntRange(min=1)
 
 
 def sampling_options(command):
     """The options generate and edit share."""
     for option in reversed([
-        click.option("--num-images", type=int, default=None, help="Images per prompt, seeds seed, seed+1, ... [default: 4 for generate, 1 for edit]."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps."),
-        click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale."),
+        click.option("--num-images", type=COUNT, default=None, help="Images per prompt, seeds seed, seed+1, ... [default: 4 for generate, 1 for edit]."),
+        click.option("--seed", type=int, default=0, show_default=True, help=f"The first seed, 0 to {MAX_SEED}."),
+        click.option("--seeds", callback=parse_seeds, default=None, help="Exact seeds, comma-separated (such as 1,7,42); overrides --seed and --num-images."),
+        click.option("--steps", type=COUNT, default=50, show_default=True, help="Sampling steps."),
+        click.option("--guidance", type=float, default=None, callback=finite,
+                     help="Guidance scale: classifier-free, or FLUX.1-dev's distilled guidance [default: 7.5; flux 3.5, which schnell ignores]."),
+        click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=None,
+                     help="Sampler [default: ddim, the paper's; flow-euler for flux, the one flow-matching sampler]."),
+        click.option("--width", type=int, default=None, help="Image width, a multiple of 8 [default: the run's resolution]."),
+        click.option("--height", type=int, default=None, help="Image height, a multiple of 8 [default: the run's resolution]."),
+        click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="A text file with one prompt per line (# starts a comment)."),
         click.option("--negative-prompt", default=None, help="What the images should not show."),
-        click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Strength of the run's LoRA (0: base model + handles)."),
+        click.option("--lora-scale", type=float, default=1.0, show_default=True, callback=finite, help="Strength of the run's LoRA (0: base model + handles)."),
         click.option("--device", default="auto", show_default=True),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True),
     ]):
@@ -195,23 +275,24 @@ def sampling_options(command):
     return command
 
 
+def read_prompts(prompts, prompts_file) -> list[str]:
+    from bas.core.generation import read_prompts_file
+
+    return list(prompts) + (read_prompts_file(prompts_file) if prompts_file else [])
+
+
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.argument("prompts", nargs=-1)
 @sampling_options
-@click.option("--seeds", callback=parse_seeds, default=None, help="Exact seeds, comma-separated (such as 1,7,42); overrides --seed and --num-images.")
-@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="ddim", show_default=True, help="Sampler; DDIM is the paper's.")
-@click.option("--width", type=int, default=None, help="Image width, a multiple of 8 [default: the run's resolution].")
-@click.option("--height", type=int, default=None, help="Image height, a multiple of 8 [default: the run's resolution].")
-@click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="A text file with one prompt per line (# starts a comment).")
 @click.option("--variations", is_flag=True, help="Add the prompt naming every handle: variations of the whole scene.")
 @click.option("--grid/--no-grid", default=True, show_default=True, help="Also write a grid (a row per prompt, a column per seed).")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Where to write PNGs [default: OUT/samples].")
 def generate(out, prompts, prompts_file, variations, num_images, **options):
     """Generate images from a finished run: bas generate OUT "a photo of <asset0> at the beach"."""
-    from bas.core.generation import all_handles_prompt, generate_images, read_prompts_file, read_run
+    from bas.core.generation import all_handles_prompt, generate_images, read_run
 
-    prompts = list(prompts) + (read_prompts_file(prompts_file) if prompts_file else [])
+    prompts = read_prompts(prompts, prompts_file)
     if variations:
         prompts.append(all_handles_prompt(read_run(out)["handles"]))
     if not prompts:
@@ -222,20 +303,27 @@ def generate(out, prompts, prompts_file, variations, num_images, **options):
 
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.argument("prompt")
-@click.option("--image", required=True, type=click.Path(path_type=Path), help="The image to edit (centre-cropped and resized as `bas run` does).")
+@click.argument("prompts", nargs=-1)
+@click.option("--image", required=True, type=click.Path(path_type=Path), help="The image to edit (centre-cropped to the output's aspect and resized, as `bas run` does).")
 @click.option("--mask", required=True, type=click.Path(path_type=Path), help="PNG, white where the prompt's content goes.")
 @sampling_options
+@click.option("--blend-start", type=float, default=0.25, show_default=True,
+              help="Fraction of the schedule skipped: sampling starts from pure noise this far in (the script's --blending_start_percentage).")
+@click.option("--composite", is_flag=True, help="Paste the input's pixels outside the mask over the result (beyond the reference script).")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Where to write PNGs [default: OUT/edits].")
-def edit(out, prompt, num_images, **options):
+def edit(out, prompts, prompts_file, num_images, **options):
     """Put a concept into a region of any image: bas edit OUT --image IMG --mask M "a photo of <asset1>".
 
-    Blended latent diffusion with DDIM: inside the mask the prompt is generated, outside the image
-    is kept.
+    Blended Latent Diffusion as the paper's reference script runs it: a quarter into the schedule,
+    the prompt is generated inside the mask while outside it the image's latents, noised afresh,
+    replace the sample's after every step.
     """
     from bas.core.editing import edit_images
 
-    for path in edit_images(out, prompt, num_images=num_images or 1, **options):
+    prompts = read_prompts(prompts, prompts_file)
+    if not prompts:
+        raise BasError('No prompt; pass one such as "a photo of <asset1>" or --prompts-file FILE.')
+    for path in edit_images(out, prompts, num_images=num_images or 1, **options):
         click.echo(str(path))
 
 
@@ -247,7 +335,8 @@ def edit(out, prompt, num_images, **options):
 @click.option("--rank", type=int, default=32, show_default=True, help="Rank of a LoRA made from a full fine-tune by low-rank difference.")
 @click.option("--name", default=None, help="Name of the kohya LoRA file and embedding prefix [default: the run folder's name].")
 @click.option("--preview/--no-preview", default=True, show_default=True, help="Generate a preview image when the run's report has none.")
-@click.option("--preview-steps", type=int, default=25, show_default=True, help="DDIM steps of a generated preview.")
+@click.option("--preview-steps", type=COUNT, default=25, show_default=True,
+              help="Sampling steps of a generated preview (with the run's family's sampler and guidance, as bas generate's defaults).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
@@ -260,21 +349,28 @@ def export(out, fmt, dest, **options):
     click.echo(f"Wrote {dest}: {', '.join(top)}. See {dest / 'README.md'}.")
 
 
+cli.add_command(eval_command(RunCommand))
+
+
 @cli.command("tiny-model")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
-def tiny_model(directory, seed, prediction_type):
-    """Write a tiny random Stable Diffusion pipeline (diffusers format) for offline tests."""
+@click.option("--family", default=None, help="Model family of the pipeline: sd, sdxl, flux, or one a plugin adds [default: sd, the default model's].")
+def tiny_model(directory, seed, prediction_type, family):
+    """Write a tiny random pipeline of a model family (diffusers format) for offline tests."""
+    from bas.core.family import default_family, get_family
     from bas.core.tiny import save_tiny_model
 
-    save_tiny_model(directory, seed=seed, prediction_type=prediction_type)
-    click.echo(f"Wrote {directory} (loads with StableDiffusionPipeline.from_pretrained).")
+    plugins = Plugins()
+    chosen = get_family(plugins, family) if family else default_family(plugins)
+    save_tiny_model(directory, seed=seed, prediction_type=prediction_type, family=chosen)
+    click.echo(f"Wrote {directory} (loads with {chosen.pipeline_class}.from_pretrained).")
 
 
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bas-demo"), show_default=True)
-@click.option("--steps", type=int, default=100, show_default=True, help="Steps per phase.")
+@click.option("--steps", type=COUNT, default=100, show_default=True, help="Steps per phase.")
 @click.option("--model", default="bas-mini", show_default=True, help="bas-mini (shipped), or a pipeline folder such as one `bas tiny-model` writes.")
 def demo(out, steps, model):
     """Offline demo: draw a scene of concepts bas-mini cannot name, extract them, recompose them."""
@@ -286,9 +382,8 @@ def demo(out, steps, model):
 
     click.echo(f"Drawing a scene in {out / 'scene'} and extracting its two concepts into {model} ...")
     scene = draw_mini_scene(out / "scene")
-    # bas-mini's latent is 8x8 (attention maps at its middle level, 4x4), and its 64-d embeddings and
-    # small UNet move too little in 100 steps at Stable Diffusion's learning rates
-    extra = {"attention_res": 4, "phase1_lr": 5e-3, "phase2_lr": 1e-3} if model == NAME else {}
+    # bas-mini's 64-d embeddings and small UNet move too little in 100 steps at Stable Diffusion's learning rates
+    extra = {"phase1_lr": 5e-3, "phase2_lr": 1e-3} if model == NAME else {}
     result = extract(scene / "img.png", [scene / "mask0.png", scene / "mask1.png"], out / "run", model=model,
                      phase1_steps=steps, phase2_steps=steps, init_tokens=["circle", "square"], overwrite=True, device="cpu", **extra)
     paths = generate_api(out / "run", [p for _, p in DEMO_PROMPTS], num_images=2, steps=25, grid=False, device="cpu")
@@ -306,15 +401,20 @@ def demo(out, steps, model):
 @cli.command("plugins")
 def list_plugins():
     """List every plugin: what it provides, whether it is on by default, where it comes from."""
-    manager = Plugins(all_installed=True)
+    from bas.core.evaluation import eval_options
+
+    manager = Plugins(all_installed=True, tolerant=True)
     provides: dict[str, list[str]] = {}
     for kind in REGISTER_HOOKS:
         for entry in manager.registry(kind).entries.values():
             provides.setdefault(entry.plugin, []).append(f"{kind} '{entry.name}'")
     options: dict[str, list[str]] = {}
-    for plugin, opt in manager.run_options():
+    for plugin, opt in manager.run_options() + eval_options(manager) + manager.batch_options():
         options.setdefault(plugin, []).append(opt.opts[0])
     for name in available_plugin_names():
+        if name in manager.broken:
+            click.echo(f"{name}  [broken: {manager.broken[name]}]")
+            continue
         info = manager.infos[name]
         state = "on by default" if info.default else "opt-in (--plugin " + name + ")"
         click.echo(f"{name}  [{state}; {info.source}]")
@@ -324,28 +424,66 @@ def list_plugins():
             click.echo(f"    provides: {', '.join(provides[name])}")
         if options.get(name):
             click.echo(f"    options: {' '.join(options[name])}")
+    if manager.broken:
+        names = ", ".join(sorted(manager.broken))
+        click.echo(f"Warning: {len(manager.broken)} plugin(s) could not be loaded ({names}); see their lines above.", err=True)
+    for entry in shadowed_entry_points():
+        click.echo(f"Warning: the installed plugin {entry} has the name of a built-in plugin and is never loaded; rename its entry point.", err=True)
 
 
-def add_plugin_commands(group: click.Group) -> None:
-    """Commands from every installed plugin; a broken plugin is reported but core commands keep working."""
-    try:
-        Plugins(all_installed=True).call_each("bas_register_commands", cli=group)
-    except PluginError as exc:
-        click.echo(f"Warning: {exc}", err=True)
+cli.add_command(ui_command)
+
+
+def add_plugin_commands(group: click.Group) -> list[str]:
+    """Add every installed plugin's commands to ``group``; return warnings about what was left out.
+
+    Each plugin registers into a group of its own, so it cannot remove or replace a command; a
+    command named as one ``group`` has already is left out, as are both of two plugins' commands
+    of one name; a plugin that fails to import or raises (``sys.exit`` included) is named and
+    skipped while the others' commands work.
+    """
+    from bas.core.plugins import PerPlugin
+
+    own = set(group.commands)
+    manager = Plugins(all_installed=True, tolerant=True)
+    groups: dict[str, click.Group] = {}
+
+    def group_for(plugin: str) -> click.Group:
+        return groups.setdefault(plugin, click.Group(name=plugin))
+
+    manager.call_each("bas_register_commands", cli=PerPlugin(group_for))
+    warnings = [f"plugin '{name}' was skipped: {message}" for name, message in manager.broken.items()]
+    offered: dict[str, list[tuple[str, click.Command]]] = {}
+    for plugin, plugin_group in groups.items():
+        if plugin in manager.broken:
+            continue
+        for name, command in plugin_group.commands.items():
+            offered.setdefault(name, []).append((plugin, command))
+    for name, offers in sorted(offered.items()):
+        plugins = [plugin for plugin, _ in offers]
+        if name in own:
+            warnings.append(f"plugin '{plugins[0]}' adds a command '{name}', which bas has already; it is left out.")
+        elif len(offers) > 1:
+            warnings.append(f"plugins {' and '.join(plugins)} both add a command '{name}'; neither is used (uninstall one).")
+        else:
+            group.add_command(offers[0][1], name)
+    return warnings
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point: every user error is one ``Error: ...`` line on stderr and a non-zero exit."""
     _quiet_libraries()
-    add_plugin_commands(cli)
     try:
         cli.main(args=args, prog_name="bas", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
     except click.UsageError as exc:
+        from bas.option_hints import unknown_option_message
+
+        named = unknown_option_message(exc) if isinstance(exc, click.NoSuchOption) else None  # diffusers' names
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-        click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+        click.echo(f"Error: {named or exc.format_message()}{hint}", err=True)
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         click.echo(f"Error: {exc.format_message()}", err=True)

@@ -124,7 +124,7 @@ def ratios(base: dict, other: dict) -> dict:
     }
 
 
-def targets(arch: str, device: str, variant: Variant, configs: dict, speedup: float | None) -> dict:
+def targets(arch: str, device: str, variant: Variant, configs: dict, speedup: float | None, resolution: int | None = None) -> dict:
     """The issue's targets that this measurement can speak to, each with its figure and whether it holds."""
     bas = configs["bas"]
     out = {}
@@ -142,6 +142,12 @@ def targets(arch: str, device: str, variant: Variant, configs: dict, speedup: fl
                 out["h100_extraction_under_60s"] = {"value": bas["projected_extraction_s"], "met": bas["projected_extraction_s"] < 60}
         elif variant.optimizer == "adamw8bit" and variant.gradient_checkpointing:
             out["full_8bit_checkpointing_at_most_12gb"] = {"value": peak, "met": peak <= 12}
+    if arch == "sdxl" and device != "cpu" and variant.strategy == "lora":  # issue 11: SDXL at 1024 px on a 12 GB card
+        peak = bas["peak_memory_bytes"] / GB
+        out["sdxl_lora_peak_memory_at_most_11gb"] = {"value": peak, "met": peak <= 11}
+    if arch == "flux" and device != "cpu" and resolution == 512:  # issue 17: FLUX at 512 px on a 12 GB card
+        peak = bas["peak_memory_bytes"] / GB
+        out["flux_peak_memory_at_most_12gb"] = {"value": peak, "met": peak <= 12}
     return out
 
 
@@ -164,6 +170,8 @@ def save_row(path: Path, row: dict) -> None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True, help="auto: what `bas run` picks for the device.")
 @click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "adamw-fused"]), default="adamw", show_default=True)
 @click.option("--grad-checkpointing", is_flag=True, help="Gradient checkpointing in the bas configuration.")
+@click.option("--quantize", type=click.Choice(["none", "nf4", "int8"]), default=None,
+              help="Quantised base weights in the bas configuration [default: what `bas run` picks: nf4 for flux on CUDA].")
 @click.option("--prior-preservation/--no-prior-preservation", default=True, show_default=True, help="One class image per step in the bas configuration (reference-style always has it).")
 @click.option("--steps", type=int, default=10, show_default=True, help="Timed steps per phase (after the warm-up, before the one step whose FLOPs are counted).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed steps at the start of each phase.")
@@ -171,14 +179,14 @@ def save_row(path: Path, row: dict) -> None:
 @click.option("--compare", type=click.Choice(["reference-style"]), default=None, help="Also measure the reference code's way of training.")
 @click.option("--ablation", "ablations", multiple=True, type=click.Choice(sorted(ABLATIONS)), help="Also measure bas with one setting changed (repeatable).")
 @click.option("--plugin", "-p", "plugin_names", multiple=True, help="Passed to every configuration as `bas run --plugin` (NAME or no:NAME, repeatable).")
-@click.option("--resolution", type=int, default=None, help="Training resolution [default: the preset's: 128 tiny, 256 small, 512 sd15/sd21].")
+@click.option("--resolution", type=int, default=None, help="Training resolution [default: the preset's: 128 tiny, 256 small, sdxl-small and flux-small, 512 sd15/sd21/flux, 1024 sdxl].")
 @click.option("--threads", type=int, default=None, help="CPU threads per measurement [default: torch's].  1 gives stable figures on a shared machine.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--num-class-images", type=int, default=4, show_default=True, help="Pre-made class images for prior preservation.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where preset models are saved [default: ~/.cache/bas-benchmarks].")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Results file [default: benchmarks/results/<device>-<date>.json].")
-def main(arch, strategy, precision, optimizer, grad_checkpointing, prior_preservation, steps, warmup, repeats, compare, ablations,
+def main(arch, strategy, precision, optimizer, grad_checkpointing, quantize, prior_preservation, steps, warmup, repeats, compare, ablations,
          plugin_names, resolution, threads, device, num_class_images, seed, cache_dir, out):
     """Measure extraction speed and memory at an architecture preset."""
     if steps < 1 or warmup < 0 or repeats < 1:
@@ -189,7 +197,7 @@ def main(arch, strategy, precision, optimizer, grad_checkpointing, prior_preserv
     out = out or RESULTS_DIR / f"{slug}-{today}.json"
 
     variant = Variant(strategy=strategy, precision=precision, optimizer=optimizer, gradient_checkpointing=grad_checkpointing,
-                      prior_preservation=prior_preservation)
+                      prior_preservation=prior_preservation, quantize=quantize)
     configs = {"bas": variant}
     if compare == "reference-style":
         configs["reference-style"] = REFERENCE_STYLE
@@ -243,7 +251,8 @@ def main(arch, strategy, precision, optimizer, grad_checkpointing, prior_preserv
         "configs": results,
         "speedup_vs_reference": speedup,
         "ablations": {name.split(":", 1)[1]: ratios(bas, res) for name, res in results.items() if name.startswith("ablation:")},
-        "targets": targets(arch, slug, variant, results, speedup["extraction"] if speedup and "error" not in speedup else None),
+        "targets": targets(arch, slug, variant, results, speedup["extraction"] if speedup and "error" not in speedup else None,
+                           base_spec["resolution"]),
     }
     save_row(Path(out), row)
     if speedup and "error" not in speedup:

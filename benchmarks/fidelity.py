@@ -13,7 +13,9 @@ with :func:`bas.mini.metrics.read_image`:
 * leakage: in ``a photo of <assetK>``, the fraction of the scene's other concepts whose colour
   appears as an object (lower is better).
 
-Results go to ``benchmarks/results/fidelity-<date>.json`` with a grid per ablation beside it in
+Each image is scored by the ``bas-mini`` evaluator (``bas/plugins/bas_mini.py``), the same code
+that ``bas eval`` runs on bas-mini runs; this benchmark averages its per-image scores per prompt
+group and seed.  Results go to ``benchmarks/results/fidelity-<date>.json`` with a grid per ablation beside it in
 ``benchmarks/results/fidelity-<date>/``, and the table is printed as markdown.
 """
 
@@ -30,7 +32,9 @@ import click
 import numpy as np
 from PIL import Image
 
-from bas.mini import metrics, world
+from bas.core.evaluation import EvalRun, Sample
+from bas.mini import world
+from bas.plugins.bas_mini import BasMini
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADHERENCE_BACKGROUNDS = ("yellow", "green")
@@ -80,29 +84,29 @@ def prompts_for(n: int, background: str) -> dict[str, list[tuple[str, dict]]]:
     }
 
 
-def score_images(scene: world.Scene, groups: dict, readings: dict[str, list[metrics.ImageReading]]) -> dict[str, list[float]]:
-    """Per-seed values of each metric (each a mean over the prompts of its group)."""
-    objs = scene.objects
-    n_seeds = len(next(iter(readings.values())))
+# each benchmark metric: the prompt group it is averaged over and the bas-mini evaluator's score it averages
+METRIC_SOURCES = {
+    "identity": ("identity", "identity"), "composition": ("composition", "composition"), "adherence": ("adherence", "adherence"),
+    "leakage": ("identity", "leakage"), "identity colour": ("identity", "identity_colour"),
+    "identity shape": ("identity", "identity_shape"), "identity texture": ("identity", "identity_texture"),
+}
+
+
+def evaluator_scores(run: EvalRun, groups: dict, images: dict[str, list[Path]]) -> dict[str, list[dict]]:
+    """The bas-mini evaluator's scores of each prompt's images (a list per prompt, in seed order)."""
+    concepts = {p: tuple(spec["concepts"]) if "concepts" in spec else (spec["concept"],) for items in groups.values() for p, spec in items}
+    samples = [Sample(run.name, p, concepts[p], s, None, path) for p, paths in images.items() for s, path in enumerate(paths)]
+    scored = iter(BasMini().score(run, samples))
+    return {p: [next(scored) for _ in paths] for p, paths in images.items()}
+
+
+def score_columns(groups: dict, scores: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """Per-seed values of each metric: the mean over the prompts of its group of the evaluator's image scores."""
+    n_seeds = len(next(iter(scores.values())))
     per_seed: dict[str, list[float]] = {m: [] for m in METRICS + IDENTITY_PARTS}
     for s in range(n_seeds):
-        identity, leakage, parts = [], [], {p: [] for p in IDENTITY_PARTS}
-        for prompt, spec in groups["identity"]:
-            r, k = readings[prompt][s], spec["concept"]
-            found = r.find(colour=objs[k].colour)
-            identity.append(found is not None and found.shape == objs[k].shape and found.texture == objs[k].texture)
-            largest = r.objects[0] if r.objects else None  # what the handle drew, whatever its colour
-            parts["identity colour"].append(found is not None)
-            parts["identity shape"].append(largest is not None and largest.shape == objs[k].shape)
-            parts["identity texture"].append(largest is not None and largest.texture == objs[k].texture)
-            leakage += [r.find(colour=objs[j].colour) is not None for j in range(len(objs)) if j != k]
-        composition = []
-        for prompt, spec in groups["composition"]:
-            r = readings[prompt][s]
-            composition += [r.find(colour=objs[k].colour, shape=objs[k].shape) is not None for k in spec["concepts"]]
-        adherence = [readings[p][s].background == spec["background"] for p, spec in groups["adherence"]]
-        for name, values in (("identity", identity), ("composition", composition), ("adherence", adherence), ("leakage", leakage), *parts.items()):
-            per_seed[name].append(float(np.mean(values)))
+        for name, (group, key) in METRIC_SOURCES.items():
+            per_seed[name].append(float(np.mean([scores[p][s][key] for p, _ in groups[group]])))
     return per_seed
 
 
@@ -139,8 +143,8 @@ def run_ablation(ablation: Ablation, scene_dir: Path, scene: world.Scene, work: 
     prompts = [p for group in groups.values() for p, _ in group]
     paths = generate(out, prompts, seeds=seeds, steps=sample_steps, guidance=guidance, grid=False, device="cpu", out_dir=out / "samples")
     images = [Image.open(p).convert("RGB") for p in paths]
-    readings = {p: [metrics.read_image(images[i * len(seeds) + s]) for s in range(len(seeds))] for i, p in enumerate(prompts)}
-    per_seed = score_images(scene, groups, readings)
+    by_prompt = {p: paths[i * len(seeds):(i + 1) * len(seeds)] for i, p in enumerate(prompts)}
+    per_seed = score_columns(groups, evaluator_scores(EvalRun(out.name, out, json.loads((out / "run.json").read_text())), groups, by_prompt))
     return {
         "per_seed": per_seed, "mean": {m: float(np.mean(v)) for m, v in per_seed.items()},
         "extract_s": round(t_extract, 1), "prompts": prompts, "images": images,
@@ -255,9 +259,11 @@ def merge_results(parts: list[Path], out: Path) -> dict:
 @click.option("--phase1-lr", type=float, default=None, help="[default: bas run's, 5e-4]")
 @click.option("--phase2-lr", type=float, default=None, help="Phase-2 learning rate of LoRA [default: bas run's, 1e-4].")
 @click.option("--full-phase2-lr", type=float, default=None, help="Phase-2 learning rate of the full fine-tune [default: bas run's, 2e-6].")
+@click.option("--phase2-handle-lr", type=float, default=None, help="Phase-2 learning rate of the handles [default: bas run's, 2e-6].")
 @click.option("--grids", type=click.Path(path_type=Path), default=None, help="Folder of the grid PNGs [default: --out without .json].")
 @click.option("--merge", "merge", multiple=True, type=click.Path(exists=True, path_type=Path), help="Instead of running: merge these result files into --out.")
-def main(model, out, scenes, ablations, phase1_steps, phase2_steps, seeds, sample_steps, guidance, attention_res, threads, grids, merge, phase1_lr, phase2_lr, full_phase2_lr):
+def main(model, out, scenes, ablations, phase1_steps, phase2_steps, seeds, sample_steps, guidance, attention_res, threads, grids, merge, phase1_lr, phase2_lr, full_phase2_lr,
+         phase2_handle_lr):
     """Run the fidelity benchmark and print its table."""
     import torch
 
@@ -271,7 +277,8 @@ def main(model, out, scenes, ablations, phase1_steps, phase2_steps, seeds, sampl
     result = run_benchmark(out, model=model, scenes=list(scenes) or None, ablations=list(ablations) or None,
                            steps=(phase1_steps, phase2_steps), seeds=list(range(seeds)), sample_steps=sample_steps,
                            guidance=guidance, attention_res=attention_res, grids=grids,
-                           learning_rates={k: v for k, v in (("phase1_lr", phase1_lr), ("phase2_lr", phase2_lr), ("full_phase2_lr", full_phase2_lr)) if v} or None, log=lambda m: print(m, file=sys.stderr, flush=True))
+                           learning_rates={k: v for k, v in (("phase1_lr", phase1_lr), ("phase2_lr", phase2_lr), ("full_phase2_lr", full_phase2_lr),
+                                                                ("phase2_handle_lr", phase2_handle_lr)) if v} or None, log=lambda m: print(m, file=sys.stderr, flush=True))
     click.echo(result["table"])
     click.echo(f"Wrote {out}")
 

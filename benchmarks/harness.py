@@ -52,6 +52,7 @@ class Variant:
     skip_frozen_grads: bool = True
     channels_last: bool = False
     compile: bool = False
+    quantize: str | None = None  # None: what `bas run` picks for the family and device (FLUX on CUDA: nf4)
 
 
 # The reference code (../shared/METHOD.md): explicit attention everywhere, VAE every step, full
@@ -73,6 +74,9 @@ ABLATIONS: dict[str, dict] = {
     "fp32": {"precision": "fp32"},
     "bf16": {"precision": "bf16"},
     "grad-checkpointing": {"gradient_checkpointing": True},
+    "nf4": {"quantize": "nf4"},
+    "int8": {"quantize": "int8"},
+    "no-quantize": {"quantize": "none"},
     "no-grad-checkpointing": {"gradient_checkpointing": False},
     "adamw-fused": {"optimizer": "adamw-fused"},
     "adamw8bit": {"optimizer": "adamw8bit"},
@@ -255,12 +259,13 @@ class BenchRun(Run):
         if not v.fused_attention:
             from diffusers.models.attention_processor import AttnProcessor
 
-            c.unet.set_attn_processor(AttnProcessor())
-            c.text_encoder.set_attn_implementation("eager")
+            c.denoiser.set_attn_processor(AttnProcessor())
+            for encoder in c.text_encoders:
+                encoder.model.set_attn_implementation("eager")
         if v.channels_last:
-            c.unet.to(memory_format=torch.channels_last)
+            c.denoiser.to(memory_format=torch.channels_last)
         if v.compile:
-            c.unet.compile(dynamic=False)  # with dynamic shapes inductor fails on this UNet (torch 2.13)
+            c.denoiser.compile(dynamic=False)  # with dynamic shapes inductor fails on this UNet (torch 2.13)
         if not v.cached_latents:
             image = self.scene.image.unsqueeze(0)
             encoded = EncodedEachStep(self, torch.cat([image, image.flip(-1)]))
@@ -277,21 +282,23 @@ class BenchRun(Run):
                 encoded = EncodedEachStep(self, self.class_images)
                 term.mean, term.std = encoded.mean, encoded.std
 
-    def run_phase(self, phase, steps, params, lr) -> None:
+    def run_phase(self, phase, steps, groups) -> None:
         c, v = self.components, self.variant
         extra, frozen = [], []
         if not v.handle_rows_only:
-            matrix = self.handle_embedding.base.weight
-            matrix.requires_grad_(True)
-            extra.append(matrix)
-            self.kept_rows = matrix.detach().clone() if phase == 1 else None
+            matrices = [e.base.weight for e in self.handle_embeddings]
+            for matrix in matrices:
+                matrix.requires_grad_(True)
+            extra += matrices
+            self.kept_rows = [m.detach().clone() for m in matrices] if phase == 1 else None
         if phase == 1 and not v.skip_frozen_grads:
-            frozen = [p for m in (c.unet, c.text_encoder) for p in m.parameters() if not p.requires_grad]
+            frozen = [p for m in c.trainable_modules().values() for p in m.parameters() if not p.requires_grad]
             for p in frozen:
                 p.requires_grad_(True)
-        self.trainable[f"phase{phase}"] = sum(p.numel() for p in params + extra)
+        self.trainable[f"phase{phase}"] = sum(p.numel() for g in groups for p in g["params"]) + sum(p.numel() for p in extra)
+        groups = [dict(groups[0], params=groups[0]["params"] + extra), *groups[1:]]  # the matrix trains at the first group's rate
         try:
-            super().run_phase(phase, steps, params + extra, lr)
+            super().run_phase(phase, steps, groups)
         finally:
             for p in frozen:
                 p.requires_grad_(False)
@@ -300,7 +307,8 @@ class BenchRun(Run):
     def after_step(self, record) -> None:
         if self.kept_rows is not None and record.phase == 1:  # the reference restores the old rows
             with torch.no_grad():
-                self.handle_embedding.base.weight.copy_(self.kept_rows)
+                for embedding, rows in zip(self.handle_embeddings, self.kept_rows):
+                    embedding.base.weight.copy_(rows)
 
 
 # -- one measurement -----------------------------------------------------------------------------
@@ -358,7 +366,7 @@ def measure(spec: dict) -> dict:
     values = dict(
         out=work / "out", image=scene / "img.png", masks=[scene / "mask0.png", scene / "mask1.png"], model=spec["model"],
         phase1_steps=steps, phase2_steps=steps, precision=variant.precision, optimizer=variant.optimizer,
-        gradient_checkpointing=variant.gradient_checkpointing, resolution=res, seed=spec["seed"], device=spec["device"],
+        gradient_checkpointing=variant.gradient_checkpointing, quantize=variant.quantize, resolution=res, seed=spec["seed"], device=spec["device"],
         quiet=True,
     )
     class_images = None
@@ -371,14 +379,17 @@ def measure(spec: dict) -> dict:
     t0 = time.perf_counter()
     run = BenchRun(config, plugins, variant)
     run.class_images = class_images
-    run.check_out()
-    run.load()
-    t_train = time.perf_counter()
-    run.train()
-    t_save = time.perf_counter()
-    run.times["total_s"] = t_save - t0
-    run.save()
-    total_s = time.perf_counter() - t0
+    run.check_out()  # locks --out; the run works in its staging folder
+    try:
+        run.load()
+        t_train = time.perf_counter()
+        run.train()
+        t_save = time.perf_counter()
+        run.times["total_s"] = t_save - t0
+        run.save()
+        total_s = time.perf_counter() - t0
+    finally:
+        run.folder.close()
     # around the step loops: loss-term setup (class image latents), adapters, observers at the phases' ends
     around = (t_save - t_train) - run.times["phase1_s"] - run.times["phase2_s"]
     times = dict(run.times, train_around_steps_s=around, save_s=total_s - (t_save - t0))

@@ -59,7 +59,8 @@ def row_table(row: dict) -> list[str]:
 
 def render(rows: list[dict]) -> str:
     out = []
-    for row in sorted(rows, key=lambda r: (r["device"], ["tiny", "small", "sd15", "sd21"].index(r["arch"]), r["date"], r["command"])):
+    order = ["tiny", "small", "sd15", "sd21", "sdxl-small", "sdxl", "flux-small", "flux"]
+    for row in sorted(rows, key=lambda r: (r["device"], order.index(r["arch"]), r["date"], r["command"])):
         speed = row.get("speedup_vs_reference") or {}
         out.append(f"### {row['arch']} at {row['resolution']} px, {row['device_name']}, {row['date']}")
         out.append("")

@@ -31,6 +31,20 @@ def tiny_vpred_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    from bas.plugins.sdxl import StableDiffusionXL
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0, family=StableDiffusionXL())
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_model(tmp_path_factory) -> Path:
+    from bas.plugins.flux import Flux
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0, family=Flux())
+
+
+@pytest.fixture(scope="session")
 def scene(tmp_path_factory) -> Path:
     return draw_scene(tmp_path_factory.mktemp("scene"))
 
@@ -56,7 +70,36 @@ def rich_run(tmp_path_factory, tiny_model, scene) -> Path:
     out = tmp_path_factory.mktemp("runs") / "rich"
     args = quick_run_args(scene, tiny_model, out, "--background", "--init-token", "ball", "--init-token", "box",
                           "--validation-prompt", "a photo of <asset0> and <asset2>", "--validate-every", 2,
-                          "--validation-steps", 2, "--plugin", "tensorboard")
+                          "--validation-inference-steps", 2, "--plugin", "tensorboard")
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out
+
+
+EARLIER_RUN_FIELDS = ("checksums", "weight_files", "inputs_sha256")  # run.json records newer versions added
+
+
+def as_an_earlier_version_wrote(folder: Path) -> Path:
+    """Rewrite the finished run in ``folder`` as bas 0.1.0 before the run-folder checks wrote it: its
+    run.json without the records newer versions added (files' sizes and SHA-256, the weight files,
+    the inputs' hash), no ``inputs/`` copy of the image and masks, and a LoRA with peft's names
+    (the scale folded in), as ``lora.py`` wrote before the ComfyUI layout."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from bas.core.formats import read_diffusers_lora
+
+    folder = Path(folder)
+    info = json.loads((folder / "run.json").read_text())
+    for key in EARLIER_RUN_FIELDS:
+        info.pop(key, None)
+    info["files"] = [name for name in info["files"] if not name.startswith("inputs/")]
+    shutil.rmtree(folder / "inputs", ignore_errors=True)
+    lora = folder / "lora" / "pytorch_lora_weights.safetensors"
+    if lora.is_file():
+        save_file({f"{x.component}.{x.module}.lora_{f}.weight": t for x in read_diffusers_lora(lora) for f, t in (("A", x.down), ("B", x.up))},
+                  str(lora), metadata={"format": "pt"})
+    (folder / "run.json").write_text(json.dumps(info, indent=2))
+    return folder

@@ -183,3 +183,28 @@ def test_an_image_of_another_shape_than_annotated_is_refused(coco, tmp_path, inv
     Image.new("RGB", (50, 50)).save(wrong)
     result = invoke("masks", "-p", "coco-masks", "--image", wrong, "--annotations", path, "--image-id", 1, "--out", tmp_path / "out")
     assert result.exit_code == 1 and "is 50x50 but image 1 in" in result.output and "one.jpg" in result.output
+
+
+def test_instances_left_out_are_reported_with_the_way_to_keep_them(coco, tmp_path):
+    import subprocess
+    import sys
+    import warnings
+
+    with pytest.warns(UserWarning) as record:
+        coco_masks(coco)
+    assert [str(w.message) for w in record] == [
+        "coco-masks left out 2 instances of image 1 covering less than 15% of the square crop (car 10.0%, person 0.4%); "
+        "pass --min-area 0 to keep them."]
+    with pytest.warns(UserWarning) as record:
+        coco_masks(coco, image_id=4, min_area=0.0)
+    assert [str(w.message) for w in record] == ["coco-masks 1 more (dog) lies outside the square crop."]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left out: nothing said
+        coco_masks(coco, min_area=0.0)
+
+    path, image = coco  # as a user sees it: one line on stderr
+    proc = subprocess.run([sys.executable, "-m", "bas.cli", "masks", "--plugin", "coco-masks", "--image", str(image), "--annotations", str(path),
+                           "--image-id", "1", "--out", str(tmp_path / "m")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["Warning: coco-masks left out 2 instances of image 1 covering less than 15% of the square crop (car 10.0%, person 0.4%); "
+                                        "pass --min-area 0 to keep them."]

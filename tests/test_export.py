@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bas.cli import cli
-from bas.core.export import kohya_targets
+from bas.core.formats import kohya_model_hash, kohya_targets, standard_module
 
-from conftest import quick_run_args
+import comfyui_keys
+from conftest import as_an_earlier_version_wrote, quick_run_args
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -77,6 +80,10 @@ def test_diffusers_export_loads_into_a_plain_pipeline_and_changes_it(rich_run, t
         "embeddings/asset0.safetensors", "embeddings/asset1.safetensors", "embeddings/asset2.safetensors",
     }
     pipe = plain_pipeline(tiny_model)
+    lora = load_file(str(dest / "lora" / "pytorch_lora_weights.safetensors"))
+    assert lora.keys() == load_file(str(rich_run / "lora" / "pytorch_lora_weights.safetensors")).keys()
+    changes, left_out = comfyui_keys.load_lora(lora, comfyui_keys.key_map(pipe.unet, pipe.text_encoder))
+    assert left_out == [] and len(changes) == len(lora) // 2  # ComfyUI maps every layer
     before = sample(pipe, "a photo of a ball")
     pipe.load_lora_weights(str(dest / "lora"))
     with_lora = sample(pipe, "a photo of a ball")
@@ -115,7 +122,12 @@ def test_kohya_export_has_kohya_keys_and_round_trips_to_diffusers(rich_run, tiny
         assert lora[f"{name}.lora_up.weight"].shape == (out_features, 8)
         assert lora[f"{name}.alpha"].shape == () and float(lora[f"{name}.alpha"]) == 8.0
     with safe_open(str(dest / "toys.safetensors"), "pt") as f:
-        assert f.metadata()["ss_network_dim"] == "8"
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "8.0"  # true for every layer, checked above
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert json.loads(meta["ss_tag_frequency"]) == {"toys": {"toys-asset0": 1, "toys-asset1": 1, "toys-asset2": 1}}
+    assert meta["modelspec.title"] == "toys" and meta["modelspec.resolution"] == "128x128"
+    assert meta["sshs_model_hash"] == kohya_model_hash(lora, meta) and len(meta["sshs_model_hash"]) == 64
 
     # back to diffusers: diffusers' own kohya converter gives exactly the LoRA bas saved
     original = plain_pipeline(tiny_model)
@@ -149,7 +161,7 @@ def test_lora_from_full_is_the_low_rank_difference_of_the_fine_tune(full_run, ti
 
     def target_layers(pipe):
         return {(c, n): m.weight for c in ("unet", "text_encoder") for n, m in getattr(pipe, c).named_modules()
-                if isinstance(m, torch.nn.Linear) and kohya_targets(c, n)}
+                if kohya_targets(c, n, m)}
 
     goal = target_layers(tuned)
     base = target_layers(plain_pipeline(tiny_model))
@@ -164,8 +176,13 @@ def test_lora_from_full_is_the_low_rank_difference_of_the_fine_tune(full_run, ti
         errors[dest.name] = max(float((fused[k] - w).abs().max()) for k, w in goal.items())
     assert errors["exact"] < 1e-5
     assert errors["small"] > 1e-4  # rank 1 cannot hold a 2-step fine-tune of every layer
-    ranks = {v.shape[0] for k, v in load_file(str(small / "lora" / "pytorch_lora_weights.safetensors")).items() if "lora_A" in k}
+    ranks = {v.shape[0] for k, v in load_file(str(small / "lora" / "pytorch_lora_weights.safetensors")).items() if k.endswith(("lora_A.weight", "down.weight"))}
     assert ranks == {1}
+    base_pipe = plain_pipeline(tiny_model)  # ComfyUI maps every key and applies the whole difference
+    changes, left_out = comfyui_keys.load_lora(load_file(str(exact / "lora" / "pytorch_lora_weights.safetensors")),
+                                               comfyui_keys.key_map(base_pipe.unet, base_pipe.text_encoder))
+    assert left_out == [] and changes.keys() == {(c, standard_module(c, n)) for c, n in goal}
+    assert max(float((changes[(c, standard_module(c, n))] - (w - base[(c, n)])).abs().max()) for (c, n), w in goal.items()) < 1e-5
     assert "low-rank difference (rank 1)" in (small / "README.md").read_text()
 
     kohya = tmp_path / "kohya"
@@ -174,6 +191,22 @@ def test_lora_from_full_is_the_low_rank_difference_of_the_fine_tune(full_run, ti
     lora = load_file(str(kohya / "full.safetensors"))
     assert {v.shape[0] for k, v in lora.items() if k.endswith("lora_down.weight")} == {2}
     assert any(k.startswith("lora_unet_") and "_ff_net_" in k for k in lora)
+
+
+def test_a_run_of_an_earlier_version_exports_in_todays_layout(rich_run, invoke, tmp_path):
+    """A run folder as an earlier bas version wrote it (a LoRA with the peft names, which ComfyUI
+    leaves out of the UNet's attention, and a run.json without the files' checksums) exports the
+    same files as the run written today."""
+    old_run = tmp_path / "old-run"
+    shutil.copytree(rich_run, old_run)
+    as_an_earlier_version_wrote(old_run)
+    for fmt, lora in (("diffusers", "lora/pytorch_lora_weights.safetensors"), ("kohya", "toys.safetensors")):
+        today, old = (tmp_path / f"{fmt}-{n}" for n in ("today", "old"))
+        for run, dest in ((rich_run, today), (old_run, old)):
+            result = invoke("export", run, "--format", fmt, "--out", dest, "--name", "toys")
+            assert result.exit_code == 0, result.output
+        want, got = load_file(str(today / lora)), load_file(str(old / lora))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_diffusers_export_of_a_full_fine_tune_is_its_pipeline(full_run, invoke, tmp_path):
@@ -209,7 +242,7 @@ def test_rewriting_a_run_folder_leaves_no_stale_embeddings(tmp_path):
     from bas.core import io
     from bas.core.export import write_run_exports
 
-    info = {"model": "m", "handles": [], "weights": None, "files": ["handles.safetensors"], "resolution": 64}
+    info = {"model": "m", "family": "sd", "handles": [], "weights": None, "files": ["handles.safetensors"], "resolution": 64}
     for n in (3, 2):  # an --overwrite run with fewer handles
         handles = {f"<asset{i}>": torch.full((4,), float(i)) for i in range(n)}
         io.write_safetensors(tmp_path / "handles.safetensors", handles)
@@ -217,3 +250,22 @@ def test_rewriting_a_run_folder_leaves_no_stale_embeddings(tmp_path):
     assert written == ["embeddings/asset0.safetensors", "embeddings/asset1.safetensors", "README.md"]
     assert sorted(p.name for p in (tmp_path / "embeddings").iterdir()) == ["asset0.safetensors", "asset1.safetensors"]
     assert "<asset2>" not in (tmp_path / "README.md").read_text()
+
+
+def test_full_fine_tune_pipeline_loads_in_transformers_4_layout(full_run, tmp_path):
+    """pipeline/ of --plugin full: text-encoder weights (handle rows included) under text_model., and
+    tokenizer files from which transformers 4.x's CLIPTokenizer knows the handles."""
+    from transformers import CLIPTextModel
+
+    from test_formats import assert_tokenizer_files_agree
+
+    weights = load_file(str(full_run / "pipeline" / "text_encoder" / "model.safetensors"))
+    assert weights and all(k.startswith("text_model.") for k in weights)
+    model, info = CLIPTextModel.from_pretrained(str(full_run / "pipeline" / "text_encoder"), output_loading_info=True)
+    assert not any(info.values()), info
+    handles = load_file(str(full_run / "handles.safetensors"))
+    rows = weights["text_model.embeddings.token_embedding.weight"][-len(handles):]
+    assert torch.equal(rows, torch.stack(list(handles.values())))
+    config = json.loads((full_run / "pipeline" / "tokenizer" / "tokenizer_config.json").read_text())
+    assert {v["content"] for v in config["added_tokens_decoder"].values()} >= set(handles)
+    assert_tokenizer_files_agree(full_run / "pipeline" / "tokenizer", tmp_path, ["a photo of <asset0> and <asset1>", "<asset2>"])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import bas
 from bas.core.errors import BasError
 from bas.core.generation import SCHEDULERS, generate_images, make_scheduler
 from bas.core.scene import BACKGROUND_NAME, SceneInput, prepare_scene
@@ -96,12 +98,12 @@ def test_background_handle_is_the_complement_of_all_masks(rich_run):
         prepare_scene(SceneInput(Image.new("RGB", (8, 8)), [left, right]), 8, background=True)
 
 
-def test_edit_changes_pixels_inside_the_mask_and_keeps_the_outside(rich_run, scene, invoke, tmp_path):
+def test_edit_changes_pixels_inside_the_mask_and_composite_keeps_the_outside(rich_run, scene, invoke, tmp_path):
     mask = Image.new("L", (128, 128), 0)
     ImageDraw.Draw(mask).rectangle((40, 40, 89, 89), fill=255)
     mask.save(tmp_path / "mask.png")
     result = invoke("edit", rich_run, "a photo of <asset1>", "--image", scene / "img.png", "--mask", tmp_path / "mask.png",
-                    "--steps", 3, "--num-images", 2, "--out-dir", tmp_path / "e")
+                    "--steps", 4, "--seeds", "0,1", "--composite", "--out-dir", tmp_path / "e")
     assert result.exit_code == 0, result.output
     paths = [tmp_path / "e" / f"edit-a-photo-of-asset1-seed{s}.png" for s in (0, 1)]
     assert result.stdout.split() == [str(p) for p in paths]
@@ -113,7 +115,60 @@ def test_edit_changes_pixels_inside_the_mask_and_keeps_the_outside(rich_run, sce
     assert not np.array_equal(pixels(paths[0]), pixels(paths[1]))
 
 
+def test_edit_follows_the_blended_latent_diffusion_script(rich_run, scene, tmp_path, monkeypatch):
+    """A quarter into the schedule, from pure noise; after every step the input's latents noised to that
+    step with fresh noise replace the outside of the nearest-sampled mask; the decoded result as is."""
+    import diffusers
+
+    from bas.core.editing import edit_images, latent_mask
+
+    mask = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).rectangle((40, 40, 89, 89), fill=255)
+    mask.save(tmp_path / "mask.png")
+    blends, calls = [], []
+    add_noise = diffusers.DDIMScheduler.add_noise
+
+    def recording_add_noise(self, original, noise, t):
+        blends.append((int(t), noise.clone()))
+        return add_noise(self, original, noise, t)
+
+    monkeypatch.setattr(diffusers.DDIMScheduler, "add_noise", recording_add_noise)
+    unet_forward = diffusers.UNet2DConditionModel.forward
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "forward",
+                        lambda self, sample, t, *a, **k: calls.append((int(t), sample.clone())) or unet_forward(self, sample, t, *a, **k))
+    (path,) = edit_images(rich_run, "a photo of <asset1>", scene / "img.png", tmp_path / "mask.png", steps=8, out_dir=tmp_path / "e", device="cpu")
+    timesteps = [875, 750, 625, 500, 375, 250, 125, 0][2:]  # DDIM over 1000 steps from 0, as the script's; a quarter skipped
+    assert [t for t, _ in calls] == timesteps and [t for t, _ in blends] == timesteps
+    assert all(not torch.equal(a, b) for (_, a), (_, b) in zip(blends, blends[1:]))  # fresh noise at every blend
+    first_input = calls[0][1][:1]
+    assert first_input.std() > 0.8  # pure noise, not the input's latents: inside and outside alike
+    # the mask on the latent grid: nearest samples (pixels 0, 8, 16, ...) of the 128 px mask, thresholded at
+    # 0.5; cell 11 holds pixels 88-95, of which only 88-89 are white, and is in (an area average would drop it)
+    grid = latent_mask(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None, None], (16, 16))[0, 0]
+    assert grid.sum() == 49 and grid[5:12, 5:12].all()
+    source = pixels(scene / "img.png")
+    assert np.abs(pixels(path) - source)[~(np.asarray(mask) > 127)].max() > 1  # not pasted over the input
+
+
 def test_edit_refuses_an_empty_mask(rich_run, scene, invoke, tmp_path):
     Image.new("L", (128, 128), 0).save(tmp_path / "empty.png")
     result = invoke("edit", rich_run, "a photo of <asset1>", "--image", scene / "img.png", "--mask", tmp_path / "empty.png")
     assert result.exit_code == 1 and "marks nothing to edit" in result.output
+
+
+@pytest.mark.parametrize("call", ["generate", "edit"])
+@pytest.mark.parametrize("seeds, message", [
+    ({"seed": -1}, "--seed must be 0 or more, not -1"),
+    ({"seed": 2**63 - 1, "num_images": 2}, "--seed 9223372036854775807 plus 1 more seeds passes"),
+    ({"seeds": [3, 2**64]}, "--seeds must be at most 9223372036854775807"),
+    ({"seeds": "3,7"}, "--seeds must be a list of whole numbers"),
+])
+def test_the_python_api_checks_seeds_as_the_command_line_does(call, seeds, message, rich_run, scene, tmp_path):
+    """``bas.generate`` and ``bas.edit`` refuse the seeds ``bas generate``/``bas edit`` refuse, before the model loads."""
+    out_dir = tmp_path / "images"
+    with pytest.raises(BasError, match=re.escape(message)):
+        if call == "generate":
+            bas.generate(rich_run, "a photo of <asset0>", steps=1, out_dir=out_dir, **seeds)
+        else:
+            bas.edit(rich_run, "a photo of <asset0>", scene / "img.png", scene / "mask0.png", steps=1, out_dir=out_dir, **seeds)
+    assert not out_dir.exists()

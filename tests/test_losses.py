@@ -10,9 +10,11 @@ import torch
 from torch.nn import functional as F
 
 from bas.core.components import StepBatch
+from bas.core.family import Components, Conditioning
 from bas.core.tiny import build_tiny_pipeline
-from bas.plugins.attention_loss import CrossAttentionLoss, cross_attention_layers
+from bas.plugins.attention_loss import CrossAttentionLoss
 from bas.plugins.masked_loss import MaskedDiffusionLoss
+from bas.plugins.sd import StableDiffusion
 from bas.plugins.union_sampling import union_sampler
 from bas.core.training import PROMPT_PREFIX
 
@@ -21,7 +23,7 @@ def make_batch(pred, target, union_mask, masks=None, positions=(5,), ehs=None):
     return StepBatch(
         step=1, phase=1, concepts=[0], prompt="", latents=target, noise=target, timesteps=torch.tensor([10]),
         noisy_latents=target, target=target, model_pred=pred, masks=masks if masks is not None else union_mask,
-        union_mask=union_mask, token_positions=list(positions), encoder_hidden_states=ehs,
+        union_mask=union_mask, token_positions=list(positions), conditioning=Conditioning(ehs),
     )
 
 
@@ -72,9 +74,16 @@ def tiny_parts():
     return pipe.unet.eval(), pipe.text_encoder.eval(), pipe.tokenizer
 
 
+def sd_run(unet, resolution):
+    """What the loss reads of a run: its family, its parts, its resolution."""
+    family = StableDiffusion()
+    return SimpleNamespace(family=family, resolution=resolution, components=Components(family, [], unet, SimpleNamespace(config=SimpleNamespace(block_out_channels=(1, 2, 3, 4))), None))
+
+
 def test_loss_layers_are_the_down_and_up_cross_attentions_at_a_quarter_of_the_latent(tiny_parts):
     unet, _, _ = tiny_parts
-    layers = cross_attention_layers(unet, 64)  # 512 px on SD: 64x64 latents
+    run = sd_run(unet, 512)
+    layers = run.family.attention_layers(run.components, 64)  # 512 px on SD: 64x64 latents
     at16 = sorted(n for n, (_, r) in layers.items() if r == 16)
     assert at16 and all(n.startswith(("down_blocks.2.", "up_blocks.1.")) for n in at16)
     assert not any(n.startswith("mid_block") for n in layers)
@@ -103,7 +112,7 @@ def test_captured_maps_are_softmax_probabilities_of_the_right_tokens(tiny_parts)
     torch.manual_seed(0)
     latent = 16
     term = CrossAttentionLoss(config(attention_loss_weight=0.01, attention_res=None))
-    run = SimpleNamespace(resolution=latent * 8, components=SimpleNamespace(unet=unet, vae_scale_factor=8))
+    run = sd_run(unet, latent * 8)
     noisy = torch.randn(1, 4, latent, latent)
     ids = tokenizer(["a photo of red and blue"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     ehs = text_encoder(ids)[0]
@@ -143,7 +152,7 @@ def test_captured_maps_are_softmax_probabilities_of_the_right_tokens(tiny_parts)
 
 def test_attention_loss_is_zero_when_maps_match_masks(tiny_parts):
     term = CrossAttentionLoss(config())
-    term.res = 4
+    term.res, term.sides = 4, [4]  # one captured layer at 4x4
     masks = torch.zeros(1, 1, 32, 32)
     masks[..., :16, :16] = 1.0
     map_ = F.interpolate(masks, size=(4, 4), mode="area").reshape(1, 16)

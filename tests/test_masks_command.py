@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -80,6 +83,74 @@ def test_masks_refuses_an_out_that_holds_masks_unless_overwrite_which_drops_stal
     assert replaced.exit_code == 0, replaced.output
     assert (out / "mask0.png").read_bytes() != before and not (out / "mask2.png").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files were left behind"
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every entry under ``root``, hidden ones included, with the content of files."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("out, extra, message", [
+    ("/", [], "--out / is the root folder"),
+    ("~", [], "is your home folder"),
+    (".", [], "is the current folder"),
+    ("..", [], "is a parent of the current folder"),
+    ("photos", [], "holds --image photos/mine/img.png"),  # the folder holding the input image's folder
+    ("photos/mine", ["--overwrite"], "holds --image photos/mine/img.png"),
+    ("photos/mine", ["--mask", "photos/mine/mask0.png", "--image", "elsewhere.png"], "holds --mask photos/mine/mask0.png"),
+    ("notes", ["--overwrite"], "--out notes holds todo.txt, which no scene holds, and bas masks replaces the whole folder"),
+    ("runs/.toys.bas-partial", [], "is a name bas uses for its own work"),
+    ("link", ["--overwrite"], "--out link is a link"),
+])
+def test_masks_out_has_the_guards_of_run_out(out, extra, message, scene, invoke, tmp_path, monkeypatch):
+    """bas masks replaces --out as a whole, so it refuses what bas run --out refuses, and writes nothing."""
+    work = tmp_path / "work"
+    (work / "photos").mkdir(parents=True)
+    shutil.copytree(scene, work / "photos" / "mine")
+    shutil.copy(scene / "img.png", work / "elsewhere.png")
+    (work / "notes").mkdir()
+    (work / "notes" / "todo.txt").write_text("mine")
+    (work / "home").mkdir()
+    (work / "empty").mkdir()
+    (work / "link").symlink_to(work / "empty")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(work / "home"))
+    from bas.core import io
+
+    real = io.save_image  # should a guard ever fail, nothing is written outside the test's folder ("/" included)
+    monkeypatch.setattr(io, "save_image", lambda path, image: real(path, image) if tmp_path in Path(path).resolve().parents
+                        else pytest.fail(f"bas masks wrote {path}"))
+    before = tree(tmp_path)
+    args = extra if "--image" in extra else ["--image", "photos/mine/img.png", "--mask", "photos/mine/mask0.png", *extra]
+    result = invoke("masks", *args, "--out", out)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
+    assert tree(tmp_path) == before
+
+
+def test_a_failure_while_writing_masks_leaves_the_scene_folder_as_it_was(scene, invoke, tmp_path, monkeypatch):
+    import errno
+
+    from bas.core import io
+
+    out = tmp_path / "masks"
+    assert invoke("masks", "--scene", scene, "--out", out).exit_code == 0
+    before = tree(tmp_path)
+    real, calls = io.save_image, []
+
+    def disk_full_at_the_second_file(path, image):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, image)
+
+    monkeypatch.setattr(io, "save_image", disk_full_at_the_second_file)
+    result = invoke("masks", "--scene", scene, "--mask-dilate", 3, "--out", out, "--overwrite")
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and len(calls) == 2, result.output
+    assert tree(tmp_path) == before  # the old masks whole, nothing half-written beside them
+    monkeypatch.undo()
+    assert invoke("masks", "--scene", scene, "--mask-dilate", 3, "--out", out, "--overwrite").exit_code == 0
+    assert (out / "mask0.png").read_bytes() != before["masks/mask0.png"] and sorted(tree(tmp_path)) == sorted(before)
 
 
 @pytest.mark.parametrize("mask, message", [

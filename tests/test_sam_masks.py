@@ -80,6 +80,20 @@ def test_prompts_reach_the_model_and_masks_come_back_at_the_images_size(tiny_sam
     assert preview.shape == (H, W, 3) and np.abs(preview - np.asarray(Image.open(picture), dtype=np.int16)).mean() > 10
 
 
+def test_negative_points_and_a_box_refined_by_points_reach_the_model(tiny_sam, picture, model_calls, invoke, tmp_path):
+    out = tmp_path / "masks"
+    result = invoke("masks", "--plugin", "sam-masks", "--model", tiny_sam, "--image", picture, "--device", "cpu",
+                    "--point", "10,20+no:30,5", "--box", "5,5,40,30+no:20,10+12,12", "--out", out)
+    assert result.exit_code == 0, result.output
+    point, box = model_calls
+    assert torch.allclose(point["input_points"].float(), torch.tensor([[[to_model(10, 20), to_model(30, 5)]]]))
+    assert point["input_labels"].tolist() == [[[1, 0]]] and point["multimask"] is False
+    assert torch.allclose(box["input_boxes"].float(), torch.tensor([[to_model(5, 5) + to_model(40, 30)]]))
+    assert torch.allclose(box["input_points"].float(), torch.tensor([[[to_model(20, 10), to_model(12, 12)]]]))
+    assert box["input_labels"].tolist() == [[[0, 1]]] and box["multimask"] is False
+    assert sorted(p.name for p in out.iterdir()) == ["img.png", "mask0.png", "mask1.png", "preview.png"]
+
+
 def test_automatic_mode_gives_the_largest_distinct_segments_of_a_point_grid(tiny_sam, picture, model_calls, invoke, tmp_path):
     out = tmp_path / "auto"
     result = invoke("masks", "-p", "sam-masks", "--model", tiny_sam, "--image", picture, "--auto", 2, "--auto-grid", 4,
@@ -165,9 +179,11 @@ def model_without_processor(path, tiny_sam):
 @pytest.mark.parametrize("args, message", [
     (["--point", "80,10"], r"Point 80,10 of --point 80,10 is outside the image \(80x48\); give x in \[0, 80\) and y in \[0, 48\)"),
     (["--point", "5,5+5,-1"], r"Point 5,-1 of --point 5,5\+5,-1 is outside the image"),
+    (["--point", "no:5,5"], r"--point no:5,5 has only negative \(no:\) points; give at least one point on the concept"),
+    (["--box", "5,5,40,30+90,5"], r"Point 90,5 of --box 5,5,40,30\+90,5 is outside the image"),
     (["--box", "40,5,10,30"], r"--box 40,5,10,30 has x1 < x0; give X0,Y0,X1,Y1 with the top-left corner first"),
     (["--box", "0,0,81,10"], r"--box 0,0,81,10 reaches outside the image \(80x48\)"),
-    (["--point", "12"], r"--point takes X,Y \(join the points of one concept with \+, as 120,340\+150,360\) in image pixels, not '12'"),
+    (["--point", "12"], r"--point takes X,Y \(join the points of one concept with \+, as 120,340\+150,360; no:X,Y is a point off it\) in image pixels, not '12'"),
     ([], r"sam-masks needs a prompt per concept: --point X,Y or --box X0,Y0,X1,Y1"),
     (["--auto", 2, "--point", "1,1"], r"give either --auto N or --point/--box prompts, not both"),
     (["--point", "1,1", "--mask", "m.png"], r"--mask belongs to the 'files' mask source, but the masks come from 'sam-masks'"),

@@ -155,3 +155,34 @@ def test_bad_options_are_one_clear_error(scene, tiny_model, tmp_path, values, me
     with pytest.raises(bas.core.errors.BasError, match=message):
         run_with_snapshots(scene, tiny_model, tmp_path / "out", **values)
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+@pytest.mark.parametrize("family, values, device, message", [
+    ("sd", {"optimizer": "adamw8bit"}, "cpu", "--optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw on the CPU"),
+    ("sd", {"optimizer": "adamw8bit"}, "cuda", "bitsandbytes could not be loaded"),
+    ("flux", {"quantize": "nf4"}, "cpu", "--quantize nf4 needs a CUDA GPU"),
+    ("flux", {"quantize": "int8", "optimizer": "adamw"}, "cuda", "--quantize int8 loads FLUX through bitsandbytes, which could not be loaded"),
+    ("flux", {}, "cuda", "--quantize nf4 loads FLUX through bitsandbytes"),  # FLUX's own defaults on CUDA: nf4 and 8-bit AdamW
+])
+def test_device_dependent_options_are_refused_before_any_model_loads(family, values, device, message, scene, tiny_model, tiny_flux_model,
+                                                                      tmp_path, monkeypatch):
+    """The optimizer's ``check`` and the family's ``check_quantization`` (bitsandbytes: CUDA, and an
+    importable library) run before a model loads; a CUDA machine without bitsandbytes is simulated."""
+    import sys
+
+    from bas.core import training
+    from bas.core.family import UNetFamily
+    from bas.plugins.flux import Flux
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(UNetFamily, "load", loaded)
+    monkeypatch.setattr(Flux, "load", loaded)
+    if device == "cuda":
+        monkeypatch.setattr(training, "resolve_device", lambda name: torch.device("cuda"))
+        monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    model = tiny_flux_model if family == "flux" else tiny_model
+    with pytest.raises(bas.core.errors.BasError, match=message):
+        bas.extract(None, (), tmp_path / "out", plugins=[], scene=scene, model=str(model), precision="fp32", quiet=True, **values)
+    assert not (tmp_path / "out").exists()

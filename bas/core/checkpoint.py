@@ -1,13 +1,19 @@
 """Checkpoints: everything needed to continue a run exactly where it stopped.
 
-A checkpoint is a folder ``OUT/checkpoints/phase{P}-step{S:05d}/`` written under a temporary
-name and renamed when complete, so the newest folder with a final name is always usable:
+A run works in its staging folder beside ``--out`` (:mod:`bas.core.runfolder`), so checkpoints
+live there: ``.OUT.bas-partial/checkpoints/phase{P}-step{S:05d}/``.  Every function here takes
+either the ``--out`` path or the staging folder itself.  A checkpoint folder is written under a
+temporary name and renamed when complete, so the newest folder with a final name is always usable:
 
 - ``trainable.safetensors``: the trainable parameters by name (handles, LoRA or full weights)
 - ``rng.safetensors``: the run's torch generator state and the global torch RNG states
 - ``optimizer.pt``: optimizer and grad-scaler state (plain tensors and numbers; loaded with
   ``torch.load(weights_only=True)``, never unpickling code)
 - ``state.json``: phase, step, loss history, times, the Python RNG state and the run's options
+
+Beside them, ``checkpoints/inputs.json`` records what a resumed run must match: the options (paths
+resolved, so the same file given by another path matches) and a hash of the input image and masks
+as they were loaded.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bas.core import io
+from bas.core import io, runfolder
 from bas.core.errors import BasError
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = runfolder.CHECKPOINTS
+INPUTS_FILE = "inputs.json"
+STATE_FILE = "state.json"
 NAME = re.compile(r"phase([12])-step(\d+)")
 # options that may differ between the interrupted command and the resuming one
 RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "checkpoint_every"}
@@ -42,11 +50,14 @@ class Checkpoint:
 
 
 def checkpoint_root(out: Path) -> Path:
-    return Path(out) / CHECKPOINT_DIR
+    """The checkpoints of the run for ``--out`` ``out`` (or of the staging folder ``out``)."""
+    folder = Path(out) if runfolder.is_staging(out) else runfolder.staging_path(out)
+    return folder / CHECKPOINT_DIR
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
-    """Finished checkpoint folders, oldest first (temporary folders start with a dot)."""
+    """Finished checkpoint folders of the interrupted run for ``--out`` ``out``, oldest first
+    (an empty list: nothing to resume).  Temporary folders start with a dot."""
     root = checkpoint_root(out)
     if not root.is_dir():
         return []
@@ -61,32 +72,110 @@ def save(out: Path, phase: int, step: int, trainable: dict[str, torch.Tensor], r
         save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         save_file({k: v.to("cpu").contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, default=str))
+        (tmp / STATE_FILE).write_text(json.dumps(state, default=str))
     for old in complete_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        io.discard(old)  # renamed first: a crash half-way leaves a dot-name, never a damaged final one
     return final
 
 
-def load_latest(out: Path) -> Checkpoint:
+def _newest(out: Path) -> tuple[list[Path], Path, int, int]:
     found = complete_checkpoints(out)
     if not found:
         raise BasError(f"{checkpoint_root(out)} holds no complete checkpoint to resume from; run the command without --resume to start over.")
-    path = found[-1]
-    m = NAME.fullmatch(path.name)
+    m = NAME.fullmatch(found[-1].name)
+    return found, found[-1], int(m.group(1)), int(m.group(2))
+
+
+def _unreadable(found: list[Path], path: Path, problem: str) -> BasError:
+    older = "delete that folder to resume from an older one" if len(found) > 1 else "start over with --overwrite instead of --resume"
+    return BasError(f"Checkpoint {path} cannot be read ({problem}); {older}.")
+
+
+def _problem(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def latest_state(out: Path) -> dict:
+    """The ``state.json`` of the newest complete checkpoint of the interrupted run for ``out``
+    (phase, step, loss history, times and the run's options as ``config``), checked as
+    :func:`load_latest` checks it, without loading any tensor: what a caller shows, or resumes
+    with.  No checkpoint, or a damaged one, is one line."""
+    found, path, phase, step = _newest(out)
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        problem = _state_damage(state, phase, step)
+    except (OSError, ValueError) as exc:
+        problem = _problem(exc)
+    if problem:
+        raise _unreadable(found, path, problem)
+    return state
+
+
+def load_latest(out: Path) -> Checkpoint:
+    found, path, phase, step = _newest(out)
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         trainable = load_file(str(path / "trainable.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
+        problem = _damage(state, optimizer, rng, phase, step)
     except Exception as exc:  # a damaged checkpoint is a user-facing condition, not a bug
-        raise BasError(f"Checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); delete that folder to resume from an older one.") from exc
-    return Checkpoint(path, int(m.group(1)), int(m.group(2)), state, trainable, rng, optimizer)
+        problem = _problem(exc)
+    if problem:
+        raise _unreadable(found, path, problem)
+    return Checkpoint(path, phase, step, state, trainable, rng, optimizer)
+
+
+def _state_damage(state, phase: int, step: int) -> str | None:
+    """What is wrong with a checkpoint's loaded ``state.json``, or ``None``."""
+    if not isinstance(state, dict):
+        return f"{STATE_FILE} is not an object"
+    kinds = {"phase": int, "step": int, "history": dict, "times": dict, "python_rng": list, "config": dict}
+    for key, kind in kinds.items():
+        if not isinstance(state.get(key), kind):
+            return f"{STATE_FILE} has no valid '{key}'"
+    if (state["phase"], state["step"]) != (phase, step):
+        return f"{STATE_FILE} is of phase {state['phase']} step {state['step']}, not of the folder's"
+    return None
+
+
+def _damage(state, optimizer, rng, phase: int, step: int) -> str | None:
+    """What is wrong with a checkpoint's parts that loaded, or ``None``."""
+    problem = _state_damage(state, phase, step)
+    if problem:
+        return problem
+    if not isinstance(optimizer, dict) or not {"optimizer", "scaler"} <= set(optimizer):
+        return "optimizer.pt holds no optimizer and scaler state"
+    if "generator" not in rng or "torch_cpu" not in rng:
+        return "rng.safetensors holds no generator state"
+    return None
+
+
+def write_inputs(out: Path, record: dict) -> None:
+    """What a resumed run must match (see the module's description)."""
+    io.write_json(checkpoint_root(out) / INPUTS_FILE, record)
+
+
+def read_inputs(out: Path) -> dict | None:
+    path = checkpoint_root(out) / INPUTS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise BasError(f"{path} cannot be read ({exc}); start over with --overwrite instead of --resume.") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise BasError(f"{path} is damaged; start over with --overwrite instead of --resume.")
+    return data
 
 
 def check_same_run(saved_config: dict, config: dict) -> None:
-    """Refuse to resume with options that would make the result differ from an uninterrupted run."""
+    """Refuse to resume with options that would make the result differ from an uninterrupted run.
+
+    ``out`` is not compared: the checkpoint was found from it, whichever path named the folder.
+    """
     def comparable(c):
-        flat = {k: v for k, v in c.items() if k not in RESUME_FREE_OPTIONS and k != "options"}
+        flat = {k: v for k, v in c.items() if k not in RESUME_FREE_OPTIONS and k not in ("options", "out")}
         flat.update({f"options.{k}": v for k, v in c.get("options", {}).items() if k not in RESUME_FREE_OPTIONS})
         return flat
 
@@ -98,6 +187,12 @@ def check_same_run(saved_config: dict, config: dict) -> None:
             f"The checkpoint was made with {k}={a.get(k)!r} but this command has {b.get(k)!r}; "
             "resume with the same options as the interrupted run, or use --overwrite to start over."
         )
+
+
+def check_same_inputs(saved: str | None, current: str) -> None:
+    if saved is not None and saved != current:
+        raise BasError("The input image or masks differ from those the interrupted run was trained on; "
+                       "resume with the same inputs, or use --overwrite to start over with these.")
 
 
 def remove_all(out: Path) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from bas.core.family import Conditioning
     from bas.core.training import Run
 
 
@@ -19,8 +20,10 @@ class StepBatch:
     Shapes: latents, noise, noisy_latents, target, model_pred are ``(B, C, h, w)``; ``masks`` is
     ``(B, K, H, W)`` at image resolution for the ``K`` concepts shown this step (in prompt order);
     ``union_mask`` is ``(B, 1, H, W)``; ``token_positions[k]`` is the index of concept ``k``'s handle
-    token in the prompt.  ``extras`` lets a term's ``setup`` leave state (attention maps, ...) that
-    its ``__call__`` reads.
+    token in the prompt's attended sequence.  ``conditioning`` is what the model family made of the
+    prompt (:class:`bas.core.family.Conditioning`; its ``hidden_states`` are the tokens the
+    denoiser attended to).  ``extras`` lets a term's ``setup`` leave state (attention maps, ...)
+    that its ``__call__`` reads.
     """
 
     step: int
@@ -36,7 +39,7 @@ class StepBatch:
     masks: torch.Tensor
     union_mask: torch.Tensor
     token_positions: list[int]
-    encoder_hidden_states: torch.Tensor
+    conditioning: "Conditioning"
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,7 +77,11 @@ class LossTerm:
 
 
 class WeightStrategy:
-    """Which weights phase 2 trains, and how they are saved and applied again."""
+    """Which weights phase 2 trains, and how they are saved and applied again.
+
+    The run's model family (``run.family``) says which components there are
+    (``run.components.trainable_modules()``) and where LoRA goes (``family.lora_targets``).
+    """
 
     name: str = "weights"
     default_lr: float = 1e-4
@@ -83,7 +90,8 @@ class WeightStrategy:
     freezes_base: bool = True
 
     def prepare(self, run: "Run") -> list[torch.nn.Parameter]:
-        """Make phase 2's weights trainable (inject adapters, ...) and return them."""
+        """Make phase 2's weights trainable (inject adapters, ...) and return them (not the
+        handles: the run trains those in their own parameter group)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def save(self, run: "Run", out: Path) -> list[str]:
@@ -93,8 +101,8 @@ class WeightStrategy:
     def load_pipeline(self, out: Path, run_info: dict, load: Callable[[str], Any]) -> Any:
         """Return a pipeline carrying the weights saved under ``out``.
 
-        ``load(model_id_or_path)`` loads a diffusers pipeline on the right device and dtype; the
-        base model of the run is ``run_info["model"]``.  Handles are added by the core afterwards
-        unless the returned tokenizer already knows them.
+        ``load(model_id_or_path)`` loads the run's family's diffusers pipeline on the right device
+        and dtype; the base model of the run is ``run_info["model"]``.  Handles are added by the
+        core afterwards to every tokenizer that does not already know them.
         """
         raise NotImplementedError  # pragma: no cover - abstract

@@ -1,10 +1,22 @@
 """Local editing by example (``bas edit``): put a learned concept into a masked region of any image.
 
-Blended latent diffusion (Avrahami, Fried, Lischinski, SIGGRAPH 2023) with the run's pipeline:
-DDIM sampling of the prompt in which, after every step, the latents outside the mask are replaced
-by the input image's latents noised to the same timestep, so the new content is generated inside
-the mask in the context of what surrounds it.  The decoded result is composited over the input
-with the mask, so pixels outside it are the input's (the VAE does not reconstruct them exactly).
+Blended Latent Diffusion (Avrahami, Fried, Lischinski, SIGGRAPH 2023), as the script the paper's
+repository points to runs it (``scripts/text_editing_stable_diffusion.py`` of
+omriav/blended-latent-diffusion, now ``text_editing_SD2.py``):
+
+- the mask is resized to the latent grid with nearest sampling and thresholded at 0.5;
+- sampling starts a quarter into the schedule (``blend_start``), from pure noise;
+- after every step the latents outside the mask are replaced by the input image's latents
+  (the VAE posterior's mean) noised to the step's timestep with *fresh* noise;
+- DDIM, 50 steps, guidance 7.5, an empty negative prompt;
+- the result is the decoded latents, nothing pasted over them.
+
+Beyond the script: the run's family's pipeline (any family, its conditioning and guidance), the
+sampling options of ``bas generate`` (scheduler, seeds, size, prompts, negative prompt, LoRA
+scale), and ``composite``, which pastes the input's pixels outside the mask over the result.
+The image and mask are centre-cropped to the output's aspect and resized, as ``bas run`` does
+(the script resizes without cropping), and each seed's generator draws both the start and the
+blending noise (the script draws the blending noise from torch's global generator).
 """
 
 from __future__ import annotations
@@ -16,83 +28,142 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from bas.core import io
+from bas.core import checks, io
 from bas.core.errors import BasError
-from bas.core.generation import lora_kwargs, read_run, slug
+from bas.core.family import ImageSize
+from bas.core.generation import (check_prompts_fit, check_size, lora_kwargs, make_scheduler, read_run, run_family, sampling_defaults,
+                                 sampling_seeds, slug)
 from bas.core.handles import check_prompt_handles
 from bas.core.sampling import decode, denoise, to_pil
-from bas.core.scene import _square, load_image, load_mask
+from bas.core.scene import load_image, load_mask
+
+DEFAULT_BLEND_START = 0.25  # the script's --blending_start_percentage
 
 
-def load_edit_inputs(image_path: Path, mask_path: Path, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image (1, 3, R, R) in [-1, 1] and the mask (1, 1, R, R) in [0, 1], cropped as ``bas run`` crops."""
+def fit(img: Image.Image, width: int, height: int, resample) -> Image.Image:
+    """Centre-crop to the aspect of ``width`` x ``height`` and resize to it (a square crop for a square size, as ``bas run``)."""
+    w, h = img.size
+    if w * height > h * width:  # wider than the target: crop the sides
+        side = round(h * width / height)
+        box = ((w - side) // 2, 0, (w - side) // 2 + side, h)
+    else:
+        side = round(w * height / width)
+        box = (0, (h - side) // 2, w, (h - side) // 2 + side)
+    return img.crop(box).resize((width, height), resample)
+
+
+def load_edit_inputs(image_path: Path, mask_path: Path, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image (1, 3, H, W) in [-1, 1] and the mask (1, 1, H, W) in [0, 1], cropped to the output's aspect."""
     image = load_image(image_path)
     mask = load_mask(mask_path)
     pil = Image.fromarray((np.clip(mask, 0, 1) * 255).round().astype(np.uint8), mode="L").resize(image.size, Image.BILINEAR)
-    image_t = torch.from_numpy(np.asarray(_square(image, resolution, Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0)
-    mask_t = torch.from_numpy(np.asarray(_square(pil, resolution, Image.BILINEAR), dtype=np.float32) / 255.0)
+    image_t = torch.from_numpy(np.asarray(fit(image, width, height, Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0)
+    mask_t = torch.from_numpy(np.asarray(fit(pil, width, height, Image.BILINEAR), dtype=np.float32) / 255.0)
     if not (mask_t > 0.5).any():
         raise BasError(f"{mask_path} marks nothing to edit (no pixel above 0.5 after cropping); paint the region in white.")
     return image_t.permute(2, 0, 1)[None], mask_t[None, None]
 
 
+def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The script's mask on the latent grid: nearest sampling, then 1 where it is at least 0.5."""
+    return (F.interpolate(mask, size=size, mode="nearest") >= 0.5).float()
+
+
+def pure_noise_scale(scheduler, t: torch.Tensor) -> float:
+    """The scale of a start from pure noise at timestep ``t``: 1 for schedulers in DDPM's
+    parametrisation (DDIM, as the script), ``sqrt(1 + sigma_t^2)`` for sigma-parametrised ones (Euler, Heun)."""
+    if getattr(scheduler, "init_noise_sigma", 1.0) == 1.0:  # flow matching has none: it starts at 1
+        return 1.0
+    sigma = float(scheduler.add_noise(torch.zeros(1), torch.ones(1), t.reshape(1).cpu()))
+    return (1.0 + sigma**2) ** 0.5
+
+
 def edit_images(
     out: Path,
-    prompt: str,
+    prompts,
     image: Path,
     mask: Path,
     *,
     num_images: int = 1,
     seed: int = 0,
+    seeds: list[int] | None = None,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     negative_prompt: str | None = None,
+    scheduler: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
     lora_scale: float = 1.0,
+    blend_start: float = DEFAULT_BLEND_START,
+    composite: bool = False,
     out_dir: Path | None = None,
     device: str = "auto",
     precision: str = "auto",
 ) -> list[Path]:
-    """Edit the masked region of ``image`` to show ``prompt``; returns the PNG paths."""
-    from diffusers import DDIMScheduler
-
+    """Edit the masked region of ``image`` to show each prompt (one or a list); returns the PNG paths,
+    per prompt its seeds ``seeds`` or ``seed, seed+1, ...`` (``num_images`` of them)."""
     from bas.core.generation import load_run_pipeline
 
     out = Path(out)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     info = read_run(out)
-    check_prompt_handles(prompt, info["handles"])
-    if num_images < 1 or steps < 1:
-        raise BasError("--num-images and --steps must be at least 1.")
+    if not prompts:
+        raise BasError("No prompt was given; pass a prompt such as \"a photo of <asset0>\" or --prompts-file.")
+    for prompt in prompts:
+        check_prompt_handles(prompt, info["handles"])
+    checks.check_integer("steps", steps, 1)
+    seeds = sampling_seeds(seed, seeds, num_images)  # as generate checks them, for the API as for the command line
+    if not 0.0 <= blend_start < 1.0:
+        raise BasError(f"--blend-start must be at least 0 and below 1 (the script's 0.25), not {blend_start}.")
+    check_size(width, height)
+    family = run_family(info)
+    scheduler, guidance = sampling_defaults(family, scheduler, guidance)
+    family.check_sampling(negative_prompt)
     res = info["resolution"]
-    image_t, mask_t = load_edit_inputs(image, mask, res)
+    width, height = width or res, height or res
+    image_t, mask_t = load_edit_inputs(image, mask, width, height)  # before the model loads
+
     pipe, info = load_run_pipeline(out, device, precision)
-    extra = lora_kwargs(pipe, lora_scale)
+    check_prompts_fit(pipe, family, prompts + ([negative_prompt] if negative_prompt else []))
+    extra = lora_kwargs(pipe, lora_scale, family)
     dev = pipe.device
+    denoiser = getattr(pipe, family.denoiser_name)
+    vae = pipe.vae
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # as diffusers' pipelines do: these VAEs overflow in fp16
     guided = guidance > 1.0
     with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(prompt, dev, 1, guided, negative_prompt, lora_scale=extra.get("cross_attention_kwargs", {}).get("scale"))
-        vae = pipe.vae
-        source = vae.encode(image_t.to(dev, vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
-    # every latent cell the mask touches is generated (the paper dilates the mask the same way)
-    factor = res // source.shape[-1]
-    inside = F.max_pool2d((mask_t > 0.5).float(), factor).to(dev)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        source = family.scale_latents(vae, vae.encode(image_t.to(dev, vae.dtype)).latent_dist.mean.float())
+    inside = latent_mask(mask_t, source.shape[-2:]).to(dev)
+    # the script's DDIM counts timesteps from 0 (steps_offset 0: 980, 960, ...)
+    config = dict(pipe.scheduler.config, steps_offset=0) if scheduler == "ddim" else pipe.scheduler.config
     out_dir = Path(out_dir) if out_dir else out / "edits"
     written = []
-    for s in range(seed, seed + num_images):
-        noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(s)).to(dev)
-
-        def blend(latents, t_next, noise=noise):
-            known = source if t_next is None else scheduler.add_noise(source, noise, t_next.reshape(1))
-            return inside * latents + (1 - inside) * known
-
-        scheduler.set_timesteps(steps, device=dev)
-        start = blend(noise, scheduler.timesteps[0])  # outside the mask, start from the input noised to the first step
+    for prompt in prompts:
         with torch.no_grad():
-            latents = denoise(pipe.unet, scheduler, cond, uncond if uncond is not None else cond, start, steps, guidance,
-                              blend=blend, **extra)
-            result = decode(vae, latents).float().cpu()
-        composite = mask_t * result + (1 - mask_t) * image_t
-        path = out_dir / f"edit-{slug(prompt)}-seed{s}.png"
-        io.save_image(path, to_pil(composite)[0])
-        written.append(path)
+            scale = extra.get(family.lora_scale_argument, {}).get("scale")
+            cond, uncond = family.prompt_conditioning(pipe, prompt, negative_prompt, guided, scale, ImageSize.plain(height, width))
+        for s in seeds:
+            sched = make_scheduler(scheduler, config)
+            family.set_timesteps(sched, steps, dev, source)
+            first = int(len(sched.timesteps) * blend_start)
+            timesteps = sched.timesteps[first:]
+            if hasattr(sched, "set_begin_index"):  # schedulers that count their steps start counting there
+                sched.set_begin_index(first)
+            generator = torch.Generator().manual_seed(s)
+            start = torch.randn(source.shape, generator=generator).to(dev) * pure_noise_scale(sched, timesteps[0])
+
+            def blend(latents, t, generator=generator, sched=sched):
+                fresh = torch.randn(source.shape, generator=generator).to(dev)
+                known = family.noised(sched, source, fresh, t.reshape(1))
+                return latents * inside + known * (1 - inside)
+
+            with torch.no_grad():
+                latents = denoise(family, denoiser, sched, cond, uncond, start, guidance, timesteps, blend=blend, **extra)
+                result = decode(family, vae, latents).float().cpu()
+            if composite:
+                result = mask_t * result + (1 - mask_t) * image_t
+            path = out_dir / f"edit-{slug(prompt)}-seed{s}.png"
+            io.save_image(path, to_pil(result)[0])
+            written.append(path)
     return written

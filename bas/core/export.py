@@ -7,12 +7,14 @@ Formats (``bas export OUT --format FORMAT --out DIR``):
   argument), and the weights as the run saved them: ``lora/`` for ``pipe.load_lora_weights``, or
   the whole ``pipeline/`` of a full fine-tune.
 - ``kohya``: one LoRA safetensors with kohya-style keys (``lora_unet_*``, ``lora_te_*`` with
-  ``.lora_down``/``.lora_up``/``.alpha``), as AUTOMATIC1111 and ComfyUI load it, and one
-  embedding per handle as they read it (``{"emb_params": tensor[1, D]}``).  From a full
-  fine-tune the LoRA is its low-rank difference to the base model.
+  ``.lora_down``/``.lora_up``/``.alpha``) and kohya's metadata, as AUTOMATIC1111 and ComfyUI load
+  it, and one embedding per handle as they read it (``{"emb_params": tensor[1, D]}``).  From a
+  full fine-tune the LoRA is its low-rank difference to the base model.
 - ``lora-from-full``: a full fine-tune as a diffusers LoRA by low-rank difference (SVD of the
-  change of every linear layer in the UNet's transformer blocks and the text encoder's layers,
-  the layers kohya's LoRA covers), so a scene costs MB instead of a 5 GB pipeline.
+  change of every linear layer and 1x1 convolution in the UNet's transformer blocks and the text
+  encoder's layers, the layers kohya's LoRA covers), so a scene costs MB instead of a 5 GB pipeline.
+
+The file layouts themselves (key names, alphas, headers) are in :mod:`bas.core.formats`.
 
 Every export holds a model card, ``README.md``: handles, base model, prompts that work, which
 files go together, and a preview.  ``bas run`` itself writes the cheap parts: the
@@ -25,16 +27,20 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+import bas
 from bas.core import io
 from bas.core.errors import BasError
+from bas.core.family import ModelFamily
+from bas.core.formats import LoraLayer, kohya_targets, read_diffusers_lora, write_diffusers_lora, write_kohya_lora
 from bas.core.generation import all_handles_prompt, read_run, slug
+from bas.core.handles import check_handle_names, split_handles
+from bas.core.runs import run_family
 
 FORMATS = ("diffusers", "kohya", "lora-from-full")
 EMBEDDINGS_DIR = "embeddings"
@@ -45,142 +51,94 @@ DEFAULT_RANK = 32
 EXAMPLE_PLACES = ("at the beach", "in the snow", "on a wooden table")
 
 
-@dataclass
-class LoraLayer:
-    """One adapted linear layer: ``W + alpha / rank * up @ down``."""
-
-    component: str  # "unet" or "text_encoder"
-    module: str  # the module's path inside the component, as diffusers names it
-    down: torch.Tensor  # (rank, in)
-    up: torch.Tensor  # (out, rank)
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-
-# -- reading and writing LoRA --------------------------------------------------------------------
-DIFFUSERS_KEY = re.compile(r"(unet|text_encoder)\.(.+)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight")
-
-
-def read_diffusers_lora(path: Path) -> list[LoraLayer]:
-    """The layers of a LoRA saved by diffusers' ``save_lora_weights`` (what ``bas run`` writes)."""
-    path = Path(path)
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(path)).items():
-        m = DIFFUSERS_KEY.fullmatch(key)
-        if not m:
-            raise BasError(f"{path} holds a key bas does not know ({key}); export a LoRA written by `bas run`.")
-        component, module, kind = m.groups()
-        parts.setdefault((component, module), {})["down" if kind.endswith(("down", "A")) else "up"] = tensor
-    layers = []
-    for (component, module), p in sorted(parts.items()):
-        rank = p["down"].shape[0]
-        alpha = meta.get(f"{component}.alpha_pattern", {}).get(module, meta.get(f"{component}.lora_alpha", rank))
-        layers.append(LoraLayer(component, module, p["down"], p["up"], float(alpha)))
-    return layers
-
-
-def kohya_name(layer: LoraLayer) -> str:
-    """``lora_unet_down_blocks_0_..._to_q`` / ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``."""
-    if layer.component == "unet":
-        return "lora_unet_" + layer.module.replace(".", "_")
-    module = layer.module if layer.module.startswith("text_model.") else "text_model." + layer.module
-    return "lora_te_" + module.replace(".", "_")
-
-
-def kohya_state_dict(layers: list[LoraLayer]) -> dict[str, torch.Tensor]:
-    sd = {}
-    for layer in layers:
-        name = kohya_name(layer)
-        sd[f"{name}.lora_down.weight"] = layer.down
-        sd[f"{name}.lora_up.weight"] = layer.up
-        sd[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=layer.down.dtype)
-    return sd
-
-
-def write_kohya_lora(layers: list[LoraLayer], path: Path, *, name: str, base_model: str, v2: bool) -> None:
-    ranks = sorted({l.rank for l in layers})
-    metadata = {  # what kohya's sd-scripts write and AUTOMATIC1111 shows
-        "ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(layers[0].alpha),
-        "ss_output_name": name, "ss_sd_model_name": base_model, "ss_v2": str(v2), "ss_training_comment": "bas (Break-A-Scene)",
-    }
-    io.write_safetensors(path, kohya_state_dict(layers), metadata=metadata)
-
-
-def write_diffusers_lora(layers: list[LoraLayer], directory: Path) -> None:
-    """``directory/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(directory)``.
-
-    The scale ``alpha / rank`` is folded into ``up``, so diffusers' default alpha (the rank) is right.
-    """
-    from diffusers import StableDiffusionPipeline
-
-    # peft's key names: diffusers' older "lora.down" names exist only for attention layers, and a
-    # file that mixes both styles loads only part of the layers
-    peft = {"unet": {}, "text_encoder": {}}
-    for layer in layers:
-        peft[layer.component][f"{layer.module}.lora_A.weight"] = layer.down.contiguous()
-        peft[layer.component][f"{layer.module}.lora_B.weight"] = (layer.up * (layer.alpha / layer.rank)).contiguous()
-    kwargs = {f"{c}_lora_layers": sd for c, sd in peft.items() if sd}
-    with io.atomic_path(Path(directory), directory=True) as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **kwargs)
-
-
-def kohya_targets(component: str, module: str) -> bool:
-    """The linear layers kohya's LoRA adapts: UNet transformer blocks, text-encoder attention and MLP."""
-    return ".attentions." in module if component == "unet" else ".layers." in module
-
-
 @torch.no_grad()
 def low_rank_difference(base: torch.nn.Module, tuned: torch.nn.Module, component: str, rank: int,
                         device: torch.device | str = "cpu") -> list[LoraLayer]:
-    """A LoRA whose ``up @ down`` is the best rank-``rank`` approximation (SVD) of each linear
-    layer's weight change from ``base`` to ``tuned``.  Unchanged layers are left out."""
+    """A LoRA whose ``up @ down`` is the best rank-``rank`` approximation (SVD) of each layer's weight
+    change from ``base`` to ``tuned``, over the layers kohya's LoRA covers (1x1 convolutions as
+    4-D factors).  Unchanged layers are left out; a layer smaller than ``rank`` gets its full rank."""
     base_modules = dict(base.named_modules())
     layers = []
     for name, module in tuned.named_modules():
-        if not isinstance(module, torch.nn.Linear) or not kohya_targets(component, name):
+        if not kohya_targets(component, name, module):
             continue
-        delta = module.weight.to(device, torch.float32) - base_modules[name].weight.to(device, torch.float32)
+        weight = module.weight.to(device, torch.float32)
+        delta = (weight - base_modules[name].weight.to(device, torch.float32)).reshape(weight.shape[0], -1)
         if not delta.any():
             continue
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         r = min(rank, s.numel())
         root = s[:r].sqrt()
-        layers.append(LoraLayer(component, name, (root[:, None] * vh[:r]).cpu(), (u[:, :r] * root).cpu(), float(r)))
+        down, up = root[:, None] * vh[:r], u[:, :r] * root
+        if weight.dim() == 4:  # a 1x1 convolution
+            down, up = down.reshape(r, *weight.shape[1:]), up.reshape(weight.shape[0], r, 1, 1)
+        layers.append(LoraLayer(component, name, down.cpu().contiguous(), up.cpu().contiguous(), float(r)))
     return layers
 
 
-def lora_from_full(out: Path, info: dict, rank: int, device: str = "auto") -> list[LoraLayer]:
-    """The low-rank difference between a full fine-tune's ``pipeline/`` and its base model."""
+def lora_from_full(out: Path, info: dict, rank: int, device: str = "auto", family: ModelFamily | None = None) -> list[LoraLayer]:
+    """The low-rank difference between a full fine-tune's ``pipeline/`` and its base model, over the
+    denoiser and every text encoder."""
     from bas.core.model import load_components, resolve_device
 
     if rank < 1:
         raise BasError(f"--rank must be at least 1, not {rank}.")
     dev = resolve_device(device)
-    base = load_components(info["model"])
-    tuned = load_components(str(out / "pipeline"))
-    layers = low_rank_difference(base.unet, tuned.unet, "unet", rank, dev)
-    layers += low_rank_difference(base.text_encoder, tuned.text_encoder, "text_encoder", rank, dev)
+    family = family or run_family(info)
+    base = load_components(info["model"], family).trainable_modules()
+    tuned = load_components(str(out / "pipeline"), family).trainable_modules()
+    layers = [layer for name in tuned for layer in low_rank_difference(base[name], tuned[name], name, rank, dev)]
     if not layers:
         raise BasError(f"{out / 'pipeline'} has the same weights as {info['model']}; there is no difference to export.")
     return layers
 
 
+def kohya_metadata(info: dict, name: str, handles: dict, family: ModelFamily) -> dict[str, str]:
+    """The header kohya's sd-scripts write (``ss_*``) and Stability's model spec (``modelspec.*``), as
+    AUTOMATIC1111 and ComfyUI read them; the handles' embedding names are the trigger words.  The
+    base model's version and architecture are the family's (``ModelFamily.kohya_base``)."""
+    base = family.kohya_base(info)
+    v_prediction = info.get("prediction_type") == "v_prediction"
+    words = [a1111_embedding_name(token, name) for token in handles]
+    resolution = info.get("resolution") or base["resolution"]
+    return {
+        "ss_output_name": name, "ss_sd_model_name": str(info["model"]), "ss_v2": str(base["v2"]),
+        "ss_base_model_version": base["version"], "ss_v_parameterization": str(v_prediction),
+        "ss_resolution": f"({resolution}, {resolution})", "ss_num_train_images": "1",
+        "ss_tag_frequency": json.dumps({name: {word: 1 for word in words}}),  # one image whose caption has every handle
+        "ss_training_comment": f"bas (Break-A-Scene): load the embeddings {', '.join(words)} with this LoRA",
+        "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": base["architecture"],
+        "modelspec.implementation": "diffusers", "modelspec.implementation_version": f"bas/{bas.__version__}",
+        "modelspec.title": name, "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": base.get("prediction_type") or ("v" if v_prediction else "epsilon"),
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"), "modelspec.trigger_phrase": ", ".join(words),
+        "modelspec.description": f"{len(words)} concepts extracted from one image with bas (Break-A-Scene), base model {info['model']}.",
+        "modelspec.usage_hint": f"Load the embeddings too and prompt such as 'a photo of {words[0]} at the beach'.",
+    }
+
+
 # -- embeddings ----------------------------------------------------------------------------------
 def handle_file_stem(token: str) -> str:
-    return token.strip("<>")  # "<asset0>" -> "asset0": brackets are not allowed in Windows file names
+    """``<asset0>`` -> ``asset0`` (brackets are not allowed in Windows file names); any other
+    name, which a handles file could hold, is refused before it becomes a path."""
+    check_handle_names([token])
+    return token.strip("<>")
 
 
-def write_textual_inversions(handles: dict[str, torch.Tensor], directory: Path) -> list[Path]:
-    """diffusers' format: ``{token: tensor[D]}``, one file per handle, named after it."""
+def handle_rows(family: ModelFamily, handles: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{token: {encoder name: row}}`` from a handles file, in handle order."""
+    by_encoder = split_handles(handles, [name for name, _ in family.text_encoder_names])
+    tokens = list(next(iter(by_encoder.values())))
+    return {token: {name: rows[token] for name, rows in by_encoder.items()} for token in tokens}
+
+
+def write_textual_inversions(family: ModelFamily, handles: dict[str, dict[str, torch.Tensor]], directory: Path) -> list[Path]:
+    """diffusers' format, one file per handle, named after it: ``{token: tensor[D]}`` for a family
+    with one text encoder (``pipe.load_textual_inversion(file)`` needs no other argument)."""
     paths = []
-    for token, row in handles.items():
+    for token, rows in handles.items():
         path = Path(directory) / f"{handle_file_stem(token)}.safetensors"
-        io.write_safetensors(path, {token: row.float()})
+        io.write_safetensors(path, family.textual_inversion(token, rows))
         paths.append(path)
     return paths
 
@@ -190,12 +148,12 @@ def a1111_embedding_name(token: str, name: str) -> str:
     return f"{name}-{handle_file_stem(token)}"
 
 
-def write_a1111_embeddings(handles: dict[str, torch.Tensor], directory: Path, name: str) -> list[Path]:
-    """AUTOMATIC1111/ComfyUI's format: ``{"emb_params": tensor[1, D]}``, the file name is the word."""
+def write_a1111_embeddings(family: ModelFamily, handles: dict[str, dict[str, torch.Tensor]], directory: Path, name: str) -> list[Path]:
+    """AUTOMATIC1111/ComfyUI's format (``{"emb_params": tensor[1, D]}`` for one text encoder), the file name is the word."""
     paths = []
-    for token, row in handles.items():
+    for token, rows in handles.items():
         path = Path(directory) / f"{a1111_embedding_name(token, name)}.safetensors"
-        io.write_safetensors(path, {"emb_params": row.float()[None]})
+        io.write_safetensors(path, family.webui_embedding(rows))
         paths.append(path)
     return paths
 
@@ -242,24 +200,25 @@ def model_card(info: dict, *, title: str, files: list[tuple[str, str]], usage: s
     return "\n".join(lines)
 
 
-def diffusers_usage(info: dict, root: str, lora: bool, pipeline: bool) -> str:
-    handles = info["handles"]
-    paths = ", ".join(f'"{root}{EMBEDDINGS_DIR}/{handle_file_stem(t)}.safetensors"' for t in handles)
+def diffusers_usage(info: dict, root: str, lora: bool, pipeline: bool, family: ModelFamily) -> str:
+    files = [(t, f"{root}{EMBEDDINGS_DIR}/{handle_file_stem(t)}.safetensors") for t in info["handles"]]
     model = f"{root}pipeline" if pipeline else info["model"]
-    code = ["from diffusers import StableDiffusionPipeline", f'pipe = StableDiffusionPipeline.from_pretrained("{model}").to("cuda")']
+    cls = family.pipeline_class
+    code = [f"from diffusers import {cls}", f'pipe = {cls}.from_pretrained("{model}").to("cuda")']
     if lora:
         code.append(f'pipe.load_lora_weights("{root}lora")')
     if not pipeline:  # a full fine-tune's pipeline already knows its handles
-        code.append(f"pipe.load_textual_inversion([{paths}])")
+        code += family.textual_inversion_code(files)
     code.append(f'pipe("{example_prompts(info)[0]}").images[0].save("sample.png")')
     return "## Use with diffusers\n\n```python\n" + "\n".join(code) + "\n```"
 
 
-def kohya_usage(info: dict, name: str, lora: bool) -> str:
+def kohya_usage(info: dict, name: str, lora: bool, family: ModelFamily) -> str:
     word = a1111_embedding_name(info["handles"][0], name)
     place = EXAMPLE_PLACES[0]
     lora_tag = f" <lora:{name}:1>" if lora else ""
-    version = {768: " (Stable Diffusion 1.x)", 1024: " (Stable Diffusion 2.x)"}.get(info.get("handle_dim"), "")
+    label = family.kohya_base(info)["label"]
+    version = f" ({label})" if label else ""
     return f"""## Use in AUTOMATIC1111 or ComfyUI
 
 Base model: `{info['model']}`{version}.
@@ -284,22 +243,30 @@ def run_files(info: dict) -> tuple[bool, bool]:
     return LORA_FILE in files, PIPELINE_DIR in files
 
 
-def write_run_exports(out: Path, info: dict) -> list[str]:
-    """What ``bas run`` writes besides the weights: textual-inversion files and the model card."""
+def write_run_exports(out: Path, info: dict, shown_as: Path | None = None, family: ModelFamily | None = None) -> list[str]:
+    """What ``bas run`` writes besides the weights: textual-inversion files and the model card, in the
+    layout of the run's ``family`` (by default the one run.json names).
+
+    ``shown_as``: the folder's name in the card when ``out`` is where the run is written for now
+    (its staging folder)."""
     out = Path(out)
-    handles = load_file(str(out / "handles.safetensors"))
+    shown = Path(shown_as or out)
+    family = family or run_family(info)
+    handles = handle_rows(family, load_file(str(out / "handles.safetensors")))
     with io.atomic_path(out / EMBEDDINGS_DIR, directory=True) as tmp:  # replaces an overwritten run's files as a whole
-        names = [p.name for p in write_textual_inversions(handles, tmp)]
+        names = [p.name for p in write_textual_inversions(family, handles, tmp)]
     written = [f"{EMBEDDINGS_DIR}/{name}" for name in names]
     lora, pipeline = run_files(info)
-    files = [("handles.safetensors", "all handles in one file, `{token: tensor[D]}`")]
+    layout = "`{token: tensor[D]}`" if len(family.text_encoder_names) == 1 else "`{token: tensor[D]}`, other text encoders' rows as `{encoder}.{token}`"
+    files = [("handles.safetensors", f"all handles in one file, {layout}")]
     files += [(f, f"handle `{token}`, textual inversion for diffusers") for token, f in zip(handles, written)]
     if lora:
         files.append((LORA_FILE, "the LoRA, for `pipe.load_lora_weights`"))
     if pipeline:
         files.append((PIPELINE_DIR, "the whole fine-tuned pipeline, handles included"))
     preview = find_preview(out)
-    card = model_card(info, title=f"{out.name}: {len(handles)} concepts for {info['model']}", files=files, usage=diffusers_usage(info, f"{out}/", lora, pipeline),
+    card = model_card(info, title=f"{shown.name}: {len(handles)} concepts for {info['model']}", files=files,
+                      usage=diffusers_usage(info, f"{shown}/", lora, pipeline, family),
                       preview=preview.relative_to(out).as_posix() if preview else None)
     with io.atomic_path(out / "README.md") as tmp:
         tmp.write_text(card, encoding="utf-8")
@@ -307,12 +274,23 @@ def write_run_exports(out: Path, info: dict) -> list[str]:
 
 
 # -- bas export ----------------------------------------------------------------------------------
+EXPORT_NAMES = {"README.md", PREVIEW, EMBEDDINGS_DIR, "lora", "pipeline"}  # and NAME.safetensors (kohya)
+
+
 def check_destination(out: Path, dest: Path, overwrite: bool) -> None:
+    """The export replaces ``dest`` as a whole: never a folder that holds anything but an export."""
+    from bas.core.runfolder import check_target
+
+    check_target(dest, kind="export")
     out_r, dest_r = Path(out).resolve(), Path(dest).resolve()
     if dest_r == out_r or dest_r in out_r.parents or out_r in dest_r.parents:
         raise BasError(f"--out {dest} overlaps the run folder {out}; export to a folder outside it.")
     if dest_r.exists() and (not dest_r.is_dir() or any(dest_r.iterdir())) and not overwrite:
         raise BasError(f"{dest} already exists and is not empty; pass --overwrite to replace it or choose another --out.")
+    foreign = sorted(p.name for p in dest_r.iterdir() if p.name not in EXPORT_NAMES and p.suffix != ".safetensors") if dest_r.is_dir() else []
+    if foreign:
+        raise BasError(f"--out {dest} holds {foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, which no export writes, "
+                       "and --overwrite replaces the whole folder; choose a new or empty folder.")
 
 
 def render_preview(out: Path, info: dict, path: Path, steps: int, device: str, precision: str) -> None:
@@ -327,6 +305,16 @@ def render_preview(out: Path, info: dict, path: Path, steps: int, device: str, p
         io.save_image(path, image_grid([[Image.open(p).convert("RGB") for p in paths]]))
 
 
+def check_kohya_names(layers: list[LoraLayer], family: ModelFamily) -> None:
+    """Refuse, before anything is written, layers that the family's kohya names cannot hold (an SDXL
+    LoRA's second text encoder in SD 1.x's ``lora_te_`` scheme would load into the wrong encoder)."""
+    foreign = sorted({layer.component for layer in layers} - set(family.kohya_prefixes))
+    if foreign:
+        raise BasError(f"The LoRA has {', '.join(foreign)} layers, which the {family.name} family's kohya names "
+                       f"({', '.join(family.kohya_prefixes.values())}) have no place for; run.json names the wrong family, "
+                       "so export the run with the family it was trained with.")
+
+
 def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, name: str | None = None, preview: bool = True,
                preview_steps: int = 25, overwrite: bool = False, device: str = "auto", precision: str = "auto") -> list[Path]:
     """Write the export ``fmt`` of the finished run ``out`` into the folder ``dest``; returns the files written."""
@@ -337,42 +325,47 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
     check_destination(out, dest, overwrite)
     name = slug(name or out.name, 60)
     has_lora, has_pipeline = run_files(info)
+    family = run_family(info)
+    if fmt not in family.export_formats:
+        raise BasError(f"Runs of the {family.name} family export as {', '.join(family.export_formats)}; --format {fmt} is not one of them.")
     if fmt == "lora-from-full" and not has_pipeline:
         raise BasError(f"{out} is not a full fine-tune (it has no pipeline/); export it with --format diffusers or kohya.")
-    handles = load_file(str(out / "handles.safetensors"))
-    info = dict(info, handle_dim=next(iter(handles.values())).numel())
+    handles = handle_rows(family, load_file(str(out / "handles.safetensors")))
+    info = dict(info, handle_dim=next(iter(next(iter(handles.values())).values())).numel())
     layers = None
     if fmt == "lora-from-full" or (fmt == "kohya" and has_pipeline):
-        layers = lora_from_full(out, info, rank, device)
+        layers = lora_from_full(out, info, rank, device, family)
     elif fmt == "kohya" and has_lora:
         layers = read_diffusers_lora(out / LORA_FILE)
+    if fmt == "kohya" and layers:
+        check_kohya_names(layers, family)
+        layers = family.kohya_layers(layers)
 
     with io.atomic_path(dest, directory=True) as tmp:
         files: list[tuple[str, str]] = []
         if fmt == "kohya":
             if layers:
-                write_kohya_lora(layers, tmp / f"{name}.safetensors", name=name, base_model=info["model"], v2=info["handle_dim"] == 1024)
+                write_kohya_lora(layers, tmp / f"{name}.safetensors", kohya_metadata(info, name, handles, family), family.kohya_prefixes)
                 how = "by low-rank difference of the full fine-tune, rank " + str(rank) if has_pipeline else "trained in phase 2"
                 files.append((f"{name}.safetensors", f"the LoRA ({how}), kohya keys"))
-            for p in write_a1111_embeddings(handles, tmp / EMBEDDINGS_DIR, name):
+            for p in write_a1111_embeddings(family, handles, tmp / EMBEDDINGS_DIR, name):
                 files.append((f"{EMBEDDINGS_DIR}/{p.name}", f"handle `<{p.stem.rsplit('-', 1)[1]}>` as the embedding `{p.stem}`"))
-            usage = kohya_usage(info, name, bool(layers))
+            usage = kohya_usage(info, name, bool(layers), family)
             prompt_map = lambda p: re.sub(r"<(asset\d+)>", lambda m: f"{name}-{m.group(1)}", p)  # noqa: E731
         else:
-            for p in write_textual_inversions(handles, tmp / EMBEDDINGS_DIR):
-                files.append((f"{EMBEDDINGS_DIR}/{p.name}", f"handle `<{p.stem}>`, textual inversion (`pipe.load_textual_inversion(file)`)"))
+            for p in write_textual_inversions(family, handles, tmp / EMBEDDINGS_DIR):
+                files.append((f"{EMBEDDINGS_DIR}/{p.name}", f"handle `<{p.stem}>`, textual inversion for diffusers (see below)"))
             if fmt == "lora-from-full":
                 write_diffusers_lora(layers, tmp / "lora")
                 files.append((LORA_FILE, f"the full fine-tune as a LoRA by low-rank difference (rank {rank}), for `pipe.load_lora_weights`"))
-            elif has_lora:
-                (tmp / "lora").mkdir()
-                shutil.copy2(out / LORA_FILE, tmp / LORA_FILE)
+            elif has_lora:  # rewritten, so that a run of an earlier bas version exports in today's layout
+                write_diffusers_lora(read_diffusers_lora(out / LORA_FILE), tmp / "lora")
                 files.append((LORA_FILE, "the LoRA trained in phase 2, for `pipe.load_lora_weights`"))
             elif has_pipeline:
                 shutil.copytree(out / "pipeline", tmp / "pipeline")
                 files.append((PIPELINE_DIR, "the whole fine-tuned pipeline, handles included (`--format lora-from-full` makes a LoRA of it)"))
             lora = fmt == "lora-from-full" or has_lora
-            usage = diffusers_usage(info, f"{dest}/", lora, fmt == "diffusers" and has_pipeline)
+            usage = diffusers_usage(info, f"{dest}/", lora, fmt == "diffusers" and has_pipeline, family)
             prompt_map = lambda p: p  # noqa: E731
         found = find_preview(out)
         if found:

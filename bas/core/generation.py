@@ -2,64 +2,60 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from bas.core import io
+from bas.core import checks, io
 from bas.core.errors import BasError
-from bas.core.handles import check_prompt_handles, install_handles
+from bas.core.handles import check_prompt_fits, check_prompt_handles, install_handles
 from bas.core.model import DTYPES, load_pipeline, resolve_device, resolve_precision
-from bas.core.plugins import Plugins
+from bas.core.runs import SavedConfig, all_handles_prompt, read_run, run_family, run_plugins, slug  # noqa: F401 (re-exported)
 
 
-def read_run(out: Path) -> dict:
-    out = Path(out)
-    path = out / "run.json"
-    if not path.is_file():
-        raise BasError(f"{out} is not a finished bas run (it has no run.json); pass the --out folder of a completed `bas run`.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BasError(f"{path} is not valid JSON ({exc}); re-run `bas run` to rewrite it.") from exc
-
-
-def slug(text: str, length: int = 40) -> str:
-    """A file-name-safe version of a prompt: no separators, no dots, nothing that escapes a folder."""
-    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-    return s[:length].strip("-") or "image"
+def image_stem(prompt: str) -> str:
+    """The file name (without ``-seedS.png``) of a prompt's images: its slug, and when the slug had to be
+    cut short, a hash of the whole prompt, so that long prompts differing only at the end do not collide."""
+    full = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-").lower()
+    short = slug(prompt)
+    if full == short:
+        return short
+    return f"{short}-{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:8]}"
 
 
 def load_run_pipeline(out: Path, device: str = "auto", precision: str = "auto"):
-    """The run's base model with its weights and handles applied, ready to sample."""
+    """The run's base model (its family's diffusers pipeline) with its weights and handles applied, ready to sample."""
     out = Path(out)
     info = read_run(out)
     dev = resolve_device(device)
     dtype = DTYPES[resolve_precision(precision, dev)]
+    plugins = run_plugins(info)
+    family = run_family(info, plugins)
 
     def load(model):
-        return load_pipeline(model, dev, dtype)
+        return load_pipeline(model, dev, dtype, family, quantize=info.get("quantize") or "none")
 
     if info.get("weights"):
-        plugins = Plugins(info.get("plugin_names") or [])
         strategy = plugins.registry("weight strategy").get(info["weights"], "this run's weights").factory
-        from bas.core.training import RunConfig
-
-        pipe = strategy(RunConfig(out=out, options=info["config"].get("options", {}))).load_pipeline(out, info, load)
+        pipe = strategy(SavedConfig.of(out, info)).load_pipeline(out, info, load)
     else:
         pipe = load(info["model"])
-    handles = load_file(str(out / "handles.safetensors"))
-    install_handles(pipe.tokenizer, pipe.text_encoder, handles)
-    pipe.text_encoder.to(dev)
+    encoders = family.pipeline_text_encoders(pipe)
+    install_handles(encoders, load_file(str(out / "handles.safetensors")))
+    for encoder in encoders:
+        encoder.model.to(dev)
     return pipe, info
 
 
-# name -> (diffusers scheduler class, extra config); DDIM is the paper's sampler
+# name -> (diffusers scheduler class, extra config); DDIM is the paper's sampler.  The flow-matching
+# sampler is for flow-matching families (FLUX), the others for DDPM-type ones (``ModelFamily.schedulers``).
 SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
@@ -72,9 +68,24 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 }
 
 
-def check_scheduler(name: str) -> None:
+def family_schedulers(family) -> list[str]:
+    """The samplers a family takes: its own list, else every DDPM-type one."""
+    return list(family.schedulers) if family is not None and family.schedulers is not None else [n for n in SCHEDULERS if not n.startswith("flow-")]
+
+
+def check_scheduler(name: str, family=None) -> None:
     if name not in SCHEDULERS:
         raise BasError(f"Unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}.")
+    allowed = family_schedulers(family)
+    if family is not None and name not in allowed:
+        raise BasError(f"--scheduler {name} does not sample {family.name} models; use {' or '.join(allowed)} (or leave --scheduler out).")
+
+
+def sampling_defaults(family, scheduler: str | None, guidance: float | None) -> tuple[str, float]:
+    """``--scheduler`` and ``--guidance``, the family's defaults where not given (DDIM and 7.5 for SD)."""
+    scheduler = scheduler or family.default_scheduler
+    check_scheduler(scheduler, family)
+    return scheduler, family.default_guidance if guidance is None else guidance
 
 
 def make_scheduler(name: str, config):
@@ -85,11 +96,7 @@ def make_scheduler(name: str, config):
     return getattr(diffusers, cls).from_config(config, **extra)
 
 
-def all_handles_prompt(handles: list[str]) -> str:
-    """The prompt naming every handle, as training phrases it: image variations of the whole scene."""
-    from bas.core.training import PROMPT_PREFIX
-
-    return PROMPT_PREFIX + " and ".join(handles)
+MAX_PROMPTS_FILE = 10 * 2**20
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -97,7 +104,15 @@ def read_prompts_file(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise BasError(f"Prompts file {path} does not exist; pass a text file with one prompt per line.")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    if path.stat().st_size > MAX_PROMPTS_FILE:
+        raise BasError(f"Prompts file {path} is {path.stat().st_size:,} bytes; a prompts file is text of at most {MAX_PROMPTS_FILE // 2**20} MB, one prompt per line.")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BasError(f"Prompts file {path} is not UTF-8 text; save it as plain text with one prompt per line.") from None
+    if "\0" in text:
+        raise BasError(f"Prompts file {path} is not a text file (it holds NUL bytes); pass plain text with one prompt per line.")
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise BasError(f"Prompts file {path} holds no prompt; write one prompt per line.")
@@ -120,19 +135,42 @@ def grid_name(prompts: list[str], seeds: list[int]) -> str:
     return f"grid-{slug(prompts[0])}{more}-seed{seeds[0]}.png"
 
 
+def sampling_seeds(seed: int, seeds, num_images: int) -> list[int]:
+    """The seeds of ``generate`` and ``edit``: ``seeds``, else ``seed, seed+1, ...`` (``num_images`` of them),
+    each one torch's generators take.  The command line and the Python API both pass here."""
+    checks.check_integer("num_images", num_images, 1)
+    if seeds:
+        if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+            raise BasError(f"--seeds must be a list of whole numbers such as [1, 7, 42], not {seeds!r}.")
+        seeds = list(seeds)
+        for s in seeds:
+            checks.check_seed(s, name="seeds")
+        return seeds
+    checks.check_seed(seed, num_images)
+    return [seed + i for i in range(num_images)]
+
+
 def check_size(width: int | None, height: int | None) -> None:
     for name, value in (("--width", width), ("--height", height)):
-        if value is not None and (value < 8 or value % 8):
-            raise BasError(f"{name} must be a positive multiple of 8 (such as 512), not {value}.")
+        if value is not None:
+            checks.check_side(name, value)
 
 
-def lora_kwargs(pipe, lora_scale: float) -> dict:
-    """``cross_attention_kwargs`` that scale the run's adapters; an error if it has none to scale."""
+def check_prompts_fit(pipe, family, texts: list[str]) -> None:
+    """Refuse a prompt whose handle one of the family's tokenizers would cut off (``check_prompt_fits``)."""
+    for encoder in family.pipeline_text_encoders(pipe):
+        for text in texts:
+            check_prompt_fits(encoder.tokenizer, text)
+
+
+def lora_kwargs(pipe, lora_scale: float, family) -> dict:
+    """The pipeline argument (``cross_attention_kwargs`` for UNet families) that scales the run's
+    adapters; an error if it has none to scale."""
     if lora_scale == 1.0:
         return {}
     if not any(pipe.get_list_adapters().values()):
         raise BasError("--lora-scale only applies to runs with LoRA weights; this run has none, so leave it out.")
-    return {"cross_attention_kwargs": {"scale": lora_scale}}
+    return {family.lora_scale_argument: {"scale": lora_scale}}
 
 
 def generate_images(
@@ -143,9 +181,9 @@ def generate_images(
     seed: int = 0,
     seeds: list[int] | None = None,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     negative_prompt: str | None = None,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     width: int | None = None,
     height: int | None = None,
     lora_scale: float = 1.0,
@@ -153,12 +191,15 @@ def generate_images(
     out_dir: Path | None = None,
     device: str = "auto",
     precision: str = "auto",
+    on_image: Callable[[Path], None] | None = None,
 ) -> list[Path]:
-    """Sample images per prompt (DDIM by default, the paper's sampler); returns the PNG paths.
+    """Sample images per prompt (the family's sampler by default: DDIM, the paper's, for SD and SDXL;
+    ``guidance`` the family's default, 7.5 for them); returns the PNG paths.
 
-    Seeds are ``seeds`` or ``seed, seed+1, ...`` (``num_images`` of them).  With ``grid`` and more
-    than one image, a grid (a row per prompt, a column per seed) is written beside the single
-    images and its path is returned last.
+    Seeds are ``seeds`` or ``seed, seed+1, ...`` (``num_images`` of them).  Each image is
+    ``out_dir/<image_stem(prompt)>-seed<S>.png``; ``on_image(path)`` is called as each one is
+    written (progress).  With ``grid`` and more than one image, a grid (a row per prompt, a column
+    per seed) is written beside the single images and its path is returned last.
     """
     out = Path(out)
     info = read_run(out)
@@ -166,15 +207,17 @@ def generate_images(
         raise BasError("No prompt was given; pass a prompt such as \"a photo of <asset0>\" or --prompts-file.")
     for prompt in prompts:
         check_prompt_handles(prompt, info["handles"])
-    seeds = list(seeds) if seeds else [seed + i for i in range(num_images)]
-    if num_images < 1 or steps < 1:
-        raise BasError("--num-images and --steps must be at least 1.")
+    checks.check_integer("steps", steps, 1)
+    seeds = sampling_seeds(seed, seeds, num_images)
     check_size(width, height)
-    check_scheduler(scheduler)  # before the model loads
+    family = run_family(info)
+    scheduler, guidance = sampling_defaults(family, scheduler, guidance)  # before the model loads
+    family.check_sampling(negative_prompt)
 
     pipe, info = load_run_pipeline(out, device, precision)
+    check_prompts_fit(pipe, family, prompts + ([negative_prompt] if negative_prompt else []))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    extra = lora_kwargs(pipe, lora_scale)
+    extra = lora_kwargs(pipe, lora_scale, family)
     out_dir = Path(out_dir) if out_dir else out / "samples"
     res = info.get("resolution")
     written, rows = [], []
@@ -187,9 +230,11 @@ def generate_images(
                     prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                     generator=generator, height=height or res, width=width or res, **extra,
                 ).images[0]
-            path = out_dir / f"{slug(prompt)}-seed{s}.png"
+            path = out_dir / f"{image_stem(prompt)}-seed{s}.png"
             io.save_image(path, image)
             written.append(path)
+            if on_image:
+                on_image(path)
             row.append(image)
         rows.append(row)
     if grid and len(written) > 1:

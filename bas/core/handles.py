@@ -25,92 +25,182 @@ def handle_tokens(n: int) -> list[str]:
 
 
 class HandleEmbedding(nn.Module):
-    """A token embedding whose rows ``num_base..num_base+N-1`` come from a trainable parameter."""
+    """A token embedding whose rows ``first_id..first_id+N-1`` come from a trainable parameter.
 
-    def __init__(self, base: nn.Embedding, init: torch.Tensor):
+    ``first_id`` is the id the tokenizer gave the first handle: the end of the vocabulary for
+    CLIP (the handle rows are appended), or inside a padded matrix (T5's 32100-token tokenizer
+    over 32128 rows), where the handle rows stand in for unused ones.
+    """
+
+    def __init__(self, base: nn.Embedding, init: torch.Tensor, first_id: int | None = None):
         super().__init__()
         self.base = base
         self.base.weight.requires_grad_(False)
         self.num_base = base.num_embeddings
+        self.first_id = self.num_base if first_id is None else first_id
         self.handles = nn.Parameter(init.detach().clone().float())
 
     @property
     def weight(self) -> torch.Tensor:
         """The full matrix, as a plain ``nn.Embedding`` would have it (for export and inspection)."""
-        return torch.cat([self.base.weight, self.handles.to(self.base.weight.dtype)], dim=0)
+        rows = self.handles.to(self.base.weight.dtype)
+        if self.first_id == self.num_base:
+            return torch.cat([self.base.weight, rows], dim=0)
+        weight = self.base.weight.detach().clone()
+        if self.num_embeddings > self.num_base:
+            weight = torch.cat([weight, weight.new_zeros(self.num_embeddings - self.num_base, weight.shape[1])])
+        return torch.cat([weight[: self.first_id], rows, weight[self.first_id + rows.shape[0]:]])
 
     @property
     def num_embeddings(self) -> int:
-        return self.num_base + self.handles.shape[0]
+        return max(self.num_base, self.first_id + self.handles.shape[0])
 
     @property
     def embedding_dim(self) -> int:
         return self.base.embedding_dim
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        is_handle = input_ids >= self.num_base
+        n = self.handles.shape[0]
+        is_handle = (input_ids >= self.first_id) & (input_ids < self.first_id + n)
         base = self.base(input_ids.clamp(max=self.num_base - 1))
-        handles = F.embedding((input_ids - self.num_base).clamp(min=0), self.handles.to(base.dtype))
+        handles = F.embedding((input_ids - self.first_id).clamp(min=0, max=n - 1), self.handles.to(base.dtype))
         return torch.where(is_handle.unsqueeze(-1), handles, base)
 
     def to_embedding(self) -> nn.Embedding:
-        """A plain embedding with the handle rows appended (what a saved pipeline holds)."""
+        """A plain embedding with the handle rows in place (what a saved pipeline holds)."""
         weight = self.weight.detach()
         emb = nn.Embedding(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
         emb.weight.data.copy_(weight)
         return emb
 
 
-def add_handles(tokenizer, text_encoder, n: int, init_words: list[str] | None = None) -> tuple[list[str], list[int], HandleEmbedding]:
-    """Add ``<asset0>``.. to the tokenizer and wrap the text encoder's embedding.
+def add_handles(encoders, n: int, init_words: list[str] | None = None) -> tuple[list[str], list[list[int]], list[HandleEmbedding]]:
+    """Add ``<asset0>``.. to every encoder's tokenizer and wrap each encoder's token embedding.
 
-    Each handle starts as the first sub-token embedding of its initializer word.
+    ``encoders`` are :class:`bas.core.family.TextEncoder` s.  Each handle starts, in each encoder,
+    as the first sub-token embedding of its initializer word.  Returns the tokens, their ids in
+    each tokenizer and each encoder's :class:`HandleEmbedding`.
     """
     tokens = handle_tokens(n)
-    base = text_encoder.get_input_embeddings()
-    if len(tokenizer) != base.num_embeddings:
-        raise BasError(
-            f"The tokenizer has {len(tokenizer)} tokens but the text encoder has {base.num_embeddings} embedding rows; "
-            "--model must be an unmodified base pipeline, not the output of an earlier run."
-        )
-    if any(t in tokenizer.get_vocab() for t in tokens):
-        raise BasError("The model's tokenizer already has <asset...> tokens; start from the base model, not a bas output.")
-    tokenizer.add_tokens(tokens)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    if ids != list(range(base.num_embeddings, base.num_embeddings + n)):
-        raise BasError("The tokenizer did not give the handles consecutive new ids; use a standard CLIP tokenizer.")
     words = init_words or [DEFAULT_INIT_TOKEN] * n
-    init = []
-    for word in words:
-        sub = tokenizer.encode(word, add_special_tokens=False)
-        if not sub or sub[0] >= base.num_embeddings:
-            raise BasError(f"--init-token '{word}' is not in the model's vocabulary; pick a plain English word such as 'dog'.")
-        init.append(base.weight.data[sub[0]].float())
-    embedding = HandleEmbedding(base, torch.stack(init))
-    text_encoder.set_input_embeddings(embedding)
-    return tokens, ids, embedding
+    for encoder in encoders:  # every check before any tokenizer changes
+        tokenizer, base = encoder.tokenizer, encoder.model.get_input_embeddings()
+        if len(tokenizer) > base.num_embeddings:
+            raise BasError(
+                f"The {encoder.tokenizer_name} has {len(tokenizer)} tokens but the {encoder.name} has {base.num_embeddings} embedding rows; "
+                "--model must be an unmodified base pipeline, not the output of an earlier run."
+            )
+        if any(t in tokenizer.get_vocab() for t in tokens):
+            raise BasError(f"The model's {encoder.tokenizer_name} already has <asset...> tokens; start from the base model, not a bas output.")
+        for word in words:
+            sub = tokenizer.encode(word, add_special_tokens=False)
+            if not sub or sub[0] >= base.num_embeddings:
+                raise BasError(f"--init-token '{word}' is not in the model's vocabulary; pick a plain English word such as 'dog'.")
+    all_ids, embeddings = [], []
+    for encoder in encoders:
+        tokenizer, base = encoder.tokenizer, encoder.model.get_input_embeddings()
+        first = len(tokenizer)
+        tokenizer.add_tokens(tokens)
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        if ids != list(range(first, first + n)):
+            raise BasError(f"The {encoder.tokenizer_name} did not give the handles consecutive new ids; use the model's own tokenizer.")
+        init = [base.weight.data[tokenizer.encode(word, add_special_tokens=False)[0]].float() for word in words]
+        embedding = HandleEmbedding(base, torch.stack(init), first_id=first)
+        encoder.model.set_input_embeddings(embedding)
+        all_ids.append(ids)
+        embeddings.append(embedding)
+    return tokens, all_ids, embeddings
+
+
+# -- handles.safetensors -----------------------------------------------------------------------
+# One row per handle and text encoder.  The first encoder's rows are keyed by the bare token
+# ({"<asset0>": tensor[D]}: a one-encoder run's file is a textual-inversion file as diffusers
+# writes it); another encoder's rows by "<component>.<token>" ("text_encoder_2.<asset0>").
+HANDLE_KEY = re.compile(r"(?:([a-z][a-z0-9_]*)\.)?(<asset(\d+)>)")
+
+
+def handle_key(encoder_index: int, encoder_name: str, token: str) -> str:
+    return token if encoder_index == 0 else f"{encoder_name}.{token}"
+
+
+def handles_file_state(tokens: list[str], encoder_names: list[str], rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``handles.safetensors``'s content from each encoder's ``(N, D_i)`` handle rows."""
+    return {handle_key(i, name, token): r[k].detach().float().cpu().clone()
+            for i, (name, r) in enumerate(zip(encoder_names, rows)) for k, token in enumerate(tokens)}
+
+
+def split_handles(state: dict[str, torch.Tensor], encoder_names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{encoder name: {token: row}}`` from a handles file, every name checked; every encoder
+    must have the same handles."""
+    tokens = check_handle_names(state)
+    by_encoder: dict[str, dict[str, torch.Tensor]] = {name: {} for name in encoder_names}
+    for key, row in state.items():
+        component, token, _ = HANDLE_KEY.fullmatch(key).groups()
+        name = component or encoder_names[0]
+        if name not in by_encoder or (component is not None and name == encoder_names[0]):
+            raise BasError(f"The handles file holds {key!r}, but the model family's text encoders are {', '.join(encoder_names)}: "
+                           "the run's files and the family run.json names disagree; re-create the run with `bas run`.")
+        by_encoder[name][token] = row
+    for name, rows in by_encoder.items():
+        if sorted(rows) != sorted(tokens):
+            raise BasError(f"The handles file has no rows for {name} of every handle; re-create it with `bas run`.")
+    return {name: {t: rows[t] for t in tokens} for name, rows in by_encoder.items()}
 
 
 def check_handle_names(names) -> list[str]:
-    """Handle names from a file, checked, in index order: they end up in prompts and file names."""
-    bad = [n for n in names if not HANDLE_PATTERN.fullmatch(n)]
+    """The distinct handles named by a handles file's keys, checked, in index order: they end up in
+    prompts and file names."""
+    bad = [n for n in names if not HANDLE_KEY.fullmatch(n)]
     if bad:
         raise BasError(f"The handles file holds an invalid handle name {bad[0]!r} (handles are <asset0>, <asset1>, ...); re-create it with `bas run`.")
-    return sorted(names, key=lambda t: int(HANDLE_PATTERN.fullmatch(t).group(1)))
+    tokens = {HANDLE_KEY.fullmatch(n).group(2) for n in names}
+    return sorted(tokens, key=lambda t: int(HANDLE_PATTERN.fullmatch(t).group(1)))
 
 
-def install_handles(tokenizer, text_encoder, handles: dict[str, torch.Tensor]) -> None:
-    """Add saved handles to a loaded pipeline's tokenizer and text encoder (for generation)."""
-    tokens = check_handle_names(handles)
-    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
-    if not missing:
+def check_prompt_fits(tokenizer, prompt: str, what: str = "The prompt") -> None:
+    """Refuse a prompt whose handle the text encoder would not see because the tokenizer's limit
+    (77 tokens for CLIP) cuts it off; warn when only words without handles are cut.
+
+    Call it once per tokenizer a model family uses, with the handles already added to it.
+    """
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not limit or limit > 100_000:  # tokenizers without a limit report a huge number
         return
-    tokenizer.add_tokens(missing)
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are overwritten below
-    weight = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for token in missing:
-            weight[tokenizer.convert_tokens_to_ids(token)] = handles[token].to(weight.dtype)
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+    if len(ids) <= limit:
+        return
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    kept = limit - 1  # the first limit-1 tokens and an end-of-text token reach the encoder
+    lost = [t for t in tokens[kept:-1] if HANDLE_PATTERN.fullmatch(str(t))]
+    if lost:
+        raise BasError(
+            f"{what} {prompt[:60] + '...' if len(prompt) > 60 else prompt!r} is {len(ids)} tokens long and its handle {lost[0]} comes after "
+            f"the text encoder's limit of {limit}, so it would be cut off; shorten the text before {lost[0]}."
+        )
+    import warnings
+
+    warnings.warn(f"{what} is {len(ids)} tokens long; the text encoder sees the first {limit}, the rest is ignored.", stacklevel=2)
+
+
+def install_handles(encoders, state: dict[str, torch.Tensor]) -> None:
+    """Add a handles file's rows to a loaded pipeline's tokenizers and text encoders (for generation).
+
+    ``encoders``: the pipeline's :class:`bas.core.family.TextEncoder` s.  Encoders whose tokenizer
+    already knows the handles (a full fine-tune's saved pipeline) are left as they are.
+    """
+    by_encoder = split_handles(state, [e.name for e in encoders])
+    for encoder in encoders:
+        tokenizer, rows = encoder.tokenizer, by_encoder[encoder.name]
+        missing = [t for t in rows if t not in tokenizer.get_vocab()]
+        if not missing:
+            continue
+        tokenizer.add_tokens(missing)
+        size = max(len(tokenizer), encoder.model.get_input_embeddings().num_embeddings)
+        encoder.model.resize_token_embeddings(size, mean_resizing=False)  # rows are overwritten below
+        weight = encoder.model.get_input_embeddings().weight
+        with torch.no_grad():
+            for token in missing:
+                weight[tokenizer.convert_tokens_to_ids(token)] = rows[token].to(weight.dtype)
 
 
 def check_prompt_handles(prompt: str, known: list[str]) -> None:

@@ -83,7 +83,11 @@ def bas_register_loss_terms(register):
 def bas_register_optimizers(register):
     """Register optimizers: ``register(name, factory)``; ``--optimizer NAME`` picks one.
 
-    ``factory(param_groups, config)`` returns a ``torch.optim.Optimizer``.
+    ``factory(param_groups, config)`` returns a ``torch.optim.Optimizer``.  A factory may carry
+    ``factory.check(config, device)``, which the run calls before any model loads to refuse, with a
+    :class:`bas.core.errors.BasError`, a device or installation the optimizer cannot run on
+    (``adamw8bit``: CUDA and an importable bitsandbytes), so that such a run fails in a second
+    rather than after the model loaded.
     """
 
 
@@ -99,14 +103,195 @@ def bas_register_samplers(register):
 
 
 @hookspec
+def bas_register_model_families(register):
+    """Register model families: ``register(name, factory)``; ``factory()`` returns a
+    :class:`bas.core.family.ModelFamily`.
+
+    A family is what bas needs to know about one model architecture.  The built-in ``sd``
+    (Stable Diffusion 1.x/2.x), ``sdxl`` and ``flux`` (FLUX.1) are plugins like any other.  A run's family is the
+    one whose ``recognises(model_index)`` accepts ``--model``'s ``model_index.json`` (for a hub
+    id only that file is fetched), or the one named with ``--family NAME``; it is stored in
+    ``run.json`` and used again by ``bas generate``, ``bas edit`` and ``bas export``.  The loop
+    never asks which family it runs; it calls these verbs:
+
+    - ``load(model, plan=None)``: the parts, as :class:`bas.core.family.Components`: every text encoder
+      with its tokenizer (``TextEncoder``, in pipeline order), the denoiser, the VAE, the
+      training noise scheduler.  bas adds one new token per concept to *every* tokenizer and
+      one trainable row per encoder (``HandleEmbedding``), so each tokenizer must support
+      ``add_tokens`` and each encoder ``get/set_input_embeddings``.  A tokenizer may be
+      smaller than its embedding matrix (T5 pads its vocabulary): the handle rows then take
+      the ids the tokenizer gives them.  A run passes a :class:`bas.core.family.LoadPlan`
+      (device, compute dtype, ``--quantize``): a family that lists ``quantizations`` loads its
+      frozen base quantised where asked; readers of finished runs pass none.
+      ``native_resolution``, ``check_resolution`` (before any model loads),
+      ``memory_defaults(device, strategy)`` (run options used where the user chose none:
+      ``gradient_checkpointing``, ``optimizer``, ``quantize``), ``check_run(device, strategy,
+      quantize)`` (refuses ``refused_strategies`` and a quantisation the family does not list or the
+      strategy trains through, before any model loads), ``check_quantization(quantize, device)``
+      (the family's own quantising library: what the device or installation cannot load; bitsandbytes
+      needs CUDA), ``prediction_type`` (run.json's word for the objective).
+    - ``conditioning(components, input_ids, size)``: tokenized prompts (one tensor per
+      encoder, each padded to its tokenizer's ``model_max_length``) to a
+      :class:`bas.core.family.Conditioning`: ``hidden_states``, the sequence the denoiser
+      attends to, and ``extra``, every other batch-first input (pooled embeddings, SDXL's
+      ``time_ids`` from an :class:`bas.core.family.ImageSize`).  ``sequence_encoder`` says
+      whose token positions index that sequence.  ``unconditional`` is guidance's empty branch.
+    - ``scale_latents``/``unscale_latents`` (VAE scaling and shift), ``training_noise(scheduler,
+      latents, generator)`` -> ``(noise, timesteps, noisy, target)`` (the objective: epsilon,
+      v-prediction, or a flow-matching velocity), ``predict(denoiser, latents, t, cond)``
+      (spatial in and out, passing ``cond.hidden_states`` itself as ``encoder_hidden_states``),
+      ``guided_prediction`` (classifier-free guidance by default), ``noised(scheduler, latents,
+      noise, t)`` (a timestep's noisy latents, for the report's maps and editing),
+      ``probe_timestep``, ``sampling_scheduler`` (validation's: DDIM for DDPM-type models) and
+      ``set_timesteps(scheduler, steps, device, latents)`` (a flow-matching family shifts its
+      schedule by the image size).
+    - ``attention_layers(components, latent_size)`` -> ``{name: (module, map side)}``,
+      ``attention_resolution(available, latent_size, requested)`` (default: a quarter of the
+      latent side snapped to a side the model has, at least 4), ``capture_processor(store)``:
+      the processor installed on the chosen layers that records fp32 probabilities ``(B, Q, T)``
+      of image queries over text tokens.  Maps finer than the loss's side are area-averaged.
+    - ``pipeline_class`` (the diffusers pipeline that generates and takes ``load_lora_weights``),
+      ``load_pipeline``, ``pipeline_from_components``, ``pipeline_text_encoders``,
+      ``prompt_conditioning`` (sampling and ``bas edit`` through the pipeline's own prompt
+      encoding), ``schedulers``/``default_scheduler``/``default_guidance`` (what ``bas generate``
+      samples with), ``check_sampling`` (sampling options the pipeline ignores), ``lora_targets``
+      (peft target names, or a regular expression, per pipeline component),
+      ``lora_scale_argument``, and ``tiny_pipeline`` (``bas tiny-model --family NAME``).
+    - files: ``textual_inversion`` (one handle's file for diffusers, from its rows in every
+      encoder), ``webui_embedding`` (AUTOMATIC1111/ComfyUI's layout, SDXL's ``clip_l``/``clip_g``),
+      ``textual_inversion_code`` (the model card's loading lines), ``kohya_prefixes`` (per
+      component: ``lora_unet_``, ``lora_te1_``, ...), ``kohya_base`` (the base model as kohya's
+      metadata names it), ``kohya_layers`` (the LoRA's layers as kohya names and shapes them:
+      FLUX fuses q/k/v) and ``export_formats``.  ``handles.safetensors`` keys the first
+      encoder's rows by the bare token and another encoder's by ``"<component>.<token>"``.
+
+    **A transformer family**: the built-in ``flux`` family (:mod:`bas.plugins.flux`) is the worked
+    example, and SD3 would take the same verbs:
+
+    - several tokenizers of different kinds (CLIP's BPE and T5's SentencePiece, ``text_encoder``
+      and ``text_encoder_2``, SD3 a third): each is a ``TextEncoder`` with its own max length;
+      ``add_tokens`` works on both kinds and the handle rows follow the ids each tokenizer
+      gives (T5's tokenizer has 32100 tokens for 32128 rows).  ``sequence_encoder`` names T5,
+      whose tokens the joint attention reads; CLIP contributes only its pooled output, in
+      ``extra`` (``pooled_projections``).  A CLIP config from before 2023 (``eos_token_id: 2``)
+      pools the highest token id, a handle once handles exist: the family points it at the
+      end of text, as SDXL's does for its second encoder.
+    - packed latents: ``predict`` packs the spatial latents into 2x2 patch tokens, calls the
+      transformer (position ids, ``guidance``, ``joint_attention_kwargs``) and unpacks its
+      output, so masks and the masked loss stay spatial; the attention maps come out at the
+      packed grid (latent side / 2), which ``attention_layers`` declares as their side, and
+      ``attention_resolution`` picks a quarter of the latent side, which the loss averages
+      them down to.
+    - the objective: ``training_noise`` draws logit-normal flow times shifted by the
+      scheduler's rule, noises ``(1 - s) x + s noise`` and returns the velocity ``noise - x``;
+      ``scale_latents`` applies the VAE's shift and scale factors; ``noised``,
+      ``sampling_scheduler`` and ``set_timesteps`` are flow matching's.
+    - maps from joint image-text attention: ``capture_processor`` returns a processor for the
+      transformer's attention modules that keeps the fused kernel for the output and computes,
+      beside it, the image queries' probabilities over the text keys (the text part of the
+      joint sequence, first in FLUX), computed on every forward so that gradient
+      checkpointing's recomputation matches.
+    - LoRA on the transformer (``lora_targets`` a regular expression over its blocks' layers),
+      ``lora_scale_argument = "joint_attention_kwargs"``, ``denoiser_name = "transformer"``;
+      ``kohya_prefixes`` as kohya's FLUX scripts name them (``lora_unet_``, ``lora_te1_`` for
+      CLIP-L) and ``kohya_layers`` to BFL's fused layers.  T5 takes no LoRA (it is quantised and
+      trains only its handle rows), so :mod:`bas.core.formats` needs no rule for T5 module paths
+      (they have no ``text_model.`` level); a family that adapts T5 must add one.
+    - quantised loading: ``load`` loads the frozen transformer and T5 quantised
+      (``quantizations``: bitsandbytes nf4 and int8) when the plan asks, which ``check_run``
+      allows only with a strategy that freezes the base and ``check_quantization`` only on CUDA
+      with bitsandbytes importable.
+    - guidance-distilled sampling: ``unconditional`` returns None and ``guided_prediction``
+      makes one forward pass with the guidance embedding instead of two.
+    """
+
+
+@hookspec
 def bas_register_observers(register):
     """Register step and run observers: ``register(name, factory)``.
 
     ``factory(config)`` returns an object (or ``None``) with any of ``on_run_start(run)``,
     ``on_phase_start(run, phase)``, ``on_step(run, step)``, ``on_phase_end(run, phase)``,
-    ``on_run_end(run)``.  Logging, progress bars, checkpoints and validation images are observers.
+    ``on_run_end(run)``, ``on_run_failed(run, error)``.  Logging, progress bars, checkpoints and
+    validation images are observers.  While a run works, ``run.out`` is its staging folder beside
+    ``--out`` (``run.config.out``): what an observer writes there, up to and including
+    ``on_run_end`` (training done, the output not yet written), becomes part of the run when it
+    is complete, and is never mixed into an older run.  ``on_run_failed`` is called instead of
+    ``on_run_end`` when the run stops with an exception (close files and progress bars there).
     ``step`` is a :class:`bas.core.components.StepRecord`.  An observer with
     ``on_images(run, phase, step, images)`` receives the validation samples that the ``report``
     plugin makes, ``{prompt: [PIL images, one per seed]}`` (the ``tensorboard`` plugin logs them).
     Observers run inside the step loop: keep ``on_step`` cheap.
+    """
+
+
+@hookspec
+def bas_register_evaluators(register):
+    """Register evaluators for ``bas eval``: ``register(name, factory)``; ``--evaluator NAME`` picks them.
+
+    ``factory(config)`` (``config`` is a :class:`bas.core.evaluation.EvalConfig`; plugin options in
+    ``config.options``) returns a :class:`bas.core.evaluation.Evaluator`, made once per ``bas eval``
+    and cheap to make: models load in its ``load(device)``, called once after every check passed.
+    ``bas eval`` calls ``check(run)`` for every run first (raise :class:`bas.core.errors.BasError`
+    for what the user must fix: missing class words, a run it cannot measure), then
+    ``score(run, samples)`` once per run: ``run`` is a :class:`bas.core.evaluation.EvalRun` (its
+    run.json, handles, class words, and ``load_inputs()``: the image and masks it learned from) and
+    ``samples`` its generated images (:class:`bas.core.evaluation.Sample`: image, prompt, seed, the
+    handles the prompt names).  ``score`` yields one dict per sample, in order: a float per
+    :class:`bas.core.evaluation.Metric` the evaluator declares in ``metrics`` and that applies to the
+    image (leave a metric out where it does not apply), and any other keys as per-image details.
+    ``bas eval`` averages each metric per run with a 95% bootstrap interval.
+
+    Without ``--evaluator``, an evaluator is used for the runs for which its factory's
+    ``default_for(run_info)`` (a class method; absent: always) is true.  An evaluator may offer prompt
+    template sets in ``templates`` (``{name: ["a photo of {}", ...]}``) for ``--templates NAME``,
+    and prefer one with ``default_templates``.
+    """
+
+
+@hookspec
+def bas_eval_options():
+    """Return a list of ``click.Option`` objects to add to ``bas eval`` (such as ``--clip-model``).
+
+    Their values reach evaluator factories through ``config.options[option.name]``; the Python API
+    (:func:`bas.evaluate`) takes them as keyword arguments, with the option's default otherwise.
+    """
+
+
+@hookspec
+def bas_register_executors(register):
+    """Register batch executors: ``register(name, factory)``; ``bas batch --executor NAME`` picks one.
+
+    ``factory(config)`` gets the batch's :class:`bas.core.batch.tasks.BatchConfig` (``out``,
+    ``workers``-style executor options in ``config.options``, ``device``) and returns an object
+    with these methods, which the batch calls in this order and only from its own thread:
+
+    - ``open(num_tasks)``: get ready to run up to ``num_tasks`` scenes (start worker processes
+      or join a cluster).  Raise :class:`bas.core.errors.BasError` for what a user can fix (a
+      library that is not installed, an address that cannot be reached).
+    - ``submit(task)``: queue one :class:`bas.core.batch.tasks.SceneTask`.  The executor runs
+      :func:`bas.core.batch.tasks.run_scene` ``(task, emit)`` for it somewhere (a process, a
+      cluster node), where ``emit`` carries the task's events back.  A task is submitted again
+      after its worker died, when retries are left.
+    - ``poll(timeout)``: wait up to ``timeout`` seconds and return the events that arrived, a
+      list of :class:`bas.core.batch.tasks.Started`, :class:`~bas.core.batch.tasks.Progress` and
+      :class:`~bas.core.batch.tasks.Finished`.  Every submitted task ends with exactly one
+      ``Finished``: the result ``run_scene`` returned, or, when the process running it died,
+      one made with :func:`bas.core.batch.tasks.crashed`.
+    - ``interrupt()``: Ctrl-C: ask running tasks to stop at a step boundary and save a
+      checkpoint (they then finish as ``interrupted``), and drop queued ones.
+    - ``close()``: stop everything the executor started.
+
+    The batch itself decides which scenes to skip, resume or retry; an executor only runs tasks.
+    Built-ins: ``local`` (worker processes on this machine) and ``ray`` (a Ray cluster).
+    """
+
+
+@hookspec
+def bas_batch_options():
+    """Return a list of ``click.Option`` objects to add to ``bas batch`` (and :func:`bas.batch`).
+
+    Executors take their options this way (``--workers``, ``--ray-address``); the values reach
+    the executor's factory in ``config.options[option.name]``.  An option of an executor other
+    than the chosen one is refused unless it has its default value.
     """

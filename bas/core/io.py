@@ -1,57 +1,190 @@
-"""Atomic output: every final name appears only once its content is complete.
+"""Atomic, durable output: every final name appears only once its content is complete and on disk.
 
-Files and folders are written under a temporary name in the same directory and then renamed with
-``os.replace``, which is atomic on POSIX and Windows, so an interrupted run never leaves a
-truncated file under a name a user or a loader would trust.
+Files and folders are written under a temporary name in the same directory, flushed to disk
+(``fsync``) and then renamed with ``os.replace``, which is atomic on POSIX and Windows, so an
+interrupted command never leaves a truncated file under a name a user or a loader would trust.
+
+A folder cannot be replaced by one rename, so :func:`replace_dir` moves the old one aside first
+(``.NAME.bas-old``), renames the new one in and then deletes the old one; :func:`recover_dir`,
+called before the next write of the same folder, finishes or rolls back a replacement that a
+crash interrupted.  Everything written gets the usual permissions (``0666 & ~umask`` for files,
+``0777 & ~umask`` for folders), whatever the library that wrote it chose.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
-from pathlib import Path
-from typing import Iterator
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
 
+from bas.core.errors import BasError
+
+OLD_TAG = "bas-old"  # a folder moved aside while its replacement is renamed in
+TRASH_TAG = "bas-trash"  # a folder being deleted; whatever it still holds is garbage
+
+
+def sibling(final: Path, tag: str) -> Path:
+    """``DIR/.NAME.TAG`` beside ``DIR/NAME``: hidden, and on the same file system (renames stay atomic)."""
+    final = Path(final)
+    return final.parent / f".{final.name}.{tag}"
+
+
+def current_umask() -> int:
+    try:  # Linux says it without changing it (changing it is not thread-safe)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normalise_modes(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain ``open``/``mkdir`` would.
+
+    ``mkstemp``/``mkdtemp`` create owner-only entries and safetensors writes its files ``0600``;
+    outputs are shared like any other file the user makes.
+    """
+    mask = current_umask()
+    root = Path(root)
+    entries = [root] + (list(root.rglob("*")) if root.is_dir() else [])
+    for path in entries:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        if stat.S_ISDIR(mode):
+            os.chmod(path, 0o777 & ~mask)
+        else:
+            os.chmod(path, (0o777 if mode & 0o111 else 0o666) & ~mask)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's content (or a folder's entries) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return  # Windows cannot open folders; their entries are durable there anyway
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):  # file systems that cannot sync folders
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file under ``root``, then every folder bottom-up, then ``root``'s parent."""
+    root = Path(root)
+    if root.is_dir():
+        for folder, dirs, files in os.walk(root, topdown=False):
+            for name in files:
+                if not os.path.islink(os.path.join(folder, name)):
+                    fsync_path(Path(folder, name))
+            fsync_path(Path(folder))
+    else:
+        fsync_path(root)
+    fsync_path(root.parent)
+
+
+def discard(path: Path, owner: Path | None = None) -> None:
+    """Delete ``path`` so that a crash half-way leaves only a name marked as garbage
+    (``.OWNER.bas-trash-*``, which :func:`recover_dir` of ``owner`` removes)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    trash = sibling(owner or path, f"{TRASH_TAG}-{uuid.uuid4().hex[:8]}")
+    os.replace(path, trash)
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
+def replace_dir(src: Path, final: Path, step: Callable[[str], None] = lambda name: None) -> None:
+    """Put the complete folder ``src`` in place of ``final`` (which may not exist).
+
+    At every instant ``final`` is the whole old folder, absent with the old one whole at
+    ``.NAME.bas-old``, or the whole new one.  ``step(name)`` is called after each rename (tests
+    stop the process there).
+    """
+    src, final = Path(src), Path(final)
+    old = sibling(final, OLD_TAG)
+    if os.path.lexists(old):  # a replacement interrupted earlier: it must not be taken for ours
+        recover_dir(final)
+    if os.path.lexists(final):
+        os.replace(final, old)
+        fsync_path(final.parent)
+        step("old-aside")
+    os.replace(src, final)
+    fsync_path(final.parent)
+    step("new-in")
+    discard(old, final)
+
+
+def recover_dir(final: Path, complete: Path | None = None) -> None:
+    """Finish or undo an interrupted :func:`replace_dir` of ``final``; remove its garbage.
+
+    With ``final`` present, a folder left aside is the old one: it goes.  With ``final`` absent,
+    the replacement is finished from ``complete`` (a finished new folder) when given and present,
+    and otherwise rolled back: the old folder returns.
+    """
+    final = Path(final)
+    parent = final.parent
+    if parent.is_dir():
+        for trash in parent.glob(f".{final.name}.{TRASH_TAG}-*"):
+            shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
+    old = sibling(final, OLD_TAG)
+    if not os.path.lexists(old):
+        return
+    if os.path.lexists(final):
+        discard(old, final)
+    elif complete is not None and Path(complete).is_dir():
+        os.replace(complete, final)
+        fsync_path(parent)
+        discard(old, final)
+    else:
+        os.replace(old, final)
+        fsync_path(parent)
+
 
 @contextlib.contextmanager
 def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final``; on success rename it to ``final``.
+    """Yield a temporary sibling of ``final``; on success flush it to disk and rename it to ``final``.
 
     On an exception the temporary is removed and ``final`` keeps whatever it held before.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if directory:
+        recover_dir(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     else:
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp = Path(name)
-    # mkstemp/mkdtemp create owner-only entries; give the final ones the usual permissions
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         yield tmp
-        os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)
+        normalise_modes(tmp)
         if directory:
-            if final.exists():
-                # Move the old folder aside first: a directory cannot be replaced in one rename.
-                old = final.with_name(f".{final.name}.old")
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, final)
+            fsync_tree(tmp)
+            replace_dir(tmp, final)
         else:
+            fsync_path(tmp)
             os.replace(tmp, final)
+            fsync_path(final.parent)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -62,7 +195,12 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
 
 def write_json(path: Path, data) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -75,3 +213,47 @@ def save_image(path: Path, image) -> None:
     """Save a PIL image atomically; the format comes from the final name's suffix."""
     with atomic_path(path) as tmp:
         image.save(tmp, format=Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+
+
+# -- errors of the environment, and names that come from files -----------------------------------
+ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is larger than this file system allows",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted",
+    errno.ENAMETOOLONG: "the name is too long",
+    errno.EMFILE: "too many files are open",
+    errno.EBUSY: "it is in use (or a mount point)",
+}
+
+
+def environment_error(exc: BaseException) -> BasError | None:
+    """A :class:`BasError` for an ``OSError`` the user's machine caused (full disk, read-only
+    folder, permissions), or ``None`` for any other exception (a bug, which keeps its traceback)."""
+    if not isinstance(exc, OSError) or exc.errno not in ENVIRONMENT_ERRORS:
+        return None
+    where = exc.filename or "a file"
+    fix = {
+        errno.ENOSPC: "free some space or write to another disk",
+        errno.EDQUOT: "free some space or write to another disk",
+        errno.EROFS: "write to a folder on a writable disk",
+        errno.EACCES: "write to a folder you may write to, or fix its permissions",
+        errno.EPERM: "write to a folder you may write to, or fix its permissions",
+    }.get(exc.errno, "write to another folder")
+    return BasError(f"Could not write {where}: {ENVIRONMENT_ERRORS[exc.errno]} ({exc.strerror}); {fix}.")
+
+
+def inside(base: Path, relative: str, what: str) -> Path:
+    """``base / relative`` for a relative path read from a file, refusing one that leaves ``base``
+    (absolute, ``..``, a drive, a link pointing outside)."""
+    text = str(relative)
+    pure = PurePosixPath(text.replace("\\", "/"))
+    if not text or "\0" in text or pure.is_absolute() or ".." in pure.parts or ":" in text:
+        raise BasError(f"{what} names the path {text!r}, which is not inside {base}; the file is damaged or was made by hand, re-create it with bas.")
+    path = Path(base, *pure.parts)
+    real_base = Path(base).resolve()
+    if real_base != path.resolve() and real_base not in path.resolve().parents:
+        raise BasError(f"{what} names {text!r}, which leads outside {base} (through a link); re-create it with bas.")
+    return path

@@ -7,6 +7,7 @@ source (a plugin) loads the image and masks, then the shared cleanup
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,37 +90,70 @@ def load_scene_input(plugins: Plugins, source, config) -> SceneInput:
     return SceneInput(scene.image, cleaned, names)
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """``bas masks`` refuses an --out that holds masks already unless --overwrite (before any work)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BasError(f"--out {out} is a file; pass a folder path.")
-    if not overwrite and out.is_dir() and any(out.glob("mask*.png")):
+SCENE_FILE = re.compile(r"img\.[A-Za-z0-9]+|mask\d+\.png|preview\.png|scene\.json")  # what a scene folder holds (scene.json: bas ui's)
+
+
+def input_paths(config: MasksConfig, plugins: Plugins) -> list[tuple[str, Path]]:
+    """Every file or folder the options name: the image, a local ``--model``, and the values of the
+    mask sources' and cleanup's options of click's ``Path`` type (``--mask``, ``--scene``, ``--annotations``)."""
+    import click
+
+    found = [("--image", Path(config.image))] if config.image else []
+    if config.mask_model and Path(config.mask_model).expanduser().exists():
+        found.append(("--model", Path(config.mask_model).expanduser()))
+    for _, opt in plugins.mask_options():
+        if isinstance(opt.type, click.Path):
+            value = config.options.get(opt.name)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v:
+                    found.append((opt.opts[0], Path(v)))
+    return found
+
+
+def check_out(config: MasksConfig, plugins: Plugins) -> Path:
+    """Refuse, before any work, an ``--out`` that ``bas masks`` may not replace as a whole: what
+    ``bas run --out`` refuses (the root, home or current folder or one above it, a folder holding
+    any input, bas's own names; :func:`bas.core.runfolder.check_target`), a link, a folder holding
+    masks already unless ``--overwrite``, and one holding anything a scene folder does not."""
+    from bas.core.runfolder import check_target
+
+    out = Path(config.out)
+    check_target(out, input_paths(config, plugins), kind="scene")
+    if out.is_symlink():
+        raise BasError(f"--out {out} is a link; bas masks replaces --out as a whole, so pass the folder it points to or a new one.")
+    if not out.is_dir():
+        return out
+    names = sorted(p.name for p in out.iterdir())
+    if not config.overwrite and any(name.startswith("mask") and name.endswith(".png") for name in names):
         raise BasError(f"{out} already holds masks; pass --overwrite to replace them or choose another --out.")
+    foreign = [name for name in names if not SCENE_FILE.fullmatch(name)]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise BasError(f"--out {out} holds {foreign[0]}{more}, which no scene holds, and bas masks replaces the whole folder; "
+                       "choose a new or empty folder.")
+    return out
 
 
 def make_masks(config: MasksConfig, plugins: Plugins) -> list[Path]:
     """What ``bas masks`` does: load, clean and check the masks, then write ``mask0.png``, ...,
-    ``img.png`` and ``preview.png`` into ``config.out``.  Nothing is written when a check fails."""
-    out = Path(config.out)
-    check_out(out, config.overwrite)
+    ``img.png`` and ``preview.png`` as the folder ``config.out``.  Nothing is written when a check
+    fails, and the folder appears (or replaces the previous scene there) only once every file is
+    complete (:func:`bas.core.io.atomic_path`): a failure half-way leaves ``--out`` as it was."""
+    out = check_out(config, plugins)
     source = plugins.choose("mask source").factory(config)
     scene = load_scene_input(plugins, source, config)
     prepare_scene(scene, CHECK_RESOLUTION)  # the checks `bas run` makes (count, empty after the crop, ...)
     size = scene.image.size
     masks = [to_image_size(m, size) for m in scene.masks]
     preview = render_preview(scene.image, masks, handle_tokens(len(masks)))
-    written = []
-    for i, mask in enumerate(masks):
-        written.append(out / f"mask{i}.png")
-        io.save_image(written[-1], Image.fromarray((mask * 255).round().astype(np.uint8)))
-    stale = len(masks)
-    while (out / f"mask{stale}.png").is_file():  # from an earlier, larger set (--overwrite)
-        (out / f"mask{stale}.png").unlink()
-        stale += 1
-    io.save_image(out / "img.png", scene.image)
-    io.save_image(out / "preview.png", preview)
-    return written + [out / "img.png", out / "preview.png"]
+    names = [f"mask{i}.png" for i in range(len(masks))] + ["img.png", "preview.png"]
+    with io.atomic_path(out, directory=True) as tmp:
+        for name, mask in zip(names, masks):
+            io.save_image(tmp / name, Image.fromarray((mask * 255).round().astype(np.uint8)))
+        io.save_image(tmp / "img.png", scene.image)
+        io.save_image(tmp / "preview.png", preview)
+        check_out(config, plugins)  # again: nothing may have appeared at --out while the masks were made
+    return [Path(config.out) / name for name in names]
 
 
 def to_image_size(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -4,6 +4,12 @@ Built-in plugins live in ``bas/plugins/`` and are registered exactly like instal
 point group ``bas``).  Default built-ins are on unless blocked with ``--plugin no:NAME``; opt-in
 built-ins and installed plugins are turned on with ``--plugin NAME``.  A fresh manager is made per
 run (and per test), never a module global.
+
+An installed plugin that is not turned on is not even imported, except to list plugins and to
+find a command that is not bas's own.  A plugin whose import or hook raises, or calls
+``sys.exit``, is reported by name (:class:`PluginError`), never obeyed; where every plugin is
+loaded (``tolerant=True``: ``bas plugins``, finding commands) it is set aside in
+:attr:`Plugins.broken` and the others work.
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "report": ("bas.plugins.report", True),
     "tensorboard": ("bas.plugins.tensorboard", False),
     "checkpoints": ("bas.plugins.checkpoints", True),
+    "clip-prompt": ("bas.plugins.clip_prompt", True),
+    "dino-identity": ("bas.plugins.dino_identity", True),
+    "bas-mini": ("bas.plugins.bas_mini", True),
+    "sd": ("bas.plugins.sd", True),
+    "sdxl": ("bas.plugins.sdxl", True),
+    "local-executor": ("bas.plugins.local_executor", True),
+    "ray-executor": ("bas.plugins.ray_executor", True),
+    "flux": ("bas.plugins.flux", True),
 }
 
 REGISTER_HOOKS = {
@@ -47,8 +61,11 @@ REGISTER_HOOKS = {
     "optimizer": "bas_register_optimizers",
     "sampler": "bas_register_samplers",
     "observer": "bas_register_observers",
+    "evaluator": "bas_register_evaluators",
+    "model family": "bas_register_model_families",
+    "executor": "bas_register_executors",
 }
-TRAINING_KINDS = ("weight strategy", "loss term", "optimizer", "sampler", "observer")
+TRAINING_KINDS = ("weight strategy", "loss term", "optimizer", "sampler", "observer", "model family")
 
 
 @dataclass
@@ -91,6 +108,20 @@ class Registry:
         return self.entries[name]
 
 
+class PerPlugin:
+    """A hook argument made for each plugin that receives it: ``PerPlugin(lambda plugin: ...)``."""
+
+    def __init__(self, make: Callable[[str], Any]):
+        self.make = make
+
+
+def describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
 def parse_plugin_names(names: Iterable[str]) -> tuple[list[str], list[str]]:
     """Split ``--plugin`` values into (wanted, blocked); ``no:NAME`` blocks NAME."""
     wanted, blocked = [], []
@@ -110,6 +141,11 @@ def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def shadowed_entry_points() -> list[str]:
+    """Installed plugins named as a built-in one, which are therefore never loaded."""
+    return sorted(f"{name} ({ep.value})" for name, ep in _entry_points().items() if name in BUILTIN_PLUGINS)
+
+
 def available_plugin_names() -> list[str]:
     return sorted(set(BUILTIN_PLUGINS) | set(_entry_points()))
 
@@ -117,11 +153,16 @@ def available_plugin_names() -> list[str]:
 class Plugins:
     """A plugin manager for one run: the enabled plugins and the components they register."""
 
-    def __init__(self, names: Iterable[str] = (), *, all_installed: bool = False, extra: Iterable[tuple[str, Any]] = ()):
+    def __init__(self, names: Iterable[str] = (), *, all_installed: bool = False, extra: Iterable[tuple[str, Any]] = (),
+                 tolerant: bool = False):
         """``names``: the ``--plugin`` values.  ``all_installed`` loads every plugin (for listing).
-        ``extra``: ``(name, plugin object)`` pairs registered as if named (tests, notebooks)."""
+        ``extra``: ``(name, plugin object)`` pairs registered as if named (tests, notebooks).
+        ``tolerant``: a plugin that fails to load or raises in a hook is recorded in
+        :attr:`broken` (name -> message) and left out, instead of stopping everything."""
         wanted, blocked = parse_plugin_names(names)
         extra = list(extra)
+        self.tolerant = tolerant
+        self.broken: dict[str, str] = {}
         self.pm = pluggy.PluginManager("bas")
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
@@ -139,12 +180,15 @@ class Plugins:
         for name, (module_name, default) in BUILTIN_PLUGINS.items():
             if name in blocked or not (default or name in wanted or all_installed):
                 continue
-            module = _import_plugin(name, lambda m=module_name: importlib.import_module(m))
-            self._register(name, module, "built-in", bas.__version__, default, name in wanted)
+            module = self._import(name, lambda m=module_name: importlib.import_module(m))
+            if module is not None:
+                self._register(name, module, "built-in", bas.__version__, default, name in wanted)
         for name, ep in entry_points.items():
             if name in BUILTIN_PLUGINS or name in blocked or not (name in wanted or all_installed):
+                continue  # a built-in's name always means the built-in (see shadowed_entry_points)
+            obj = self._import(name, ep.load)
+            if obj is None:
                 continue
-            obj = _import_plugin(name, ep.load)
             dist = getattr(ep, "dist", None)
             version = dist.version if dist else "unknown"
             source = f"{dist.name} {version}" if dist else f"entry point {ep.value}"
@@ -152,41 +196,75 @@ class Plugins:
         for name, obj in extra:
             if name not in blocked:
                 self._register(name, obj, "registered in code", "n/a", False, True)
+        while True:
+            try:
+                self.pm.check_pending()
+                break
+            except pluggy.PluginValidationError as exc:
+                name = self.pm.get_name(exc.plugin) if getattr(exc, "plugin", None) is not None else "?"
+                error = PluginError(f"Plugin '{name}' implements a hook that bas does not have: {exc}")
+                if not self.tolerant or name == "?":
+                    raise error from exc
+                self._set_aside(name, str(error))
+
+    def _import(self, name: str, load: Callable[[], Any]) -> Any:
         try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            name = self.pm.get_name(exc.plugin) if getattr(exc, "plugin", None) is not None else "?"
-            raise PluginError(f"Plugin '{name}' implements a hook that bas does not have: {exc}") from exc
+            return _import_plugin(name, load)
+        except PluginError as exc:
+            if not self.tolerant:
+                raise
+            self.broken[name] = str(exc)
+            return None
 
     def _register(self, name, obj, source, version, default, explicit) -> None:
         try:
             self.pm.register(obj, name=name)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"Plugin '{name}' is not a valid bas plugin: {exc}") from exc
+            error = PluginError(f"Plugin '{name}' is not a valid bas plugin: {exc}")
+            if not self.tolerant:
+                raise error from exc
+            self._set_aside(name, str(error))
+            return
         doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
         self.infos[name] = PluginInfo(name, source, version, default, explicit, doc[0] if doc else "")
+
+    def _set_aside(self, name: str, message: str) -> None:
+        self.broken[name] = message
+        self.infos.pop(name, None)
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
 
     # -- calling hooks with attribution ---------------------------------------------------------
     def call_each(self, hook_name: str, **kwargs) -> list[tuple[str, Any]]:
         """Call every implementation of a hook, returning ``(plugin name, result)`` pairs.
 
-        Exceptions are re-raised as :class:`PluginError` naming the plugin and the hook.
+        A :class:`PerPlugin` argument is made for each plugin.  Exceptions (``sys.exit``
+        included) are re-raised as :class:`PluginError` naming the plugin and the hook; with
+        ``tolerant`` the plugin is set aside in :attr:`broken` instead.
         """
         results = []
         for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
             plugin = self.pm.get_name(impl.plugin)
-            args = {k: v(plugin) if callable(v) and k == "register" else v for k, v in kwargs.items() if k in impl.argnames}
+            if plugin in self.broken:
+                continue
+            args = {k: v.make(plugin) if isinstance(v, PerPlugin) else v for k, v in kwargs.items() if k in impl.argnames}
             try:
                 results.append((plugin, impl.function(**args)))
-            except BasError:
+            except KeyboardInterrupt:
                 raise
-            except Exception as exc:
-                raise PluginError(f"Plugin '{plugin}' raised in hook {hook_name}: {type(exc).__name__}: {exc}") from exc
-        return results
+            except BaseException as exc:
+                if isinstance(exc, BasError) and not self.tolerant:
+                    raise
+                error = exc if isinstance(exc, BasError) else PluginError(f"Plugin '{plugin}' raised in hook {hook_name}: {describe_failure(exc)}")
+                if not self.tolerant:
+                    raise error from exc
+                self._set_aside(plugin, str(error))
+        return [(plugin, result) for plugin, result in results if plugin not in self.broken]
 
     def registry(self, kind: str) -> Registry:
         registry = Registry(kind)
-        self.call_each(REGISTER_HOOKS[kind], register=lambda plugin: (lambda name, factory, description="": registry.add(plugin, name, factory, description)))
+        self.call_each(REGISTER_HOOKS[kind], register=PerPlugin(lambda plugin: (lambda name, factory, description="": registry.add(plugin, name, factory, description))))
+        registry.entries = {name: e for name, e in registry.entries.items() if e.plugin not in self.broken}
         return registry
 
     def choose(self, kind: str) -> Entry:
@@ -205,6 +283,10 @@ class Plugins:
         """``(plugin, click.Option)`` for every option the enabled plugins add to ``bas run``."""
         return [(plugin, opt) for plugin, opts in self.call_each("bas_run_options") for opt in (opts or [])]
 
+    def batch_options(self) -> list[tuple[str, Any]]:
+        """``(plugin, click.Option)`` for every option the enabled plugins add to ``bas batch``."""
+        return [(plugin, opt) for plugin, opts in self.call_each("bas_batch_options") for opt in (opts or [])]
+
     def mask_options(self) -> list[tuple[str, Any]]:
         """The options ``bas masks`` takes: those of plugins that provide a mask source or nothing
         that training uses (mask cleanup), not those of weight strategies, losses, optimizers, ..."""
@@ -219,5 +301,7 @@ class Plugins:
 def _import_plugin(name: str, load: Callable[[], Any]) -> Any:
     try:
         return load()
-    except Exception as exc:
-        raise PluginError(f"Error importing plugin '{name}': {type(exc).__name__}: {exc}") from exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit included: importing a plugin must not end bas
+        raise PluginError(f"Error importing plugin '{name}': {describe_failure(exc)}") from exc

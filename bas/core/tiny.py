@@ -1,16 +1,16 @@
-"""A tiny random Stable-Diffusion-architecture pipeline, built and saved offline.
+"""Tiny random pipelines, built and saved offline: tests, ``bas tiny-model`` and ``bas demo --model`` use them.
 
-Same structure as SD 2.x (4 UNet levels with cross-attention on the first three, linear
-projections, an 8x VAE, a CLIP text model, a CLIP BPE tokenizer) at a size that trains in
-milliseconds per step on a CPU.  Tests and ``bas demo`` use it; it shows plumbing, not fidelity.
+Each model family builds its own (``ModelFamily.tiny_pipeline``: the ``sd`` family's has SD 2.x's
+structure, the ``sdxl`` family's SDXL's) at a size that trains in milliseconds per step on a CPU;
+they show plumbing, not fidelity.  This module writes the byte-level BPE vocabulary their
+tokenizers share (whole-word tokens for a few dozen words, so prompts and ``--init-token`` behave
+as with a real CLIP vocabulary) and saves a family's tiny pipeline.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
 
 from bas.core import io
 
@@ -82,59 +82,28 @@ def write_tokenizer(directory: Path, words=WORDS) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 16):
-    """The tiny pipeline in memory; ``sample_size`` is the latent size (x8 for pixels)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    import tempfile
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4, 8, 8),
-        use_linear_projection=True,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=sample_size * 8,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, projection_dim=32,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
-    )
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 16, family=None):
+    """A tiny random pipeline in memory, ``family``'s (a :class:`bas.core.family.ModelFamily`), else the
+    default family's (Stable Diffusion's layout); ``sample_size`` is the latent side (x8 for pixels)."""
+    return resolve_tiny_family(family).tiny_pipeline(seed, prediction_type, sample_size)
 
 
-def save_tiny_model(directory: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Write the tiny pipeline in diffusers format (safetensors) to ``directory``, atomically."""
-    pipe = build_tiny_pipeline(seed=seed, prediction_type=prediction_type)
+def resolve_tiny_family(family):
+    if family is not None:
+        return family
+    from bas.core.family import default_family
+    from bas.core.plugins import Plugins
+
+    return default_family(Plugins())
+
+
+def save_tiny_model(directory: Path, seed: int = 0, prediction_type: str = "epsilon", family=None) -> Path:
+    """Write a tiny pipeline in diffusers format (safetensors) to ``directory``, atomically: ``family``'s,
+    else the default family's."""
+    from bas.core.formats import save_pipeline
+
+    pipe = build_tiny_pipeline(seed=seed, prediction_type=prediction_type, family=family)
     directory = Path(directory)
     with io.atomic_path(directory, directory=True) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipe, tmp)  # loadable by transformers 4.x too
     return directory

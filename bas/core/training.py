@@ -8,6 +8,7 @@ plain objects.  This module knows no particular loss, mask source or weight stra
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import signal
@@ -21,16 +22,20 @@ import torch
 from torch.nn import functional as F
 
 import bas
-from bas.core import checkpoint, export, io
+from bas.core import checkpoint, checks, export, io, run_inputs, runfolder
 from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
 from bas.core.errors import BasError
-from bas.core.handles import add_handles
-from bas.core.model import DEFAULT_MODEL, DTYPES, Components, load_components, resolve_device, resolve_precision
+from bas.core.family import Components, Conditioning, ImageSize, LoadPlan, choose_family
+from bas.core.handles import HandleEmbedding, add_handles, handles_file_state
+from bas.core.model import DTYPES, place, resolve_device, resolve_model, resolve_precision
 from bas.core.masks import load_scene_input
 from bas.core.plugins import Plugins
-from bas.core.scene import Scene, check_concept_count, prepare_scene
+from bas.core.runs import PROMPT_PREFIX
+from bas.core.scene import Scene, check_concept_count, prepare_scene, scene_fingerprint
 
-PROMPT_PREFIX = "a photo of "
+# Run options a model family may choose where the user did not (None), and their values otherwise.
+FAMILY_CHOOSES = {"gradient_checkpointing": False, "optimizer": "adamw", "quantize": "none"}
+QUANTIZE = ("none", "nf4", "int8")
 
 
 @dataclass
@@ -38,19 +43,22 @@ class RunConfig:
     """Options of one extraction.  Plugin options live in ``options`` under their click names."""
 
     out: Path
-    model: str = DEFAULT_MODEL
+    model: str | None = None  # None: the family's default model (the paper's, SD 2.1 base, without --family)
+    family: str | None = None  # None: detected from the model
     image: Path | None = None
     plugins: list[str] = field(default_factory=list)
     phase1_steps: int = 400
     phase2_steps: int = 400
     phase1_lr: float = 5e-4
     phase2_lr: float | None = None  # None: the weight strategy's default
+    phase2_handle_lr: float = 2e-6  # the handles' own rate in phase 2 (the reference code's), whatever the weights
     seed: int = 0
     resolution: int | None = None  # None: the model's native resolution
     init_tokens: list[str] = field(default_factory=list)
-    optimizer: str = "adamw"
+    optimizer: str | None = None  # None: adamw, or what the family picks for the device
     precision: str = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: off, or what the family picks for the device
+    quantize: str | None = None  # None: none, or what the family picks for the device (FLUX on CUDA: nf4)
     device: str = "auto"
     flip_p: float = 0.5
     max_grad_norm: float = 1.0
@@ -60,19 +68,31 @@ class RunConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
+        """Every check of the options that needs no model, plugin options' numbers included."""
         for name in ("phase1_steps", "phase2_steps"):
-            if getattr(self, name) < 0:
-                raise BasError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(self, name)}.")
+            checks.check_integer(name, getattr(self, name), 0)
         if self.phase1_steps + self.phase2_steps == 0:
             raise BasError("Both phases have 0 steps; give --phase1-steps or --phase2-steps a positive number.")
-        for name in ("phase1_lr", "phase2_lr"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise BasError(f"--{name.replace('_', '-')} must be positive, not {value}.")
-        if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
-            raise BasError(f"--resolution must be a multiple of 64 (such as 512), not {self.resolution}.")
+        for name in ("phase1_lr", "phase2_lr", "phase2_handle_lr"):
+            if getattr(self, name) is not None:
+                checks.check_positive(name, getattr(self, name))
+        checks.check_seed(self.seed)
+        if self.resolution is not None:  # the model family checks the multiples it can take (before any model loads)
+            checks.check_integer("resolution", self.resolution, 1)
+            if self.resolution > checks.MAX_SIDE:
+                raise BasError(f"--resolution must be at most {checks.MAX_SIDE} pixels, not {self.resolution}.")
+        checks.check_finite("flip_p", self.flip_p)
         if not 0.0 <= self.flip_p <= 1.0:
             raise BasError(f"--flip-p must be between 0 and 1, not {self.flip_p}.")
+        checks.check_finite("max_grad_norm", self.max_grad_norm)
+        if self.max_grad_norm < 0:
+            raise BasError(f"--max-grad-norm must be 0 (off) or positive, not {self.max_grad_norm}.")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise BasError(f"Unknown --quantize {self.quantize!r}; use one of {', '.join(QUANTIZE)}.")
+        for word in self.init_tokens:
+            if not str(word).strip():
+                raise BasError("An --init-token is empty; give a plain word such as 'dog'.")
+        checks.check_all_finite(self.options)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -89,7 +109,7 @@ class Resolved:
     strategy: WeightStrategy
     strategy_name: str
     loss_terms: list[LossTerm]
-    optimizer_factory: Callable
+    optimizer_factory: Callable | None  # set once the family has had its say on --optimizer
     sampler: Callable[[random.Random], list[int]] | None
     observers: list[Any]
 
@@ -97,7 +117,6 @@ class Resolved:
 def resolve(plugins: Plugins, config: RunConfig, num_concepts: int | None = None) -> Resolved:
     source = plugins.choose("mask source")
     strategy_entry = plugins.choose("weight strategy")
-    optimizers = plugins.registry("optimizer")
     terms = [t for t in (e.factory(config) for e in plugins.registry("loss term").entries.values()) if t is not None]
     if not terms:
         raise BasError("No loss term is enabled; do not block masked-loss, or turn on a plugin that provides a loss.")
@@ -107,7 +126,7 @@ def resolve(plugins: Plugins, config: RunConfig, num_concepts: int | None = None
         strategy=strategy_entry.factory(config),
         strategy_name=strategy_entry.name,
         loss_terms=terms,
-        optimizer_factory=optimizers.get(config.optimizer, "--optimizer").factory,
+        optimizer_factory=None,
         sampler=None,
         observers=observers,
     )
@@ -144,10 +163,24 @@ class Run:
         self.config = config
         self.plugins = plugins
         self.out = Path(config.out)
-        self.resolved = resolve(plugins, config)
+        self.device = resolve_device(config.device)
+        self.resolved = resolve(plugins, config)  # every plugin checks its options here
+        # the family (from --family, else --model's model_index.json) and its choices, before any model loads;
+        # config keeps what was asked for (run.json, --resume), the run what it uses
+        self.family = choose_family(plugins, resolve_model(config.model) if config.model else None, config.family)
+        self.model = config.model or self.family.default_model
+        self.family.check_resolution(config.resolution)
+        self.family_defaults = self._family_choices(self.resolved.strategy_name)
+        self.optimizer_name = self.choice("optimizer")
+        self.gradient_checkpointing = self.choice("gradient_checkpointing")
+        self.quantize = self.choice("quantize")
+        self.family.check_run(self.device, self.resolved.strategy_name, self.quantize)
+        self.resolved.optimizer_factory = plugins.registry("optimizer").get(self.optimizer_name, "--optimizer").factory
+        check_optimizer = getattr(self.resolved.optimizer_factory, "check", None)  # what the optimizer needs of the device
+        if check_optimizer is not None:
+            check_optimizer(config, self.device)
         self.history: dict[str, list[dict]] = {"phase1": [], "phase2": []}
         self.times: dict[str, float] = {}
-        self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         self.dtype = DTYPES[self.precision]
         self.rng = random.Random(config.seed)
@@ -157,28 +190,75 @@ class Run:
         self.resume_from: checkpoint.Checkpoint | None = None
         self._stop_requested = False
 
+    def _family_choices(self, strategy: str) -> dict[str, Any]:
+        """The family's choices for this device among the options the user left open."""
+        return {name: value for name, value in self.family.memory_defaults(self.device, strategy).items()
+                if name in FAMILY_CHOOSES and getattr(self.config, name) is None}
+
+    def choice(self, name: str) -> Any:
+        """An option the family may choose: the user's value, else the family's, else bas's default."""
+        value = getattr(self.config, name)
+        return value if value is not None else self.family_defaults.get(name, FAMILY_CHOOSES[name])
+
+    @property
+    def handle_embedding(self) -> HandleEmbedding:
+        """The first text encoder's handle embedding (plugins written against bas 0.1 read this)."""
+        return self.handle_embeddings[0]
+
     # -- setup --------------------------------------------------------------------------------
     def check_out(self) -> None:
-        """Never overwrite another run's output by accident; find the checkpoint to resume from."""
-        if self.out.exists() and not self.out.is_dir():
-            raise BasError(f"--out {self.out} is a file; pass a folder path.")
-        finished = (self.out / "run.json").exists()
-        unfinished = bool(checkpoint.complete_checkpoints(self.out))
-        if self.config.resume:
-            if finished:
-                raise BasError(f"{self.out} holds a finished run, there is nothing to resume; pass --overwrite instead of --resume to run again.")
-            self.resume_from = checkpoint.load_latest(self.out)
-            checkpoint.check_same_run(self.resume_from.state["config"], self.config.to_json())
-        elif (finished or unfinished) and not self.config.overwrite:
-            what = "a finished run" if finished else "an interrupted run"
-            hint = "pass --overwrite to replace it" if finished else "add --resume to continue it, or --overwrite to start over"
-            raise BasError(f"{self.out} already holds {what}; {hint}, or choose another --out.")
+        """Lock --out and decide what this run may do there, before anything slow happens.
+
+        The run then works in the staging folder beside --out (``self.out``), and only a complete
+        run replaces --out (:mod:`bas.core.runfolder`).  A finished or interrupted run is replaced
+        only with --overwrite, a folder that is not a run never; --resume finds the checkpoint.
+        """
+        runfolder.check_target(self.config.out, input_paths(self.config, self.plugins))
+        folder = self.folder = runfolder.RunFolder(self.config.out)
+        folder.open()
+        try:
+            shown = self.config.out
+            finished = folder.finished
+            resumable = bool(checkpoint.complete_checkpoints(folder.staging))
+            if self.config.resume:
+                if finished and not resumable:
+                    raise BasError(f"{shown} holds a finished run, there is nothing to resume; pass --overwrite instead of --resume to run again.")
+                if not resumable:
+                    raise BasError(f"{shown} holds no complete checkpoint to resume from; run the command without --resume to start over.")
+                self.resume_from = checkpoint.load_latest(folder.staging)
+                saved = checkpoint.read_inputs(folder.staging)
+                if saved is None:
+                    checkpoint.check_same_run(self.resume_from.state["config"], self.config.to_json())
+                else:
+                    checkpoint.check_same_run(saved["config"], resume_record(self.config))
+                    self.saved_inputs = saved.get("inputs")
+            else:
+                if (finished or resumable) and not self.config.overwrite:
+                    what = "an interrupted run" if resumable else "a finished run"
+                    hint = "add --resume to continue it, or --overwrite to start over" if resumable else "pass --overwrite to replace it"
+                    raise BasError(f"{shown} already holds {what}; {hint}, or choose another --out.")
+                reason = runfolder.replaceable(folder.out)
+                if reason is not None:
+                    raise BasError(f"--out {shown} cannot take a run: {reason}; choose a new or empty folder (a run replaces --out as a whole).")
+        except BaseException:
+            folder.close()
+            raise
+        self.out = folder.staging
+
+    def check_inputs(self, scene_input) -> None:
+        """The checks of the loaded image and masks that need no model; with --resume, that they
+        are the ones the interrupted run was trained on."""
+        check_concept_count(scene_input, self.config.init_tokens)
+        self.inputs_sha256 = scene_fingerprint(scene_input)
+        if self.resume_from is not None:
+            checkpoint.check_same_inputs(getattr(self, "saved_inputs", None), self.inputs_sha256)
 
     def load(self) -> None:
         t0 = time.perf_counter()
         scene_input = load_scene_input(self.plugins, self.resolved.mask_source, self.config)  # source + shared mask cleanup
-        check_concept_count(scene_input, self.config.init_tokens)
-        self.components: Components = load_components(self.config.model)
+        self.check_inputs(scene_input)
+        plan = LoadPlan(self.device, self.dtype, self.quantize)
+        self.components: Components = self.family.load(resolve_model(self.model), plan)
         c = self.components
         self.resolution = self.config.resolution or c.native_resolution
         self.scene: Scene = prepare_scene(scene_input, self.resolution, self.config.init_tokens, background=self.config.background)
@@ -186,18 +266,21 @@ class Run:
         sampler_entries = self.plugins.registry("sampler").entries
         if sampler_entries:
             self.resolved.sampler = self.plugins.choose("sampler").factory(self.config, n)
-        self.tokens, self.token_ids, self.handle_embedding = add_handles(c.tokenizer, c.text_encoder, n, self.scene.init_words(self.config.init_tokens))
-        for module in (c.unet, c.text_encoder, c.vae):
+        self.tokens, ids, self.handle_embeddings = add_handles(c.text_encoders, n, self.scene.init_words(self.config.init_tokens))
+        self.token_ids = ids[self.family.sequence_encoder]  # positions in the attended sequence are found by these
+        for module in (*c.trainable_modules().values(), c.vae):
             module.requires_grad_(False)
-        self.handle_embedding.handles.requires_grad_(True)
-        self.prediction_type = c.noise_scheduler.config.prediction_type
+        for embedding in self.handle_embeddings:
+            embedding.handles.requires_grad_(True)
+        self.prediction_type = self.family.prediction_type(c.noise_scheduler)
         self._cache_latents()
         weight_dtype = self.dtype if self.resolved.strategy.freezes_base else torch.float32
-        for module in (c.unet, c.text_encoder):
+        for module in c.trainable_modules().values():
             place(module, self.device, weight_dtype)
-        self.handle_embedding.handles.data = self.handle_embedding.handles.data.float()
-        if self.config.gradient_checkpointing:
-            c.unet.enable_gradient_checkpointing()
+        for embedding in self.handle_embeddings:
+            embedding.handles.data = embedding.handles.data.float()
+        if self.gradient_checkpointing:
+            c.denoiser.enable_gradient_checkpointing()
         self.times["load_s"] = time.perf_counter() - t0
 
     @torch.no_grad()
@@ -221,10 +304,32 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    @property
+    def phase2_lr(self) -> float:
+        """Phase 2's learning rate of the weights: --phase2-lr, else the weight strategy's default."""
+        return self.config.phase2_lr or self.resolved.strategy.default_lr
+
+    @property
+    def handle_params(self) -> list[torch.nn.Parameter]:
+        """The trainable handle rows, one parameter per text encoder."""
+        return [embedding.handles for embedding in self.handle_embeddings]
+
     # -- text ---------------------------------------------------------------------------------
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.components.tokenizer
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(self.device)
+    def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids of ``prompts`` for each text encoder, ``(B, T_i)``, padded to its tokenizer's length."""
+        return [
+            e.tokenizer(prompts, padding="max_length", max_length=e.max_length, truncation=True, return_tensors="pt").input_ids.to(self.device)
+            for e in self.components.text_encoders
+        ]
+
+    def token_positions(self, input_ids: list[torch.Tensor], concepts: list[int]) -> list[int]:
+        """Where each concept's handle sits in the first prompt's attended token sequence."""
+        ids = input_ids[self.family.sequence_encoder][0].tolist()
+        return [ids.index(self.token_ids[c]) for c in concepts]
+
+    def conditioning(self, input_ids: list[torch.Tensor], size: ImageSize | None = None) -> Conditioning:
+        """The family's conditioning of tokenized prompts; ``size`` defaults to the input image's."""
+        return self.family.conditioning(self.components, input_ids, size or self.scene.size)
 
     def prompt_for(self, concepts: list[int]) -> str:
         return PROMPT_PREFIX + " and ".join(self.tokens[c] for c in concepts)
@@ -236,19 +341,11 @@ class Run:
 
     def noise_and_target(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Random noise and timestep, the noisy latents, and the model's training target."""
-        sched = self.components.noise_scheduler
-        noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.generator, device=self.device)
-        noisy = sched.add_noise(latents, noise, t)
-        target = noise if self.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        return noise, t, noisy, target
+        return self.family.training_noise(self.components.noise_scheduler, latents, self.generator)
 
-    def predict(self, noisy: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.components
-        encoder_hidden_states = c.text_encoder(input_ids)[0]
-        # not c.unet.dtype: diffusers walks every module for it, milliseconds per step with LoRA
-        pred = c.unet(noisy.to(next(c.unet.parameters()).dtype), t, encoder_hidden_states=encoder_hidden_states).sample
-        return pred, encoder_hidden_states
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's prediction for ``noisy`` latents at timesteps ``t`` under ``cond``."""
+        return self.family.predict(self.components.denoiser, noisy, t, cond)
 
     # -- the loop -----------------------------------------------------------------------------
     def step_batch(self, phase: int, step: int) -> StepBatch:
@@ -256,25 +353,25 @@ class Run:
         flip = int(self.rng.random() < self.config.flip_p)
         mean, std = self.latent_mean[flip : flip + 1], self.latent_std[flip : flip + 1]
         eps = torch.randn(mean.shape, generator=self.generator, device=self.device)
-        latents = (mean + std * eps) * self.components.vae.config.scaling_factor
+        latents = self.family.scale_latents(self.components.vae, mean + std * eps)
         noise, t, noisy, target = self.noise_and_target(latents)
         prompt = self.prompt_for(concepts)
         input_ids = self.tokenize([prompt])
-        ids = input_ids[0].tolist()
-        positions = [ids.index(self.token_ids[c]) for c in concepts]
+        positions = self.token_positions(input_ids, concepts)
         masks = self.masks[flip][concepts].unsqueeze(0)
         with self.autocast():
-            pred, ehs = self.predict(noisy, t, input_ids)
+            cond = self.conditioning(input_ids)
+            pred = self.predict(noisy, t, cond)
         return StepBatch(
             step=step, phase=phase, concepts=concepts, prompt=prompt, latents=latents, noise=noise, timesteps=t,
             noisy_latents=noisy, target=target, model_pred=pred, masks=masks, union_mask=masks.amax(dim=1, keepdim=True),
-            token_positions=positions, encoder_hidden_states=ehs,
+            token_positions=positions, conditioning=cond,
         )
 
     def named_trainables(self, params: list[torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
         """Stable names for trainable parameters, as checkpoints store them."""
-        c = self.components
-        names = {id(p): f"{prefix}.{n}" for prefix, m in (("unet", c.unet), ("text_encoder", c.text_encoder)) for n, p in m.named_parameters()}
+        modules = self.components.trainable_modules().items()
+        names = {id(p): f"{prefix}.{n}" for prefix, m in modules for n, p in m.named_parameters()}
         return {names[id(p)]: p for p in params}
 
     def save_checkpoint(self) -> Path | None:
@@ -313,10 +410,14 @@ class Run:
         self.times.update({k: v for k, v in ckpt.state["times"].items() if k.startswith("phase")})
         cur.step = ckpt.step
 
+    def request_stop(self) -> None:
+        """Stop after the current step and save a checkpoint, as one Ctrl-C does; safe from any thread."""
+        self._stop_requested = True
+
     def _request_stop(self, signum, frame) -> None:
         if self._stop_requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        self._stop_requested = True
+        self.request_stop()
 
     @contextlib.contextmanager
     def _stop_at_step_boundary(self):
@@ -335,12 +436,15 @@ class Run:
         where = f"; the state after step {self.current.step} is saved in {path}" if path else ""
         raise reason(message.format(where=where))
 
-    def run_phase(self, phase: int, steps: int, params: list[torch.nn.Parameter], lr: float) -> None:
+    def run_phase(self, phase: int, steps: int, groups: list[dict]) -> None:
+        """Train ``steps`` steps of ``phase``.  ``groups`` are the optimizer's parameter groups, each
+        ``{"params": [...], "lr": float, "option": "--phase2-lr"}`` (the option that sets its rate)."""
         if steps == 0:
             return
         self.phase = phase
         terms = [t for t in self.resolved.loss_terms if phase in t.phases]
-        optimizer = self.resolved.optimizer_factory([{"params": params, "lr": lr}], self.config)
+        params = [p for g in groups for p in g["params"]]
+        optimizer = self.resolved.optimizer_factory([{"params": g["params"], "lr": g["lr"]} for g in groups], self.config)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         cur = self.current = PhaseState(phase, 0, optimizer, scaler, params)
         if self.resume_from is not None and self.resume_from.phase == phase:
@@ -350,7 +454,7 @@ class Run:
         for call in _observer_calls(self.resolved.observers, "on_phase_start"):
             call(self, phase)
         history = self.history[f"phase{phase}"]
-        lr_option = f"--phase{phase}-lr"
+        lr_option, lr = groups[0]["option"], groups[0]["lr"]
         t_phase = time.perf_counter()
         for step in range(cur.step + 1, steps + 1):
             if self._stop_requested:
@@ -393,41 +497,56 @@ class Run:
         self.release_vae()
         for call in _observer_calls(self.resolved.observers, "on_run_start"):
             call(self)
-        handles = [self.handle_embedding.handles]
-        c.unet.train()
+        handles = self.handle_params
+        encoders = [e.model for e in c.text_encoders]
+        c.denoiser.train()
         if self.resume_from is None or self.resume_from.phase == 1:
-            self.run_phase(1, self.config.phase1_steps, handles, self.config.phase1_lr)
+            self.run_phase(1, self.config.phase1_steps, [{"params": handles, "lr": self.config.phase1_lr, "option": "--phase1-lr"}])
         if self.config.phase2_steps:
             torch.manual_seed(self.config.seed)  # adapter initialisation draws from the global generator
             weights = self.resolved.strategy.prepare(self)
             # adapter libraries freeze every non-adapter parameter they find, the handles included
-            self.handle_embedding.handles.requires_grad_(True)
+            for p in handles:
+                p.requires_grad_(True)
             for p in weights:  # trainable parameters train in fp32 whatever the base dtype
                 p.data = p.data.float()
-            if self.config.gradient_checkpointing:
-                enable = getattr(c.text_encoder, "activation_checkpointing_enable", None) or c.text_encoder.gradient_checkpointing_enable
-                enable()
-            c.text_encoder.train()
-            lr = self.config.phase2_lr or self.resolved.strategy.default_lr
-            self.run_phase(2, self.config.phase2_steps, weights + handles, lr)
-        c.unet.eval()
-        c.text_encoder.eval()
+            for encoder in encoders:
+                if self.gradient_checkpointing:
+                    enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+                    enable()
+                encoder.train()
+            # the handles keep their own low rate (the paper's 2e-6), so phase 2 leaves them near where phase 1 put them
+            self.run_phase(2, self.config.phase2_steps, [
+                {"params": weights, "lr": self.phase2_lr, "option": "--phase2-lr"},
+                {"params": handles, "lr": self.config.phase2_handle_lr, "option": "--phase2-handle-lr"},
+            ])
+        for module in (c.denoiser, *encoders):
+            module.eval()
         for term in self.resolved.loss_terms:
             term.teardown(self)
 
     # -- output -------------------------------------------------------------------------------
     def handles_state(self) -> dict[str, torch.Tensor]:
-        rows = self.handle_embedding.handles.detach().float().cpu()
-        return {token: rows[i].clone() for i, token in enumerate(self.tokens)}
+        """What ``handles.safetensors`` holds: ``{"<asset0>": row, ...}`` of the first text encoder,
+        ``{"text_encoder_2.<asset0>": row, ...}`` of any other (:mod:`bas.core.handles`)."""
+        return handles_file_state(self.tokens, [e.name for e in self.components.text_encoders], self.handle_params)
 
     def save(self) -> dict:
-        """Write the handles, the strategy's weights and, last, run.json (which marks a finished run)."""
+        """Write the handles, the strategy's weights and, last, run.json (which marks a complete run)
+        into ``self.out`` (the staging folder while the run works; :func:`extract` swaps it in)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        io.write_safetensors(self.out / "handles.safetensors", self.handles_state(), metadata={"base_model": self.config.model})
-        files = ["handles.safetensors"] + (self.resolved.strategy.save(self, self.out) if self.config.phase2_steps else [])
+        io.write_safetensors(self.out / "handles.safetensors", self.handles_state(), metadata={"base_model": self.model})
+        weight_files = list(self.resolved.strategy.save(self, self.out)) if self.config.phase2_steps else []
+        for name in weight_files:  # a plugin's paths become readers' paths: they must stay in the folder
+            if not io.inside(self.out, name, f"Weight strategy '{self.resolved.strategy_name}'").exists():
+                raise BasError(f"Weight strategy '{self.resolved.strategy_name}' says it wrote {name}, but it is not there; report this to the plugin's authors.")
+        files = ["handles.safetensors"] + weight_files
+        files += run_inputs.save_inputs(self.out, self.scene)  # what `bas eval` compares generated concepts with
         info = {
             "bas_version": bas.__version__,
-            "model": self.config.model,
+            "model": self.model,
+            "family": self.family.name,
+            "family_defaults": self.family_defaults,
             "weights": self.resolved.strategy_name if self.config.phase2_steps else None,
             "handles": self.tokens,
             "init_tokens": self.config.init_tokens,
@@ -437,7 +556,11 @@ class Run:
             "seed": self.config.seed,
             "device": str(self.device),
             "precision": self.precision,
+            "optimizer": self.optimizer_name,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "quantize": self.quantize,
             "prediction_type": self.prediction_type,
+            "learning_rates": {"phase1": self.config.phase1_lr, "phase2": self.phase2_lr, "phase2_handles": self.config.phase2_handle_lr},
             "plugins": {name: {"version": i.version, "source": i.source, "default": i.default, "explicit": i.explicit} for name, i in self.plugins.infos.items()},
             "plugin_names": self.config.plugins,
             "loss_terms": [{"name": t.name, "weight": t.weight, "phases": list(t.phases)} for t in self.resolved.loss_terms],
@@ -445,17 +568,21 @@ class Run:
             "history": self.history,
             "times": self.times,
             "resumed": bool(self.config.resume),
+            "inputs_sha256": getattr(self, "inputs_sha256", None),
+            "weight_files": weight_files,
             "files": files,
         }
-        info["files"] += export.write_run_exports(self.out, info)  # textual-inversion files, model card
+        info["files"] += export.write_run_exports(self.out, info, shown_as=Path(self.config.out), family=self.family)  # textual-inversion files, model card
+        info["checksums"] = runfolder.checksums(self.out, files[:1] + weight_files)
+        runfolder.fault_point("save:before-run-json")
         io.write_json(self.out / "run.json", info)
         return info
 
 
 OOM_ADVICE = (  # ordered by how much memory each saves
     ("--plugin lora instead of --plugin full", lambda run: run.resolved.strategy_name == "full"),
-    ("--optimizer adamw8bit", lambda run: run.config.optimizer != "adamw8bit" and run.device.type == "cuda"),
-    ("--gradient-checkpointing", lambda run: not run.config.gradient_checkpointing),
+    ("--optimizer adamw8bit", lambda run: run.optimizer_name != "adamw8bit" and run.device.type == "cuda"),
+    ("--gradient-checkpointing", lambda run: not run.gradient_checkpointing),
     ("--precision bf16", lambda run: run.precision == "fp32" and run.device.type == "cuda"),
     ("a lower --resolution (such as 384)", lambda run: True),
 )
@@ -474,35 +601,83 @@ def out_of_memory_message(run: Run) -> str:
 
 
 def extract(config: RunConfig, plugins: Plugins) -> Run:
-    """Run the whole extraction and write the output folder; returns the finished :class:`Run`."""
+    """Run the whole extraction and write the output folder; returns the finished :class:`Run`.
+
+    The run works in a staging folder beside ``config.out`` and replaces ``config.out`` only
+    when it is complete (:mod:`bas.core.runfolder`).  After a failure ``config.out`` is as it
+    was; the staging folder stays only when it holds a checkpoint to ``--resume`` from.
+    """
     t0 = time.perf_counter()
     run = Run(config, plugins)
     run.check_out()
+    folder = run.folder
     try:
         run.load()
-        if config.overwrite and not config.resume:
-            checkpoint.remove_all(run.out)  # the inputs are valid: now the old run may go
+        if not config.resume:
+            folder.start()  # the inputs are valid and the model loaded: now an earlier interrupted run may go
+            checkpoint.write_inputs(folder.staging, {"config": resume_record(config), "inputs": run.inputs_sha256})
         with run._stop_at_step_boundary():
             run.train()
-    except (RuntimeError, torch.OutOfMemoryError) as exc:
+        run.times["total_s"] = time.perf_counter() - t0
+        for call in _observer_calls(run.resolved.observers, "on_run_end"):
+            call(run)
+        info = run.save()
+        folder.commit()
+    except BaseException as exc:
+        for call in _observer_calls(run.resolved.observers, "on_run_failed"):
+            with contextlib.suppress(Exception):  # closing a progress bar must not hide the error
+                call(run, exc)
+        resumable = bool(checkpoint.complete_checkpoints(folder.staging))
+        folder.abandon(keep=resumable)
+        if isinstance(exc, KeyboardInterrupt) and resumable:  # a second Ctrl-C: the last periodic checkpoint stays
+            raise Interrupted(f"Interrupted; {config.out} is unchanged and the newest checkpoint is kept: run the same command "
+                              "with --resume added to continue from it.") from None
         if is_out_of_memory(exc):
             raise BasError(out_of_memory_message(run)) from exc
+        error = io.environment_error(exc)
+        if error is not None:
+            then = " then run the same command with --resume added to continue." if resumable else f" {config.out} is unchanged."
+            raise BasError(f"{error}{then}") from exc
         raise
-    run.times["total_s"] = time.perf_counter() - t0
-    info = run.save()
-    checkpoint.remove_all(run.out)  # a finished run needs no checkpoints
-    for call in _observer_calls(run.resolved.observers, "on_run_end"):
-        call(run)
+    finally:
+        folder.close()
+    run.out = folder.out  # the finished folder, no longer the staging one
     run.info = info
     return run
 
 
-def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a module, casting only when its dtype differs (diffusers warns on every cast)."""
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
-    return module.to(device)
+def input_paths(config: RunConfig, plugins: Plugins) -> list[tuple[str, Path]]:
+    """Every file or folder a run's options name, as ``(option, path)``: the image, a local model,
+    and the values of every plugin option of click's ``Path`` type (masks, scene, class images, ...)."""
+    import click
 
+    found = [("--image", Path(config.image))] if config.image else []
+    if config.model and Path(config.model).expanduser().exists():
+        found.append(("--model", Path(config.model).expanduser()))
+    for _, opt in plugins.run_options():
+        if isinstance(opt.type, click.Path):
+            value = config.options.get(opt.name)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v:
+                    found.append((opt.opts[0], Path(v)))
+    return found
+
+
+def resume_record(config: RunConfig) -> dict:
+    """The options a resumed run must match, with paths resolved (the same file by another path matches)."""
+    def norm(value):
+        if isinstance(value, Path):
+            return str(value.expanduser().resolve())
+        if isinstance(value, (list, tuple)):
+            return [norm(v) for v in value]
+        return value
+
+    data = config.to_json()
+    data["image"] = norm(Path(config.image)) if config.image else None
+    if config.model and Path(config.model).expanduser().exists():
+        data["model"] = norm(Path(config.model))
+    data["options"] = {k: norm(v) for k, v in config.options.items()}
+    return json.loads(json.dumps(data, default=str))
 
 def latent_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A (B, 1, H, W) image-resolution mask averaged down to ``like``'s spatial size."""

@@ -23,14 +23,28 @@ def adamw(param_groups, config):
     return torch.optim.AdamW(param_groups, fused=on_cuda or None, **_kwargs(config))
 
 
-def adamw8bit(param_groups, config):
-    if not all(p.is_cuda for g in param_groups for p in g["params"]):
-        raise BasError("--optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw on the CPU.")
+def _bitsandbytes():
     try:
         import bitsandbytes as bnb
     except Exception as exc:  # bitsandbytes raises various errors when its CUDA library is missing
         raise BasError(f"bitsandbytes could not be loaded ({exc}); reinstall it with `pip install bitsandbytes` or use --optimizer adamw.") from exc
-    return bnb.optim.AdamW8bit(param_groups, **_kwargs(config))
+    return bnb
+
+
+def adamw8bit(param_groups, config):
+    if not all(p.is_cuda for g in param_groups for p in g["params"]):
+        raise BasError("--optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw on the CPU.")
+    return _bitsandbytes().optim.AdamW8bit(param_groups, **_kwargs(config))
+
+
+def check_adamw8bit(config, device) -> None:
+    """Before any model loads: bitsandbytes' 8-bit AdamW runs on CUDA only, and must import."""
+    if device.type != "cuda":
+        raise BasError(f"--optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw on the {device.type.upper()}.")
+    _bitsandbytes()
+
+
+adamw8bit.check = check_adamw8bit  # the run calls an optimizer factory's check(config, device) before loading
 
 
 @hookimpl

@@ -133,11 +133,28 @@ class CocoMasks:
                 f"Image {self.image_id} has {len(kept)} instances covering at least {self.min_area:.0%} of the square crop but at most "
                 f"{MAX_CONCEPTS} concepts are supported; raise --min-area or name the wanted ones with --category."
             )
+        dropped = dropped_message(self.image_id, self.min_area, [(names.get(a["category_id"], "?"), c) for a, _, c in found if c < self.min_area or c == 0])
+        if dropped:
+            warnings.warn(dropped, stacklevel=1)
         return SceneInput(
             image=image,
             masks=[mask.astype(np.float32) for _, mask, _ in kept],
             mask_names=[f"COCO annotation {a['id']} ({names.get(a['category_id'], '?')}, {c:.0%} of the crop)" for a, _, c in kept],
         )
+
+
+def dropped_message(image_id: int, min_area: float, dropped: list[tuple[str, float]]) -> str | None:
+    """One line saying which instances ``--min-area`` (or the square crop) left out, and how to keep them."""
+    small = sorted((c, name) for name, c in dropped if c > 0)[::-1]
+    outside = [name for name, c in dropped if c == 0]
+    parts = []
+    if small:
+        listed = ", ".join(f"{name} {c:.1%}" for c, name in small[:6]) + (f", and {len(small) - 6} more" if len(small) > 6 else "")
+        parts.append(f"left out {len(small)} instance{'s' if len(small) > 1 else ''} of image {image_id} covering less than "
+                     f"{min_area:.0%} of the square crop ({listed}); pass --min-area 0 to keep them")
+    if outside:
+        parts.append(f"{len(outside)} more ({', '.join(sorted(set(outside)))}) lie{'s' if len(outside) == 1 else ''} outside the square crop")
+    return ("coco-masks " + "; ".join(parts) + ".") if parts else None
 
 
 @dataclass
@@ -180,13 +197,21 @@ def select_images(coco, min_fraction: float = DEFAULT_MIN_AREA, min_segments: in
 @click.option("--sample", type=int, default=None, help="Print a random subset of this many (the paper used 50) [default: all].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
 @click.option("--include-crowd", is_flag=True, help="Count crowd regions (iscrowd=1) as segments too.")
-def coco_select(annotations, min_fraction, min_segments, sample, seed, include_crowd):
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True,
+              help="text: a line per image for reading; jsonl: a `bas batch` manifest, a scene per image (needs --images).")
+@click.option("--images", type=click.Path(path_type=Path), default=None, help="The folder holding the annotation file's images (such as val2017/), for --format jsonl.")
+def coco_select(annotations, min_fraction, min_segments, sample, seed, include_crowd, fmt, images):
     """List the images of a COCO annotation file that meet the paper's evaluation rule.
 
     At least --min-segments "thing" segments, each covering at least --min-fraction of the square
     centre crop.  One line per image: id, file name, then each segment's category and coverage.
-    Feed an id to `bas masks --plugin coco-masks --image-id ID ...`.
+    Feed an id to `bas masks --plugin coco-masks --image-id ID ...`, or write a manifest for
+    `bas batch` with --format jsonl --images DIR > scenes.jsonl.
     """
+    if fmt == "jsonl" and images is None:
+        raise BasError("--format jsonl writes a line per scene naming its image file; pass the folder of the COCO images with --images DIR (such as val2017/).")
+    if images is not None and not Path(images).is_dir():
+        raise BasError(f"--images {images} is not a folder; pass the folder that holds the annotation file's images (such as val2017/).")
     if not 0.0 < min_fraction < 1.0:
         raise BasError(f"--min-fraction must be between 0 and 1, not {min_fraction}.")
     if min_segments < 1:
@@ -197,12 +222,32 @@ def coco_select(annotations, min_fraction, min_segments, sample, seed, include_c
     if sample is not None and sample < total:
         selected = sorted(random.Random(seed).sample(selected, sample), key=lambda s: s.image_id)
     for s in selected:
-        click.echo(f"{s.image_id}\t{s.file_name}\t" + ", ".join(f"{name} {cov:.0%}" for name, cov in s.segments))
+        if fmt == "jsonl":
+            click.echo(json.dumps(manifest_line(s, Path(annotations), Path(images), min_fraction, include_crowd)))
+        else:
+            click.echo(f"{s.image_id}\t{s.file_name}\t" + ", ".join(f"{name} {cov:.0%}" for name, cov in s.segments))
+    missing = [s.file_name for s in selected if images is not None and not (Path(images) / s.file_name).is_file()]
+    if missing:
+        click.echo(f"Warning: {len(missing)} of the {len(selected)} images are not in {images} (such as {missing[0]}); those scenes will fail.", err=True)
     click.echo(
         f"{total} of {len(coco.imgs)} images have at least {min_segments} thing segments covering {min_fraction:.0%} of the square crop each"
         + (f"; printed {len(selected)} of them (--sample {sample}, --seed {seed})." if len(selected) < total else "."),
         err=True,
     )
+
+
+def manifest_line(selected: Selected, annotations: Path, images: Path, min_fraction: float, include_crowd: bool) -> dict:
+    """A `bas batch` manifest line for one selected image: its instances become the concepts
+    through this mask source, with the selection's own coverage rule, and each handle starts from
+    its instance's category name (largest first, the order coco-masks gives the masks; `bas eval`
+    takes these words as the concepts' class words).  Paths are absolute, so the manifest works
+    from any folder."""
+    line = {"name": f"coco-{selected.image_id}", "image": str((images / selected.file_name).resolve()), "plugins": ["coco-masks"],
+            "annotations": str(annotations.resolve()), "image_id": selected.image_id, "min_area": min_fraction,
+            "init_tokens": [name for name, _ in selected.segments]}
+    if include_crowd:
+        line["include_crowd"] = True
+    return line
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""Full fine-tune of the UNet and text encoder in phase 2, as in the paper (needs far more memory)."""
+"""Full fine-tune of the denoiser and every text encoder in phase 2, as in the paper (needs far more memory)."""
 
 from __future__ import annotations
 
@@ -19,31 +19,30 @@ class FullFineTune(WeightStrategy):
 
     def prepare(self, run):
         c = run.components
-        params = [p for p in c.unet.parameters()]
-        handle_base = run.handle_embedding.base.weight
-        params += [p for p in c.text_encoder.parameters() if p is not handle_base and p is not run.handle_embedding.handles]
+        params = list(c.denoiser.parameters())
+        for encoder, embedding in zip(c.text_encoders, run.handle_embeddings):
+            params += [p for p in encoder.model.parameters() if p is not embedding.base.weight and p is not embedding.handles]
         for p in params:
             p.requires_grad_(True)
         return params
 
     def save(self, run, out: Path) -> list[str]:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler
+
+        from bas.core.formats import save_pipeline
 
         c = run.components
-        te = c.text_encoder
-        wrapped = te.get_input_embeddings()
-        te.set_input_embeddings(wrapped.to_embedding())  # a plain embedding with the handle rows, as loaders expect
-        te.config.vocab_size = len(c.tokenizer)
+        wrapped = [e.model.get_input_embeddings() for e in c.text_encoders]
+        for encoder, embedding in zip(c.text_encoders, wrapped):  # plain embeddings with the handle rows, as loaders expect
+            encoder.model.set_input_embeddings(embedding.to_embedding())
+            encoder.model.config.vocab_size = embedding.num_embeddings
         try:
-            pipe = StableDiffusionPipeline(
-                vae=c.vae, text_encoder=te, tokenizer=c.tokenizer, unet=c.unet,
-                scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
+            pipe = run.family.pipeline_from_components(c, DDIMScheduler.from_config(c.noise_scheduler.config))
             with io.atomic_path(out / "pipeline", directory=True) as tmp:
-                pipe.save_pretrained(tmp, safe_serialization=True)
+                save_pipeline(pipe, tmp)  # loadable by transformers 4.x too
         finally:
-            te.set_input_embeddings(wrapped)
+            for encoder, embedding in zip(c.text_encoders, wrapped):
+                encoder.model.set_input_embeddings(embedding)
         return ["pipeline/"]
 
     def load_pipeline(self, out: Path, run_info: dict, load):
@@ -52,4 +51,4 @@ class FullFineTune(WeightStrategy):
 
 @hookimpl
 def bas_register_weight_strategies(register):
-    register("full", FullFineTune, description="full fine-tune of UNet + text encoder, as the paper; saves pipeline/")
+    register("full", FullFineTune, description="full fine-tune of the denoiser + text encoder(s), as the paper; saves pipeline/")

@@ -1,6 +1,8 @@
-"""LoRA adapters on the UNet's attention and the text encoder (peft): phase 2's default weights.
+"""LoRA adapters on the denoiser's attention and every text encoder (peft): phase 2's default weights.
 
-The result is a few MB in ``lora/pytorch_lora_weights.safetensors``, loadable with diffusers'
+Which modules get adapters is the model family's ``lora_targets`` (for SD and SDXL: the UNet's
+``to_q/to_k/to_v/to_out.0`` and each CLIP encoder's ``q/k/v/out_proj``).  The result is a few MB
+in ``lora/pytorch_lora_weights.safetensors``, loadable with diffusers'
 ``pipe.load_lora_weights(OUT / "lora")``, instead of a multi-GB pipeline copy.
 """
 
@@ -11,11 +13,8 @@ from pathlib import Path
 import click
 
 from bas import hookimpl
-from bas.core import io
+from bas.core import checks, io
 from bas.core.components import WeightStrategy
-
-UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class Lora(WeightStrategy):
@@ -26,6 +25,9 @@ class Lora(WeightStrategy):
     def __init__(self, config):
         o = config.options
         self.rank = o.get("lora_rank", 8)
+        checks.check_integer("lora_rank", self.rank, 1)
+        if o.get("lora_alpha") is not None:
+            checks.check_positive("lora_alpha", o["lora_alpha"])
         self.alpha = o.get("lora_alpha") or self.rank
         self.text_encoder = o.get("lora_text_encoder", True)
 
@@ -34,42 +36,39 @@ class Lora(WeightStrategy):
 
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian", target_modules=targets)
 
+    def adapted(self, run) -> dict:
+        """``{component: module}`` that get adapters: the denoiser, and the text encoders unless turned off."""
+        modules = run.components.trainable_modules()
+        denoiser = run.components.denoiser_name
+        return {name: modules[name] for name in run.family.lora_targets if name == denoiser or self.text_encoder}
+
     def prepare(self, run):
         from peft import inject_adapter_in_model
 
-        c = run.components
-        self.unet_config = self._config(UNET_TARGETS)
-        c.unet.add_adapter(self.unet_config)
-        modules = [c.unet]
-        if self.text_encoder:
-            self.text_config = self._config(TEXT_TARGETS)
-            inject_adapter_in_model(self.text_config, c.text_encoder)
-            modules.append(c.text_encoder)
+        denoiser = run.components.denoiser_name
+        self.configs = {}
         params = []
-        for module in modules:
-            for name, p in module.named_parameters():
-                if "lora_" in name:
-                    p.requires_grad_(True)
-                    params.append(p)
+        for name, module in self.adapted(run).items():
+            self.configs[name] = self._config(run.family.lora_targets[name])
+            if name == denoiser:
+                module.add_adapter(self.configs[name])  # diffusers' models know their adapters
+            else:
+                inject_adapter_in_model(self.configs[name], module)
+            params += [p for n, p in module.named_parameters() if "lora_" in n]
         for p in params:
+            p.requires_grad_(True)
             p.data = p.data.to(run.device)
         return params
 
     def save(self, run, out: Path) -> list[str]:
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """``lora/pytorch_lora_weights.safetensors`` in the layout every diffusers version and ComfyUI read
+        (``bas.core.formats``): this LoRA's scale ``alpha / rank`` is folded into the up factors."""
         from peft.utils import get_peft_model_state_dict
 
-        c = run.components
-        kwargs = {
-            "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(c.unet)),
-            "unet_lora_adapter_metadata": self.unet_config.to_dict(),
-        }
-        if self.text_encoder:
-            kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(c.text_encoder))
-            kwargs["text_encoder_lora_adapter_metadata"] = self.text_config.to_dict()
-        with io.atomic_path(out / "lora", directory=True) as tmp:
-            StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **kwargs)
+        from bas.core.formats import peft_layers, write_diffusers_lora
+
+        layers = [layer for name, module in self.adapted(run).items() for layer in peft_layers(name, get_peft_model_state_dict(module), self.alpha)]
+        write_diffusers_lora(layers, out / "lora")
         return ["lora/pytorch_lora_weights.safetensors"]
 
     def load_pipeline(self, out: Path, run_info: dict, load):
@@ -83,10 +82,10 @@ def bas_run_options():
     return [
         click.Option(["--lora-rank"], type=int, default=8, show_default=True, help="LoRA rank."),
         click.Option(["--lora-alpha"], type=float, default=None, help="LoRA alpha [default: the rank]."),
-        click.Option(["--lora-text-encoder/--no-lora-text-encoder"], default=True, show_default=True, help="Also train LoRA on the text encoder."),
+        click.Option(["--lora-text-encoder/--no-lora-text-encoder"], default=True, show_default=True, help="Also train LoRA on the text encoder(s)."),
     ]
 
 
 @hookimpl
 def bas_register_weight_strategies(register):
-    register("lora", Lora, description="LoRA on UNet attention + text encoder (peft); a few MB per scene")
+    register("lora", Lora, description="LoRA on the denoiser's attention + the text encoder(s) (peft); a few MB per scene")

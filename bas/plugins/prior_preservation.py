@@ -20,7 +20,7 @@ from bas import hookimpl
 from bas.core import io
 from bas.core.components import LossTerm, StepBatch
 from bas.core.errors import BasError
-from bas.core.scene import IMAGE_SUFFIXES, load_image
+from bas.core.scene import IMAGE_SUFFIXES, crop_size, load_image
 
 
 class PriorPreservationLoss(LossTerm):
@@ -40,14 +40,8 @@ class PriorPreservationLoss(LossTerm):
             raise BasError(f"--num-class-images must be at least 1, not {self.num_images}.")
 
     def _generate(self, run, directory: Path, count: int) -> None:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-
         c = run.components
-        pipe = StableDiffusionPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-            scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        pipe = run.family.pipeline_from_components(c, run.family.sampling_scheduler(c.noise_scheduler))
         pipe.set_progress_bar_config(disable=True)
         start = len(self._existing(directory))
         generator = torch.Generator(run.device).manual_seed(run.config.seed + 1)
@@ -70,9 +64,10 @@ class PriorPreservationLoss(LossTerm):
             self._generate(run, directory, self.num_images - len(existing))
             existing = self._existing(directory)
         res = run.resolution
-        tensors = []
+        tensors, self.sizes = [], []
         for path in existing[: self.num_images]:
             img = load_image(path)
+            self.sizes.append(crop_size(img.width, img.height, res))
             side = min(img.size)
             left, top = (img.width - side) // 2, (img.height - side) // 2
             img = img.crop((left, top, left + side, top + side)).resize((res, res), Image.BICUBIC)
@@ -90,9 +85,9 @@ class PriorPreservationLoss(LossTerm):
         i = int(torch.randint(len(self.mean), (1,), generator=run.generator, device=run.device))
         mean, std = self.mean[i : i + 1], self.std[i : i + 1]
         eps = torch.randn(mean.shape, generator=run.generator, device=run.device)
-        latents = (mean + std * eps) * run.components.vae.config.scaling_factor
+        latents = run.family.scale_latents(run.components.vae, mean + std * eps)
         _, t, noisy, target = run.noise_and_target(latents)
-        pred, _ = run.predict(noisy, t, self.input_ids)
+        pred = run.predict(noisy, t, run.conditioning(self.input_ids, self.sizes[i]))
         return F.mse_loss(pred.float(), target.float())
 
 

@@ -26,6 +26,10 @@ class ProgressBar:
     def on_phase_end(self, run, phase):
         self.bar.close()
 
+    def on_run_failed(self, run, error):
+        if self.bar is not None:  # end the bar's line: the error message starts on a line of its own
+            self.bar.close()
+
 
 @hookimpl
 def bas_register_observers(register):

@@ -109,8 +109,8 @@ class Report:
         if self.every and not self.prompts:
             raise BasError("--validate-every needs something to sample; add --validation-prompt \"a photo of <asset0>\".")
         self.num_images = o.get("num_validation_images", 2)
-        self.steps = o.get("validation_steps", 25)
-        for name in ("validate_every", "num_validation_images", "validation_steps"):
+        self.steps = o.get("validation_inference_steps", 25)
+        for name in ("validate_every", "num_validation_images", "validation_inference_steps"):
             if o.get(name, 0) < 0:
                 raise BasError(f"--{name.replace('_', '-')} must be 0 or more, not {o[name]}.")
 
@@ -119,10 +119,12 @@ class Report:
         if not run.config.resume:  # an overwritten run's curves and grids would mix with these
             for old in [*self.dir.glob("*-phase*.png"), self.dir / "index.html"]:
                 old.unlink(missing_ok=True)
-        from bas.core.handles import check_prompt_handles
+        from bas.core.handles import check_prompt_fits, check_prompt_handles
 
         for prompt in self.prompts:
             check_prompt_handles(prompt, run.tokens)
+            for encoder in run.components.text_encoders:  # every tokenizer the family uses
+                check_prompt_fits(encoder.tokenizer, prompt, "--validation-prompt")
 
     def on_step(self, run, step):
         if self.every and step.step % self.every == 0 and step.step < step.total_steps:
@@ -166,15 +168,15 @@ class Report:
 def write_index(run, directory: Path) -> None:
     """``index.html`` linking whatever the report folder holds now (resumed runs included)."""
     e = html.escape
-    rows = [("base model", run.config.model), ("weights", run.resolved.strategy_name if run.config.phase2_steps else "handles only"),
+    rows = [("base model", run.model), ("weights", run.resolved.strategy_name if run.config.phase2_steps else "handles only"),
             ("steps", f"phase 1: {run.config.phase1_steps}, phase 2: {run.config.phase2_steps}"), ("seed", run.config.seed)]
     rows += [(t, name) for t, name in zip(run.tokens, run.scene.mask_names)]
     rows += [(k, f"{v:.1f} s") for k, v in run.times.items()]
     parts = [
-        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>bas report: {e(run.out.name)}</title>",
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>bas report: {e(Path(run.config.out).name)}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:80em}img{max-width:100%;border:1px solid #ddd}"
         "td{padding:.2em 1em .2em 0}figure{margin:1em 0}</style></head><body>",
-        f"<h1>bas report: {e(run.out.name)}</h1>", "<table>",
+        f"<h1>bas report: {e(Path(run.config.out).name)}</h1>", "<table>",
     ]
     parts += [f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in rows]
     parts.append("</table>")
@@ -206,7 +208,9 @@ def bas_run_options():
         click.Option(["--validate-every"], type=int, default=0, show_default=True,
                      help="Also sample the validation prompts every N steps (0: only at the end of each phase)."),
         click.Option(["--num-validation-images"], type=int, default=2, show_default=True, help="Samples per validation prompt (seeds seed, seed+1, ...; 0: none)."),
-        click.Option(["--validation-steps"], type=int, default=25, show_default=True, help="DDIM steps of each validation sample."),
+        # not --validation-steps: in diffusers' scripts that means --validate-every (bas/option_hints.py answers it)
+        click.Option(["--validation-inference-steps"], type=int, default=25, show_default=True,
+                     help="Sampling steps of each validation sample (with the family's sampler and guidance, as bas generate's defaults)."),
     ]
 
 

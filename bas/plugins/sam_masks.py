@@ -25,17 +25,26 @@ AUTO_MIN_SCORE = 0.8  # SAM's predicted IoU below which an automatic segment is 
 DECODER_BATCH = 64  # prompts per mask-decoder call in automatic mode
 
 
+NEGATIVE = "no:"  # a point prefixed with it marks what the concept is not (SAM's negative point)
+
+
 @dataclass
 class Prompt:
-    """One concept's prompt: positive points (several mean one object) or a box, in image pixels."""
+    """One concept's prompt in image pixels: points (several mean one object; ``labels`` 1 for a
+    point on the concept, 0 for a negative point off it), a box, or a box refined by points."""
 
     text: str  # as typed, for messages
     points: list[tuple[float, float]] | None = None
     box: tuple[float, float, float, float] | None = None
+    labels: list[int] | None = None  # one per point; None: all positive
 
     @property
     def name(self) -> str:
-        return f"SAM {'point' if self.points else 'box'} {self.text}"
+        return f"SAM {'box' if self.box else 'point'} {self.text}"
+
+    @property
+    def point_labels(self) -> list[int]:
+        return list(self.labels) if self.labels is not None else [1] * len(self.points or ())
 
 
 def _numbers(text: str, count: int, option: str, example: str) -> list[float]:
@@ -49,16 +58,34 @@ def _numbers(text: str, count: int, option: str, example: str) -> list[float]:
     return values
 
 
+POINT_EXAMPLE = "X,Y (join the points of one concept with +, as 120,340+150,360; no:X,Y is a point off it)"
+
+
+def _points(parts: list[str], option: str) -> tuple[list[tuple[float, float]], list[int]]:
+    points, labels = [], []
+    for part in parts:
+        part = part.strip()
+        negative = part.startswith(NEGATIVE)
+        points.append(tuple(_numbers(part[len(NEGATIVE):] if negative else part, 2, option, POINT_EXAMPLE)))
+        labels.append(0 if negative else 1)
+    return points, labels
+
+
 def parse_point(text: str) -> Prompt:
-    """``X,Y`` or several points of one concept joined with ``+``: ``X,Y+X,Y``."""
-    example = "X,Y (join the points of one concept with +, as 120,340+150,360)"
-    points = [tuple(_numbers(part.strip(), 2, "--point", example)) for part in str(text).split("+")]
-    return Prompt(text=str(text), points=points)
+    """``X,Y`` or several points of one concept joined with ``+``: ``X,Y+X,Y``; ``no:X,Y`` is a
+    negative point (on something the mask must leave out)."""
+    points, labels = _points(str(text).split("+"), "--point")
+    if 1 not in labels:
+        raise BasError(f"--point {text} has only negative (no:) points; give at least one point on the concept.")
+    return Prompt(text=str(text), points=points, labels=labels)
 
 
 def parse_box(text: str) -> Prompt:
-    x0, y0, x1, y1 = _numbers(str(text), 4, "--box", "X0,Y0,X1,Y1 (top-left and bottom-right corners)")
-    return Prompt(text=str(text), box=(x0, y0, x1, y1))
+    """``X0,Y0,X1,Y1``, optionally refined by points: ``X0,Y0,X1,Y1+X,Y+no:X,Y``."""
+    first, *rest = str(text).split("+")
+    x0, y0, x1, y1 = _numbers(first, 4, "--box", "X0,Y0,X1,Y1 (top-left and bottom-right corners; +X,Y or +no:X,Y adds points)")
+    points, labels = _points(rest, "--box") if rest else (None, None)
+    return Prompt(text=str(text), box=(x0, y0, x1, y1), points=points, labels=labels)
 
 
 def check_prompt(prompt: Prompt, width: int, height: int) -> None:
@@ -66,7 +93,7 @@ def check_prompt(prompt: Prompt, width: int, height: int) -> None:
     for x, y in prompt.points or ():
         if not (0 <= x < width and 0 <= y < height):
             raise BasError(
-                f"Point {x:g},{y:g} of --point {prompt.text} is outside the image ({width}x{height}); "
+                f"Point {x:g},{y:g} of {'--box' if prompt.box else '--point'} {prompt.text} is outside the image ({width}x{height}); "
                 f"give x in [0, {width}) and y in [0, {height}), in pixels from the top-left corner."
             )
     if prompt.box:
@@ -152,13 +179,13 @@ class Sam:
         """One boolean mask at the image's size for one concept's prompt."""
         kwargs = {}
         if prompt.points:
-            kwargs = {"input_points": [[list(map(list, prompt.points))]], "input_labels": [[[1] * len(prompt.points)]]}
+            kwargs = {"input_points": [[list(map(list, prompt.points))]], "input_labels": [[prompt.point_labels]]}
         if prompt.box:
             kwargs["input_boxes"] = [[list(prompt.box)]]
         encoding = self.processor(images=self.image, return_tensors="pt", **kwargs)
         # One point is ambiguous (part or whole?): ask for SAM's three masks and keep the best
         # scored, as SAM's predictor does; several points or a box ask for one.
-        multimask = bool(prompt.points) and len(prompt.points) == 1
+        multimask = not prompt.box and len(prompt.points or ()) == 1
         logits, scores = self._decode(encoding, multimask)
         best = int(scores[0, 0].argmax())
         return self._full_size(logits[0, :, best : best + 1], encoding)[0, 0]
@@ -265,8 +292,8 @@ class SamMasks:
 @hookimpl
 def bas_run_options():
     return [
-        click.Option(["--point", "points"], multiple=True, default=(), help="A point X,Y on one concept (repeat per concept; X,Y+X,Y: several points of one concept)."),
-        click.Option(["--box", "boxes"], multiple=True, default=(), help="A box X0,Y0,X1,Y1 around one concept (repeat per concept; concepts from --point come first)."),
+        click.Option(["--point", "points"], multiple=True, default=(), help="A point X,Y on one concept (repeat per concept; X,Y+X,Y: several points of one concept; +no:X,Y: a point it must leave out)."),
+        click.Option(["--box", "boxes"], multiple=True, default=(), help="A box X0,Y0,X1,Y1 around one concept (repeat per concept; concepts from --point come first; +X,Y or +no:X,Y refines it)."),
         click.Option(["--auto"], type=int, default=None, help="No prompts: the N largest distinct segments SAM finds from a grid of points."),
         click.Option(["--auto-grid"], type=int, default=AUTO_GRID, show_default=True, help="Points per side of --auto's prompt grid."),
         click.Option(["--auto-min-score"], type=float, default=AUTO_MIN_SCORE, show_default=True, help="--auto keeps segments whose predicted IoU is at least this."),

@@ -55,10 +55,15 @@ class TensorBoardLogger:
     def on_run_end(self, run):
         self.writer.close()
 
+    def on_run_failed(self, run, error):
+        if self.writer is not None:
+            self.writer.close()
+
 
 @hookimpl
 def bas_run_options():
-    return [click.Option(["--logging-dir"], default=None, help="TensorBoard log folder [default: OUT/logs].")]
+    # a path type, so that bas refuses a --logging-dir inside --out (replaced as a whole at the end)
+    return [click.Option(["--logging-dir"], type=click.Path(path_type=Path), default=None, help="TensorBoard log folder [default: OUT/logs].")]
 
 
 @hookimpl

@@ -1,0 +1,673 @@
+"""The page: Scene, Extract, Generate, Export and Runs tabs over bas's Python API (gradio).
+
+Handlers are thin: masks come from the mask-source plugins (:mod:`bas.ui.scenes`), extractions are
+``bas run`` command lines run by :mod:`bas.ui.jobs`, images come from :func:`bas.generate` and
+exports from :func:`bas.export`.  A user error is one ``Error: ...`` line in the tab's status.
+Import this module only after ``GRADIO_TEMP_DIR`` points into the workspace (``bas ui`` does).
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import os
+import re
+import socket
+import threading
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+
+from bas.core import io, runfolder
+from bas.core.checkpoint import complete_checkpoints, latest_state
+from bas.core.errors import BasError
+from bas.core.export import FORMATS
+from bas.core.generation import read_run
+from bas.core.mask_cleanup import MaskCleanup
+from bas.core.model import PRECISIONS
+from bas.ui import commands, scenes
+from bas.ui.jobs import Jobs
+from bas.ui.workspace import RUNS, Workspace, check_name
+
+# The picture of the Scene tab: a click is a point, a drag a box; both come back as fractions of
+# the picture's size, so they do not depend on how large the browser shows it.
+CANVAS_TEMPLATE = '<div class="bas-canvas">${value}</div>'
+CANVAS_JS = """
+let start = null;
+const picture = () => element.querySelector('img');
+const at = (e) => { const r = picture().getBoundingClientRect(); return [(e.clientX - r.left) / r.width, (e.clientY - r.top) / r.height, e.clientX, e.clientY]; };
+element.addEventListener('mousedown', (e) => { if (!picture() || e.target !== picture() || e.button !== 0) return; e.preventDefault(); start = at(e); });
+window.addEventListener('mouseup', (e) => {
+  if (!start || !picture()) return;
+  const end = at(e), first = start; start = null;
+  if (Math.hypot(end[2] - first[2], end[3] - first[3]) > 6) trigger('box', {x0: first[0], y0: first[1], x1: end[0], y1: end[1]});
+  else trigger('point', {x: first[0], y: first[1]});
+});
+"""
+CHIPS_JS = """
+element.addEventListener('click', (e) => { const b = e.target.closest('button[data-handle]'); if (b) trigger('chip', {handle: b.dataset.handle}); });
+"""
+CSS = """
+.bas-canvas img { width: 100%; max-width: 768px; cursor: crosshair; user-select: none; display: block; }
+.bas-canvas .empty { padding: 4em 1em; text-align: center; color: #777; border: 2px dashed #ccc; }
+.bas-chip { margin: 0 .3em .3em 0; padding: .2em .7em; border-radius: 1em; border: 1px solid #999; background: #f4f4f4; cursor: pointer; font-family: monospace; }
+"""
+POSITIVE, NEGATIVE = "a point on the concept", "a point off it (negative)"
+LABEL_STATE = {"finished": "finished", "interrupted": "interrupted (resumable)", "failed": "failed"}
+
+
+def say(text: str) -> str:
+    """A status line for a Markdown output: handles such as <asset0> must not read as HTML tags."""
+    return html.escape(text, quote=False)
+
+
+def number(text, kind, what: str):
+    """An optional number typed in a text field: None when blank."""
+    text = str(text or "").strip()
+    if not text:
+        return None
+    try:
+        return kind(float(text)) if kind is int else kind(text)
+    except ValueError:
+        raise BasError(f"{what} '{text}' is not a number; write one such as {'512' if kind is int else '1e-4'}, or leave it blank.") from None
+
+
+def status_error(exc: Exception) -> str:
+    return say(f"Error: {exc}")
+
+
+def guarded(outputs: int):
+    """Run a handler; a BasError leaves every output as it was except the last (the status line)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except BasError as exc:
+                return (*[gr.skip()] * (outputs - 1), status_error(exc))
+        return run
+    return wrap
+
+
+class App:
+    def __init__(self, workspace: Workspace, model: str, sam_model: str, device: str = "auto"):
+        self.ws = workspace
+        self.model, self.sam_model, self.device = model, sam_model, device
+        self.sam = scenes.SamSession()
+        self.jobs = Jobs(workspace.jobs, lambda args: commands.parse_run(args, workspace))
+        self.generating = threading.Lock()
+
+    # -- Scene ------------------------------------------------------------------------------------
+    def canvas(self, draft: scenes.Draft | None, cleanup: MaskCleanup) -> str:
+        if draft is None:
+            return '<div class="empty">Upload an image, or open a scene of the workspace.</div>'
+        return f'<img src="{scenes.data_url(scenes.render(draft, cleanup))}" draggable="false" alt="scene with masks">'
+
+    def scene_outputs(self, draft, cleanup, message):
+        """canvas, concept choice, init word, concepts list, draft, status"""
+        labels = draft.labels() if draft else []
+        selected = labels[draft.selected] if labels else None
+        word = draft.concepts[draft.selected].init_word if labels else ""
+        return (self.canvas(draft, cleanup), gr.update(choices=labels, value=selected), word,
+                scenes.scene_summary(draft) if draft else "", draft, say(message))
+
+    def segmenter(self, checkpoint: str, device: str, draft: scenes.Draft):
+        return lambda prompt: self.sam.segment(checkpoint.strip() or self.sam_model, device.strip() or "auto", draft.image, prompt)
+
+    @staticmethod
+    def cleanup_options(threshold, fill, dilate, erode, feather) -> dict:
+        return {"mask_threshold": None if threshold in (None, "", 0) else float(threshold), "fill_holes": bool(fill),
+                "mask_dilate": float(dilate or 0), "mask_erode": float(erode or 0), "mask_feather": float(feather or 0)}
+
+    def build(self) -> gr.Blocks:
+        ws = self.ws
+        d = commands.defaults()
+        with gr.Blocks(title="bas ui") as demo:
+            job_id = gr.State(None)
+            seen = gr.State(-1)
+            draft = gr.State(None)
+            gr.Markdown(f"## bas: Break-A-Scene\nWorkspace `{ws.root}`: scenes in `scenes/`, runs in `runs/`, exports in `exports/`.")
+            with gr.Tabs(elem_id="tabs") as tabs:
+                # ---------------------------------------------------------------- Scene
+                with gr.Tab("Scene", id="scene", elem_id="tab-scene"):
+                    with gr.Row():
+                        with gr.Column(scale=3):
+                            canvas = gr.HTML(self.canvas(None, MaskCleanup()), html_template=CANVAS_TEMPLATE, js_on_load=CANVAS_JS, elem_id="scene-canvas")
+                            scene_status = gr.Markdown("Click on a concept to add a point; drag to draw a box around it.", elem_id="scene-status")
+                            concepts_md = gr.Markdown("", elem_id="scene-concepts")
+                        with gr.Column(scale=2):
+                            with gr.Row():
+                                upload_image = gr.UploadButton("Upload an image", file_types=["image"], elem_id="upload-image")
+                                upload_mask = gr.UploadButton("Upload mask PNG(s)", file_types=["image"], file_count="multiple", elem_id="upload-mask")
+                            with gr.Row():
+                                open_path = gr.Dropdown(ws.scenes(), label="Open a scene folder of the workspace", allow_custom_value=True, value=None, elem_id="open-scene", scale=3)
+                                open_button = gr.Button("Open", elem_id="open-scene-button", scale=1)
+                            click_mode = gr.Radio([POSITIVE, NEGATIVE], value=POSITIVE, label="A click adds", elem_id="click-mode")
+                            concept = gr.Radio([], label="Concept (its handle)", elem_id="concept")
+                            with gr.Row():
+                                new_button = gr.Button("New concept", elem_id="new-concept")
+                                undo_button = gr.Button("Undo", elem_id="undo")
+                                remove_button = gr.Button("Remove concept", elem_id="remove-concept")
+                            init_word = gr.Textbox(label="Init word of this concept (one word, such as 'bear'; blank: 'object')", elem_id="init-word")
+                            with gr.Accordion("Mask cleanup", open=False):
+                                threshold = gr.Number(0, label="Threshold (--mask-threshold; 0: keep soft values)", elem_id="mask-threshold")
+                                fill = gr.Checkbox(False, label="Fill holes (--fill-holes)")
+                                dilate = gr.Number(0, label="Dilate, pixels (--mask-dilate)", minimum=0)
+                                erode = gr.Number(0, label="Erode, pixels (--mask-erode)", minimum=0)
+                                feather = gr.Number(0, label="Feather, pixels (--mask-feather)", minimum=0)
+                            with gr.Accordion("Segment Anything", open=False):
+                                sam_model = gr.Textbox(self.sam_model, label="SAM checkpoint (hub id or folder)", elem_id="sam-model")
+                                sam_device = gr.Textbox(self.device, label="Device (auto, cpu, cuda, cuda:N)")
+                            scene_name = gr.Textbox(label="Scene name (saved in scenes/NAME)", elem_id="scene-name")
+                            replace = gr.Checkbox(False, label="Replace the scene of that name")
+                            save_button = gr.Button("Save scene", variant="primary", elem_id="save-scene")
+                            scene_command = gr.Textbox(label="The same from the command line", interactive=False, buttons=["copy"], elem_id="scene-command")
+                    cleanup_inputs = [threshold, fill, dilate, erode, feather]
+                    scene_out = [canvas, concept, init_word, concepts_md, draft, scene_status]
+
+                # ---------------------------------------------------------------- Extract
+                with gr.Tab("Extract", id="extract", elem_id="tab-extract"):
+                    with gr.Row():
+                        with gr.Column(scale=2):
+                            x_scene = gr.Dropdown(ws.scenes(), label="Scene", allow_custom_value=True, elem_id="extract-scene")
+                            run_name = gr.Textbox(label="Run name (written to runs/NAME)", elem_id="run-name")
+                            x_model = gr.Textbox(self.model, label="Model (hub id or pipeline folder)", elem_id="extract-model")
+                            weights = gr.Radio(["lora", "full"], value="lora", label="Weights of phase 2 (LoRA, or a full fine-tune as the paper)")
+                            with gr.Row():
+                                p1 = gr.Number(d["phase1_steps"], precision=0, label="Phase 1 steps (handles)", elem_id="phase1-steps")
+                                p2 = gr.Number(d["phase2_steps"], precision=0, label="Phase 2 steps (weights + handles)", elem_id="phase2-steps")
+                            with gr.Row():
+                                lr1 = gr.Number(d["phase1_lr"], label="Phase 1 learning rate")
+                                lr2 = gr.Textbox("", label="Phase 2 learning rate (blank: 1e-4 LoRA, 2e-6 full)")
+                            with gr.Row():
+                                rank = gr.Number(d["lora_rank"], precision=0, label="LoRA rank")
+                                seed = gr.Number(d["seed"], precision=0, label="Seed")
+                                resolution = gr.Textbox("", label="Resolution (blank: the model's)")
+                            with gr.Row():
+                                precision = gr.Dropdown(list(PRECISIONS), value="auto", label="Precision")
+                                x_device = gr.Textbox(self.device, label="Device")
+                            words = gr.Textbox(label="Init words, one per concept (from the scene; blank: 'object')", elem_id="init-words")
+                            background = gr.Checkbox(False, label="Also extract the background (--background)")
+                            extra_plugins = gr.CheckboxGroup(self.optional_plugins(), label="More plugins")
+                            extra = gr.Textbox(label="More options, as on the command line (such as --validation-prompt \"a photo of <asset0>\")", elem_id="more-options")
+                            overwrite = gr.Checkbox(False, label="Replace a run of that name (--overwrite)")
+                            with gr.Row():
+                                start = gr.Button("Start", variant="primary", elem_id="start")
+                                stop = gr.Button("Stop (saves a checkpoint)", elem_id="stop")
+                                resume = gr.Button("Resume", elem_id="resume")
+                        with gr.Column(scale=3):
+                            command = gr.Textbox(label="The same from the command line", interactive=False, buttons=["copy"], lines=2, elem_id="run-command")
+                            progress = gr.Markdown("No extraction started yet.", elem_id="progress")
+                            loss_plot = gr.LinePlot(x="step", y="loss", color="phase", title="Training loss", height=260, elem_id="loss-plot")
+                            attention = gr.Image(label="Attention of each handle (newest)", interactive=False, elem_id="attention", height=260)
+                            queue = gr.Markdown("", elem_id="queue")
+                            x_status = gr.Markdown("", elem_id="extract-status")
+                    form = [x_scene, run_name, x_model, weights, p1, p2, lr1, lr2, rank, seed, resolution, precision, x_device, words, background, extra_plugins, extra, overwrite]
+
+                # ---------------------------------------------------------------- Generate
+                with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+                    with gr.Row():
+                        with gr.Column(scale=2):
+                            g_run = gr.Dropdown(ws.finished_runs(), label="Run", allow_custom_value=True, elem_id="generate-run")
+                            chips = gr.HTML("", html_template="<div>${value}</div>", js_on_load=CHIPS_JS, elem_id="handle-chips")
+                            prompts = gr.Textbox(label="Prompts, one per line (click a handle to add it)", lines=3, elem_id="prompts")
+                            negative = gr.Textbox(label="Negative prompt")
+                            seeds = gr.Textbox("0,1,2,3", label="Seeds (comma-separated)", elem_id="seeds")
+                            with gr.Row():
+                                steps = gr.Number(50, precision=0, label="Steps", elem_id="generate-steps")
+                                sampling = commands.sampling_choices()  # until a run is picked: the default family's
+                                guidance = gr.Number(sampling["guidance"], label="Guidance (blank: the run's family's)", elem_id="guidance")
+                                lora_scale = gr.Number(1.0, label="LoRA scale (0: handles only)")
+                            scheduler = gr.Dropdown(sampling["schedulers"], value=sampling["scheduler"], label="Sampler", elem_id="sampler")
+                            generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                            g_command = gr.Textbox(label="The same from the command line", interactive=False, buttons=["copy"], elem_id="generate-command")
+                            g_status = gr.Markdown("", elem_id="generate-status")
+                        with gr.Column(scale=3):
+                            grid = gr.Image(label="Grid (a row per prompt, a column per seed)", interactive=False, elem_id="generate-grid")
+                            gallery = gr.Gallery(label="Images (saved in the run's samples/)", columns=4, elem_id="generate-gallery")
+
+                # ---------------------------------------------------------------- Export
+                with gr.Tab("Export", id="export", elem_id="tab-export"):
+                    with gr.Row():
+                        with gr.Column(scale=2):
+                            e_run = gr.Dropdown(ws.finished_runs(), label="Run", allow_custom_value=True, elem_id="export-run")
+                            fmt = gr.Radio(list(FORMATS), value="kohya", label="Format: diffusers; kohya (AUTOMATIC1111, ComfyUI); lora-from-full", elem_id="export-format")
+                            e_name = gr.Textbox(label="Name of the LoRA file and embeddings (blank: the run's name)")
+                            e_rank = gr.Number(32, precision=0, label="Rank of a LoRA made from a full fine-tune")
+                            e_preview = gr.Checkbox(True, label="Generate a preview when the run's report has none")
+                            export = gr.Button("Export", variant="primary", elem_id="export")
+                            e_command = gr.Textbox(label="The same from the command line", interactive=False, buttons=["copy"], elem_id="export-command")
+                            e_status = gr.Markdown("", elem_id="export-status")
+                            e_file = gr.File(label="Download", interactive=False, elem_id="export-file")
+                        with gr.Column(scale=3):
+                            card = gr.Markdown("", elem_id="export-card")
+
+                # ---------------------------------------------------------------- Runs
+                with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+                    runs_table = gr.Dataframe(headers=["run", "status", "handles", "model", "steps", "note"], interactive=False, elem_id="runs-table")
+                    with gr.Row():
+                        refresh = gr.Button("Refresh", elem_id="refresh-runs")
+                        r_resume = gr.Button("Resume the selected run", elem_id="resume-run")
+                    r_selected = gr.State(None)
+                    r_details = gr.Markdown("Select a run to see its report.", elem_id="run-details")
+                    report = gr.Gallery(label="Report", columns=2, object_fit="contain", elem_id="run-report")
+                    r_status = gr.Markdown("", elem_id="runs-status")
+
+            timer = gr.Timer(1.0)
+
+            # ---------------------------------------------------------------- Scene events
+            def upload_image_handler(file, *cleanup):
+                try:
+                    path = self.ws.inside(file)
+                    new = scenes.new_draft(path)
+                except BasError as exc:
+                    return (*[gr.skip()] * 7, status_error(exc))
+                name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).stem).strip("-.")[:40] or "scene"
+                out = self.scene_outputs(new, self.cleanup(cleanup), f"Loaded {Path(path).name} ({new.size[0]}x{new.size[1]}); click on a concept, or drag a box around it.")
+                return (*out[:5], name, "", out[5])
+
+            upload_image.upload(upload_image_handler, [upload_image, *cleanup_inputs], [*scene_out[:5], scene_name, scene_command, scene_status])
+
+            def open_handler(folder, *cleanup):
+                try:
+                    new = scenes.open_scene(self.ws, folder or "")
+                except BasError as exc:
+                    return (*[gr.skip()] * 7, status_error(exc))
+                out = self.scene_outputs(new, self.cleanup(cleanup), f"Opened {new.origin}: {len(new.concepts)} masks.")
+                return (*out[:5], Path(new.origin).name, "", out[5])
+
+            open_button.click(open_handler, [open_path, *cleanup_inputs], [*scene_out[:5], scene_name, scene_command, scene_status])
+
+            def edit(action):
+                """A Scene handler that changes the draft and re-renders it."""
+                @guarded(6)
+                def handler(current, mode, checkpoint, device, threshold, fill, dilate, erode, feather, evt: gr.EventData = None):
+                    # no *args here: gradio places the event data by its position in the signature
+                    cleanup = self.cleanup((threshold, fill, dilate, erode, feather))
+                    if current is None:
+                        raise BasError("Upload an image first (or open a scene folder).")
+                    message = action(current, mode, self.segmenter(checkpoint, device, current), evt)
+                    return self.scene_outputs(current, cleanup, message)
+                return handler
+
+            edit_inputs = [draft, click_mode, sam_model, sam_device, *cleanup_inputs]
+            canvas.point(edit(lambda dr, mode, seg, evt: scenes.add_point(dr, evt._data["x"], evt._data["y"], mode == POSITIVE, seg)), edit_inputs, scene_out)
+            canvas.box(edit(lambda dr, mode, seg, evt: scenes.set_box(dr, evt._data["x0"], evt._data["y0"], evt._data["x1"], evt._data["y1"], seg)), edit_inputs, scene_out)
+            undo_button.click(edit(lambda dr, mode, seg, evt: scenes.undo(dr, seg)), edit_inputs, scene_out)
+            new_button.click(edit(lambda dr, mode, seg, evt: scenes.new_concept(dr)), edit_inputs, scene_out)
+            remove_button.click(edit(lambda dr, mode, seg, evt: scenes.remove_concept(dr)), edit_inputs, scene_out)
+            for control in cleanup_inputs:
+                control.change(edit(lambda dr, mode, seg, evt: "Cleanup applies to the preview, and to the masks when the scene is saved."), edit_inputs, scene_out)
+
+            @guarded(6)
+            def on_mask_upload(current, files, *cleanup):
+                if current is None:
+                    raise BasError("Upload the scene's image first, then its masks.")
+                messages = [scenes.add_mask_file(current, self.ws.inside(f), Path(f).name) for f in files or []]
+                return self.scene_outputs(current, self.cleanup(cleanup), " ".join(messages))
+
+            upload_mask.upload(on_mask_upload, [draft, upload_mask, *cleanup_inputs], scene_out)
+
+            @guarded(6)
+            def on_select_concept(current, label, *cleanup):
+                if current is None or label not in current.labels() or current.labels().index(label) == current.selected:
+                    return (gr.skip(),) * 6
+                current.selected = current.labels().index(label)
+                return self.scene_outputs(current, self.cleanup(cleanup), f"{label} selected: clicks now refine it.")
+
+            concept.input(on_select_concept, [draft, concept, *cleanup_inputs], scene_out)
+
+            def on_init_word(current, word):
+                if current is not None and current.concepts:
+                    current.current.init_word = word.strip()
+                    return scenes.scene_summary(current)
+                return gr.skip()
+
+            init_word.input(on_init_word, [draft, init_word], concepts_md)
+
+            def save_handler(current, name, overwrite_scene, checkpoint, *cleanup):
+                try:
+                    if current is None:
+                        raise BasError("Upload an image first (or open a scene folder).")
+                    options = self.cleanup_options(*cleanup)
+                    MaskCleanup.from_options(options)
+                    folder, written, cli = scenes.save(current, self.ws, name, options, bool(overwrite_scene), checkpoint.strip() or self.sam_model)
+                except BasError as exc:
+                    return gr.skip(), gr.skip(), gr.skip(), status_error(exc)
+                relative = self.ws.relative(folder)
+                choices = self.ws.scenes()
+                message = f"Saved {relative}: " + ", ".join(p.name for p in written) + ". Next: the Extract tab."
+                return gr.update(choices=choices, value=relative), gr.update(choices=choices, value=relative), cli or "(this scene mixes uploaded masks and SAM prompts: bas run --scene reads its folder)", message
+
+            save_button.click(save_handler, [draft, scene_name, replace, sam_model, *cleanup_inputs], [open_path, x_scene, scene_command, scene_status])
+
+            # ---------------------------------------------------------------- Extract events
+            def scene_words(folder):
+                try:
+                    path = self.ws.inside(folder)
+                except BasError:
+                    return gr.skip(), gr.skip()
+                info = self.ws.scene_info(path)
+                return ", ".join(info.get("init_tokens") or []), gr.update(value=path.name) if path.name else gr.skip()
+
+            x_scene.change(scene_words, x_scene, [words, run_name])
+
+            def form_values(values) -> dict:
+                (scene, name, model, weights_, phase1, phase2, lr_1, lr_2, rank_, seed_, res, precision_, device, words_, bg, plugins, extra_, overwrite_) = values
+                if not scene:
+                    raise BasError("Choose a scene (save one in the Scene tab first).")
+                self.ws.inside(scene)
+                out = f"{RUNS}/{check_name(name, 'run')}"
+                init = [w.strip() for w in re.split(r"[,\s]+", words_ or "") if w.strip()]
+                return {"scene": scene, "out": out, "model": (model or "").strip() or self.model, "weights": weights_, "phase1_steps": phase1,
+                        "phase2_steps": phase2, "phase1_lr": lr_1, "phase2_lr": number(lr_2, float, "Phase 2 learning rate"), "lora_rank": rank_, "seed": seed_,
+                        "resolution": number(res, int, "Resolution"),
+                        "precision": precision_, "device": (device or "").strip() or "auto", "init_tokens": init, "background": bg,
+                        "plugins": plugins, "extra": extra_, "overwrite": overwrite_}
+
+            def shown(args: list[str]) -> str:
+                return f"cd {commands.shell([self.ws.root])}\nbas run {commands.shell(args)}"
+
+            def start_handler(*values):
+                try:
+                    form_ = form_values(values)
+                    args = commands.run_args(form_, commands.absolute(self.ws))
+                    text = shown(commands.run_args(form_, commands.relative))
+                    self.check_not_overwriting(commands.parse_run(args, self.ws)[0])
+                    job = self.jobs.submit(args, text)
+                except BasError as exc:
+                    return gr.skip(), gr.skip(), status_error(exc), -1
+                return job.id, text, f"Queued {job.out.name}.", -1
+
+            start.click(start_handler, form, [job_id, command, x_status, seen])
+
+            def command_preview(*values):
+                try:
+                    return shown(commands.run_args(form_values(values), commands.relative))
+                except BasError as exc:
+                    return f"({exc})"
+
+            for control in form:
+                control.change(command_preview, form, command)
+
+            def stop_handler(current):
+                job = self.jobs.get(current)
+                if job is None or job.state not in ("queued", "running"):
+                    return "Nothing to stop: no extraction of this page is queued or running."
+                self.jobs.stop(job)
+                return f"Stopping {job.out.name}: it finishes the current step and saves a checkpoint." if job.state == "stopping" else f"Removed {job.out.name} from the queue."
+
+            stop.click(stop_handler, job_id, x_status)
+
+            def resume_out(out: Path):
+                try:
+                    job = self.resume(out)
+                except BasError as exc:
+                    return gr.skip(), gr.skip(), status_error(exc), gr.skip()
+                return job.id, job.shown, f"Resuming {job.out.name}.", -1
+
+            def resume_handler(current, *values):
+                job = self.jobs.get(current)
+                if job is not None:
+                    return resume_out(job.out)
+                try:
+                    out = self.ws.inside(f"{RUNS}/{check_name(values[1], 'run')}")
+                except BasError as exc:
+                    return gr.skip(), gr.skip(), status_error(exc), gr.skip()
+                return resume_out(out)
+
+            resume.click(resume_handler, [job_id, *form], [job_id, command, x_status, seen])
+
+            def tick(current, version):
+                job = self.jobs.get(current)
+                queue_text = self.queue_text()
+                if job is None:
+                    return gr.skip(), gr.skip(), gr.skip(), queue_text, version
+                if job.version == version:
+                    return gr.skip(), gr.skip(), gr.skip(), queue_text, version
+                status = job.status(self.jobs.place(job) if job.state == "queued" else None)
+                plot = self.loss_frame(job)
+                picture = str(job.attention) if job.attention and job.attention.is_file() else None
+                return f"**{html.escape(status)}**", plot, gr.update(value=picture, label=f"Attention of each handle ({job.attention_at})" if picture else "Attention of each handle"), queue_text, job.version
+
+            timer.tick(tick, [job_id, seen], [progress, loss_plot, attention, queue, seen], show_progress="hidden")
+
+            def on_load():
+                job = self.jobs.newest()
+                if job is None:
+                    return None, -1, gr.skip()
+                return job.id, -1, job.shown
+
+            demo.load(on_load, None, [job_id, seen, command])
+
+            # ---------------------------------------------------------------- Generate events
+            g_run.change(self.generate_settings, g_run, [chips, g_status, scheduler, guidance])
+
+            def add_chip(text, evt: gr.EventData):
+                handle = evt._data.get("handle", "")
+                lines = (text or "").split("\n")
+                last = lines[-1] or "a photo of"
+                lines[-1] = f"{last.rstrip()} {handle}"
+                return "\n".join(lines)
+
+            chips.chip(add_chip, prompts, prompts)
+
+            def generate_handler(run, text, negative_, seeds_text, steps_, guidance_, scale, sampler):
+                from bas.core.generation import generate_images
+                from bas.core.runs import read_run, run_family
+
+                try:
+                    out = self.ws.run_path(run or "")
+                    prompt_list = [p.strip() for p in (text or "").splitlines() if p.strip()]
+                    if not prompt_list:
+                        raise BasError('Write a prompt, such as "a photo of <asset0> at the beach" (click a handle to add it).')
+                    try:
+                        seed_list = [int(s) for s in re.split(r"[,\s]+", seeds_text or "") if s]
+                    except ValueError:
+                        raise BasError(f"Seeds '{seeds_text}' are not integers; write them as 0,1,2,3.") from None
+                    options = {"seeds": seed_list or [0], "steps": int(steps_ or 50), "lora_scale": float(scale),
+                               "guidance": None if guidance_ in (None, "") else float(guidance_),  # blank: the family's
+                               "negative_prompt": negative_ or None, "scheduler": sampler, "device": self.device}
+                    family = run_family(read_run(out))
+                    cli = "bas generate " + commands.shell(commands.generate_args(self.ws.relative(out), prompt_list, options, family))
+                    with self.generating:
+                        paths = generate_images(out, prompt_list, **options)
+                except BasError as exc:
+                    return gr.skip(), gr.skip(), gr.skip(), status_error(exc)
+                grid_path = [p for p in paths if p.name.startswith("grid-")]
+                singles = [str(p) for p in paths if p not in grid_path]
+                return (str(grid_path[0]) if grid_path else singles[0]), singles, cli, f"Wrote {len(singles)} images into {self.ws.relative(paths[0].parent)}."
+
+            generate.click(generate_handler, [g_run, prompts, negative, seeds, steps, guidance, lora_scale, scheduler], [grid, gallery, g_command, g_status], concurrency_limit=1)
+
+            # ---------------------------------------------------------------- Export events
+            def export_handler(run, fmt_, name, rank_, preview):
+                from bas.core.export import export_run
+
+                try:
+                    out = self.ws.run_path(run or "")
+                    read_run(out)
+                    if name:
+                        check_name(name, "export")
+                    dest = self.ws.export_dir(out.name, fmt_)
+                    options = {"name": name or None, "rank": int(rank_ or 32), "preview": bool(preview), "overwrite": True}
+                    cli = "bas export " + commands.shell(commands.export_args(self.ws.relative(out), fmt_, self.ws.relative(dest), options))
+                    with self.generating:
+                        written = export_run(out, fmt_, dest, device=self.device, **options)
+                    archive = dest.with_suffix(".zip")
+                    with io.atomic_path(archive) as tmp:
+                        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+                            for path in written:
+                                zf.write(path, f"{dest.name}/{path.relative_to(dest).as_posix()}")
+                except BasError as exc:
+                    return gr.skip(), gr.skip(), gr.skip(), status_error(exc)
+                readme = (dest / "README.md").read_text(encoding="utf-8")
+                readme = re.sub(r"!\[[^\]]*\]\([^)]*\)", "", readme)  # its preview is a file of the zip, not of this page
+                return str(archive), readme, cli, f"Wrote {self.ws.relative(dest)} and {archive.name} ({len(written)} files)."
+
+            export.click(export_handler, [e_run, fmt, e_name, e_rank, e_preview], [e_file, card, e_command, e_status], concurrency_limit=1)
+
+            # ---------------------------------------------------------------- Runs events
+            def runs_rows():
+                return [[e.name, e.status, " ".join((e.info or {}).get("handles", [])), (e.info or {}).get("model", ""), e.steps, e.note] for e in self.run_entries()]
+
+            def refresh_lists():
+                finished = self.ws.finished_runs()
+                scenes_ = self.ws.scenes()
+                return runs_rows(), gr.update(choices=finished), gr.update(choices=finished), gr.update(choices=scenes_), gr.update(choices=scenes_)
+
+            lists = [runs_table, g_run, e_run, x_scene, open_path]
+            refresh.click(refresh_lists, None, lists)
+            tabs.change(refresh_lists, None, lists)
+            demo.load(refresh_lists, None, lists)
+
+            def select_run(evt: gr.SelectData):
+                rows = self.run_entries()
+                row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+                if row is None or row >= len(rows):
+                    return None, "", []
+                entry = rows[row]
+                report_dir = entry.report  # a run working or interrupted writes it in its staging folder
+                pictures = [str(p) for p in sorted(report_dir.glob("*.png"))] if report_dir.is_dir() else []
+                return self.ws.relative(entry.path), self.run_details(entry), pictures
+
+            runs_table.select(select_run, None, [r_selected, r_details, report])
+
+            def resume_selected(selected):
+                if not selected:
+                    return gr.skip(), gr.skip(), "Select an interrupted run first.", gr.skip(), gr.skip()
+                try:
+                    job = self.resume(self.ws.run_path(selected))
+                except BasError as exc:
+                    return gr.skip(), gr.skip(), status_error(exc), gr.skip(), gr.skip()
+                return job.id, job.shown, f"Resuming {job.out.name}: follow it in the Extract tab.", -1, gr.Tabs(selected="extract")
+
+            r_resume.click(resume_selected, r_selected, [job_id, command, r_status, seen, tabs])
+        return demo
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def generate_settings(self, run):
+        """The Generate tab for the picked run: its handles as chips, a line about it, and its family's
+        samplers with the family's default sampler and guidance (FLUX: flow-euler and 3.5; SD: DDIM and 7.5)."""
+        from bas.core.runs import run_family
+
+        try:
+            info = read_run(self.ws.run_path(run))
+            sampling = commands.sampling_choices(run_family(info))
+        except BasError as exc:
+            return "", status_error(exc), gr.skip(), gr.skip()
+        buttons = "".join(f'<button class="bas-chip" data-handle="{html.escape(h)}">{html.escape(h)}</button>' for h in info["handles"])
+        return (buttons, f"{len(info['handles'])} handles, base model {info['model']}.",
+                gr.update(choices=sampling["schedulers"], value=sampling["scheduler"]), gr.update(value=sampling["guidance"]))
+
+    def cleanup(self, values) -> MaskCleanup:
+        try:
+            return MaskCleanup.from_options(self.cleanup_options(*values))
+        except BasError:
+            return MaskCleanup()
+
+    @staticmethod
+    def optional_plugins() -> list[str]:
+        """Opt-in plugins that change training (not mask sources or weight strategies, which have their own fields)."""
+        from bas.core.plugins import Plugins, TRAINING_KINDS
+
+        manager = Plugins(all_installed=True)
+        training = {e.plugin for kind in TRAINING_KINDS if kind != "weight strategy" for e in manager.registry(kind).entries.values()}
+        strategies = {e.plugin for e in manager.registry("weight strategy").entries.values()}
+        return sorted(n for n, info in manager.infos.items() if not info.default and n in training and n not in strategies)
+
+    @staticmethod
+    def check_not_busy(out: Path) -> None:
+        """Refuse a run another process (a `bas run` on the command line) is writing now (the queue
+        refuses this server's own, with its state)."""
+        holder = runfolder.run_place(out).holder
+        if holder is not None and (holder.pid, holder.host) != (os.getpid(), socket.gethostname()):
+            raise BasError(f"{out.name} is being written by another bas process ({holder.describe()}); wait for it to finish or choose another run name.")
+
+    def check_not_overwriting(self, config) -> None:
+        out = Path(config.out)
+        self.check_not_busy(out)
+        if config.resume or config.overwrite:
+            return
+        if complete_checkpoints(out):  # before a finished run in place: `bas run` says the same
+            raise BasError(f"{out.name} holds an interrupted run; press Resume to continue it, tick 'Replace a run of that name' to start over, or choose another name.")
+        if (out / "run.json").is_file():
+            raise BasError(f"{out.name} already holds a finished run; tick 'Replace a run of that name' or choose another run name.")
+
+    def resume(self, out: Path):
+        """Queue ``bas run ... --resume`` for the interrupted run for ``out``, wherever its checkpoints
+        are (the page's command, or the options its newest checkpoint saved)."""
+        self.check_not_busy(out)  # it may have checkpoints already
+        if not complete_checkpoints(out):
+            if (out / "run.json").is_file():
+                raise BasError(f"{out.name} is finished; there is nothing to resume.")
+            raise BasError(f"{out.name} has no checkpoint to resume from; start it again.")
+        job = self.jobs.for_out(out)
+        if job is not None:
+            args = [a for a in job.args if a not in ("--overwrite", "--resume")] + ["--resume"]
+            text = "\n".join(job.shown.split("\n")[:-1] + [job.shown.split("\n")[-1].replace(" --overwrite", "") + " --resume"])
+        else:
+            saved = latest_state(out)["config"]
+            args = commands.config_args(saved) + ["--resume"]
+            text = f"bas run {commands.shell(args)}"
+        return self.jobs.submit(args, text)
+
+    def queue_text(self) -> str:
+        active = self.jobs.active()
+        if not active:
+            return ""
+        lines = ["**Queue** (one extraction at a time per device):"]
+        for job in active:
+            lines.append(f"- {html.escape(job.status(self.jobs.place(job) if job.state == 'queued' else None))}")
+        return "\n".join(lines)
+
+    @staticmethod
+    def loss_frame(job):
+        import pandas as pd
+
+        offset = {1: 0, 2: job.phase_steps.get(1, 0)}
+        return pd.DataFrame({"step": pd.Series([h["step"] + offset[h["phase"]] for h in job.history], dtype="int64"),
+                             "loss": pd.Series([h["loss"] for h in job.history], dtype="float64"),
+                             "phase": pd.Series([f"phase {h['phase']}" for h in job.history], dtype="str")})
+
+    def run_entries(self):
+        entries = []
+        seen_outs = set()
+        for folder in self.ws.run_folders():
+            job = self.jobs.for_out(folder)
+            entry = self.ws.run_entry(folder, job.state if job else None, job.message if job and job.state in ("failed", "interrupted") else "")
+            entry.steps = self.steps_text(entry, job)
+            entries.append(entry)
+            seen_outs.add(folder.resolve())
+        for job in sorted(self.jobs.jobs.values(), key=lambda j: j.created):
+            if Path(job.out).resolve() not in seen_outs and job.state != "cancelled":
+                entry = self.ws.run_entry(Path(job.out), job.state, job.message)
+                entry.steps = self.steps_text(entry, job)
+                entries.append(entry)
+                seen_outs.add(Path(job.out).resolve())
+        return entries
+
+    @staticmethod
+    def steps_text(entry, job) -> str:
+        if entry.info:
+            config = entry.info.get("config", {})
+            return f"{config.get('phase1_steps')} + {config.get('phase2_steps')}"
+        if job and job.phase_steps:
+            return " + ".join(str(n) for n in job.phase_steps.values())
+        return ""
+
+    def run_details(self, entry) -> str:
+        lines = [f"### {entry.name}: {LABEL_STATE.get(entry.status, entry.status)}"]
+        if entry.note:
+            lines.append(html.escape(entry.note))
+        if entry.info:
+            info = entry.info
+            times = info.get("times", {})
+            lines.append(f"Handles {' '.join(f'`{h}`' for h in info['handles'])}, base model `{info['model']}`, "
+                         f"weights {info.get('weights') or 'handles only'}, {info.get('resolution')} px, took {times.get('total_s', 0):.0f} s.")
+            lines.append(f"Report: `{self.ws.relative(entry.path)}/report/index.html`; model card: `{self.ws.relative(entry.path)}/README.md`.")
+        job = self.jobs.for_out(entry.path)
+        if job:
+            lines.append(f"Command:\n```\n{job.shown}\n```")
+        return "\n\n".join(lines)

@@ -1,0 +1,73 @@
+"""``bas ui``: the local web page (gradio), started on 127.0.0.1 with a workspace folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import time
+from pathlib import Path
+
+import click
+
+from bas.core.errors import BasError
+from bas.core.model import default_model
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_UPLOAD = "200mb"
+
+
+@click.command("ui")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; anything but 127.0.0.1 lets other machines open the page.")
+@click.option("--port", type=int, default=7860, show_default=True)
+@click.option("--workspace", type=click.Path(path_type=Path), default=Path("bas-workspace"), show_default=True,
+              help="The only folder the page reads and writes: scenes/, runs/, exports/ and uploads (created if missing).")
+@click.option("--model", default=None, help="The model the Extract tab starts with (hub id or pipeline folder) [default: bas run's, stabilityai/stable-diffusion-2-1-base].")
+@click.option("--sam-model", default=None, help="The SAM checkpoint the Scene tab starts with [default: facebook/sam-vit-base].")
+@click.option("--device", default="auto", show_default=True, help="The device the page's SAM, generation and extraction fields start with.")
+def ui(host, port, workspace, model, sam_model, device):
+    """Make masks by clicking, extract, generate and export in the browser: bas ui --workspace DIR.
+
+    A local web page over the same code as the commands: the Scene tab makes masks with SAM clicks
+    or uploaded PNGs and saves scenes/NAME, the Extract tab runs `bas run` in the background (one
+    at a time per device), Generate samples from a finished run, Export downloads a zip.
+    """
+    from bas.plugins.sam_masks import DEFAULT_CHECKPOINT
+    from bas.ui.workspace import Workspace
+
+    ws = Workspace(workspace)
+    if host not in LOCAL_HOSTS:
+        click.echo(f"Warning: --host {host} lets other machines on the network open this page and use the workspace {ws.root}; it has no password.", err=True)
+    if importlib.util.find_spec("gradio") is None:
+        raise BasError("bas ui needs gradio; install it with: pip install 'bas[ui]'.")
+    # gradio keeps uploads (and what it serves) in its temporary folder: make that one part of the
+    # workspace, before gradio is imported, and turn off its telemetry
+    os.environ["GRADIO_TEMP_DIR"] = str(ws.uploads)
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.pop("GRADIO_SHARE", None)
+    from bas.ui.app import CSS, App
+
+    app = App(ws, model=model or default_model(), sam_model=sam_model or DEFAULT_CHECKPOINT, device=device)
+    demo = app.build()
+    try:
+        demo.queue(default_concurrency_limit=4).launch(
+            server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True, show_error=False,
+            allowed_paths=[str(ws.root)], max_file_size=MAX_UPLOAD, ssr_mode=False, enable_monitoring=False,
+            mcp_server=False, footer_links=["api", "settings"], css=CSS,
+        )
+    except OSError as exc:
+        raise BasError(f"Cannot listen on {host}:{port} ({exc}); pass another --port.") from exc
+    # Ctrl-C and a service manager's SIGTERM both stop cleanly (a shell's background job starts with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    shown_host = f"[{host}]" if ":" in host else host
+    click.echo(f"bas ui: http://{shown_host}:{port}/ (workspace {ws.root}); Ctrl-C stops it.", err=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        if any(j.state in ("running", "stopping") for j in app.jobs.jobs.values()):
+            click.echo("Stopping: the running extraction finishes its step and saves a checkpoint (Resume continues it) ...", err=True)
+        app.jobs.close()
+        demo.close()
+        click.echo("Stopped.", err=True)

@@ -1,0 +1,224 @@
+"""The page's forms as ``bas`` command lines, and those command lines parsed by the real ``bas`` parser.
+
+An extraction started on the page *is* a ``bas run`` command line: :func:`run_args` writes it from
+the form, :func:`parse_run` parses it with ``bas run``'s own click command (plugin options
+included) into the :class:`~bas.core.training.RunConfig` that command would make, and the page shows
+the same arguments with paths relative to the workspace.  Every path option (click ``Path`` type)
+is resolved inside the workspace, so a path typed on the page cannot leave it.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import click
+
+from bas.core.errors import BasError
+from bas.ui.workspace import Workspace
+
+_PARSE_LOCK = threading.Lock()  # RunCommand swaps the plugin options of one shared command object
+
+
+def run_command() -> click.Command:
+    from bas.cli import cli
+
+    return cli.commands["run"]
+
+
+def parse_run(args: list[str], workspace: Workspace):
+    """``bas run ARGS`` as the command line would run it: ``(RunConfig, plugin names)``.
+
+    Relative paths are taken from the workspace; a path outside it is an error.
+    """
+    from bas.core.api import make_config
+
+    command = run_command()
+    with _PARSE_LOCK:
+        try:
+            ctx = command.make_context("bas run", list(args))
+        except click.ClickException as exc:
+            raise BasError(exc.format_message()) from None
+        plugins = ctx.meta["bas.plugins"]
+        params = dict(ctx.params)
+        path_options = {p.name for p in command.params if isinstance(getattr(p, "type", None), click.Path)}
+    for name in path_options:
+        value = params.get(name)
+        if isinstance(value, (list, tuple)):
+            params[name] = type(value)(workspace.inside(v) for v in value)
+        elif value is not None:
+            params[name] = workspace.inside(value)
+    names = list(params.pop("plugin_names", ()))
+    return make_config(plugins, params, names), names
+
+
+def defaults(plugin_names: Iterable[str] = ("lora",)) -> dict[str, Any]:
+    """``bas run``'s defaults, its own options and those of the named plugins (as the page's fields start)."""
+    from bas.core.api import option_default
+    from bas.core.plugins import Plugins
+
+    values = {p.name: option_default(p) for p in run_command().params if isinstance(p, click.Option) and not getattr(p, "_from_plugin", False)}
+    values.update({opt.name: option_default(opt) for _, opt in Plugins(list(plugin_names)).run_options()})
+    return values
+
+
+def shell(words: Iterable[Any]) -> str:
+    return shlex.join(str(w) for w in words)
+
+
+def run_args(form: dict[str, Any], path: Callable[[str], str]) -> list[str]:
+    """``bas run`` arguments for the Extract form; ``path`` writes a workspace-relative path
+    (absolute to run it, relative to show it).  Options left at their defaults are left out."""
+    d = defaults(["full"] if form.get("weights") == "full" else ["lora"])
+    args = ["--scene", path(form["scene"]), "--out", path(form["out"])]
+    if form.get("weights") == "full":
+        args += ["--plugin", "full"]
+    for name in form.get("plugins") or ():
+        args += ["--plugin", name]
+    args += ["--model", str(form["model"])]
+    for word in form.get("init_tokens") or ():
+        args += ["--init-token", word]
+    for name in ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "seed", "resolution", "precision", "device", "lora_rank", "checkpoint_every"):
+        value = form.get(name)
+        if value is None or value == "" or (name == "lora_rank" and form.get("weights") == "full"):
+            continue
+        if isinstance(d.get(name), int) and not isinstance(d.get(name), bool) or name in ("resolution", "seed"):
+            value = int(value)
+        if value != d.get(name):
+            args += [f"--{name.replace('_', '-')}", format_number(value)]
+    if form.get("background"):
+        args.append("--background")
+    if form.get("overwrite"):
+        args.append("--overwrite")
+    if form.get("resume"):
+        args.append("--resume")
+    extra = form.get("extra") or ""
+    try:
+        args += shlex.split(extra)
+    except ValueError as exc:
+        raise BasError(f"More options cannot be split into words ({exc}); close the quotes in '{extra}'.") from None
+    return args
+
+
+def config_args(saved: dict[str, Any]) -> list[str]:
+    """``bas run`` arguments that make the configuration ``saved`` (a ``RunConfig.to_json()``, as a
+    checkpoint keeps it) again: how the page resumes a run that was started on the command line."""
+    from bas.core.api import option_default
+    from bas.core.plugins import Plugins
+
+    names = list(saved.get("plugins") or [])
+    values = {**{k: v for k, v in saved.items() if k not in ("options", "plugins")}, **(saved.get("options") or {})}
+    options = [p for p in run_command().params if isinstance(p, click.Option) and p.name != "plugin_names" and not getattr(p, "_from_plugin", False)]
+    options += [opt for _, opt in Plugins(names).run_options()]
+    args = [word for name in names for word in ("--plugin", name)]
+    for opt in options:
+        value, default = values.get(opt.name), option_default(opt)
+        if opt.name in ("resume", "overwrite") or value is None or _same(value, default):
+            continue
+        if opt.is_flag or opt.is_bool_flag:
+            if opt.secondary_opts and not value:
+                args.append(opt.secondary_opts[0])
+            elif value:
+                args.append(opt.opts[0])
+        elif opt.multiple:
+            for item in value:
+                args += [opt.opts[0], str(item)]
+        else:
+            args += [opt.opts[0], str(value)]
+    return args
+
+
+def _same(a: Any, b: Any) -> bool:
+    def norm(v):
+        return [str(x) for x in v] if isinstance(v, (list, tuple)) else (str(v) if isinstance(v, Path) else v)
+    return norm(a) == norm(b)
+
+
+def format_number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def command_defaults(name: str) -> dict[str, Any]:
+    from bas.cli import cli
+
+    return {p.name: p.default for p in cli.commands[name].params if isinstance(p, click.Option)}
+
+
+def sampling_choices(family=None) -> dict[str, Any]:
+    """What the Generate tab offers for a run of ``family`` (by default the default family's): the
+    samplers the family takes, and its default sampler and guidance, as ``bas generate`` picks them."""
+    from bas.core.family import default_family
+    from bas.core.generation import family_schedulers
+    from bas.core.plugins import Plugins
+
+    family = family or default_family(Plugins())
+    return {"schedulers": family_schedulers(family), "scheduler": family.default_scheduler, "guidance": family.default_guidance}
+
+
+def generate_args(run: str, prompts: list[str], options: dict[str, Any], family=None) -> list[str]:
+    """``bas generate`` arguments equivalent to :func:`bas.generate` with ``options`` (defaults left out:
+    the sampler and guidance are the run's ``family``'s, by default the default family's)."""
+    from bas.core.family import default_family
+    from bas.core.plugins import Plugins
+
+    d = command_defaults("generate")
+    family = family or default_family(Plugins())
+    d.update(guidance=family.default_guidance, scheduler=family.default_scheduler)
+    args = [run, *prompts, "--seeds", ",".join(str(s) for s in options["seeds"])]
+    for name in ("negative_prompt", "steps", "guidance", "lora_scale", "scheduler", "width", "height", "device"):
+        value = options.get(name)
+        if value not in (None, "") and value != d.get(name):
+            args += [f"--{name.replace('_', '-')}", format_number(value)]
+    return args
+
+
+def export_args(run: str, fmt: str, dest: str, options: dict[str, Any]) -> list[str]:
+    args = [run, "--format", fmt, "--out", dest]
+    if options.get("name"):
+        args += ["--name", options["name"]]
+    if fmt != "diffusers" and options.get("rank") not in (None, 32):
+        args += ["--rank", str(options["rank"])]
+    if not options.get("preview", True):
+        args.append("--no-preview")
+    if options.get("overwrite"):
+        args.append("--overwrite")
+    return args
+
+
+def masks_args(image: str, prompts: list[tuple[str, str]], out: str, sam_model: str | None, cleanup: dict[str, Any]) -> list[str] | None:
+    """``bas masks --plugin sam-masks`` arguments for SAM prompts ``(option, text)`` in concept order,
+    or None when the command line cannot keep that order (it takes every --point before every --box)."""
+    kinds = [option for option, _ in prompts]
+    if not prompts or kinds != sorted(kinds, key=lambda k: k != "--point"):
+        return None
+    args = ["--plugin", "sam-masks", "--image", image]
+    for option, text in prompts:
+        args += [option, text]
+    if sam_model:
+        args += ["--model", sam_model]
+    args += cleanup_args(cleanup)
+    return args + ["--out", out]
+
+
+def cleanup_args(cleanup: dict[str, Any]) -> list[str]:
+    args = []
+    if cleanup.get("mask_threshold") is not None:
+        args += ["--mask-threshold", format_number(float(cleanup["mask_threshold"]))]
+    if cleanup.get("fill_holes"):
+        args.append("--fill-holes")
+    for name in ("mask_dilate", "mask_erode", "mask_feather"):
+        if cleanup.get(name):
+            args += [f"--{name.replace('_', '-')}", format_number(float(cleanup[name]))]
+    return args
+
+
+def absolute(workspace: Workspace) -> Callable[[str], str]:
+    return lambda p: str(workspace.inside(p))
+
+
+def relative(p: str) -> str:
+    return str(Path(p).as_posix())

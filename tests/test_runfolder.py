@@ -1,0 +1,670 @@
+"""No lost run, no escape, no traceback: the run folder's lifecycle under faults and hostile input.
+
+Every case of the matrix asserts one ``Error:`` line, the exit code, and the files before and
+after (the whole test folder, hidden files included, by content and mode).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import bas
+from bas.cli import main
+from bas.core import io, runfolder
+from bas.core.api import make_config
+from bas.core.checkpoint import complete_checkpoints
+from bas.core.errors import BasError
+from bas.core.generation import read_run
+from bas.core.plugins import Plugins
+from bas.core.runfolder import staging_path
+from bas.core.training import NumericalError, extract
+
+from conftest import as_an_earlier_version_wrote
+from test_reliability import Fragile
+
+QUICK = ["--phase1-steps", "1", "--phase2-steps", "1", "--quiet"]
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Everything under ``root``, hidden entries included: (kind, mode, content hash)."""
+    found = {}
+    for path in sorted(Path(root).rglob("*")):
+        st = os.lstat(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
+        found[path.relative_to(root).as_posix()] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), digest)
+    return found
+
+
+def run_main(argv) -> tuple[int, str]:
+    import io as stdio
+    import contextlib
+
+    err = stdio.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, err.getvalue()
+
+
+def error_line(err: str) -> str:
+    """The one line a failed command prints (warnings aside); asserts there is exactly one."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, scene, tiny_model) -> Path:
+    """A finished LoRA run, copied by the tests that change it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    code, err = run_main(["run", "--scene", scene, "--model", tiny_model, "--out", out, *QUICK])
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch, scene, tiny_model, finished):
+    """A folder to work in (the current folder), with the scene, a run and a home of its own."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    shutil.copytree(scene, tmp_path / "scene")
+    shutil.copytree(finished, tmp_path / "runs" / "old")
+    return tmp_path
+
+
+def run_args(*extra, out="runs/new", model=None):
+    return ["run", "--scene", "scene", "--model", model, "--out", out, *QUICK, *extra]
+
+
+# -- the matrix: refused before anything is written ------------------------------------------------
+def write_bomb(d):
+    Image.new("L", (64, 64)).save(d / "scene" / "img.png")  # over the limit the test sets below
+
+
+def write_gap(d):
+    (d / "scene" / "mask1.png").rename(d / "scene" / "mask2.png")
+
+
+def write_two_images(d):
+    shutil.copy(d / "scene" / "img.png", d / "scene" / "img.jpg")
+
+
+def write_truncated(d):
+    data = (d / "scene" / "img.png").read_bytes()
+    (d / "scene" / "img.png").write_bytes(data[: len(data) // 2])
+
+
+def write_not_a_run(d):
+    (d / "runs" / "mine").mkdir()
+    (d / "runs" / "mine" / "thesis.tex").write_text("years of work")
+
+
+def write_file_out(d):
+    (d / "runs" / "afile").write_text("x")
+
+
+def write_live_lock(d):
+    lock = d / "runs" / ".new.bas-lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": "bas run --out runs/new",
+                                "started": "2026-01-01T00:00:00", "proc_start": runfolder._proc_start(os.getpid())}))
+
+
+def write_foreign_lock(d):
+    lock = d / "runs" / ".new.bas-lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "another-host", "command": "bas run", "started": "2026-01-01T00:00:00"}))
+
+
+MATRIX = [  # (case, prepare, extra arguments, out, message)
+    ("out is a file", write_file_out, [], "runs/afile", "--out runs/afile is a file"),
+    ("out is the current folder", None, [], ".", "--out . is the current folder"),
+    ("out is a parent of the current folder", None, [], "..", "is a parent of the current folder"),
+    ("out is the root", None, [], "/", "--out / is the root folder"),
+    ("out is home", None, ["--overwrite"], "~", "is your home folder"),
+    ("an output path inside out", None, ["--plugin", "tensorboard", "--logging-dir", "runs/new/tb"], "runs/new",
+     "--out runs/new holds --logging-dir runs/new/tb"),
+    ("out is the scene folder", None, ["--overwrite"], "scene", "--out scene holds --scene scene"),
+    ("out is not a run", write_not_a_run, ["--overwrite"], "runs/mine", "it is not a bas run (it has no run.json) and holds 1 entry"),
+    ("out holds a finished run", None, [], "runs/old", "already holds a finished run; pass --overwrite"),
+    ("resume with nothing to resume", None, ["--resume"], "runs/old", "holds a finished run, there is nothing to resume"),
+    ("resume without checkpoints", None, ["--resume"], "runs/new", "holds no complete checkpoint to resume from"),
+    ("lora rank 0", None, ["--lora-rank", "0"], "runs/new", "--lora-rank must be at least 1, not 0"),
+    ("nan learning rate", None, ["--phase1-lr", "nan"], "runs/new", "--phase1-lr must be a finite number, not nan"),
+    ("infinite plugin option", None, ["--attention-loss-weight", "inf"], "runs/new", "--attention-loss-weight must be a finite number, not inf"),
+    ("negative steps", None, ["--phase2-steps", "-1"], "runs/new", "--phase2-steps must be 0 or more, not -1"),
+    ("huge seed", None, ["--seed", str(2**64)], "runs/new", "--seed must be at most 9223372036854775807"),
+    ("device meta", None, ["--device", "meta"], "runs/new", "Unknown --device 'meta'"),
+    ("missing gpu", None, ["--device", "cuda:3"], "runs/new", "--device cuda"),
+    ("huge resolution", None, ["--resolution", "65536"], "runs/new", "--resolution must be at most 4096 pixels"),
+    ("a validation cadence without a prompt", None, ["--validate-every", "2"], "runs/new", "--validate-every needs something to sample"),
+    ("mask numbering gap", write_gap, [], "runs/new", "has mask2.png but no mask1.png; number the masks from 0 without gaps"),
+    ("two input images", write_two_images, [], "runs/new", "has 2 input images (img.jpg, img.png); keep one img.* file"),
+    ("decompression bomb", write_bomb, [], "runs/new", "pixels, PIL's limit against decompression bombs"),
+    ("truncated image", write_truncated, [], "runs/new", "is not a readable image"),
+    ("a live run holds the lock", write_live_lock, ["--overwrite"], "runs/new", "is in use by another bas process (pid"),
+    ("a lock from another host", write_foreign_lock, [], "runs/new", "pid 1 on another-host"),
+    ("out below a file", write_file_out, [], "runs/afile/new", "is not a folder"),
+    ("out is bas's own staging name", None, [], "runs/.old.bas-partial", "is a name bas uses for its own work"),
+    ("a model that cannot load, into new folders", None, ["--model", "no-such/model"], "deep/er/new", "Could not load model 'no-such/model'"),
+]
+
+
+@pytest.mark.parametrize("case, prepare, extra, out, message", MATRIX, ids=[m[0] for m in MATRIX])
+def test_refused_runs_change_no_file(case, prepare, extra, out, message, work, tiny_model, monkeypatch):
+    if prepare:
+        prepare(work)
+    if prepare is write_bomb:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    before = snapshot(work)
+    code, err = run_main(run_args(*extra, out=out, model=tiny_model))
+    assert code == 1 and message in error_line(err)
+    assert snapshot(work) == before
+
+
+# -- failures late in a run: the old run stays whole and usable ------------------------------------
+def run_fragile(tmp, scene, model, out, **values):
+    pm = Plugins([], extra=[("fragile", Fragile("nan"))])
+    values = {"scene": scene, "model": str(model), "out": out, "quiet": True, "phase1_steps": 5, "phase2_steps": 2, **values}
+    return extract(make_config(pm, values, ["fragile"]), pm)
+
+
+def test_overwrite_that_fails_late_keeps_the_old_run_usable(work, tiny_model):
+    old = work / "runs" / "old"
+    before = snapshot(old)
+    with pytest.raises(NumericalError, match="--resume|phase 1 step 3"):
+        run_fragile(work, work / "scene", tiny_model, old, overwrite=True)
+    assert snapshot(old) == before
+    assert read_run(old)["handles"] == ["<asset0>", "<asset1>"]  # every check a reader makes passes
+    paths = bas.generate(old, "a photo of <asset1>", num_images=1, steps=1, device="cpu")
+    assert paths[0].is_file()
+    # the failed run waits beside it, resumable, and holds the lock no longer
+    assert (staging_path(old) / "checkpoints" / "phase1-step00002").is_dir()
+    assert not (work / "runs" / ".old.bas-lock").exists()
+
+
+def test_disk_full_while_writing_the_run_leaves_out_as_it_was(work, tiny_model, monkeypatch):
+    old = work / "runs" / "old"
+    before = snapshot(old)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]) if len(args) > 1 else None)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "save_file", full)  # the final handles file: after the phase-1 checkpoint
+        code, err = run_main(run_args("--overwrite", out="runs/old", model=tiny_model))
+    line = error_line(err)
+    assert code == 1 and "the disk is full" in line and "run the same command with --resume added" in line
+    assert snapshot(old) == before
+    assert sorted(p.name for p in (work / "runs").iterdir()) == [".old.bas-partial", "old"]  # no lock, no stray files
+    code, err = run_main(run_args("--resume", out="runs/old", model=tiny_model))
+    assert code == 0, err
+    assert read_run(old)["resumed"] and not staging_path(old).exists()
+
+
+def mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounted = []
+
+    def make(name: str, options: str) -> Path:
+        path = tmp_path / name
+        if not mount_tmpfs(path, options):
+            pytest.skip("cannot mount a tmpfs here (needs root on Linux)")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_a_really_full_disk(tmpfs, work, tiny_model):
+    disk = tmpfs("disk", "size=160k")
+    before = snapshot(disk)
+    code, err = run_main(run_args("--checkpoint-every", "0", out=disk / "run", model=tiny_model))
+    line = error_line(err)
+    assert code == 1 and "the disk is full" in line
+    assert snapshot(disk) == before  # nothing resumable was saved, so nothing stays
+
+
+def test_a_read_only_folder(tmpfs, work, tiny_model, finished):
+    disk = tmpfs("ro", "size=1m,ro")
+    before = snapshot(disk)
+    code, err = run_main(run_args(out=disk / "run", model=tiny_model))
+    assert code == 1 and "Cannot write beside --out" in error_line(err) and "Read-only file system" in err
+    assert snapshot(disk) == before
+    # a run on a read-only disk can still be read (and generated from, into a writable folder)
+    copy = tmpfs("copy", "size=4m")
+    shutil.copytree(finished, copy / "run")
+    subprocess.run(["mount", "-o", "remount,ro", str(copy)], check=True)
+    assert read_run(copy / "run")["handles"] == ["<asset0>", "<asset1>"]
+    code, err = run_main(["generate", copy / "run", "a photo of <asset0>", "--steps", "1", "--num-images", "1"])
+    assert code == 1 and "the file system is read-only" in error_line(err)
+
+
+# -- readers refuse damaged, mixed and crafted folders ---------------------------------------------
+def rewrite_json(out: Path, change) -> None:
+    info = json.loads((out / "run.json").read_text())
+    change(info)
+    (out / "run.json").write_text(json.dumps(info))
+
+
+def other_handles(out: Path) -> None:  # another run's handles: same names, same size, other values
+    handles = load_file(str(out / "handles.safetensors"))
+    save_file({k: v + 1 for k, v in handles.items()}, str(out / "handles.safetensors"))
+
+
+def crafted_escape(out: Path) -> None:
+    """A folder made to attack: a handle named as a path, with run.json and checksums agreeing."""
+    save_file({"../../escaped": torch.zeros(32)}, str(out / "handles.safetensors"))
+
+    def change(info):
+        info["handles"] = ["../../escaped"]
+        info["checksums"] = runfolder.checksums(out, ["handles.safetensors", "lora/pytorch_lora_weights.safetensors"])
+    rewrite_json(out, change)
+
+
+DAMAGED = [  # (case, damage, message)
+    ("handles from another run", other_handles, "is damaged or mixed: handles.safetensors is not the file its run wrote"),
+    ("lora missing", lambda o: (o / "lora" / "pytorch_lora_weights.safetensors").unlink(), "is incomplete: lora/pytorch_lora_weights.safetensors"),
+    ("lora truncated", lambda o: (o / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"\0" * 10), "is damaged or mixed"),
+    ("run.json not json", lambda o: (o / "run.json").write_text("{"), "is not valid JSON"),
+    ("run.json a list", lambda o: (o / "run.json").write_text("[]"), "does not hold a run's record"),
+    ("run.json without handles", lambda o: rewrite_json(o, lambda i: i.pop("handles")), "has no valid 'handles'"),
+    ("a listed file outside", lambda o: rewrite_json(o, lambda i: i["files"].append("../../etc/passwd")), "which is not inside"),
+    ("a checksum path outside", lambda o: rewrite_json(o, lambda i: i["checksums"].update({"/etc/passwd": {"bytes": 1}})), "which is not inside"),
+    ("handles disagree", lambda o: rewrite_json(o, lambda i: i.update(handles=["<asset0>"], checksums={})), "is mixed: handles.safetensors holds <asset0>, <asset1> but run.json lists <asset0>"),
+    ("crafted handle name", crafted_escape, "lists the handles ['../../escaped']"),
+    ("resolution not a number", lambda o: rewrite_json(o, lambda i: i.update(resolution="big")), "has no valid 'resolution'"),
+]
+READERS = [
+    ["generate", "{out}", "a photo of <asset0>", "--steps", "1", "--num-images", "1"],
+    ["export", "{out}", "--format", "kohya", "--out", "{work}/exported", "--no-preview"],
+    ["edit", "{out}", "a photo of <asset0>", "--image", "{work}/scene/img.png", "--mask", "{work}/scene/mask0.png", "--steps", "1"],
+]
+
+
+@pytest.mark.parametrize("case, damage, message", DAMAGED, ids=[d[0] for d in DAMAGED])
+def test_readers_refuse_a_damaged_or_mixed_run_folder(case, damage, message, work):
+    out = work / "runs" / "old"
+    damage(out)
+    before = snapshot(work)
+    for reader in READERS:
+        code, err = run_main([a.format(out=out, work=work) for a in reader])
+        assert code == 1 and message in error_line(err), reader[0]
+        assert snapshot(work) == before
+    assert not (work / "escaped").exists() and not list(work.parent.glob("escaped*"))
+
+
+@pytest.mark.parametrize("entry, what", [
+    (".old.bas-partial", "the staging folder"),  # a complete run waiting to be swapped in: readable, but not the run
+    (".old.bas-old", "the previous run set aside during a swap"),
+    (".old.bas-lock", "the lock file"),
+])
+def test_readers_refuse_the_entries_bas_keeps_beside_a_run_naming_the_run(entry, what, work):
+    runs = work / "runs"
+    if entry.endswith("lock"):
+        (runs / entry).write_text('{"pid": 1, "host": "elsewhere", "command": "bas run", "started": "2026-01-01T00:00:00"}')
+    else:
+        shutil.copytree(runs / "old", runs / entry)
+    (work / "linked").symlink_to(runs / entry)
+    before = snapshot(work)
+    for given in (runs / entry, work / "linked"):
+        for reader in READERS:
+            code, err = run_main([a.format(out=given, work=work) for a in reader])
+            line = error_line(err)
+            assert code == 1 and f"is {what} that bas keeps beside the run " in line and line.endswith(f"runs/old itself."), (reader[0], line)
+            assert snapshot(work) == before
+
+
+def test_readers_take_a_run_an_earlier_version_wrote(work):
+    """A run.json without the files' sizes and hashes (bas before the run-folder checks) has nothing
+    to verify, which is no damage: generate, export and edit read the run as before, and the checks
+    that need no record (the files it lists, the handles) still hold."""
+    out = as_an_earlier_version_wrote(work / "runs" / "old")
+    before = snapshot(out)
+    for reader in READERS:
+        code, err = run_main([a.format(out=out, work=work) for a in reader])
+        assert code == 0, (reader[0], err)
+    assert list((out / "samples").glob("*.png")) and list((out / "edits").glob("*.png")) and (work / "exported" / "README.md").is_file()
+    assert {k: v for k, v in snapshot(out).items() if k.split("/")[0] not in ("samples", "edits")} == before
+    (out / "lora" / "pytorch_lora_weights.safetensors").unlink()
+    code, err = run_main(READERS[0][:1] + [str(out)] + READERS[0][2:])
+    assert code == 1 and "is incomplete: lora/pytorch_lora_weights.safetensors" in error_line(err)
+
+
+@pytest.mark.parametrize("dest, message", [
+    ("~", "is your home folder"),
+    ("runs/mine", "holds thesis.tex, which no export writes, and --overwrite replaces the whole folder"),
+    ("scene", "holds img.png and 2 more, which no export writes"),
+])
+def test_export_never_replaces_a_folder_that_is_not_an_export(dest, message, work):
+    write_not_a_run(work)
+    before = snapshot(work)
+    code, err = run_main(["export", "runs/old", "--out", dest, "--overwrite", "--no-preview"])
+    assert code == 1 and message in error_line(err)
+    assert snapshot(work) == before
+
+
+def test_export_refuses_a_crafted_handle_even_past_the_reader(work):
+    """The check where a name becomes a path holds without read_run's."""
+    from bas.core.export import write_textual_inversions
+    from bas.plugins.sd import StableDiffusion
+
+    with pytest.raises(BasError, match="invalid handle name '../x'"):
+        write_textual_inversions(StableDiffusion(), {"../x": {"text_encoder": torch.zeros(4)}}, work / "emb")
+    assert not (work / "x.safetensors").exists() and not (work / "emb").exists()
+
+
+def test_an_interrupted_run_is_named_as_such_by_readers_and_a_damaged_checkpoint_refused(work, tiny_model):
+    with pytest.raises(NumericalError):
+        run_fragile(work, work / "scene", tiny_model, work / "runs" / "new")
+    code, err = run_main(["generate", "runs/new", "a photo of <asset0>"])
+    assert code == 1 and "holds an interrupted run, not a finished one; continue it with `bas run ... --resume`" in error_line(err)
+    saved = staging_path(work / "runs" / "new") / "checkpoints" / "phase1-step00002"
+    for damage in (lambda: (saved / "state.json").write_text('{"phase": 1}'), lambda: (saved / "optimizer.pt").write_bytes(b"junk")):
+        damage()
+        before = snapshot(work)
+        with pytest.raises(BasError, match="phase1-step00002 cannot be read .*; start over with --overwrite instead of --resume"):
+            run_fragile(work, work / "scene", tiny_model, work / "runs" / "new", resume=True)
+        assert snapshot(work) == before
+
+
+# -- resume: the same inputs, the same folder by any path ------------------------------------------
+def test_resume_notices_changed_inputs_and_accepts_the_folder_by_another_path(work, tiny_model):
+    out = work / "runs" / "new"
+    with pytest.raises(NumericalError):  # stops at phase 1 step 3, with step 2 saved
+        run_fragile(work, work / "scene", tiny_model, out)
+    original = (work / "scene" / "img.png").read_bytes()
+    Image.open(work / "scene" / "img.png").rotate(3).save(work / "scene" / "img.png")  # same path, other pixels
+    before = snapshot(work)
+    with pytest.raises(BasError, match="The input image or masks differ from those the interrupted run was trained on"):
+        run_fragile(work, work / "scene", tiny_model, out, resume=True)
+    assert snapshot(work) == before
+    (work / "scene" / "img.png").write_bytes(original)
+    # the same folder through a link, the same scene by another path: it resumes (and meets the
+    # same NaN at step 3, so the checks were passed and training ran from step 2)
+    (work / "link").symlink_to(work / "runs")
+    with pytest.raises(NumericalError, match="phase 1 step 3"):
+        run_fragile(work, Path("scene/../scene"), tiny_model, Path("link/new"), resume=True)
+
+
+# -- two runs at once, kill -9 during the swap -----------------------------------------------------
+def bas_process(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "bas.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def test_a_second_run_into_the_same_out_fails_at_once(work, tiny_model):
+    steps = ["--phase1-steps", "20", "--phase2-steps", "0", "--checkpoint-every", "1", "--quiet"]
+    first = bas_process("run", "--scene", "scene", "--model", tiny_model, "--out", "runs/old", "--overwrite", *steps)
+    lock = work / "runs" / ".old.bas-lock"
+    before = snapshot(work / "runs" / "old")
+    try:
+        t0 = time.time()
+        while not complete_checkpoints(work / "runs" / "old"):
+            assert first.poll() is None and time.time() - t0 < 300, first.communicate()
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # alive, and held where it is while the second run tries
+        # the same folder by another path (absolute here, relative there): the same lock
+        code, err = run_main(run_args("--overwrite", out=work / "runs" / "old", model=tiny_model))
+        assert code == 1 and f"is in use by another bas process (pid {first.pid} on" in error_line(err)
+        assert "--out runs/old --overwrite" in err and lock.is_file()
+    finally:
+        first.kill()
+        first.communicate()
+    assert snapshot(work / "runs" / "old") == before
+    # its lock is stale now: the next command takes it over and resumes the killed run
+    with pytest.warns(UserWarning, match=f"Took over the lock .* pid {first.pid} .* which no longer runs"):
+        code, err = run_main(["run", "--scene", "scene", "--model", tiny_model, "--out", "runs/old", *steps, "--resume"])
+    assert code == 0, err
+    assert not lock.exists() and read_run(work / "runs" / "old")["resumed"]
+
+
+def test_kill_9_during_the_final_swap_never_loses_both_runs(work, tiny_model):
+    old = work / "runs" / "old"
+    proc = bas_process(*run_args("--overwrite", "--seed", "7", out="runs/old", model=tiny_model), env={runfolder.KILL_ENV: "commit:old-aside"})
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    # killed with the old run moved aside and the new one complete beside it: --out is absent for now
+    assert not old.exists() and (work / "runs" / ".old.bas-old" / "run.json").is_file()
+    assert (staging_path(old) / "run.json").is_file() and (work / "runs" / ".old.bas-lock").is_file()
+    info = read_run(old)  # the next command on the folder finishes the swap
+    assert info["seed"] == 7 and sorted(p.name for p in (work / "runs").iterdir()) == ["old"]
+
+
+def fork_and_kill_at(point: str, action) -> None:
+    """Run ``action`` in a child process killed outright at ``point``, as a power loss would."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.environ[runfolder.KILL_ENV] = point
+        try:
+            action()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def make_run(folder: Path, tag: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "handles.safetensors").write_text(tag)
+    (folder / "checkpoints").mkdir()
+    (folder / "run.json").write_text(json.dumps({"bas_version": "x", "tag": tag}))
+    return folder
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("point, complete, expected", [
+    ("commit:before-swap", True, "new"),
+    ("commit:old-aside", True, "new"),
+    ("commit:new-in", True, "new"),
+    ("commit:old-aside", False, "old"),  # the new run lost (deleted by hand): the old one comes back
+])
+def test_every_instant_of_the_swap_recovers_to_one_whole_run(point, complete, expected, tmp_path):
+    out = make_run(tmp_path / "out", "old")
+    make_run(staging_path(out), "new")
+    fork_and_kill_at(point, lambda: runfolder.swap_in(staging_path(out), out))
+    if not complete:
+        shutil.rmtree(staging_path(out), ignore_errors=True)
+    runfolder.settle(out)
+    assert json.loads((out / "run.json").read_text())["tag"] == expected
+    assert (out / "handles.safetensors").read_text() == expected  # never a mix of the two
+    if expected == "new":
+        assert not (out / "checkpoints").exists()  # the staging folder's checkpoints stay out of a finished run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# -- silently wrong inputs ---------------------------------------------------------------------------
+def pixel(img: Image.Image, xy=(0, 0)) -> tuple:
+    return img.getpixel(xy)
+
+
+def test_transparent_images_are_composited_over_white_as_viewers_show_them(tmp_path):
+    from bas.core.scene import load_image
+
+    rgba = Image.new("RGBA", (8, 8), (10, 200, 30, 0))  # invisible green under a transparent pixel
+    rgba.putpixel((1, 1), (10, 200, 30, 255))
+    rgba.putpixel((2, 2), (0, 0, 0, 128))
+    rgba.save(tmp_path / "a.png")
+    img = load_image(tmp_path / "a.png")
+    assert img.mode == "RGB" and pixel(img) == (255, 255, 255) and pixel(img, (1, 1)) == (10, 200, 30)
+    assert pixel(img, (2, 2)) in {(127, 127, 127), (128, 128, 128)}
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 255, 0, 255, 0, 0] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    palette.save(tmp_path / "p.png", transparency=0)
+    img = load_image(tmp_path / "p.png")
+    assert pixel(img) == (255, 255, 255) and pixel(img, (1, 1)) == (255, 0, 0)
+    Image.new("LA", (4, 4), (40, 0)).save(tmp_path / "la.png")
+    assert pixel(load_image(tmp_path / "la.png")) == (255, 255, 255)
+    opaque = Image.new("RGBA", (4, 4), (9, 8, 7, 255))
+    opaque.save(tmp_path / "o.png")
+    assert pixel(load_image(tmp_path / "o.png")) == (9, 8, 7)
+
+
+def test_sixteen_bit_float_cmyk_and_rotated_images_read_as_they_look(tmp_path):
+    from bas.core.scene import load_image
+
+    Image.fromarray(np.full((4, 4), 32896, np.uint16)).save(tmp_path / "g16.png")  # mid grey at 16 bits
+    assert pixel(load_image(tmp_path / "g16.png")) == (128, 128, 128)  # PIL's own conversion gives white
+    Image.fromarray(np.full((4, 4), 0.25, np.float32)).save(tmp_path / "f.tiff")
+    assert pixel(load_image(tmp_path / "f.tiff")) == (64, 64, 64)
+    Image.fromarray(np.full((4, 4), 3.0, np.float32)).save(tmp_path / "hdr.tiff")
+    with pytest.raises(BasError, match="floating-point image with values outside 0-1"):
+        load_image(tmp_path / "hdr.tiff")
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "c.jpg")  # pure red in CMYK
+    r, g, b = pixel(load_image(tmp_path / "c.jpg"))
+    assert r > 200 and g < 40 and b < 40
+    wide = Image.new("RGB", (32, 16), (0, 0, 0))
+    wide.paste((255, 255, 255), (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
+    wide.save(tmp_path / "r.jpg", exif=exif, quality=100)
+    shown = load_image(tmp_path / "r.jpg")
+    assert shown.size == (16, 32) and sum(pixel(shown, (12, 3))) > 600 and sum(pixel(shown, (3, 3))) < 60  # top-left shown top-right
+
+
+def test_multi_frame_images_warn_and_sixteen_bit_masks_keep_their_softness(tmp_path):
+    from bas.core.scene import load_image, load_mask
+
+    frames = [Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning, match="has 2 frames"):
+        load_image(tmp_path / "anim.gif")
+    Image.fromarray(np.full((4, 4), 16384, np.uint16)).save(tmp_path / "m16.png")
+    assert load_mask(tmp_path / "m16.png")[0, 0] == pytest.approx(0.25, abs=1e-3)  # not stretched to 1
+    Image.fromarray(np.full((4, 4), -1.0, np.float32)).save(tmp_path / "mf.tiff")
+    with pytest.raises(BasError, match="mf.tiff: the mask holds negative"):
+        load_mask(tmp_path / "mf.tiff")
+
+
+def test_a_handle_past_the_token_limit_is_an_error_not_cut_off(finished, tmp_path):
+    out = tmp_path / "samples"
+    long = "a photo of " + "very " * 80 + "<asset1>"
+    code, err = run_main(["generate", finished, long, "--steps", "1", "--num-images", "1", "--out-dir", out])
+    assert code == 1 and "its handle <asset1> comes after the text encoder's limit of 77" in error_line(err)
+    assert not out.exists()
+    from transformers import CLIPTokenizer
+
+    from bas.core.handles import check_prompt_fits
+
+    import warnings
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(read_run(finished)["model"]), subfolder="tokenizer")
+    tokenizer.add_tokens(["<asset0>"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_prompt_fits(tokenizer, "a photo of <asset0> at the beach")
+    with pytest.warns(UserWarning, match="the rest is ignored"):  # words past the limit: a warning
+        check_prompt_fits(tokenizer, "a photo of <asset0> " + "and more " * 80)
+    with pytest.raises(BasError, match="its handle <asset0> comes after"):
+        check_prompt_fits(tokenizer, "and more " * 80 + "<asset0>")
+
+
+def test_prompts_files_that_are_not_text(tmp_path, finished):
+    (tmp_path / "p.txt").write_bytes(b"\xff\xfe\x00a\x00b")
+    code, err = run_main(["generate", finished, "--prompts-file", tmp_path / "p.txt"])
+    assert code == 1 and "is not UTF-8 text" in error_line(err)
+
+
+# -- outputs: modes, the progress bar's line ---------------------------------------------------------
+def test_every_output_gets_the_usual_mode(finished):
+    mask = io.current_umask()
+    for path in [finished, *finished.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o777 if path.is_dir() else 0o666) & ~mask, f"{path}: {oct(mode)}"
+
+
+def test_the_nan_message_starts_on_a_line_of_its_own(scene, tiny_model, tmp_path, capsys):
+    pm = Plugins([], extra=[("fragile", Fragile("nan"))])
+    values = {"scene": scene, "model": str(tiny_model), "out": tmp_path / "out", "phase1_steps": 5, "phase2_steps": 0}
+    with pytest.raises(NumericalError):
+        extract(make_config(pm, values, ["fragile"]), pm)
+    err = capsys.readouterr().err
+    assert "phase 1 (handles)" in err and err.endswith("\n")  # the bar ended its line
+
+
+# -- plugins: installed is not enabled -------------------------------------------------------------
+class FakeEntryPoint:
+    def __init__(self, name, load, dist=None):
+        self.name, self.value, self.dist, self._load = name, f"{name}_pkg", dist, load
+        self.loaded = 0
+
+    def load(self):
+        self.loaded += 1
+        return self._load()
+
+
+def hostile_plugins(monkeypatch):
+    import types
+
+    import click
+
+    from bas.core import plugins as plugins_module
+
+    def exits():
+        sys.exit(3)
+
+    def shadows():
+        module = types.ModuleType("shadow")
+
+        @bas.hookimpl
+        def bas_register_commands(cli):
+            cli.add_command(click.Command("run", callback=lambda: print("hijacked")))
+            cli.add_command(click.Command("hello", callback=lambda: print("hello from a plugin")))
+            cli.commands.pop("generate", None)
+
+        module.bas_register_commands = bas_register_commands
+        return module
+
+    eps = {"exits": FakeEntryPoint("exits", exits), "shadow": FakeEntryPoint("shadow", shadows)}
+    monkeypatch.setattr(plugins_module, "_entry_points", lambda: eps)
+    return eps
+
+
+def test_installed_plugins_cannot_exit_bas_or_replace_its_commands(monkeypatch, capsys, scene, tiny_model, tmp_path):
+    import click
+
+    from bas.cli import BasGroup, add_plugin_commands
+
+    eps = hostile_plugins(monkeypatch)
+    code, err = run_main(["run", "--scene", scene, "--model", tiny_model, "--out", tmp_path / "o", "--quiet", "--phase1-steps", "1", "--phase2-steps", "0"])
+    assert code == 0 and eps["exits"].loaded == 0 and eps["shadow"].loaded == 0  # not even imported
+    group = BasGroup(commands={"run": click.Command("run"), "generate": click.Command("generate")})
+    warnings = add_plugin_commands(group)
+    assert {"run", "generate", "hello"} <= set(group.commands) and group.commands["run"].callback is None
+    assert any("'exits' was skipped: Error importing plugin 'exits': it called sys.exit(3)" in w for w in warnings)
+    assert any("adds a command 'run', which bas has already" in w for w in warnings)
+    code, err = run_main(["plugins"])
+    out = capsys.readouterr().out
+    assert code == 0 and "exits  [broken: Error importing plugin 'exits': it called sys.exit(3)]" in out
+    assert "lora  [on by default" in out and "shadow  [opt-in" in out and "could not be loaded (exits)" in err
+    code, err = run_main(["run", "--plugin", "exits", "--out", tmp_path / "p"])
+    assert code == 1 and "Error importing plugin 'exits': it called sys.exit(3)" in error_line(err)

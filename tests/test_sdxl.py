@@ -1,0 +1,308 @@
+"""SDXL on a tiny random SDXL pipeline: what each phase trains in both text encoders, the attention
+loss's maps, generation and editing through diffusers' SDXL pipeline, and the family's files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import bas
+import comfyui_keys
+from bas.core.api import make_config
+from bas.core.errors import BasError
+from bas.core.plugins import Plugins
+from bas.core.training import extract
+
+ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+class Snapshots:
+    """An observer plugin that records every trainable module's parameters at the start and end of each phase."""
+
+    def __init__(self):
+        self.start, self.end, self.maps = {}, {}, []
+
+    @staticmethod
+    def params(run):
+        return {f"{prefix}.{name}": p.detach().float().clone()
+                for prefix, module in run.components.trainable_modules().items() for name, p in module.named_parameters()}
+
+    def on_phase_start(self, run, phase):
+        self.start[phase] = self.params(run)
+
+    def on_phase_end(self, run, phase):
+        self.end[phase] = self.params(run)
+
+    @bas.hookimpl
+    def bas_register_observers(self, register):
+        register("snapshots", lambda config: self)
+
+
+def changed(snaps, phase):
+    start, end = snaps.start[phase], snaps.end[phase]
+    return {n for n in end if n not in start or not torch.equal(start[n], end[n])}
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory, tiny_sdxl_model, scene):
+    snaps = Snapshots()
+    pm = Plugins([], extra=[("snapshots", snaps)])
+    out = tmp_path_factory.mktemp("sdxl") / "run"
+    values = {"scene": scene, "model": str(tiny_sdxl_model), "out": out, "quiet": True, "phase1_steps": 2, "phase2_steps": 2,
+              "init_tokens": ["ball", "box"]}
+    run = extract(make_config(pm, values, []), pm)
+    return run, snaps
+
+
+def handle_names(run):
+    """The parameter names of each text encoder's handle rows."""
+    names = {}
+    for prefix, module in run.components.trainable_modules().items():
+        for name, p in module.named_parameters():
+            if any(p is e.handles for e in run.handle_embeddings):
+                names[prefix] = f"{prefix}.{name}"
+    return names
+
+
+def test_the_family_is_detected_and_recorded(sdxl_run, tiny_sdxl_model):
+    run, _ = sdxl_run
+    info = json.loads((run.out / "run.json").read_text())
+    assert info["family"] == "sdxl" and info["config"]["family"] is None and info["model"] == str(tiny_sdxl_model)
+    assert [e.name for e in run.components.text_encoders] == list(ENCODERS)
+
+
+def test_phase1_changes_only_the_handle_rows_of_both_encoders(sdxl_run):
+    run, snaps = sdxl_run
+    handles = handle_names(run)
+    assert set(handles) == set(ENCODERS)
+    assert changed(snaps, 1) == set(handles.values())
+    for embedding in run.handle_embeddings:  # the old vocabulary is untouched; the handle rows sit after it
+        full = embedding.weight.detach()
+        assert torch.equal(full[: embedding.num_base], embedding.base.weight)
+        assert torch.equal(full[embedding.num_base:], embedding.handles.detach())
+
+
+def test_phase2_lora_changes_only_lora_parameters_and_handle_rows(sdxl_run):
+    run, snaps = sdxl_run
+    moved = changed(snaps, 2)
+    handles = set(handle_names(run).values())
+    assert handles <= moved
+    others = moved - handles
+    assert others and all("lora_" in n for n in others)
+    # SDXL reads encoder 1's penultimate layer: its last layer's adapter gets no gradient and stays zero
+    last = f"text_encoder.encoder.layers.{run.components.text_encoders[0].model.config.num_hidden_layers - 1}."
+    unused = {n for n in snaps.end[2] if n.startswith(last) and "lora_B" in n}
+    assert unused and not unused & moved and all(not snaps.end[2][n].any() for n in unused)
+    for component in ("unet", *ENCODERS):  # adapters on the UNet and on both text encoders, every other one trained
+        lora_b = [n for n in snaps.end[2] if n.startswith(component + ".") and "lora_B" in n and n not in unused]
+        assert lora_b and all(n in moved for n in lora_b), component
+
+
+def test_handles_file_has_a_row_per_handle_and_encoder_and_embeddings_hold_both(sdxl_run):
+    run, _ = sdxl_run
+    handles = load_file(str(run.out / "handles.safetensors"))
+    assert sorted(handles) == ["<asset0>", "<asset1>", "text_encoder_2.<asset0>", "text_encoder_2.<asset1>"]
+    widths = [e.model.get_input_embeddings().embedding_dim for e in run.components.text_encoders]
+    assert handles["<asset0>"].shape == (widths[0],) and handles["text_encoder_2.<asset0>"].shape == (widths[1],)
+    assert widths[0] != widths[1]
+    embedding = load_file(str(run.out / "embeddings" / "asset1.safetensors"))
+    assert set(embedding) == {"clip_l", "clip_g"}
+    assert torch.equal(embedding["clip_l"][0], handles["<asset1>"]) and torch.equal(embedding["clip_g"][0], handles["text_encoder_2.<asset1>"])
+
+
+def test_conditioning_is_both_penultimate_states_the_pooled_end_of_text_and_time_ids(sdxl_run):
+    run, _ = sdxl_run
+    c = run.components
+    ids = run.tokenize(["a photo of <asset0> and <asset1>"])
+    with torch.no_grad():
+        cond = run.conditioning(ids)
+        outs = [e.model(i, output_hidden_states=True) for e, i in zip(c.text_encoders, ids)]
+    torch.testing.assert_close(cond.hidden_states, torch.cat([o.hidden_states[-2] for o in outs], dim=-1))
+    # the pooled output is the end-of-text token's state, not the highest id's (a handle's)
+    tok2 = c.text_encoders[1]
+    eos = (ids[1][0] == tok2.tokenizer.eos_token_id).nonzero()[0, 0]
+    handle = (ids[1][0] == run.token_ids[1]).nonzero()[0, 0]
+    assert int(ids[1][0].argmax()) == int(handle)
+    with torch.no_grad():
+        last = outs[1].last_hidden_state[0]
+        torch.testing.assert_close(cond.extra["text_embeds"][0], tok2.model.text_projection(last[eos]))
+    size = run.scene.size
+    assert cond.extra["time_ids"].tolist() == [[*size.original, *size.crop_top_left, *size.target]]
+    assert size.target == (run.resolution, run.resolution)
+
+
+def test_generate_end_to_end_through_the_sdxl_pipeline(sdxl_run, invoke, tmp_path):
+    run, _ = sdxl_run
+    result = invoke("generate", run.out, "a photo of <asset0> at the beach", "--steps", 2, "--num-images", 1,
+                    "--scheduler", "euler", "--out-dir", tmp_path / "g", "--lora-scale", 0.5)
+    assert result.exit_code == 0, result.output
+    (path,) = [tmp_path / "g" / "a-photo-of-asset0-at-the-beach-seed0.png"]
+    assert Image.open(path).size == (run.resolution, run.resolution)
+    from bas.core.generation import load_run_pipeline
+
+    pipe, _ = load_run_pipeline(run.out, device="cpu")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    handles = load_file(str(run.out / "handles.safetensors"))
+    for encoder, tokenizer, prefix in ((pipe.text_encoder, pipe.tokenizer, ""), (pipe.text_encoder_2, pipe.tokenizer_2, "text_encoder_2.")):
+        weight = encoder.get_input_embeddings().weight
+        for token in ("<asset0>", "<asset1>"):
+            assert torch.equal(weight[tokenizer.convert_tokens_to_ids(token)], handles[prefix + token])
+    assert any(pipe.get_list_adapters().values())
+
+
+def test_edit_through_the_sdxl_pipeline(sdxl_run, scene, invoke, tmp_path):
+    from PIL import ImageDraw
+
+    run, _ = sdxl_run
+    mask = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).rectangle((40, 40, 89, 89), fill=255)
+    mask.save(tmp_path / "mask.png")
+    result = invoke("edit", run.out, "a photo of <asset0>", "--image", scene / "img.png", "--mask", tmp_path / "mask.png",
+                    "--steps", 4, "--scheduler", "euler", "--composite", "--out-dir", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    edited = np.asarray(Image.open(tmp_path / "e" / "edit-a-photo-of-asset0-seed0.png").convert("RGB"), dtype=np.float32)
+    source = np.asarray(Image.open(scene / "img.png").convert("RGB"), dtype=np.float32)
+    inside = np.asarray(mask) > 127
+    assert np.abs(edited - source)[inside].mean() > 20 and np.abs(edited - source)[~inside].max() <= 1
+
+
+def plain_sdxl(model):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, prompt):
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def test_diffusers_export_loads_in_a_plain_sdxl_pipeline_and_changes_its_output(sdxl_run, tiny_sdxl_model, invoke, tmp_path):
+    """The export's model card snippet, run as written (tiny model, CPU, 2 steps), in plain diffusers."""
+    import re
+
+    run, _ = sdxl_run
+    dest = tmp_path / "export"
+    result = invoke("export", run.out, "--format", "diffusers", "--out", dest, "--no-preview")
+    assert result.exit_code == 0, result.output
+    assert {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()} == {
+        "README.md", "lora/pytorch_lora_weights.safetensors", "embeddings/asset0.safetensors", "embeddings/asset1.safetensors"}
+    card = (dest / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "StableDiffusionXLPipeline" in code and "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2" in code
+    plain = plain_sdxl(tiny_sdxl_model)
+    prompt = "a photo of <asset0> at the beach"
+    before = sample(plain, prompt)
+    code = code.replace('"cuda"', '"cpu"').replace(f'pipe("{prompt}").images[0].save("sample.png")', "")
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    pipe = namespace["pipe"]
+    handles = load_file(str(run.out / "handles.safetensors"))
+    for encoder, tokenizer, prefix in ((pipe.text_encoder, pipe.tokenizer, ""), (pipe.text_encoder_2, pipe.tokenizer_2, "text_encoder_2.")):
+        weight = encoder.get_input_embeddings().weight
+        for token in ("<asset0>", "<asset1>"):
+            assert torch.equal(weight[tokenizer.convert_tokens_to_ids(token)], handles[prefix + token])
+    assert not np.allclose(before, sample(pipe, prompt))
+    assert "go together" in card and "load both" in card
+
+
+def test_kohya_export_has_sdxl_keys_and_loads_through_diffusers_kohya_loader_with_every_key(sdxl_run, tiny_sdxl_model, invoke, tmp_path):
+    import re
+
+    from safetensors import safe_open
+
+    run, _ = sdxl_run
+    dest = tmp_path / "kohya"
+    result = invoke("export", run.out, "--format", "kohya", "--out", dest, "--name", "toys", "--no-preview")
+    assert result.exit_code == 0, result.output
+    lora = load_file(str(dest / "toys.safetensors"))
+    key = re.compile(r"(lora_unet|lora_te1|lora_te2)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)")
+    assert all(key.fullmatch(k) for k in lora), [k for k in lora if not key.fullmatch(k)][:3]
+    assert {k.split("_")[1] for k in lora} == {"unet", "te1", "te2"}
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.") for k in lora)
+    with safe_open(str(dest / "toys.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+    # diffusers' own kohya converter takes every key (it raises on any it cannot rename) and gives exactly
+    # the adapters of the LoRA bas saved: every layer of the UNet and both encoders, none missing
+    original, converted = plain_sdxl(tiny_sdxl_model), plain_sdxl(tiny_sdxl_model)
+    original.load_lora_weights(str(run.out / "lora"))
+    converted.load_lora_weights(str(dest / "toys.safetensors"))
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        a = {n: p for n, p in getattr(original, component).named_parameters() if "lora_" in n}
+        b = {n: p for n, p in getattr(converted, component).named_parameters() if "lora_" in n}
+        assert a.keys() == b.keys() and a, component
+        for n in a:  # the same product up @ down (kohya's file folds the scale into lora_up)
+            if "lora_A" in n:
+                m = n.replace("lora_A", "lora_B")
+                torch.testing.assert_close(b[m] @ b[n], a[m] @ a[n], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(sample(original, "a photo of a ball"), sample(converted, "a photo of a ball"), atol=1e-5)
+
+    # ComfyUI's key map for SDXL (tests/comfyui_keys.py, from comfy/lora.py): every key of the kohya
+    # export and of the run's own diffusers LoRA maps, onto the layer it was trained for, at its strength
+    trained = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        params = dict(getattr(original, component).named_parameters())
+        for n in params:
+            if ".lora_A." in n:
+                module = n.split(".lora_A.")[0]
+                if component != "unet" and not module.startswith("text_model."):
+                    module = "text_model." + module
+                trained[(component, module)] = params[n.replace("lora_A", "lora_B")] @ params[n]
+    base = plain_sdxl(tiny_sdxl_model)
+    names = comfyui_keys.key_map(base.unet, base.text_encoder, base.text_encoder_2)
+    for path in (dest / "toys.safetensors", run.out / "lora" / "pytorch_lora_weights.safetensors"):
+        changes, left_out = comfyui_keys.load_lora(load_file(str(path)), names)
+        assert left_out == [] and changes.keys() == trained.keys(), path.name
+        for key, change in changes.items():
+            torch.testing.assert_close(change.flatten(1), trained[key].detach().float(), rtol=1e-5, atol=1e-7)
+
+    handles = load_file(str(run.out / "handles.safetensors"))
+    for token in ("<asset0>", "<asset1>"):  # AUTOMATIC1111's and ComfyUI's SDXL embedding layout
+        emb = load_file(str(dest / "embeddings" / f"toys-{token.strip('<>')}.safetensors"))
+        assert set(emb) == {"clip_l", "clip_g"} and emb["clip_l"].shape[0] == emb["clip_g"].shape[0] == 1
+        assert torch.equal(emb["clip_l"][0], handles[token]) and torch.equal(emb["clip_g"][0], handles["text_encoder_2." + token])
+    card = (dest / "README.md").read_text()
+    assert "(SDXL)" in card and "a photo of toys-asset0 at the beach <lora:toys:1>" in card
+
+
+def test_exports_refuse_what_the_family_cannot_write_and_write_nothing(sdxl_run, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    from bas.cli import main
+    from bas.core.export import export_run
+
+    run, _ = sdxl_run
+
+    def refused(argv):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 1 and len(err) == 1 and err[0].startswith("Error: "), err
+        return err[0]
+
+    # run.json naming the sd family over an SDXL LoRA: SD 1.x's lora_te_ names have no place for encoder 2
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(run.out, tampered)
+    info = json.loads((tampered / "run.json").read_text())
+    info.pop("checksums")  # as a run.json of a bas before checksums, which readers cannot check against its files
+    (tampered / "run.json").write_text(json.dumps(dict(info, family="sd")))
+    handles = load_file(str(tampered / "handles.safetensors"))
+    save_file({k: v for k, v in handles.items() if k.startswith("<")}, str(tampered / "handles.safetensors"))
+    message = refused(["export", tampered, "--format", "kohya", "--out", tmp_path / "k", "--no-preview"])
+    assert "text_encoder_2 layers, which the sd family's kohya names (lora_unet_, lora_te_) have no place for" in message
+    assert not (tmp_path / "k").exists()
+    # a format the family does not offer
+    monkeypatch.setattr(type(run.family), "export_formats", ("diffusers",))
+    with pytest.raises(BasError, match="Runs of the sdxl family export as diffusers; --format kohya is not one of them"):
+        export_run(run.out, "kohya", tmp_path / "f", preview=False)
+    assert not (tmp_path / "f").exists()

@@ -1,0 +1,539 @@
+"""bas ui: the workspace boundary, the command lines the page runs, the extraction queue, and the whole
+page in a real headless Chromium (Playwright) against `bas ui` on the tiny model and a tiny random SAM.
+
+The browser test skips, with the reason, only when gradio, Playwright or Chromium cannot be had
+(`.ci/run` installs Chromium with apt-get).  It writes a screenshot of each tab into a temporary
+folder; BAS_UI_SCREENSHOTS=DIR copies them there too (how docs/ui-*.png were made).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+
+from bas.cli import cli
+from bas.core import runfolder
+from bas.core.checkpoint import complete_checkpoints
+from bas.core.errors import BasError
+from bas.core.runfolder import staging_path
+from bas.ui import commands
+from bas.ui.jobs import Jobs
+from bas.ui.workspace import Workspace, check_name
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def save_tiny_sam(path: Path) -> Path:
+    """A random SamModel small enough to run per click (as tests/test_sam_masks.py builds it)."""
+    from transformers import SamConfig, SamImageProcessorPil, SamModel, SamProcessor
+
+    config = SamConfig(
+        vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=16,
+                           window_size=2, global_attn_indexes=[0], num_pos_feats=4, mlp_dim=16),
+        prompt_encoder_config=dict(hidden_size=8, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=8, mlp_dim=16, num_hidden_layers=1, num_attention_heads=2, iou_head_hidden_dim=8),
+    )
+    torch.manual_seed(0)
+    SamModel(config).save_pretrained(path)
+    SamProcessor(SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})).save_pretrained(path)
+    return path
+
+
+# -- the workspace boundary ---------------------------------------------------------------------------
+def test_paths_from_the_page_stay_inside_the_workspace(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (ws.root / "scenes" / "link").symlink_to(outside)
+    assert ws.inside("scenes/x/../y") == ws.root / "scenes" / "y"
+    assert ws.inside(ws.root / "runs") == ws.root / "runs"
+    for path in ("..", "../outside", str(outside), "scenes/link", "scenes/link/img.png", "runs/../../outside"):
+        with pytest.raises(BasError, match=r"is outside the workspace .*; bas ui only reads and writes inside it"):
+            ws.inside(path)
+    for name in ("../x", ".hidden", "a/b", "", "x" * 80):
+        with pytest.raises(BasError, match="is not a usable run name"):
+            check_name(name, "run")
+    assert check_name(" toys-1.v2 ", "run") == "toys-1.v2"
+
+
+def test_a_path_option_typed_on_the_page_is_refused_outside_the_workspace(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    for extra in (["--out", str(tmp_path / "elsewhere")], ["--plugin", "tensorboard", "--logging-dir", "../logs"], ["--mask", "/etc/hostname"]):
+        with pytest.raises(BasError, match="is outside the workspace"):
+            commands.parse_run(["--scene", "scenes/a", "--out", "runs/a", *extra], ws)
+    config, names = commands.parse_run(["--scene", "scenes/a", "--out", "runs/a", "-p", "tensorboard", "--logging-dir", "logs/a"], ws)
+    assert config.out == ws.root / "runs" / "a" and config.options["scene"] == ws.root / "scenes" / "a"
+    assert config.options["logging_dir"] == ws.root / "logs" / "a" and names == ["tensorboard"]
+    with pytest.raises(BasError, match="No such option '--no-such-option'"):
+        commands.parse_run(["--out", "runs/a", "--no-such-option"], ws)
+
+
+# -- the command lines the page shows are the ones it runs ---------------------------------------------
+def test_the_shown_command_line_makes_the_same_run_config_as_the_page(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    form = {"scene": "scenes/toys", "out": "runs/toys", "model": "some/model", "weights": "lora", "phase1_steps": 100, "phase2_steps": 400.0,
+            "phase1_lr": 5e-4, "phase2_lr": 2e-4, "lora_rank": 4, "seed": 3.0, "resolution": None, "precision": "auto", "device": "cpu",
+            "init_tokens": ["bear", "ball"], "background": True, "plugins": ["tensorboard"], "extra": "--validation-prompt 'a photo of <asset0>'",
+            "overwrite": True}
+    ran, _ = commands.parse_run(commands.run_args(form, commands.absolute(ws)), ws)
+    shown = commands.run_args(form, commands.relative)
+    assert shown[:4] == ["--scene", "scenes/toys", "--out", "runs/toys"]
+    assert "--phase2-steps" not in shown and "--precision" not in shown  # defaults are left out
+    # what a user types after `cd WORKSPACE`: the real `bas run` parser, from the workspace
+    typed, _ = commands.parse_run(shlex.split(commands.shell(shown)), ws)
+    assert typed.to_json() == ran.to_json()
+    assert ran.phase1_steps == 100 and ran.phase2_lr == 2e-4 and ran.options["lora_rank"] == 4 and ran.init_tokens == ["bear", "ball"]
+    assert ran.options["validation_prompts"] == ("a photo of <asset0>",) and ran.plugins == ["tensorboard"] and ran.background
+
+    # a run started on the command line resumes from the page with the options its checkpoint saved
+    again, _ = commands.parse_run(commands.config_args(json.loads(json.dumps(ran.to_json(), default=str))) + ["--resume"], ws)
+    as_saved = lambda config: json.loads(json.dumps(config.to_json(), default=str))  # noqa: E731  (as run.json and checkpoints keep it)
+    assert {**as_saved(again), "resume": False, "overwrite": True} == as_saved(ran)
+
+
+# -- the queue: one extraction at a time per device, Stop = Ctrl-C, Resume = --resume -------------------
+def test_the_queue_runs_one_extraction_per_device_and_stop_saves_a_resumable_checkpoint(tmp_path, tiny_model, scene):
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(scene, ws.root / "scenes" / "s")
+    jobs = Jobs(ws.jobs, lambda args: commands.parse_run(args, ws))
+    base = ["--scene", "scenes/s", "--model", str(tiny_model), "--device", "cpu", "--plugin", "no:report", "--checkpoint-every", "0"]
+    first = jobs.submit([*base, "--out", "runs/a", "--phase1-steps", "40", "--phase2-steps", "2"], "a")
+    second = jobs.submit([*base, "--out", "runs/b", "--phase1-steps", "2", "--phase2-steps", "0"], "b")
+    with pytest.raises(BasError, match="a is already (queued|running); wait for it, stop it, or choose another run name"):
+        jobs.submit([*base, "--out", "runs/a"], "a again")
+    deadline = time.time() + 60
+    while len(first.history) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    assert first.state == "running" and second.state == "queued" and jobs.place(second) == 1
+    assert "queued on cpu (1 ahead of it)" in second.status(jobs.place(second))
+    assert re.match(r"a: phase 1 of 2, step \d+/40, .*, ETA .*, loss \d", first.status()), first.status()
+    jobs.stop(first)
+    while (first.state != "interrupted" or second.state != "finished") and time.time() < deadline + 60:
+        time.sleep(0.05)
+    assert first.state == "interrupted" and "Resume continues it" in first.message, first.message
+    assert second.state == "finished" and (ws.root / "runs" / "b" / "run.json").is_file()
+    assert ws.run_entry(ws.root / "runs" / "a").status == "interrupted" and not (ws.root / "runs" / "a" / "run.json").exists()
+    # the interrupted run lives in its staging folder beside runs/a: the list shows it by its own name
+    assert [p.name for p in ws.run_folders()] == ["a", "b"] and ws.finished_runs() == ["runs/b"]
+    stopped_at = len(first.history)
+
+    again = jobs.submit(first.args + ["--resume"], "a --resume")
+    while again.state in ("queued", "running") and time.time() < deadline + 120:
+        time.sleep(0.05)
+    assert again.state == "finished", again.message
+    info = json.loads((ws.root / "runs" / "a" / "run.json").read_text())
+    assert info["resumed"] and len(info["history"]["phase1"]) == 40 and len(info["history"]["phase2"]) == 2
+    assert second.attention.is_file() and again.attention.is_file()  # each handle's map at the end of each phase
+    assert again.history[stopped_at - 1]["step"] == stopped_at  # it went on from the checkpoint, not from step 1
+    assert json.loads((ws.jobs / first.id / "job.json").read_text())["state"] == "interrupted"
+
+    # a server that stopped while a job ran: the next one lists it as interrupted, not running
+    record = json.loads((ws.jobs / again.id / "job.json").read_text())
+    (ws.jobs / again.id / "job.json").write_text(json.dumps({**record, "state": "running"}))
+    assert Jobs(ws.jobs, jobs.parse).get(again.id).state == "interrupted"
+    jobs.close()
+
+
+def test_bas_ui_without_gradio_says_how_to_install_it_and_warns_about_another_host(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    result = CliRunner().invoke(cli, ["ui", "--workspace", str(tmp_path / "ws"), "--host", "0.0.0.0"])
+    assert result.exit_code == 1
+    assert "Warning: --host 0.0.0.0 lets other machines on the network open this page" in result.output
+    assert "bas ui needs gradio; install it with: pip install 'bas[ui]'." in result.output
+
+
+def test_the_runs_list_finds_runs_in_staging_folders_and_shows_no_name_bas_keeps_for_itself(tmp_path, scene, monkeypatch):
+    """Since a run works (and stays, interrupted) in ``.NAME.bas-partial`` beside ``runs/NAME``, the
+    list, its report view and Resume find it by ``runs/NAME``, and never take bas's staging folder,
+    lock, trash or old run for a run."""
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(scene, ws.root / "scenes" / "s")
+    runs = ws.root / "runs"
+
+    def finished(name, folder=None):
+        folder = folder or runs / name
+        folder.mkdir()
+        (folder / "run.json").write_text(json.dumps({"bas_version": "0.1.0", "handles": ["<asset0>"], "model": "m",
+                                                     "config": {"phase1_steps": 2, "phase2_steps": 2}}))
+
+    def interrupted(name, step=2, state=None):  # the staging folder with one complete checkpoint, as a stopped run leaves it
+        config, _ = commands.parse_run(["--scene", "scenes/s", "--out", f"runs/{name}", "--seed", "7"], ws)
+        folder = staging_path(runs / name) / "checkpoints" / f"phase1-step{step:05d}"
+        folder.mkdir(parents=True)
+        state = state or {"phase": 1, "step": step, "history": {"phase1": []}, "times": {}, "python_rng": [], "config": config.to_json()}
+        (folder / "state.json").write_text(json.dumps(state, default=str))
+        return folder
+
+    def lock(name, pid):
+        (runs / f".{name}.bas-lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "command": f"bas run --out runs/{name}",
+                                                             "started": "2026-01-01T00:00:00", "proc_start": runfolder._proc_start(pid)}))
+
+    finished("done")
+    interrupted("first")  # a first run: nothing at runs/first yet
+    (staging_path(runs / "first") / "report").mkdir()
+    Image.new("RGB", (8, 8)).save(staging_path(runs / "first") / "report" / "loss-phase1.png")
+    finished("redo")
+    interrupted("redo", step=4)  # an --overwrite run stopped: the finished run stays in place meanwhile
+    interrupted("busy")  # `bas run` working in another process, past its first checkpoint
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        lock("busy", other.pid)
+        lock("stale", gone.pid)  # left by a process that no longer runs: no run
+        (runs / ".gone.bas-trash-0123abcd").mkdir()
+        (runs / ".cache").mkdir()
+        (runs / "elsewhere").symlink_to(ws.root / "scenes")
+        # complete runs whose swap a crash interrupted: the list finishes it, as any reader does, or says why it cannot
+        finished("swapped", staging_path(runs / "swapped"))
+        finished("blocked", staging_path(runs / "blocked"))
+        (runs / "blocked").mkdir()
+        (runs / "blocked" / "notes.txt").write_text("mine")
+
+        assert [p.name for p in ws.run_folders()] == ["blocked", "busy", "done", "first", "redo", "swapped"]
+        assert ws.finished_runs() == ["runs/done", "runs/redo"]  # redo's finished run is usable until the new one completes
+        entries = {p.name: ws.run_entry(p) for p in ws.run_folders()}
+        assert {name: e.status for name, e in entries.items()} == {"blocked": "failed", "busy": "running", "done": "finished", "first": "interrupted",
+                                                                   "redo": "interrupted", "swapped": "finished"}
+        assert "A finished run waits in" in entries["blocked"].note and (runs / "blocked" / "notes.txt").read_text() == "mine"
+        assert (runs / "swapped" / "run.json").is_file() and not staging_path(runs / "swapped").exists()
+        assert f"pid {other.pid}" in entries["busy"].note and "bas run --out runs/busy" in entries["busy"].note
+        assert "the finished run it replaces stays usable" in entries["redo"].note
+        assert entries["first"].path == runs / "first" and entries["first"].report == staging_path(runs / "first") / "report"
+        assert entries["done"].report == runs / "done" / "report"
+        for hidden in ("runs/.first.bas-partial", "runs/.busy.bas-lock", "runs/.gone.bas-trash-0123abcd"):
+            with pytest.raises(BasError, match=r"is where bas keeps its own work for the run \w+; pick the run itself \(runs/\w+\)"):
+                ws.run_path(hidden)
+
+        pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[test]')")
+        from bas.ui.app import App
+
+        app = App(ws, model="m", sam_model="s", device="cpu")
+        assert [e.name for e in app.run_entries()] == ["blocked", "busy", "done", "first", "redo", "swapped"]
+        submitted = []
+        monkeypatch.setattr(app.jobs, "submit", lambda args, shown: submitted.append(args) or shown)
+        for name in ("first", "redo"):  # with the options the newest checkpoint saved
+            assert re.fullmatch(r"bas run .* --resume", app.resume(ws.run_path(f"runs/{name}")))
+            config, _ = commands.parse_run(submitted[-1], ws)
+            assert config.resume and config.out == runs / name and config.seed == 7
+        for name, message in (("busy", f"is being written by another bas process \\(pid {other.pid}"), ("done", "is finished; there is nothing to resume"),
+                              ("stale", "has no checkpoint to resume from")):
+            with pytest.raises(BasError, match=message):
+                app.resume(ws.run_path(f"runs/{name}"))
+        with pytest.raises(BasError, match="holds an interrupted run; press Resume"):
+            app.check_not_overwriting(commands.parse_run(["--scene", "scenes/s", "--out", "runs/redo"], ws)[0])
+        (interrupted("first", step=6, state={"phase": 1}) / "state.json").write_text("{")  # a newer, damaged checkpoint
+        with pytest.raises(BasError, match=r"phase1-step00006 cannot be read .*; delete that folder to resume from an older one"):
+            app.resume(ws.run_path("runs/first"))
+        assert len(submitted) == 2
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_generate_tab_offers_the_picked_runs_family_samplers_and_defaults(tmp_path):
+    """A FLUX run samples with flow-euler at FLUX.1-dev's distilled guidance 3.5, an SD run with the
+    paper's DDIM at 7.5: the tab follows the run picked, and a blank guidance is the family's."""
+    from safetensors.torch import save_file
+
+    from bas.core.family import get_family
+    from bas.core.generation import SCHEDULERS
+    from bas.core.plugins import Plugins
+
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[test]')")
+    from bas.ui.app import App
+
+    ws = Workspace(tmp_path / "ws")
+    for name, rows in (("sd", {"<asset0>": torch.zeros(4)}), ("flux", {"<asset0>": torch.zeros(4), "text_encoder_2.<asset0>": torch.zeros(8)})):
+        folder = ws.root / "runs" / name
+        folder.mkdir(parents=True)
+        save_file(rows, str(folder / "handles.safetensors"))
+        (folder / "run.json").write_text(json.dumps({"bas_version": "0.1.0", "model": "m", "family": name, "handles": ["<asset0>"],
+                                                     "files": ["handles.safetensors"], "resolution": 64}))
+    ddpm_type = [n for n in SCHEDULERS if n != "flow-euler"]
+    assert commands.sampling_choices() == {"schedulers": ddpm_type, "scheduler": "ddim", "guidance": 7.5}  # before a run is picked
+    app = App(ws, model="m", sam_model="s", device="cpu")
+    for run, schedulers, scheduler, guidance in (("runs/flux", ["flow-euler"], "flow-euler", 3.5), ("runs/sd", ddpm_type, "ddim", 7.5)):
+        chips, status, sampler, scale = app.generate_settings(run)
+        assert 'data-handle="&lt;asset0&gt;"' in chips and status == "1 handles, base model m."
+        assert (sampler["choices"], sampler["value"], scale["value"]) == (schedulers, scheduler, guidance)
+    _, status, _, _ = app.generate_settings("runs/.flux.bas-partial")
+    assert "is where bas keeps its own work for the run flux" in status
+    # a blank guidance is left to the family, in the command line shown too
+    flux = get_family(Plugins(), "flux")
+    assert commands.generate_args("runs/flux", ["p"], {"seeds": [0], "guidance": None, "scheduler": "flow-euler"}, flux) == ["runs/flux", "p", "--seeds", "0"]
+
+
+# -- the page in a real browser --------------------------------------------------------------------------
+def browser_or_skip():
+    for module in ("gradio", "playwright"):
+        pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[test]')")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium; .ci/run installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    browser_or_skip()
+    root = tmp_path_factory.mktemp("ui")
+    ws = root / "workspace"
+    sam = save_tiny_sam(root / "tiny-sam")
+    port = free_port()
+    log = root / "server.log"
+    cwd = root / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "TMPDIR": str(root / "tmp")}
+    (root / "tmp").mkdir()
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "bas.cli", "ui", "--workspace", str(ws), "--model", str(tiny_model),
+                                    "--sam-model", str(sam), "--device", "cpu", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                   cwd=cwd, env={**env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])})
+    deadline = time.time() + 120
+    while "bas ui: http://127.0.0.1" not in log.read_text():
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"bas ui did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+    yield {"url": f"http://127.0.0.1:{port}/", "workspace": ws.resolve(), "root": root, "log": log, "process": process, "cwd": cwd}
+    process.send_signal(2)  # Ctrl-C: stops cleanly
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        pg.goto(server["url"])
+        yield pg
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("screenshots")
+    copy_to = os.environ.get("BAS_UI_SCREENSHOTS")
+
+    def shoot(page, name):
+        path = folder / f"ui-{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        if copy_to:
+            Path(copy_to).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, Path(copy_to) / path.name)
+        return path
+
+    shoot.folder = folder
+    return shoot
+
+
+def upload(page, button, *files):
+    with page.expect_file_chooser() as chooser:
+        page.click(button)
+    chooser.value.set_files([str(f) for f in files])
+
+
+def click_pixel(page, x, y, size):
+    """Click image pixel (x, y) of the Scene tab's picture, whatever size the browser shows it."""
+    box = page.locator("#scene-canvas img").bounding_box()
+    page.mouse.click(box["x"] + (x + 0.5) * box["width"] / size[0], box["y"] + (y + 0.5) * box["height"] / size[1])
+
+
+def drag_pixels(page, start, end, size):
+    box = page.locator("#scene-canvas img").bounding_box()
+    at = lambda p: (box["x"] + (p[0] + 0.5) * box["width"] / size[0], box["y"] + (p[1] + 0.5) * box["height"] / size[1])  # noqa: E731
+    page.mouse.move(*at(start))
+    page.mouse.down()
+    page.mouse.move(*at(end), steps=6)
+    page.mouse.up()
+
+
+def text_of(page, selector):
+    return page.locator(selector).inner_text()
+
+
+def wait_text(page, selector, pattern, timeout=60_000):
+    from playwright.sync_api import expect
+
+    expect(page.locator(selector)).to_contain_text(re.compile(pattern), timeout=timeout)
+    return text_of(page, selector)
+
+
+def open_tab(page, label):
+    page.click(f"button[role=tab]:has-text('{label}')")
+
+
+def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots, scene, tmp_path):
+    from playwright.sync_api import expect
+
+    ws = server["workspace"]
+    size = Image.open(scene / "img.png").size
+
+    # Scene: upload the image, a SAM click, a negative click, a box by drag, an uploaded mask
+    upload(page, "#upload-image", scene / "img.png")
+    wait_text(page, "#scene-status", r"Loaded img.png \(128x128\)")
+    assert list((ws / ".bas-ui" / "uploads").rglob("img.png")), "uploads land in the workspace"
+    click_pixel(page, 40, 40, size)
+    status = wait_text(page, "#scene-status", r"<asset0>: point at \d+,\d+")
+    x, y = map(int, re.search(r"point at (\d+),(\d+)", status).groups())
+    assert abs(x - 40) <= 1 and abs(y - 40) <= 1
+    page.click("#click-mode label:has-text('negative')")
+    click_pixel(page, 20, 100, size)
+    wait_text(page, "#scene-status", r"<asset0>: negative point at")
+    page.click("#click-mode label:has-text('on the concept')")
+    page.click("#new-concept")
+    wait_text(page, "#scene-status", r"<asset1>: click on the concept")
+    drag_pixels(page, (70, 30), (110, 90), size)
+    wait_text(page, "#scene-status", r"<asset1>: box 70,30 to 111,91")
+    upload(page, "#upload-mask", scene / "mask1.png")
+    wait_text(page, "#scene-status", r"<asset2>: mask from mask1.png")
+    concepts = text_of(page, "#scene-concepts")
+    assert re.search(r"<asset0>: SAM --point \d+,\d+\+no:20,100", concepts) and "<asset1>: SAM --box 70,30,111,91" in concepts, concepts
+    page.fill("#scene-name input, #scene-name textarea", "toys")
+    page.click("#save-scene")
+    wait_text(page, "#scene-status", r"Saved scenes/toys: mask0.png, mask1.png, mask2.png, img.png, preview.png, scene.json")
+    shots(page, "scene")
+    saved = ws / "scenes" / "toys"
+    info = json.loads((saved / "scene.json").read_text())
+    assert info["prompts"][0][0] == "--point" and info["prompts"][1] == ["--box", "70,30,111,91"] and info["prompts"][2] is None
+    # the masks are what `bas masks --plugin sam-masks` makes from the same prompts, and the uploaded one unchanged
+    direct = tmp_path / "direct"
+    result = CliRunner().invoke(cli, ["masks", "-p", "sam-masks", "--image", str(scene / "img.png"), "--model", str(server["root"] / "tiny-sam"),
+                                      "--device", "cpu", info["prompts"][0][0], info["prompts"][0][1], "--box", "70,30,111,91", "--out", str(direct)])
+    assert result.exit_code == 0, result.output
+    for i in range(2):
+        assert np.array_equal(np.asarray(Image.open(saved / f"mask{i}.png")), np.asarray(Image.open(direct / f"mask{i}.png")))
+    assert np.array_equal(np.asarray(Image.open(saved / "mask2.png")), np.asarray(Image.open(scene / "mask1.png").convert("L")))
+
+    # a path that leaves the workspace is refused, on the page and by the file route
+    page.fill("#open-scene input", str(scene))
+    page.click("#open-scene-button")
+    wait_text(page, "#scene-status", r"Error: .* is outside the workspace")
+    page.fill("#open-scene input", "../")
+    page.click("#open-scene-button")
+    wait_text(page, "#scene-status", r"Error: \.\./ is outside the workspace")
+    assert page.request.get(f"{server['url']}gradio_api/file={scene / 'img.png'}").status == 403
+    assert page.request.get(f"{server['url']}gradio_api/file={saved / 'preview.png'}").status == 200
+
+    # Extract: a few steps in the background; progress reaches the end; the command line is the run's
+    open_tab(page, "Extract")
+    assert page.locator("#extract-scene input").input_value() == "scenes/toys"
+    page.fill("#run-name input, #run-name textarea", "toys")
+    page.fill("#phase1-steps input", "2")
+    page.fill("#phase2-steps input", "2")
+    page.locator("#phase2-steps input").press("Tab")
+    page.click("#start")
+    wait_text(page, "#progress", r"toys: finished in", timeout=120_000)
+    command = page.locator("#run-command textarea").input_value()
+    assert command.startswith(f"cd {ws}\nbas run --scene scenes/toys --out runs/toys") and "--phase1-steps 2 --phase2-steps 2" in command, command
+    run_info = json.loads((ws / "runs" / "toys" / "run.json").read_text())
+    typed, _ = commands.parse_run(shlex.split(command.split("\n")[1])[2:], Workspace(ws))
+    as_saved = json.loads(json.dumps(typed.to_json(), default=str))
+    as_saved["options"]["quiet"] = True  # the page shows progress itself (quiet is free to differ on --resume)
+    assert as_saved == run_info["config"]
+    assert run_info["handles"] == ["<asset0>", "<asset1>", "<asset2>"]
+    page.wait_for_function("document.querySelector('#attention img') && document.querySelector('#attention img').naturalWidth > 0")
+    shots(page, "extract")
+
+    # Stop = Ctrl-C (a checkpoint), Resume = --resume; a browser that goes away does not stop a run
+    page.fill("#run-name input, #run-name textarea", "long")
+    page.fill("#phase1-steps input", "60")
+    page.fill("#phase2-steps input", "0")
+    page.fill("#more-options textarea, #more-options input", "--plugin no:report")
+    page.locator("#more-options textarea, #more-options input").press("Tab")
+    page.click("#start")
+    wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step)")
+    page.click("#stop")
+    wait_text(page, "#progress", r"long: interrupted .*Resume continues it")
+    assert complete_checkpoints(ws / "runs" / "long") and not (ws / "runs" / "long" / "run.json").exists()
+    page.click("#resume")
+    wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step \d+/60)")
+    page.reload()  # the page goes away and comes back: it finds the run, which went on
+    open_tab(page, "Extract")
+    wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step \d+/60|finished)")
+    wait_text(page, "#progress", r"long: finished in", timeout=120_000)
+    resumed = json.loads((ws / "runs" / "long" / "run.json").read_text())
+    assert resumed["resumed"] is True and len(resumed["history"]["phase1"]) == 60
+
+    # Generate: handles offered as chips, images on the page and in the run's samples/
+    open_tab(page, "Generate")
+    page.locator("#generate-run input").fill("runs/toys")
+    page.locator("#generate-run input").press("Enter")
+    page.locator("#handle-chips button[data-handle='<asset0>']").click()
+    expect(page.locator("#prompts textarea")).to_have_value("a photo of <asset0>")
+    page.fill("#seeds textarea, #seeds input", "0,1")
+    page.fill("#generate-steps input", "2")
+    page.click("#generate")
+    wait_text(page, "#generate-status", r"Wrote 2 images into runs/toys/samples", timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('#generate-gallery img').length >= 2")
+    assert sorted(p.name for p in (ws / "runs" / "toys" / "samples").glob("*.png")) == [
+        "a-photo-of-asset0-seed0.png", "a-photo-of-asset0-seed1.png", "grid-a-photo-of-asset0-seed0.png"]
+    expect(page.locator("#generate-command textarea")).to_have_value("bas generate runs/toys 'a photo of <asset0>' --seeds 0,1 --steps 2 --device cpu")
+    shots(page, "generate")
+
+    # Export: the kohya zip downloads, with its model card, and holds kohya keys
+    open_tab(page, "Export")
+    page.locator("#export-run input").fill("runs/toys")
+    page.locator("#export-run input").press("Enter")
+    page.click("#export-format label:has-text('kohya')")
+    page.click("#export")
+    wait_text(page, "#export-status", r"Wrote exports/toys-kohya and toys-kohya.zip", timeout=60_000)
+    wait_text(page, "#export-card", r"AUTOMATIC1111")
+    with page.expect_download() as download:
+        page.locator("#export-file a").first.click()
+    archive = zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes()))
+    names = sorted(archive.namelist())
+    assert "toys-kohya/README.md" in names and "toys-kohya/toys.safetensors" in names, names
+    lora = load_safetensors(archive.read("toys-kohya/toys.safetensors"))
+    assert lora and all(re.match(r"lora_(unet|te)_\w+\.(lora_down\.weight|lora_up\.weight|alpha)$", k) for k in lora), sorted(lora)[:5]
+    embedding = load_safetensors(archive.read("toys-kohya/embeddings/toys-asset0.safetensors"))
+    assert list(embedding) == ["emb_params"]
+    shots(page, "export")
+
+    # Runs: finished, interrupted and failed runs from the workspace, each with its report
+    open_tab(page, "Runs")
+    page.click("#refresh-runs")
+    table = wait_text(page, "#runs-table", r"toys")
+    assert "finished" in table and "long" in table
+    page.locator("#runs-table").get_by_text("toys", exact=True).first.click()
+    wait_text(page, "#run-details", r"toys: finished")
+    page.wait_for_function("document.querySelectorAll('#run-report img').length >= 2")
+    shots(page, "runs")
+
+    # nothing was written outside the workspace: not in the server's folder, not in the system's temporary folder
+    assert not any(server["cwd"].iterdir()) and not (server["root"] / "tmp" / "gradio").exists()
+    assert not re.search(r"Traceback", server["log"].read_text()), server["log"].read_text()[-3000:]
