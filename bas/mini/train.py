@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from bas.core import io
+from bas.core import formats, io
 from bas.mini import world
 
 MAX_TOKENS = 32  # the longest caption is about 22 tokens
@@ -290,7 +290,7 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, scheduler) -> N
     keep = out / "training.json"
     record = keep.read_text() if keep.exists() else None
     with io.atomic_path(out, directory=True) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        formats.save_pipeline(pipe, tmp)  # loadable by transformers 4.x too (text_model.* names, vocab.json and merges.txt)
         if record is not None:
             (tmp / "training.json").write_text(record)
 
