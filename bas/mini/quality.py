@@ -80,8 +80,15 @@ def score(scene: world.Scene, reading: metrics.ImageReading) -> dict[str, float]
     }
 
 
-def summarise(scores: list[dict[str, float]]) -> dict[str, float]:
-    return {k: round(float(np.mean([s[k] for s in scores])), 3) for k in ATTRIBUTES}
+def summarise(scores: list[dict[str, float]], captions: list[int] | None = None) -> dict:
+    """Each attribute's mean over the samples and, with ``captions`` (the caption of each sample), its
+    95% bootstrap interval drawing whole captions (a caption's seeds move together)."""
+    from bas.core.stats import bootstrap_interval
+
+    result: dict = {k: round(float(np.mean([s[k] for s in scores])), 3) for k in ATTRIBUTES}
+    if captions is not None:
+        result["95% interval"] = {k: [round(v, 3) for v in bootstrap_interval([s[k] for s in scores], clusters=captions)] for k in ATTRIBUTES}
+    return result
 
 
 @torch.no_grad()
@@ -135,7 +142,8 @@ def evaluate(model: str | Path | None = None, seeds=(0, 1), steps: int = 25, gui
         prompts = [s.caption() for s in scenes]
         images = sample(pipe, prompts, list(seeds), steps, guidance)
         scores = [score(scenes[i // len(seeds)], metrics.read_image(img)) for i, img in enumerate(images)]
-        result["sets"][name] = {"captions": len(prompts), "samples": len(images), **summarise(scores)}
+        captions = [i // len(seeds) for i in range(len(images))]
+        result["sets"][name] = {"captions": len(prompts), "samples": len(images), **summarise(scores, captions)}
         per_row = max(1, 8 // len(seeds))
         rows += [images[i : i + per_row * len(seeds)] for i in range(0, 2 * per_row * len(seeds), per_row * len(seeds))]
     result["sets"]["vae reconstruction"], originals, recons = vae_quality(pipe.vae)
