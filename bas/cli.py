@@ -395,7 +395,7 @@ def demo(out, steps, model):
     click.echo(f"Extraction took {t['total_s']:.1f}s. Wrote {out / 'run'} and {len(paths)} images; overview: {out / 'demo.png'}")
     if model == NAME:
         click.echo("bas-mini never saw purple, orange or dots in its captions: what it draws for the handles it learned from this one "
-                   "image. It is a 2M-parameter model: expect a concept's colour and rough shape, not its likeness (README, 'bas-mini').")
+                   "image. It is a 5M-parameter model trained on a CPU: expect a concept's colour and shape, its texture less often (README, 'bas-mini').")
 
 
 @cli.command("plugins")

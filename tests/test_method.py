@@ -184,8 +184,8 @@ def test_attention_resolution_follows_the_model(arch, resolution, requested, exp
         assert family.attention_resolution(available, latent, requested) == expected
 
 
-def test_bas_mini_gets_4x4_maps_by_default(scene, tmp_path):
-    """bas-mini's 8x8 latent has cross-attention at 8, 4 and 2: a quarter (2) cannot hold a mask, 4 is next."""
+def test_bas_mini_gets_a_quarter_of_its_latent_side_by_default(scene, tmp_path):
+    """bas-mini's 16x16 latent has cross-attention at 16, 8 and 4: a quarter of the side, 4, is the default."""
     from bas.plugins.attention_loss import loss_layers
 
     pm = Plugins([])

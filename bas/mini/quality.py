@@ -10,7 +10,16 @@ image back from its pixels (:func:`bas.mini.metrics.read_image`):
 
 An object counts when an object of the caption's colour is in the image; its shape and texture
 are then compared, and a sample is ``all correct`` when the background and every object's
-colour, shape and texture match.  The result goes to ``quality.json`` beside the weights.
+colour, shape and texture match.
+
+It also measures the VAE alone (``vae reconstruction``): scenes from the whole world (the novel
+colours and the dotted texture included, which no caption names but extraction must capture)
+are encoded and decoded, and the reconstruction is read back the same way; ``dotted kept`` is
+the fraction of dotted objects still read as dotted.
+
+The result goes to ``quality.json`` beside the weights, and a sheet to ``quality.png``: two rows
+of held-out-pair samples and two of new-scene samples (each caption's seeds side by side), then
+drawn whole-world scenes and their VAE reconstructions in alternate rows.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ import numpy as np
 import torch
 
 from bas.mini import metrics, model_path, world
+
+ATTRIBUTES = ("background", "object colour", "object shape", "object texture", "all correct")
 
 
 def held_out_captions() -> list[world.Scene]:
@@ -43,6 +54,17 @@ def new_scene_captions(count: int, seed: int = 1234) -> list[world.Scene]:
     return [world.random_scene(rng, counts=(1, 2), count_weights=(0.5, 0.5)) for _ in range(count)]
 
 
+def reconstruction_scenes(count: int, seed: int = 4321) -> list[world.Scene]:
+    """The benchmark's novel scenes, then ``count`` more from the whole world, a third of their objects dotted."""
+    rng = random.Random(seed)
+    scenes = [world.random_scene(rng, objects=objects, background=bg) for bg, objects in world.NOVEL_SCENES.values()]
+    while len(scenes) < count:
+        scene = world.any_scene(rng)
+        objects = [(o.colour, o.shape, "dotted" if rng.random() < 1 / 3 else o.texture) for o in scene.objects]
+        scenes.append(world.random_scene(rng, objects=objects, background=scene.background))
+    return scenes
+
+
 def score(scene: world.Scene, reading: metrics.ImageReading) -> dict[str, float]:
     found = [reading.find(colour=o.colour) for o in scene.objects]
     present = [f is not None for f in found]
@@ -58,6 +80,17 @@ def score(scene: world.Scene, reading: metrics.ImageReading) -> dict[str, float]
     }
 
 
+def summarise(scores: list[dict[str, float]], captions: list[int] | None = None) -> dict:
+    """Each attribute's mean over the samples and, with ``captions`` (the caption of each sample), its
+    95% bootstrap interval drawing whole captions (a caption's seeds move together)."""
+    from bas.core.stats import bootstrap_interval
+
+    result: dict = {k: round(float(np.mean([s[k] for s in scores])), 3) for k in ATTRIBUTES}
+    if captions is not None:
+        result["95% interval"] = {k: [round(v, 3) for v in bootstrap_interval([s[k] for s in scores], clusters=captions)] for k in ATTRIBUTES}
+    return result
+
+
 @torch.no_grad()
 def sample(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 16):
     """One image per (prompt, seed), in that order."""
@@ -71,6 +104,32 @@ def sample(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: flo
     return images
 
 
+@torch.no_grad()
+def reconstruct(vae, images: list) -> list:
+    """Each image (PIL, 64 px) through the VAE's encoder mean and its decoder."""
+    from PIL import Image
+
+    x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images]) / 127.5 - 1
+    vae = vae.float().eval()
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    y = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in y]
+
+
+def vae_quality(vae, count: int = 120) -> tuple[dict, list, list]:
+    """Read back reconstructions of whole-world scenes: per-attribute rates, ``dotted kept``, pixel MSE."""
+    scenes = reconstruction_scenes(count)
+    originals = [world.render(s)[0] for s in scenes]
+    recons = reconstruct(vae, originals)
+    readings = [metrics.read_image(r) for r in recons]
+    dotted = [(o, r.find(colour=o.colour)) for s, r in zip(scenes, readings) for o in s.objects if o.texture == "dotted"]
+    mse = np.mean([((np.asarray(a, np.float32) - np.asarray(b, np.float32)) / 127.5) ** 2 for a, b in zip(originals, recons)])
+    result = {"scenes": len(scenes), **summarise([score(s, r) for s, r in zip(scenes, readings)]),
+              "dotted objects": len(dotted), "dotted kept": round(float(np.mean([f is not None and f.texture == "dotted" for _, f in dotted])), 3),
+              "mse": round(float(mse), 5)}
+    return result, originals, recons
+
+
 def evaluate(model: str | Path | None = None, seeds=(0, 1), steps: int = 25, guidance: float = 7.5, new_scenes: int = 40,
              sheet: Path | None = None) -> dict:
     from bas.core.model import load_pipeline
@@ -78,22 +137,23 @@ def evaluate(model: str | Path | None = None, seeds=(0, 1), steps: int = 25, gui
     pipe = load_pipeline(model or model_path(), torch.device("cpu"), torch.float32)
     result = {"model": str(model or "bas-mini"), "seeds": list(seeds), "steps": steps, "guidance": guidance, "sets": {}}
     t0 = time.perf_counter()
-    tiles = []
+    rows = []
     for name, scenes in (("held-out pairs", held_out_captions()), ("new scenes", new_scene_captions(new_scenes))):
         prompts = [s.caption() for s in scenes]
         images = sample(pipe, prompts, list(seeds), steps, guidance)
         scores = [score(scenes[i // len(seeds)], metrics.read_image(img)) for i, img in enumerate(images)]
-        result["sets"][name] = {
-            "captions": len(prompts), "samples": len(images),
-            **{k: round(float(np.mean([s[k] for s in scores])), 3) for k in scores[0]},
-        }
-        tiles += images[: 8 * len(seeds)]
+        captions = [i // len(seeds) for i in range(len(images))]
+        result["sets"][name] = {"captions": len(prompts), "samples": len(images), **summarise(scores, captions)}
+        per_row = max(1, 8 // len(seeds))
+        rows += [images[i : i + per_row * len(seeds)] for i in range(0, 2 * per_row * len(seeds), per_row * len(seeds))]
+    result["sets"]["vae reconstruction"], originals, recons = vae_quality(pipe.vae)
+    rows += [originals[:8], recons[:8], originals[8:16], recons[8:16]]
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if sheet is not None:
         from bas.core import io
         from bas.core.generation import image_grid
 
-        io.save_image(sheet, image_grid([tiles[i : i + 8] for i in range(0, len(tiles), 8)]))
+        io.save_image(sheet, image_grid(rows))
     return result
 
 
@@ -103,14 +163,17 @@ def evaluate(model: str | Path | None = None, seeds=(0, 1), steps: int = 25, gui
 @click.option("--seeds", default=2, show_default=True, help="Samples per caption.")
 @click.option("--steps", default=25, show_default=True, help="DDIM steps.")
 @click.option("--guidance", default=7.5, show_default=True)
+@click.option("--new-scenes", default=40, show_default=True, help="Captions in the new-scenes set.")
 @click.option("--threads", default=1, show_default=True, help="CPU threads for torch.")
-def main(model, out, seeds, steps, guidance, threads):
-    """Measure bas-mini's caption fidelity from pixels and write quality.json."""
+def main(model, out, seeds, steps, guidance, new_scenes, threads):
+    """Measure bas-mini's caption fidelity and its VAE's, from pixels, and write quality.json and quality.png."""
+    from bas.core import io
+
     torch.set_num_threads(threads)
     folder = Path(model) if model else model_path()
     out = out or folder / "quality.json"
-    result = evaluate(model, seeds=tuple(range(seeds)), steps=steps, guidance=guidance, sheet=out.with_suffix(".png"))
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    result = evaluate(model, seeds=tuple(range(seeds)), steps=steps, guidance=guidance, new_scenes=new_scenes, sheet=out.with_suffix(".png"))
+    io.write_json(out, result)
     click.echo(json.dumps(result["sets"], indent=1))
 
 
