@@ -1,286 +1,518 @@
-"""Fidelity of extraction on bas-mini, with the paper's ablations, measured from pixels.
+"""Fidelity of extraction on bas-mini: the paper's ablations and more, with paired bootstrap intervals.
 
-``python -m benchmarks.fidelity`` extracts every scene of :data:`SCENES` (2-3 objects whose
-colours or textures bas-mini was never told about) once per ablation with the real product
-(``bas.extract``), generates with ``bas.generate`` over several seeds and reads each image back
-with :func:`bas.mini.metrics.read_image`:
+``python -m benchmarks.fidelity --jobs 2`` draws the scenes of :data:`SCENES` (two to four
+objects each in colours or textures no bas-mini caption names; some touching, some with box
+masks that take in background), extracts every scene once per ablation and extraction seed
+through ``bas batch``'s Python API (``--jobs`` worker processes), then scores every run with
+``bas eval``'s Python API and the ``bas-mini`` evaluator, which reads each generated image back
+from its pixels (``bas/plugins/bas_mini.py``).  Per run, the prompts are:
 
-* identity: ``a photo of <assetK>`` shows an object of concept K's colour, with K's shape and
-  texture (all three must match);
-* composition: ``a photo of <asset0> and <asset1> ...`` (every handle) shows each concept
-  (colour and shape); the fraction of the concepts shown;
-* prompt adherence: ``a photo of <assetK> on a {colour} background`` has that background;
-* leakage: in ``a photo of <assetK>``, the fraction of the scene's other concepts whose colour
-  appears as an object (lower is better).
+* ``a photo of <assetK>`` for each concept: *identity* (an object of K's colour with K's shape and
+  texture; its parts in the JSON) and *leakage* (the share of the other concepts whose colour
+  shows, lower is better);
+* ``a photo of <asset0> and <asset1> ...``: *composition*, the share of the concepts shown;
+* ``a photo of <assetK> on a {colour} background`` for two colours other than the input's:
+  *adherence* (that background) and *entanglement* (the share of the image's pixels in the input's
+  background colour, lower is better: a concept that learned its surroundings brings them along).
 
-Each image is scored by the ``bas-mini`` evaluator (``bas/plugins/bas_mini.py``), the same code
-that ``bas eval`` runs on bas-mini runs; this benchmark averages its per-image scores per prompt
-group and seed.  Results go to ``benchmarks/results/fidelity-<date>.json`` with a grid per ablation beside it in
-``benchmarks/results/fidelity-<date>/``, and the table is printed as markdown.
+Every ablation runs on the same scenes, extraction seeds and generation seeds, so its difference
+from its baseline (``full``, or ``full-finetune`` for the full fine-tune's variants) is paired:
+one difference per scene, extraction seed and generation seed, each the mean over the prompts of
+its group.  Its 95% interval is the hierarchical bootstrap (:func:`bas.core.stats.nested_summary`):
+resample scenes, then extraction seeds within each drawn scene, then generation seeds within each
+drawn extraction.  The table marks a difference whose interval excludes 0 (``*``) and one that
+also survives the Holm-Bonferroni correction over every difference in the table (``**``).
+
+Results go to ``benchmarks/results/fidelity-<date>.json`` with a grid per ablation beside it in
+``benchmarks/results/fidelity-<date>/``; runs and images stay in ``--work`` (a temporary folder
+unless given), so a benchmark that was stopped continues where it was with the same ``--work``.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
+import os
+import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
-from bas.core.evaluation import EvalRun, Sample
 from bas.mini import world
-from bas.plugins.bas_mini import BasMini
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ADHERENCE_BACKGROUNDS = ("yellow", "green")
-METRICS = ("identity", "composition", "adherence", "leakage")
-# identity taken apart (in the JSON, not the table): the concept's colour anywhere; the largest object's shape, texture
-IDENTITY_PARTS = ("identity colour", "identity shape", "identity texture")
+BACKGROUND_CHOICES = ("yellow", "green", "blue")  # the first two that differ from the input's are asked for
+METRICS = ("identity", "composition", "adherence", "leakage", "entanglement", "prior")
+IDENTITY_PARTS = ("identity_colour", "identity_shape", "identity_texture")
+LOWER_IS_BETTER = {"leakage", "entanglement"}
+# each benchmark metric: the prompt group it is averaged over (the evaluator scores more images than that, e.g. identity
+# on "<asset0> on a yellow background" too; the benchmark keeps each metric to the prompts made for it)
+METRIC_GROUP = {"identity": "identity", "leakage": "identity", "composition": "composition", "adherence": "background",
+                "entanglement": "background", "prior": "prior", **{m: "identity" for m in IDENTITY_PARTS}}
+# captions without handles that bas-mini draws (its base quality): does extraction keep what the model could do?
+PRIOR_PROMPTS = ("a photo of a red circle on a blue background", "a photo of a green striped square on a grey background",
+                 "a photo of a yellow triangle and a blue square on a black background", "a photo of a blue striped triangle on a yellow background")
+PRIOR_CLASS_PROMPT = ""  # bas-mini's generic scene: its captions were dropped 10% of the time in training
+PRIOR_CLASS_IMAGES = 100  # the reference code's count
 
 
+# -- scenes ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchScene:
+    """A scene of the benchmark: background, objects ``(colour, shape, texture, box)`` and the kind of masks.
+
+    ``masks="loose"``: each object's exact mask grown by 2 px and blurred (a careful hand-made mask);
+    ``"box"``: the object's bounding box grown by 2 px (a rough rectangle, which takes in background,
+    so a concept can learn its surroundings).
+    """
+
+    background: str
+    objects: tuple[tuple[str, str, str, tuple[int, int, int, int]], ...]
+    masks: str = "loose"
+    note: str = ""
+
+    def scene(self) -> world.Scene:
+        return world.Scene(self.background, [world.Shape(c, s, t, box) for c, s, t, box in self.objects])
+
+
+SCENES: dict[str, BenchScene] = {
+    "purple-orange": BenchScene("grey", (("purple", "circle", "dotted", (6, 18, 32, 44)), ("orange", "square", "plain", (38, 20, 60, 42)))),
+    "pink-cyan-orange": BenchScene("black", (("pink", "triangle", "plain", (4, 6, 28, 30)), ("cyan", "square", "striped", (36, 6, 58, 28)),
+                                             ("orange", "circle", "dotted", (18, 36, 42, 60)))),
+    "cyan-pink-touching": BenchScene("green", (("cyan", "circle", "plain", (6, 16, 32, 42)), ("pink", "square", "striped", (32, 18, 56, 42))),
+                                     note="touching: the masks overlap"),
+    "orange-purple-touching": BenchScene("blue", (("orange", "triangle", "dotted", (12, 6, 38, 32)), ("purple", "square", "plain", (14, 32, 40, 58))),
+                                         masks="box", note="touching, box masks that overlap"),
+    "four-colours": BenchScene("grey", (("orange", "circle", "plain", (4, 4, 28, 28)), ("purple", "triangle", "striped", (36, 4, 60, 28)),
+                                        ("pink", "square", "plain", (4, 36, 28, 60)), ("cyan", "circle", "dotted", (36, 36, 60, 60)))),
+    "red-dotted-cyan": BenchScene("yellow", (("red", "square", "dotted", (6, 20, 30, 44)), ("cyan", "triangle", "plain", (36, 18, 60, 42))),
+                                  masks="box", note="box masks"),
+    "row-touching": BenchScene("black", (("purple", "circle", "plain", (2, 22, 22, 42)), ("cyan", "square", "plain", (22, 22, 42, 42)),
+                                         ("pink", "triangle", "dotted", (42, 22, 62, 42))), note="three in a row, touching"),
+    "blue-dotted-orange-pink": BenchScene("grey", (("blue", "circle", "dotted", (4, 6, 28, 30)), ("orange", "triangle", "striped", (36, 4, 60, 28)),
+                                                   ("pink", "square", "plain", (22, 38, 44, 60))), masks="box", note="box masks"),
+}
+
+
+def box_mask(box, grow: int = 2, size: int = world.SIZE) -> Image.Image:
+    x0, y0, x1, y1 = box
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).rectangle((x0 - grow, y0 - grow, x1 + grow - 1, y1 + grow - 1), fill=255)
+    return mask.filter(ImageFilter.GaussianBlur(0.7))
+
+
+def write_scene(directory: Path, bench: BenchScene) -> Path:
+    """``img.png``, ``mask0.png``, ... (handles in the order of :attr:`BenchScene.objects`) and ``scene.json``."""
+    from bas.core import io
+
+    directory = Path(directory)
+    scene = bench.scene()
+    image, masks = world.render(scene)
+    io.save_image(directory / "img.png", image)
+    for i, (mask, obj) in enumerate(zip(masks, scene.objects)):
+        io.save_image(directory / f"mask{i}.png", world.loose_mask(mask) if bench.masks == "loose" else box_mask(obj.box))
+    info = {"background": scene.background, "masks": bench.masks, "note": bench.note,
+            "objects": [{"colour": o.colour, "shape": o.shape, "texture": o.texture, "box": list(o.box)} for o in scene.objects]}
+    io.write_json(directory / "scene.json", info)
+    return directory
+
+
+def asked_backgrounds(background: str) -> list[str]:
+    return [b for b in BACKGROUND_CHOICES if b != background][:2]
+
+
+def prompt_groups(n: int, background: str) -> dict[str, list[str]]:
+    """The prompts of a scene of ``n`` concepts, by group (see the module's docstring)."""
+    handles = [f"<asset{k}>" for k in range(n)]
+    return {
+        "identity": [f"a photo of {h}" for h in handles],
+        "composition": ["a photo of " + " and ".join(handles)],
+        "background": [f"a photo of {h} on a {b} background" for h in handles for b in asked_backgrounds(background)],
+        "prior": list(PRIOR_PROMPTS),
+    }
+
+
+# -- ablations ------------------------------------------------------------------------------------
 @dataclass
 class Ablation:
     name: str
     what: str
     plugins: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    baseline: str | None = "full"  # what its differences are taken against (None: the baseline itself)
+    prior: bool = False  # needs the shared class images
 
 
 ABLATIONS = [
-    Ablation("full", "the full method: phase 1 + LoRA phase 2, masked loss, attention loss, union sampling"),
+    Ablation("full", "the full method: phase 1 + LoRA phase 2, masked loss, attention loss, union sampling", baseline=None),
     Ablation("no-masked-loss", "diffusion loss over the whole image (--no-mask-loss)", options={"mask_loss": False}),
     Ablation("no-attention-loss", "without the cross-attention loss", plugins=["no:attention-loss"]),
     Ablation("no-union-sampling", "every step shows all concepts", plugins=["no:union-sampling"]),
-    Ablation("phase1-only", "textual inversion: handles only", options={"phase2_steps": 0}),
-    Ablation("phase2-only", "weights + handles from the start", options={"phase1_steps": 0}),
-    Ablation("full-finetune", "phase 2 fine-tunes all UNet and text-encoder weights (lr 2e-6, the paper's)", plugins=["full"]),
+    Ablation("phase1-only", "textual inversion: handles only (--phase2-steps 0)", options={"phase2_steps": 0}),
+    Ablation("phase2-only", "weights + handles from the start (--phase1-steps 0)", options={"phase1_steps": 0}),
+    Ablation("full-finetune", "phase 2 fine-tunes all UNet and text-encoder weights (--plugin full)", plugins=["full"]),
+    Ablation("prior-preservation", "LoRA with prior preservation (--plugin prior-preservation)", plugins=["prior-preservation"], prior=True),
+    Ablation("full-finetune-prior", "the full fine-tune with prior preservation", plugins=["full", "prior-preservation"],
+             baseline="full-finetune", prior=True),
+    Ablation("handle-lr-1e-4", "phase 2 trains the handles at the LoRA rate, 1e-4 (bas before --phase2-handle-lr)",
+             options={"phase2_handle_lr": 1e-4}),
+    Ablation("background-handle", "one more handle for everything outside the masks, trained jointly (--background)",
+             options={"background": True}),
 ]
-
-SCENES = world.NOVEL_SCENES
-
-
-def make_scene(directory: Path, name: str, seed: int = 0) -> tuple[Path, world.Scene]:
-    import random
-
-    background, objects = SCENES[name]
-    scene = world.random_scene(random.Random(seed), objects=objects, background=background)
-    scene.objects.sort(key=lambda o: o.box[0])  # handles in reading order, left to right
-    return world.write_scene(directory / name, scene), scene
+ABLATION_NAMES = [a.name for a in ABLATIONS]
 
 
-def prompts_for(n: int, background: str) -> dict[str, list[tuple[str, dict]]]:
-    """Prompt groups with what each prompt asks for."""
-    handles = [f"<asset{k}>" for k in range(n)]
-    backgrounds = [b for b in ADHERENCE_BACKGROUNDS if b != background]
-    return {
-        "identity": [(f"a photo of {h}", {"concept": k}) for k, h in enumerate(handles)],
-        "composition": [("a photo of " + " and ".join(handles), {"concepts": list(range(n))})],
-        "adherence": [(f"a photo of {h} on a {b} background", {"concept": k, "background": b}) for k, h in enumerate(handles) for b in backgrounds],
-    }
+def find_ablation(name: str) -> Ablation:
+    return next(a for a in ABLATIONS if a.name == name)
 
 
-# each benchmark metric: the prompt group it is averaged over and the bas-mini evaluator's score it averages
-METRIC_SOURCES = {
-    "identity": ("identity", "identity"), "composition": ("composition", "composition"), "adherence": ("adherence", "adherence"),
-    "leakage": ("identity", "leakage"), "identity colour": ("identity", "identity_colour"),
-    "identity shape": ("identity", "identity_shape"), "identity texture": ("identity", "identity_texture"),
-}
+def with_baselines(names: list[str] | None) -> list[Ablation]:
+    """The chosen ablations (all when None) and the baselines their differences need, in table order."""
+    wanted = set(names or ABLATION_NAMES)
+    for name in list(wanted):
+        baseline = find_ablation(name).baseline
+        while baseline:
+            wanted.add(baseline)
+            baseline = find_ablation(baseline).baseline
+    return [a for a in ABLATIONS if a.name in wanted]
 
 
-def evaluator_scores(run: EvalRun, groups: dict, images: dict[str, list[Path]]) -> dict[str, list[dict]]:
-    """The bas-mini evaluator's scores of each prompt's images (a list per prompt, in seed order)."""
-    concepts = {p: tuple(spec["concepts"]) if "concepts" in spec else (spec["concept"],) for items in groups.values() for p, spec in items}
-    samples = [Sample(run.name, p, concepts[p], s, None, path) for p, paths in images.items() for s, path in enumerate(paths)]
-    scored = iter(BasMini().score(run, samples))
-    return {p: [next(scored) for _ in paths] for p, paths in images.items()}
+def run_name(scene: str, ablation: str, extraction_seed: int) -> str:
+    return f"{scene}--{ablation}--e{extraction_seed}"
 
 
-def score_columns(groups: dict, scores: dict[str, list[dict]]) -> dict[str, list[float]]:
-    """Per-seed values of each metric: the mean over the prompts of its group of the evaluator's image scores."""
-    n_seeds = len(next(iter(scores.values())))
-    per_seed: dict[str, list[float]] = {m: [] for m in METRICS + IDENTITY_PARTS}
-    for s in range(n_seeds):
-        for name, (group, key) in METRIC_SOURCES.items():
-            per_seed[name].append(float(np.mean([scores[p][s][key] for p, _ in groups[group]])))
-    return per_seed
-
-
-def run_ablation(ablation: Ablation, scene_dir: Path, scene: world.Scene, work: Path, *, model: str, steps: tuple[int, int],
-                 seeds: list[int], sample_steps: int, guidance: float, attention_res: int | None, extraction_seed: int = 0,
-                 learning_rates: dict | None = None) -> dict:
-    from bas import extract, generate
+# -- extraction (bas batch) -----------------------------------------------------------------------
+def observer_off() -> list[str]:
+    """Observers that only write files for people (report plots, resumable checkpoints) cost time, not fidelity."""
     from bas.core.plugins import available_plugin_names
 
-    n = len(scene.objects)
-    options = dict(model=model, phase1_steps=steps[0], phase2_steps=steps[1], init_tokens=[o.shape for o in scene.objects],
-                   overwrite=True, device="cpu", seed=extraction_seed, quiet=True)
-    if attention_res and "no:attention-loss" not in ablation.plugins:
-        options["attention_res"] = attention_res
-    lrs = dict(learning_rates or {})
-    full_lr = lrs.pop("full_phase2_lr", None)
-    if "full" in ablation.plugins:
-        lrs.pop("phase2_lr", None)
-        if full_lr:
-            lrs["phase2_lr"] = full_lr
-    options.update({k: v for k, v in lrs.items() if v})
-    options.update(ablation.options)
-    plugins = list(ablation.plugins)
-    # observers that only write files for people (report plots, resumable checkpoints) cost time, not fidelity
     available = set(available_plugin_names())
-    plugins += ["no:report"] if "report" in available else []
-    plugins += ["no:checkpoints"] if "checkpoints" in available else []
-    out = work / f"{scene_dir.name}-{ablation.name}"
-    masks = sorted(scene_dir.glob("mask*.png"))
-    t0 = time.perf_counter()
-    extract(scene_dir / "img.png", masks, out, plugins=plugins, **options)
-    t_extract = time.perf_counter() - t0
-    groups = prompts_for(n, scene.background)
-    prompts = [p for group in groups.values() for p, _ in group]
-    paths = generate(out, prompts, seeds=seeds, steps=sample_steps, guidance=guidance, grid=False, device="cpu", out_dir=out / "samples")
-    images = [Image.open(p).convert("RGB") for p in paths]
-    by_prompt = {p: paths[i * len(seeds):(i + 1) * len(seeds)] for i, p in enumerate(prompts)}
-    per_seed = score_columns(groups, evaluator_scores(EvalRun(out.name, out, json.loads((out / "run.json").read_text())), groups, by_prompt))
-    return {
-        "per_seed": per_seed, "mean": {m: float(np.mean(v)) for m, v in per_seed.items()},
-        "extract_s": round(t_extract, 1), "prompts": prompts, "images": images,
-    }
+    return [f"no:{name}" for name in ("report", "checkpoints") if name in available]
 
 
-def scene_tiles(scene_dir: Path) -> list[Image.Image]:
-    tiles = [Image.open(scene_dir / "img.png").convert("RGB")]
-    tiles += [Image.open(m).convert("RGB") for m in sorted(scene_dir.glob("mask*.png"))]
-    return tiles
+def batch_lines(scenes: dict[str, Path], ablations: list[Ablation], extraction_seeds: list[int], class_dir: Path,
+                learning_rates: dict, options: dict) -> list[dict]:
+    """One ``bas batch`` manifest line per scene, ablation and extraction seed."""
+    lines = []
+    for ablation in ablations:
+        for name, folder in scenes.items():
+            info = json.loads((folder / "scene.json").read_text())
+            masks = sorted(folder.glob("mask*.png"), key=lambda p: int(p.stem[4:]))
+            for seed in extraction_seeds:
+                line = {"name": run_name(name, ablation.name, seed), "image": str(folder / "img.png"), "masks": [str(m) for m in masks],
+                        "init_tokens": [o["shape"] for o in info["objects"]], "seed": seed, "plugins": list(ablation.plugins)}
+                line.update(strategy_rates(ablation, learning_rates))
+                line.update(options)
+                line.update(ablation.options)
+                if ablation.prior:
+                    line.update(class_data_dir=str(class_dir), class_prompt=PRIOR_CLASS_PROMPT, num_class_images=PRIOR_CLASS_IMAGES)
+                lines.append(line)
+    return lines
 
 
-def ablation_grid(rows: list[tuple[list[Image.Image], list[Image.Image]]], seeds: int, tile: int = 64) -> Image.Image:
-    """Per scene: a row with the input and masks, then one row per prompt (a column per seed)."""
-    from bas.core.generation import image_grid
+def strategy_rates(ablation: Ablation, learning_rates: dict) -> dict:
+    """The learning rates for this ablation's weight strategy: ``full_phase2_lr`` is phase 2's rate of the full fine-tune."""
+    rates = {k: v for k, v in learning_rates.items() if v is not None}
+    full_lr = rates.pop("full_phase2_lr", None)
+    if "full" in ablation.plugins:
+        rates.pop("phase2_lr", None)
+        if full_lr is not None:
+            rates["phase2_lr"] = full_lr
+    return rates
 
-    lines: list[list[Image.Image]] = []
-    for inputs, images in rows:
-        lines.append(inputs)
-        lines += [images[i : i + seeds] for i in range(0, len(images), seeds)]
-    return image_grid([[t.resize((tile, tile)) for t in line] for line in lines])
+
+def prepare_class_images(class_dir: Path, scene: Path, common: dict, log) -> None:
+    """Generate the prior-preservation class images once, with the plugin's own code, before the runs share them."""
+    from bas import extract
+
+    if len(list(class_dir.glob("*.png"))) >= PRIOR_CLASS_IMAGES:
+        return
+    log(f"generating {PRIOR_CLASS_IMAGES} class images for prior preservation into {class_dir}")
+    with tempfile.TemporaryDirectory() as tmp:
+        masks = sorted(scene.glob("mask*.png"))
+        extract(scene / "img.png", masks, Path(tmp) / "run", plugins=["prior-preservation", *observer_off()], model=common["model"],
+                phase1_steps=0, phase2_steps=1, device="cpu", quiet=True, class_data_dir=str(class_dir), class_prompt=PRIOR_CLASS_PROMPT,
+                num_class_images=PRIOR_CLASS_IMAGES)
 
 
-def summarise(per_scene: dict[str, dict]) -> dict:
-    """A value per seed, averaged over scenes; the mean and spread over seeds (identity's parts too)."""
-    summary = {}
-    for m in METRICS + IDENTITY_PARTS:
-        values = np.mean([r["per_seed"][m] for r in per_scene.values()], axis=0)
-        summary[m] = {"mean": float(values.mean()), "std": float(values.std()), "per_seed": [float(v) for v in values]}
-    summary["extract_s"] = float(np.mean([r["extract_s"] for r in per_scene.values()]))
+def run_extractions(lines: list[dict], runs: Path, common: dict, jobs: int, quiet: bool) -> dict:
+    """Every run through ``bas batch`` (finished runs with the same options are skipped, so a stopped benchmark resumes)."""
+    import bas
+
+    summary = bas.batch(lines, runs, executor="local", workers=jobs, quiet=quiet, **common)
+    bad = [s for s in summary["scenes"] if s["status"] not in ("done", "skipped")]
+    if bad:
+        raise click.ClickException(f"{len(bad)} of {len(lines)} extractions did not finish; the first, {bad[0]['name']}: {bad[0]['status']}: "
+                                   f"{bad[0].get('error')} (see {runs / 'batch.json'}).")
     return summary
 
 
-def markdown_table(summary: dict[str, dict[str, dict]]) -> str:
-    lines = ["| ablation | identity ↑ | composition ↑ | adherence ↑ | leakage ↓ | identity's colour / shape / texture ↑ | extract s |",
-             "|---|---|---|---|---|---|---|"]
-    for name, row in summary.items():
-        cells = [f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f}" for m in METRICS]
-        cells.append(" / ".join(f"{row[m]['mean']:.2f}" for m in IDENTITY_PARTS))
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['extract_s']:.0f} |")
-    return "\n".join(lines)
+# -- evaluation (bas eval) ------------------------------------------------------------------------
+def eval_settings(seeds: list[int], sample_steps: int, guidance: float) -> dict:
+    return {"num_images": len(seeds), "seed": seeds[0], "steps": sample_steps, "guidance": guidance}
 
 
-def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | None = None, ablations: list[str] | None = None,
-                  steps: tuple[int, int] = (200, 200), seeds: list[int] | None = None, sample_steps: int = 25,
-                  guidance: float = 7.5, attention_res: int | None = 4, work: Path | None = None, grids: Path | None = None, learning_rates: dict | None = None, log=print) -> dict:
-    """Every ablation on every scene; writes ``out`` (JSON) and a grid PNG per ablation in ``out``'s stem folder."""
-    import tempfile
+def evaluate_run(task: tuple[str, str, str, dict]) -> str:
+    """``bas eval`` of one run with the prompts of its scene (in a worker process; skipped when done with these settings)."""
+    import torch
 
-    scenes = scenes or list(SCENES)
-    chosen = [a for a in ABLATIONS if ablations is None or a.name in ablations]
-    seeds = seeds or [0, 1, 2, 3]
-    out = Path(out)
-    grids = Path(grids) if grids else out.with_suffix("")
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(work or tmp)
-        prepared = {name: make_scene(work / "scenes", name) for name in scenes}
-        result = {
-            "date": datetime.date.today().isoformat(), "model": model, "scenes": {n: {"background": s.background, "objects": [o.words() for o in s.objects]} for n, (_, s) in prepared.items()},
-            "steps": list(steps), "seeds": seeds, "sample_steps": sample_steps, "guidance": guidance, "attention_res": attention_res,
-            "init_tokens": "each concept's shape word", "learning_rates": learning_rates or "bas run's defaults", "ablations": {}, "summary": {},
-        }
-        for ablation in chosen:
-            rows, per_scene = [], {}
-            for name, (scene_dir, scene) in prepared.items():
-                r = run_ablation(ablation, scene_dir, scene, work / "runs", model=model, steps=steps, seeds=seeds,
-                                 sample_steps=sample_steps, guidance=guidance, attention_res=attention_res, learning_rates=learning_rates)
-                rows.append((scene_tiles(scene_dir), r.pop("images")))
-                per_scene[name] = r
-                log(f"{ablation.name} on {name}: " + ", ".join(f"{m} {r['mean'][m]:.2f}" for m in METRICS) + f" ({r['extract_s']:.0f}s)")
-            grid_path = grids / f"{ablation.name}.png"
-            from bas.core import io
+    import bas
 
-            io.save_image(grid_path, ablation_grid(rows, len(seeds)).quantize(colors=128))  # small files in the repo
-            result["ablations"][ablation.name] = {"what": ablation.what, "plugins": ablation.plugins, "options": ablation.options,
-                                                  "scenes": per_scene, "grid": grid_path.name}
-            result["summary"][ablation.name] = summarise(per_scene)
-    result["table"] = markdown_table(result["summary"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    torch.set_num_threads(1)
+    run, prompts, out, settings = task
+    out_path = Path(out)
+    done = out_path / "eval.json"
+    if done.is_file():
+        old = json.loads(done.read_text())["settings"]
+        asked = {line.strip() for line in Path(prompts).read_text().splitlines() if line.strip()}
+        if {k: old.get(k) for k in settings} == settings and {img["prompt"] for img in json.loads(done.read_text())["images"]} == asked:
+            return out
+    bas.evaluate([run], out, evaluators=["bas-mini"], prompts=prompts, device="cpu", quiet=True, overwrite=True, **settings)
+    return out
+
+
+def run_evaluations(names: list[str], runs: Path, evals: Path, prompt_files: dict[str, Path], settings: dict, jobs: int, log) -> None:
+    tasks = [(str(runs / n), str(prompt_files[n.split("--")[0]]), str(evals / n), settings) for n in names]
+    if jobs <= 1:
+        for i, t in enumerate(tasks, 1):
+            evaluate_run(t)
+            log(f"evaluated {i}/{len(tasks)}: {Path(t[0]).name}")
+        return
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for i, out in enumerate(pool.map(evaluate_run, tasks), 1):
+            log(f"evaluated {i}/{len(tasks)}: {Path(out).name}")
+
+
+def read_values(eval_json: Path, groups: dict[str, list[str]], seeds: list[int]) -> dict[str, list[float]]:
+    """Per metric, one value per generation seed: the mean over its group's prompts of the evaluator's image scores."""
+    data = json.loads(eval_json.read_text())
+    by = {(img["prompt"], img["seed"]): img["scores"] for img in data["images"]}
+    values = {}
+    for metric in METRICS + IDENTITY_PARTS:
+        prompts = groups[METRIC_GROUP[metric]]
+        values[metric] = [float(np.mean([by[(p, s)][metric] for p in prompts])) for s in seeds]
+    return values
+
+
+# -- statistics -----------------------------------------------------------------------------------
+def collect(evals: Path, scene_groups: dict[str, dict], ablations: list[Ablation], extraction_seeds: list[int], seeds: list[int]) -> dict:
+    """``{ablation: {metric: array (scenes, extraction seeds, generation seeds)}}``, scenes in the order given."""
+    values: dict[str, dict[str, np.ndarray]] = {}
+    for ablation in ablations:
+        per_metric = {m: np.zeros((len(scene_groups), len(extraction_seeds), len(seeds))) for m in METRICS + IDENTITY_PARTS}
+        for i, (scene, groups) in enumerate(scene_groups.items()):
+            for j, e in enumerate(extraction_seeds):
+                read = read_values(evals / run_name(scene, ablation.name, e) / "eval.json", groups, seeds)
+                for m, v in read.items():
+                    per_metric[m][i, j] = v
+        values[ablation.name] = per_metric
+    return values
+
+
+def statistics(values: dict[str, dict[str, np.ndarray]], ablations: list[Ablation], resamples: int = 10_000) -> dict:
+    """Per ablation and metric: the mean with its interval, and the paired difference from the baseline with its
+    interval, p-value and significance (95% interval excluding 0; Holm-Bonferroni over the whole table)."""
+    from bas.core.stats import holm, nested_summary
+
+    result: dict[str, dict] = {}
+    for a in ablations:
+        row: dict[str, dict] = {}
+        for m, x in values[a.name].items():
+            entry = {"value": nested_summary(x, resamples=resamples)}
+            if a.baseline:
+                d = nested_summary(x - values[a.baseline][m], resamples=resamples)
+                d["significant"] = bool(d["low"] > 0 or d["high"] < 0)
+                entry["difference"] = d
+            row[m] = entry
+        result[a.name] = row
+    tested = [(a, m) for a in result for m in METRICS if "difference" in result[a][m]]
+    for (a, m), survives in zip(tested, holm([result[a][m]["difference"]["p"] for a, m in tested])):
+        result[a][m]["difference"]["holm"] = bool(survives)
     return result
 
 
-def merge_results(parts: list[Path], out: Path) -> dict:
-    """One result from runs of different ablations with the same settings (e.g. run in parallel processes)."""
-    results = [json.loads(Path(p).read_text()) for p in parts]
-    merged = dict(results[0], ablations={}, summary={})
-    for r in results:
-        same = {k: r.get(k) for k in ("model", "scenes", "steps", "seeds", "sample_steps", "guidance", "attention_res", "learning_rates")}
-        if same != {k: results[0].get(k) for k in same}:
-            raise click.ClickException(f"cannot merge results with different settings: {same}")
-        merged["ablations"].update(r["ablations"])
-    order = [a.name for a in ABLATIONS]
-    merged["summary"] = {k: summarise(merged["ablations"][k]["scenes"]) for k in sorted(merged["ablations"], key=order.index)}
-    merged["table"] = markdown_table(merged["summary"])
-    Path(out).write_text(json.dumps(merged, indent=1) + "\n")
-    return merged
+def cell(value: dict, difference: dict | None) -> str:
+    text = f"{value['mean']:.2f}"
+    if difference is None:
+        return f"{text} [{value['low']:.2f}, {value['high']:.2f}]"
+    mark = "**" if difference.get("holm") else "*" if difference["significant"] else ""
+    return f"{text} ({difference['mean']:+.2f} [{difference['low']:+.2f}, {difference['high']:+.2f}]{mark})"
+
+
+def markdown_table(stats: dict, ablations: list[Ablation]) -> str:
+    """A row per ablation: each metric's mean, and (for all but a baseline) its paired difference with the 95% interval."""
+    arrows = {m: "↓" if m in LOWER_IS_BETTER else "↑" for m in METRICS}
+    lines = ["| ablation | vs | " + " | ".join(f"{m} {arrows[m]}" for m in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for a in ablations:
+        row = stats[a.name]
+        lines.append(f"| {a.name} | {a.baseline or ''} | " + " | ".join(cell(row[m]["value"], row[m].get("difference")) for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+# -- pictures -------------------------------------------------------------------------------------
+def ablation_grid(evals: Path, scenes: dict[str, Path], scene_groups: dict[str, dict], ablation: str, extraction_seed: int,
+                  seeds: list[int], tile: int = 64) -> Image.Image:
+    """Per scene: a row with the input and masks, then a row per prompt (a column per generation seed)."""
+    from bas.core.generation import image_grid, image_stem
+
+    lines: list[list[Image.Image]] = []
+    for name, folder in scenes.items():
+        inputs = [Image.open(folder / "img.png").convert("RGB")]
+        inputs += [Image.open(m).convert("RGB") for m in sorted(folder.glob("mask*.png"), key=lambda p: int(p.stem[4:]))]
+        lines.append(inputs)
+        images = evals / run_name(name, ablation, extraction_seed) / "images" / run_name(name, ablation, extraction_seed)
+        for prompt in [p for group in scene_groups[name].values() for p in group]:
+            lines.append([Image.open(images / f"{image_stem(prompt)}-seed{s}.png").convert("RGB") for s in seeds])
+    return image_grid([[t.resize((tile, tile)) for t in line] for line in lines])
+
+
+# -- the benchmark --------------------------------------------------------------------------------
+def git_revision() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        return rev + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | None = None, ablations: list[str] | None = None,
+                  steps: tuple[int, int] = (200, 200), extraction_seeds: list[int] | None = None, seeds: list[int] | None = None,
+                  sample_steps: int = 25, guidance: float = 7.5, attention_res: int | None = None, learning_rates: dict | None = None,
+                  options: dict | None = None, jobs: int = 1, work: Path | None = None, grids: Path | None = None,
+                  resamples: int = 10_000, quiet: bool = True, log=print) -> dict:
+    """Every chosen ablation on every scene and extraction seed; writes ``out`` (JSON) and a grid PNG per ablation."""
+    t_start = time.perf_counter()
+    scene_names = scenes or list(SCENES)
+    chosen = with_baselines(ablations)
+    extraction_seeds = extraction_seeds if extraction_seeds is not None else [0, 1, 2]
+    seeds = seeds if seeds is not None else [0, 1, 2, 3]
+    out = Path(out)
+    grids = Path(grids) if grids else out.with_suffix("")
+    learning_rates = dict(learning_rates or {})
+    common = {"model": model, "phase1_steps": steps[0], "phase2_steps": steps[1], "device": "cpu", "quiet": True}
+    if attention_res:
+        common["attention_res"] = attention_res
+    extra = dict(options or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(work or tmp).resolve()
+        scene_dirs = {name: write_scene(work / "scenes" / name, SCENES[name]) for name in scene_names}
+        scene_groups = {name: prompt_groups(len(SCENES[name].objects), SCENES[name].background) for name in scene_names}
+        prompt_files = {}
+        for name, groups in scene_groups.items():
+            prompt_files[name] = work / "prompts" / f"{name}.txt"
+            prompt_files[name].parent.mkdir(parents=True, exist_ok=True)
+            prompt_files[name].write_text("".join(p + "\n" for group in groups.values() for p in group))
+        class_dir = work / "class_images"
+        times = {}
+        if any(a.prior for a in chosen):
+            t = time.perf_counter()
+            prepare_class_images(class_dir, scene_dirs[scene_names[0]], common, log)
+            times["class_images_s"] = round(time.perf_counter() - t, 1)
+        lines = batch_lines(scene_dirs, chosen, extraction_seeds, class_dir, learning_rates, extra)
+        log(f"{len(lines)} extractions ({len(chosen)} ablations x {len(scene_names)} scenes x {len(extraction_seeds)} seeds), {jobs} at a time")
+        t = time.perf_counter()
+        summary = run_extractions(lines, work / "runs", {k: v for k, v in common.items() if k != "quiet"}, jobs, quiet)
+        times["extraction_s"] = round(time.perf_counter() - t, 1)
+        log(f"extractions done in {times['extraction_s'] / 60:.1f} min; evaluating {len(lines)} runs")
+        t = time.perf_counter()
+        names = [line["name"] for line in lines]
+        run_evaluations(names, work / "runs", work / "eval", prompt_files, eval_settings(seeds, sample_steps, guidance), jobs, log)
+        times["evaluation_s"] = round(time.perf_counter() - t, 1)
+        values = collect(work / "eval", scene_groups, chosen, extraction_seeds, seeds)
+        stats = statistics(values, chosen, resamples=resamples)
+        from bas.core import io
+
+        for a in chosen:
+            grid = ablation_grid(work / "eval", scene_dirs, scene_groups, a.name, extraction_seeds[0], seeds)
+            io.save_image(grids / f"{a.name}.png", grid.quantize(colors=64))  # small files in the repo
+        run_seconds = {}
+        for n in names:
+            info = json.loads((work / "runs" / n / "run.json").read_text())
+            run_seconds[n] = round(float(info.get("times", {}).get("total_s", 0.0)), 1)
+    times["total_s"] = round(time.perf_counter() - t_start, 1)
+    result = {
+        "date": datetime.date.today().isoformat(), "git": git_revision(), "model": model, "jobs": jobs,
+        "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "scenes": {n: {"background": SCENES[n].background, "masks": SCENES[n].masks, "note": SCENES[n].note,
+                       "objects": [f"{c} {t} {s}" for c, s, t, _ in SCENES[n].objects], "prompts": scene_groups[n]} for n in scene_names},
+        "steps": list(steps), "extraction_seeds": extraction_seeds, "seeds": seeds, "sample_steps": sample_steps, "guidance": guidance,
+        "attention_res": attention_res or "bas run's default", "learning_rates": learning_rates or "bas run's defaults", "options": extra,
+        "init_tokens": "each concept's shape word", "prior_preservation": {"class_prompt": PRIOR_CLASS_PROMPT, "class_images": PRIOR_CLASS_IMAGES},
+        "interval": "95% hierarchical bootstrap (10,000 resamples): scenes, then extraction seeds within each scene, then generation seeds "
+                    "within each extraction; differences are paired by scene, extraction seed and generation seed",
+        "ablations": {a.name: {"what": a.what, "plugins": a.plugins, "options": a.options, "baseline": a.baseline,
+                               "values": {m: v.tolist() for m, v in values[a.name].items()}} for a in chosen},
+        "stats": stats, "times": times, "run_seconds": run_seconds,
+        "batch": {"executor": summary.get("executor"), "workers": jobs},
+        "table": markdown_table(stats, chosen),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from bas.core import io
+
+    io.write_json(out, result)
+    return result
+
+
+def parse_option(ctx, param, values):
+    """``KEY=VALUE`` pairs (VALUE as JSON where it parses, else text) applied to every run."""
+    parsed = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE (such as attention_loss_weight=0.05)")
+        try:
+            parsed[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key.replace("-", "_")] = value
+    return parsed
 
 
 @click.command()
 @click.option("--model", default="bas-mini", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: benchmarks/results/fidelity-<date>.json]")
 @click.option("--scene", "scenes", multiple=True, type=click.Choice(list(SCENES)), help="Scenes to run [default: all].")
-@click.option("--ablation", "ablations", multiple=True, type=click.Choice([a.name for a in ABLATIONS]), help="Ablations to run [default: all].")
+@click.option("--ablation", "ablations", multiple=True, type=click.Choice(ABLATION_NAMES), help="Ablations to run (their baselines are added) [default: all].")
 @click.option("--phase1-steps", default=200, show_default=True)
 @click.option("--phase2-steps", default=200, show_default=True)
-@click.option("--seeds", default=4, show_default=True, help="Generation seeds per prompt.")
+@click.option("--extraction-seeds", default=3, show_default=True, help="Extraction seeds per scene and ablation (0..N-1).")
+@click.option("--seeds", default=4, show_default=True, help="Generation seeds per prompt (0..N-1).")
 @click.option("--sample-steps", default=25, show_default=True, help="DDIM steps per image.")
 @click.option("--guidance", default=7.5, show_default=True)
-@click.option("--attention-res", default=4, show_default=True, help="Attention-loss map size (bas-mini's latent is 8x8; 4 is its middle level).")
-@click.option("--threads", default=1, show_default=True, help="CPU threads for torch (1 is fastest on a busy shared CPU).")
+@click.option("--attention-res", type=int, default=None, help="Attention-loss map side [default: bas run's, a quarter of the latent side].")
 @click.option("--phase1-lr", type=float, default=None, help="[default: bas run's, 5e-4]")
 @click.option("--phase2-lr", type=float, default=None, help="Phase-2 learning rate of LoRA [default: bas run's, 1e-4].")
 @click.option("--full-phase2-lr", type=float, default=None, help="Phase-2 learning rate of the full fine-tune [default: bas run's, 2e-6].")
 @click.option("--phase2-handle-lr", type=float, default=None, help="Phase-2 learning rate of the handles [default: bas run's, 2e-6].")
+@click.option("--set", "options", multiple=True, callback=parse_option, help="KEY=VALUE: a bas run option for every run (repeatable).")
+@click.option("--jobs", default=1, show_default=True, help="Extractions (and evaluations) at a time, each a process with one torch thread.")
+@click.option("--work", type=click.Path(path_type=Path), default=None, help="Folder for scenes, runs and images; the same --work resumes [default: a temporary one].")
 @click.option("--grids", type=click.Path(path_type=Path), default=None, help="Folder of the grid PNGs [default: --out without .json].")
-@click.option("--merge", "merge", multiple=True, type=click.Path(exists=True, path_type=Path), help="Instead of running: merge these result files into --out.")
-def main(model, out, scenes, ablations, phase1_steps, phase2_steps, seeds, sample_steps, guidance, attention_res, threads, grids, merge, phase1_lr, phase2_lr, full_phase2_lr,
-         phase2_handle_lr):
+@click.option("--quiet", is_flag=True, help="No batch progress.")
+def main(model, out, scenes, ablations, phase1_steps, phase2_steps, extraction_seeds, seeds, sample_steps, guidance, attention_res,
+         phase1_lr, phase2_lr, full_phase2_lr, phase2_handle_lr, options, jobs, work, grids, quiet):
     """Run the fidelity benchmark and print its table."""
     import torch
 
-    if merge:
-        result = merge_results(list(merge), out or RESULTS / f"fidelity-{datetime.date.today().isoformat()}.json")
-        click.echo(result["table"])
-        return
-
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     out = out or RESULTS / f"fidelity-{datetime.date.today().isoformat()}.json"
+    rates = {"phase1_lr": phase1_lr, "phase2_lr": phase2_lr, "full_phase2_lr": full_phase2_lr, "phase2_handle_lr": phase2_handle_lr}
     result = run_benchmark(out, model=model, scenes=list(scenes) or None, ablations=list(ablations) or None,
-                           steps=(phase1_steps, phase2_steps), seeds=list(range(seeds)), sample_steps=sample_steps,
-                           guidance=guidance, attention_res=attention_res, grids=grids,
-                           learning_rates={k: v for k, v in (("phase1_lr", phase1_lr), ("phase2_lr", phase2_lr), ("full_phase2_lr", full_phase2_lr),
-                                                                ("phase2_handle_lr", phase2_handle_lr)) if v} or None, log=lambda m: print(m, file=sys.stderr, flush=True))
+                           steps=(phase1_steps, phase2_steps), extraction_seeds=list(range(extraction_seeds)), seeds=list(range(seeds)),
+                           sample_steps=sample_steps, guidance=guidance, attention_res=attention_res, options=options,
+                           learning_rates={k: v for k, v in rates.items() if v is not None}, jobs=jobs, work=work, grids=grids, quiet=quiet,
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
     click.echo(result["table"])
-    click.echo(f"Wrote {out}")
+    click.echo(f"Took {result['times']['total_s'] / 60:.1f} min. Wrote {out}")
 
 
 if __name__ == "__main__":

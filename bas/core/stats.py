@@ -1,8 +1,9 @@
-"""Intervals for means of per-image scores: the percentile bootstrap, plain or over clusters.
+"""Intervals for means of per-image scores: the percentile bootstrap, plain, over clusters, or nested.
 
 Images of one prompt (its seeds) are not independent draws, so ``bas eval`` resamples prompts with
-all their images (a cluster bootstrap); a benchmark that pairs scenes and seeds passes its own
-clusters.  Seeded: the same values give the same interval.
+all their images (a cluster bootstrap).  A benchmark whose values are nested (scenes, extraction
+seeds within a scene, generation seeds within an extraction) resamples every level within the one
+above it (:func:`nested_bootstrap_means`).  Seeded: the same values give the same interval.
 """
 
 from __future__ import annotations
@@ -58,3 +59,55 @@ def summarize(values: Sequence[float], *, clusters: Sequence[Hashable] | None = 
     x = np.asarray(values, dtype=np.float64)
     low, high = bootstrap_interval(x, clusters=clusters, confidence=confidence, resamples=resamples, seed=seed)
     return {"mean": float(x.mean()) if x.size else float("nan"), "low": low, "high": high, "n": int(x.size)}
+
+
+def nested_bootstrap_means(values, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> np.ndarray:
+    """``resamples`` means of ``values`` under the hierarchical bootstrap of a balanced design.
+
+    ``values`` has one axis per level, outermost first, such as ``(scenes, extraction seeds,
+    generation seeds)``.  Each resample draws the outer level with replacement, then, for every
+    drawn unit independently, its units of the next level with replacement, and so on down to
+    the last axis; the statistic is the mean over everything drawn.  A level that should not be
+    resampled is averaged out by the caller before.  Values must be finite.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim == 0 or x.size == 0:
+        raise ValueError("values must have at least one axis and one value")
+    if not np.isfinite(x).all():
+        raise ValueError("values must be finite; leave out or fill the missing ones before resampling")
+    rng = np.random.default_rng(seed)
+    index = []
+    for depth, size in enumerate(x.shape):
+        draws = rng.integers(0, size, size=(resamples,) + x.shape[: depth + 1])  # one draw per unit of the level above
+        index.append(draws.reshape(draws.shape + (1,) * (x.ndim - depth - 1)))
+    return x[tuple(index)].reshape(resamples, -1).mean(axis=1)
+
+
+def nested_summary(values, *, confidence: float = 0.95, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+    """``{"mean", "low", "high", "p", "n"}`` of the mean of nested ``values`` (see :func:`nested_bootstrap_means`).
+
+    ``low``/``high``: the percentile-bootstrap ``confidence`` interval.  ``p``: the two-sided
+    bootstrap p-value of "the mean is 0" (twice the smaller share of resampled means on either side
+    of 0, counted as ``(k + 1) / (resamples + 1)``, at most 1), for values that are paired
+    differences; ``n``: how many values.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1, not {confidence}")
+    x = np.asarray(values, dtype=np.float64)
+    means = nested_bootstrap_means(x, resamples=resamples, seed=seed)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    tail = min(int((means <= 0).sum()), int((means >= 0).sum()))
+    p = min(1.0, 2 * (tail + 1) / (resamples + 1))  # +1: a finite number of resamples never shows p = 0
+    return {"mean": float(x.mean()), "low": float(low), "high": float(high), "p": p, "n": int(x.size)}
+
+
+def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
+    """Which hypotheses the Holm-Bonferroni procedure rejects at family-wise error ``alpha``."""
+    order = np.argsort(p_values, kind="stable")
+    rejected = [False] * len(p_values)
+    for rank, i in enumerate(order):
+        if p_values[i] > alpha / (len(p_values) - rank):
+            break
+        rejected[i] = True
+    return rejected

@@ -5,6 +5,8 @@ the background is the commonest colour of the border, objects are the connected 
 differ from it, an object's colour is the commonest palette colour of its non-white pixels, its
 texture is how its white pixels are arranged (none, in full-height columns, or in spots), and its
 shape is the template (circle, square, triangle) that best overlaps it inside its bounding box.
+Objects that touch form one region; a region holding two or more colours in quantity is split
+into one object per colour, each white or stray pixel going to the nearest of them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ COLOURS = np.array([PALETTE[n] for n in NAMES], dtype=np.float32)
 WHITE = NAMES.index("white")
 FOREGROUND_DISTANCE = 70.0  # RGB distance from the background above which a pixel belongs to an object
 MIN_AREA = 20  # pixels (at 64x64); smaller regions are noise
+# a colour is an object of its own within a region when its core holds this share of the region's core and this many pixels
+SPLIT_SHARE, SPLIT_MIN_CORE = 0.15, 60
+SPLIT_MIN_RIM = 10  # ... and this many pixels on the region's outer rim: a colour enclosed by another is shading, not an object
 
 
 @dataclass
@@ -60,6 +65,11 @@ def _as_array(image) -> np.ndarray:
             image = image.resize((64, 64), Image.BOX)
         return np.asarray(image, dtype=np.float32)
     return np.asarray(image, dtype=np.float32)
+
+
+def colour_share(image, colour: str) -> float:
+    """The share of the image's pixels whose nearest palette colour is ``colour``."""
+    return float((nearest_colours(_as_array(image)) == NAMES.index(colour)).mean())
 
 
 def read_background(pixels: np.ndarray) -> tuple[str, np.ndarray]:
@@ -103,16 +113,44 @@ def read_image(image) -> ImageReading:
     labels, count = ndimage.label(foreground)
     nearest = nearest_colours(pixels)
     white = nearest == WHITE
+    coloured = ~white & (nearest != NAMES.index(background))
     objects = []
     for k in range(1, count + 1):
         region = ndimage.binary_fill_holes(labels == k)
-        area = int(region.sum())
-        if area < MIN_AREA:
+        if region.sum() < MIN_AREA:
             continue
-        ys, xs = np.nonzero(region)
-        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        body = nearest[region & ~white]
-        body = body[body != NAMES.index(background)]
-        colour = NAMES[np.bincount(body, minlength=len(NAMES)).argmax()] if body.size else "white"
-        objects.append(ObjectReading(colour, read_shape(region, box), read_texture(white, region), area, box))
+        for part in split_by_colour(region, nearest, coloured):
+            area = int(part.sum())
+            if area < MIN_AREA:
+                continue
+            ys, xs = np.nonzero(part)
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            body = nearest[part & coloured]
+            colour = NAMES[np.bincount(body, minlength=len(NAMES)).argmax()] if body.size else "white"
+            objects.append(ObjectReading(colour, read_shape(part, box), read_texture(white, part), area, box))
     return ImageReading(background, sorted(objects, key=lambda o: -o.area))
+
+
+def split_by_colour(region: np.ndarray, nearest: np.ndarray, coloured: np.ndarray) -> list[np.ndarray]:
+    """``region`` as one object, or, where touching objects made it, one part per colour that holds at
+    least :data:`SPLIT_SHARE` of the region's core (and :data:`SPLIT_MIN_CORE` pixels): its coloured pixels away
+    from white and from the region's edge, where anti-aliasing blends colours into others (purple
+    and white make pink); each such colour must also reach the region's outer rim
+    (:data:`SPLIT_MIN_RIM`), since objects lie side by side and a colour inside another is shading.
+    Every other pixel of the region joins the part of the nearest core pixel."""
+    core = region & coloured & ~ndimage.binary_dilation(~coloured, iterations=1)
+    counts = np.bincount(nearest[core], minlength=len(NAMES))
+    rim = np.bincount(nearest[region & coloured & ndimage.binary_dilation(~region, iterations=2)], minlength=len(NAMES))
+    major = [c for c in np.nonzero(counts)[0] if counts[c] >= max(SPLIT_MIN_CORE, SPLIT_SHARE * core.sum()) and rim[c] >= SPLIT_MIN_RIM]
+    if len(major) < 2:
+        return [region]
+    seeds = np.zeros(region.shape, dtype=np.int64)
+    for i, c in enumerate(major, start=1):
+        seeds[core & (nearest == c)] = i
+    _, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+    owner = seeds[iy, ix]
+    parts = []
+    for i in range(1, len(major) + 1):
+        pieces, n = ndimage.label(region & (owner == i))
+        parts += [ndimage.binary_fill_holes(pieces == j) for j in range(1, n + 1)]
+    return parts

@@ -10,6 +10,7 @@ are left out of training to measure how the base model composes words it knows.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,6 +213,30 @@ def training_caption(rng: random.Random, scene: Scene, drop: float = 0.1) -> str
     if rng.random() < drop:
         return ""
     return scene.caption(photo_of=rng.random() < 0.5, with_background=rng.random() < 0.8)
+
+
+_CAPTION_OBJECT = re.compile(r"an? (?P<colour>\w+) (?:(?P<texture>\w+) )?(?P<shape>\w+)$")
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a caption of this world asks for (objects without boxes), or None when ``text`` is
+    not one: "[a photo of ]a red striped circle and a blue square on a green background"."""
+    text = text.strip()
+    if text.startswith("a photo of "):
+        text = text[len("a photo of "):]
+    body, sep, background = text.rpartition(" on a ")
+    if not sep or not background.endswith(" background") or background[: -len(" background")] not in BACKGROUNDS + COLOURS:
+        return None
+    objects = []
+    for part in body.split(" and "):
+        m = _CAPTION_OBJECT.match(part)
+        if not m or m["colour"] not in COLOURS + NOVEL_COLOURS or m["shape"] not in SHAPES:
+            return None
+        texture = m["texture"] or "plain"
+        if texture not in TEXTURES + NOVEL_TEXTURES:
+            return None
+        objects.append(Shape(m["colour"], m["shape"], texture, (0, 0, 0, 0)))
+    return Scene(background[: -len(" background")], objects)
 
 
 def write_scene(directory: Path, scene: Scene, grow: int = 2) -> Path:

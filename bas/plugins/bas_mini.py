@@ -10,7 +10,12 @@ judges anything.  ``benchmarks/fidelity.py`` scores with this evaluator; its num
   object's shape / texture;
 * ``composition`` (two or more named): the fraction of them shown with their colour and shape;
 * ``leakage`` (some concepts not named): the fraction of the others whose colour appears;
-* ``adherence`` (the prompt asks for "on a COLOUR background" other than the input's): that background.
+* ``adherence`` (the prompt asks for "on a COLOUR background" other than the input's): that background;
+* ``entanglement`` (the same prompts): the share of the image's pixels in the input's background
+  colour, which a concept that learned its surroundings carries into the new background;
+* ``prior`` (no handle named, the prompt a caption of the world such as "a photo of a red circle on
+  a blue background"): the image is all correct, as ``python -m bas.mini.quality`` counts it: what
+  the base model could draw and extraction should not take away (prior preservation's purpose).
 """
 
 from __future__ import annotations
@@ -64,9 +69,11 @@ def asked_background(prompt: str) -> str | None:
     return m.group(1) if m and m.group(1) in PALETTE else None
 
 
-def score_reading(reading, concepts: list[Concept | None], shown: tuple[int, ...], background: str, asked: str | None) -> dict[str, float]:
+def score_reading(reading, concepts: list[Concept | None], shown: tuple[int, ...], background: str, asked: str | None,
+                  background_share: float | None = None) -> dict[str, float]:
     """The metrics that apply to one read-back image of a prompt naming the concepts ``shown``
-    (indices into ``concepts``; a ``None`` concept, the background handle's, is left out)."""
+    (indices into ``concepts``; a ``None`` concept, the background handle's, is left out).
+    ``background_share``: the share of the image's pixels in the input's background colour."""
     scores: dict[str, float] = {}
     shown = tuple(k for k in shown if concepts[k] is not None)
     others = [j for j, c in enumerate(concepts) if c is not None and j not in shown]
@@ -84,6 +91,8 @@ def score_reading(reading, concepts: list[Concept | None], shown: tuple[int, ...
         scores["leakage"] = float(np.mean([reading.find(colour=concepts[j].colour) is not None for j in others]))
     if asked is not None and asked != background:
         scores["adherence"] = float(reading.background == asked)
+        if background_share is not None:
+            scores["entanglement"] = float(background_share)
     return scores
 
 
@@ -96,6 +105,8 @@ class BasMini(Evaluator):
         Metric("composition", "several named: the fraction shown with their colour and shape"),
         Metric("adherence", "the background the prompt asks for ('on a yellow background')"),
         Metric("leakage", "the fraction of the concepts not named whose colour appears", higher_is_better=False),
+        Metric("entanglement", "another background asked: the share of pixels in the input's background colour", higher_is_better=False),
+        Metric("prior", "no handle, a caption of the world: background and every object's colour, shape and texture right"),
         Metric("identity_colour", "one concept named: its colour appears"),
         Metric("identity_shape", "one concept named: the largest object has its shape"),
         Metric("identity_texture", "one concept named: the largest object has its texture"),
@@ -131,11 +142,19 @@ class BasMini(Evaluator):
         self.concepts_of(run)
 
     def score(self, run, samples):
-        from bas.mini import metrics
+        from bas.mini import metrics, world
+        from bas.mini.quality import score as caption_score
 
         background, concepts = self.concepts_of(run)
         for s in samples:
-            yield score_reading(metrics.read_image(s.image()), concepts, s.concepts, background, asked_background(s.prompt))
+            image = s.image()
+            if not s.concepts:
+                asked = world.parse_caption(s.prompt)
+                yield {"prior": caption_score(asked, metrics.read_image(image))["all correct"]} if asked else {}
+                continue
+            asked = asked_background(s.prompt)
+            share = metrics.colour_share(image, background) if asked is not None and asked != background else None
+            yield score_reading(metrics.read_image(image), concepts, s.concepts, background, asked, share)
 
 
 @hookimpl
