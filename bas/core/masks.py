@@ -96,18 +96,9 @@ SCENE_FILE = re.compile(r"img\.[A-Za-z0-9]+|mask\d+\.png|preview\.png|scene\.jso
 def input_paths(config: MasksConfig, plugins: Plugins) -> list[tuple[str, Path]]:
     """Every file or folder the options name: the image, a local ``--model``, and the values of the
     mask sources' and cleanup's options of click's ``Path`` type (``--mask``, ``--scene``, ``--annotations``)."""
-    import click
+    from bas.core.runfolder import option_paths
 
-    found = [("--image", Path(config.image))] if config.image else []
-    if config.mask_model and Path(config.mask_model).expanduser().exists():
-        found.append(("--model", Path(config.mask_model).expanduser()))
-    for _, opt in plugins.mask_options():
-        if isinstance(opt.type, click.Path):
-            value = config.options.get(opt.name)
-            for v in value if isinstance(value, (list, tuple)) else [value]:
-                if v:
-                    found.append((opt.opts[0], Path(v)))
-    return found
+    return option_paths(config.image, config.mask_model, config.options, (opt for _, opt in plugins.mask_options()))
 
 
 def check_out(config: MasksConfig, plugins: Plugins) -> Path:

@@ -118,6 +118,24 @@ def replaceable(folder: Path) -> str | None:
 INTERNAL_NAME = re.compile(rf"\..+\.({STAGING_TAG}|{LOCK_TAG}(\.break)?|{io.OLD_TAG}|{io.TRASH_TAG}-.*)")
 
 
+def option_paths(image, model, options: dict, plugin_options) -> list[tuple[str, Path]]:
+    """Every file or folder a command's options name, as ``(option, path)``: the image, a local model,
+    and the values of the plugin options (``click.Option``s) of click's ``Path`` type (masks, scene,
+    annotations, class images, ...), whose targets ``check_target`` keeps out of harm's way."""
+    import click
+
+    found = [("--image", Path(image))] if image else []
+    if model and Path(model).expanduser().exists():
+        found.append(("--model", Path(model).expanduser()))
+    for opt in plugin_options:
+        if isinstance(opt.type, click.Path):
+            value = options.get(opt.name)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v:
+                    found.append((opt.opts[0], Path(v)))
+    return found
+
+
 def check_target(out, inputs: Iterable[tuple[str, Path]] = (), kind: str = "run") -> Path:
     """Refuse an ``--out`` that bas may not replace as a whole: the root, home or current folder
     or one above it, a file, a name bas uses for its own work, or a folder holding any of the

@@ -649,18 +649,7 @@ def extract(config: RunConfig, plugins: Plugins) -> Run:
 def input_paths(config: RunConfig, plugins: Plugins) -> list[tuple[str, Path]]:
     """Every file or folder a run's options name, as ``(option, path)``: the image, a local model,
     and the values of every plugin option of click's ``Path`` type (masks, scene, class images, ...)."""
-    import click
-
-    found = [("--image", Path(config.image))] if config.image else []
-    if config.model and Path(config.model).expanduser().exists():
-        found.append(("--model", Path(config.model).expanduser()))
-    for _, opt in plugins.run_options():
-        if isinstance(opt.type, click.Path):
-            value = config.options.get(opt.name)
-            for v in value if isinstance(value, (list, tuple)) else [value]:
-                if v:
-                    found.append((opt.opts[0], Path(v)))
-    return found
+    return runfolder.option_paths(config.image, config.model, config.options, (opt for _, opt in plugins.run_options()))
 
 
 def resume_record(config: RunConfig) -> dict:
