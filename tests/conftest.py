@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 from click.testing import CliRunner
 
+import bas
 from bas.cli import cli
 from bas.core.demo import draw_scene
 from bas.core.tiny import save_tiny_model
@@ -103,3 +104,34 @@ def as_an_earlier_version_wrote(folder: Path) -> Path:
                   str(lora), metadata={"format": "pt"})
     (folder / "run.json").write_text(json.dumps(info, indent=2))
     return folder
+
+
+class Snapshots:
+    """An observer plugin that records every trainable module's parameters at the start and end of each
+    phase (register it with ``Plugins(names, extra=[("snapshots", Snapshots())])``)."""
+
+    def __init__(self):
+        self.start, self.end = {}, {}
+
+    @staticmethod
+    def params(run):
+        return {f"{prefix}.{name}": p.detach().float().clone()
+                for prefix, module in run.components.trainable_modules().items() for name, p in module.named_parameters()}
+
+    def on_phase_start(self, run, phase):
+        self.start[phase] = self.params(run)
+
+    def on_phase_end(self, run, phase):
+        self.end[phase] = self.params(run)
+
+    @bas.hookimpl
+    def bas_register_observers(self, register):
+        register("snapshots", lambda config: self)
+
+
+def changed(snaps, phase) -> set[str]:
+    """The names of the parameters that phase ``phase`` changed (or created)."""
+    import torch
+
+    start, end = snaps.start[phase], snaps.end[phase]
+    return {n for n in end if n not in start or not torch.equal(start[n], end[n])}

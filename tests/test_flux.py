@@ -20,34 +20,9 @@ from bas.core.plugins import Plugins
 from bas.core.training import extract
 from bas.plugins.flux import Flux, image_text_probabilities, pack, shift_sigmas, unpack
 
+from conftest import Snapshots, changed  # noqa: E402
+
 ENCODERS = ("text_encoder", "text_encoder_2")
-
-
-class Snapshots:
-    """An observer plugin: every trainable module's parameters at the start and end of each phase."""
-
-    def __init__(self):
-        self.start, self.end = {}, {}
-
-    @staticmethod
-    def params(run):
-        return {f"{prefix}.{name}": p.detach().float().clone()
-                for prefix, module in run.components.trainable_modules().items() for name, p in module.named_parameters()}
-
-    def on_phase_start(self, run, phase):
-        self.start[phase] = self.params(run)
-
-    def on_phase_end(self, run, phase):
-        self.end[phase] = self.params(run)
-
-    @bas.hookimpl
-    def bas_register_observers(self, register):
-        register("snapshots", lambda config: self)
-
-
-def changed(snaps, phase):
-    start, end = snaps.start[phase], snaps.end[phase]
-    return {n for n in end if n not in start or not torch.equal(start[n], end[n])}
 
 
 @pytest.fixture(scope="module")

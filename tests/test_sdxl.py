@@ -19,25 +19,17 @@ from bas.core.errors import BasError
 from bas.core.plugins import Plugins
 from bas.core.training import extract
 
+from conftest import Snapshots as BaseSnapshots, changed  # noqa: E402
+
 ENCODERS = ("text_encoder", "text_encoder_2")
 
 
-class Snapshots:
-    """An observer plugin that records every trainable module's parameters at the start and end of each phase."""
+class Snapshots(BaseSnapshots):
+    """:class:`conftest.Snapshots`, and the attention loss's maps at every step."""
 
     def __init__(self):
-        self.start, self.end, self.maps = {}, {}, []
-
-    @staticmethod
-    def params(run):
-        return {f"{prefix}.{name}": p.detach().float().clone()
-                for prefix, module in run.components.trainable_modules().items() for name, p in module.named_parameters()}
-
-    def on_phase_start(self, run, phase):
-        self.start[phase] = self.params(run)
-
-    def on_phase_end(self, run, phase):
-        self.end[phase] = self.params(run)
+        super().__init__()
+        self.maps = []
 
     def on_run_start(self, run):
         """Record, at every training step, the maps the attention loss captured, what the step showed, and the
@@ -74,14 +66,6 @@ class Snapshots:
 
         term.token_maps = recording
 
-    @bas.hookimpl
-    def bas_register_observers(self, register):
-        register("snapshots", lambda config: self)
-
-
-def changed(snaps, phase):
-    start, end = snaps.start[phase], snaps.end[phase]
-    return {n for n in end if n not in start or not torch.equal(start[n], end[n])}
 
 
 class DenoiserCalls:
