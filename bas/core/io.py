@@ -257,3 +257,20 @@ def inside(base: Path, relative: str, what: str) -> Path:
     if real_base != path.resolve() and real_base not in path.resolve().parents:
         raise BasError(f"{what} names {text!r}, which leads outside {base} (through a link); re-create it with bas.")
     return path
+
+
+@contextlib.contextmanager
+def sigint_handler(handler):
+    """Ctrl-C calls ``handler`` (a ``signal`` handler, or ``signal.SIG_IGN``) inside the block, as before
+    after it. Signals reach only the main thread, so elsewhere the block runs as is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -380,21 +380,6 @@ def settle(out) -> None:
         lock.release()
 
 
-@contextlib.contextmanager
-def _no_ctrl_c():
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 class RunFolder:
     """The ``--out`` of one run while it works: locked, with its staging folder.
 
@@ -454,7 +439,9 @@ class RunFolder:
         if reason is not None:  # something else appeared at --out while the run worked
             raise BasError(f"The finished run cannot replace {self.out}: {reason}; move it away, and the next bas command on "
                            f"{self.given} puts the run (waiting in {self.staging}) in place.")
-        with _no_ctrl_c():  # milliseconds of renames: finished, rather than left to the next command
+        import signal
+
+        with io.sigint_handler(signal.SIG_IGN):  # milliseconds of renames: finished, rather than left to the next command
             swap_in(self.staging, self.out)
             self.committed = True
 

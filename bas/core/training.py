@@ -11,8 +11,6 @@ import contextlib
 import json
 import math
 import random
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -419,17 +417,9 @@ class Run:
             raise KeyboardInterrupt
         self.request_stop()
 
-    @contextlib.contextmanager
     def _stop_at_step_boundary(self):
         """Ctrl-C finishes the current step, so the checkpoint holds a consistent state."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.signal(signal.SIGINT, self._request_stop)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        return io.sigint_handler(self._request_stop)
 
     def _stop(self, reason: type[BasError], message: str) -> None:
         path = self.save_checkpoint()
