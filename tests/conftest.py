@@ -135,3 +135,33 @@ def changed(snaps, phase) -> set[str]:
 
     start, end = snaps.start[phase], snaps.end[phase]
     return {n for n in end if n not in start or not torch.equal(start[n], end[n])}
+
+
+def save_tiny_sam(path: Path) -> Path:
+    """A random SamModel with its processor, small enough to run per click, saved at ``path``."""
+    import torch
+    from transformers import SamConfig, SamImageProcessorPil, SamModel, SamProcessor
+
+    config = SamConfig(
+        vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=16,
+                           window_size=2, global_attn_indexes=[0], num_pos_feats=4, mlp_dim=16),
+        prompt_encoder_config=dict(hidden_size=8, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=8, mlp_dim=16, num_hidden_layers=1, num_attention_heads=2, iou_head_hidden_dim=8),
+    )
+    torch.manual_seed(0)
+    SamModel(config).save_pretrained(path)
+    SamProcessor(SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})).save_pretrained(path)
+    return path
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    """``bas ARGV`` as the console script runs it (standalone click: SystemExit, stdout, stderr)."""
+    from bas.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -22,7 +22,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import bas
-from bas.cli import main
 from bas.core import checkpoint
 from bas.core import plugins as plugins_module
 from bas.core.batch import progress as progress_module
@@ -32,17 +31,11 @@ from bas.core.batch.tasks import Finished, Progress, Started, crashed
 from bas.core.errors import BasError
 from bas.core.training import Interrupted
 
+from conftest import run_main  # noqa: E402
+
 FAST = ["--phase1-steps", "3", "--phase2-steps", "3"]
 
 
-def run_main(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def summary(out: Path) -> dict[str, dict]:

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import bas
-from bas.cli import cli, main
+from bas.cli import cli
 from bas.core import evaluation
 from bas.core.errors import BasError
 from bas.core.evaluation import EvalRun, Sample, concept_subsets, prompt_specs
@@ -34,7 +34,7 @@ from bas.core.stats import bootstrap_interval, summarize
 from bas.plugins.bas_mini import BasMini, read_concepts
 from bas.plugins.dino_identity import DinoIdentity, masked
 
-from conftest import quick_run_args
+from conftest import quick_run_args, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = Path(__file__).resolve().parent / "data" / "fidelity-before"
@@ -97,14 +97,6 @@ def runs_dir(tmp_path_factory, tiny_model, scene) -> Path:
     return runs
 
 
-def run_main(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def eval_run(path: Path) -> EvalRun:

@@ -14,24 +14,14 @@ from PIL import Image
 from bas.core.plugins import Plugins
 from bas.plugins.sam_masks import AUTO_SAME_SEGMENT, distinct_largest
 
+from conftest import save_tiny_sam  # noqa: E402
+
 W, H = 80, 48  # the tiny processor resizes the longest side to 64: x * 0.8, y * 38 / 48
 
 
 @pytest.fixture(scope="module")
 def tiny_sam(tmp_path_factory):
-    from transformers import SamConfig, SamImageProcessorPil, SamModel, SamProcessor
-
-    config = SamConfig(
-        vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=16,
-                           window_size=2, global_attn_indexes=[0], num_pos_feats=4, mlp_dim=16),
-        prompt_encoder_config=dict(hidden_size=8, image_size=64, patch_size=16, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=8, mlp_dim=16, num_hidden_layers=1, num_attention_heads=2, iou_head_hidden_dim=8),
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("sam") / "tiny-sam"
-    SamModel(config).save_pretrained(path)
-    SamProcessor(SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})).save_pretrained(path)
-    return path
+    return save_tiny_sam(tmp_path_factory.mktemp("sam") / "tiny-sam")
 
 
 @pytest.fixture(scope="module")

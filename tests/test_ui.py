@@ -39,25 +39,13 @@ from bas.ui import commands, scenes
 from bas.ui.jobs import Jobs
 from bas.ui.workspace import Workspace, check_name
 
+from conftest import save_tiny_sam  # noqa: E402
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 
 
-def save_tiny_sam(path: Path) -> Path:
-    """A random SamModel small enough to run per click (as tests/test_sam_masks.py builds it)."""
-    from transformers import SamConfig, SamImageProcessorPil, SamModel, SamProcessor
-
-    config = SamConfig(
-        vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=16,
-                           window_size=2, global_attn_indexes=[0], num_pos_feats=4, mlp_dim=16),
-        prompt_encoder_config=dict(hidden_size=8, image_size=64, patch_size=16, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=8, mlp_dim=16, num_hidden_layers=1, num_attention_heads=2, iou_head_hidden_dim=8),
-    )
-    torch.manual_seed(0)
-    SamModel(config).save_pretrained(path)
-    SamProcessor(SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})).save_pretrained(path)
-    return path
 
 
 # -- the workspace boundary ---------------------------------------------------------------------------
