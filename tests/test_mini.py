@@ -173,5 +173,10 @@ def test_training_resumes_bit_identically_and_refuses_changed_options(tmp_path):
     assert done.exit_code != 0 and "already trained all 6 UNet steps" in done.output
     changed = run("--out", tmp_path / "b", *base[:-4], "--unet-steps", 9, "--unet-lr", 1, "--resume")
     assert changed.exit_code != 0 and "--unet-lr, --unet-steps" in changed.output
+    stopped = run("--out", tmp_path / "c", *base, "--minutes", "1e-9")
+    (tmp_path / "c-state" / "state.safetensors").write_bytes(b"cut short")  # a state file a crash left half-written
+    damaged = run("--out", tmp_path / "c", *base, "--resume")
+    assert damaged.exit_code != 0 and "is damaged" in damaged.output and "delete that folder" in damaged.output
+    assert json.loads((tmp_path / "c" / "training.json").read_text())["unet_steps_done"] == 1  # the saved run is untouched
     missing = run("--out", tmp_path / "none", *base, "--resume")
     assert missing.exit_code != 0 and "run without --resume" in missing.output

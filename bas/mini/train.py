@@ -118,9 +118,16 @@ def load_state(out: Path, step: int, params, ema, opt, gen: torch.Generator, rng
         info = json.loads((folder / "state.json").read_text())
     except (OSError, ValueError):
         return False
-    if info.get("step") != step:
+    if not isinstance(info, dict) or info.get("step") != step:
         return False
-    tensors = load_file(str(folder / "state.safetensors"))
+    try:
+        tensors = load_file(str(folder / "state.safetensors"))
+        missing = [k for i in range(len(params)) for k in (f"live.{i}", f"ema.{i}") if k not in tensors] + [k for k in ("generator",) if k not in tensors]
+    except Exception as exc:  # a truncated or foreign file: say which, not a traceback
+        missing = [f"a readable file ({exc})"]
+    if missing:
+        raise click.UsageError(f"the training state at {folder} is damaged (no {missing[0]}); delete that folder to resume from the "
+                               f"saved weights instead (AdamW's moments then restart).")
     with torch.no_grad():
         for i, (p, e) in enumerate(zip(params, ema)):
             p.copy_(tensors[f"live.{i}"])
