@@ -23,6 +23,11 @@ resample scenes, then extraction seeds within each drawn scene, then generation 
 drawn extraction.  The table marks a difference whose interval excludes 0 (``*``) and one that
 also survives the Holm-Bonferroni correction over every difference in the table (``**``).
 
+A measured sweep is ``--variant NAME:KEY=VALUE,...`` (repeatable): one more ablation of ``bas
+run`` options (``plugins=a+b`` for plugins), compared with ``full`` or with the ablation or other
+variant that ``vs=`` names, on the same scenes and seeds, in the same ``--work`` as the runs it is
+paired with; ``--extraction-seeds 1`` makes a cheaper sweep that pairs with the first seed.
+
 Results go to ``benchmarks/results/fidelity-<date>.json`` with a grid per ablation beside it in
 ``benchmarks/results/fidelity-<date>/``; runs and images stay in ``--work`` (a temporary folder
 unless given), so a benchmark that was stopped continues where it was with the same ``--work``.
@@ -34,6 +39,7 @@ import datetime
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -170,19 +176,65 @@ ABLATIONS = [
 ABLATION_NAMES = [a.name for a in ABLATIONS]
 
 
-def find_ablation(name: str) -> Ablation:
-    return next(a for a in ABLATIONS if a.name == name)
+VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,40}")
 
 
-def with_baselines(names: list[str] | None) -> list[Ablation]:
-    """The chosen ablations (all when None) and the baselines their differences need, in table order."""
-    wanted = set(names or ABLATION_NAMES)
+def find_ablation(name: str, variants: list[Ablation] = ()) -> Ablation:
+    return next(a for a in (*ABLATIONS, *variants) if a.name == name)
+
+
+def parse_variant(text: str) -> Ablation:
+    """``NAME:KEY=VALUE,...``: an ablation of ``bas run`` options (VALUE as JSON where it parses), with
+    ``plugins=a+b`` for its plugins and ``vs=ABLATION`` for what its differences are taken against
+    (default ``full``).  A sweep is several variants: ``attn-w0.1:attention_loss_weight=0.1``, ..."""
+    name, sep, spec = text.partition(":")
+    if not sep or not VARIANT_NAME.fullmatch(name) or "--" in name:
+        raise click.BadParameter(f"{text!r} is not NAME:KEY=VALUE,... with a NAME of lower-case letters, digits, '.', '_' and single '-' "
+                                 f"(such as attn-w0.1:attention_loss_weight=0.1)")
+    if name in ABLATION_NAMES:
+        raise click.BadParameter(f"the variant name {name!r} is a built-in ablation's; choose another")
+    options, plugins, baseline = {}, [], "full"
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} in the variant {name!r} is not KEY=VALUE")
+        if key == "plugins":
+            plugins = [p for p in value.split("+") if p]
+        elif key == "vs":
+            baseline = value
+        else:
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value
+    what = ", ".join([*(f"--plugin {p}" for p in plugins), *(f"{k}={json.dumps(v)}" for k, v in options.items())]) or "the same as its baseline"
+    return Ablation(name, f"variant: {what}", plugins=plugins, options=options, baseline=baseline)
+
+
+def parse_variants(ctx, param, values) -> list[Ablation]:
+    """``--variant`` values: each names a distinct variant, compared with a built-in ablation or another variant."""
+    variants = [parse_variant(v) for v in values]
+    names = [v.name for v in variants]
+    for v in variants:
+        if names.count(v.name) > 1:
+            raise click.BadParameter(f"two variants are named {v.name!r}; give each its own name")
+        if v.baseline not in (*ABLATION_NAMES, *names) or v.baseline == v.name:
+            raise click.BadParameter(f"the variant {v.name!r} is compared with {v.baseline!r}, which is neither an ablation nor another "
+                                     f"variant; use vs= one of {', '.join(ABLATION_NAMES)} or a variant's name")
+    return variants
+
+
+def with_baselines(names: list[str] | None, variants: list[Ablation] = ()) -> list[Ablation]:
+    """The chosen ablations (all built-in ones when neither names nor variants are given), the
+    variants, and the baselines their differences need, in table order (variants last)."""
+    wanted = set(names or ([] if variants else ABLATION_NAMES)) | {v.name for v in variants}
     for name in list(wanted):
-        baseline = find_ablation(name).baseline
+        baseline = find_ablation(name, variants).baseline
         while baseline:
             wanted.add(baseline)
-            baseline = find_ablation(baseline).baseline
-    return [a for a in ABLATIONS if a.name in wanted]
+            baseline = find_ablation(baseline, variants).baseline
+    return [a for a in (*ABLATIONS, *variants) if a.name in wanted]
 
 
 def run_name(scene: str, ablation: str, extraction_seed: int) -> str:
@@ -386,6 +438,7 @@ def git_revision() -> str:
 
 
 def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | None = None, ablations: list[str] | None = None,
+                  variants: list[Ablation] = (),
                   steps: tuple[int, int] = (200, 200), extraction_seeds: list[int] | None = None, seeds: list[int] | None = None,
                   sample_steps: int = 25, guidance: float = 7.5, attention_res: int | None = None, learning_rates: dict | None = None,
                   options: dict | None = None, jobs: int = 1, work: Path | None = None, grids: Path | None = None,
@@ -393,7 +446,7 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
     """Every chosen ablation on every scene and extraction seed; writes ``out`` (JSON) and a grid PNG per ablation."""
     t_start = time.perf_counter()
     scene_names = scenes or list(SCENES)
-    chosen = with_baselines(ablations)
+    chosen = with_baselines(ablations, variants)
     extraction_seeds = extraction_seeds if extraction_seeds is not None else [0, 1, 2]
     seeds = seeds if seeds is not None else [0, 1, 2, 3]
     out = Path(out)
@@ -482,6 +535,10 @@ def parse_option(ctx, param, values):
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: benchmarks/results/fidelity-<date>.json]")
 @click.option("--scene", "scenes", multiple=True, type=click.Choice(list(SCENES)), help="Scenes to run [default: all].")
 @click.option("--ablation", "ablations", multiple=True, type=click.Choice(ABLATION_NAMES), help="Ablations to run (their baselines are added) [default: all].")
+@click.option("--variant", "variants", multiple=True, callback=parse_variants,
+              help="NAME:KEY=VALUE,...: one more ablation of bas run options against `full` (plugins=a+b; vs=ABLATION or vs=VARIANT to change that), "
+                   "on the same scenes and seeds; several make a sweep (repeatable). Only the variants (and their baselines) run "
+                   "unless --ablation is also given.")
 @click.option("--phase1-steps", default=200, show_default=True)
 @click.option("--phase2-steps", default=200, show_default=True)
 @click.option("--extraction-seeds", default=3, show_default=True, help="Extraction seeds per scene and ablation (0..N-1).")
@@ -498,7 +555,7 @@ def parse_option(ctx, param, values):
 @click.option("--work", type=click.Path(path_type=Path), default=None, help="Folder for scenes, runs and images; the same --work resumes [default: a temporary one].")
 @click.option("--grids", type=click.Path(path_type=Path), default=None, help="Folder of the grid PNGs [default: --out without .json].")
 @click.option("--quiet", is_flag=True, help="No batch progress.")
-def main(model, out, scenes, ablations, phase1_steps, phase2_steps, extraction_seeds, seeds, sample_steps, guidance, attention_res,
+def main(model, out, scenes, ablations, variants, phase1_steps, phase2_steps, extraction_seeds, seeds, sample_steps, guidance, attention_res,
          phase1_lr, phase2_lr, full_phase2_lr, phase2_handle_lr, options, jobs, work, grids, quiet):
     """Run the fidelity benchmark and print its table."""
     import torch
@@ -506,7 +563,7 @@ def main(model, out, scenes, ablations, phase1_steps, phase2_steps, extraction_s
     torch.set_num_threads(1)
     out = out or RESULTS / f"fidelity-{datetime.date.today().isoformat()}.json"
     rates = {"phase1_lr": phase1_lr, "phase2_lr": phase2_lr, "full_phase2_lr": full_phase2_lr, "phase2_handle_lr": phase2_handle_lr}
-    result = run_benchmark(out, model=model, scenes=list(scenes) or None, ablations=list(ablations) or None,
+    result = run_benchmark(out, model=model, scenes=list(scenes) or None, ablations=list(ablations) or None, variants=list(variants),
                            steps=(phase1_steps, phase2_steps), extraction_seeds=list(range(extraction_seeds)), seeds=list(range(seeds)),
                            sample_steps=sample_steps, guidance=guidance, attention_res=attention_res, options=options,
                            learning_rates={k: v for k, v in rates.items() if v is not None}, jobs=jobs, work=work, grids=grids, quiet=quiet,

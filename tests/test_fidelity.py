@@ -150,14 +150,57 @@ def test_p_value_never_reaches_zero_with_finite_resamples():
     assert s["p"] == pytest.approx(2 / 1000)
 
 
+# -- variants: a measured sweep on the same scenes and seeds ------------------------------------------
+def test_a_variant_is_an_ablation_of_run_options_against_full_or_the_baseline_it_names():
+    v = fidelity.parse_variant("attn-w0.1:attention_loss_weight=0.1,attention-res=8,mask_loss=false,tag=x")
+    assert (v.name, v.baseline, v.plugins) == ("attn-w0.1", "full", [])
+    assert v.options == {"attention_loss_weight": 0.1, "attention_res": 8, "mask_loss": False, "tag": "x"}
+    w = fidelity.parse_variant("ft-lr1e-5:plugins=full+no:union-sampling,phase2_lr=1e-5,vs=full-finetune")
+    assert (w.baseline, w.plugins, w.options) == ("full-finetune", ["full", "no:union-sampling"], {"phase2_lr": 1e-5})
+    assert "--plugin full" in w.what and "phase2_lr=1e-05" in w.what
+    # only the variants and the baselines they need run, in table order; --ablation adds to them
+    assert [a.name for a in fidelity.with_baselines(None, [v, w])] == ["full", "full-finetune", "attn-w0.1", "ft-lr1e-5"]
+    assert [a.name for a in fidelity.with_baselines(["no-union-sampling"], [v])] == ["full", "no-union-sampling", "attn-w0.1"]
+    assert [a.name for a in fidelity.with_baselines(None)] == fidelity.ABLATION_NAMES
+    # a variant compared with another variant: a sweep of one claim at other settings
+    fast = fidelity.parse_variant("lr10x:phase1_lr=5e-3,phase2_lr=1e-3")
+    fast_no_attn = fidelity.parse_variant("lr10x-no-attn:phase1_lr=5e-3,phase2_lr=1e-3,plugins=no:attention-loss,vs=lr10x")
+    assert [a.name for a in fidelity.with_baselines(None, [fast_no_attn, fast])] == ["full", "lr10x-no-attn", "lr10x"]
+    assert fidelity.parse_variants(None, None, ["a:x=1,vs=b", "b:x=2"])[0].baseline == "b"
+    # a variant on the full fine-tune gets the full fine-tune's phase-2 rate
+    assert fidelity.strategy_rates(w, {"phase2_lr": 3e-4, "full_phase2_lr": 2e-6}) == {"phase2_lr": 2e-6}
+
+
+@pytest.mark.parametrize("text, says", [
+    ("attn", "is not NAME:KEY=VALUE"), ("Attn:x=1", "is not NAME:KEY=VALUE"), ("a--b:x=1", "is not NAME:KEY=VALUE"),
+    ("../x:x=1", "is not NAME:KEY=VALUE"), ("full:x=1", "is a built-in ablation's"), ("v:x", "is not KEY=VALUE"),
+    ("v:x=1,vs=nothing", "is neither an ablation nor another variant"), ("v:x=1,vs=v", "is neither an ablation nor another variant"),
+])
+def test_a_bad_variant_is_one_clear_error_line(text, says):
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(fidelity.main, ["--variant", text, "--work", "/nonexistent/never-made"])
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output
+    assert not Path("/nonexistent/never-made").exists()
+
+
+def test_two_variants_of_one_name_are_one_clear_error_line():
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(fidelity.main, ["--variant", "a:x=1", "--variant", "a:x=2", "--work", "/nonexistent/never-made"])
+    assert result.exit_code == 2 and "two variants are named 'a'" in result.output and "Traceback" not in result.output
+
+
 # -- a two-step run ---------------------------------------------------------------------------------
 def test_two_step_benchmark_on_one_scene_writes_paired_results(tmp_path):
     out = tmp_path / "fidelity.json"
-    result = fidelity.run_benchmark(out, scenes=["purple-orange"], ablations=["no-masked-loss"], steps=(2, 2), extraction_seeds=[0],
-                                    seeds=[0], sample_steps=2, work=tmp_path / "work", resamples=200, log=lambda m: None)
+    variant = fidelity.parse_variant("attn-w1:attention_loss_weight=1")
+    result = fidelity.run_benchmark(out, scenes=["purple-orange"], ablations=["no-masked-loss"], variants=[variant], steps=(2, 2),
+                                    extraction_seeds=[0], seeds=[0], sample_steps=2, work=tmp_path / "work", resamples=200, log=lambda m: None)
     saved = json.loads(out.read_text())
-    assert saved["table"] == result["table"] and saved["table"].count("\n") == 3  # header, rule, full, no-masked-loss
-    assert list(saved["ablations"]) == ["full", "no-masked-loss"]  # the baseline is added
+    assert saved["table"] == result["table"] and saved["table"].count("\n") == 4  # header, rule, full, no-masked-loss, the variant
+    assert list(saved["ablations"]) == ["full", "no-masked-loss", "attn-w1"]  # the baseline is added, the variant last
+    assert saved["ablations"]["attn-w1"]["baseline"] == "full" and saved["ablations"]["attn-w1"]["options"] == {"attention_loss_weight": 1}
     assert saved["ablations"]["no-masked-loss"]["baseline"] == "full"
     for name in ("full", "no-masked-loss"):
         for metric in fidelity.METRICS + fidelity.IDENTITY_PARTS:
@@ -170,6 +213,8 @@ def test_two_step_benchmark_on_one_scene_writes_paired_results(tmp_path):
     info = json.loads((runs / "purple-orange--no-masked-loss--e0" / "run.json").read_text())
     assert info["config"]["options"]["mask_loss"] is False and info["handles"] == ["<asset0>", "<asset1>"]
     assert info["init_tokens"] == ["circle", "square"]
+    variant_info = json.loads((runs / "purple-orange--attn-w1--e0" / "run.json").read_text())
+    assert variant_info["config"]["options"]["attention_loss_weight"] == 1 and info["config"]["options"].get("attention_loss_weight", 0.01) == 0.01
     assert json.loads((runs / "batch.json").read_text())["scenes"][0]["status"] == "done"  # through bas batch
     ev = json.loads((tmp_path / "work" / "eval" / "purple-orange--full--e0" / "eval.json").read_text())
     assert list(ev["evaluators"]) == ["bas-mini"] and len(ev["images"]) == 2 + 1 + 4 + len(fidelity.PRIOR_PROMPTS)  # identity, composition, backgrounds, prior
