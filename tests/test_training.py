@@ -137,6 +137,45 @@ def test_prior_loss_is_skipped_in_phase1_because_its_gradient_there_is_zero(scen
     assert run.handle_embedding.handles.grad is not None and not run.handle_embedding.handles.grad.any()
 
 
+def test_background_anchor_holds_the_adapted_prediction_to_the_base_models_outside_the_masks_only(scene, tiny_model, tmp_path):
+    import dataclasses
+
+    from bas.core.training import latent_mask
+
+    run, snaps = run_with_snapshots(scene, tiny_model, tmp_path / "out", ["background-anchor"], phase1_steps=1, phase2_steps=2, phase2_lr=1e-2)
+    assert all("background-anchor" in h for h in run.info["history"]["phase2"])
+    assert not any("background-anchor" in h for h in run.info["history"]["phase1"])
+    term = next(t for t in run.resolved.loss_terms if t.name == "background-anchor")
+    term.setup(run)
+    lora = [p for n, p in run.components.unet.named_parameters() if "lora_" in n]
+    batch = run.step_batch(2, 1)
+    with torch.no_grad(), term.adapters_off():
+        base = run.predict(batch.noisy_latents, batch.timesteps, batch.conditioning).float()
+    assert all(p.requires_grad for p in lora)  # switched back on, still training
+    with torch.no_grad():
+        adapted = run.predict(batch.noisy_latents, batch.timesteps, batch.conditioning).float()
+    assert not torch.allclose(adapted, base)  # phase 2 moved the adapters, so the two predictions differ
+    loss = term(batch)
+    assert loss.item() > 0 and loss.requires_grad
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)  # it trains the adapters
+    # what the adapted model predicts inside the masks is its own business: only the outside counts
+    # (the mask is soft: where it is 1 nothing counts, where it is 0 everything, weighted in between)
+    inside = (latent_mask(batch.union_mask, base) >= 1).float()
+    assert 0 < inside.mean() < 1
+    only_inside = dataclasses.replace(batch, model_pred=base + (adapted - base) * inside)
+    assert term(only_inside).item() == pytest.approx(0.0, abs=1e-12)
+    only_outside = dataclasses.replace(batch, model_pred=base + (adapted - base) * (1 - inside))
+    assert term(only_outside).item() == pytest.approx(term(dataclasses.replace(batch, model_pred=adapted)).item(), rel=1e-5)
+
+
+def test_background_anchor_with_the_full_fine_tune_is_one_clear_error(scene, tiny_model, tmp_path):
+    from bas.core.errors import BasError
+
+    with pytest.raises(BasError, match="needs an adapter weight strategy"):
+        run_with_snapshots(scene, tiny_model, tmp_path / "out", ["full", "background-anchor"], phase1_steps=1, phase2_steps=1)
+
+
 @pytest.mark.parametrize("values, message", [
     ({"phase1_steps": -1}, "--phase1-steps must be 0 or more"),
     ({"phase1_steps": 0, "phase2_steps": 0}, "Both phases have 0 steps"),

@@ -39,6 +39,7 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "attention-loss": ("bas.plugins.attention_loss", True),
     "union-sampling": ("bas.plugins.union_sampling", True),
     "prior-preservation": ("bas.plugins.prior_preservation", False),
+    "background-anchor": ("bas.plugins.background_anchor", False),
     "adamw": ("bas.plugins.adamw", True),
     "progress": ("bas.plugins.progress", True),
     "report": ("bas.plugins.report", True),
