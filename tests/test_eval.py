@@ -422,6 +422,29 @@ def test_an_interrupted_eval_reuses_its_images_and_overwrite_replaces_an_earlier
     assert not list(out.glob("images/toys/*seed0.png")), "the earlier evaluation's images were kept"
 
 
+def test_a_second_eval_on_the_same_out_at_once_is_one_error_line_and_leaves_the_first_ones_work(runs_dir, metric_models, tmp_path, capsys):
+    from bas.core.runfolder import RunLock
+
+    out = tmp_path / "ev"
+    staging = evaluation.staging_dir(out)
+    first = RunLock(out)
+    first.acquire("bas eval (the first one)")  # another evaluation works on --out now
+    staging.mkdir(parents=True)
+    (staging / "kept.png").write_bytes(b"first eval's image")
+    args = ["eval", runs_dir / "toys", "--out", out, "--num-images", 1, "--steps", 1, "--quiet",
+            "--evaluator", "clip-prompt", "--clip-model", metric_models["clip"]]
+    code, _, err = run_main(args, capsys)
+    assert code == 1 and "is in use by another bas process" in err and "bas eval (the first one)" in err and "Traceback" not in err
+    assert (staging / "kept.png").read_bytes() == b"first eval's image" and not out.exists()
+    first.release()
+    code, _, err = run_main(args, capsys)
+    assert code == 0 and (out / "eval.json").is_file() and not staging.exists()
+    assert not list(out.parent.glob(".*bas-lock"))  # released when done
+    deeper = tmp_path / "not" / "yet" / "ev"  # --out in folders that do not exist yet: the lock beside it still works
+    code, _, err = run_main([a if a != out else deeper for a in args], capsys)
+    assert code == 0 and (deeper / "eval.json").is_file() and not list(deeper.parent.glob(".*bas-lock"))
+
+
 class Brightness(evaluation.Evaluator):
     """An in-code evaluator: the mean brightness of the image, and a detail."""
 

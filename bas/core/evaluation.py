@@ -636,31 +636,40 @@ def evaluate(config: EvalConfig, plugins: Plugins) -> dict:
         for run in runs:
             samples[run.name] = find_samples(run, specs[run.name], images_folder(config, run, len(runs) > 1), notes)
 
-    # from here on, work is kept: an interrupted evaluation leaves its images in the staging folder
-    out = Path(config.out)
-    staging = prepare_staging(config, runs)
-    try:
-        if config.images is None:
-            total = sum(len(specs[r.name]) * config.num_images for r in runs)
-            say(f"Generating {total} images ({config.num_images} per prompt) for {len(runs)} run(s) into {out / IMAGES_DIR} ...")
-            bar, reused = make_bar(total, "generating"), 0
-            for run in runs:
-                samples[run.name], count = generate_samples(run, specs[run.name], config, staging / IMAGES_DIR / run.name, bar)
-                reused += count
-            bar.close()
-            if reused:
-                notes.append(f"reused {reused} images that an interrupted bas eval with the same settings had generated")
-        results = score_all(chosen, runs, samples, device, make_bar, notes)
-    except KeyboardInterrupt:
-        from bas.core.training import Interrupted
+    # from here on, work is kept: an interrupted evaluation leaves its images in the staging folder;
+    # one process at a time works on --out and its staging folder (a second one gets an Error line)
+    from bas.core.runfolder import RunLock, this_command
 
-        raise Interrupted(f"Interrupted; the images generated so far are kept in {staging}, and the same command continues from them.") from None
-    prune_images(staging, samples)
-    summary = summary_of(chosen, runs, samples, results)
-    data = eval_outputs.result_json(config, runs, chosen, samples, results, summary, notes, template_name, templates, final=out, staging=staging)
-    eval_outputs.write_outputs(staging, data)
-    swap_into_place(staging, out)
-    return data
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives beside --out
+    lock = RunLock(out)
+    lock.acquire(this_command())
+    try:
+        staging = prepare_staging(config, runs)
+        try:
+            if config.images is None:
+                total = sum(len(specs[r.name]) * config.num_images for r in runs)
+                say(f"Generating {total} images ({config.num_images} per prompt) for {len(runs)} run(s) into {out / IMAGES_DIR} ...")
+                bar, reused = make_bar(total, "generating"), 0
+                for run in runs:
+                    samples[run.name], count = generate_samples(run, specs[run.name], config, staging / IMAGES_DIR / run.name, bar)
+                    reused += count
+                bar.close()
+                if reused:
+                    notes.append(f"reused {reused} images that an interrupted bas eval with the same settings had generated")
+            results = score_all(chosen, runs, samples, device, make_bar, notes)
+        except KeyboardInterrupt:
+            from bas.core.training import Interrupted
+
+            raise Interrupted(f"Interrupted; the images generated so far are kept in {staging}, and the same command continues from them.") from None
+        prune_images(staging, samples)
+        summary = summary_of(chosen, runs, samples, results)
+        data = eval_outputs.result_json(config, runs, chosen, samples, results, summary, notes, template_name, templates, final=out, staging=staging)
+        eval_outputs.write_outputs(staging, data)
+        swap_into_place(staging, out)
+        return data
+    finally:
+        lock.release()
 
 
 def prune_images(staging: Path, samples: dict[str, list[Sample]]) -> None:
