@@ -9,32 +9,7 @@ import bas
 from bas.core.api import make_config
 from bas.core.plugins import Plugins
 from bas.core.training import extract
-
-
-class Snapshots:
-    """An observer plugin that records every parameter at the start and end of each phase."""
-
-    def __init__(self):
-        self.start, self.end = {}, {}
-
-    @staticmethod
-    def params(run):
-        c = run.components
-        named = {}
-        for prefix, module in (("unet.", c.unet), ("text_encoder.", c.text_encoder)):
-            for name, p in module.named_parameters():
-                named[prefix + name] = p.detach().float().clone()
-        return named
-
-    def on_phase_start(self, run, phase):
-        self.start[phase] = self.params(run)
-
-    def on_phase_end(self, run, phase):
-        self.end[phase] = self.params(run)
-
-    @bas.hookimpl
-    def bas_register_observers(self, register):
-        register("snapshots", lambda config: self)
+from conftest import Snapshots, changed
 
 
 def run_with_snapshots(scene, model, out, plugin_names=(), **values):
@@ -43,11 +18,6 @@ def run_with_snapshots(scene, model, out, plugin_names=(), **values):
     values = {"scene": scene, "model": str(model), "out": out, "quiet": True, "phase1_steps": 4, "phase2_steps": 4, **values}
     run = extract(make_config(pm, values, plugin_names), pm)
     return run, snaps
-
-
-def changed(snaps, phase):
-    start, end = snaps.start[phase], snaps.end[phase]
-    return {n for n in end if n not in start or not torch.equal(start[n], end[n])}
 
 
 HANDLES = "text_encoder.embeddings.token_embedding.handles"  # transformers 5 names them without text_model.
