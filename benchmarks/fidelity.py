@@ -204,10 +204,7 @@ def parse_variant(text: str) -> Ablation:
         elif key == "vs":
             baseline = value
         else:
-            try:
-                options[key] = json.loads(value)
-            except json.JSONDecodeError:
-                options[key] = value
+            options[key] = option_value(value)
     what = ", ".join([*(f"--plugin {p}" for p in plugins), *(f"{k}={json.dumps(v)}" for k, v in options.items())]) or "the same as its baseline"
     return Ablation(name, f"variant: {what}", plugins=plugins, options=options, baseline=baseline)
 
@@ -523,11 +520,16 @@ def parse_option(ctx, param, values):
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE (such as attention_loss_weight=0.05)")
-        try:
-            parsed[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key.replace("-", "_")] = value
+        parsed[key.replace("-", "_")] = option_value(value)
     return parsed
+
+
+def option_value(text: str):
+    """A bas run option's value from the command line: JSON where it parses (numbers, true, lists), else the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 @click.command()

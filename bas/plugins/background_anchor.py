@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from bas import hookimpl
+from bas.core import checks
 from bas.core.components import LossTerm, StepBatch
 from bas.core.errors import BasError
 from bas.core.training import latent_mask
@@ -30,8 +31,7 @@ class BackgroundAnchorLoss(LossTerm):
 
     def __init__(self, config):
         self.weight = config.options.get("background_anchor_weight", 1.0)
-        if not self.weight > 0:
-            raise BasError(f"--background-anchor-weight must be positive, not {self.weight}.")
+        checks.check_positive("background_anchor_weight", self.weight)
         self.run = None
         self.layers = None
 
