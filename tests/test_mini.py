@@ -63,7 +63,7 @@ def test_pixel_reading_recovers_every_drawn_attribute():
     from bas.mini import quality
 
     rng = random.Random(2)
-    drawn = list(scenes(40)) + list(scenes(40, seed=1, novel=True)) + [world.any_scene(rng) for _ in range(40)]
+    drawn = list(scenes(40)) + list(scenes(40, seed=1, novel=True)) + [world.any_scene(rng, touching=0.0) for _ in range(40)]
     drawn += quality.reconstruction_scenes(20)  # a third of their objects dotted
     for scene in drawn:
         reading = metrics.read_image(world.render(scene)[0])

@@ -3,8 +3,9 @@
 The world is flat colours from a known palette, so no learned model is needed to judge an image:
 the background is the commonest colour of the border, objects are the connected regions that
 differ from it, an object's colour is the commonest palette colour of its non-white pixels, its
-texture is how its white pixels are arranged (none, in full-height columns, or in spots), and its
-shape is the template (circle, square, triangle) that best overlaps it inside its bounding box.
+texture is how its white pixels are arranged (none, in full-height columns, or in spots), its
+shape is the template (named or not: circle, square, triangle, cross, diamond) that best overlaps
+it inside its bounding box, and its core (``inner``) a second colour held inside it, if any.
 Objects that touch form one region; a region holding two or more colours in quantity is split
 into one object per colour, each white or stray pixel going to the nearest of them.
 """
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from bas.mini.world import PALETTE, SHAPES, shape_mask
+from bas.mini.world import ALL_SHAPES, PALETTE, shape_mask
 
 NAMES = list(PALETTE)
 COLOURS = np.array([PALETTE[n] for n in NAMES], dtype=np.float32)
@@ -25,8 +26,10 @@ WHITE = NAMES.index("white")
 FOREGROUND_DISTANCE = 70.0  # RGB distance from the background above which a pixel belongs to an object
 MIN_AREA = 20  # pixels (at 64x64); smaller regions are noise
 # a colour is an object of its own within a region when its core holds this share of the region's core and this many pixels
-SPLIT_SHARE, SPLIT_MIN_CORE = 0.15, 60
+SPLIT_SHARE, SPLIT_MIN_CORE = 0.1, 25
 SPLIT_MIN_RIM = 10  # ... and this many pixels on the region's outer rim: a colour enclosed by another is shading, not an object
+# an enclosed colour is the object's core (a two-colour object) when this many of its pixels are within PURE of the palette colour
+INNER_MIN, PURE = 12, 45.0
 
 
 @dataclass
@@ -36,6 +39,7 @@ class ObjectReading:
     texture: str
     area: int
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+    inner: str | None = None  # the colour of its core, for a two-colour object
 
     def matches(self, colour: str | None = None, shape: str | None = None, texture: str | None = None) -> bool:
         return (colour is None or self.colour == colour) and (shape is None or self.shape == shape) and (texture is None or self.texture == texture)
@@ -52,10 +56,12 @@ class ImageReading:
         return max(found, key=lambda o: o.area) if found else None
 
 
-def nearest_colours(pixels: np.ndarray) -> np.ndarray:
-    """Index into NAMES of the nearest palette colour of each RGB pixel (..., 3)."""
+def nearest_colours(pixels: np.ndarray, distance: bool = False):
+    """Index into NAMES of the nearest palette colour of each RGB pixel (..., 3); with ``distance``,
+    also how far (RGB) each pixel is from it."""
     d = ((pixels[..., None, :].astype(np.float32) - COLOURS) ** 2).sum(-1)
-    return d.argmin(-1)
+    nearest = d.argmin(-1)
+    return (nearest, np.sqrt(np.take_along_axis(d, nearest[..., None], -1)[..., 0])) if distance else nearest
 
 
 def _as_array(image) -> np.ndarray:
@@ -95,13 +101,23 @@ def read_texture(white: np.ndarray, region: np.ndarray) -> str:
 def read_shape(region: np.ndarray, box: tuple[int, int, int, int]) -> str:
     """The template with the best IoU with ``region`` inside its bounding box."""
     x0, y0, x1, y1 = box
-    best, best_iou = SHAPES[0], -1.0
-    for shape in SHAPES:
+    best, best_iou = ALL_SHAPES[0], -1.0
+    for shape in ALL_SHAPES:
         template = shape_mask(shape, (x0, y0, x1, y1), size=region.shape[0]) > 0.5
         iou = (template & region).sum() / max((template | region).sum(), 1)
         if iou > best_iou:
             best, best_iou = shape, iou
     return best
+
+
+def read_inner(part: np.ndarray, nearest: np.ndarray, pure: np.ndarray, main: int) -> str | None:
+    """The colour of the object's core: the commonest other colour of its pure pixels away from its
+    edge, when it has at least :data:`INNER_MIN` of them (blends where two colours meet are not pure)."""
+    inside = part & pure & ~ndimage.binary_dilation(~part, iterations=2)
+    counts = np.bincount(nearest[inside], minlength=len(NAMES))
+    counts[main] = 0
+    best = int(counts.argmax())
+    return NAMES[best] if counts[best] >= INNER_MIN else None
 
 
 def read_image(image) -> ImageReading:
@@ -111,7 +127,7 @@ def read_image(image) -> ImageReading:
     foreground = np.sqrt(((pixels - bg_rgb) ** 2).sum(-1)) > FOREGROUND_DISTANCE
     foreground = ndimage.binary_closing(foreground, iterations=1) | foreground
     labels, count = ndimage.label(foreground)
-    nearest = nearest_colours(pixels)
+    nearest, far = nearest_colours(pixels, distance=True)
     white = nearest == WHITE
     coloured = ~white & (nearest != NAMES.index(background))
     objects = []
@@ -125,9 +141,12 @@ def read_image(image) -> ImageReading:
                 continue
             ys, xs = np.nonzero(part)
             box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-            body = nearest[part & coloured]
-            colour = NAMES[np.bincount(body, minlength=len(NAMES)).argmax()] if body.size else "white"
-            objects.append(ObjectReading(colour, read_shape(part, box), read_texture(white, part), area, box))
+            pure = part & coloured & (far < PURE)  # blends of a colour and white stripes or dots are often nearest grey
+            body = nearest[pure] if pure.sum() >= MIN_AREA else nearest[part & coloured]
+            counts = np.bincount(body, minlength=len(NAMES))
+            colour = NAMES[counts.argmax()] if body.size else "white"
+            objects.append(ObjectReading(colour, read_shape(part, box), read_texture(white, part), area, box,
+                                         read_inner(part, nearest, coloured & (far < PURE), counts.argmax())))
     return ImageReading(background, sorted(objects, key=lambda o: -o.area))
 
 

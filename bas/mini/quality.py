@@ -12,10 +12,12 @@ An object counts when an object of the caption's colour is in the image; its sha
 are then compared, and a sample is ``all correct`` when the background and every object's
 colour, shape and texture match.
 
-It also measures the VAE alone (``vae reconstruction``): scenes from the whole world (the novel
-colours and the dotted texture included, which no caption names but extraction must capture)
-are encoded and decoded, and the reconstruction is read back the same way; ``dotted kept`` is
-the fraction of dotted objects still read as dotted.
+It also measures the VAE alone (``vae reconstruction``): scenes from the whole world (every
+unnamed attribute included: the colours, the shape family, the dotted texture and two-colour
+objects, which no caption names but extraction must capture) are encoded and decoded, and the
+reconstruction is read back the same way; ``dotted kept``, ``unnamed shape kept``, ``core
+kept`` and ``unnamed colour kept`` are the fractions of the objects carrying each that still
+read as such.
 
 The result goes to ``quality.json`` beside the weights, and a sheet to ``quality.png``: two rows
 of held-out-pair samples and two of new-scene samples (each caption's seeds side by side), then
@@ -55,14 +57,20 @@ def new_scene_captions(count: int, seed: int = 1234) -> list[world.Scene]:
 
 
 def reconstruction_scenes(count: int, seed: int = 4321) -> list[world.Scene]:
-    """The benchmark's novel scenes, then ``count`` more from the whole world, a third of their objects dotted."""
+    """The demo's novel scenes, then ``count`` more from the whole world (every unnamed attribute often, objects apart)."""
     rng = random.Random(seed)
     scenes = [world.random_scene(rng, objects=objects, background=bg) for bg, objects in world.NOVEL_SCENES.values()]
     while len(scenes) < count:
-        scene = world.any_scene(rng)
-        objects = [(o.colour, o.shape, "dotted" if rng.random() < 1 / 3 else o.texture) for o in scene.objects]
-        scenes.append(world.random_scene(rng, objects=objects, background=scene.background))
+        scenes.append(world.any_scene(rng, touching=0.0))
     return scenes
+
+
+UNNAMED = {  # what the VAE must keep of each unnamed attribute: (which objects carry it, whether the reading kept it)
+    "dotted kept": (lambda o: o.texture == "dotted", lambda o, f: f.texture == "dotted"),
+    "unnamed shape kept": (lambda o: o.shape in world.NOVEL_SHAPES, lambda o, f: f.shape == o.shape),
+    "core kept": (lambda o: o.inner is not None, lambda o, f: f.inner == o.inner),
+    "unnamed colour kept": (lambda o: o.colour in world.NOVEL_COLOURS, lambda o, f: True),
+}
 
 
 def score(scene: world.Scene, reading: metrics.ImageReading) -> dict[str, float]:
@@ -70,13 +78,14 @@ def score(scene: world.Scene, reading: metrics.ImageReading) -> dict[str, float]
     present = [f is not None for f in found]
     shape = [f is not None and f.shape == o.shape for f, o in zip(found, scene.objects)]
     texture = [f is not None and f.texture == o.texture for f, o in zip(found, scene.objects)]
+    core = [f is not None and f.inner == o.inner for f, o in zip(found, scene.objects)]
     background = reading.background == scene.background
     return {
         "background": float(background),
         "object colour": float(np.mean(present)),
         "object shape": float(np.mean(shape)),
         "object texture": float(np.mean(texture)),
-        "all correct": float(background and all(shape) and all(texture)),
+        "all correct": float(background and all(shape) and all(texture) and all(core)),
     }
 
 
@@ -122,11 +131,13 @@ def vae_quality(vae, count: int = 120) -> tuple[dict, list, list]:
     originals = [world.render(s)[0] for s in scenes]
     recons = reconstruct(vae, originals)
     readings = [metrics.read_image(r) for r in recons]
-    dotted = [(o, r.find(colour=o.colour)) for s, r in zip(scenes, readings) for o in s.objects if o.texture == "dotted"]
     mse = np.mean([((np.asarray(a, np.float32) - np.asarray(b, np.float32)) / 127.5) ** 2 for a, b in zip(originals, recons)])
-    result = {"scenes": len(scenes), **summarise([score(s, r) for s, r in zip(scenes, readings)]),
-              "dotted objects": len(dotted), "dotted kept": round(float(np.mean([f is not None and f.texture == "dotted" for _, f in dotted])), 3),
-              "mse": round(float(mse), 5)}
+    result = {"scenes": len(scenes), **summarise([score(s, r) for s, r in zip(scenes, readings)])}
+    for name, (carries, kept) in UNNAMED.items():
+        found = [(o, r.find(colour=o.colour)) for s, r in zip(scenes, readings) for o in s.objects if carries(o)]
+        result[name.replace(" kept", " objects")] = len(found)
+        result[name] = round(float(np.mean([f is not None and kept(o, f) for o, f in found])), 3) if found else None
+    result["mse"] = round(float(mse), 5)
     return result, originals, recons
 
 

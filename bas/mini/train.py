@@ -46,11 +46,11 @@ MAX_TOKENS = 32  # the longest caption is about 22 tokens
 class TrainConfig:
     out: Path = Path("bas/mini/weights")
     seed: int = 0
-    num_scenes: int = 16000
+    num_scenes: int = 20000
     # VAE: 2**(len(vae_channels) - 1) is its reduction; (32, 64, 64) is 4x, 64 px -> 16x16
     vae_channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = 4
-    vae_steps: int = 4000
+    vae_steps: int = 5000
     vae_batch: int = 16
     vae_crop: int = 32
     vae_lr: float = 2e-3
@@ -58,12 +58,12 @@ class TrainConfig:
     vae_scenes: int = 12000  # the VAE's own scenes, from the whole world: every colour and texture, dotted a third of the time
     vae_from: str = ""  # reuse the VAE of this pipeline folder instead of training one (for experiments)
     # UNet: one level per entry, cross-attention at every level
-    unet_channels: tuple[int, ...] = (48, 96, 96)
+    unet_channels: tuple[int, ...] = (64, 96, 96)
     unet_heads: tuple[int, ...] = (2, 4, 4)  # attention head dimension per level, as diffusers' attention_head_dim
     unet_layers: int = 1
     text_width: int = 64
     text_layers: int = 2
-    unet_steps: int = 7000
+    unet_steps: int = 9000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup_steps: int = 100
@@ -221,7 +221,7 @@ def draw_dataset(count: int, seed: int, whole_world: bool = False) -> tuple[list
     or with ``whole_world`` scenes with every colour and texture (the VAE must be able to draw
     concepts that no caption names, as Stable Diffusion's VAE can draw any colour)."""
     rng = random.Random(seed)
-    scenes = [(world.any_scene if whole_world else world.random_scene)(rng) for _ in range(count)]
+    scenes = [(world.any_scene if whole_world else world.training_scene)(rng) for _ in range(count)]
     images = np.stack([np.asarray(world.render(s)[0]) for s in scenes])
     return scenes, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
