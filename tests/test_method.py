@@ -161,6 +161,7 @@ UNETS = {  # real shapes, built on the meta device (no memory): latent side at t
 @pytest.mark.parametrize("arch, resolution, requested, expected", [
     ("sd21", 512, None, 16),  # the paper's 16x16
     ("sd21", 768, None, 24),
+    ("sd21", 256, None, 16),  # never coarser than the paper's 16x16 (a quarter of 32 would be 8)
     ("sdxl", 1024, None, 32),  # a quarter of SDXL's 128 latent
     ("sdxl", 768, None, 24),
     ("sdxl", 512, None, 16),
@@ -184,12 +185,13 @@ def test_attention_resolution_follows_the_model(arch, resolution, requested, exp
         assert family.attention_resolution(available, latent, requested) == expected
 
 
-def test_bas_mini_gets_a_quarter_of_its_latent_side_by_default(scene, tmp_path):
-    """bas-mini's 16x16 latent has cross-attention at 16, 8 and 4: a quarter of the side, 4, is the default."""
+def test_bas_mini_gets_the_papers_16x16_maps_by_default(scene, tmp_path):
+    """bas-mini's 16x16 latent has cross-attention at 16, 8 and 4: the paper's 16x16 (each cell 1/16 of
+    the side) is the default, not a quarter of the side (4x4, which the first benchmarks used)."""
     from bas.plugins.attention_loss import loss_layers
 
     pm = Plugins([])
     run = bas.core.training.Run(make_config(pm, {"scene": scene, "model": "bas-mini", "out": tmp_path / "o", "quiet": True}, []), pm)
     run.load()
     res, layers = loss_layers(run)
-    assert run.resolution == 64 and res == 4 and layers and all(r == 4 for _, r in layers.values())
+    assert run.resolution == 64 and res == 16 and layers and all(r == 16 for _, r in layers.values())

@@ -32,6 +32,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from bas.core.plugins import Plugins
 
 MIN_ATTENTION_RES = 4  # a 2x2 map cannot hold a mask
+PAPER_ATTENTION_RES = 16  # the paper's maps: 16x16, each cell 1/16 of the image's side
+
+
+def default_attention_side(latent_size: int) -> float:
+    """The side the loss's maps aim at when none is asked: a quarter of the latent side (16 for SD at
+    512 px, 32 for SDXL at 1024 px) and never coarser than the paper's 16x16, so that a model with
+    small latents (bas-mini's 16x16) still compares masks at cells of 1/16 of the side."""
+    return max(latent_size / 4, PAPER_ATTENTION_RES)
 
 
 @dataclass
@@ -286,9 +294,9 @@ class ModelFamily:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def attention_resolution(self, available: set[int], latent_size: int, requested: int | None = None) -> int:
-        """The side of the loss's maps: ``requested``, else a quarter of the latent side (16 for SD at
-        512 px, 32 for SDXL at 1024 px) snapped to the nearest side the model has layers at, never
-        below 4x4 (a 2x2 map cannot hold a mask)."""
+        """The side of the loss's maps: ``requested``, else :func:`default_attention_side` (16 for SD at
+        512 px and for bas-mini, 32 for SDXL at 1024 px) snapped to the nearest side the model has
+        layers at, never below 4x4 (a 2x2 map cannot hold a mask)."""
         usable = sorted(r for r in available if r >= MIN_ATTENTION_RES)
         if requested is not None:
             if requested < MIN_ATTENTION_RES:
@@ -299,8 +307,8 @@ class ModelFamily:
         if not usable:
             raise BasError(f"The model's cross-attention maps are at most {max(available, default=0)}x{max(available, default=0)} at this resolution, "
                            f"too small for a mask; train at a higher --resolution.")
-        quarter = max(latent_size / 4, 1)
-        return min(usable, key=lambda r: (abs(math.log(r / quarter)), -r))
+        target = default_attention_side(latent_size)
+        return min(usable, key=lambda r: (abs(math.log(r / target)), -r))
 
     def capture_processor(self, store) -> Any:
         """An attention processor for the modules of :meth:`attention_layers` that computes their

@@ -1,8 +1,9 @@
 """The cross-attention loss: each shown handle's attention map should match its concept's mask.
 
-The maps are read at a quarter of the latent side by default (16x16 for SD at 512 px, 32x32 for
-SDXL at 1024 px), snapped to a side where the model has cross-attention layers and never below
-4x4; the model family says which layers those are and installs the capturing processor.  Only
+The maps are read at a quarter of the latent side by default, never coarser than the paper's
+16x16 (16x16 for SD at 512 px and for bas-mini, 32x32 for SDXL at 1024 px), snapped to a side
+where the model has cross-attention layers and never below 4x4; the model family says which
+layers those are and installs the capturing processor.  Only
 those layers compute explicit probabilities (a few hundred or thousand queries by 77 keys, in
 fp32); every other layer keeps its fused attention kernel: the reference code computes explicit
 probabilities everywhere, including the 4096x4096 self-attention maps, which is where its memory
@@ -143,11 +144,11 @@ def bas_run_options():
     return [
         click.Option(["--attention-loss-weight"], type=float, default=0.01, show_default=True, help="Weight of the cross-attention loss (the paper's lambda)."),
         click.Option(["--attention-res"], type=int, default=None,
-                     help="Side of the attention maps compared with the masks [default: a quarter of the latent side, snapped to one the model has "
-                          "and at least 4: 16 for SD at 512 px, 32 for SDXL at 1024 px]."),
+                     help="Side of the attention maps compared with the masks [default: a quarter of the latent side and at least the paper's 16, "
+                          "snapped to one the model has: 16 for SD at 512 px and for bas-mini, 32 for SDXL at 1024 px]."),
     ]
 
 
 @hookimpl
 def bas_register_loss_terms(register):
-    register("attention", CrossAttentionLoss, description="MSE between handle cross-attention maps and masks (a quarter of the latent side)")
+    register("attention", CrossAttentionLoss, description="MSE between handle cross-attention maps and masks (16x16 at 512 px, as the paper)")

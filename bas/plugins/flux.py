@@ -57,6 +57,7 @@ from bas import hookimpl
 from bas.core.errors import BasError
 from bas.core.family import (
     MIN_ATTENTION_RES,
+    default_attention_side,
     Components,
     Conditioning,
     ModelFamily,
@@ -435,8 +436,8 @@ class Flux(ModelFamily):
                 for i, block in enumerate(components.denoiser.transformer_blocks)}
 
     def attention_resolution(self, available, latent_size, requested=None):
-        """A quarter of the latent side (16x16 at 512 px), area-averaged from the packed grid; a requested
-        side must divide the packed grid's."""
+        """:func:`bas.core.family.default_attention_side` (16x16 at 512 px), area-averaged from the packed
+        grid; a requested side must divide the packed grid's."""
         grid = max(available)
         usable = [r for r in range(MIN_ATTENTION_RES, grid + 1) if grid % r == 0]
         if requested is not None:
@@ -446,8 +447,8 @@ class Flux(ModelFamily):
             return requested
         if not usable:
             raise BasError(f"FLUX's attention maps are {grid}x{grid} at this resolution, too small for a mask; train at a higher --resolution.")
-        quarter = latent_size / 4
-        return min(usable, key=lambda r: (abs(math.log(r / quarter)), -r))
+        target = default_attention_side(latent_size)
+        return min(usable, key=lambda r: (abs(math.log(r / target)), -r))
 
     def capture_processor(self, store):
         return CaptureJointAttention(store)
