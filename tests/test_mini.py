@@ -159,7 +159,7 @@ def test_training_resumes_bit_identically_and_refuses_changed_options(tmp_path):
             "--unet-heads", "1,1", "--unet-steps", 6, "--unet-batch", 2, "--save-every", 2]
     run = lambda *args: CliRunner().invoke(train.main, [str(a) for a in args])
     assert run("--out", tmp_path / "a", *base).exit_code == 0
-    stopped = run("--out", tmp_path / "b", *base, "--minutes", "1e-9")  # stops after its first step, saving the exact state
+    stopped = run("--out", tmp_path / "b", *base, "--stop-after", 3)  # the 2 VAE steps and one UNet step, saving the exact state
     assert stopped.exit_code == 0 and json.loads((tmp_path / "b" / "training.json").read_text())["unet_steps_done"] == 1
     assert (tmp_path / "b-state" / "state.safetensors").exists()
     assert run("--out", tmp_path / "b", *base, "--resume").exit_code == 0
@@ -173,10 +173,43 @@ def test_training_resumes_bit_identically_and_refuses_changed_options(tmp_path):
     assert done.exit_code != 0 and "already trained all 6 UNet steps" in done.output
     changed = run("--out", tmp_path / "b", *base[:-4], "--unet-steps", 9, "--unet-lr", 1, "--resume")
     assert changed.exit_code != 0 and "--unet-lr, --unet-steps" in changed.output
-    stopped = run("--out", tmp_path / "c", *base, "--minutes", "1e-9")
+    stopped = run("--out", tmp_path / "c", *base, "--stop-after", 3)
     (tmp_path / "c-state" / "state.safetensors").write_bytes(b"cut short")  # a state file a crash left half-written
     damaged = run("--out", tmp_path / "c", *base, "--resume")
     assert damaged.exit_code != 0 and "is damaged" in damaged.output and "delete that folder" in damaged.output
     assert json.loads((tmp_path / "c" / "training.json").read_text())["unet_steps_done"] == 1  # the saved run is untouched
     missing = run("--out", tmp_path / "none", *base, "--resume")
     assert missing.exit_code != 0 and "run without --resume" in missing.output
+
+
+def test_training_stopped_in_the_vae_stage_resumes_bit_identically(tmp_path):
+    """A long training stopped before its UNet stage began (a budget, SIGTERM, a session's end) continues
+    from the VAE stage's exact state: the same VAE, UNet and text encoder as an uninterrupted run."""
+    import torch
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from bas.mini import train
+
+    base = ["--num-scenes", 8, "--vae-scenes", 8, "--vae-channels", "8,16,16", "--vae-steps", 4, "--unet-channels", "16,32",
+            "--unet-heads", "1,1", "--unet-steps", 2, "--unet-batch", 2, "--save-every", 2]
+    run = lambda *args: CliRunner().invoke(train.main, [str(a) for a in args])
+    assert run("--out", tmp_path / "a", *base).exit_code == 0
+    stopped = run("--out", tmp_path / "b", *base, "--stop-after", 3)  # VAE step 3 of 4: between two periodic saves
+    assert stopped.exit_code == 0 and "Stopped in the VAE stage" in stopped.output and "--resume" in stopped.output
+    record = json.loads((tmp_path / "b" / "training.json").read_text())
+    assert record["stage"] == "vae" and record["vae_steps_done"] == 3 and (tmp_path / "b-vae-state" / "state.safetensors").exists()
+    assert not (tmp_path / "b" / "unet").exists()
+    resumed = run("--out", tmp_path / "b", *base, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    for part in ("vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / part)), load_file(str(tmp_path / "b" / part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    record = json.loads((tmp_path / "b" / "training.json").read_text())
+    assert "stage" not in record and record["unet_steps_done"] == 2 and record["legs"][0]["vae_steps_done"] == 3
+    assert record["times"]["cpu_s"] >= record["legs"][0]["cpu_s"] > 0  # the earlier leg's CPU time counts
+    assert not (tmp_path / "b-vae-state").exists()
+    stopped = run("--out", tmp_path / "c", *base, "--stop-after", 1)
+    (tmp_path / "c-vae-state" / "state.safetensors").write_bytes(b"cut short")  # a state a crash left half-written
+    damaged = run("--out", tmp_path / "c", *base, "--resume")
+    assert damaged.exit_code != 0 and "is damaged" in damaged.output and "Traceback" not in damaged.output

@@ -72,7 +72,8 @@ class TrainConfig:
     prediction: str = "v_prediction"  # or epsilon
     zero_snr: bool = True  # rescale the betas so the last timestep is pure noise (Lin et al. 2023)
     snr_gamma: float = 5.0  # min-SNR loss weighting (see loss_weights); 0 = plain MSE
-    minutes: float = 0.0  # wall-clock cap of the UNet phase (0: none); the run then ends early
+    minutes: float = 0.0  # wall-clock cap of this leg, VAE and UNet stages together (0: none); the run then saves and stops
+    stop_after: int = 0  # stop (saving the exact state) after this many steps of this leg, VAE and UNet steps together (0: none)
     save_every: int = 500
     device: str = "auto"
     threads: int = 1  # on a shared CPU one thread is several times faster than two
@@ -85,7 +86,7 @@ class TrainConfig:
 
 
 # what a resumed run may change: where it writes, how often, its budget and the machine it runs on
-RESUMABLE_CHANGES = {"out", "minutes", "save_every", "device", "threads", "resume"}
+RESUMABLE_CHANGES = {"out", "minutes", "stop_after", "save_every", "device", "threads", "resume"}
 
 
 def state_dir(out: Path) -> Path:
@@ -144,6 +145,93 @@ def load_state(out: Path, step: int, params, ema, opt, gen: torch.Generator, rng
     return True
 
 
+def vae_state_dir(out: Path) -> Path:
+    """The VAE stage's exact state (weights, AdamW moments, random generators), while that stage is unfinished."""
+    return out.parent / f"{out.name}-vae-state"
+
+
+def save_vae_state(out: Path, step: int, vae, opt, gen: torch.Generator, record: dict) -> None:
+    """The VAE stage's state after ``step``, and ``training.json`` saying so (written last: it is what --resume reads)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"vae.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    for i, p in enumerate(vae.parameters()):
+        for key, value in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{key}"] = value.detach().cpu().contiguous()
+    tensors["generator"] = gen.get_state()
+    tensors["torch_rng"] = torch.get_rng_state()
+    with io.atomic_path(vae_state_dir(out), directory=True) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+    io.write_json(out / "training.json", {**record, "stage": "vae", "vae_steps_done": step})
+
+
+def load_vae_state(out: Path, step: int, vae, opt, gen: torch.Generator) -> None:
+    from safetensors.torch import load_file
+
+    folder = vae_state_dir(out)
+    try:
+        if json.loads((folder / "state.json").read_text()).get("step") != step:
+            raise ValueError(f"it is not the state of step {step}")
+        tensors = load_file(str(folder / "state.safetensors"))
+        vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+        state = {}
+        for i in range(len(list(vae.parameters()))):
+            entries = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+            if entries:
+                state[i] = entries
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        gen.set_state(tensors["generator"])
+        torch.set_rng_state(tensors["torch_rng"])
+    except Exception as exc:  # missing, truncated or foreign: say which folder, not a traceback
+        raise click.UsageError(f"the VAE stage's training state at {folder} is damaged or missing ({exc}); delete {out} and that folder "
+                               f"to train afresh.") from None
+
+
+class Budget:
+    """When this leg must stop: after ``minutes`` of wall-clock time or ``stop_after`` steps (VAE and UNet
+    steps together), or at the first step boundary after SIGTERM or Ctrl-C (a background job being
+    stopped), so that what it saves is an exact state to ``--resume`` from."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.t0, self.minutes, self.limit, self.steps, self.signal = time.perf_counter(), cfg.minutes, cfg.stop_after, 0, None
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def reason(self) -> str | None:
+        if self.signal:
+            return f"stopped by {self.signal}"
+        if self.minutes and time.perf_counter() - self.t0 > self.minutes * 60:
+            return f"the {self.minutes} minute budget is spent"
+        if self.limit and self.steps >= self.limit:
+            return f"--stop-after {self.limit} steps"
+        return None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._catch)
+        return self
+
+    def _catch(self, signum, frame):
+        import signal
+
+        if self.signal:  # a second one stops at once
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def read_previous(cfg: TrainConfig) -> dict:
     """The training.json of the run ``--resume`` continues, checked against this run's options."""
     path = Path(cfg.out) / "training.json"
@@ -157,7 +245,7 @@ def read_previous(cfg: TrainConfig) -> dict:
     if changed:
         raise click.UsageError(f"--resume continues the run at {cfg.out} with its own options, but these differ: "
                                f"{', '.join('--' + k.replace('_', '-') for k in changed)}; pass them as before or train afresh.")
-    if previous.get("unet_steps_done", 0) >= cfg.unet_steps:
+    if previous.get("stage") != "vae" and previous.get("unet_steps_done", 0) >= cfg.unet_steps:
         raise click.UsageError(f"the run at {cfg.out} already trained all {cfg.unet_steps} UNet steps; nothing to resume.")
     return previous
 
@@ -251,16 +339,27 @@ def cpu_load() -> float | None:
         return None
 
 
-def train_vae(vae, images: torch.Tensor, cfg: TrainConfig, device, log) -> list[dict]:
+def train_vae(vae, images: torch.Tensor, cfg: TrainConfig, device, log, budget: Budget, record: dict, start: int = 0, stamp=lambda: None) -> bool:
+    """Train the VAE from step ``start`` (a resumed stage), appending to ``record["vae_history"]``; False when the
+    leg's budget stopped it first (its exact state is then saved)."""
+    import warnings
+
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.vae_steps)))
     with torch.no_grad():  # start nearly deterministic (posterior std ~0.02): noisy latents would hide the image at first
         vae.quant_conv.bias[cfg.latent_channels:] = -8.0
         vae.quant_conv.weight[cfg.latent_channels:] *= 0.01
+    if start:
+        with warnings.catch_warnings():  # the schedule's position: the step count, without optimizer steps
+            warnings.simplefilter("ignore")
+            for _ in range(start):
+                sched.step()
+        load_vae_state(Path(cfg.out), start, vae, opt, gen)
+        log(f"resuming the VAE stage at step {start} from {vae_state_dir(Path(cfg.out))}")
     vae.train().to(device)
-    history, c, t0, cpu0 = [], cfg.vae_crop, time.perf_counter(), time.process_time()
-    for step in range(1, cfg.vae_steps + 1):
+    history, c, t0, cpu0 = record["vae_history"], cfg.vae_crop, time.perf_counter(), time.process_time()
+    for step in range(start + 1, cfg.vae_steps + 1):
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen)
         x0, y0 = (int(v) for v in torch.randint(0, world.SIZE - c + 1, (2,), generator=gen))
         x = to_unit(images[idx, :, y0 : y0 + c, x0 : x0 + c]).to(device)
@@ -274,11 +373,26 @@ def train_vae(vae, images: torch.Tensor, cfg: TrainConfig, device, log) -> list[
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        budget.step()
         if step % 25 == 0 or step == cfg.vae_steps:
             history.append({"step": step, "mse": float(rec.detach()), "kl": float(kl.detach()), "load": cpu_load()})
             log(f"vae step {step}/{cfg.vae_steps} mse {history[-1]['mse']:.5f} kl {history[-1]['kl']:.1f} "
-                f"({(time.perf_counter() - t0) / step:.2f}s/step, {(time.process_time() - cpu0) / step:.2f}s CPU, load {history[-1]['load']})")
-    return history
+                f"({(time.perf_counter() - t0) / (step - start):.2f}s/step, {(time.process_time() - cpu0) / (step - start):.2f}s CPU, "
+                f"load {history[-1]['load']})")
+        stop = budget.reason() if step < cfg.vae_steps else None
+        if stop or (step % cfg.save_every == 0 and step < cfg.vae_steps):
+            record["times"]["vae_s"] = record["times"].get("vae_s", 0.0) + time.perf_counter() - t0
+            record["times"]["vae_cpu_s"] = record["times"].get("vae_cpu_s", 0.0) + time.process_time() - cpu0
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            stamp()
+            save_vae_state(Path(cfg.out), step, vae, opt, gen, record)
+            log(f"saved the VAE stage's state at step {step}")
+            if stop:
+                log(f"stopping at VAE step {step}: {stop}; run the same command with --resume to continue")
+                return False
+    record["times"]["vae_s"] = record["times"].get("vae_s", 0.0) + time.perf_counter() - t0
+    record["times"]["vae_cpu_s"] = record["times"].get("vae_cpu_s", 0.0) + time.process_time() - cpu0
+    return True
 
 
 @torch.no_grad()
@@ -335,10 +449,17 @@ def train(cfg: TrainConfig) -> dict:
     if device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(device)
     previous = read_previous(cfg) if cfg.resume else None
+    in_vae = previous is not None and previous.get("stage") == "vae"  # stopped before the UNet stage began
     t0, cpu0 = time.perf_counter(), time.process_time()
     tokenizer = build_tokenizer()
-    vae, unet, text_encoder, scheduler = build_models(tokenizer, cfg)
+    vae, unet, text_encoder, scheduler = build_models(tokenizer, cfg)  # drawn from the seed: a resumed VAE stage gets the same UNet
     if previous:
+        record["legs"] = previous.get("legs", []) + [{k: previous.get(k) for k in ("stage", "vae_steps_done", "unet_steps_done", "device", "machine",
+                                                                                     "threads", "torch")}
+                                                     | {k: previous.get("times", {}).get(k) for k in ("vae_cpu_s", "unet_s", "cpu_s")}]
+        record["times"] = {k: v for k, v in previous.get("times", {}).items() if k in ("draw_s", "vae_s", "vae_cpu_s", "draw_and_vae_cpu_s")}
+        record["vae_history"] = previous.get("vae_history", [])
+    if previous and not in_vae:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
@@ -346,14 +467,12 @@ def train(cfg: TrainConfig) -> dict:
         unet = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
         text_encoder = CLIPTextModel.from_pretrained(str(out), subfolder="text_encoder")
         prior_times = dict(previous.get("times", {}))
-        record.update({k: previous[k] for k in ("vae_history", "unet_history", "parameters") if k in previous})
-        record["times"] = {k: prior_times[k] for k in ("draw_s", "vae_s", "draw_and_vae_cpu_s") if k in prior_times}
-        record["legs"] = previous.get("legs", []) + [{k: previous.get(k) for k in ("unet_steps_done", "device", "machine", "threads", "torch")}
-                                                     | {"unet_s": prior_times.get("unet_s"), "cpu_s": prior_times.get("cpu_s")}]
+        record.update({k: previous[k] for k in ("unet_history", "parameters") if k in previous})
     elif cfg.vae_from:
         vae = load_vae(cfg.vae_from)
     scenes, images = draw_dataset(cfg.num_scenes, cfg.seed)
-    vae_images = draw_dataset(cfg.vae_scenes, cfg.seed + 3, whole_world=True)[1] if not (cfg.vae_from or previous) else None
+    train_vae_now = not cfg.vae_from and (not previous or in_vae)
+    vae_images = draw_dataset(cfg.vae_scenes, cfg.seed + 3, whole_world=True)[1] if train_vae_now else None
     if not previous:
         record["times"]["draw_s"] = time.perf_counter() - t0
     count = lambda m: sum(p.numel() for p in m.parameters())
@@ -361,16 +480,36 @@ def train(cfg: TrainConfig) -> dict:
     log(f"drew {len(scenes)} scenes; vae {count(vae)/1e6:.2f}M, unet {count(unet)/1e6:.2f}M, text {count(text_encoder)/1e6:.2f}M parameters, "
         f"device {device}, load {cpu_load()}")
 
-    t = time.perf_counter()
-    if not (cfg.vae_from or previous):
-        record["vae_history"] = train_vae(vae, vae_images, cfg, device, log)
+    earlier = {k: float((previous or {}).get("times", {}).get(k) or 0.0) for k in ("cpu_s", "total_s")}
+
+    def stamp() -> None:
+        """Every leg's wall-clock and CPU time so far (this process's CPU time: what the run costs whatever else runs)."""
+        record["times"]["total_s"] = earlier["total_s"] + time.perf_counter() - t0
+        record["times"]["cpu_s"] = earlier["cpu_s"] + time.process_time() - cpu0
+
+    with Budget(cfg) as budget:
+        return train_stages(cfg, record, previous, in_vae, budget, tokenizer, vae, unet, text_encoder, scheduler, scenes, images, vae_images,
+                            train_vae_now, device, log, stamp, cpu0, prior_times if previous and not in_vae else {})
+
+
+def train_stages(cfg, record, previous, in_vae, budget, tokenizer, vae, unet, text_encoder, scheduler, scenes, images, vae_images, train_vae_now,
+                 device, log, stamp, cpu0, prior_times) -> dict:
+    out = Path(cfg.out)
+    if train_vae_now:
+        start = previous["vae_steps_done"] if in_vae else 0
+        if not train_vae(vae, vae_images, cfg, device, log, budget, record, start, stamp):
+            record["stopped"] = budget.reason()
+            return record
+        if vae_state_dir(out).exists():
+            shutil.rmtree(vae_state_dir(out))
+        previous = None  # the UNet stage starts afresh
     latents = encode_all(vae, images, device)
     scale = float(1.0 / latents.std()) if not previous else float(vae.config.scaling_factor)
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
     if not previous:
-        record["times"]["vae_s"] = time.perf_counter() - t
-        record["times"]["draw_and_vae_cpu_s"] = time.process_time() - cpu0
+        stamp()
+        record["times"]["draw_and_vae_cpu_s"] = record["times"]["cpu_s"]
     log(f"vae done; latents {tuple(latents.shape)}, scaling factor {scale:.4f}")
 
     # captions tokenized once per wording: the step picks a scene and a random wording of it
@@ -410,7 +549,7 @@ def train(cfg: TrainConfig) -> dict:
             record["legs"][-1]["resumed_exactly"] = False
             log(f"resuming at UNet step {start} from the saved (EMA) weights: no exact state at {state_dir(out)}, so AdamW's moments restart")
     # the earlier legs' times (cumulative): this leg's are added to them
-    prior = {k: float(prior_times.get(k) or 0.0) for k in ("unet_s", "total_s", "cpu_s")} if previous else dict.fromkeys(("unet_s", "total_s", "cpu_s"), 0.0)
+    prior = {"unet_s": float(prior_times.get("unet_s") or 0.0) if previous else 0.0}
     t_unet, cpu_unet = time.perf_counter(), time.process_time()
 
     def save_ema() -> None:
@@ -447,17 +586,16 @@ def train(cfg: TrainConfig) -> dict:
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         value = float(loss.detach())
         running = value if running is None else 0.98 * running + 0.02 * value
+        budget.step()
         if step % 25 == 0:
             record["unet_history"].append({"step": step, "loss": running, "lr": lr_sched.get_last_lr()[0], "load": cpu_load()})
             done = step - start
             log(f"unet step {step}/{cfg.unet_steps} loss {running:.4f} ({(time.perf_counter() - t_unet) / done:.2f}s/step, "
                 f"{(time.process_time() - cpu_unet) / done:.2f}s CPU, load {cpu_load()})")
-        out_of_time = cfg.minutes and time.perf_counter() - t_unet > cfg.minutes * 60
-        if step % cfg.save_every == 0 or step == cfg.unet_steps or out_of_time:
+        stop = budget.reason() if step < cfg.unet_steps else None
+        if step % cfg.save_every == 0 or step == cfg.unet_steps or stop:
             record["times"]["unet_s"] = prior["unet_s"] + time.perf_counter() - t_unet
-            record["times"]["total_s"] = prior["total_s"] + time.perf_counter() - t0
-            # this process's CPU time (and the earlier legs'): what the run costs whatever else runs
-            record["times"]["cpu_s"] = prior["cpu_s"] + time.process_time() - cpu0
+            stamp()
             record["unet_steps_done"] = step
             record["final_loss"] = running
             loads = [h["load"] for h in record["vae_history"] + record["unet_history"] if h.get("load") is not None]
@@ -470,8 +608,9 @@ def train(cfg: TrainConfig) -> dict:
             elif state_dir(out).exists():
                 shutil.rmtree(state_dir(out))
             log(f"saved {out} at step {step}")
-        if out_of_time:
-            log(f"stopping at step {step}: the {cfg.minutes} minute budget is spent")
+        if stop:
+            log(f"stopping at UNet step {step}: {stop}; run the same command with --resume to continue")
+            record["stopped"] = stop
             break
     return record
 
@@ -503,11 +642,15 @@ DEFAULTS = TrainConfig()
 @click.option("--prediction", type=click.Choice(["v_prediction", "epsilon"]), default=DEFAULTS.prediction, show_default=True)
 @click.option("--zero-snr/--no-zero-snr", default=DEFAULTS.zero_snr, show_default=True, help="Rescale the noise schedule to end at pure noise.")
 @click.option("--snr-gamma", type=float, default=DEFAULTS.snr_gamma, show_default=True, help="Min-SNR loss weighting (0: plain MSE).")
-@click.option("--minutes", type=float, default=DEFAULTS.minutes, show_default=True, help="Stop the UNet phase after this many minutes (0: run every step).")
+@click.option("--minutes", type=float, default=DEFAULTS.minutes, show_default=True,
+              help="Stop after this many minutes of this leg, VAE and UNet stages together, saving the exact state for --resume (0: run every step).")
+@click.option("--stop-after", type=int, default=DEFAULTS.stop_after, show_default=True,
+              help="Stop after this many steps of this leg (VAE and UNet steps counted together), saving the exact state for --resume (0: no limit).")
 @click.option("--save-every", type=int, default=DEFAULTS.save_every, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU where there is one), cpu, cuda.")
 @click.option("--threads", type=int, default=DEFAULTS.threads, show_default=True, help="CPU threads for torch.")
-@click.option("--resume", is_flag=True, help="Continue the UNet phase of the run at --out from its last save (same options; the state is kept beside it).")
+@click.option("--resume", is_flag=True, help="Continue the run at --out from its last save, in the VAE or the UNet stage (same options; the exact "
+              "state is kept beside it). SIGTERM or Ctrl-C saves it at the next step and stops.")
 def main(**values):
     """Train bas-mini on the procedural world and write it as a diffusers pipeline."""
     for name in ("vae_channels", "unet_channels", "unet_heads"):
@@ -516,6 +659,10 @@ def main(**values):
         raise click.BadParameter("give one head dimension per UNet level", param_hint="--unet-heads")
     record = train(TrainConfig(**values))
     t = record["times"]
+    if record.get("stopped") and record.get("unet_steps_done") is None:
+        click.echo(f"Stopped in the VAE stage ({record['stopped']}) after {t['cpu_s'] / 60:.1f} min of CPU time; run the same command with --resume "
+                   f"to continue.")
+        return
     click.echo(f"Trained {record['unet_steps_done']} UNet steps in {t['total_s'] / 60:.1f} min ({t['cpu_s'] / 60:.1f} min of CPU time); "
                f"final loss {record['final_loss']:.4f}.")
 
