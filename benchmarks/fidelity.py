@@ -1,15 +1,22 @@
-"""Fidelity of extraction on bas-mini: the paper's ablations and more, with paired bootstrap intervals.
+"""Fidelity of extraction on bas-mini: the paper's ablations and more, with paired intervals and a scene-level test.
 
-``python -m benchmarks.fidelity --jobs 2`` draws the scenes of :data:`SCENES` (two to four
-objects each in colours or textures no bas-mini caption names; some touching, some with box
-masks that take in background), extracts every scene once per ablation and extraction seed
-through ``bas batch``'s Python API (``--jobs`` worker processes), then scores every run with
-``bas eval``'s Python API and the ``bas-mini`` evaluator, which reads each generated image back
-from its pixels (``bas/plugins/bas_mini.py``).  Per run, the prompts are:
+``python -m benchmarks.fidelity --jobs 2`` takes a scene set (``--scenes``): ``tuning``, 12 scenes drawn
+from a fixed seed and recorded in ``benchmarks/scenes/tuning.json``, where the operating point is chosen;
+``test``, drawn from a seed that ``--choose-operating-point`` draws when it records the operating point
+(``benchmarks/operating-point.json``), and run only at that point's settings; ``v2``, bas-mini v2's 8
+hand-made scenes (:data:`SCENES`).  A drawn set has two to four objects per scene, a third of its scenes
+touching, a third with box masks (that take in background), the rest with loose masks; every concept has
+something no caption names (an unnamed colour, the cross or diamond shape, the dotted texture, a core of
+a second colour), and every second scene two neighbours that can entangle (similar colours such as orange
+beside red, or the same shape side by side).  It extracts every scene once per ablation and extraction
+seed through ``bas batch``'s Python API (``--jobs`` worker processes), then scores every run with ``bas
+eval``'s Python API and the ``bas-mini`` evaluator, which reads each generated image back from its
+pixels (``bas/plugins/bas_mini.py``).  Per run, the prompts are:
 
-* ``a photo of <assetK>`` for each concept: *identity* (an object of K's colour with K's shape and
-  texture; its parts in the JSON) and *leakage* (the share of the other concepts whose colour
-  shows, lower is better);
+* ``a photo of <assetK>`` for each concept: *identity* (an object of K's colour with K's shape, texture and
+  core; its parts in the JSON), *leakage* (the share of the other concepts whose colour shows, lower is
+  better), *swap* (K's colour nowhere but another concept's drawn: K drawn in its neighbour's colour, lower
+  is better) and *count* (exactly one object drawn);
 * ``a photo of <asset0> and <asset1> ...``: *composition*, the share of the concepts shown;
 * ``a photo of <assetK> on a {colour} background`` for two colours other than the input's:
   *adherence* (that background) and *entanglement* (the share of the image's pixels in the input's
@@ -20,13 +27,18 @@ from its baseline (``full``, or ``full-finetune`` for the full fine-tune's varia
 one difference per scene, extraction seed and generation seed, each the mean over the prompts of
 its group.  Its 95% interval is the hierarchical bootstrap (:func:`bas.core.stats.nested_summary`):
 resample scenes, then extraction seeds within each drawn scene, then generation seeds within each
-drawn extraction.  The table marks a difference whose interval excludes 0 (``*``) and one that
-also survives the Holm-Bonferroni correction over every difference in the table (``**``).
+drawn extraction; ``*`` marks one that excludes 0.  With 8-12 scenes that interval is too narrow, so
+each difference also has a scene-level test (:func:`bas.core.stats.scene_test`: Wilcoxon's signed-rank
+test over its scene means, and a t-interval).  A claim **holds** only where its Holm-corrected bootstrap
+interval excludes 0 and the scene-level test agrees (the same side, Holm-corrected p < 0.05), Holm over
+the table and every sweep that belongs to it (:func:`correct_family`); a ``*`` alone is *suggestive*.
 
 A measured sweep is ``--variant NAME:KEY=VALUE,...`` (repeatable): one more ablation of ``bas
 run`` options (``plugins=a+b`` for plugins), compared with ``full`` or with the ablation or other
 variant that ``vs=`` names, on the same scenes and seeds, in the same ``--work`` as the runs it is
-paired with; ``--extraction-seeds 1`` makes a cheaper sweep that pairs with the first seed.
+paired with; ``--extraction-seeds 1`` makes a cheaper sweep that pairs with the first seed.  A sweep
+names its table with ``--belongs-to TABLE.json``: the table and all its sweeps are then corrected as one
+family and rewritten (``--holm-over TABLE.json SWEEP.json ...`` does that again from the files alone).
 
 Results go to ``benchmarks/results/fidelity-<date>.json`` with a grid per ablation beside it in
 ``benchmarks/results/fidelity-<date>/``; runs and images stay in ``--work`` (a temporary folder
