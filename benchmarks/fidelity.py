@@ -627,7 +627,8 @@ def cell(value: dict, difference: dict | None) -> str:
     if difference is None:
         return f"{text} [{value['low']:.2f}, {value['high']:.2f}]"
     mark = "*" if difference["significant"] else ""
-    word = f" **{difference['verdict']}**" if difference.get("verdict") == "holds" else f" {difference['verdict']}" if difference.get("verdict") else ""
+    said = difference.get("verdict", "")
+    word = " **holds**" if said == "holds" else f" {said}" if said else ""
     return f"{text} ({difference['mean']:+.2f} [{difference['low']:+.2f}, {difference['high']:+.2f}]{mark}{word})"
 
 
@@ -846,7 +847,8 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
                        "prompts": scene_groups[n]} for n in scene_names},
         "steps": list(steps), "extraction_seeds": extraction_seeds, "seeds": seeds, "sample_steps": sample_steps, "guidance": guidance,
         "attention_res": attention_res or "bas run's default", "learning_rates": learning_rates or "bas run's defaults", "options": extra,
-        "init_tokens": "each concept's shape word, or 'thing' for a shape no caption names", "prior_preservation": {"class_prompt": PRIOR_CLASS_PROMPT, "class_images": PRIOR_CLASS_IMAGES},
+        "init_tokens": "each concept's shape word, or 'thing' for a shape no caption names",
+        "prior_preservation": {"class_prompt": PRIOR_CLASS_PROMPT, "class_images": PRIOR_CLASS_IMAGES},
         "interval": f"95% hierarchical bootstrap ({resamples:,} resamples): scenes, then extraction seeds within each scene, then generation "
                     "seeds within each extraction; differences are paired by scene, extraction seed and generation seed",
         "rule": "a difference holds where its Holm-corrected hierarchical interval excludes 0 and the Wilcoxon signed-rank test over its "
@@ -949,7 +951,8 @@ RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_
 @click.option("--grids", type=click.Path(path_type=Path), default=None, help="Folder of the grid PNGs [default: --out without .json].")
 @click.option("--quiet", is_flag=True, help="No batch progress.")
 @click.option("--operating-point", "operating_point", type=click.Path(path_type=Path, dir_okay=False), default=OPERATING_POINT,
-              show_default="benchmarks/operating-point.json", help="The operating point's file, read by --scenes test, written by --choose-operating-point.")
+              show_default="benchmarks/operating-point.json",
+              help="The operating point's file, read by --scenes test, written by --choose-operating-point.")
 @click.option("--choose-operating-point", "tuning_result", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="TUNING_RESULT.json: write --operating-point from the settings given here (steps, learning rates, --attention-res, --set), "
                    "chosen on that tuning run, with the test scenes' seed drawn now; runs nothing.")
