@@ -170,7 +170,8 @@ def init_word(shape: str) -> str:
 # is itself drawn when the operating point is written (OPERATING_POINT), so no choice can have seen it.
 SCENE_DIR = Path(__file__).resolve().parent / "scenes"
 TUNING_SEED, TUNING_COUNT = 28_1207, 12
-TEST_COUNT = 12  # the default; the operating point may ask for more
+TEST_COUNT = 16  # the default (12 at least): with n scenes Wilcoxon's p is at least 2/2^n, and Holm asks 0.05/m of the
+# strongest of m claims, so 12 scenes can show nothing in a family of more than about 100 (16: about 1,600)
 SCENE_KINDS = ("touching", "box", "loose")  # a third each: touching objects (loose masks that overlap), box masks, loose masks
 # what identity words cannot give, each featured in turn by a scene's first object (the others draw theirs at random)
 FEATURES = ("colour", "cross", "diamond", "dotted", "inner")
@@ -635,11 +636,12 @@ def cell(value: dict, difference: dict | None) -> str:
 def markdown_table(stats: dict, ablations: list[Ablation]) -> str:
     """A row per ablation: each metric's mean, and (for all but a baseline) its paired difference with the 95% interval
     (``*``: it excludes 0) and the verdict (``holds`` / ``suggestive``, see :func:`correct_family`)."""
-    arrows = {m: "↓" if m in LOWER_IS_BETTER else "↑" for m in METRICS}
-    lines = ["| ablation | vs | " + " | ".join(f"{m} {arrows[m]}" for m in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    shown = [m for m in METRICS if all(m in stats[a.name] for a in ablations)]  # a file from before a metric existed has none of it
+    arrows = {m: "↓" if m in LOWER_IS_BETTER else "↑" for m in shown}
+    lines = ["| ablation | vs | " + " | ".join(f"{m} {arrows[m]}" for m in shown) + " |", "|---|---|" + "---|" * len(shown)]
     for a in ablations:
         row = stats[a.name]
-        lines.append(f"| {a.name} | {a.baseline or ''} | " + " | ".join(cell(row[m]["value"], row[m].get("difference")) for m in METRICS) + " |")
+        lines.append(f"| {a.name} | {a.baseline or ''} | " + " | ".join(cell(row[m]["value"], row[m].get("difference")) for m in shown) + " |")
     return "\n".join(lines)
 
 

@@ -400,6 +400,18 @@ def test_a_family_spans_a_table_and_its_sweeps(tmp_path):
     assert result.exit_code == 2 and "without --holm-over" in result.output
 
 
+def test_a_result_from_before_swap_and_count_is_corrected_and_tabled_with_the_metrics_it_has(tmp_path):
+    values, ablations = one_metric_table({"claim": list(np.linspace(0.05, 0.16, 12))})
+    for row in values.values():
+        del row["swap"], row["count"]
+    old = tmp_path / "v2.json"
+    write_result(old, values, ablations)
+    assert fidelity.holm_over(old, [], log=lambda m: None) == len(fidelity.METRICS) - 2
+    saved = json.loads(old.read_text())
+    assert "swap" not in saved["table"] and "identity ↑" in saved["table"] and saved["table"].count("|---") == 2 + len(fidelity.METRICS) - 2
+    assert saved["stats"]["claim"]["identity"]["difference"]["verdict"] == "holds"
+
+
 def test_p_value_never_reaches_zero_with_finite_resamples():
     s = nested_summary(np.full((4, 2, 2), 1.0), resamples=999)
     assert s["p"] == pytest.approx(2 / 1000)
