@@ -1,15 +1,22 @@
-"""Fidelity of extraction on bas-mini: the paper's ablations and more, with paired bootstrap intervals.
+"""Fidelity of extraction on bas-mini: the paper's ablations and more, with paired intervals and a scene-level test.
 
-``python -m benchmarks.fidelity --jobs 2`` draws the scenes of :data:`SCENES` (two to four
-objects each in colours or textures no bas-mini caption names; some touching, some with box
-masks that take in background), extracts every scene once per ablation and extraction seed
-through ``bas batch``'s Python API (``--jobs`` worker processes), then scores every run with
-``bas eval``'s Python API and the ``bas-mini`` evaluator, which reads each generated image back
-from its pixels (``bas/plugins/bas_mini.py``).  Per run, the prompts are:
+``python -m benchmarks.fidelity --jobs 2`` takes a scene set (``--scenes``): ``tuning``, 12 scenes drawn
+from a fixed seed and recorded in ``benchmarks/scenes/tuning.json``, where the operating point is chosen;
+``test``, drawn from a seed that ``--choose-operating-point`` draws when it records the operating point
+(``benchmarks/operating-point.json``), and run only at that point's settings; ``v2``, bas-mini v2's 8
+hand-made scenes (:data:`SCENES`).  A drawn set has two to four objects per scene, a third of its scenes
+touching, a third with box masks (that take in background), the rest with loose masks; every concept has
+something no caption names (an unnamed colour, the cross or diamond shape, the dotted texture, a core of
+a second colour), and every second scene two neighbours that can entangle (similar colours such as orange
+beside red, or the same shape side by side).  It extracts every scene once per ablation and extraction
+seed through ``bas batch``'s Python API (``--jobs`` worker processes), then scores every run with ``bas
+eval``'s Python API and the ``bas-mini`` evaluator, which reads each generated image back from its
+pixels (``bas/plugins/bas_mini.py``).  Per run, the prompts are:
 
-* ``a photo of <assetK>`` for each concept: *identity* (an object of K's colour with K's shape and
-  texture; its parts in the JSON) and *leakage* (the share of the other concepts whose colour
-  shows, lower is better);
+* ``a photo of <assetK>`` for each concept: *identity* (an object of K's colour with K's shape, texture and
+  core; its parts in the JSON), *leakage* (the share of the other concepts whose colour shows, lower is
+  better), *swap* (K's colour nowhere but another concept's drawn: K drawn in its neighbour's colour, lower
+  is better) and *count* (exactly one object drawn);
 * ``a photo of <asset0> and <asset1> ...``: *composition*, the share of the concepts shown;
 * ``a photo of <assetK> on a {colour} background`` for two colours other than the input's:
   *adherence* (that background) and *entanglement* (the share of the image's pixels in the input's
@@ -20,13 +27,18 @@ from its baseline (``full``, or ``full-finetune`` for the full fine-tune's varia
 one difference per scene, extraction seed and generation seed, each the mean over the prompts of
 its group.  Its 95% interval is the hierarchical bootstrap (:func:`bas.core.stats.nested_summary`):
 resample scenes, then extraction seeds within each drawn scene, then generation seeds within each
-drawn extraction.  The table marks a difference whose interval excludes 0 (``*``) and one that
-also survives the Holm-Bonferroni correction over every difference in the table (``**``).
+drawn extraction; ``*`` marks one that excludes 0.  With 8-12 scenes that interval is too narrow, so
+each difference also has a scene-level test (:func:`bas.core.stats.scene_test`: Wilcoxon's signed-rank
+test over its scene means, and a t-interval).  A claim **holds** only where its Holm-corrected bootstrap
+interval excludes 0 and the scene-level test agrees (the same side, Holm-corrected p < 0.05), Holm over
+the table and every sweep that belongs to it (:func:`correct_family`); a ``*`` alone is *suggestive*.
 
 A measured sweep is ``--variant NAME:KEY=VALUE,...`` (repeatable): one more ablation of ``bas
 run`` options (``plugins=a+b`` for plugins), compared with ``full`` or with the ablation or other
 variant that ``vs=`` names, on the same scenes and seeds, in the same ``--work`` as the runs it is
-paired with; ``--extraction-seeds 1`` makes a cheaper sweep that pairs with the first seed.
+paired with; ``--extraction-seeds 1`` makes a cheaper sweep that pairs with the first seed.  A sweep
+names its table with ``--belongs-to TABLE.json``: the table and all its sweeps are then corrected as one
+family and rewritten (``--holm-over TABLE.json SWEEP.json ...`` does that again from the files alone).
 
 Results go to ``benchmarks/results/fidelity-<date>.json`` with a grid per ablation beside it in
 ``benchmarks/results/fidelity-<date>/``; runs and images stay in ``--work`` (a temporary folder
@@ -56,13 +68,14 @@ from bas.mini import world
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKGROUND_CHOICES = ("yellow", "green", "blue")  # the first two that differ from the input's are asked for
-METRICS = ("identity", "composition", "adherence", "leakage", "entanglement", "prior")
-IDENTITY_PARTS = ("identity_colour", "identity_shape", "identity_texture")
-LOWER_IS_BETTER = {"leakage", "entanglement"}
+METRICS = ("identity", "composition", "adherence", "leakage", "swap", "count", "entanglement", "prior")
+IDENTITY_PARTS = ("identity_colour", "identity_shape", "identity_texture", "identity_core")
+LOWER_IS_BETTER = {"leakage", "swap", "entanglement"}
 # each benchmark metric: the prompt group it is averaged over (the evaluator scores more images than that, e.g. identity
 # on "<asset0> on a yellow background" too; the benchmark keeps each metric to the prompts made for it)
-METRIC_GROUP = {"identity": "identity", "leakage": "identity", "composition": "composition", "adherence": "background",
-                "entanglement": "background", "prior": "prior", **{m: "identity" for m in IDENTITY_PARTS}}
+METRIC_GROUP = {"identity": "identity", "leakage": "identity", "swap": "identity", "count": "identity", "composition": "composition",
+                "adherence": "background", "entanglement": "background", "prior": "prior", **{m: "identity" for m in IDENTITY_PARTS}}
+ALPHA = 0.05  # the family-wise error rate of the claims a table makes
 # captions without handles that bas-mini draws (its base quality): does extraction keep what the model could do?
 PRIOR_PROMPTS = ("a photo of a red circle on a blue background", "a photo of a green striped square on a grey background",
                  "a photo of a yellow triangle and a blue square on a black background", "a photo of a blue striped triangle on a yellow background")
@@ -73,20 +86,31 @@ PRIOR_CLASS_IMAGES = 100  # the reference code's count
 # -- scenes ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BenchScene:
-    """A scene of the benchmark: background, objects ``(colour, shape, texture, box)`` and the kind of masks.
+    """A scene of the benchmark: background, objects ``(colour, shape, texture, box[, inner])`` and the kind of masks.
 
     ``masks="loose"``: each object's exact mask grown by 2 px and blurred (a careful hand-made mask);
     ``"box"``: the object's bounding box grown by 2 px (a rough rectangle, which takes in background,
-    so a concept can learn its surroundings).
+    so a concept can learn its surroundings).  ``inner``: the colour of a two-colour object's core.
     """
 
     background: str
-    objects: tuple[tuple[str, str, str, tuple[int, int, int, int]], ...]
+    objects: tuple[tuple, ...]
     masks: str = "loose"
     note: str = ""
 
     def scene(self) -> world.Scene:
-        return world.Scene(self.background, [world.Shape(c, s, t, box) for c, s, t, box in self.objects])
+        return world.Scene(self.background, [world.Shape(*o) for o in self.objects])
+
+    def info(self) -> dict:
+        """What a result file and ``scene.json`` record of it: enough to draw it again."""
+        return {"background": self.background, "masks": self.masks, "note": self.note,
+                "objects": [{"colour": o.colour, "shape": o.shape, "texture": o.texture, "box": list(o.box), "inner": o.inner}
+                            for o in self.scene().objects]}
+
+    @classmethod
+    def from_info(cls, info: dict) -> "BenchScene":
+        return cls(info["background"], tuple((o["colour"], o["shape"], o["texture"], tuple(o["box"]), o.get("inner")) for o in info["objects"]),
+                   info.get("masks", "loose"), info.get("note", ""))
 
 
 SCENES: dict[str, BenchScene] = {
@@ -115,20 +139,186 @@ def box_mask(box, grow: int = 2, size: int = world.SIZE) -> Image.Image:
     return mask.filter(ImageFilter.GaussianBlur(0.7))
 
 
+def scene_images(bench: BenchScene) -> tuple[Image.Image, list[Image.Image]]:
+    """The scene's image and its masks, one per object in order (loose or box, as the scene says)."""
+    scene = bench.scene()
+    image, masks = world.render(scene)
+    return image, [world.loose_mask(m) if bench.masks == "loose" else box_mask(o.box) for m, o in zip(masks, scene.objects)]
+
+
 def write_scene(directory: Path, bench: BenchScene) -> Path:
     """``img.png``, ``mask0.png``, ... (handles in the order of :attr:`BenchScene.objects`) and ``scene.json``."""
     from bas.core import io
 
     directory = Path(directory)
-    scene = bench.scene()
-    image, masks = world.render(scene)
+    image, masks = scene_images(bench)
     io.save_image(directory / "img.png", image)
-    for i, (mask, obj) in enumerate(zip(masks, scene.objects)):
-        io.save_image(directory / f"mask{i}.png", world.loose_mask(mask) if bench.masks == "loose" else box_mask(obj.box))
-    info = {"background": scene.background, "masks": bench.masks, "note": bench.note,
-            "objects": [{"colour": o.colour, "shape": o.shape, "texture": o.texture, "box": list(o.box)} for o in scene.objects]}
-    io.write_json(directory / "scene.json", info)
+    for i, mask in enumerate(masks):
+        io.save_image(directory / f"mask{i}.png", mask)
+    io.write_json(directory / "scene.json", bench.info())
     return directory
+
+
+def init_word(shape: str) -> str:
+    """The word a handle starts from: its object's shape word, or "thing" for a shape no caption names (as captions say)."""
+    return shape if shape in world.SHAPES else "thing"
+
+
+# -- drawn scene sets -----------------------------------------------------------------------------
+# Two disjoint sets drawn by one procedure: `tuning`, on which the operating point (learning rates, steps, the
+# attention loss's side and weight) is chosen, recorded in SCENE_FILES["tuning"]; and `test`, drawn from a seed that
+# is itself drawn when the operating point is written (OPERATING_POINT), so no choice can have seen it.
+SCENE_DIR = Path(__file__).resolve().parent / "scenes"
+TUNING_SEED, TUNING_COUNT = 28_1207, 12
+TEST_COUNT = 16  # the default (12 at least): with n scenes Wilcoxon's p is at least 2/2^n, and Holm asks 0.05/m of the
+# strongest of m claims, so 12 scenes can show nothing in a family of more than about 100 (16: about 1,600)
+SCENE_KINDS = ("touching", "box", "loose")  # a third each: touching objects (loose masks that overlap), box masks, loose masks
+# what identity words cannot give, each featured in turn by a scene's first object (the others draw theirs at random)
+FEATURES = ("colour", "cross", "diamond", "dotted", "inner")
+# neighbours a concept can be confused with: colours close to each other (in every fourth scene, the first two objects;
+# every fourth scene from the third has two objects of one shape)
+SIMILAR_COLOURS = (("orange", "red"), ("orange", "yellow"), ("pink", "purple"), ("cyan", "blue"))
+OPERATING_POINT = Path(__file__).resolve().parent / "operating-point.json"
+
+
+def draw_object(rng, feature: str | None, colour: str, shape: str | None, taken: set[str]) -> tuple:
+    """``(colour, shape, texture, inner)`` of one concept with at least one attribute no caption names
+    (``feature`` if given, else its colour's or one drawn); ``taken``: colours no core may have."""
+    named_colour = colour in world.COLOURS
+    if feature is None and named_colour:
+        feature = rng.choice(FEATURES[1:])
+    if shape is None:
+        shape = feature if feature in world.NOVEL_SHAPES else rng.choice(world.NOVEL_SHAPES) if rng.random() < 0.3 else rng.choice(world.SHAPES)
+    texture = "dotted" if feature == "dotted" else rng.choice(("plain", "plain", "striped", "dotted"))
+    if feature == "inner":
+        texture = "plain"
+    inner = None
+    if texture == "plain" and (feature == "inner" or rng.random() < 0.3):
+        spare = [c for c in world.COLOURS + world.NOVEL_COLOURS if c not in taken and c != colour]
+        inner = rng.choice(spare) if spare else None
+    if named_colour and shape in world.SHAPES and texture != "dotted" and inner is None:  # nothing unnamed left: make the shape one
+        shape = rng.choice(world.NOVEL_SHAPES)
+    return colour, shape, texture, inner
+
+
+def draw_scene(rng, index: int) -> BenchScene:
+    """The ``index``-th scene of a set: its kind (:data:`SCENE_KINDS`), two to four objects in turn, a featured
+    unnamed attribute (:data:`FEATURES`), and in every second scene two neighbours that can entangle (similar
+    colours, or the same shape side by side).  Drawn until the pixel reader reads it back exactly (every
+    object's colour, shape, texture and core) and its masks pick out their own objects."""
+    from bas.plugins.bas_mini import read_concepts
+
+    kind = SCENE_KINDS[index % len(SCENE_KINDS)]
+    count = (2, 3, 4)[(index // len(SCENE_KINDS)) % 3]
+    feature = FEATURES[index % len(FEATURES)]
+    similar = SIMILAR_COLOURS[(index // 4) % len(SIMILAR_COLOURS)] if index % 4 == 0 else None
+    same_shape = index % 4 == 2
+    for _ in range(500):
+        colours = list(rng.sample(similar, 2)) if similar else []
+        pool = [c for c in world.COLOURS + world.NOVEL_COLOURS if c not in colours]
+        colours += rng.sample(pool, count - len(colours))
+        if feature == "colour" and colours[0] in world.COLOURS:
+            continue
+        taken = set(colours)
+        objects = []
+        for i, colour in enumerate(colours):
+            shape = objects[0][1] if same_shape and i == 1 else None
+            obj = draw_object(rng, feature if i == 0 else None, colour, shape, taken)
+            taken |= {obj[3]} - {None}
+            objects.append(obj)
+        backgrounds = [b for b in world.BACKGROUNDS if b not in taken]
+        if not backgrounds:
+            continue
+        background = rng.choice(backgrounds)
+        boxes = world.touching_boxes(rng, count) if kind == "touching" else world.place_boxes(rng, count)
+        if boxes is None:
+            continue
+        traits = [kind] + ([f"{similar[0]} beside {similar[1]}"] if similar else []) + (["the same shape side by side"] if same_shape else [])
+        bench = BenchScene(background, tuple((*o[:3], tuple(box), o[3]) for o, box in zip(objects, boxes)),
+                           masks="box" if kind == "box" else "loose", note=", ".join(traits))
+        if reads_back(bench, read_concepts):
+            return bench
+    raise RuntimeError(f"no readable scene {index} in 500 draws")
+
+
+def reads_back(bench: BenchScene, read_concepts) -> bool:
+    """Whether the pixel reader reads the scene exactly (each object's colour, shape, texture, core and box within a
+    pixel) and each mask names its own object (what the evaluator needs)."""
+    from bas.mini import metrics
+
+    image, masks = scene_images(bench)
+    reading = metrics.read_image(image)
+    objects = bench.scene().objects
+    if reading.background != bench.background or len(reading.objects) != len(objects):
+        return False
+    for o in objects:
+        found = reading.find(colour=o.colour)
+        if found is None or (found.shape, found.texture, found.inner) != (o.shape, o.texture, o.inner):
+            return False
+        if max(abs(a - b) for a, b in zip(found.box, o.box)) > 1:  # where it is, too: touching objects split right
+            return False
+    try:
+        _, concepts = read_concepts(image, [np.asarray(m, dtype=np.float32) / 255 for m in masks])
+    except Exception:  # a mask that covers no object: not a scene the evaluator can score
+        return False
+    return [(c.colour, c.shape, c.texture, c.inner) for c in concepts] == [(o.colour, o.shape, o.texture, o.inner) for o in objects]
+
+
+def draw_scenes(seed: int, count: int, prefix: str, exclude: dict[str, BenchScene] | None = None) -> dict[str, BenchScene]:
+    """``count`` scenes named ``PREFIX-NN-KIND`` drawn from ``seed`` (see :func:`draw_scene`); none equal to a scene of ``exclude``."""
+    import random
+
+    rng = random.Random(seed)
+    seen = {(b.background, b.objects) for b in (exclude or {}).values()}
+    scenes: dict[str, BenchScene] = {}
+    while len(scenes) < count:
+        bench = draw_scene(rng, len(scenes))
+        if (bench.background, bench.objects) not in seen:
+            scenes[f"{prefix}-{len(scenes):02d}-{SCENE_KINDS[len(scenes) % len(SCENE_KINDS)]}"] = bench
+    return scenes
+
+
+def recorded_scenes(path: Path) -> dict[str, BenchScene]:
+    data = json.loads(Path(path).read_text())
+    return {name: BenchScene.from_info(info) for name, info in data["scenes"].items()}
+
+
+def record_scenes(path: Path, name: str, seed: int, scenes: dict[str, BenchScene]) -> None:
+    from bas.core import io
+
+    io.write_json(path, {"set": name, "seed": seed, "drawn_by": "benchmarks.fidelity.draw_scenes", "scenes": {n: b.info() for n, b in scenes.items()}})
+
+
+def load_operating_point(path: Path = OPERATING_POINT) -> dict:
+    """The operating point chosen on the tuning scenes (see :func:`choose_operating_point`), or a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise click.ClickException(f"{path} does not exist: the test scenes are drawn only after the operating point is chosen on the tuning "
+                                   f"scenes; write it with `python -m benchmarks.fidelity --choose-operating-point RESULT.json` and bas run's "
+                                   f"options as chosen, then run --scenes test.")
+    try:
+        point = json.loads(path.read_text())
+        int(point["test_seed"]), int(point["test_scenes"]), point["chosen"], point["settings"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"{path} is not an operating point written by --choose-operating-point ({exc!r}); write it again.") from None
+    return point
+
+
+def scene_set(name: str, operating_point: Path = OPERATING_POINT) -> tuple[dict[str, BenchScene], dict]:
+    """The scenes of a set and what the result file records of how they were drawn."""
+    if name == "v2":
+        return SCENES, {"name": "v2", "drawn": "by hand (bas-mini v2's benchmark)"}
+    tuning = recorded_scenes(SCENE_DIR / "tuning.json")
+    if name == "tuning":
+        return tuning, {"name": "tuning", "seed": TUNING_SEED, "recorded": "benchmarks/scenes/tuning.json"}
+    if name == "test":
+        point = load_operating_point(operating_point)
+        scenes = draw_scenes(int(point["test_seed"]), int(point["test_scenes"]), "test", exclude=tuning)
+        return scenes, {"name": "test", "seed": int(point["test_seed"]), "drawn_after": f"the operating point chosen {point['chosen']}"}
+    raise click.BadParameter(f"no scene set {name!r}; use one of {', '.join(SCENE_SETS)}")
+
+
+SCENE_SETS = ("tuning", "test", "v2")
 
 
 def asked_backgrounds(background: str) -> list[str]:
@@ -257,7 +447,7 @@ def batch_lines(scenes: dict[str, Path], ablations: list[Ablation], extraction_s
             masks = sorted(folder.glob("mask*.png"), key=lambda p: int(p.stem[4:]))
             for seed in extraction_seeds:
                 line = {"name": run_name(name, ablation.name, seed), "image": str(folder / "img.png"), "masks": [str(m) for m in masks],
-                        "init_tokens": [o["shape"] for o in info["objects"]], "seed": seed, "plugins": list(ablation.plugins)}
+                        "init_tokens": [init_word(o["shape"]) for o in info["objects"]], "seed": seed, "plugins": list(ablation.plugins)}
                 line.update(strategy_rates(ablation, learning_rates))
                 line.update(options)
                 line.update(ablation.options)
@@ -366,10 +556,20 @@ def collect(evals: Path, scene_groups: dict[str, dict], ablations: list[Ablation
     return values
 
 
-def statistics(values: dict[str, dict[str, np.ndarray]], ablations: list[Ablation], resamples: int = 10_000) -> dict:
-    """Per ablation and metric: the mean with its interval, and the paired difference from the baseline with its
-    interval, p-value and significance (95% interval excluding 0; Holm-Bonferroni over the whole table)."""
-    from bas.core.stats import holm, nested_summary
+def statistics(values: dict[str, dict[str, np.ndarray]], ablations: list[Ablation], resamples: int = 10_000, label: str = "this table") -> dict:
+    """Per ablation and metric: the mean with its interval, and the paired difference from the baseline with its 95%
+    interval, p-value, scene-level test and verdict, the table corrected as a family of its own (:func:`correct_family`
+    corrects a table together with its sweeps)."""
+    stats = differences(values, ablations, resamples)
+    correct_family([(stats, values, {a.name: a.baseline for a in ablations})], [label], resamples)
+    return stats
+
+
+def differences(values: dict[str, dict[str, np.ndarray]], ablations: list[Ablation], resamples: int = 10_000) -> dict:
+    """Per ablation and metric: ``{"value": ..., "difference": ...}``, each difference paired by scene, extraction seed
+    and generation seed: its 95% hierarchical bootstrap (``significant``: the interval excludes 0, a ``*``) and the
+    scene-level test of its scene means (``scene``: :func:`bas.core.stats.scene_test`)."""
+    from bas.core.stats import nested_summary, scene_test
 
     result: dict[str, dict] = {}
     for a in ablations:
@@ -377,33 +577,163 @@ def statistics(values: dict[str, dict[str, np.ndarray]], ablations: list[Ablatio
         for m, x in values[a.name].items():
             entry = {"value": nested_summary(x, resamples=resamples)}
             if a.baseline:
-                d = nested_summary(x - values[a.baseline][m], resamples=resamples)
-                d["significant"] = bool(d["low"] > 0 or d["high"] < 0)
-                entry["difference"] = d
+                d = x - values[a.baseline][m]
+                entry["difference"] = nested_summary(d, resamples=resamples)
+                entry["difference"]["significant"] = bool(entry["difference"]["low"] > 0 or entry["difference"]["high"] < 0)
+                entry["difference"]["scene"] = scene_test(d)
             row[m] = entry
         result[a.name] = row
-    tested = [(a, m) for a in result for m in METRICS if "difference" in result[a][m]]
-    for (a, m), survives in zip(tested, holm([result[a][m]["difference"]["p"] for a, m in tested])):
-        result[a][m]["difference"]["holm"] = bool(survives)
     return result
+
+
+def correct_family(tables: list[tuple[dict, dict, dict]], labels: list[str], resamples: int = 10_000) -> int:
+    """Holm over every difference of the table's metrics in ``tables`` (a table and its sweeps: ``(stats, values,
+    baselines)`` each), in place: per difference, ``holm`` (the family, the Holm-adjusted p-values of the bootstrap
+    and of the scene-level test, and both intervals at Holm's confidence for its rank: the i-th smallest p of m at
+    ``1 - ALPHA / (m - i + 1)``) and ``verdict``: ``holds`` where the corrected bootstrap interval excludes 0 (adjusted
+    p < ALPHA) and the scene-level test agrees (the same side, adjusted p < ALPHA); ``suggestive`` where only the
+    uncorrected 95% interval excludes 0 (a ``*``); ``""`` otherwise.  Returns the family's size."""
+    from bas.core.stats import holm_adjusted, holm_confidences, nested_summary, scene_test
+
+    tested = []  # (difference entry, paired differences)
+    for stats, values, baselines in tables:
+        for a, row in stats.items():
+            for m in METRICS:
+                if m in row and "difference" in row[m]:
+                    tested.append((row[m]["difference"], values[a][m] - values[baselines[a]][m]))
+    boot_p, scene_p = [d["p"] for d, _ in tested], [d["scene"]["p"] for d, _ in tested]
+    boot_adjusted, boot_confidence = holm_adjusted(boot_p), holm_confidences(boot_p, ALPHA)
+    scene_adjusted, scene_confidence = holm_adjusted(scene_p), holm_confidences(scene_p, ALPHA)
+    for i, (d, x) in enumerate(tested):
+        boot = nested_summary(x, confidence=boot_confidence[i], resamples=resamples)
+        scene = scene_test(x, confidence=scene_confidence[i])
+        d["holm"] = {"family": len(tested), "files": list(labels), "p": boot_adjusted[i], "confidence": boot_confidence[i],
+                     "low": boot["low"], "high": boot["high"], "scene_p": scene_adjusted[i], "scene_confidence": scene_confidence[i],
+                     "scene_low": scene["low"], "scene_high": scene["high"]}
+        d["verdict"] = verdict(d)
+    return len(tested)
+
+
+def verdict(difference: dict) -> str:
+    """``holds``, ``suggestive`` or ``""`` for a difference that :func:`correct_family` corrected (see there)."""
+    h = difference["holm"]
+    side = 1 if h["low"] > 0 else -1 if h["high"] < 0 else 0
+    bootstrap = side != 0 and h["p"] < ALPHA
+    scene = h["scene_p"] < ALPHA and difference["scene"]["direction"] == side
+    return "holds" if bootstrap and scene else "suggestive" if difference["significant"] else ""
 
 
 def cell(value: dict, difference: dict | None) -> str:
     text = f"{value['mean']:.2f}"
     if difference is None:
         return f"{text} [{value['low']:.2f}, {value['high']:.2f}]"
-    mark = "**" if difference.get("holm") else "*" if difference["significant"] else ""
-    return f"{text} ({difference['mean']:+.2f} [{difference['low']:+.2f}, {difference['high']:+.2f}]{mark})"
+    mark = "*" if difference["significant"] else ""
+    said = difference.get("verdict", "")
+    word = " **holds**" if said == "holds" else f" {said}" if said else ""
+    return f"{text} ({difference['mean']:+.2f} [{difference['low']:+.2f}, {difference['high']:+.2f}]{mark}{word})"
 
 
 def markdown_table(stats: dict, ablations: list[Ablation]) -> str:
-    """A row per ablation: each metric's mean, and (for all but a baseline) its paired difference with the 95% interval."""
-    arrows = {m: "↓" if m in LOWER_IS_BETTER else "↑" for m in METRICS}
-    lines = ["| ablation | vs | " + " | ".join(f"{m} {arrows[m]}" for m in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    """A row per ablation: each metric's mean, and (for all but a baseline) its paired difference with the 95% interval
+    (``*``: it excludes 0) and the verdict (``holds`` / ``suggestive``, see :func:`correct_family`)."""
+    shown = [m for m in METRICS if all(m in stats[a.name] for a in ablations)]  # a file from before a metric existed has none of it
+    arrows = {m: "↓" if m in LOWER_IS_BETTER else "↑" for m in shown}
+    lines = ["| ablation | vs | " + " | ".join(f"{m} {arrows[m]}" for m in shown) + " |", "|---|---|" + "---|" * len(shown)]
     for a in ablations:
         row = stats[a.name]
-        lines.append(f"| {a.name} | {a.baseline or ''} | " + " | ".join(cell(row[m]["value"], row[m].get("difference")) for m in METRICS) + " |")
+        lines.append(f"| {a.name} | {a.baseline or ''} | " + " | ".join(cell(row[m]["value"], row[m].get("difference")) for m in shown) + " |")
     return "\n".join(lines)
+
+
+# -- a table and its sweeps, corrected together ---------------------------------------------------
+def load_result(path: Path) -> dict:
+    try:
+        result = json.loads(Path(path).read_text())
+        result["ablations"], result["stats"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"{path} is not a result of benchmarks/fidelity.py ({exc}); give the JSON files it wrote.") from None
+    return result
+
+
+def ablations_record(ablations: list[Ablation], values: dict[str, dict[str, np.ndarray]]) -> dict:
+    """What a result file keeps of each ablation: what it is, its baseline and every value, so its statistics recompute."""
+    return {a.name: {"what": a.what, "plugins": a.plugins, "options": a.options, "baseline": a.baseline,
+                     "values": {m: v.tolist() for m, v in values[a.name].items()}} for a in ablations}
+
+
+def result_ablations(result: dict) -> list[Ablation]:
+    return [Ablation(name, info.get("what", ""), list(info.get("plugins", [])), dict(info.get("options", {})), info.get("baseline"))
+            for name, info in result["ablations"].items()]
+
+
+def result_values(result: dict) -> dict[str, dict[str, np.ndarray]]:
+    return {name: {m: np.asarray(v, dtype=np.float64) for m, v in info["values"].items()} for name, info in result["ablations"].items()}
+
+
+def belongs_to(path: Path, result: dict) -> Path | None:
+    """The table a sweep file belongs to (its ``belongs_to``, relative to the sweep's folder), or None for a table."""
+    name = result.get("belongs_to")
+    return (Path(path).parent / name).resolve() if name else None
+
+
+def holm_over(table: Path, sweeps: list[Path], log=print) -> int:
+    """Recompute the statistics of a table and of every sweep that belongs to it from their values, correct them as one
+    Holm family, and rewrite each file's ``stats``, ``holm_family`` and ``table``.  Every sweep must name ``table`` as the
+    table it belongs to, and every file beside the given ones that names it must be given.  Returns the family's size."""
+    from bas.core import io
+
+    table = Path(table).resolve()
+    sweeps = [Path(s).resolve() for s in sweeps]
+    results = {table: load_result(table)}
+    if results[table].get("belongs_to"):
+        raise click.ClickException(f"{table} is a sweep of {results[table]['belongs_to']}, not a table; give that table first.")
+    for sweep in sweeps:
+        results[sweep] = load_result(sweep)
+        owner = belongs_to(sweep, results[sweep])
+        if owner != table:
+            raise click.ClickException(f"{sweep} belongs to {owner or 'no table (it is a table itself)'}, not to {table}; give only the "
+                                       f"sweeps of {table.name} (run a sweep with --belongs-to {table.name}).")
+    missing = [p for p in sweeps_of(table) if p not in results]
+    if missing:
+        raise click.ClickException(f"{missing[0]} is a sweep of {table.name} too; give every sweep of a table, so the family is whole.")
+    scene_sets = {p: (r.get("scene_set") or {}).get("name", "v2") for p, r in results.items()}
+    if len(set(scene_sets.values())) > 1:
+        raise click.ClickException(f"the files ran on different scene sets ({', '.join(f'{p.name}: {n}' for p, n in scene_sets.items())}); "
+                                   f"a sweep belongs to a table of its own scenes.")
+    tables, labels = [], [p.name for p in results]
+    for path, result in results.items():
+        ablations = result_ablations(result)
+        values = result_values(result)
+        result["stats"] = differences(values, ablations, int(result.get("resamples", 10_000)))
+        tables.append((result["stats"], values, {a.name: a.baseline for a in ablations}))
+    size = correct_family(tables, labels, int(results[table].get("resamples", 10_000)))
+    for path, result in results.items():
+        result["holm_family"] = {"files": labels, "size": size}
+        result["table"] = markdown_table(result["stats"], result_ablations(result))
+        io.write_json(path, result)
+        log(f"{path.name}: {sum(d['verdict'] == 'holds' for d in iter_differences(result['stats']))} of the family's {size} claims hold here")
+    return size
+
+
+def iter_differences(stats: dict):
+    for row in stats.values():
+        for m in METRICS:
+            if m in row and "difference" in row[m]:
+                yield row[m]["difference"]
+
+
+def sweeps_of(table: Path) -> list[Path]:
+    """The files beside ``table`` that name it as the table they belong to."""
+    table = Path(table).resolve()
+    found = []
+    for other in sorted(table.parent.glob("*.json")):
+        try:
+            data = json.loads(other.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("belongs_to") and belongs_to(other, data) == table:
+            found.append(other.resolve())
+    return found
 
 
 # -- pictures -------------------------------------------------------------------------------------
@@ -439,24 +769,45 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
                   steps: tuple[int, int] = (200, 200), extraction_seeds: list[int] | None = None, seeds: list[int] | None = None,
                   sample_steps: int = 25, guidance: float = 7.5, attention_res: int | None = None, learning_rates: dict | None = None,
                   options: dict | None = None, jobs: int = 1, work: Path | None = None, grids: Path | None = None,
-                  resamples: int = 10_000, quiet: bool = True, log=print) -> dict:
-    """Every chosen ablation on every scene and extraction seed; writes ``out`` (JSON) and a grid PNG per ablation."""
+                  resamples: int = 10_000, quiet: bool = True, scene_set_name: str = "tuning", table: Path | None = None,
+                  operating_point: Path = OPERATING_POINT, log=print) -> dict:
+    """Every chosen ablation on every scene (of the set ``scene_set_name``, all or the ``scenes`` named) and extraction
+    seed; writes ``out`` (JSON) and a grid PNG per ablation.  ``table``: the result file this run is a sweep of (its
+    claims are then corrected together with the table's and every other sweep's, and all of them rewritten).
+    The ``test`` set runs only at the operating point (``operating_point``'s settings)."""
     t_start = time.perf_counter()
-    scene_names = scenes or list(SCENES)
+    out = Path(out)
+    learning_rates = dict(learning_rates or {})
+    extra = dict(options or {})
+    bench_scenes, scene_record = scene_set(scene_set_name, operating_point)
+    point = None
+    if scene_set_name == "test":
+        point = load_operating_point(operating_point)
+        given = {"steps": list(steps), "learning_rates": learning_rates, "attention_res": attention_res, "options": extra}
+        if given != point["settings"]:
+            raise click.ClickException(f"the test scenes run at the operating point chosen {point['chosen']} ({operating_point}): "
+                                       f"{json.dumps(point['settings'])}, not {json.dumps(given)}; leave those options out.")
+    unknown = [n for n in scenes or () if n not in bench_scenes]
+    if unknown:
+        raise click.ClickException(f"no scene {unknown[0]!r} in the {scene_set_name} set; its scenes: {', '.join(bench_scenes)}.")
+    if table is not None:
+        table = Path(table).resolve()
+        if table == out.resolve():
+            raise click.ClickException(f"--belongs-to names the file this run writes, {out}; name the table it is a sweep of.")
+        if load_result(table).get("belongs_to"):
+            raise click.ClickException(f"{table} is itself a sweep; a sweep belongs to the table it extends, the file without --belongs-to.")
+    scene_names = list(scenes or bench_scenes)
     chosen = with_baselines(ablations, variants)
     extraction_seeds = extraction_seeds if extraction_seeds is not None else [0, 1, 2]
     seeds = seeds if seeds is not None else [0, 1, 2, 3]
-    out = Path(out)
     grids = Path(grids) if grids else out.with_suffix("")
-    learning_rates = dict(learning_rates or {})
     common = {"model": model, "phase1_steps": steps[0], "phase2_steps": steps[1], "device": "cpu", "quiet": True}
     if attention_res:
         common["attention_res"] = attention_res
-    extra = dict(options or {})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work or tmp).resolve()
-        scene_dirs = {name: write_scene(work / "scenes" / name, SCENES[name]) for name in scene_names}
-        scene_groups = {name: prompt_groups(len(SCENES[name].objects), SCENES[name].background) for name in scene_names}
+        scene_dirs = {name: write_scene(work / "scenes" / name, bench_scenes[name]) for name in scene_names}
+        scene_groups = {name: prompt_groups(len(bench_scenes[name].objects), bench_scenes[name].background) for name in scene_names}
         prompt_files = {}
         for name, groups in scene_groups.items():
             prompt_files[name] = work / "prompts" / f"{name}.txt"
@@ -479,7 +830,7 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
         run_evaluations(names, work / "runs", work / "eval", prompt_files, eval_settings(seeds, sample_steps, guidance), jobs, log)
         times["evaluation_s"] = round(time.perf_counter() - t, 1)
         values = collect(work / "eval", scene_groups, chosen, extraction_seeds, seeds)
-        stats = statistics(values, chosen, resamples=resamples)
+        stats = statistics(values, chosen, resamples=resamples, label=out.name)
         from bas.core import io
 
         for a in chosen:
@@ -493,23 +844,33 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
     result = {
         "date": datetime.date.today().isoformat(), "git": git_revision(), "model": model, "jobs": jobs,
         "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-        "scenes": {n: {"background": SCENES[n].background, "masks": SCENES[n].masks, "note": SCENES[n].note,
-                       "objects": [f"{c} {t} {s}" for c, s, t, _ in SCENES[n].objects], "prompts": scene_groups[n]} for n in scene_names},
+        "scene_set": scene_record, "operating_point": point,
+        "scenes": {n: {**bench_scenes[n].info(), "described": [o.describe() for o in bench_scenes[n].scene().objects],
+                       "prompts": scene_groups[n]} for n in scene_names},
         "steps": list(steps), "extraction_seeds": extraction_seeds, "seeds": seeds, "sample_steps": sample_steps, "guidance": guidance,
         "attention_res": attention_res or "bas run's default", "learning_rates": learning_rates or "bas run's defaults", "options": extra,
-        "init_tokens": "each concept's shape word", "prior_preservation": {"class_prompt": PRIOR_CLASS_PROMPT, "class_images": PRIOR_CLASS_IMAGES},
-        "interval": "95% hierarchical bootstrap (10,000 resamples): scenes, then extraction seeds within each scene, then generation seeds "
-                    "within each extraction; differences are paired by scene, extraction seed and generation seed",
-        "ablations": {a.name: {"what": a.what, "plugins": a.plugins, "options": a.options, "baseline": a.baseline,
-                               "values": {m: v.tolist() for m, v in values[a.name].items()}} for a in chosen},
+        "init_tokens": "each concept's shape word, or 'thing' for a shape no caption names",
+        "prior_preservation": {"class_prompt": PRIOR_CLASS_PROMPT, "class_images": PRIOR_CLASS_IMAGES},
+        "interval": f"95% hierarchical bootstrap ({resamples:,} resamples): scenes, then extraction seeds within each scene, then generation "
+                    "seeds within each extraction; differences are paired by scene, extraction seed and generation seed",
+        "rule": "a difference holds where its Holm-corrected hierarchical interval excludes 0 and the Wilcoxon signed-rank test over its "
+                "scene means agrees (the same side, Holm-corrected p < 0.05), Holm over the table and every sweep that belongs to it; "
+                "a * alone (the 95% interval excludes 0) is suggestive",
+        "resamples": resamples, "holm_family": {"files": [out.name], "size": sum(1 for _ in iter_differences(stats))},
+        "ablations": ablations_record(chosen, values),
         "stats": stats, "times": times, "run_seconds": run_seconds,
         "batch": {"executor": summary.get("executor"), "workers": jobs},
         "table": markdown_table(stats, chosen),
     }
+    if table is not None:
+        result["belongs_to"] = os.path.relpath(table, out.resolve().parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     from bas.core import io
 
     io.write_json(out, result)
+    if table is not None:  # the sweep joins its table's family: the table and every sweep of it are corrected again
+        holm_over(table, sorted(set(sweeps_of(table)) | {out.resolve()}), log=log)
+        result = load_result(out)
     return result
 
 
@@ -532,15 +893,49 @@ def option_value(text: str):
         return text
 
 
+def choose_operating_point(path: Path, tuning_result: Path, settings: dict, test_scenes: int = TEST_COUNT, test_seed: int | None = None) -> dict:
+    """Write the operating point chosen on the tuning scenes (``settings``: steps, learning rates, attention side, bas run
+    options) with the seed of the test scenes, drawn now unless given: the test set cannot exist before the choice."""
+    import secrets
+
+    from bas.core import io
+
+    path = Path(path)
+    if path.exists():
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        raise click.ClickException(f"{path} already exists (chosen {old.get('chosen', '?')}); an operating point is chosen once, before the "
+                                   f"test scenes are seen. Remove it only if no --scenes test run has used it.")
+    tuning = load_result(tuning_result)
+    if (tuning.get("scene_set") or {}).get("name") != "tuning":
+        raise click.ClickException(f"{tuning_result} was not run on the tuning scenes (--scenes tuning); choose the operating point on them.")
+    if test_scenes < 12:
+        raise click.ClickException(f"--test-scenes {test_scenes} is too few; the test set has at least 12 scenes.")
+    point = {"chosen": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_revision(),
+             "tuning_result": {"file": str(tuning_result), "date": tuning.get("date"), "git": tuning.get("git")},
+             "settings": settings, "test_scenes": int(test_scenes),
+             "test_seed": int(test_seed) if test_seed is not None else secrets.randbelow(2**31)}
+    io.write_json(path, point)
+    return point
+
+
+RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_phase2_lr", "phase2_handle_lr", "attention_res", "options")
+
+
 @click.command()
 @click.option("--model", default="bas-mini", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: benchmarks/results/fidelity-<date>.json]")
-@click.option("--scene", "scenes", multiple=True, type=click.Choice(list(SCENES)), help="Scenes to run [default: all].")
+@click.option("--scenes", "scene_set_name", type=click.Choice(SCENE_SETS), default="tuning", show_default=True,
+              help="The scene set: tuning (12 drawn scenes, where the operating point is chosen), test (drawn after it; needs "
+                   "--operating-point's file, whose settings it runs at), v2 (bas-mini v2's 8 hand-made scenes).")
+@click.option("--scene", "scenes", multiple=True, help="Scenes of the set to run, by name [default: all of them].")
 @click.option("--ablation", "ablations", multiple=True, type=click.Choice(ABLATION_NAMES), help="Ablations to run (their baselines are added) [default: all].")
 @click.option("--variant", "variants", multiple=True, callback=parse_variants,
               help="NAME:KEY=VALUE,...: one more ablation of bas run options against `full` (plugins=a+b; vs=ABLATION or vs=VARIANT to change that), "
                    "on the same scenes and seeds; several make a sweep (repeatable). Only the variants (and their baselines) run "
                    "unless --ablation is also given.")
+@click.option("--belongs-to", "table", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The table (result file) this run is a sweep of: its claims are Holm-corrected together with the table's and its other sweeps', "
+                   "and all of those files are rewritten.")
 @click.option("--phase1-steps", default=200, show_default=True)
 @click.option("--phase2-steps", default=200, show_default=True)
 @click.option("--extraction-seeds", default=3, show_default=True, help="Extraction seeds per scene and ablation (0..N-1).")
@@ -557,18 +952,56 @@ def option_value(text: str):
 @click.option("--work", type=click.Path(path_type=Path), default=None, help="Folder for scenes, runs and images; the same --work resumes [default: a temporary one].")
 @click.option("--grids", type=click.Path(path_type=Path), default=None, help="Folder of the grid PNGs [default: --out without .json].")
 @click.option("--quiet", is_flag=True, help="No batch progress.")
-def main(model, out, scenes, ablations, variants, phase1_steps, phase2_steps, extraction_seeds, seeds, sample_steps, guidance, attention_res,
-         phase1_lr, phase2_lr, full_phase2_lr, phase2_handle_lr, options, jobs, work, grids, quiet):
-    """Run the fidelity benchmark and print its table."""
+@click.option("--operating-point", "operating_point", type=click.Path(path_type=Path, dir_okay=False), default=OPERATING_POINT,
+              show_default="benchmarks/operating-point.json",
+              help="The operating point's file, read by --scenes test, written by --choose-operating-point.")
+@click.option("--choose-operating-point", "tuning_result", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="TUNING_RESULT.json: write --operating-point from the settings given here (steps, learning rates, --attention-res, --set), "
+                   "chosen on that tuning run, with the test scenes' seed drawn now; runs nothing.")
+@click.option("--test-scenes", default=TEST_COUNT, show_default=True, help="With --choose-operating-point: how many test scenes to draw.")
+@click.option("--test-seed", type=int, default=None, help="With --choose-operating-point: the test scenes' seed [default: drawn at random now].")
+@click.option("--holm-over", "holm_table", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="TABLE.json [SWEEP.json ...]: recompute the statistics of a table and of all its sweeps as one Holm family and rewrite "
+                   "them; runs nothing.")
+@click.argument("sweep_files", nargs=-1, type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.pass_context
+def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, phase1_steps, phase2_steps, extraction_seeds, seeds, sample_steps,
+         guidance, attention_res, phase1_lr, phase2_lr, full_phase2_lr, phase2_handle_lr, options, jobs, work, grids, quiet, operating_point,
+         tuning_result, test_scenes, test_seed, holm_table, sweep_files):
+    """Run the fidelity benchmark and print its table (or correct a table and its sweeps together: --holm-over;
+    or record the operating point chosen on the tuning scenes: --choose-operating-point)."""
+    if sweep_files and holm_table is None:
+        raise click.UsageError("files were given without --holm-over; the benchmark takes no files (--holm-over TABLE.json SWEEP.json ...).")
+    if holm_table is not None:
+        size = holm_over(holm_table, list(sweep_files), log=click.echo)
+        for path in [holm_table, *sweep_files]:
+            click.echo(f"\n{path}:\n" + load_result(path)["table"])
+        click.echo(f"\nOne family of {size} claims over {1 + len(sweep_files)} files.")
+        return
+    rates = {"phase1_lr": phase1_lr, "phase2_lr": phase2_lr, "full_phase2_lr": full_phase2_lr, "phase2_handle_lr": phase2_handle_lr}
+    rates = {k: v for k, v in rates.items() if v is not None}
+    if tuning_result is not None:
+        settings = {"steps": [phase1_steps, phase2_steps], "learning_rates": rates, "attention_res": attention_res, "options": options}
+        point = choose_operating_point(operating_point, tuning_result, settings, test_scenes, test_seed)
+        click.echo(f"Wrote {operating_point}: chosen {point['chosen']}, {json.dumps(settings)}; the test set ({test_scenes} scenes) is drawn now.")
+        return
+    if scene_set_name == "test":  # the operating point's settings, unless given (which must then be the same)
+        settings = load_operating_point(operating_point)["settings"]
+        given = {name for name in RUN_SETTINGS if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+        phase1_steps = phase1_steps if "phase1_steps" in given else settings["steps"][0]
+        phase2_steps = phase2_steps if "phase2_steps" in given else settings["steps"][1]
+        rates = {**{k: v for k, v in settings["learning_rates"].items() if k not in given}, **rates}
+        attention_res = attention_res if "attention_res" in given else settings["attention_res"]
+        options = options if "options" in given else settings["options"]
     import torch
 
     torch.set_num_threads(1)
     out = out or RESULTS / f"fidelity-{datetime.date.today().isoformat()}.json"
-    rates = {"phase1_lr": phase1_lr, "phase2_lr": phase2_lr, "full_phase2_lr": full_phase2_lr, "phase2_handle_lr": phase2_handle_lr}
     result = run_benchmark(out, model=model, scenes=list(scenes) or None, ablations=list(ablations) or None, variants=list(variants),
                            steps=(phase1_steps, phase2_steps), extraction_seeds=list(range(extraction_seeds)), seeds=list(range(seeds)),
                            sample_steps=sample_steps, guidance=guidance, attention_res=attention_res, options=options,
-                           learning_rates={k: v for k, v in rates.items() if v is not None}, jobs=jobs, work=work, grids=grids, quiet=quiet,
+                           learning_rates=rates, jobs=jobs, work=work, grids=grids, quiet=quiet,
+                           scene_set_name=scene_set_name, table=table, operating_point=operating_point,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
     click.echo(result["table"])
     click.echo(f"Took {result['times']['total_s'] / 60:.1f} min. Wrote {out}")

@@ -9,11 +9,12 @@ import random
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from PIL import Image
 
-from bas.core.stats import bootstrap_interval, holm, nested_bootstrap_means, nested_summary
+from bas.core.stats import bootstrap_interval, holm, holm_adjusted, holm_confidences, nested_bootstrap_means, nested_summary, scene_test
 from bas.mini import metrics, world
 from bas.plugins.bas_mini import read_concepts, score_reading
 
@@ -24,39 +25,120 @@ from benchmarks import fidelity  # noqa: E402
 
 
 # -- the scenes, read back --------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(fidelity.SCENES))
-def test_every_benchmark_scene_is_read_back_exactly_and_its_masks_name_its_objects(name, tmp_path):
-    bench = fidelity.SCENES[name]
+SET_SCENES = [("v2", name) for name in fidelity.SCENES] + [("tuning", name) for name in fidelity.scene_set("tuning")[0]]
+
+
+@pytest.mark.parametrize("set_name, name", SET_SCENES)
+def test_every_benchmark_scene_is_read_back_exactly_and_its_masks_name_its_objects(set_name, name, tmp_path):
+    bench = fidelity.scene_set(set_name)[0][name]
     folder = fidelity.write_scene(tmp_path / name, bench)
     image = Image.open(folder / "img.png")
     reading = metrics.read_image(image)
     assert reading.background == bench.background
-    assert len(reading.objects) == len(bench.objects)  # touching objects are told apart
-    for colour, shape, texture, box in bench.objects:
-        found = reading.find(colour=colour)
-        assert found is not None and (found.shape, found.texture) == (shape, texture), (colour, found)
-        assert max(abs(a - b) for a, b in zip(found.box, box)) <= 1, (found.box, box)
-    masks = [np.asarray(Image.open(folder / f"mask{i}.png"), dtype=np.float32) / 255 for i in range(len(bench.objects))]
+    objects = bench.scene().objects
+    assert len(reading.objects) == len(objects)  # touching objects are told apart
+    for o in objects:
+        found = reading.find(colour=o.colour)
+        assert found is not None and (found.shape, found.texture, found.inner) == (o.shape, o.texture, o.inner), (o, found)
+        assert max(abs(a - b) for a, b in zip(found.box, o.box)) <= 1, (found.box, o.box)
+    masks = [np.asarray(Image.open(folder / f"mask{i}.png"), dtype=np.float32) / 255 for i in range(len(objects))]
     background, concepts = read_concepts(image, masks)  # what the evaluator takes each handle to be
     assert background == bench.background
-    assert [(c.colour, c.shape, c.texture) for c in concepts] == [o[:3] for o in bench.objects]
+    assert [(c.colour, c.shape, c.texture, c.inner) for c in concepts] == [(o.colour, o.shape, o.texture, o.inner) for o in objects]
+    assert json.loads((folder / "scene.json").read_text()) == bench.info()  # enough to draw it again
+    assert fidelity.BenchScene.from_info(bench.info()).scene() == bench.scene()
 
 
-def test_benchmark_scenes_cover_what_the_issue_asks():
+def masks_touch(bench) -> bool:
+    grown = 2 if bench.masks == "box" else 3
+    boxes = [o.box for o in bench.scene().objects]
+    return any(a[0] < b[2] + grown and b[0] < a[2] + grown and a[1] < b[3] + grown and b[1] < a[3] + grown
+               for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_v2_scenes_cover_what_the_first_benchmark_asked():
     scenes = fidelity.SCENES.values()
     assert len(fidelity.SCENES) >= 8 and {len(s.objects) for s in scenes} == {2, 3, 4}
     named = set(world.COLOURS)
     for s in scenes:  # every concept has a colour or a texture no caption names
-        assert all(c not in named or t in world.NOVEL_TEXTURES for c, _, t, _ in s.objects)
+        assert all(o.colour not in named or o.texture in world.NOVEL_TEXTURES for o in s.scene().objects)
     masks = [s.masks for s in scenes]
     assert "box" in masks and "loose" in masks
-    overlapping = 0
-    for name, s in fidelity.SCENES.items():
-        grown = 2 if s.masks == "box" else 3
-        boxes = [o[3] for o in s.objects]
-        overlapping += any(a[0] < b[2] + grown and b[0] < a[2] + grown and a[1] < b[3] + grown and b[1] < a[3] + grown
-                           for i, a in enumerate(boxes) for b in boxes[i + 1:])
-    assert overlapping >= 3  # touching objects: their masks overlap
+    assert sum(masks_touch(s) for s in scenes) >= 3  # touching objects: their masks overlap
+
+
+def unnamed(o) -> set[str]:
+    """What of an object no caption word can give."""
+    return ({"colour"} if o.colour in world.NOVEL_COLOURS else set()) | ({o.shape} if o.shape in world.NOVEL_SHAPES else set()) \
+        | ({"dotted"} if o.texture == "dotted" else set()) | ({"inner"} if o.inner else set())
+
+
+def test_the_tuning_set_has_what_the_issue_asks_and_is_the_one_its_seed_draws():
+    scenes, record = fidelity.scene_set("tuning")
+    assert record == {"name": "tuning", "seed": fidelity.TUNING_SEED, "recorded": "benchmarks/scenes/tuning.json"}
+    assert len(scenes) == 12 and {len(s.objects) for s in scenes.values()} == {2, 3, 4}
+    touching = [s for s in scenes.values() if s.note.startswith("touching")]
+    boxes = [s for s in scenes.values() if s.masks == "box"]
+    assert len(touching) == 4 and len(boxes) == 4 and not set(map(id, touching)) & set(map(id, boxes))  # a third each, the rest loose
+    assert all(masks_touch(s) for s in touching) and not any(masks_touch(s) for s in boxes)
+    objects = [o for s in scenes.values() for o in s.scene().objects]
+    assert all(unnamed(o) for o in objects)  # no concept that identity words could give
+    assert set().union(*map(unnamed, objects)) == {"colour", "cross", "diamond", "dotted", "inner"}
+    assert {o.colour for o in objects} >= set(world.NOVEL_COLOURS)
+    similar = [s for s in scenes.values() if any(frozenset((a.colour, b.colour)) in {frozenset(p) for p in fidelity.SIMILAR_COLOURS}
+                                                  for i, a in enumerate(s.scene().objects) for b in s.scene().objects[i + 1:])]
+    same_shape = [s for s in scenes.values() if "the same shape" in s.note]
+    assert len(similar) >= 3 and len(same_shape) >= 3
+    assert all(s.scene().objects[0].shape == s.scene().objects[1].shape for s in same_shape)
+    for s in scenes.values():  # a core, a background and the objects all differ in colour
+        colours = [o.colour for o in s.scene().objects] + [o.inner for o in s.scene().objects if o.inner] + [s.background]
+        assert len(colours) == len(set(colours)), s
+    # recorded, and the recording is what the procedure draws from the seed
+    assert fidelity.draw_scenes(fidelity.TUNING_SEED, fidelity.TUNING_COUNT, "tuning") == scenes
+
+
+def test_the_test_set_needs_the_operating_point_and_is_drawn_from_its_seed_apart_from_the_tuning_set(tmp_path):
+    point = tmp_path / "operating-point.json"
+    with pytest.raises(click.ClickException, match="drawn only after the operating point is chosen"):
+        fidelity.scene_set("test", point)
+    tuning_result = tmp_path / "tuning.json"
+    tuning_result.write_text(json.dumps({"ablations": {}, "stats": {}, "scene_set": {"name": "tuning"}, "date": "2026-12-07", "git": "abc"}))
+    settings = {"steps": [100, 100], "learning_rates": {"phase1_lr": 1e-3}, "attention_res": 16, "options": {}}
+    written = fidelity.choose_operating_point(point, tuning_result, settings, test_scenes=12, test_seed=7)
+    assert json.loads(point.read_text()) == written and written["settings"] == settings and written["test_seed"] == 7
+    scenes, record = fidelity.scene_set("test", point)
+    assert len(scenes) == 12 and all(n.startswith("test-") for n in scenes)
+    assert record == {"name": "test", "seed": 7, "drawn_after": f"the operating point chosen {written['chosen']}"}
+    tuning = fidelity.scene_set("tuning")[0]
+    assert not {(s.background, s.objects) for s in scenes.values()} & {(s.background, s.objects) for s in tuning.values()}
+    assert scenes == fidelity.scene_set("test", point)[0]  # the same seed, the same scenes
+    with pytest.raises(click.ClickException, match="already exists"):  # chosen once
+        fidelity.choose_operating_point(point, tuning_result, settings)
+    v2_result = tmp_path / "v2.json"
+    v2_result.write_text(json.dumps({"ablations": {}, "stats": {}, "scene_set": {"name": "v2"}}))
+    with pytest.raises(click.ClickException, match="not run on the tuning scenes"):
+        fidelity.choose_operating_point(tmp_path / "other.json", v2_result, settings)
+    assert not (tmp_path / "other.json").exists()
+    # drawn at random when not given: two choices draw different test sets
+    a = fidelity.choose_operating_point(tmp_path / "a.json", tuning_result, settings)
+    b = fidelity.choose_operating_point(tmp_path / "b.json", tuning_result, settings)
+    assert a["test_seed"] != b["test_seed"]
+
+
+def test_the_test_set_runs_only_at_the_operating_point(tmp_path):
+    from click.testing import CliRunner
+
+    runner = CliRunner()
+    result = runner.invoke(fidelity.main, ["--scenes", "test", "--operating-point", str(tmp_path / "none.json"), "--work", str(tmp_path / "w")])
+    assert result.exit_code == 1 and "Error: " in result.output and "--choose-operating-point" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "w").exists()
+    point = tmp_path / "point.json"
+    point.write_text(json.dumps({"chosen": "2026-12-07T00:00:00+00:00", "settings": {"steps": [100, 100], "learning_rates": {}, "attention_res": 16,
+                                                                                       "options": {}}, "test_seed": 3, "test_scenes": 12}))
+    result = runner.invoke(fidelity.main, ["--scenes", "test", "--operating-point", str(point), "--phase1-lr", "1e-2", "--work", str(tmp_path / "w")])
+    assert result.exit_code == 1 and "run at the operating point chosen 2026-12-07" in result.output and not (tmp_path / "w").exists()
+    result = runner.invoke(fidelity.main, ["--scenes", "tuning", "--scene", "nothing", "--work", str(tmp_path / "w")])
+    assert result.exit_code == 1 and "no scene 'nothing' in the tuning set" in result.output and not (tmp_path / "w").exists()
 
 
 def test_split_reading_leaves_shading_inside_one_object_whole():
@@ -81,6 +163,66 @@ def test_entanglement_is_the_share_of_the_input_background_where_another_was_ask
     assert asked_yellow["entanglement"] == grey_share and asked_yellow["adherence"] == 0.0
     assert "entanglement" not in score_reading(reading, concepts, (0,), "grey", None, None)  # nothing asked
     assert "entanglement" not in score_reading(reading, concepts, (0,), "grey", "grey", grey_share)  # the input's own
+
+
+def read_scores(objects, concepts, shown=(0,), background="grey"):
+    """Draw ``objects`` (colour, shape, texture, box[, inner]) with world.render, read the image back, score it."""
+    image = world.render(world.Scene(background, [world.Shape(*o) for o in objects]))[0]
+    return score_reading(metrics.read_image(image), concepts, shown, background, None)
+
+
+def test_identity_swap_and_count_read_drawn_images_exactly():
+    from bas.plugins.bas_mini import Concept
+
+    pink_core = Concept("purple", "diamond", "plain", "orange")  # a two-colour concept of an unnamed shape
+    neighbour = Concept("pink", "cross", "dotted")
+    concepts = [pink_core, neighbour]
+    itself = read_scores([("purple", "diamond", "plain", (16, 16, 46, 46), "orange")], concepts)
+    assert itself == {"identity": 1.0, "identity_colour": 1.0, "identity_shape": 1.0, "identity_texture": 1.0, "identity_core": 1.0,
+                      "count": 1.0, "swap": 0.0, "leakage": 0.0}
+    # drawn without its core: not the concept (identity needs the core), though colour, shape and texture are right
+    coreless = read_scores([("purple", "diamond", "plain", (16, 16, 46, 46))], concepts)
+    assert (coreless["identity"], coreless["identity_core"], coreless["identity_shape"], coreless["swap"]) == (0.0, 0.0, 1.0, 0.0)
+    # drawn in its neighbour's colour (a swap): its colour nowhere, the neighbour's drawn
+    swapped = read_scores([("pink", "diamond", "plain", (16, 16, 46, 46), "orange")], concepts)
+    assert (swapped["swap"], swapped["identity"], swapped["identity_colour"], swapped["leakage"], swapped["count"]) == (1.0, 0.0, 0.0, 1.0, 1.0)
+    # both drawn: the neighbour leaks in, but the concept is there: no swap, two objects for one
+    both = read_scores([("purple", "diamond", "plain", (4, 16, 30, 42), "orange"), ("pink", "cross", "dotted", (36, 16, 60, 40))], concepts)
+    assert (both["swap"], both["identity"], both["leakage"], both["count"]) == (0.0, 1.0, 1.0, 0.0)
+    # two of it for one asked: identity holds, count does not
+    twice = read_scores([("purple", "diamond", "plain", (4, 16, 30, 42), "orange"), ("purple", "diamond", "plain", (34, 16, 60, 42), "orange")],
+                        concepts)
+    assert (twice["identity"], twice["count"], twice["swap"], twice["leakage"]) == (1.0, 0.0, 0.0, 0.0)
+    # a colour no concept has: neither the concept nor a swap
+    other = read_scores([("cyan", "diamond", "plain", (16, 16, 46, 46))], concepts)
+    assert (other["swap"], other["identity"], other["count"]) == (0.0, 0.0, 1.0)
+    # nothing drawn: no object, so no count
+    assert read_scores([], concepts)["count"] == 0.0
+    # a scene of one concept has no neighbour to swap with; several named: composition, no identity, swap or count
+    assert "swap" not in read_scores([("purple", "diamond", "plain", (16, 16, 46, 46), "orange")], [pink_core])
+    assert set(read_scores([("purple", "diamond", "plain", (4, 16, 30, 42), "orange")], concepts, shown=(0, 1))) == {"composition"}
+
+
+def test_the_evaluator_reads_each_concept_with_its_core_from_the_input(tmp_path):
+    from bas.core.evaluation import EvalRun, Sample
+    from bas.plugins.bas_mini import BasMini
+
+    bench = fidelity.scene_set("tuning")[0]["tuning-04-box"]
+    folder = fidelity.write_scene(tmp_path / "scene", bench)
+    image = Image.open(folder / "img.png").convert("RGB")
+    masks = [np.asarray(Image.open(folder / f"mask{i}.png"), dtype=np.float32) / 255 for i in range(len(bench.objects))]
+    handles = [f"<asset{k}>" for k in range(len(masks))]
+    run = EvalRun("r", folder, {"handles": handles, "model": "bas-mini"}, inputs=(image, masks))
+    samples = [Sample("r", f"a photo of {h}", (k,), 0, None, folder / "img.png") for k, h in enumerate(handles)]
+    evaluator = BasMini()
+    _, concepts = evaluator.concepts_of(run)
+    assert [(c.colour, c.shape, c.texture, c.inner) for c in concepts] == [(o.colour, o.shape, o.texture, o.inner) for o in bench.scene().objects]
+    assert any(c.inner for c in concepts)
+    scores = list(evaluator.score(run, samples))  # the input itself, shown for each handle: each concept is there, with its neighbours
+    assert [s["identity"] for s in scores] == [1.0] * len(handles)
+    assert all(s["swap"] == 0.0 and s["count"] == 0.0 and s["leakage"] == 1.0 for s in scores)
+    assert {m.name for m in BasMini.metrics} >= {"swap", "count", "identity_core"}
+    assert not next(m for m in BasMini.metrics if m.name == "swap").higher_is_better
 
 
 def fidelity_concept(colour, shape, texture="plain"):
@@ -132,8 +274,10 @@ def test_paired_differences_find_a_small_shift_that_scenes_and_seeds_would_hide(
     finally:
         fidelity.METRICS = metrics_
     better, same = stats["better"]["identity"]["difference"], stats["same"]["identity"]["difference"]
-    assert better["significant"] and better["holm"] and 0.04 < better["low"] < better["mean"] < better["high"] < 0.06
-    assert not same["significant"] and same["low"] < 0 < same["high"] and not same["holm"]
+    assert better["significant"] and better["verdict"] == "holds" and 0.04 < better["low"] < better["mean"] < better["high"] < 0.06
+    assert better["scene"]["p"] == pytest.approx(2 / 2**8) and better["scene"]["direction"] == 1  # all 8 scenes gain: Wilcoxon's smallest p
+    assert not same["significant"] and same["low"] < 0 < same["high"] and same["verdict"] == ""
+    assert better["holm"]["family"] == 2 and better["holm"]["confidence"] == 1 - 0.05 / 2  # the stronger of two: Bonferroni's level
     assert "difference" not in stats["full"]["identity"]
     # unpaired, the two means' intervals overlap: the shift is within the scenes' spread
     a, b = stats["full"]["identity"]["value"], stats["better"]["identity"]["value"]
@@ -143,6 +287,129 @@ def test_paired_differences_find_a_small_shift_that_scenes_and_seeds_would_hide(
 def test_holm_rejects_in_order_and_stops_at_the_first_that_fails():
     assert holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]  # 0.005 < .0125, 0.01 < .0167, 0.03 > .025: stop
     assert holm([0.001, 0.002]) == [True, True] and holm([0.2]) == [False] and holm([]) == []
+    # adjusted: 4 x 0.005, 3 x 0.01, max(2 x 0.03, 0.03), max(0.04, 0.06): monotone in p
+    assert holm_adjusted([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjusted([0.5, 0.4]) == [0.8, 0.8] and holm_adjusted([0.9, 0.8, 0.7]) == [1.0, 1.0, 1.0] and holm_adjusted([]) == []
+    # the i-th smallest p of m gets its interval at 1 - 0.05 / (m - i + 1)
+    assert holm_confidences([0.01, 0.04, 0.03, 0.005]) == pytest.approx([1 - 0.05 / 3, 0.95, 1 - 0.05 / 2, 1 - 0.05 / 4])
+
+
+def test_scene_test_is_wilcoxon_over_scene_means_with_a_t_interval():
+    from scipy import stats as scipy_stats
+
+    d = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08])  # eight scene means, all above 0
+    x = d[:, None, None] + np.array([[[-0.01, 0.01], [0.01, -0.01]]])  # seeds that average out within each scene
+    t = scene_test(x)
+    assert (t["n"], t["p"], t["direction"]) == (8, pytest.approx(2 / 2**8), 1) and t["mean"] == pytest.approx(0.045)
+    half = scipy_stats.t.ppf(0.975, 7) * d.std(ddof=1) / np.sqrt(8)
+    assert (t["low"], t["high"]) == (pytest.approx(0.045 - half), pytest.approx(0.045 + half))
+    wider = scene_test(x, confidence=1 - 0.05 / 10)
+    assert wider["low"] < t["low"] and wider["high"] > t["high"] and wider["p"] == t["p"]
+    assert scene_test(-x)["direction"] == -1 and scene_test(-x)["p"] == t["p"]
+    mixed = scene_test(np.array([0.05, -0.04, 0.03, -0.02, 0.01, -0.06]))  # signed ranks 5 + 3 + 1 against 4 + 2 + 6
+    assert mixed["direction"] == -1 and mixed["p"] > 0.5
+    assert scene_test(np.zeros((8, 3, 4)))["p"] == 1.0 and scene_test(np.zeros(8))["direction"] == 0
+    one = scene_test(np.ones((1, 3, 4)))  # one scene: nothing to test across scenes
+    assert (one["p"], one["low"], one["high"]) == (1.0, None, None)
+
+
+def one_metric_table(pairs: dict[str, list[float]], seed=0, scenes=None) -> tuple[dict, list]:
+    """``full`` and an ablation per pair, (scenes, 3 extraction seeds, 4 generation seeds): each ablation is ``full``
+    shifted by its value per scene (plus a little noise) in identity, and the same elsewhere."""
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(pairs.values())))
+    base = rng.uniform(0.2, 0.6, size=(n, 3, 4))
+    values = {"full": {m: base for m in fidelity.METRICS}}
+    ablations = [fidelity.Ablation("full", "", baseline=None)]
+    for name, shift in pairs.items():
+        moved = base + np.asarray(shift, dtype=np.float64)[:, None, None] + rng.normal(0, 0.01, size=base.shape)
+        values[name] = {m: moved if m == "identity" else base.copy() for m in fidelity.METRICS}
+        ablations.append(fidelity.Ablation(name, ""))
+    return values, ablations
+
+
+def test_a_claim_holds_only_where_the_scene_level_test_agrees_with_the_bootstrap():
+    # six scenes: five gain, one loses a little; the percentile bootstrap over six scenes is narrow and excludes 0,
+    # Wilcoxon over six scene means cannot go below 2/64 per side (p = 0.0625 here): suggestive, not holds
+    values, ablations = one_metric_table({"few-scenes": [0.20, 0.21, 0.22, 0.23, 0.24, -0.10]})
+    d = fidelity.statistics(values, ablations, resamples=4000)["few-scenes"]["identity"]["difference"]
+    assert d["low"] > 0 and d["holm"]["low"] > 0 and d["holm"]["p"] < 0.05  # the bootstrap alone would say it holds
+    assert d["scene"]["p"] == pytest.approx(0.0625) and d["scene"]["direction"] == 1
+    assert d["verdict"] == "suggestive"
+    # twelve scenes that all gain: both agree
+    values, ablations = one_metric_table({"twelve": list(np.linspace(0.05, 0.16, 12))})
+    d = fidelity.statistics(values, ablations, resamples=4000)["twelve"]["identity"]["difference"]
+    assert d["scene"]["p"] == pytest.approx(2 / 2**12) and d["verdict"] == "holds"
+    # a verdict needs both on the same side
+    flipped = {**d, "scene": {**d["scene"], "direction": -1}}
+    assert fidelity.verdict(flipped) == "suggestive"
+    # the cell says it
+    assert fidelity.cell(nested_summary(values["twelve"]["identity"], resamples=100), d).endswith("* **holds**)")
+
+
+def write_result(path: Path, values, ablations, belongs_to: str | None = None, resamples: int = 2000) -> dict:
+    """A result file as the benchmark writes one, from synthetic values."""
+    from bas.core import io
+
+    stats = fidelity.statistics(values, ablations, resamples=resamples, label=path.name)
+    result = {"ablations": fidelity.ablations_record(ablations, values), "stats": stats, "scene_set": {"name": "tuning"}, "resamples": resamples,
+              "table": fidelity.markdown_table(stats, ablations), **({"belongs_to": belongs_to} if belongs_to else {})}
+    io.write_json(path, result)
+    return result
+
+
+def test_a_family_spans_a_table_and_its_sweeps(tmp_path):
+    from click.testing import CliRunner
+
+    ten = list(np.linspace(0.05, 0.14, 10))  # ten scenes that all gain: Wilcoxon p = 2 / 2**10
+    main = tmp_path / "main.json"
+    alone = write_result(main, *one_metric_table({"claim": ten}))
+    d = alone["stats"]["claim"]["identity"]["difference"]
+    assert d["holm"]["family"] == len(fidelity.METRICS) and d["verdict"] == "holds"  # 8 tests: 8 x 2/1024 < 0.05
+    sweep = tmp_path / "sweep.json"
+    write_result(sweep, *one_metric_table({"v1": [0.0] * 10, "v2": [0.0] * 10, "v3": [0.0] * 10}, seed=1), belongs_to="main.json")
+    assert fidelity.sweeps_of(main) == [sweep]
+    before = {p: p.read_text() for p in (main, sweep)}
+    # every sweep of a table is corrected with it: leaving one out is an error that changes nothing
+    with pytest.raises(click.ClickException, match="sweep.json is a sweep of main.json too"):
+        fidelity.holm_over(main, [])
+    with pytest.raises(click.ClickException, match="not a table"):
+        fidelity.holm_over(sweep, [main])
+    other = tmp_path / "other.json"
+    write_result(other, *one_metric_table({"x": ten}))
+    with pytest.raises(click.ClickException, match="belongs to no table"):
+        fidelity.holm_over(main, [sweep, other])
+    assert {p: p.read_text() for p in (main, sweep)} == before
+    # together: 32 tests, and the claim that held alone is only suggestive (32 x 2/1024 > 0.05 for the scene-level test)
+    result = CliRunner().invoke(fidelity.main, ["--holm-over", str(main), str(sweep)])
+    assert result.exit_code == 0, result.output
+    assert "One family of 32 claims over 2 files" in result.output
+    for path in (main, sweep):
+        saved = json.loads(path.read_text())
+        assert saved["holm_family"] == {"files": ["main.json", "sweep.json"], "size": 32}
+        assert all(d["holm"]["family"] == 32 and d["holm"]["files"] == ["main.json", "sweep.json"] for d in fidelity.iter_differences(saved["stats"]))
+    d = json.loads(main.read_text())["stats"]["claim"]["identity"]["difference"]
+    assert d["holm"]["scene_p"] == pytest.approx(32 * 2 / 2**10) and d["holm"]["p"] < 0.05 and d["verdict"] == "suggestive"
+    assert d["holm"]["confidence"] == 1 - 0.05 / 32 and d["holm"]["low"] <= d["low"]  # the strongest claim: Bonferroni's interval, wider
+    assert "suggestive" in json.loads(main.read_text())["table"] and "holds" not in json.loads(main.read_text())["table"]
+    # the same files give the same numbers again: everything recomputes from the values
+    again = main.read_text()
+    fidelity.holm_over(main, [sweep], log=lambda m: None)
+    assert main.read_text() == again
+    result = CliRunner().invoke(fidelity.main, [str(sweep)])
+    assert result.exit_code == 2 and "without --holm-over" in result.output
+
+
+def test_a_result_from_before_swap_and_count_is_corrected_and_tabled_with_the_metrics_it_has(tmp_path):
+    values, ablations = one_metric_table({"claim": list(np.linspace(0.05, 0.16, 12))})
+    for row in values.values():
+        del row["swap"], row["count"]
+    old = tmp_path / "v2.json"
+    write_result(old, values, ablations)
+    assert fidelity.holm_over(old, [], log=lambda m: None) == len(fidelity.METRICS) - 2
+    saved = json.loads(old.read_text())
+    assert "swap" not in saved["table"] and "identity ↑" in saved["table"] and saved["table"].count("|---") == 2 + len(fidelity.METRICS) - 2
+    assert saved["stats"]["claim"]["identity"]["difference"]["verdict"] == "holds"
 
 
 def test_p_value_never_reaches_zero_with_finite_resamples():
@@ -192,34 +459,64 @@ def test_two_variants_of_one_name_are_one_clear_error_line():
 
 
 # -- a two-step run ---------------------------------------------------------------------------------
-def test_two_step_benchmark_on_one_scene_writes_paired_results(tmp_path):
-    out = tmp_path / "fidelity.json"
-    variant = fidelity.parse_variant("attn-w1:attention_loss_weight=1")
-    result = fidelity.run_benchmark(out, scenes=["purple-orange"], ablations=["no-masked-loss"], variants=[variant], steps=(2, 2),
-                                    extraction_seeds=[0], seeds=[0], sample_steps=2, work=tmp_path / "work", resamples=200, log=lambda m: None)
+def test_two_step_benchmark_on_one_scene_per_set_writes_paired_results_a_sweep_of_them_and_the_test_table(tmp_path):
+    out, work = tmp_path / "fidelity.json", tmp_path / "work"
+    scene = "tuning-01-box"  # an unnamed shape (its handle starts from "thing") beside a two-colour object, box masks
+    quick = dict(steps=(2, 2), extraction_seeds=[0], seeds=[0], sample_steps=2, work=work, resamples=200, log=lambda m: None)
+    result = fidelity.run_benchmark(out, scene_set_name="tuning", scenes=[scene], ablations=["no-masked-loss"], **quick)
     saved = json.loads(out.read_text())
-    assert saved["table"] == result["table"] and saved["table"].count("\n") == 4  # header, rule, full, no-masked-loss, the variant
-    assert list(saved["ablations"]) == ["full", "no-masked-loss", "attn-w1"]  # the baseline is added, the variant last
-    assert saved["ablations"]["attn-w1"]["baseline"] == "full" and saved["ablations"]["attn-w1"]["options"] == {"attention_loss_weight": 1}
-    assert saved["ablations"]["no-masked-loss"]["baseline"] == "full"
+    assert saved["table"] == result["table"] and saved["table"].count("\n") == 3  # header, rule, full, no-masked-loss
+    assert list(saved["ablations"]) == ["full", "no-masked-loss"] and saved["ablations"]["no-masked-loss"]["baseline"] == "full"
+    assert saved["scene_set"] == {"name": "tuning", "seed": fidelity.TUNING_SEED, "recorded": "benchmarks/scenes/tuning.json"}
+    bench = fidelity.scene_set("tuning")[0][scene]
+    assert list(saved["scenes"]) == [scene] and saved["scenes"][scene]["objects"] == bench.info()["objects"] and saved["operating_point"] is None
     for name in ("full", "no-masked-loss"):
         for metric in fidelity.METRICS + fidelity.IDENTITY_PARTS:
             v = np.array(saved["ablations"][name]["values"][metric])
-            assert v.shape == (1, 1, 1) and 0.0 <= v.min() <= v.max() <= 1.0
-    diff = saved["stats"]["no-masked-loss"]["leakage"]["difference"]
+            assert v.shape == (1, 1, 1) and 0.0 <= v.min() <= v.max() <= 1.0, metric
+    diff = saved["stats"]["no-masked-loss"]["swap"]["difference"]
     values = saved["ablations"]
-    assert diff["mean"] == pytest.approx(values["no-masked-loss"]["values"]["leakage"][0][0][0] - values["full"]["values"]["leakage"][0][0][0])
-    runs = tmp_path / "work" / "runs"
-    info = json.loads((runs / "purple-orange--no-masked-loss--e0" / "run.json").read_text())
+    assert diff["mean"] == pytest.approx(values["no-masked-loss"]["values"]["swap"][0][0][0] - values["full"]["values"]["swap"][0][0][0])
+    assert diff["scene"]["n"] == 1 and diff["scene"]["p"] == 1.0 and diff["verdict"] in ("", "suggestive")  # one scene cannot hold
+    assert saved["holm_family"] == {"files": ["fidelity.json"], "size": len(fidelity.METRICS)} and diff["holm"]["family"] == len(fidelity.METRICS)
+    runs = work / "runs"
+    info = json.loads((runs / f"{scene}--no-masked-loss--e0" / "run.json").read_text())
     assert info["config"]["options"]["mask_loss"] is False and info["handles"] == ["<asset0>", "<asset1>"]
-    assert info["init_tokens"] == ["circle", "square"]
-    variant_info = json.loads((runs / "purple-orange--attn-w1--e0" / "run.json").read_text())
-    assert variant_info["config"]["options"]["attention_loss_weight"] == 1 and info["config"]["options"].get("attention_loss_weight", 0.01) == 0.01
+    assert info["init_tokens"] == [fidelity.init_word(o.shape) for o in bench.scene().objects] and "thing" in info["init_tokens"]
     assert json.loads((runs / "batch.json").read_text())["scenes"][0]["status"] == "done"  # through bas batch
-    ev = json.loads((tmp_path / "work" / "eval" / "purple-orange--full--e0" / "eval.json").read_text())
+    ev = json.loads((work / "eval" / f"{scene}--full--e0" / "eval.json").read_text())
     assert list(ev["evaluators"]) == ["bas-mini"] and len(ev["images"]) == 2 + 1 + 4 + len(fidelity.PRIOR_PROMPTS)  # identity, composition, backgrounds, prior
+    assert all({"swap", "count", "identity_core"} <= set(img["scores"]) for img in ev["images"] if img["prompt"].count("<asset") == 1)
     assert all(set(img["scores"]) == {"prior"} for img in ev["images"] if img["prompt"] in fidelity.PRIOR_PROMPTS)
     assert (out.with_suffix("") / "no-masked-loss.png").is_file() and set(saved["times"]) >= {"extraction_s", "evaluation_s", "total_s"}
+
+    # a sweep of that table, in the same --work (full's run is reused): the two files become one Holm family
+    sweep = tmp_path / "fidelity-attention.json"
+    variant = fidelity.parse_variant("attn-w1:attention_loss_weight=1")
+    fidelity.run_benchmark(sweep, scene_set_name="tuning", scenes=[scene], variants=[variant], table=out, **quick)
+    swept, table = json.loads(sweep.read_text()), json.loads(out.read_text())
+    assert swept["belongs_to"] == "fidelity.json" and list(swept["ablations"]) == ["full", "attn-w1"]
+    family = {"files": ["fidelity.json", "fidelity-attention.json"], "size": 2 * len(fidelity.METRICS)}
+    assert swept["holm_family"] == family and table["holm_family"] == family
+    assert table["stats"]["no-masked-loss"]["swap"]["difference"]["holm"]["family"] == 2 * len(fidelity.METRICS)
+    variant_info = json.loads((runs / f"{scene}--attn-w1--e0" / "run.json").read_text())
+    assert variant_info["config"]["options"]["attention_loss_weight"] == 1
+    assert swept["ablations"]["full"]["values"] == table["ablations"]["full"]["values"]  # the same run, read again
+
+    # the test set: only at the operating point, which the result records
+    point = tmp_path / "operating-point.json"
+    tuning_settings = {"steps": [2, 2], "learning_rates": {}, "attention_res": None, "options": {}}
+    chosen = fidelity.choose_operating_point(point, out, tuning_settings, test_seed=11)
+    test_scene = next(iter(fidelity.scene_set("test", point)[0]))
+    test_out = tmp_path / "fidelity-test.json"
+    fidelity.run_benchmark(test_out, scene_set_name="test", scenes=[test_scene], ablations=["full"], operating_point=point, **quick)
+    tested = json.loads(test_out.read_text())
+    assert tested["operating_point"] == chosen and tested["scene_set"]["seed"] == 11 and list(tested["scenes"]) == [test_scene]
+    assert tested["scene_set"]["drawn_after"] == f"the operating point chosen {chosen['chosen']}"
+    with pytest.raises(click.ClickException, match="run at the operating point"):
+        fidelity.run_benchmark(tmp_path / "other.json", scene_set_name="test", scenes=[test_scene], ablations=["full"], operating_point=point,
+                               **{**quick, "steps": (3, 2)})
+    assert not (tmp_path / "other.json").exists()
 
 
 def test_captions_of_the_world_parse_back_to_their_scenes_and_nothing_else_does():

@@ -1,9 +1,16 @@
-"""Intervals for means of per-image scores: the percentile bootstrap, plain, over clusters, or nested.
+"""Intervals for means of per-image scores: the percentile bootstrap, plain, over clusters, or nested;
+a test over scene means; Holm's correction of a family of tests.
 
 Images of one prompt (its seeds) are not independent draws, so ``bas eval`` resamples prompts with
 all their images (a cluster bootstrap).  A benchmark whose values are nested (scenes, extraction
 seeds within a scene, generation seeds within an extraction) resamples every level within the one
 above it (:func:`nested_bootstrap_means`).  Seeded: the same values give the same interval.
+
+With 8-12 scenes the percentile bootstrap is too narrow (its spread is the plug-in one, with no
+small-sample correction), so a benchmark checks it against a test over the scene means
+(:func:`scene_test`: Wilcoxon's signed-rank test and a t-interval).  :func:`holm_adjusted` and
+:func:`holm_confidences` correct a family of such tests: the p-values, and the confidence of each
+hypothesis' interval.
 """
 
 from __future__ import annotations
@@ -104,10 +111,61 @@ def nested_summary(values, *, confidence: float = 0.95, resamples: int = DEFAULT
 
 def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
     """Which hypotheses the Holm-Bonferroni procedure rejects at family-wise error ``alpha``."""
-    order = np.argsort(p_values, kind="stable")
-    rejected = [False] * len(p_values)
+    return [p <= alpha for p in holm_adjusted(p_values)]
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm's adjusted p-values: the i-th smallest of m becomes ``max over j <= i of (m - j + 1) p_(j)``, at most 1.
+    A hypothesis is rejected at family-wise error ``alpha`` where its adjusted p is at most ``alpha``."""
+    p = np.asarray(p_values, dtype=np.float64)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.empty_like(p)
+    running = 0.0
     for rank, i in enumerate(order):
-        if p_values[i] > alpha / (len(p_values) - rank):
-            break
-        rejected[i] = True
-    return rejected
+        running = max(running, min(1.0, (p.size - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def holm_confidences(p_values: Sequence[float], alpha: float = 0.05) -> list[float]:
+    """Each hypothesis' interval confidence under Holm: the i-th smallest p of m gets ``1 - alpha / (m - i + 1)``,
+    so the interval of the strongest result is the Bonferroni one and that of the weakest the plain ``1 - alpha``."""
+    order = np.argsort(np.asarray(p_values, dtype=np.float64), kind="stable")
+    confidences = [0.0] * len(order)
+    for rank, i in enumerate(order):
+        confidences[i] = 1 - alpha / (len(order) - rank)
+    return confidences
+
+
+def scene_test(values, *, confidence: float = 0.95) -> dict:
+    """The test of "the mean is 0" over scene means, for paired differences with the scenes on the first axis.
+
+    ``{"n", "mean", "p", "direction", "low", "high"}``: ``n`` scenes; ``p`` the two-sided Wilcoxon
+    signed-rank test of the scene means (``scipy.stats.wilcoxon``, exact where it can be: no ties,
+    no zeros; a scene whose mean is 0 is left out, as Wilcoxon did; all of them 0, or fewer than
+    two scenes: 1); ``direction`` the sign of the signed-rank sum (+1, -1 or 0), the side the test
+    leans to; ``low``/``high`` the t-interval of the mean of scene means at ``confidence`` (None
+    with fewer than two scenes).
+    """
+    from scipy import stats as scipy_stats
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1, not {confidence}")
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim == 0 or x.size == 0 or not np.isfinite(x).all():
+        raise ValueError("values must have at least one axis and one value, all finite")
+    means = x.reshape(x.shape[0], -1).mean(axis=1)
+    n = int(means.size)
+    mean = float(means.mean())
+    nonzero = means[means != 0]
+    if nonzero.size:
+        ranks = scipy_stats.rankdata(np.abs(nonzero))
+        signed = float(ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum())
+        direction = int(np.sign(signed))
+    else:
+        direction = 0
+    p = float(scipy_stats.wilcoxon(nonzero).pvalue) if nonzero.size >= 1 and n >= 2 else 1.0
+    if n < 2:
+        return {"n": n, "mean": mean, "p": p, "direction": direction, "low": None, "high": None}
+    half = float(scipy_stats.t.ppf(1 - (1 - confidence) / 2, n - 1) * means.std(ddof=1) / np.sqrt(n))
+    return {"n": n, "mean": mean, "p": p, "direction": direction, "low": mean - half, "high": mean + half}

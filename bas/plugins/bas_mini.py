@@ -5,9 +5,13 @@ every generated image is read back the same way (:mod:`bas.mini.metrics`), so no
 judges anything.  ``benchmarks/fidelity.py`` scores with this evaluator; its numbers are
 ``bas eval``'s.  Per image, what applies to its prompt:
 
-* ``identity`` (one concept named): an object of the concept's colour with its shape and texture;
-  ``identity_colour`` that colour anywhere, ``identity_shape`` / ``identity_texture`` the largest
-  object's shape / texture;
+* ``identity`` (one concept named): an object of the concept's colour with its shape, texture and
+  core (the second colour of a two-colour object, or none); ``identity_colour`` that colour
+  anywhere, ``identity_shape`` / ``identity_texture`` / ``identity_core`` the largest object's shape /
+  texture / core;
+* ``swap`` (one concept named, others in the scene): no object of its colour, but one of another
+  concept's colour: the concept drawn with its neighbour's colour (lower is better);
+* ``count`` (one concept named): exactly one object drawn;
 * ``composition`` (two or more named): the fraction of them shown with their colour and shape;
 * ``leakage`` (some concepts not named): the fraction of the others whose colour appears;
 * ``adherence`` (the prompt asks for "on a COLOUR background" other than the input's): that background;
@@ -38,6 +42,7 @@ class Concept:
     colour: str
     shape: str
     texture: str
+    inner: str | None = None  # the core's colour, for a two-colour object
 
 
 def read_concepts(image, masks) -> tuple[str, list[Concept]]:
@@ -58,7 +63,7 @@ def read_concepts(image, masks) -> tuple[str, list[Concept]]:
             raise BasError(f"mask{k} of the input covers no object of the bas-mini world (flat shapes on a flat background); "
                            f"the bas-mini evaluator measures runs on bas-mini scenes only.")
         o = reading.objects[int(np.argmax(cover))]
-        concepts.append(Concept(o.colour, o.shape, o.texture))
+        concepts.append(Concept(o.colour, o.shape, o.texture, o.inner))
     return reading.background, concepts
 
 
@@ -81,10 +86,14 @@ def score_reading(reading, concepts: list[Concept | None], shown: tuple[int, ...
         c = concepts[shown[0]]
         found = reading.find(colour=c.colour)
         largest = reading.objects[0] if reading.objects else None  # what the handle drew, whatever its colour
-        scores["identity"] = float(found is not None and found.shape == c.shape and found.texture == c.texture)
+        scores["identity"] = float(found is not None and (found.shape, found.texture, found.inner) == (c.shape, c.texture, c.inner))
         scores["identity_colour"] = float(found is not None)
         scores["identity_shape"] = float(largest is not None and largest.shape == c.shape)
         scores["identity_texture"] = float(largest is not None and largest.texture == c.texture)
+        scores["identity_core"] = float(largest is not None and largest.inner == c.inner)
+        scores["count"] = float(len(reading.objects) == 1)
+        if others:  # its colour nowhere, a neighbour's somewhere: the handle drew the neighbour's colour
+            scores["swap"] = float(found is None and any(reading.find(colour=concepts[j].colour) is not None for j in others))
     elif len(shown) > 1:
         scores["composition"] = float(np.mean([reading.find(colour=concepts[k].colour, shape=concepts[k].shape) is not None for k in shown]))
     if shown and others:
@@ -101,7 +110,7 @@ class BasMini(Evaluator):
 
     name = "bas-mini"
     metrics = (
-        Metric("identity", "one concept named: an object of its colour with its shape and texture"),
+        Metric("identity", "one concept named: an object of its colour with its shape, texture and core"),
         Metric("composition", "several named: the fraction shown with their colour and shape"),
         Metric("adherence", "the background the prompt asks for ('on a yellow background')"),
         Metric("leakage", "the fraction of the concepts not named whose colour appears", higher_is_better=False),
@@ -110,6 +119,9 @@ class BasMini(Evaluator):
         Metric("identity_colour", "one concept named: its colour appears"),
         Metric("identity_shape", "one concept named: the largest object has its shape"),
         Metric("identity_texture", "one concept named: the largest object has its texture"),
+        Metric("identity_core", "one concept named: the largest object has its core (a second colour inside it), or none as it has none"),
+        Metric("swap", "one concept named: its colour nowhere, another concept's colour drawn", higher_is_better=False),
+        Metric("count", "one concept named: exactly one object drawn"),
     )
     templates = TEMPLATES
     default_templates = "bas-mini"
@@ -159,4 +171,4 @@ class BasMini(Evaluator):
 
 @hookimpl
 def bas_register_evaluators(register):
-    register("bas-mini", BasMini, description="identity, composition, adherence, leakage read from pixels (runs on bas-mini)")
+    register("bas-mini", BasMini, description="identity, composition, adherence, leakage, swap, count read from pixels (runs on bas-mini)")
