@@ -299,7 +299,7 @@ DAMAGED = [  # (case, damage, message)
     ("run.json without handles", lambda o: rewrite_json(o, lambda i: i.pop("handles")), "has no valid 'handles'"),
     ("a listed file outside", lambda o: rewrite_json(o, lambda i: i["files"].append("../../etc/passwd")), "which is not inside"),
     ("a checksum path outside", lambda o: rewrite_json(o, lambda i: i["checksums"].update({"/etc/passwd": {"bytes": 1}})), "which is not inside"),
-    ("handles disagree", lambda o: rewrite_json(o, lambda i: i.update(handles=["<asset0>"], checksums={})), "is mixed: handles.safetensors holds <asset0>, <asset1> but run.json lists <asset0>"),
+    ("handles disagree", lambda o: rewrite_json(o, lambda i: i.update(handles=["<asset0>"], checksums={}, sealed_folders=[])), "is mixed: handles.safetensors holds <asset0>, <asset1> but run.json lists <asset0>"),
     ("crafted handle name", crafted_escape, "lists the handles ['../../escaped']"),
     ("resolution not a number", lambda o: rewrite_json(o, lambda i: i.update(resolution="big")), "has no valid 'resolution'"),
 ]

@@ -138,7 +138,7 @@ def grid_name(prompts: list[str], seeds: list[int]) -> str:
 def sampling_seeds(seed: int, seeds, num_images: int) -> list[int]:
     """The seeds of ``generate`` and ``edit``: ``seeds``, else ``seed, seed+1, ...`` (``num_images`` of them),
     each one torch's generators take.  The command line and the Python API both pass here."""
-    checks.check_integer("num_images", num_images, 1)
+    checks.check_integer("num_images", num_images, 1, checks.MAX_IMAGES)
     if seeds:
         if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
             raise BasError(f"--seeds must be a list of whole numbers such as [1, 7, 42], not {seeds!r}.")
@@ -213,12 +213,12 @@ def generate_images(
     family = run_family(info)
     scheduler, guidance = sampling_defaults(family, scheduler, guidance)  # before the model loads
     family.check_sampling(negative_prompt)
+    out_dir = io.check_output_folder(Path(out_dir) if out_dir else out / "samples", "--out-dir")  # before sampling
 
     pipe, info = load_run_pipeline(out, device, precision)
     check_prompts_fit(pipe, family, prompts + ([negative_prompt] if negative_prompt else []))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     extra = lora_kwargs(pipe, lora_scale, family)
-    out_dir = Path(out_dir) if out_dir else out / "samples"
     res = info.get("resolution")
     written, rows = [], []
     for prompt in prompts:

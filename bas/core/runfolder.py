@@ -552,23 +552,47 @@ def checksums(folder: Path, names: Iterable[str]) -> dict[str, dict]:
     found = {}
     for name in names:
         path = io.inside(folder, name.rstrip("/"), "The run's file list")
-        for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()) if path.is_dir() else [path]:
             size = file.stat().st_size
             found[file.relative_to(folder).as_posix()] = {"bytes": size, "sha256": _sha256(file) if size <= HASH_LIMIT else None}
     return found
 
 
-def verify(folder: Path, recorded, shown) -> None:
+def run_contents(folder: Path) -> list[str]:
+    """What a finished run folder holds, as :func:`checksums` names it: every entry but run.json
+    (which records the others) and the checkpoints (removed before the swap), folders with a ``/``."""
+    return sorted(e.name + ("/" if e.is_dir() and not e.is_symlink() else "") for e in Path(folder).iterdir()
+                  if e.name not in (RUN_FILE, CHECKPOINTS))
+
+
+def _damaged(shown, rel: str, why: str) -> BasError:
+    return BasError(f"{shown} is damaged or mixed: {rel} {why}; restore the folder or re-run `bas run` into a new folder.")
+
+
+def verify(folder: Path, recorded, shown, sealed: Iterable[str] = ()) -> None:
     """Refuse a run folder whose files are not the ones its run.json recorded (missing, truncated,
-    or from another run: a mixed folder)."""
+    or from another run: a mixed folder), a recorded file that is a link (to anything), and in the
+    ``sealed`` folders (every file of which the run recorded) a link or a file the run did not write."""
     if not isinstance(recorded, dict):
         raise BasError(f"{shown}/run.json is damaged (its checksums are not a table); re-run `bas run` into a new folder.")
     for rel, entry in recorded.items():
         path = io.inside(Path(folder), rel, f"{shown}/run.json")
         if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
             raise BasError(f"{shown}/run.json is damaged (the record of {rel} is not valid); re-run `bas run` into a new folder.")
+        if path.is_symlink():
+            raise _damaged(shown, rel, "is a link, where its run wrote a file")
         if not path.is_file():
             raise BasError(f"{shown} is incomplete: {rel}, which its run.json lists, is missing; restore the folder or re-run `bas run`.")
         if path.stat().st_size != entry["bytes"] or (entry.get("sha256") and _sha256(path) != entry["sha256"]):
-            raise BasError(f"{shown} is damaged or mixed: {rel} is not the file its run wrote (it differs from run.json's record); "
-                           "restore the folder or re-run `bas run` into a new folder.")
+            raise _damaged(shown, rel, "is not the file its run wrote (it differs from run.json's record)")
+    for name in sealed:
+        if not isinstance(name, str):
+            raise BasError(f"{shown}/run.json is damaged (its list of checked folders is not valid); re-run `bas run` into a new folder.")
+        root = io.inside(Path(folder), name.rstrip("/"), f"{shown}/run.json")
+        links = io.links_under(root) if os.path.lexists(root) else []
+        if links:
+            raise _damaged(shown, links[0].relative_to(folder).as_posix(), "is a link, which no run writes")
+        for file in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []:
+            rel = file.relative_to(folder).as_posix()
+            if rel not in recorded:
+                raise _damaged(shown, rel, "is not a file its run wrote (run.json has no record of it)")
