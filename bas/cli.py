@@ -361,14 +361,16 @@ cli.add_command(eval_command(RunCommand))
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
 @click.option("--family", default=None, help="Model family of the pipeline: sd, sdxl, flux, or one a plugin adds [default: sd, the default model's].")
-def tiny_model(directory, seed, prediction_type, family):
+@click.option("--overwrite", is_flag=True, help="Replace a model folder already at DIRECTORY (never a folder of anything else).")
+def tiny_model(directory, seed, prediction_type, family, overwrite):
     """Write a tiny random pipeline of a model family (diffusers format) for offline tests."""
     from bas.core.family import default_family, get_family
-    from bas.core.tiny import save_tiny_model
+    from bas.core.tiny import check_model_target, save_tiny_model
 
+    check_model_target(directory, overwrite)  # before the model is built
     plugins = Plugins()
     chosen = get_family(plugins, family) if family else default_family(plugins)
-    save_tiny_model(directory, seed=seed, prediction_type=prediction_type, family=chosen)
+    save_tiny_model(directory, seed=seed, prediction_type=prediction_type, family=chosen, overwrite=overwrite)
     click.echo(f"Wrote {directory} (loads with {chosen.pipeline_class}.from_pretrained).")
 
 
@@ -381,9 +383,10 @@ def demo(out, steps, model):
     from PIL import Image
 
     from bas.core.api import extract, generate as generate_api
-    from bas.core.demo import DEMO_PROMPTS, contact_sheet, draw_mini_scene
+    from bas.core.demo import DEMO_PROMPTS, check_demo_out, contact_sheet, draw_mini_scene
     from bas.mini import NAME
 
+    check_demo_out(out)
     click.echo(f"Drawing a scene in {out / 'scene'} and extracting its two concepts into {model} ...")
     scene = draw_mini_scene(out / "scene")
     # bas-mini's 64-d embeddings and small UNet move too little in 100 steps at Stable Diffusion's learning rates

@@ -136,14 +136,15 @@ def option_paths(image, model, options: dict, plugin_options) -> list[tuple[str,
     return found
 
 
-def check_target(out, inputs: Iterable[tuple[str, Path]] = (), kind: str = "run") -> Path:
+def check_target(out, inputs: Iterable[tuple[str, Path]] = (), kind: str = "run", option: str = "--out") -> Path:
     """Refuse an ``--out`` that bas may not replace as a whole: the root, home or current folder
     or one above it, a file, a name bas uses for its own work, or a folder holding any of the
-    inputs (``(option, path)``).  ``kind`` names what is written (``run``, ``export``)."""
+    inputs (``(option, path)``).  ``kind`` names what is written (``run``, ``export``), ``option`` the
+    argument that names the folder."""
     given = out
     out = canonical(out)
     if out.exists() and not out.is_dir():
-        raise BasError(f"--out {given} is a file; pass a folder path.")
+        raise BasError(f"{option} {given} is a file; pass a folder path.")
     try:
         home = Path.home().resolve()
     except (RuntimeError, KeyError):
@@ -159,17 +160,17 @@ def check_target(out, inputs: Iterable[tuple[str, Path]] = (), kind: str = "run"
     elif out in cwd.parents:
         what = "a parent of the current folder"
     if what:
-        raise BasError(f"--out {given} is {what}; bas replaces an --out folder as a whole, so pass a folder of its own such as {kind}s/NAME.")
+        raise BasError(f"{option} {given} is {what}; bas replaces such a folder as a whole, so pass a folder of its own such as {kind}s/NAME.")
     if out.is_dir() and os.path.ismount(out):
-        raise BasError(f"--out {given} is a mount point, which bas cannot replace by renaming; pass a folder inside it.")
+        raise BasError(f"{option} {given} is a mount point, which bas cannot replace by renaming; pass a folder inside it.")
     if INTERNAL_NAME.fullmatch(out.name):
-        raise BasError(f"--out {given} is a name bas uses for its own work beside an output folder; pass the output folder's own name.")
+        raise BasError(f"{option} {given} is a name bas uses for its own work beside an output folder; pass the output folder's own name.")
     if len(out.name) > MAX_NAME:
-        raise BasError(f"--out {given} has a name of {len(out.name)} characters; use a name of at most {MAX_NAME}.")
-    for option, path in inputs:
+        raise BasError(f"{option} {given} has a name of {len(out.name)} characters; use a name of at most {MAX_NAME}.")
+    for input_option, path in inputs:
         real = canonical(path)
         if real == out or out in real.parents:
-            raise BasError(f"--out {given} holds {option} {path}, and bas replaces an --out folder as a whole; choose an --out that holds none of the {kind}'s inputs.")
+            raise BasError(f"{option} {given} holds {input_option} {path}, and bas replaces such a folder as a whole; choose a folder that holds none of the {kind}'s inputs.")
     return out
 
 
