@@ -531,7 +531,8 @@ class App:
                     return None, "", []
                 entry = rows[row]
                 report_dir = entry.report  # a run working or interrupted writes it in its staging folder
-                pictures = [str(p) for p in sorted(report_dir.glob("*.png"))] if report_dir.is_dir() else []
+                # the report's own pictures: a link there could lead to any file of the machine's
+                pictures = [str(p) for p in sorted(report_dir.glob("*.png")) if not p.is_symlink()] if report_dir.is_dir() and not report_dir.is_symlink() else []
                 return self.ws.relative(entry.path), self.run_details(entry), pictures
 
             runs_table.select(select_run, None, [r_selected, r_details, report])
