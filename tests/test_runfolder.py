@@ -668,3 +668,95 @@ def test_installed_plugins_cannot_exit_bas_or_replace_its_commands(monkeypatch, 
     assert "lora  [on by default" in out and "shadow  [opt-in" in out and "could not be loaded (exits)" in err
     code, err = run_main(["run", "--plugin", "exits", "--out", tmp_path / "p"])
     assert code == 1 and "Error importing plugin 'exits': it called sys.exit(3)" in error_line(err)
+
+
+# -- files never leave their folder: links out of run, scene and export folders ---------------------
+def secret(d: Path) -> Path:
+    """A file the user can read that must never end up in a run or an export."""
+    path = d / "private" / "secret.png"
+    path.parent.mkdir()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(path)
+    return path
+
+
+def link_in_report(d):  # a shared run folder with a link planted as its newest validation grid
+    report = d / "runs" / "old" / "report"
+    report.mkdir(exist_ok=True)
+    (report / "validation-phase9-step99999.png").symlink_to(secret(d))
+
+
+def link_in_earlier_report(d):  # the same in a run an earlier bas wrote, which has no record to check against
+    as_an_earlier_version_wrote(d / "runs" / "old")
+    link_in_report(d)
+
+
+def link_as(name):
+    def prepare(d):
+        target = d / "runs" / "old" / name
+        copy = d / "private" / Path(name).name
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copy(target, copy)  # the very same content, elsewhere
+        target.unlink()
+        target.symlink_to(copy)
+    return prepare
+
+
+def file_added(d):
+    shutil.copy(d / "runs" / "old" / "inputs" / "mask0.png", d / "runs" / "old" / "inputs" / "mask9.png")
+
+
+def scene_image_linked_out(d):
+    (d / "scene" / "img.png").unlink()
+    (d / "scene" / "img.png").symlink_to(secret(d))
+
+
+EXPORT = ["export", "runs/old", "--out", "exported"]
+GENERATE = ["generate", "runs/old", "a photo of <asset0>", "--steps", "1", "--num-images", "1"]
+LINKED = [  # (case, prepare, arguments, message)
+    ("export copies a linked preview", link_in_report, EXPORT, "report/validation-phase9-step99999.png is a link, which no run writes"),
+    ("export --no-preview of a linked preview", link_in_report, EXPORT + ["--no-preview"], "report/validation-phase9-step99999.png is a link"),
+    ("generate from a folder with a link", link_in_report, GENERATE, "report/validation-phase9-step99999.png is a link"),
+    ("an earlier version's run with a linked preview", link_in_earlier_report, EXPORT, "which leads outside"),
+    ("run.json a link out", link_as("run.json"), GENERATE, "names 'run.json', which leads outside"),
+    ("handles a link to the same content", link_as("handles.safetensors"), EXPORT + ["--no-preview"], "which leads outside"),
+    ("an input a link to the same content", link_as("inputs/mask0.png"), EXPORT + ["--no-preview"], "which leads outside"),
+    ("a file added to the run's inputs", file_added, GENERATE, "inputs/mask9.png is not a file its run wrote"),
+    ("a scene image linked out", scene_image_linked_out, run_args(out="runs/new"), "names 'img.png', which leads outside"),
+]
+
+
+@pytest.mark.parametrize("case, prepare, args, message", LINKED, ids=[c[0] for c in LINKED])
+def test_no_file_is_read_or_copied_through_a_link_out_of_its_folder(case, prepare, args, message, work, tiny_model):
+    prepare(work)
+    before = snapshot(work)
+    code, err = run_main([str(tiny_model) if a is None else a for a in args])
+    assert code == 1 and message in error_line(err)
+    assert snapshot(work) == before and not (work / "exported").exists()
+
+
+def test_a_full_runs_pipeline_is_covered_and_never_copied_through_a_link(work, full_run_folder):
+    run = work / "runs" / "full"
+    shutil.copytree(full_run_folder, run)
+    (run / "pipeline" / "unet" / "notes.png").symlink_to(secret(work))
+    for earlier in (False, True):  # its record refuses the link; a run an earlier bas wrote has none: the copy refuses it
+        if earlier:
+            as_an_earlier_version_wrote(run)
+        before = snapshot(work)
+        code, err = run_main(["export", run, "--out", "exported", "--no-preview"])
+        line = error_line(err)
+        assert code == 1 and "pipeline/unet/notes.png" in line and "link" in line, line
+        assert snapshot(work) == before
+    other = shutil.copytree(full_run_folder, work / "runs" / "full2")
+    (other / "pipeline" / "unet" / "notes.txt").write_text("added later")  # a plain file: not the run's either
+    before = snapshot(work)
+    code, err = run_main(["export", other, "--out", "exported", "--no-preview"])
+    assert code == 1 and "pipeline/unet/notes.txt is not a file its run wrote" in error_line(err)
+    assert snapshot(work) == before
+
+
+@pytest.fixture(scope="module")
+def full_run_folder(tmp_path_factory, scene, tiny_model) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    code, err = run_main(["run", "--scene", scene, "--model", tiny_model, "--out", out, "--plugin", "full", *QUICK])
+    assert code == 0, err
+    return out
