@@ -690,12 +690,14 @@ def link_in_earlier_report(d):  # the same in a run an earlier bas wrote, which 
     link_in_report(d)
 
 
-def link_as(name):
+def link_as(name, inside=False):
+    """``name`` of the run replaced by a link to a copy of it: elsewhere, or in the run's own ``samples/``
+    (where generate writes, which run.json does not cover)."""
     def prepare(d):
         target = d / "runs" / "old" / name
-        copy = d / "private" / Path(name).name
+        copy = (d / "runs" / "old" / "samples" if inside else d / "private") / Path(name).name
         copy.parent.mkdir(exist_ok=True)
-        shutil.copy(target, copy)  # the very same content, elsewhere
+        shutil.copy(target, copy)  # the very same content
         target.unlink()
         target.symlink_to(copy)
     return prepare
@@ -718,8 +720,10 @@ LINKED = [  # (case, prepare, arguments, message)
     ("generate from a folder with a link", link_in_report, GENERATE, "report/validation-phase9-step99999.png is a link"),
     ("an earlier version's run with a linked preview", link_in_earlier_report, EXPORT, "which leads outside"),
     ("run.json a link out", link_as("run.json"), GENERATE, "names 'run.json', which leads outside"),
-    ("handles a link to the same content", link_as("handles.safetensors"), EXPORT + ["--no-preview"], "which leads outside"),
-    ("an input a link to the same content", link_as("inputs/mask0.png"), EXPORT + ["--no-preview"], "which leads outside"),
+    ("handles a link to the same content elsewhere", link_as("handles.safetensors"), EXPORT + ["--no-preview"], "which leads outside"),
+    ("handles a link to the same content in the run", link_as("handles.safetensors", inside=True), EXPORT + ["--no-preview"],
+     "handles.safetensors is a link, where its run wrote a file"),
+    ("an input a link to the same content in the run", link_as("inputs/mask0.png", inside=True), GENERATE, "inputs/mask0.png is a link"),
     ("a file added to the run's inputs", file_added, GENERATE, "inputs/mask9.png is not a file its run wrote"),
     ("a scene image linked out", scene_image_linked_out, run_args(out="runs/new"), "names 'img.png', which leads outside"),
 ]
