@@ -23,6 +23,10 @@ from bas.eval_cli import eval_command
 from bas.ui.command import ui as ui_command
 
 PLUGIN_FLAGS = ("--plugin", "-p")
+# exit codes (README, "Errors and exit codes"): the same failure exits with the same code from every command
+EXIT_ERROR = 1  # one `Error: ...` line: bad input, a damaged folder, the machine's limits, a plugin's fault
+EXIT_USAGE = 2  # an unknown option, a missing argument, a value of the wrong type (click's usage errors)
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
 def _quiet_libraries() -> None:
@@ -78,7 +82,7 @@ class BasGroup(click.Group):
         return super().list_commands(ctx)
 
     def invoke(self, ctx):
-        from bas.core.io import environment_error
+        from bas.core.failures import known_failure
         from bas.core.training import Interrupted
 
         try:
@@ -86,16 +90,15 @@ class BasGroup(click.Group):
         except Interrupted as exc:
             close_progress_bars()
             click.echo(str(exc), err=True)
-            sys.exit(130)
-        except BasError as exc:
-            close_progress_bars()
-            raise click.ClickException(str(exc)) from None
+            sys.exit(EXIT_INTERRUPTED)
         except KeyboardInterrupt:
             close_progress_bars()
             click.echo("Interrupted; nothing was saved.", err=True)
-            sys.exit(130)
-        except OSError as exc:  # a full disk, a read-only folder: the machine's state, not a bug
-            error = environment_error(exc)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.ClickException:
+            raise
+        except Exception as exc:  # a user's error, the machine's limits, a plugin's fault: one line; a bug keeps its traceback
+            error = known_failure(exc)
             if error is None:
                 raise
             close_progress_bars()
@@ -334,7 +337,8 @@ def edit(out, prompts, prompts_file, num_images, **options):
 @click.option("--out", "dest", required=True, type=click.Path(path_type=Path), help="Folder to write the export into.")
 @click.option("--rank", type=int, default=32, show_default=True, help="Rank of a LoRA made from a full fine-tune by low-rank difference.")
 @click.option("--name", default=None, help="Name of the kohya LoRA file and embedding prefix [default: the run folder's name].")
-@click.option("--preview/--no-preview", default=True, show_default=True, help="Generate a preview image when the run's report has none.")
+@click.option("--preview/--no-preview", default=True, show_default=True,
+              help="Put a preview.png in the export: the newest validation grid of the run's report, or one generated when it has none.")
 @click.option("--preview-steps", type=COUNT, default=25, show_default=True,
               help="Sampling steps of a generated preview (with the run's family's sampler and guidance, as bas generate's defaults).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
@@ -357,14 +361,16 @@ cli.add_command(eval_command(RunCommand))
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True)
 @click.option("--family", default=None, help="Model family of the pipeline: sd, sdxl, flux, or one a plugin adds [default: sd, the default model's].")
-def tiny_model(directory, seed, prediction_type, family):
+@click.option("--overwrite", is_flag=True, help="Replace a model folder already at DIRECTORY (never a folder of anything else).")
+def tiny_model(directory, seed, prediction_type, family, overwrite):
     """Write a tiny random pipeline of a model family (diffusers format) for offline tests."""
     from bas.core.family import default_family, get_family
-    from bas.core.tiny import save_tiny_model
+    from bas.core.tiny import check_model_target, save_tiny_model
 
+    check_model_target(directory, overwrite)  # before the model is built
     plugins = Plugins()
     chosen = get_family(plugins, family) if family else default_family(plugins)
-    save_tiny_model(directory, seed=seed, prediction_type=prediction_type, family=chosen)
+    save_tiny_model(directory, seed=seed, prediction_type=prediction_type, family=chosen, overwrite=overwrite)
     click.echo(f"Wrote {directory} (loads with {chosen.pipeline_class}.from_pretrained).")
 
 
@@ -377,9 +383,10 @@ def demo(out, steps, model):
     from PIL import Image
 
     from bas.core.api import extract, generate as generate_api
-    from bas.core.demo import DEMO_PROMPTS, contact_sheet, draw_mini_scene
+    from bas.core.demo import DEMO_PROMPTS, check_demo_out, contact_sheet, draw_mini_scene
     from bas.mini import NAME
 
+    check_demo_out(out)
     click.echo(f"Drawing a scene in {out / 'scene'} and extracting its two concepts into {model} ...")
     scene = draw_mini_scene(out / "scene")
     # bas-mini's 64-d embeddings and small UNet move too little in 100 steps at Stable Diffusion's learning rates
@@ -477,17 +484,17 @@ def main(args: list[str] | None = None) -> None:
         cli.main(args=args, prog_name="bas", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.UsageError as exc:
         from bas.option_hints import unknown_option_message
 
         named = unknown_option_message(exc) if isinstance(exc, click.NoSuchOption) else None  # diffusers' names
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
         click.echo(f"Error: {named or exc.format_message()}{hint}", err=True)
-        sys.exit(exc.exit_code)
+        sys.exit(EXIT_USAGE)
     except click.ClickException as exc:
         click.echo(f"Error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
+        sys.exit(EXIT_ERROR)
 
 
 if __name__ == "__main__":

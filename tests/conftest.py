@@ -77,7 +77,7 @@ def rich_run(tmp_path_factory, tiny_model, scene) -> Path:
     return out
 
 
-EARLIER_RUN_FIELDS = ("checksums", "weight_files", "inputs_sha256")  # run.json records newer versions added
+EARLIER_RUN_FIELDS = ("checksums", "sealed_folders", "weight_files", "inputs_sha256")  # run.json records newer versions added
 
 
 def as_an_earlier_version_wrote(folder: Path) -> Path:

@@ -680,3 +680,13 @@ def test_local_workers_are_pinned_one_per_gpu_and_split_the_cpu_threads(visible,
     assert RecordingProcess.started == [(f"bas-batch-worker-{i}", {"CUDA_VISIBLE_DEVICES": gpu, "OMP_NUM_THREADS": threads}) for i, gpu in expected]
     assert os.environ["CUDA_VISIBLE_DEVICES"] == visible  # the batch's own environment is as it was
     assert all(w.task.threads == int(threads) for w in executor.pool)
+
+
+@pytest.mark.parametrize("name", ["index.html", "batch.json"])
+def test_batch_never_replaces_a_users_file_of_its_own_names(name, scene, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / name).write_text("<html>mine</html>" if name == "index.html" else '{"mine": true}')
+    code, _, err = run_main(["batch", scene, "--out", runs, *FAST], capsys)
+    assert code == 1 and err.count("Error: ") == 1 and f"holds {name}, which is not an earlier bas batch's" in err, err
+    assert sorted(p.name for p in runs.iterdir()) == [name] and "mine" in (runs / name).read_text()

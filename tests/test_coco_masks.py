@@ -208,3 +208,19 @@ def test_instances_left_out_are_reported_with_the_way_to_keep_them(coco, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == ["Warning: coco-masks left out 2 instances of image 1 covering less than 15% of the square crop (car 10.0%, person 0.4%); "
                                         "pass --min-area 0 to keep them."]
+
+
+@pytest.mark.parametrize("key, field, value, message", [
+    ("annotations", "area", "big", "the 'area' of annotations entry 10 is 'big', not a number"),
+    ("images", "width", "64", "the 'width' of images entry 1 is '64', not a whole number"),
+])
+def test_coco_numbers_that_are_strings_are_one_error(key, field, value, message, coco, tmp_path, invoke_with_plugin_commands):
+    path, image = coco
+    data = json.loads(path.read_text())
+    data[key][0][field] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    for args in (["coco-select", "--annotations", bad], ["masks", "-p", "coco-masks", "--image", image, "--annotations", bad, "--image-id", 1, "--out", tmp_path / "out"]):
+        result = invoke_with_plugin_commands(*args)
+        assert result.exit_code == 1 and message in result.output and result.output.count("Error:") == 1, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]

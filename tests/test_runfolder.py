@@ -299,7 +299,7 @@ DAMAGED = [  # (case, damage, message)
     ("run.json without handles", lambda o: rewrite_json(o, lambda i: i.pop("handles")), "has no valid 'handles'"),
     ("a listed file outside", lambda o: rewrite_json(o, lambda i: i["files"].append("../../etc/passwd")), "which is not inside"),
     ("a checksum path outside", lambda o: rewrite_json(o, lambda i: i["checksums"].update({"/etc/passwd": {"bytes": 1}})), "which is not inside"),
-    ("handles disagree", lambda o: rewrite_json(o, lambda i: i.update(handles=["<asset0>"], checksums={})), "is mixed: handles.safetensors holds <asset0>, <asset1> but run.json lists <asset0>"),
+    ("handles disagree", lambda o: rewrite_json(o, lambda i: i.update(handles=["<asset0>"], checksums={}, sealed_folders=[])), "is mixed: handles.safetensors holds <asset0>, <asset1> but run.json lists <asset0>"),
     ("crafted handle name", crafted_escape, "lists the handles ['../../escaped']"),
     ("resolution not a number", lambda o: rewrite_json(o, lambda i: i.update(resolution="big")), "has no valid 'resolution'"),
 ]
@@ -668,3 +668,322 @@ def test_installed_plugins_cannot_exit_bas_or_replace_its_commands(monkeypatch, 
     assert "lora  [on by default" in out and "shadow  [opt-in" in out and "could not be loaded (exits)" in err
     code, err = run_main(["run", "--plugin", "exits", "--out", tmp_path / "p"])
     assert code == 1 and "Error importing plugin 'exits': it called sys.exit(3)" in error_line(err)
+
+
+# -- files never leave their folder: links out of run, scene and export folders ---------------------
+def secret(d: Path) -> Path:
+    """A file the user can read that must never end up in a run or an export."""
+    path = d / "private" / "secret.png"
+    path.parent.mkdir()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(path)
+    return path
+
+
+def link_in_report(d):  # a shared run folder with a link planted as its newest validation grid
+    report = d / "runs" / "old" / "report"
+    report.mkdir(exist_ok=True)
+    (report / "validation-phase9-step99999.png").symlink_to(secret(d))
+
+
+def link_in_earlier_report(d):  # the same in a run an earlier bas wrote, which has no record to check against
+    as_an_earlier_version_wrote(d / "runs" / "old")
+    link_in_report(d)
+
+
+def link_as(name, inside=False):
+    """``name`` of the run replaced by a link to a copy of it: elsewhere, or in the run's own ``samples/``
+    (where generate writes, which run.json does not cover)."""
+    def prepare(d):
+        target = d / "runs" / "old" / name
+        copy = (d / "runs" / "old" / "samples" if inside else d / "private") / Path(name).name
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copy(target, copy)  # the very same content
+        target.unlink()
+        target.symlink_to(copy)
+    return prepare
+
+
+def file_added(d):
+    shutil.copy(d / "runs" / "old" / "inputs" / "mask0.png", d / "runs" / "old" / "inputs" / "mask9.png")
+
+
+def scene_image_linked_out(d):
+    (d / "scene" / "img.png").unlink()
+    (d / "scene" / "img.png").symlink_to(secret(d))
+
+
+EXPORT = ["export", "runs/old", "--out", "exported"]
+GENERATE = ["generate", "runs/old", "a photo of <asset0>", "--steps", "1", "--num-images", "1"]
+LINKED = [  # (case, prepare, arguments, message)
+    ("export copies a linked preview", link_in_report, EXPORT, "report/validation-phase9-step99999.png is a link, which no run writes"),
+    ("export --no-preview of a linked preview", link_in_report, EXPORT + ["--no-preview"], "report/validation-phase9-step99999.png is a link"),
+    ("generate from a folder with a link", link_in_report, GENERATE, "report/validation-phase9-step99999.png is a link"),
+    ("an earlier version's run with a linked preview", link_in_earlier_report, EXPORT, "which leads outside"),
+    ("run.json a link out", link_as("run.json"), GENERATE, "names 'run.json', which leads outside"),
+    ("handles a link to the same content elsewhere", link_as("handles.safetensors"), EXPORT + ["--no-preview"], "which leads outside"),
+    ("handles a link to the same content in the run", link_as("handles.safetensors", inside=True), EXPORT + ["--no-preview"],
+     "handles.safetensors is a link, where its run wrote a file"),
+    ("an input a link to the same content in the run", link_as("inputs/mask0.png", inside=True), GENERATE, "inputs/mask0.png is a link"),
+    ("a file added to the run's inputs", file_added, GENERATE, "inputs/mask9.png is not a file its run wrote"),
+    ("a scene image linked out", scene_image_linked_out, run_args(out="runs/new"), "names 'img.png', which leads outside"),
+]
+
+
+@pytest.mark.parametrize("case, prepare, args, message", LINKED, ids=[c[0] for c in LINKED])
+def test_no_file_is_read_or_copied_through_a_link_out_of_its_folder(case, prepare, args, message, work, tiny_model):
+    prepare(work)
+    before = snapshot(work)
+    code, err = run_main([str(tiny_model) if a is None else a for a in args])
+    assert code == 1 and message in error_line(err)
+    assert snapshot(work) == before and not (work / "exported").exists()
+
+
+def test_a_full_runs_pipeline_is_covered_and_never_copied_through_a_link(work, full_run_folder):
+    run = work / "runs" / "full"
+    shutil.copytree(full_run_folder, run)
+    (run / "pipeline" / "unet" / "notes.png").symlink_to(secret(work))
+    for earlier in (False, True):  # its record refuses the link; a run an earlier bas wrote has none: the copy refuses it
+        if earlier:
+            as_an_earlier_version_wrote(run)
+        before = snapshot(work)
+        code, err = run_main(["export", run, "--out", "exported", "--no-preview"])
+        line = error_line(err)
+        assert code == 1 and "pipeline/unet/notes.png" in line and "link" in line, line
+        assert snapshot(work) == before
+    other = shutil.copytree(full_run_folder, work / "runs" / "full2")
+    (other / "pipeline" / "unet" / "notes.txt").write_text("added later")  # a plain file: not the run's either
+    before = snapshot(work)
+    code, err = run_main(["export", other, "--out", "exported", "--no-preview"])
+    assert code == 1 and "pipeline/unet/notes.txt is not a file its run wrote" in error_line(err)
+    assert snapshot(work) == before
+
+
+@pytest.fixture(scope="module")
+def full_run_folder(tmp_path_factory, scene, tiny_model) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    code, err = run_main(["run", "--scene", scene, "--model", tiny_model, "--out", out, "--plugin", "full", *QUICK])
+    assert code == 0, err
+    return out
+
+
+# -- one error boundary: the same failure is one Error line and one exit code from every command ---
+def safetensors_fails(code: int):
+    """safetensors' writer as it fails on a full disk or past a size limit: its own SafetensorError
+    (not an OSError), the operating system's error only in the message."""
+    from safetensors import SafetensorError
+
+    def save(*args, **kwargs):
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+    return save
+
+
+@pytest.mark.parametrize("code, message", [(errno.ENOSPC, "the disk is full"), (errno.EFBIG, "the file is larger than this file system allows")])
+def test_safetensors_disk_full_and_size_limit_are_one_line_from_run_and_export(code, message, work, tiny_model, monkeypatch):
+    old = work / "runs" / "old"
+    before = snapshot(old)
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "save_file", safetensors_fails(code))  # the run's handles file, after the phase-1 checkpoint
+        status, err = run_main(run_args("--overwrite", out="runs/old", model=tiny_model))
+    line = error_line(err)
+    assert status == 1 and message in line and "run the same command with --resume added" in line
+    assert snapshot(old) == before and (staging_path(old) / "checkpoints").is_dir()
+    shutil.rmtree(staging_path(old))
+    before = snapshot(work)
+    for fmt in ("diffusers", "kohya"):
+        with monkeypatch.context() as patch:
+            patch.setattr(io, "save_file", safetensors_fails(code))
+            status, err = run_main(["export", "runs/old", "--format", fmt, "--out", "exported", "--no-preview"])
+        assert status == 1 and message in error_line(err), fmt
+        assert snapshot(work) == before
+
+
+def out_dir_a_file(d, monkeypatch):
+    (d / "afile").write_text("mine")
+    monkeypatch.setattr("bas.core.generation.load_run_pipeline", lambda *a, **k: pytest.fail("sampled before checking --out-dir"))
+    return GENERATE + ["--out-dir", "afile"]
+
+
+def edit_out_dir_below_a_file(d, monkeypatch):
+    (d / "afile").write_text("mine")
+    monkeypatch.setattr("bas.core.generation.load_run_pipeline", lambda *a, **k: pytest.fail("sampled before checking --out-dir"))
+    return ["edit", "runs/old", "a photo of <asset0>", "--image", "scene/img.png", "--mask", "scene/mask0.png", "--steps", "1", "--out-dir", "afile/edits"]
+
+
+def memory_runs_out(d, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise MemoryError()
+    monkeypatch.setattr("bas.core.generation.sampling_seeds", exhausted)
+    return GENERATE
+
+
+def pickled_model(d, monkeypatch):
+    """run.json's base model with pickled weights that would run code: on export's preview path, which loads it."""
+    import pickle
+
+    model = shutil.copytree(Path(json.loads((d / "runs" / "old" / "run.json").read_text())["model"]), d / "model")
+    (model / "text_encoder" / "model.safetensors").unlink()
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+    (model / "text_encoder" / "pytorch_model.bin").write_bytes(pickle.dumps(RunsCode()))
+    rewrite_json(d / "runs" / "old", lambda info: info.update(model=str(model)))
+    return EXPORT + ["--preview-steps", "1"]
+
+
+def another_family(d, monkeypatch):
+    """run.json names SDXL (and an SDXL model) while its LoRA and handles are SD's."""
+    from bas.core.tiny import save_tiny_model
+    from bas.plugins.sdxl import StableDiffusionXL
+
+    model = save_tiny_model(d / "sdxl", seed=0, family=StableDiffusionXL())
+    rewrite_json(d / "runs" / "old", lambda info: info.update(model=str(model), family="sdxl"))
+    return GENERATE
+
+
+def installed_plugin_raises(d, monkeypatch):
+    """An installed plugin whose observer fails in its own code, as a bug in a plugin does."""
+    import textwrap
+    import types
+
+    from bas.core import plugins as plugins_module
+
+    module = types.ModuleType("boom_pkg")  # the plugin's code lives in its own package, as an installed one's does
+    exec(textwrap.dedent('''
+        import bas
+
+        class Boom:
+            def on_phase_start(self, run, phase):
+                raise RuntimeError("kaboom")
+
+        @bas.hookimpl
+        def bas_register_observers(register):
+            register("boom", lambda config: Boom())
+    '''), module.__dict__)
+    monkeypatch.setitem(sys.modules, "boom_pkg", module)
+    monkeypatch.setattr(plugins_module, "_entry_points", lambda: {"boom": FakeEntryPoint("boom", lambda: module)})
+    return run_args("--plugin", "boom", out="runs/new")
+
+
+BOUNDARY = [  # (case, prepare -> arguments, message)
+    ("generate --out-dir is a file, before sampling", out_dir_a_file, "--out-dir afile is a file; pass a folder path"),
+    ("edit --out-dir below a file, before sampling", edit_out_dir_below_a_file, "--out-dir afile/edits is below afile, which is a file"),
+    ("out of memory", memory_runs_out, "Out of memory (MemoryError); ask for less at once (fewer --num-images"),
+    ("pickled model weights on export's preview path", pickled_model, "holds a weights file that cannot be read safely (pickled weights that could run code)"),
+    ("run.json names another family than its weights", another_family, "lora weights do not fit the sdxl model"),
+    ("an installed plugin's code raises", installed_plugin_raises,
+     "Plugin 'boom' raised in Boom.on_phase_start: RuntimeError: kaboom (a fault of the plugin: report it to its authors, and run without --plugin boom"),
+]
+
+
+@pytest.mark.parametrize("case, prepare, message", BOUNDARY, ids=[c[0] for c in BOUNDARY])
+def test_known_failures_are_one_error_line_and_exit_1(case, prepare, message, work, tiny_model, monkeypatch):
+    args = prepare(work, monkeypatch)
+    before = snapshot(work)
+    code, err = run_main([str(tiny_model) if a is None else a for a in args])
+    assert code == 1 and message in error_line(err)
+    assert snapshot(work) == before and not (work / "exported").exists() and not (work / "pwned").exists()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda t: t.__setitem__("trainable", {k: v[:1] for k, v in t["trainable"].items()}),  # other shapes (torch would broadcast them in)
+    lambda t: t["optimizer"]["optimizer"]["param_groups"].append(dict(t["optimizer"]["optimizer"]["param_groups"][0], params=[999])),
+    lambda t: t.__setitem__("rng", dict(t["rng"], generator=torch.zeros(3, dtype=torch.uint8))),
+], ids=["shapes", "optimizer groups", "rng state"])
+def test_resume_from_a_checkpoint_that_does_not_fit_is_one_error(damage, work, tiny_model):
+    out = work / "runs" / "new"
+    with pytest.raises(NumericalError):
+        run_fragile(work, work / "scene", tiny_model, out)
+    saved = staging_path(out) / "checkpoints" / "phase1-step00002"
+    parts = {"trainable": load_file(str(saved / "trainable.safetensors")), "rng": load_file(str(saved / "rng.safetensors")),
+             "optimizer": torch.load(saved / "optimizer.pt", weights_only=True)}
+    damage(parts)
+    save_file(parts["trainable"], str(saved / "trainable.safetensors"))
+    save_file(parts["rng"], str(saved / "rng.safetensors"))
+    torch.save(parts["optimizer"], saved / "optimizer.pt")
+    before = snapshot(work)
+    with pytest.raises(BasError, match="phase1-step00002 does not fit this run .*; it is damaged or from other options: start over with --overwrite"):
+        run_fragile(work, work / "scene", tiny_model, out, resume=True)
+    assert snapshot(work) == before
+
+
+def test_too_many_images_are_refused_before_any_list_of_seeds_is_made():
+    from bas.core.evaluation import EvalConfig
+    from bas.core.generation import sampling_seeds
+
+    with pytest.raises(BasError, match="--num-images must be at most 10000, not 10001"):
+        sampling_seeds(0, None, 10_001)
+    with pytest.raises(BasError, match="--num-images must be at most 10000, not 1000000000"):
+        EvalConfig(runs=[Path("r")], out=Path("e"), num_images=10**9).check()
+
+
+def test_images_too_large_or_damaged_are_one_line_in_bas_eval(tmp_path, monkeypatch):
+    from bas.core.evaluation import Sample
+    from bas.core.failures import known_failure
+    from bas.core.run_inputs import load_inputs
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(BasError, match="big.png has more than 1,000 pixels, PIL's limit against decompression bombs"):
+        Sample("run", "a photo of <asset0>", (0,), 0, None, tmp_path / "big.png").image()
+    run = tmp_path / "run"
+    (run / "inputs").mkdir(parents=True)
+    for name in ("image.png", "mask0.png"):
+        shutil.copy(tmp_path / "big.png", run / "inputs" / name)
+    with pytest.raises(BasError, match="image.png has more than 1,000 pixels"):
+        load_inputs(run, 1)
+    with pytest.raises(Image.DecompressionBombError) as raised:  # from code of any other path: still one line
+        Image.open(tmp_path / "big.png")
+    assert "PIL's limit against decompression bombs" in str(known_failure(raised.value))
+
+
+def test_the_same_failure_exits_with_the_same_code_from_every_command(work):
+    """A damaged run: 1 from each reader (eval included); a usage error (an unknown option): 2 from each."""
+    out = work / "runs" / "old"
+    other_handles(out)
+    readers = READERS + [["eval", "{out}", "--out", "{work}/evaluated", "--num-images", "1", "--steps", "1"]]
+    for reader in readers:
+        code, err = run_main([a.format(out=out, work=work) for a in reader])
+        assert code == 1 and "is damaged or mixed" in error_line(err), reader[0]
+        code, err = run_main([a.format(out=out, work=work) for a in reader] + ["--no-such-option"])
+        assert code == 2 and "No such option '--no-such-option'" in error_line(err), reader[0]
+
+
+@pytest.mark.parametrize("prepare, message", [
+    (lambda d: (d / "m").write_text("mine"), "DIRECTORY m is a file; pass a folder path"),
+    (lambda d: write_not_a_run(d) or (d / "m").symlink_to(d / "runs" / "mine"), "DIRECTORY m is a link"),
+    (lambda d: (d / "m").mkdir() or (d / "m" / "thesis.tex").write_text("years"), "holds files and is not a model folder (it has no model_index.json)"),
+    (lambda d: shutil.copytree(d / "runs" / "old", d / "m"), "holds files and is not a model folder"),
+    (lambda d: (d / "m").mkdir() or (d / "m" / "model_index.json").write_text("{}"), "already holds a model; pass --overwrite to replace it"),
+    (lambda d: None, "DIRECTORY . is the current folder"),
+], ids=["a file", "a link", "a folder of files", "a run", "a model without --overwrite", "the current folder"])
+def test_tiny_model_never_replaces_what_it_did_not_write(prepare, message, work):
+    prepare(work)
+    before = snapshot(work)
+    target = "." if "current folder" in message else "m"
+    for extra in ([], ["--overwrite"]) if "--overwrite" not in message else ([],):
+        code, err = run_main(["tiny-model", target, *extra])
+        assert code == 1 and message in error_line(err)
+        assert snapshot(work) == before
+
+
+def test_tiny_model_replaces_its_own_model_with_overwrite(work):
+    code, err = run_main(["tiny-model", "m"])
+    assert code == 0, err
+    first = snapshot(work / "m")
+    code, err = run_main(["tiny-model", "m", "--seed", "1", "--overwrite"])
+    assert code == 0 and snapshot(work / "m") != first and (work / "m" / "model_index.json").is_file()
+
+
+def test_demo_never_replaces_what_it_did_not_write(work):
+    write_not_a_run(work)
+    (work / "demo").mkdir()
+    (work / "demo" / "notes.txt").write_text("mine")
+    (work / "demo2").mkdir()
+    shutil.copytree(work / "runs" / "old", work / "demo2" / "scene")  # a folder the demo writes, holding what it does not
+    before = snapshot(work)
+    for out, message in (("demo", "--out demo holds notes.txt, which the demo does not write"), ("demo2", "--out demo2 holds scene/README.md and"),
+                         ("runs/mine/thesis.tex", "is a file")):
+        code, err = run_main(["demo", "--out", out, "--steps", "1"])
+        assert code == 1 and message in error_line(err), out
+        assert snapshot(work) == before

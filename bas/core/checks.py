@@ -17,6 +17,9 @@ MAX_SEED = 2**63 - 1
 # the longest side of an image bas trains on or generates: 4x SDXL's 1024 px, and far below what
 # would make a single step run for hours
 MAX_SIDE = 4096
+# images per prompt of one command: far more than anyone looks at, far fewer than a list of seeds
+# that alone fills the memory
+MAX_IMAGES = 10_000
 
 
 def option_name(name: str) -> str:

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from bas.core import io
+from bas.core.errors import BasError
 
 
 def draw_scene(directory: Path, size: int = 128) -> Path:
@@ -41,6 +42,32 @@ DEMO_PROMPTS = (
     ("<asset1>+<asset0>", "a photo of <asset1> and <asset0>"),
     ("<asset0> on yellow", "a photo of <asset0> on a yellow background"),
 )
+
+
+DEMO_ENTRIES = {"scene": {"img.png", "mask0.png", "mask1.png", "scene.json"}, "run": None, "demo.png": None}
+
+
+def check_demo_out(out: Path) -> None:
+    """``bas demo --out``: what the demo writes there (``scene/``, ``run/``, ``demo.png``) may be replaced,
+    as an earlier demo wrote it; a folder holding anything else is refused before anything is written
+    (the run folder itself is guarded as ``bas run --out``: only a bas run is ever replaced)."""
+    from bas.core.runfolder import check_target, own_name
+
+    check_target(out, kind="demo")
+    out = Path(out)
+    if not out.is_dir():
+        return
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if own_name(entry) is not None or entry.name == "run":
+            continue
+        if entry.name not in DEMO_ENTRIES or entry.is_symlink() or (entry.is_dir() != (DEMO_ENTRIES[entry.name] is not None)):
+            foreign.append(entry.name)
+        elif entry.is_dir():
+            foreign += [f"{entry.name}/{p.name}" for p in sorted(entry.iterdir()) if p.name not in DEMO_ENTRIES[entry.name]]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise BasError(f"--out {out} holds {foreign[0]}{more}, which the demo does not write; choose a new or empty folder (or an earlier demo's).")
 
 
 def draw_mini_scene(directory: Path) -> Path:

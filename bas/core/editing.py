@@ -122,6 +122,7 @@ def edit_images(
     res = info["resolution"]
     width, height = width or res, height or res
     image_t, mask_t = load_edit_inputs(image, mask, width, height)  # before the model loads
+    out_dir = io.check_output_folder(Path(out_dir) if out_dir else out / "edits", "--out-dir")
 
     pipe, info = load_run_pipeline(out, device, precision)
     check_prompts_fit(pipe, family, prompts + ([negative_prompt] if negative_prompt else []))
@@ -137,7 +138,6 @@ def edit_images(
     inside = latent_mask(mask_t, source.shape[-2:]).to(dev)
     # the script's DDIM counts timesteps from 0 (steps_offset 0: 980, 960, ...)
     config = dict(pipe.scheduler.config, steps_offset=0) if scheduler == "ddim" else pipe.scheduler.config
-    out_dir = Path(out_dir) if out_dir else out / "edits"
     written = []
     for prompt in prompts:
         with torch.no_grad():

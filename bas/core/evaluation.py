@@ -157,11 +157,9 @@ class Sample:
     path: Path
 
     def image(self) -> Image.Image:
-        try:
-            with Image.open(self.path) as img:
-                return img.convert("RGB")
-        except OSError as exc:
-            raise BasError(f"{self.path} is not a readable image ({exc}); delete it and run bas eval again.") from exc
+        from bas.core.scene import open_image  # decompression bombs and damaged files are one line
+
+        return open_image(self.path, "Image", "delete it and run bas eval again").convert("RGB")
 
 
 @dataclass
@@ -188,8 +186,7 @@ class EvalConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
-        if self.num_images < 1:
-            raise BasError(f"--num-images must be at least 1, not {self.num_images}.")
+        checks.check_integer("num_images", self.num_images, 1, checks.MAX_IMAGES)
         if self.steps < 1:
             raise BasError(f"--steps must be at least 1, not {self.steps}.")
         if self.guidance is not None:

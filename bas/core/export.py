@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -231,10 +230,25 @@ Base model: `{info['model']}`{version}.
 Each handle `<assetN>` is typed as the embedding's file name, `{name}-assetN`."""
 
 
-def find_preview(out: Path) -> Path | None:
-    """The newest validation grid of the run's report, if it has one."""
-    grids = sorted((Path(out) / "report").glob("validation-phase*-step*.png"))
-    return grids[-1] if grids else None
+PREVIEW_GRID = re.compile(r"report/validation-phase\d+-step\d+\.png")
+
+
+def find_preview(out: Path, info: dict | None = None) -> Path | None:
+    """The newest validation grid of the run's report, if it has one: among the files its run.json
+    records (``info``, checked by :func:`bas.core.runs.read_run`), or for a run without that record
+    (bas before 0.2, or the staging folder while the run is written), those in the folder, each of
+    which must be a file of the folder (a link is refused)."""
+    out = Path(out)
+    if info is not None and isinstance(info.get("checksums"), dict):
+        names = [name for name in info["checksums"] if PREVIEW_GRID.fullmatch(name)]
+    else:
+        names = [f"report/{p.name}" for p in (out / "report").glob("validation-phase*-step*.png")]
+    if not names:
+        return None
+    newest = io.inside(out, sorted(names)[-1], f"{out}'s report")
+    if newest.is_symlink():
+        raise BasError(f"{newest} is a link, not a validation grid its run wrote; restore the folder or re-run `bas run`.")
+    return newest
 
 
 def run_files(info: dict) -> tuple[bool, bool]:
@@ -362,14 +376,14 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
                 write_diffusers_lora(read_diffusers_lora(out / LORA_FILE), tmp / "lora")
                 files.append((LORA_FILE, "the LoRA trained in phase 2, for `pipe.load_lora_weights`"))
             elif has_pipeline:
-                shutil.copytree(out / "pipeline", tmp / "pipeline")
+                io.copy_tree(out / "pipeline", tmp / "pipeline", "The run's pipeline")
                 files.append((PIPELINE_DIR, "the whole fine-tuned pipeline, handles included (`--format lora-from-full` makes a LoRA of it)"))
             lora = fmt == "lora-from-full" or has_lora
             usage = diffusers_usage(info, f"{dest}/", lora, fmt == "diffusers" and has_pipeline, family)
             prompt_map = lambda p: p  # noqa: E731
-        found = find_preview(out)
+        found = find_preview(out, info) if preview else None
         if found:
-            shutil.copy2(found, tmp / PREVIEW)
+            io.copy_file(found, tmp / PREVIEW, "The run's validation grid")
         elif preview:
             render_preview(out, info, tmp / PREVIEW, preview_steps, device, precision)
         card = model_card(info, title=f"{name}: {len(handles)} concepts for {info['model']}", files=files, usage=usage,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -389,7 +390,7 @@ class UNetFamily(ModelFamily):
             for name, (library, cls) in self.component_classes.items():
                 parts[name] = getattr(importlib.import_module(library), cls).from_pretrained(model, subfolder=name)
             noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except MODEL_FILE_ERRORS as exc:
             raise load_error(model, exc) from exc
         if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
             raise BasError(f"Model '{model}' predicts '{noise_scheduler.config.prediction_type}'; bas supports epsilon and "
@@ -459,7 +460,7 @@ class UNetFamily(ModelFamily):
         check_model_path(model)
         try:
             pipe = getattr(diffusers, self.pipeline_class).from_pretrained(model, dtype=dtype, **self.pipeline_kwargs)
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except MODEL_FILE_ERRORS as exc:
             raise load_error(model, exc) from exc
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
@@ -472,7 +473,16 @@ def check_model_path(model: str) -> None:
         raise BasError(f"{model} is not a diffusers pipeline folder (it has no model_index.json); pass a pipeline folder or hub id with --model.")
 
 
+# what loading a model raises for a missing, damaged or refused file: torch's weights-only unpickler
+# refuses pickled code (UnpicklingError) and trips over damaged pickles (KeyError, EOFError)
+MODEL_FILE_ERRORS = (OSError, ValueError, pickle.UnpicklingError, KeyError, EOFError)
+
+
 def load_error(model: str, exc: Exception) -> BasError:
+    if isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError)):  # torch's own advice (weights_only=False) would run its code
+        why = "pickled weights that could run code" if isinstance(exc, pickle.UnpicklingError) else "a damaged pickle"
+        return BasError(f"Model '{model}' holds a weights file that cannot be read safely ({why}); bas never runs code from weights, "
+                        "so pass a model saved as safetensors with --model (or download it again if it is damaged).")
     return BasError(
         f"Could not load model '{model}' ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
         "check the hub id and your connection (or `hf auth login`), or pass a local diffusers folder with --model."

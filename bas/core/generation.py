@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from bas.core import checks, io
 from bas.core.errors import BasError
+from bas.core.failures import is_out_of_memory
 from bas.core.handles import check_prompt_fits, check_prompt_handles, install_handles
 from bas.core.model import DTYPES, load_pipeline, resolve_device, resolve_precision
 from bas.core.runs import SavedConfig, all_handles_prompt, read_run, run_family, run_plugins, slug  # noqa: F401 (re-exported)
@@ -26,6 +28,18 @@ def image_stem(prompt: str) -> str:
     if full == short:
         return short
     return f"{short}-{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:8]}"
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
 
 
 def load_run_pipeline(out: Path, device: str = "auto", precision: str = "auto"):
@@ -42,11 +56,20 @@ def load_run_pipeline(out: Path, device: str = "auto", precision: str = "auto"):
 
     if info.get("weights"):
         strategy = plugins.registry("weight strategy").get(info["weights"], "this run's weights").factory
-        pipe = strategy(SavedConfig.of(out, info)).load_pipeline(out, info, load)
+        try:
+            with quiet_diffusers():  # it logs a failed LoRA load as an error before raising it: the one line is bas's
+                pipe = strategy(SavedConfig.of(out, info)).load_pipeline(out, info, load)
+        except (RuntimeError, ValueError, KeyError) as exc:  # torch: "size mismatch for ..."; peft: target modules not found
+            if isinstance(exc, BasError) or is_out_of_memory(exc):
+                raise
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else type(exc).__name__)
+            raise BasError(f"{out}'s {info['weights']} weights do not fit the {family.name} model '{info['model']}' its run.json names ({detail[:300]}); "
+                           "run.json names another family or model than the run was trained with: restore the folder or re-run `bas run`.") from exc
     else:
         pipe = load(info["model"])
     encoders = family.pipeline_text_encoders(pipe)
-    install_handles(encoders, load_file(str(out / "handles.safetensors")))
+    install_handles(encoders, load_file(str(io.inside(out, "handles.safetensors", str(out)))))
     for encoder in encoders:
         encoder.model.to(dev)
     return pipe, info
@@ -138,7 +161,7 @@ def grid_name(prompts: list[str], seeds: list[int]) -> str:
 def sampling_seeds(seed: int, seeds, num_images: int) -> list[int]:
     """The seeds of ``generate`` and ``edit``: ``seeds``, else ``seed, seed+1, ...`` (``num_images`` of them),
     each one torch's generators take.  The command line and the Python API both pass here."""
-    checks.check_integer("num_images", num_images, 1)
+    checks.check_integer("num_images", num_images, 1, checks.MAX_IMAGES)
     if seeds:
         if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
             raise BasError(f"--seeds must be a list of whole numbers such as [1, 7, 42], not {seeds!r}.")
@@ -213,12 +236,12 @@ def generate_images(
     family = run_family(info)
     scheduler, guidance = sampling_defaults(family, scheduler, guidance)  # before the model loads
     family.check_sampling(negative_prompt)
+    out_dir = io.check_output_folder(Path(out_dir) if out_dir else out / "samples", "--out-dir")  # before sampling
 
     pipe, info = load_run_pipeline(out, device, precision)
     check_prompts_fit(pipe, family, prompts + ([negative_prompt] if negative_prompt else []))
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     extra = lora_kwargs(pipe, lora_scale, family)
-    out_dir = Path(out_dir) if out_dir else out / "samples"
     res = info.get("resolution")
     written, rows = [], []
     for prompt in prompts:

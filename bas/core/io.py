@@ -17,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -206,7 +207,15 @@ def write_text(path: Path, text: str) -> None:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors' SafetensorError for a full disk: an OSError by another name
+            error = os_error(exc)
+            if error is None:
+                raise
+            raise OSError(error.errno, error.strerror, str(path)) from exc
 
 
 def save_image(path: Path, image) -> None:
@@ -229,10 +238,31 @@ ENVIRONMENT_ERRORS = {
 }
 
 
+RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's std::io::Error ends its message
+
+
+def os_error(exc: BaseException) -> OSError | None:
+    """``exc`` as the ``OSError`` it is: itself, or for a library written in Rust, which raises its own
+    exception class with the operating system's error in the message (safetensors' ``SafetensorError``:
+    ``Error while serializing: I/O error: No space left on device (os error 28)``), an ``OSError`` of
+    that errno; ``None`` for anything else."""
+    if isinstance(exc, OSError):
+        return exc
+    if not isinstance(exc, Exception):
+        return None
+    found = RUST_IO_ERROR.search(str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
+
+
 def environment_error(exc: BaseException) -> BasError | None:
     """A :class:`BasError` for an ``OSError`` the user's machine caused (full disk, read-only
-    folder, permissions), or ``None`` for any other exception (a bug, which keeps its traceback)."""
-    if not isinstance(exc, OSError) or exc.errno not in ENVIRONMENT_ERRORS:
+    folder, permissions), also where a library reports one under its own exception class
+    (:func:`os_error`), or ``None`` for any other exception (a bug, which keeps its traceback)."""
+    exc = os_error(exc)
+    if exc is None or exc.errno not in ENVIRONMENT_ERRORS:
         return None
     where = exc.filename or "a file"
     fix = {
@@ -243,6 +273,17 @@ def environment_error(exc: BaseException) -> BasError | None:
         errno.EPERM: "write to a folder you may write to, or fix its permissions",
     }.get(exc.errno, "write to another folder")
     return BasError(f"Could not write {where}: {ENVIRONMENT_ERRORS[exc.errno]} ({exc.strerror}); {fix}.")
+
+
+def check_output_folder(path: Path, option: str) -> Path:
+    """Refuse, before anything slow runs, a folder to write files into that cannot be one: a file,
+    or a path below a file."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if os.path.lexists(folder) and not folder.is_dir():
+            where = "is a file" if folder == path else f"is below {folder}, which is a file"
+            raise BasError(f"{option} {path} {where}; pass a folder path.")
+    return path
 
 
 def inside(base: Path, relative: str, what: str) -> Path:
@@ -257,6 +298,49 @@ def inside(base: Path, relative: str, what: str) -> Path:
     if real_base != path.resolve() and real_base not in path.resolve().parents:
         raise BasError(f"{what} names {text!r}, which leads outside {base} (through a link); re-create it with bas.")
     return path
+
+
+def links_under(root: Path) -> list[Path]:
+    """Every symbolic link at or under ``root`` (links to folders are not followed)."""
+    root = Path(root)
+    if root.is_symlink():
+        return [root]
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        found += [Path(folder, name) for name in dirs + files if os.path.islink(os.path.join(folder, name))]
+    return sorted(found)
+
+
+def copy_file(src: Path, dst: Path, what: str) -> None:
+    """Copy the regular file ``src`` to ``dst``, never through a link: a link (to anything, anywhere)
+    in ``src``'s place is refused, also one put there after a check (``O_NOFOLLOW``)."""
+    src, dst = Path(src), Path(dst)
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or src.is_symlink():
+            raise BasError(f"{what} {src} is a link, which bas never copies (it could lead to any file); re-create the folder with bas.") from None
+        raise
+    with os.fdopen(fd, "rb") as source:
+        if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+            raise BasError(f"{what} {src} is not a plain file; re-create the folder with bas.")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst, "xb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+
+
+def copy_tree(src: Path, dst: Path, what: str) -> None:
+    """Copy the folder ``src`` to the new folder ``dst``: plain files and folders only; a link anywhere
+    in it is refused before anything is copied (and each file is opened without following links)."""
+    src, dst = Path(src), Path(dst)
+    links = links_under(src)
+    if links:
+        raise BasError(f"{what} {src} holds the link {links[0]}, which bas never copies (it could lead to any file); re-create the folder with bas.")
+    for folder, dirs, files in os.walk(src, followlinks=False):
+        target = dst / Path(folder).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in sorted(files):
+            copy_file(Path(folder, name), target / name, what)
 
 
 @contextlib.contextmanager

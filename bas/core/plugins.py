@@ -147,6 +147,17 @@ def shadowed_entry_points() -> list[str]:
     return sorted(f"{name} ({ep.value})" for name, ep in _entry_points().items() if name in BUILTIN_PLUGINS)
 
 
+def installed_plugin_packages() -> dict[str, str]:
+    """``{top-level package: plugin name}`` of the installed (not built-in) plugins: the package of
+    each entry point (``mypkg.plugin:obj`` -> ``mypkg``), whose modules are the plugin's code."""
+    found = {}
+    for name, ep in _entry_points().items():
+        top = str(ep.value).split(":", 1)[0].split(".", 1)[0]
+        if name not in BUILTIN_PLUGINS and top and top != "bas":
+            found.setdefault(top, name)
+    return found
+
+
 def available_plugin_names() -> list[str]:
     return sorted(set(BUILTIN_PLUGINS) | set(_entry_points()))
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from bas.core import io
 from bas.core.errors import BasError
+from bas.core.scene import open_image
 
 INPUTS_DIR = "inputs"
 IMAGE_NAME = "image.png"
@@ -52,13 +53,8 @@ def load_inputs(out: Path, num_handles: int) -> tuple[Image.Image, list[np.ndarr
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise BasError(f"{folder} lacks {', '.join(missing)} for the run's {num_handles} handles; the run folder is damaged, run it again.")
-    try:
-        with Image.open(folder / IMAGE_NAME) as img:
-            image = img.convert("RGB")
-        masks = []
-        for p in paths:
-            with Image.open(p) as img:
-                masks.append(np.asarray(img.convert("L"), dtype=np.float32) / 255.0)
-    except OSError as exc:
-        raise BasError(f"{folder} holds an unreadable image ({exc}); the run folder is damaged, run it again.") from exc
+    damaged = "the run folder is damaged, run it again"
+    image = open_image(io.inside(out, f"{INPUTS_DIR}/{IMAGE_NAME}", f"{out}/run.json"), "The run's input image", damaged).convert("RGB")
+    masks = [np.asarray(open_image(io.inside(out, f"{INPUTS_DIR}/{p.name}", f"{out}/run.json"), "The run's mask", damaged).convert("L"),
+                        dtype=np.float32) / 255.0 for p in paths]
     return image, masks

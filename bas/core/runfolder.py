@@ -136,14 +136,15 @@ def option_paths(image, model, options: dict, plugin_options) -> list[tuple[str,
     return found
 
 
-def check_target(out, inputs: Iterable[tuple[str, Path]] = (), kind: str = "run") -> Path:
+def check_target(out, inputs: Iterable[tuple[str, Path]] = (), kind: str = "run", option: str = "--out") -> Path:
     """Refuse an ``--out`` that bas may not replace as a whole: the root, home or current folder
     or one above it, a file, a name bas uses for its own work, or a folder holding any of the
-    inputs (``(option, path)``).  ``kind`` names what is written (``run``, ``export``)."""
+    inputs (``(option, path)``).  ``kind`` names what is written (``run``, ``export``), ``option`` the
+    argument that names the folder."""
     given = out
     out = canonical(out)
     if out.exists() and not out.is_dir():
-        raise BasError(f"--out {given} is a file; pass a folder path.")
+        raise BasError(f"{option} {given} is a file; pass a folder path.")
     try:
         home = Path.home().resolve()
     except (RuntimeError, KeyError):
@@ -159,17 +160,17 @@ def check_target(out, inputs: Iterable[tuple[str, Path]] = (), kind: str = "run"
     elif out in cwd.parents:
         what = "a parent of the current folder"
     if what:
-        raise BasError(f"--out {given} is {what}; bas replaces an --out folder as a whole, so pass a folder of its own such as {kind}s/NAME.")
+        raise BasError(f"{option} {given} is {what}; bas replaces such a folder as a whole, so pass a folder of its own such as {kind}s/NAME.")
     if out.is_dir() and os.path.ismount(out):
-        raise BasError(f"--out {given} is a mount point, which bas cannot replace by renaming; pass a folder inside it.")
+        raise BasError(f"{option} {given} is a mount point, which bas cannot replace by renaming; pass a folder inside it.")
     if INTERNAL_NAME.fullmatch(out.name):
-        raise BasError(f"--out {given} is a name bas uses for its own work beside an output folder; pass the output folder's own name.")
+        raise BasError(f"{option} {given} is a name bas uses for its own work beside an output folder; pass the output folder's own name.")
     if len(out.name) > MAX_NAME:
-        raise BasError(f"--out {given} has a name of {len(out.name)} characters; use a name of at most {MAX_NAME}.")
-    for option, path in inputs:
+        raise BasError(f"{option} {given} has a name of {len(out.name)} characters; use a name of at most {MAX_NAME}.")
+    for input_option, path in inputs:
         real = canonical(path)
         if real == out or out in real.parents:
-            raise BasError(f"--out {given} holds {option} {path}, and bas replaces an --out folder as a whole; choose an --out that holds none of the {kind}'s inputs.")
+            raise BasError(f"{option} {given} holds {input_option} {path}, and bas replaces such a folder as a whole; choose a folder that holds none of the {kind}'s inputs.")
     return out
 
 
@@ -552,23 +553,47 @@ def checksums(folder: Path, names: Iterable[str]) -> dict[str, dict]:
     found = {}
     for name in names:
         path = io.inside(folder, name.rstrip("/"), "The run's file list")
-        for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()) if path.is_dir() else [path]:
             size = file.stat().st_size
             found[file.relative_to(folder).as_posix()] = {"bytes": size, "sha256": _sha256(file) if size <= HASH_LIMIT else None}
     return found
 
 
-def verify(folder: Path, recorded, shown) -> None:
+def run_contents(folder: Path) -> list[str]:
+    """What a finished run folder holds, as :func:`checksums` names it: every entry but run.json
+    (which records the others) and the checkpoints (removed before the swap), folders with a ``/``."""
+    return sorted(e.name + ("/" if e.is_dir() and not e.is_symlink() else "") for e in Path(folder).iterdir()
+                  if e.name not in (RUN_FILE, CHECKPOINTS))
+
+
+def _damaged(shown, rel: str, why: str) -> BasError:
+    return BasError(f"{shown} is damaged or mixed: {rel} {why}; restore the folder or re-run `bas run` into a new folder.")
+
+
+def verify(folder: Path, recorded, shown, sealed: Iterable[str] = ()) -> None:
     """Refuse a run folder whose files are not the ones its run.json recorded (missing, truncated,
-    or from another run: a mixed folder)."""
+    or from another run: a mixed folder), a recorded file that is a link (to anything), and in the
+    ``sealed`` folders (every file of which the run recorded) a link or a file the run did not write."""
     if not isinstance(recorded, dict):
         raise BasError(f"{shown}/run.json is damaged (its checksums are not a table); re-run `bas run` into a new folder.")
     for rel, entry in recorded.items():
         path = io.inside(Path(folder), rel, f"{shown}/run.json")
         if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
             raise BasError(f"{shown}/run.json is damaged (the record of {rel} is not valid); re-run `bas run` into a new folder.")
+        if path.is_symlink():
+            raise _damaged(shown, rel, "is a link, where its run wrote a file")
         if not path.is_file():
             raise BasError(f"{shown} is incomplete: {rel}, which its run.json lists, is missing; restore the folder or re-run `bas run`.")
         if path.stat().st_size != entry["bytes"] or (entry.get("sha256") and _sha256(path) != entry["sha256"]):
-            raise BasError(f"{shown} is damaged or mixed: {rel} is not the file its run wrote (it differs from run.json's record); "
-                           "restore the folder or re-run `bas run` into a new folder.")
+            raise _damaged(shown, rel, "is not the file its run wrote (it differs from run.json's record)")
+    for name in sealed:
+        if not isinstance(name, str):
+            raise BasError(f"{shown}/run.json is damaged (its list of checked folders is not valid); re-run `bas run` into a new folder.")
+        root = io.inside(Path(folder), name.rstrip("/"), f"{shown}/run.json")
+        links = io.links_under(root) if os.path.lexists(root) else []
+        if links:
+            raise _damaged(shown, links[0].relative_to(folder).as_posix(), "is a link, which no run writes")
+        for file in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []:
+            rel = file.relative_to(folder).as_posix()
+            if rel not in recorded:
+                raise _damaged(shown, rel, "is not a file its run wrote (run.json has no record of it)")

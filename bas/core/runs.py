@@ -49,7 +49,7 @@ def read_run(out: Path) -> dict:
     out = Path(out)
     runfolder.check_not_own_entry(out)  # a staging folder may hold a complete run.json: not the run to read
     runfolder.settle(out)
-    path = out / "run.json"
+    path = io.inside(out, "run.json", str(out))  # a link that leaves the folder is refused, as for every file read from it
     if not path.is_file():
         if checkpoint.complete_checkpoints(out):
             raise BasError(f"{out} holds an interrupted run, not a finished one; continue it with `bas run ... --resume` (the same options as before).")
@@ -83,8 +83,11 @@ def read_run(out: Path) -> dict:
     if info.get("weights") and not info.get("weight_files", True):
         raise BasError(f"{path} says the run trained {info['weights']} weights but lists no file of them; re-run `bas run`.")
     if "checksums" in info:
-        runfolder.verify(out, info["checksums"], out)
-    handles_file = out / "handles.safetensors"
+        sealed = info.get("sealed_folders", [name for name in info["files"] if name.endswith("/")])  # earlier runs: pipeline/
+        if not isinstance(sealed, list):
+            raise BasError(f"{path} has no valid 'sealed_folders'; the folder is damaged, re-run `bas run`.")
+        runfolder.verify(out, info["checksums"], out, sealed)
+    handles_file = io.inside(out, "handles.safetensors", str(path))
     if handles_file.is_file() and handles_file.stat().st_size > MAX_HANDLES_FILE:
         raise BasError(f"{handles_file} is {handles_file.stat().st_size:,} bytes, far more than a few handles take; the folder is damaged, re-run `bas run`.")
     try:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from bas.core.errors import BasError
+from bas.core.io import inside
 from bas.core.family import ImageSize
 from bas.core.handles import DEFAULT_INIT_TOKEN
 
@@ -308,4 +309,5 @@ def find_scene_files(directory: Path) -> tuple[Path, list[Path]]:
     if missing:
         raise BasError(f"Scene folder {directory} has {found[max(found)].name} but no mask{missing[0]}.png; number the masks from 0 without gaps "
                        "(each number is a handle, <asset0>, <asset1>, ...).")
-    return images[0], [found[i] for i in range(len(found))]
+    # a file of the scene is a file in its folder, never one a link leads to elsewhere
+    return inside(directory, images[0].name, f"Scene folder {directory}"), [inside(directory, found[i].name, f"Scene folder {directory}") for i in range(len(found))]

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from bas.core import io
+from bas.core.errors import BasError
 
 # Words that become single tokens, so prompts and --init-token behave like a real CLIP vocabulary.
 WORDS = (
@@ -97,11 +98,33 @@ def resolve_tiny_family(family):
     return default_family(Plugins())
 
 
-def save_tiny_model(directory: Path, seed: int = 0, prediction_type: str = "epsilon", family=None) -> Path:
+def check_model_target(directory: Path, overwrite: bool) -> None:
+    """Where ``save_tiny_model`` may write, with the guards of ``bas run --out``: never the root, home
+    or current folder, a file or one of bas's own names (:func:`bas.core.runfolder.check_target`); a
+    folder that holds anything is replaced only when it is a model folder (``model_index.json``) and
+    ``overwrite`` is given, never a folder of something else."""
+    from bas.core.runfolder import check_target
+
+    check_target(directory, kind="model", option="DIRECTORY")
+    directory = Path(directory)
+    if directory.is_symlink():
+        raise BasError(f"DIRECTORY {directory} is a link; bas tiny-model replaces its folder as a whole, so pass the folder it points to or a new one.")
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return
+    if not (directory / "model_index.json").is_file():
+        raise BasError(f"DIRECTORY {directory} holds files and is not a model folder (it has no model_index.json), and bas tiny-model "
+                       "replaces its folder as a whole; choose a new or empty folder.")
+    if not overwrite:
+        raise BasError(f"DIRECTORY {directory} already holds a model; pass --overwrite to replace it, or choose another folder.")
+
+
+def save_tiny_model(directory: Path, seed: int = 0, prediction_type: str = "epsilon", family=None, overwrite: bool = False) -> Path:
     """Write a tiny pipeline in diffusers format (safetensors) to ``directory``, atomically: ``family``'s,
-    else the default family's."""
+    else the default family's.  An existing model there is replaced only with ``overwrite``, anything
+    else never (:func:`check_model_target`)."""
     from bas.core.formats import save_pipeline
 
+    check_model_target(directory, overwrite)
     pipe = build_tiny_pipeline(seed=seed, prediction_type=prediction_type, family=family)
     directory = Path(directory)
     with io.atomic_path(directory, directory=True) as tmp:

@@ -23,6 +23,7 @@ import bas
 from bas.core import checkpoint, checks, export, io, run_inputs, runfolder
 from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
 from bas.core.errors import BasError
+from bas.core.failures import is_out_of_memory
 from bas.core.family import Components, Conditioning, ImageSize, LoadPlan, choose_family
 from bas.core.handles import HandleEmbedding, add_handles, handles_file_state
 from bas.core.model import DTYPES, place, resolve_device, resolve_model, resolve_precision
@@ -393,17 +394,23 @@ class Run:
         missing = set(named) ^ set(ckpt.trainable)
         if missing:
             raise BasError(f"Checkpoint {ckpt.path} does not match this run's trainable weights ({sorted(missing)[0]}); resume with the same plugins and options.")
-        with torch.no_grad():
-            for name, p in named.items():
-                p.copy_(ckpt.trainable[name].to(p.device, p.dtype))
-        cur.optimizer.load_state_dict(ckpt.optimizer["optimizer"])
-        cur.scaler.load_state_dict(ckpt.optimizer["scaler"])
-        self.generator.set_state(ckpt.rng["generator"])
-        torch.set_rng_state(ckpt.rng["torch_cpu"])
-        if "torch_cuda" in ckpt.rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt.rng["torch_cuda"], self.device)
-        version, internal, gauss = ckpt.state["python_rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        try:  # shapes, the optimizer's parameter groups, RNG states: torch checks them only as it loads them
+            with torch.no_grad():
+                for name, p in named.items():
+                    if ckpt.trainable[name].shape != p.shape:
+                        raise ValueError(f"{name} has the shape {tuple(ckpt.trainable[name].shape)}, the run's {tuple(p.shape)}")
+                    p.copy_(ckpt.trainable[name].to(p.device, p.dtype))
+            cur.optimizer.load_state_dict(ckpt.optimizer["optimizer"])
+            cur.scaler.load_state_dict(ckpt.optimizer["scaler"])
+            self.generator.set_state(ckpt.rng["generator"])
+            torch.set_rng_state(ckpt.rng["torch_cpu"])
+            if "torch_cuda" in ckpt.rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt.rng["torch_cuda"], self.device)
+            version, internal, gauss = ckpt.state["python_rng"]
+            self.rng.setstate((version, tuple(internal), gauss))
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise BasError(f"Checkpoint {ckpt.path} does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                           "it is damaged or from other options: start over with --overwrite instead of --resume.") from exc
         self.history = ckpt.state["history"]
         self.times.update({k: v for k, v in ckpt.state["times"].items() if k.startswith("phase")})
         cur.step = ckpt.step
@@ -563,7 +570,9 @@ class Run:
             "files": files,
         }
         info["files"] += export.write_run_exports(self.out, info, shown_as=Path(self.config.out), family=self.family)  # textual-inversion files, model card
-        info["checksums"] = runfolder.checksums(self.out, files[:1] + weight_files)
+        contents = runfolder.run_contents(self.out)  # everything the run wrote: weights, inputs, report, logs, ...
+        info["checksums"] = runfolder.checksums(self.out, contents)
+        info["sealed_folders"] = [name for name in contents if name.endswith("/")]  # no file may be added to them
         runfolder.fault_point("save:before-run-json")
         io.write_json(self.out / "run.json", info)
         return info
@@ -576,13 +585,6 @@ OOM_ADVICE = (  # ordered by how much memory each saves
     ("--precision bf16", lambda run: run.precision == "fp32" and run.device.type == "cuda"),
     ("a lower --resolution (such as 384)", lambda run: True),
 )
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def out_of_memory_message(run: Run) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import random
 import warnings
 from dataclasses import dataclass
@@ -18,6 +19,18 @@ from bas.core.errors import BasError
 from bas.core.scene import MAX_CONCEPTS, SceneInput, centre_square, load_image
 
 DEFAULT_MIN_AREA = 0.15  # the paper's evaluation rule: segments covering at least 15% of the square crop
+
+
+# (list, field, kind) of the numbers bas and pycocotools compute with; a string there would raise deep inside
+NUMBER_FIELDS = (("images", "id", int), ("images", "width", int), ("images", "height", int),
+                 ("annotations", "image_id", int), ("annotations", "category_id", int), ("annotations", "area", float),
+                 ("annotations", "iscrowd", int), ("categories", "id", int))
+
+
+def _is_number(value, kind) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value == int(value) if kind is int and math.isfinite(value) else math.isfinite(value)
 
 
 def load_coco(path: Path):
@@ -38,6 +51,11 @@ def load_coco(path: Path):
         bad = next((item for item in data[key] if not isinstance(item, dict) or any(f not in item for f in fields)), None)
         if bad is not None:
             raise BasError(f"{path} is not a COCO annotation file (an entry of '{key}' lacks one of {', '.join(fields)}); pass a COCO instances_*.json with --annotations.")
+    for key, field, kind in NUMBER_FIELDS:
+        bad = next((item for item in data[key] if field in item and not _is_number(item[field], kind)), None)
+        if bad is not None:
+            raise BasError(f"{path} is not a valid COCO annotation file: the '{field}' of {key} entry {bad.get('id', '?')!r} is {bad[field]!r}, "
+                           f"not a {'whole ' if kind is int else ''}number; fix that entry or pass another --annotations file.")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress

@@ -63,6 +63,7 @@ from bas.core.family import (
     ModelFamily,
     TextEncoder,
     check_model_path,
+    MODEL_FILE_ERRORS,
     load_error,
 )
 from bas.plugins.sd import CLIP_ATTENTION
@@ -330,7 +331,7 @@ class Flux(ModelFamily):
             tokenizer_2 = T5TokenizerFast.from_pretrained(model, subfolder="tokenizer_2")
             vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except MODEL_FILE_ERRORS as exc:
             raise load_error(model, exc) from exc
         encoders = [TextEncoder("text_encoder", "tokenizer", clip, tokenizer), TextEncoder("text_encoder_2", "tokenizer_2", t5, tokenizer_2)]
         pool_at_end_of_text(encoders[0])
@@ -479,7 +480,7 @@ class Flux(ModelFamily):
                                                                        components_to_quantize=["transformer", "text_encoder_2"])
         try:
             pipe = FluxPipeline.from_pretrained(model, dtype=dtype, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except MODEL_FILE_ERRORS as exc:
             raise load_error(model, exc) from exc
         pool_at_end_of_text(TextEncoder("text_encoder", "tokenizer", pipe.text_encoder, pipe.tokenizer))
         pipe.set_progress_bar_config(disable=True)

@@ -22,6 +22,7 @@ import gradio as gr
 from bas.core import io, runfolder
 from bas.core.checkpoint import complete_checkpoints, latest_state
 from bas.core.errors import BasError
+from bas.core.failures import known_failure
 from bas.core.export import FORMATS
 from bas.core.generation import read_run
 from bas.core.mask_cleanup import MaskCleanup
@@ -78,14 +79,19 @@ def status_error(exc: Exception) -> str:
 
 
 def guarded(outputs: int):
-    """Run a handler; a BasError leaves every output as it was except the last (the status line)."""
+    """Run a handler; a known failure (a BasError, the machine's limits, a plugin's fault: the command
+    line's, :func:`bas.core.failures.known_failure`) leaves every output as it was except the last
+    (the status line)."""
     def wrap(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except BasError as exc:
-                return (*[gr.skip()] * (outputs - 1), status_error(exc))
+            except Exception as exc:
+                error = known_failure(exc)
+                if error is None:
+                    raise
+                return (*[gr.skip()] * (outputs - 1), status_error(error))
         return run
     return wrap
 
@@ -531,7 +537,8 @@ class App:
                     return None, "", []
                 entry = rows[row]
                 report_dir = entry.report  # a run working or interrupted writes it in its staging folder
-                pictures = [str(p) for p in sorted(report_dir.glob("*.png"))] if report_dir.is_dir() else []
+                # the report's own pictures: a link there could lead to any file of the machine's
+                pictures = [str(p) for p in sorted(report_dir.glob("*.png")) if not p.is_symlink()] if report_dir.is_dir() and not report_dir.is_symlink() else []
                 return self.ws.relative(entry.path), self.run_details(entry), pictures
 
             runs_table.select(select_run, None, [r_selected, r_details, report])

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bas.core import runfolder
+from bas.core import io, runfolder
 from bas.core.checkpoint import complete_checkpoints
 from bas.core.errors import BasError
 from bas.core.scene import find_scene_files
@@ -166,8 +166,8 @@ class Workspace:
         info = None
         if place.finished:
             try:
-                info = json.loads((folder / "run.json").read_text())
-            except (OSError, json.JSONDecodeError):
+                info = json.loads(io.inside(folder, "run.json", str(folder)).read_text())  # never a file a link leads to elsewhere
+            except (OSError, json.JSONDecodeError, BasError):
                 return entry("failed", None, "run.json cannot be read")
         if job_state in ("queued", "running", "stopping"):
             return entry(job_state, info)

@@ -279,6 +279,7 @@ class Batch:
         self.out = Path(out).expanduser().resolve()
         if self.out.exists() and not self.out.is_dir():
             raise BasError(f"--out {self.out} is a file; pass a folder for the batch's runs.")
+        summary_io.check_own_files(self.out)
         self.plugin_names = list(plugin_names)
         self.manager = Plugins(self.plugin_names)
         self.entry, self.executor_values, run_values, self.shown_options = split_options(self.manager, executor, options)

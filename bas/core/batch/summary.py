@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from bas.core import io
+from bas.core.errors import BasError
 
 SUMMARY = "batch.json"
 GALLERY = "index.html"
@@ -31,6 +32,23 @@ STATUS_MEANING = {
     "interrupted": "stopped with a checkpoint; run the batch again to resume it",
     "not-started": "the batch stopped before this scene began",
 }
+
+
+def check_own_files(out: Path) -> None:
+    """The batch writes ``batch.json`` and ``index.html`` into ``--out``, replacing an earlier batch's:
+    never a file of the user's that has one of those names (a folder without a batch's ``batch.json``)."""
+    summary = Path(out) / SUMMARY
+    ours = False
+    if summary.is_file() and not summary.is_symlink():
+        try:
+            data = json.loads(summary.read_text(encoding="utf-8"))
+            ours = isinstance(data, dict) and isinstance(data.get("scenes"), list)
+        except (OSError, ValueError):
+            ours = False
+    for path in (summary, Path(out) / GALLERY):
+        if not ours and (path.exists() or path.is_symlink()):
+            raise BasError(f"--out {out} holds {path.name}, which is not an earlier bas batch's, and the batch writes its own {path.name} "
+                           "there; choose another --out.")
 
 
 def read_previous(out: Path) -> dict[str, dict]:
