@@ -160,15 +160,35 @@ def test_the_queue_runs_one_extraction_per_device_and_stop_saves_a_resumable_che
     jobs.close()
 
 
-def test_bas_ui_without_gradio_says_how_to_install_it_and_warns_about_another_host(tmp_path, monkeypatch):
+def test_bas_ui_without_gradio_says_how_to_install_it_and_another_host_needs_a_password(tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
-    result = CliRunner().invoke(cli, ["ui", "--workspace", str(tmp_path / "ws"), "--host", "0.0.0.0"])
-    assert result.exit_code == 1
-    assert "Warning: --host 0.0.0.0 lets other machines on the network open this page" in result.output
-    assert "bas ui needs gradio; install it with: pip install 'bas[ui]'." in result.output
+    monkeypatch.delenv("BAS_UI_AUTH", raising=False)
+    for host in ("0.0.0.0", "192.168.1.5", "::"):
+        result = CliRunner().invoke(cli, ["ui", "--workspace", str(tmp_path / "ws"), "--host", host])
+        assert result.exit_code == 1 and result.output.count("Error") == 1, result.output
+        assert f"Error: --host {host} lets other machines on the network open this page and use its workspace; pass --auth USER:PASS" in result.output
+        assert not (tmp_path / "ws").exists()  # refused before anything is made
+    for auth in ("nopassword", ":pw", "ann:"):
+        result = CliRunner().invoke(cli, ["ui", "--workspace", str(tmp_path / "ws"), "--host", "0.0.0.0", "--auth", auth])
+        assert result.exit_code == 1 and "Error: --auth takes USER:PASS" in result.output, result.output
+    for options, env in ((["--host", "0.0.0.0", "--auth", "ann:pw"], {}), (["--host", "0.0.0.0"], {"BAS_UI_AUTH": "ann:pw"}), (["--host", "localhost"], {})):
+        result = CliRunner().invoke(cli, ["ui", "--workspace", str(tmp_path / "ws"), *options], env=env)
+        assert result.exit_code == 1 and "bas ui needs gradio; install it with: pip install 'bas[ui]'." in result.output, result.output
+
+
+def test_the_host_check_and_the_address_shown():
+    from bas.ui.access import allowed_hosts, host_name, page_url
+
+    assert [host_name(h) for h in ("127.0.0.1:7860", "[::1]:7860", "LocalHost", "evil.example.:80", "::1")] == [
+        "127.0.0.1", "::1", "localhost", "evil.example.", "::1"]
+    assert allowed_hosts("127.0.0.1") == {"127.0.0.1", "localhost", "::1"}
+    assert "gpu-box" in allowed_hosts("10.0.0.7", ("GPU-box",)) and "10.0.0.7" in allowed_hosts("10.0.0.7")
+    assert socket.gethostname().lower() in allowed_hosts("0.0.0.0")
+    assert page_url("127.0.0.1", 7860) == "http://127.0.0.1:7860/" and page_url("::1", 80) == "http://[::1]:80/"
+    assert "0.0.0.0" not in page_url("0.0.0.0", 7860) and "[::]" not in page_url("::", 7860)
 
 
 def test_the_runs_list_finds_runs_in_staging_folders_and_shows_no_name_bas_keeps_for_itself(tmp_path, scene, monkeypatch):
@@ -307,34 +327,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_ui(root: Path, *options, env=None):
+    """``bas ui OPTIONS`` in a process of its own, from the empty folder root/cwd; returns once it printed its address."""
+    port = free_port()
+    log = root / "server.log"
+    cwd = root / "cwd"
+    cwd.mkdir(exist_ok=True)
+    (root / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(root / "tmp"), **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "bas.cli", "ui", "--port", str(port), *options],
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    deadline = time.time() + 120
+    while not re.search(r"bas ui: http://", log.read_text()):
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"bas ui did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+    return {"url": f"http://127.0.0.1:{port}/", "port": port, "root": root, "log": log, "process": process, "cwd": cwd}
+
+
+def stop_ui(server) -> None:
+    server["process"].send_signal(2)  # Ctrl-C: stops cleanly
+    try:
+        server["process"].wait(60)
+    except subprocess.TimeoutExpired:
+        server["process"].kill()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model):
     browser_or_skip()
     root = tmp_path_factory.mktemp("ui")
     ws = root / "workspace"
     sam = save_tiny_sam(root / "tiny-sam")
-    port = free_port()
-    log = root / "server.log"
-    cwd = root / "cwd"
-    cwd.mkdir()
-    env = {**os.environ, "TMPDIR": str(root / "tmp")}
-    (root / "tmp").mkdir()
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "bas.cli", "ui", "--workspace", str(ws), "--model", str(tiny_model),
-                                    "--sam-model", str(sam), "--device", "cpu", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                   cwd=cwd, env={**env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])})
-    deadline = time.time() + 120
-    while "bas ui: http://127.0.0.1" not in log.read_text():
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"bas ui did not start:\n{log.read_text()}")
-        time.sleep(0.2)
-    yield {"url": f"http://127.0.0.1:{port}/", "workspace": ws.resolve(), "root": root, "log": log, "process": process, "cwd": cwd}
-    process.send_signal(2)  # Ctrl-C: stops cleanly
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    started = start_ui(root, "--workspace", str(ws), "--model", str(tiny_model), "--sam-model", str(sam), "--device", "cpu")
+    assert f"bas ui: {started['url']} (workspace" in started["log"].read_text()
+    yield {**started, "workspace": ws.resolve()}
+    stop_ui(started)
 
 
 @pytest.fixture(scope="module")
@@ -644,3 +675,36 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     # nothing was written outside the workspace: not in the server's folder, not in the system's temporary folder
     assert not any(server["cwd"].iterdir()) and not (server["root"] / "tmp" / "gradio").exists()
     assert not re.search(r"Traceback", server["log"].read_text()), server["log"].read_text()[-3000:]
+
+
+# -- who may drive the page -------------------------------------------------------------------------------
+def test_a_request_addressed_to_another_host_is_refused(server):
+    """DNS rebinding: a web page that points its own name at 127.0.0.1 sends its name as Host."""
+    import httpx
+
+    port = server["port"]
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "localhost.evil.example"):
+        for path in ("", "config", "gradio_api/info", f"gradio_api/file={server['workspace']}/runs"):
+            response = httpx.get(server["url"] + path, headers={"Host": host})
+            assert response.status_code == 421 and "bas ui answers only to its own address" in response.text, (host, path, response.status_code)
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+        assert httpx.get(server["url"] + "config", headers={"Host": host}).status_code == 200
+
+
+def test_bas_ui_on_another_host_asks_for_the_password_and_prints_an_address_that_opens(tmp_path):
+    import httpx
+
+    browser_or_skip()
+    started = start_ui(tmp_path, "--workspace", str(tmp_path / "ws"), "--host", "0.0.0.0", "--auth", "ann:s3cret")
+    try:
+        printed = re.search(r"bas ui: (http://\S+) ", started["log"].read_text()).group(1)
+        assert "0.0.0.0" not in printed and printed.endswith(f":{started['port']}/")
+        with httpx.Client(base_url=started["url"]) as client:
+            assert client.get("config").status_code == 401
+            assert client.post("login", data={"username": "ann", "password": "wrong"}).status_code == 400
+            assert client.get("config").status_code == 401
+            assert client.post("login", data={"username": "ann", "password": "s3cret"}).status_code == 200
+            assert client.get("config").status_code == 200
+            assert client.get("config", headers={"Host": "evil.example"}).status_code == 421
+    finally:
+        stop_ui(started)
