@@ -125,7 +125,7 @@ def test_the_queue_runs_one_extraction_per_device_and_stop_saves_a_resumable_che
     base = ["--scene", "scenes/s", "--model", str(tiny_model), "--device", "cpu", "--plugin", "no:report", "--checkpoint-every", "0"]
     first = jobs.submit([*base, "--out", "runs/a", "--phase1-steps", "40", "--phase2-steps", "2"], "a")
     second = jobs.submit([*base, "--out", "runs/b", "--phase1-steps", "2", "--phase2-steps", "0"], "b")
-    with pytest.raises(BasError, match="a is already (queued|running); wait for it, stop it, or choose another run name"):
+    with pytest.raises(BasError, match=r"a is already (queued|running); wait for it, stop it \(its Stop button in the queue\), or choose another run name"):
         jobs.submit([*base, "--out", "runs/a"], "a again")
     deadline = time.time() + 60
     while len(first.history) < 3 and time.time() < deadline:
@@ -708,3 +708,83 @@ def test_bas_ui_on_another_host_asks_for_the_password_and_prints_an_address_that
             assert client.get("config", headers={"Host": "evil.example"}).status_code == 421
     finally:
         stop_ui(started)
+
+
+# -- one job model: every job can be stopped where it is shown, the page re-attaches to any ------------------
+def start_on_page(page, scene, name, phase1, phase2="0", more="--plugin no:report --checkpoint-every 5"):
+    from playwright.sync_api import expect
+
+    open_tab(page, "Extract")
+    if page.locator("#extract-scene input").input_value() != scene:
+        page.locator("#extract-scene input").fill(scene)
+        page.locator("#extract-scene input").press("Enter")
+        expect(page.locator("#run-name input, #run-name textarea")).to_have_value(Path(scene).name)  # the scene fills it in
+    page.fill("#run-name input, #run-name textarea", name)
+    page.fill("#phase1-steps input", str(phase1))
+    page.fill("#phase2-steps input", str(phase2))
+    page.fill("#more-options textarea, #more-options input", more)
+    page.locator("#more-options textarea, #more-options input").press("Tab")
+    page.click("#start")
+
+
+def test_every_job_stops_from_where_it_is_shown_and_the_page_reattaches_to_any(server, page, scene):
+    ws = server["workspace"]
+    shutil.copytree(scene, ws / "scenes" / "jobs", dirs_exist_ok=True)
+    page.goto(server["url"])
+    start_on_page(page, "scenes/jobs", "first", 400)
+    wait_text(page, "#progress", r"first: phase 1 of 1, step \d+/400")
+    wait_text(page, "#extract-status", r"Queued first")
+    start_on_page(page, "scenes/jobs", "second", 2)
+    wait_text(page, "#queue", r"second: queued on cpu \(1 ahead of it\)")
+    wait_text(page, "#progress", r"second: queued")  # the page follows the job it started last
+    # a running run of this server is running, not "interrupted", whatever checkpoints it wrote so far
+    deadline = time.time() + 120
+    while not complete_checkpoints(ws / "runs" / "first") and time.time() < deadline:
+        time.sleep(0.2)
+    start_on_page(page, "scenes/jobs", "first", 400)
+    wait_text(page, "#extract-status", r"Error: first is already running; wait for it, stop it \(its Stop button in the queue\)")
+
+    # after a reload the page follows the running job; Show follows another
+    page.reload()
+    open_tab(page, "Extract")
+    wait_text(page, "#progress", r"first: phase 1 of 1, step")
+    page.locator("#queue li[data-out='second'] button:has-text('Show')").click()
+    wait_text(page, "#progress", r"second: queued")
+    # the queue's Stop stops the running job the panel does not show; the queued one then runs
+    page.locator("#queue li[data-out='first'] button:has-text('Stop')").click()
+    wait_text(page, "#extract-status", r"Stopping first: it finishes the current step and saves a checkpoint")
+    wait_text(page, "#progress", r"second: finished in", timeout=120_000)
+    assert complete_checkpoints(ws / "runs" / "first") and not (ws / "runs" / "first" / "run.json").exists()
+
+    # the Runs tab: dates, Stop for a running run, Delete
+    start_on_page(page, "scenes/jobs", "third", 400)
+    wait_text(page, "#progress", r"third: phase 1 of 1, step")
+    open_tab(page, "Runs")
+    page.click("#refresh-runs")
+    wait_text(page, "#runs-table", r"third")
+    table = text_of(page, "#runs-table")
+    assert re.search(r"first\s+interrupted\s+\d{4}-\d\d-\d\d \d\d:\d\d", table) and re.search(r"third\s+running\s+\d{4}-", table), table
+    page.locator("#runs-table").get_by_text("third", exact=True).first.click()
+    wait_text(page, "#run-details", r"third: running")
+    page.click("#stop-run")
+    wait_text(page, "#runs-status", r"Stopping third")
+    deadline = time.time() + 120
+    while ws_run_status(ws, "third") != "interrupted" and time.time() < deadline:
+        time.sleep(0.2)
+    assert ws_run_status(ws, "third") == "interrupted"
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.click("#delete-run")
+    wait_text(page, "#runs-status", r"Nothing deleted")
+    assert complete_checkpoints(ws / "runs" / "third")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-run")
+    wait_text(page, "#runs-status", r"Deleted runs/third")
+    assert not any(p.name.startswith((".third.", "third")) for p in (ws / "runs").iterdir())
+    expect_no_row = page.locator("#runs-table").get_by_text("third", exact=True)
+    from playwright.sync_api import expect
+
+    expect(expect_no_row).to_have_count(0)
+
+
+def ws_run_status(ws, name):
+    return Workspace(ws).run_entry(ws / "runs" / name).status

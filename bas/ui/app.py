@@ -48,9 +48,19 @@ window.addEventListener('mouseup', (e) => {
 CHIPS_JS = """
 element.addEventListener('click', (e) => { const b = e.target.closest('button[data-handle]'); if (b) trigger('chip', {handle: b.dataset.handle}); });
 """
+# the queue: a Stop button for every job queued or running, and Show to follow it in the progress panel
+QUEUE_JS = """
+element.addEventListener('click', (e) => {
+  const b = e.target.closest('button[data-job]');
+  if (b) trigger(b.dataset.action === 'halt' ? 'halt' : 'follow', {job: b.dataset.job});
+});
+"""
+PHASE_COLOURS = {"phase 1": "#1f77b4", "phase 2": "#ff7f0e"}
 CSS = """
 .bas-canvas img { width: 100%; max-width: 768px; cursor: crosshair; user-select: none; display: block; }
 .bas-canvas .empty { padding: 4em 1em; text-align: center; color: #777; border: 2px dashed #ccc; }
+.bas-queue li { margin: .2em 0; }
+.bas-queue button { margin-left: .5em; padding: 0 .6em; border-radius: .3em; border: 1px solid #999; background: #f4f4f4; cursor: pointer; }
 .bas-chip { margin: 0 .3em .3em 0; padding: .2em .7em; border-radius: 1em; border: 1px solid #999; background: #f4f4f4; cursor: pointer; font-family: monospace; }
 """
 POSITIVE, NEGATIVE = "a point on the concept", "a point off it (negative)"
@@ -192,17 +202,19 @@ class App:
                             extra_plugins = gr.CheckboxGroup(self.optional_plugins(), label="More plugins")
                             extra = gr.Textbox(label="More options, as on the command line (such as --validation-prompt \"a photo of <asset0>\")", elem_id="more-options")
                             overwrite = gr.Checkbox(False, label="Replace a run of that name (--overwrite)")
+                        with gr.Column(scale=3):
+                            # the buttons and what they act on, together at the top (on screen in a small window)
                             with gr.Row():
                                 start = gr.Button("Start", variant="primary", elem_id="start")
                                 stop = gr.Button("Stop (saves a checkpoint)", elem_id="stop")
                                 resume = gr.Button("Resume", elem_id="resume")
-                        with gr.Column(scale=3):
-                            command = gr.Textbox(label="The same from the command line", interactive=False, buttons=["copy"], lines=2, elem_id="run-command")
-                            progress = gr.Markdown("No extraction started yet.", elem_id="progress")
-                            loss_plot = gr.LinePlot(x="step", y="loss", color="phase", title="Training loss", height=260, elem_id="loss-plot")
-                            attention = gr.Image(label="Attention of each handle (newest)", interactive=False, elem_id="attention", height=260)
-                            queue = gr.Markdown("", elem_id="queue")
                             x_status = gr.Markdown("", elem_id="extract-status")
+                            progress = gr.Markdown("No extraction started yet.", elem_id="progress")
+                            queue = gr.HTML("", html_template="<div>${value}</div>", js_on_load=QUEUE_JS, elem_id="queue")
+                            loss_plot = gr.LinePlot(x="step", y="loss", color="phase", title="Training loss", height=260, elem_id="loss-plot",
+                                                    color_map=PHASE_COLOURS)
+                            attention = gr.Image(label="Attention of each handle (newest)", interactive=False, elem_id="attention", height=260)
+                            command = gr.Textbox(label="The same from the command line", interactive=False, buttons=["copy"], lines=2, elem_id="run-command")
                     form = [x_scene, run_name, x_model, weights, p1, p2, lr1, lr2, rank, seed, resolution, precision, x_device, words, background, extra_plugins, extra, overwrite]
 
                 # ---------------------------------------------------------------- Generate
@@ -245,11 +257,13 @@ class App:
 
                 # ---------------------------------------------------------------- Runs
                 with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
-                    runs_table = gr.Dataframe(headers=["run", "status", "handles", "model", "steps", "note"], interactive=False, elem_id="runs-table")
+                    runs_table = gr.Dataframe(headers=["run", "status", "date", "handles", "model", "steps", "note"], interactive=False, elem_id="runs-table")
                     with gr.Row():
                         refresh = gr.Button("Refresh", elem_id="refresh-runs")
                         r_resume = gr.Button("Resume the selected run", elem_id="resume-run")
-                    r_selected = gr.State(None)
+                        r_stop = gr.Button("Stop the selected run", elem_id="stop-run")
+                        r_delete = gr.Button("Delete the selected run", variant="stop", elem_id="delete-run")
+                    r_selected = gr.Textbox(None, visible="hidden", elem_id="selected-run")  # a value the page has: Delete asks about it
                     r_details = gr.Markdown("Select a run to see its report.", elem_id="run-details")
                     report = gr.Gallery(label="Report", columns=2, object_fit="contain", elem_id="run-report")
                     r_status = gr.Markdown("", elem_id="runs-status")
@@ -394,13 +408,22 @@ class App:
                 control.change(command_preview, form, command)
 
             def stop_handler(current):
-                job = self.jobs.get(current)
-                if job is None or job.state not in ("queued", "running"):
-                    return "Nothing to stop: no extraction of this page is queued or running."
-                self.jobs.stop(job)
-                return f"Stopping {job.out.name}: it finishes the current step and saves a checkpoint." if job.state == "stopping" else f"Removed {job.out.name} from the queue."
+                return self.stop_job(self.jobs.get(current))
 
             stop.click(stop_handler, job_id, x_status)
+
+            def halt_handler(evt: gr.EventData):
+                return self.stop_job(self.jobs.get(evt._data.get("job")))
+
+            queue.halt(halt_handler, None, x_status)
+
+            def follow_handler(evt: gr.EventData):
+                job = self.jobs.get(evt._data.get("job"))
+                if job is None:
+                    return gr.skip(), gr.skip(), gr.skip(), "That extraction is no longer known to this server."
+                return job.id, -1, job.shown, f"Showing {job.out.name}."
+
+            queue.follow(follow_handler, None, [job_id, seen, command, x_status])
 
             def resume_out(out: Path):
                 try:
@@ -423,7 +446,7 @@ class App:
 
             def tick(current, version):
                 job = self.jobs.get(current)
-                queue_text = self.queue_text()
+                queue_text = self.queue_html(current)
                 if job is None:
                     return gr.skip(), gr.skip(), gr.skip(), queue_text, version
                 if job.version == version:
@@ -436,7 +459,9 @@ class App:
             timer.tick(tick, [job_id, seen], [progress, loss_plot, attention, queue, seen], show_progress="hidden")
 
             def on_load():
-                job = self.jobs.newest()
+                active = self.jobs.active()
+                running = [j for j in active if j.state != "queued"]
+                job = (running or active)[-1] if active else self.jobs.newest()
                 if job is None:
                     return None, -1, gr.skip()
                 return job.id, -1, job.shown
@@ -512,7 +537,8 @@ class App:
 
             # ---------------------------------------------------------------- Runs events
             def runs_rows():
-                return [[e.name, e.status, " ".join((e.info or {}).get("handles", [])), (e.info or {}).get("model", ""), e.steps, e.note] for e in self.run_entries()]
+                return [[e.name, e.status, self.run_date(e), " ".join((e.info or {}).get("handles", [])), (e.info or {}).get("model", ""), e.steps, e.note]
+                        for e in self.run_entries()]
 
             def refresh_lists():
                 finished = self.ws.finished_runs()
@@ -546,6 +572,37 @@ class App:
                 return job.id, job.shown, f"Resuming {job.out.name}: follow it in the Extract tab.", -1, gr.Tabs(selected="extract")
 
             r_resume.click(resume_selected, r_selected, [job_id, command, r_status, seen, tabs])
+
+            def stop_selected(selected):
+                if not selected:
+                    return "Select a queued or running run first."
+                try:
+                    out = self.ws.run_path(selected)
+                except BasError as exc:
+                    return status_error(exc)
+                job = self.jobs.for_out(out)
+                if job is None and runfolder.run_place(out).holder is not None:
+                    return say(f"Error: {out.name} is being written by another bas process ({runfolder.run_place(out).holder.describe()}); stop it there (Ctrl-C).")
+                return self.stop_job(job)
+
+            r_stop.click(stop_selected, r_selected, r_status)
+
+            def delete_selected(selected, confirmed):
+                if not selected:
+                    return gr.skip(), gr.skip(), gr.skip(), "Select a run first."
+                if not confirmed:
+                    return gr.skip(), gr.skip(), gr.skip(), "Nothing deleted."
+                try:
+                    out = self.ws.run_path(selected)
+                    self.jobs.forget(out)
+                    self.ws.delete_run(out)
+                except BasError as exc:
+                    return gr.skip(), gr.skip(), gr.skip(), status_error(exc)
+                return None, "Select a run to see its report.", [], f"Deleted {selected}."
+
+            confirmed = gr.Checkbox(False, visible="hidden")
+            r_delete.click(delete_selected, [r_selected, confirmed], [r_selected, r_details, report, r_status],
+                           js="(selected) => [selected, selected ? confirm('Delete ' + selected + ' and all its files?') : false]").then(refresh_lists, None, lists)
         return demo
 
     # -- helpers --------------------------------------------------------------------------------------
@@ -589,6 +646,7 @@ class App:
 
     def check_not_overwriting(self, config) -> None:
         out = Path(config.out)
+        self.jobs.check_free(out)  # first: a run of this server that is running has checkpoints too
         self.check_not_busy(out)
         if config.resume or config.overwrite:
             return
@@ -615,23 +673,42 @@ class App:
             text = f"bas run {commands.shell(args)}"
         return self.jobs.submit(args, text)
 
-    def queue_text(self) -> str:
+    def stop_job(self, job) -> str:
+        """Stop, wherever the page shows the job: a queued one leaves the queue, a running one saves a checkpoint."""
+        if job is None or job.state not in ("queued", "running"):
+            return "Nothing to stop: that extraction is not queued or running."
+        self.jobs.stop(job)
+        return f"Stopping {job.out.name}: it finishes the current step and saves a checkpoint." if job.state == "stopping" else f"Removed {job.out.name} from the queue."
+
+    def queue_html(self, current: str | None) -> str:
+        """Every job queued or running, each with its Stop button (and Show, for one the panel does not follow)."""
         active = self.jobs.active()
         if not active:
             return ""
-        lines = ["**Queue** (one extraction at a time per device):"]
+        items = []
         for job in active:
-            lines.append(f"- {html.escape(job.status(self.jobs.place(job) if job.state == 'queued' else None))}")
-        return "\n".join(lines)
+            # not the step and loss (the panel shows them): the list, and so its buttons, change only with a job's state
+            status = html.escape(job.status(self.jobs.place(job)) if job.state == "queued" else f"{job.out.name}: {job.state} on {job.device}")
+            show = "" if job.id == current else f'<button data-job="{job.id}" data-action="follow">Show</button>'
+            halt = f'<button data-job="{job.id}" data-action="halt">Stop</button>' if job.state in ("queued", "running") else ""
+            items.append(f'<li data-out="{html.escape(job.out.name)}">{status}{show}{halt}</li>')
+        return f'<div class="bas-queue"><b>Queue</b> (one extraction at a time per device):<ul>{"".join(items)}</ul></div>'
 
     @staticmethod
     def loss_frame(job):
+        """The curve's points (steps counted across both phases), and a blank point for each phase of the
+        run without a step yet: the plot fixes its colours with its first frame, so every phase the run
+        will have must be in it (a phase without a colour is never drawn)."""
         import pandas as pd
 
         offset = {1: 0, 2: job.phase_steps.get(1, 0)}
-        return pd.DataFrame({"step": pd.Series([h["step"] + offset[h["phase"]] for h in job.history], dtype="int64"),
-                             "loss": pd.Series([h["loss"] for h in job.history], dtype="float64"),
-                             "phase": pd.Series([f"phase {h['phase']}" for h in job.history], dtype="str")})
+        phases = sorted(job.phase_steps) or [1, 2]
+        rows = [(h["step"] + offset[h["phase"]], h["loss"], h["phase"]) for h in job.history]
+        seen = {phase for _, _, phase in rows}
+        rows += [(offset[p] + 1 if job.phase_steps else float("nan"), float("nan"), p) for p in phases if p not in seen]
+        return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="float64"),
+                             "loss": pd.Series([r[1] for r in rows], dtype="float64"),
+                             "phase": pd.Series([f"phase {r[2]}" for r in rows], dtype="str")})
 
     def run_entries(self):
         entries = []
@@ -658,6 +735,21 @@ class App:
         if job and job.phase_steps:
             return " + ".join(str(n) for n in job.phase_steps.values())
         return ""
+
+    def run_date(self, entry) -> str:
+        """When the run was started (its job's time) or last written (its files)."""
+        import time
+
+        job = self.jobs.for_out(entry.path)
+        if job is not None:
+            stamp = job.created
+        else:
+            place = entry.path / "run.json" if entry.info else entry.staging
+            try:
+                stamp = place.stat().st_mtime if place is not None else None
+            except OSError:
+                stamp = None
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else ""
 
     def run_details(self, entry) -> str:
         lines = [f"### {entry.name}: {LABEL_STATE.get(entry.status, entry.status)}"]
