@@ -788,3 +788,72 @@ def test_every_job_stops_from_where_it_is_shown_and_the_page_reattaches_to_any(s
 
 def ws_run_status(ws, name):
     return Workspace(ws).run_entry(ws / "runs" / name).status
+
+
+# -- the live view: fed from the job's files, so it survives a restart ------------------------------------------
+def curve(page):
+    """The loss plot's points as (step, phase), and how many lines it draws."""
+    plot = page.locator("#loss-plot")
+    labels = plot.locator("[aria-roledescription='point']").evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
+    points = [tuple(int(v) for v in re.fullmatch(r"step: (\d+); loss: [\d.e-]+; phase: phase (\d)", label).groups()) for label in labels]
+    return points, plot.locator("[aria-roledescription='line mark']").count()
+
+
+def wait_curve(page, phases, points, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        shown, lines = curve(page)
+        if lines == phases and len(shown) == points:
+            return shown
+        time.sleep(0.3)
+    raise AssertionError(f"the curve shows {len(shown)} points in {lines} lines, not {points} in {phases}: {shown}")
+
+
+def test_the_loss_curve_shows_both_phases_on_a_first_run_and_after_a_restart_and_resume(tmp_path, tiny_model, scene):
+    from playwright.sync_api import sync_playwright
+
+    browser_or_skip()
+    ws = tmp_path / "ws"
+    shutil.copytree(scene, ws / "scenes" / "c")
+    options = ["--workspace", str(ws), "--model", str(tiny_model), "--device", "cpu"]
+    first = start_ui(tmp_path, *options)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        try:
+            page.goto(first["url"])
+            # a first run: the page sees phase 1 before phase 2 exists, and still draws phase 2
+            start_on_page(page, "scenes/c", "once", 25, 3)
+            wait_text(page, "#progress", r"once: phase 1 of 2, step")
+            wait_text(page, "#progress", r"once: finished in", timeout=120_000)
+            shown = wait_curve(page, 2, 28)
+            assert shown == [(s, 1) for s in range(1, 26)] + [(s, 2) for s in range(26, 29)]
+
+            # a server killed during a run: the next one shows the run's curve so far, and Resume carries it on
+            start_on_page(page, "scenes/c", "again", 40, 3)
+            deadline = time.time() + 120
+            while not complete_checkpoints(ws / "runs" / "again") and time.time() < deadline:
+                time.sleep(0.1)
+            first["process"].kill()
+            first["process"].wait()
+            (tmp_path / "second").mkdir()
+            second = start_ui(tmp_path / "second", *options)
+            try:
+                page.goto(second["url"])
+                open_tab(page, "Extract")
+                wait_text(page, "#progress", r"again: interrupted\. the bas ui server stopped during this run")
+                page.wait_for_function("document.querySelectorAll('#loss-plot [aria-roledescription=point]').length >= 5")
+                before, _ = curve(page)  # the steps until the server was killed, from the job's folder
+                assert before == [(s, 1) for s in range(1, len(before) + 1)], before
+                page.click("#resume")
+                wait_text(page, "#progress", r"again: finished in", timeout=120_000)
+                shown = wait_curve(page, 2, 43)
+                assert shown == [(s, 1) for s in range(1, 41)] + [(s, 2) for s in range(41, 44)]
+                page.wait_for_function("document.querySelector('#attention img') && document.querySelector('#attention img').naturalWidth > 0")
+            finally:
+                stop_ui(second)
+        finally:
+            browser.close()
+            if first["process"].poll() is None:
+                stop_ui(first)
