@@ -8,6 +8,7 @@ Import this module only after ``GRADIO_TEMP_DIR`` points into the workspace (``b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import os
@@ -83,6 +84,27 @@ def number(text, kind, what: str):
         raise BasError(f"{what} '{text}' is not a number; write one such as {'512' if kind is int else '1e-4'}, or leave it blank.") from None
 
 
+def required(value, kind, what: str, example: str):
+    """A number field that must not be left blank (gr.Number gives None); its range is the API's to check."""
+    if value is None or str(value).strip() == "":
+        raise BasError(f"{what} is blank; write a number such as {example}.")
+    number_ = float(value)
+    if kind is int and not number_.is_integer():
+        raise BasError(f"{what} must be a whole number, not {value}.")
+    return kind(number_)
+
+
+@contextlib.contextmanager
+def uploaded(path: Path):
+    """Errors about an uploaded file name it as the user knows it, not by gradio's folder for it
+    (``.bas-ui/uploads/<64 hex digits>/``)."""
+    try:
+        yield
+    except BasError as exc:
+        raise BasError(str(exc).replace(str(path), path.name).replace(str(path.parent) + os.sep, "")
+                       .replace("with --image", "as the image").replace("with --mask", "as a mask")) from None
+
+
 def status_error(exc: Exception) -> str:
     return say(f"Error: {exc}")
 
@@ -148,8 +170,10 @@ class App:
                             concepts_md = gr.Markdown("", elem_id="scene-concepts")
                         with gr.Column(scale=2):
                             with gr.Row():
-                                upload_image = gr.UploadButton("Upload an image", file_types=["image"], elem_id="upload-image")
-                                upload_mask = gr.UploadButton("Upload mask PNG(s)", file_types=["image"], file_count="multiple", elem_id="upload-mask")
+                                # any file: one that is not an image gets a message saying so (a filter in the file picker says nothing)
+                                upload_image = gr.UploadButton("Upload an image", elem_id="upload-image")
+                                upload_mask = gr.UploadButton("Upload mask PNG(s)", file_count="multiple", elem_id="upload-mask")
+                            keep_original = gr.Checkbox(False, label=f"Keep the full-size original (else an upload is brought down to {scenes.WORKING_SIDE} px)", elem_id="keep-original")
                             with gr.Row():
                                 open_path = gr.Dropdown(ws.scenes(), label="Open a scene folder of the workspace", allow_custom_value=True, value=None, elem_id="open-scene", scale=3)
                                 open_button = gr.Button("Open", elem_id="open-scene-button", scale=1)
@@ -172,7 +196,7 @@ class App:
                             scene_name = gr.Textbox(label="Scene name (saved in scenes/NAME)", elem_id="scene-name")
                             replace = gr.Checkbox(False, label="Replace the scene of that name")
                             save_button = gr.Button("Save scene", variant="primary", elem_id="save-scene")
-                            scene_command = gr.Textbox(label="The same from the command line", interactive=False, buttons=["copy"], elem_id="scene-command")
+                            scene_command = gr.Textbox(label="The same from the command line", interactive=False, buttons=["copy"], lines=2, elem_id="scene-command")
                     cleanup_inputs = [threshold, fill, dilate, erode, feather]
                     scene_out = [canvas, concept, init_word, concepts_md, draft, scene_status]
 
@@ -197,7 +221,7 @@ class App:
                             with gr.Row():
                                 precision = gr.Dropdown(list(PRECISIONS), value="auto", label="Precision")
                                 x_device = gr.Textbox(self.device, label="Device")
-                            words = gr.Textbox(label="Init words, one per concept (from the scene; blank: 'object')", elem_id="init-words")
+                            words = gr.Textbox(label="Init words, one per concept, separated by commas (from the scene; blank: 'object')", elem_id="init-words")
                             background = gr.Checkbox(False, label="Also extract the background (--background)")
                             extra_plugins = gr.CheckboxGroup(self.optional_plugins(), label="More plugins")
                             extra = gr.Textbox(label="More options, as on the command line (such as --validation-prompt \"a photo of <asset0>\")", elem_id="more-options")
@@ -271,17 +295,20 @@ class App:
             timer = gr.Timer(1.0)
 
             # ---------------------------------------------------------------- Scene events
-            def upload_image_handler(file, *cleanup):
+            def upload_image_handler(file, keep, *cleanup):
                 try:
                     path = self.ws.inside(file)
-                    new = scenes.new_draft(path)
+                    with uploaded(path):
+                        image, size = scenes.working_copy(path, bool(keep))
+                        new = scenes.new_draft(image)
                 except BasError as exc:
                     return (*[gr.skip()] * 7, status_error(exc))
                 name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).stem).strip("-.")[:40] or "scene"
-                out = self.scene_outputs(new, self.cleanup(cleanup), f"Loaded {Path(path).name} ({new.size[0]}x{new.size[1]}); click on a concept, or drag a box around it.")
+                reduced = f", brought down to {new.size[0]}x{new.size[1]} to work with (training uses 512 px; tick 'Keep the full-size original' to keep it)" if new.size != size else ""
+                out = self.scene_outputs(new, self.cleanup(cleanup), f"Loaded {Path(path).name} ({size[0]}x{size[1]}{reduced}); click on a concept, drag a box around it, or paint it with the brush.")
                 return (*out[:5], name, "", out[5])
 
-            upload_image.upload(upload_image_handler, [upload_image, *cleanup_inputs], [*scene_out[:5], scene_name, scene_command, scene_status])
+            upload_image.upload(upload_image_handler, [upload_image, keep_original, *cleanup_inputs], [*scene_out[:5], scene_name, scene_command, scene_status])
 
             def open_handler(folder, *cleanup):
                 try:
@@ -318,7 +345,10 @@ class App:
             def on_mask_upload(current, files, *cleanup):
                 if current is None:
                     raise BasError("Upload the scene's image first, then its masks.")
-                messages = [scenes.add_mask_file(current, self.ws.inside(f), Path(f).name) for f in files or []]
+                messages = []
+                for f in files or []:
+                    with uploaded(self.ws.inside(f)):
+                        messages.append(scenes.add_mask_file(current, self.ws.inside(f), Path(f).name))
                 return self.scene_outputs(current, self.cleanup(cleanup), " ".join(messages))
 
             upload_mask.upload(on_mask_upload, [draft, upload_mask, *cleanup_inputs], scene_out)
@@ -341,22 +371,23 @@ class App:
             # default for .input); the concept shown when the word was typed gets it, whatever is selected since
             init_word.input(on_init_word, [draft, init_word, concept], concepts_md, trigger_mode="always_last")
 
-            def save_handler(current, name, overwrite_scene, checkpoint, word, label, *cleanup):
+            def save_handler(current, name, overwrite_scene, checkpoint, device, word, label, *cleanup):
                 try:
                     if current is None:
                         raise BasError("Upload an image first (or open a scene folder).")
                     scenes.set_init_word(current, label, word)  # the field as shown, should its last keystroke still be on its way
                     options = self.cleanup_options(*cleanup)
                     MaskCleanup.from_options(options)
-                    folder, written, cli = scenes.save(current, self.ws, name, options, bool(overwrite_scene), checkpoint.strip() or self.sam_model)
+                    folder, written, cli = scenes.save(current, self.ws, name, options, bool(overwrite_scene), checkpoint.strip() or self.sam_model,
+                                                       (device or "").strip() or self.device)
                 except BasError as exc:
                     return gr.skip(), gr.skip(), gr.skip(), status_error(exc)
                 relative = self.ws.relative(folder)
                 choices = self.ws.scenes()
                 message = f"Saved {relative}: " + ", ".join(p.name for p in written) + ". Next: the Extract tab."
-                return gr.update(choices=choices, value=relative), gr.update(choices=choices, value=relative), cli or "(this scene mixes uploaded masks and SAM prompts: bas run --scene reads its folder)", message
+                return gr.update(choices=choices, value=relative), gr.update(choices=choices, value=relative), cli, message
 
-            save_button.click(save_handler, [draft, scene_name, replace, sam_model, init_word, concept, *cleanup_inputs], [open_path, x_scene, scene_command, scene_status])
+            save_button.click(save_handler, [draft, scene_name, replace, sam_model, sam_device, init_word, concept, *cleanup_inputs], [open_path, x_scene, scene_command, scene_status])
 
             # ---------------------------------------------------------------- Extract events
             def scene_words(folder):
@@ -375,7 +406,7 @@ class App:
                     raise BasError("Choose a scene (save one in the Scene tab first).")
                 self.ws.inside(scene)
                 out = f"{RUNS}/{check_name(name, 'run')}"
-                init = [w.strip() for w in re.split(r"[,\s]+", words_ or "") if w.strip()]
+                init = [w.strip() for w in (words_ or "").split(",") if w.strip()]  # a word with a space is an error at Start
                 return {"scene": scene, "out": out, "model": (model or "").strip() or self.model, "weights": weights_, "phase1_steps": phase1,
                         "phase2_steps": phase2, "phase1_lr": lr_1, "phase2_lr": number(lr_2, float, "Phase 2 learning rate"), "lora_rank": rank_, "seed": seed_,
                         "resolution": number(res, int, "Resolution"),
@@ -493,7 +524,7 @@ class App:
                         seed_list = [int(s) for s in re.split(r"[,\s]+", seeds_text or "") if s]
                     except ValueError:
                         raise BasError(f"Seeds '{seeds_text}' are not integers; write them as 0,1,2,3.") from None
-                    options = {"seeds": seed_list or [0], "steps": int(steps_ or 50), "lora_scale": float(scale),
+                    options = {"seeds": seed_list or [0], "steps": required(steps_, int, "Steps", "50"), "lora_scale": required(scale, float, "LoRA scale", "1 (0: handles only)"),
                                "guidance": None if guidance_ in (None, "") else float(guidance_),  # blank: the family's
                                "negative_prompt": negative_ or None, "scheduler": sampler, "device": self.device}
                     family = run_family(read_run(out))

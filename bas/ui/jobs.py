@@ -281,8 +281,11 @@ class Jobs:
     # -- changes ----------------------------------------------------------------------------------
     def submit(self, args: list[str], shown: str) -> Job:
         """Queue ``bas run ARGS``; the options are parsed and checked now, so a mistake is an error at once."""
-        config, _ = self.parse(args)
-        config.check()
+        from bas.core.plugins import Plugins
+        from bas.core.training import check_run
+
+        config, names = self.parse(args)
+        check_run(config, Plugins(names))  # what `bas run` checks before it loads the model, now rather than when the job starts
         out = Path(config.out)
         device = device_key(config.device)
         with self.lock:

@@ -30,6 +30,7 @@ from bas.core.scene import MAX_CONCEPTS, find_scene_files, load_image, load_mask
 from bas.ui.workspace import Workspace
 
 DISPLAY_MAX_SIDE = 768  # the page's picture; clicks come back as fractions of it
+WORKING_SIDE = 1024  # an upload's longest side is brought down to this: the largest any family trains at (SDXL, FLUX), SAM's input size
 
 
 @dataclass
@@ -85,6 +86,24 @@ class Draft:
 def new_draft(image: Path) -> Draft:
     picture = load_image(image)  # an unreadable upload is an error here, not later
     return Draft(image=Path(image), size=picture.size)
+
+
+def working_copy(upload: Path, keep_original: bool = False) -> tuple[Path, tuple[int, int]]:
+    """An uploaded image at the working size: a photo of 48 MP becomes 1024 px on its longest side
+    (SAM clicks and saving take a fraction of the time, the scene a fraction of the space; training
+    sees 512 or 1024 px anyway).  The upload itself is deleted unless ``keep_original``.  Returns
+    the image to use and the upload's size."""
+    picture = load_image(upload)  # turned as its EXIF says, RGB
+    size = picture.size
+    if keep_original or max(size) <= WORKING_SIDE:
+        return upload, size
+    picture.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.LANCZOS)
+    jpeg = upload.suffix.lower() in (".jpg", ".jpeg")
+    small = upload.with_name(f"{upload.stem}-{WORKING_SIDE}{'.jpg' if jpeg else '.png'}")
+    with io.atomic_path(small) as tmp:
+        picture.save(tmp, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
+    upload.unlink(missing_ok=True)
+    return small, size
 
 
 def open_scene(workspace: Workspace, folder: str) -> Draft:
@@ -188,8 +207,16 @@ def undo(draft: Draft, segment) -> str:
 
 
 def add_mask_file(draft: Draft, path: Path, name: str) -> str:
-    """An uploaded mask PNG becomes a concept (the selected one, if it has nothing yet)."""
-    mask = to_image_size(load_mask(path), draft.size)
+    """An uploaded mask PNG becomes a concept (the selected one, if it has nothing yet); one of
+    another size is resized to the image's, and the message says so."""
+    loaded = load_mask(path)
+    mask = to_image_size(loaded, draft.size)
+    (h, w), (iw, ih) = loaded.shape[:2], draft.size
+    note = ""
+    if (w, h) != (iw, ih):
+        note = f" It is {w}x{h}, the image {iw}x{ih}: it was resized to fit"
+        note += (", and its shape differs from the image's, so it is stretched; check that it is this image's mask."
+                 if abs(w / h - iw / ih) > 0.01 * iw / ih else ".")
     concept = draft.current if (draft.concepts and not draft.current.prompts and draft.current.mask is None) else None
     if concept is None:
         check_room(draft)
@@ -197,7 +224,7 @@ def add_mask_file(draft: Draft, path: Path, name: str) -> str:
         draft.selected = len(draft.concepts) - 1
         concept = draft.current
     concept.mask, concept.mask_file, concept.prompts = mask, name, []
-    return f"{draft.labels()[draft.selected]}: mask from {name}."
+    return f"{draft.labels()[draft.selected]}: mask from {name}.{note}"
 
 
 def check_room(draft: Draft) -> None:
@@ -283,7 +310,8 @@ def init_words(draft: Draft) -> list[str]:
     return [w or DEFAULT_INIT_TOKEN for w in words]
 
 
-def save(draft: Draft, workspace: Workspace, name: str, cleanup_options: dict, overwrite: bool, sam_model: str) -> tuple[Path, list[Path], str | None]:
+def save(draft: Draft, workspace: Workspace, name: str, cleanup_options: dict, overwrite: bool, sam_model: str,
+         device: str = "auto") -> tuple[Path, list[Path], str]:
     """Write the scene as ``bas run --scene`` reads it: ``scenes/NAME/{img.png, mask0.png, ..., preview.png}``
     through ``bas masks``'s own code (its checks included), and ``scene.json`` with the init words and
     prompts.  Returns the folder, the files and the equivalent ``bas masks`` command (when there is one)."""
@@ -315,11 +343,25 @@ def save(draft: Draft, workspace: Workspace, name: str, cleanup_options: dict, o
     info = {"init_tokens": words, "prompts": [list(p) if p else None for p in prompts],
             "masks_from": [c.mask_file for c in draft.concepts], "sam_model": sam_model}
     io.write_json(folder / "scene.json", info)
-    command = None
-    if all(prompts):
-        args = masks_args(f"{workspace.relative(folder)}/img.png", prompts, workspace.relative(folder), sam_model, cleanup_options)
-        command = "bas masks " + shell(args) if args else None
+    command = scene_command(workspace, folder, prompts, sam_model, cleanup_options, device)
     return folder, written + [folder / "scene.json"], command
+
+
+def scene_command(workspace: Workspace, folder: Path, prompts: list, sam_model: str, cleanup_options: dict, device: str) -> str:
+    """``cd WORKSPACE`` and the ``bas masks`` command that makes the scene saved in ``folder`` again,
+    into a folder beside it (``NAME-cli``: ``--out`` may not hold the image it reads).  A scene of SAM
+    prompts only is made from its prompts, with the same cleanup; any other (uploaded or painted
+    masks) from its saved masks, which already had their cleanup."""
+    from bas.ui.commands import masks_args, shell
+
+    relative = workspace.relative(folder)
+    image, out = f"{relative}/img.png", f"{relative}-cli"
+    args = masks_args(image, prompts, out, sam_model, cleanup_options) if all(prompts) else None
+    if args is not None and device not in ("", "auto"):
+        args[-2:-2] = ["--device", device]
+    if args is None:
+        args = ["--image", image, *[w for i in range(len(prompts)) for w in ("--mask", f"{relative}/mask{i}.png")], "--out", out]
+    return f"cd {shell([workspace.root])}\nbas masks {shell(args)}"
 
 
 def scene_summary(draft: Draft) -> str:
