@@ -857,3 +857,76 @@ def test_the_loss_curve_shows_both_phases_on_a_first_run_and_after_a_restart_and
             browser.close()
             if first["process"].poll() is None:
                 stop_ui(first)
+
+
+# -- the Scene tab: a brush, uploads at a working size, messages, the command line that runs as shown ------------------
+def paint(page, start, end, size):
+    """A brush stroke on the brush's picture from image pixel ``start`` to ``end`` (the editor fits the picture, centred, at its zoom)."""
+    page.click("#mask-brush button[aria-label='Brush']")
+    canvas = page.locator("#mask-brush canvas").first
+    box = canvas.bounding_box()
+    zoom = float(re.search(r"(\d+)%", page.locator("#mask-brush").inner_text()).group(1)) / 100
+    at = lambda p: (box["x"] + box["width"] / 2 + (p[0] + 0.5 - size[0] / 2) * zoom, box["y"] + box["height"] / 2 + (p[1] + 0.5 - size[1] / 2) * zoom)  # noqa: E731
+    page.mouse.move(*at(start))
+    page.mouse.down()
+    page.mouse.move(*at(end), steps=20)
+    page.mouse.up()
+
+
+def run_shown(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A command line as the page shows it, in a shell, with `bas` this checkout's."""
+    bas = f"{shlex.quote(sys.executable)} -m bas.cli"
+    script = re.sub(r"^bas ", bas + " ", command, flags=re.M)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_brushed_mask_saves_as_drawn_and_the_scenes_command_runs_as_shown(server, page, scene, tmp_path):
+    from playwright.sync_api import expect
+
+    ws = server["workspace"]
+    page.goto(server["url"])
+    expect(page.locator("#sam-status")).to_contain_text("SAM: ready")  # said at start, not in a collapsed accordion
+    # a file that is not an image: a message naming it, not gradio's folder for it
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    upload(page, "#upload-image", notes)
+    status = wait_text(page, "#scene-status", r"Error: notes\.txt is not a readable image")
+    assert not re.search(r"[0-9a-f]{64}", status) and "uploads" not in status, status
+    # a large photo is brought down to the working size; the upload itself is not kept
+    Image.fromarray((np.random.RandomState(1).rand(1500, 2000, 3) * 255).astype(np.uint8)).save(tmp_path / "big.jpg", quality=90)
+    upload(page, "#upload-image", tmp_path / "big.jpg")
+    wait_text(page, "#scene-status", r"Loaded big\.jpg \(2000x1500, brought down to 1024x768 to work with")
+    kept = [Image.open(p).size for p in (ws / ".bas-ui" / "uploads").rglob("big*.jpg")]
+    assert kept == [(1024, 768)], kept
+
+    size = Image.open(scene / "img.png").size
+    upload(page, "#upload-image", scene / "img.png")
+    wait_text(page, "#scene-status", r"Loaded img\.png \(128x128\)")
+    page.wait_for_function("document.querySelector('#mask-brush canvas') !== null")
+    page.wait_for_timeout(1000)  # the editor draws its picture
+    paint(page, (20, 64), (100, 64), size)
+    page.click("#use-brush")
+    wait_text(page, "#scene-status", r"<asset0>: mask painted with the brush \(\d+ pixels\)")
+    # a mask of another size: said aloud
+    small = Image.new("L", (64, 32), 0)
+    small.paste(255, (8, 8, 24, 24))
+    small.save(tmp_path / "small.png")
+    upload(page, "#upload-mask", tmp_path / "small.png")
+    wait_text(page, "#scene-status", r"<asset1>: mask from small\.png\. It is 64x32, the image 128x128: .*stretched")
+    page.fill("#scene-name input, #scene-name textarea", "painted")
+    page.click("#save-scene")
+    wait_text(page, "#scene-status", r"Saved scenes/painted")
+    mask = np.asarray(Image.open(ws / "scenes" / "painted" / "mask0.png"))
+    ys, xs = np.nonzero(mask > 127)
+    assert mask[64, 20:101].min() == 255 and mask[20, :].max() == 0 and mask[110, :].max() == 0  # along the stroke, nowhere far from it
+    assert 8 <= xs.min() <= 20 and 100 <= xs.max() <= 112 and 52 <= ys.min() <= 64 and 64 <= ys.max() <= 76, (xs.min(), xs.max(), ys.min(), ys.max())
+
+    # the command line shown runs as shown and makes the same scene
+    command = page.locator("#scene-command textarea").input_value()
+    assert command.startswith(f"cd {ws}\nbas masks ") and "mixes" not in command, command
+    result = run_shown(command, tmp_path)
+    assert result.returncode == 0, result.stderr
+    again = ws / "scenes" / "painted-cli"
+    for name in ("img.png", "mask0.png", "mask1.png"):
+        assert np.array_equal(np.asarray(Image.open(again / name)), np.asarray(Image.open(ws / "scenes" / "painted" / name))), name

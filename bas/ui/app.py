@@ -8,6 +8,7 @@ Import this module only after ``GRADIO_TEMP_DIR`` points into the workspace (``b
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import html
@@ -129,6 +130,7 @@ class App:
         self.sam = scenes.SamSession()
         self.jobs = Jobs(workspace.jobs, lambda args: commands.parse_run(args, workspace))
         self.generating = threading.Lock()
+        self.draft_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)  # a browser tab's draft: one change at a time
 
     # -- Scene ------------------------------------------------------------------------------------
     def canvas(self, draft: scenes.Draft | None, cleanup: MaskCleanup) -> str:
@@ -143,6 +145,17 @@ class App:
         word = draft.concepts[draft.selected].init_word if labels else ""
         return (self.canvas(draft, cleanup), gr.update(choices=labels, value=selected), word,
                 scenes.scene_summary(draft) if draft else "", draft, say(message))
+
+    def draft_lock(self, request) -> threading.Lock:
+        return self.draft_locks[getattr(request, "session_hash", None) or ""]
+
+    @staticmethod
+    def brush_for(draft):
+        """The brush's picture for the draft's selected concept."""
+        try:
+            return scenes.brush_value(draft) if draft is not None else None
+        except BasError:
+            return gr.skip()
 
     def segmenter(self, checkpoint: str, device: str, draft: scenes.Draft):
         return lambda prompt: self.sam.segment(checkpoint.strip() or self.sam_model, device.strip() or "auto", draft.image, prompt)
@@ -166,8 +179,15 @@ class App:
                     with gr.Row():
                         with gr.Column(scale=3):
                             canvas = gr.HTML(self.canvas(None, MaskCleanup()), html_template=CANVAS_TEMPLATE, js_on_load=CANVAS_JS, elem_id="scene-canvas")
-                            scene_status = gr.Markdown("Click on a concept to add a point; drag to draw a box around it.", elem_id="scene-status")
+                            scene_status = gr.Markdown("Click on a concept to add a point; drag to draw a box around it; or paint it with the brush below.", elem_id="scene-status")
                             concepts_md = gr.Markdown("", elem_id="scene-concepts")
+                            with gr.Accordion("Brush and eraser: paint the selected concept's mask", open=True, elem_id="brush-panel"):
+                                brush = gr.ImageEditor(None, type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
+                                                       brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=12), eraser=gr.Eraser(default_size=12),
+                                                       canvas_size=(scenes.DISPLAY_MAX_SIDE, scenes.DISPLAY_MAX_SIDE), show_label=False, elem_id="mask-brush")
+                                with gr.Row():
+                                    brush_load = gr.Button("Paint the selected concept (start from its mask)", elem_id="brush-load")
+                                    brush_use = gr.Button("Use the painted mask for the selected concept", variant="primary", elem_id="use-brush")
                         with gr.Column(scale=2):
                             with gr.Row():
                                 # any file: one that is not an image gets a message saying so (a filter in the file picker says nothing)
@@ -190,8 +210,10 @@ class App:
                                 dilate = gr.Number(0, label="Dilate, pixels (--mask-dilate)", minimum=0, elem_id="mask-dilate")
                                 erode = gr.Number(0, label="Erode, pixels (--mask-erode)", minimum=0, elem_id="mask-erode")
                                 feather = gr.Number(0, label="Feather, pixels (--mask-feather)", minimum=0, elem_id="mask-feather")
-                            with gr.Accordion("Segment Anything", open=False):
-                                sam_model = gr.Textbox(self.sam_model, label="SAM checkpoint (hub id or folder)", elem_id="sam-model")
+                            sam_ready, sam_line = scenes.sam_status(self.sam_model)
+                            sam_status = gr.Markdown(say(sam_line), elem_id="sam-status")
+                            with gr.Accordion("Segment Anything", open=not sam_ready):
+                                sam_model = gr.Textbox(self.sam_model, label="SAM checkpoint (hub id or folder; bas ui --sam-model sets it)", elem_id="sam-model")
                                 sam_device = gr.Textbox(self.device, label="Device (auto, cpu, cuda, cuda:N)")
                             scene_name = gr.Textbox(label="Scene name (saved in scenes/NAME)", elem_id="scene-name")
                             replace = gr.Checkbox(False, label="Replace the scene of that name")
@@ -308,7 +330,7 @@ class App:
                 out = self.scene_outputs(new, self.cleanup(cleanup), f"Loaded {Path(path).name} ({size[0]}x{size[1]}{reduced}); click on a concept, drag a box around it, or paint it with the brush.")
                 return (*out[:5], name, "", out[5])
 
-            upload_image.upload(upload_image_handler, [upload_image, keep_original, *cleanup_inputs], [*scene_out[:5], scene_name, scene_command, scene_status])
+            upload_image.upload(upload_image_handler, [upload_image, keep_original, *cleanup_inputs], [*scene_out[:5], scene_name, scene_command, scene_status]).then(self.brush_for, draft, brush)
 
             def open_handler(folder, *cleanup):
                 try:
@@ -318,37 +340,55 @@ class App:
                 out = self.scene_outputs(new, self.cleanup(cleanup), f"Opened {new.origin}: {len(new.concepts)} masks.")
                 return (*out[:5], Path(new.origin).name, "", out[5])
 
-            open_button.click(open_handler, [open_path, *cleanup_inputs], [*scene_out[:5], scene_name, scene_command, scene_status])
+            open_button.click(open_handler, [open_path, *cleanup_inputs], [*scene_out[:5], scene_name, scene_command, scene_status]).then(self.brush_for, draft, brush)
 
             def edit(action):
                 """A Scene handler that changes the draft and re-renders it."""
                 @guarded(6)
-                def handler(current, mode, checkpoint, device, threshold, fill, dilate, erode, feather, evt: gr.EventData = None):
+                def handler(current, mode, checkpoint, device, threshold, fill, dilate, erode, feather, evt: gr.EventData = None, request: gr.Request = None):
                     # no *args here: gradio places the event data by its position in the signature
                     cleanup = self.cleanup((threshold, fill, dilate, erode, feather))
                     if current is None:
                         raise BasError("Upload an image first (or open a scene folder).")
-                    message = action(current, mode, self.segmenter(checkpoint, device, current), evt)
-                    return self.scene_outputs(current, cleanup, message)
+                    with self.draft_lock(request):  # one change of the draft at a time, in the order they came
+                        message = action(current, mode, self.segmenter(checkpoint, device, current), evt)
+                        return self.scene_outputs(current, cleanup, message)
                 return handler
 
             edit_inputs = [draft, click_mode, sam_model, sam_device, *cleanup_inputs]
-            canvas.point(edit(lambda dr, mode, seg, evt: scenes.add_point(dr, evt._data["x"], evt._data["y"], mode == POSITIVE, seg)), edit_inputs, scene_out)
-            canvas.box(edit(lambda dr, mode, seg, evt: scenes.set_box(dr, evt._data["x0"], evt._data["y0"], evt._data["x1"], evt._data["y1"], seg)), edit_inputs, scene_out)
+            # "multiple": a click made while SAM loads (or segments the previous one) waits its turn instead of being dropped
+            canvas.point(edit(lambda dr, mode, seg, evt: scenes.add_point(dr, evt._data["x"], evt._data["y"], mode == POSITIVE, seg)), edit_inputs, scene_out,
+                         trigger_mode="multiple")
+            canvas.box(edit(lambda dr, mode, seg, evt: scenes.set_box(dr, evt._data["x0"], evt._data["y0"], evt._data["x1"], evt._data["y1"], seg)), edit_inputs, scene_out,
+                       trigger_mode="multiple")
             undo_button.click(edit(lambda dr, mode, seg, evt: scenes.undo(dr, seg)), edit_inputs, scene_out)
-            new_button.click(edit(lambda dr, mode, seg, evt: scenes.new_concept(dr)), edit_inputs, scene_out)
+            new_button.click(edit(lambda dr, mode, seg, evt: scenes.new_concept(dr)), edit_inputs, scene_out).then(self.brush_for, draft, brush)
             remove_button.click(edit(lambda dr, mode, seg, evt: scenes.remove_concept(dr)), edit_inputs, scene_out)
             for control in cleanup_inputs:
                 control.change(edit(lambda dr, mode, seg, evt: "Cleanup applies to the preview, and to the masks when the scene is saved."), edit_inputs, scene_out)
 
             @guarded(6)
-            def on_mask_upload(current, files, *cleanup):
+            def use_brush(current, value, threshold, fill, dilate, erode, feather, request: gr.Request = None):
+                cleanup = (threshold, fill, dilate, erode, feather)  # no *args: gradio places the request by its position
+                if current is None:
+                    raise BasError("Upload an image first (or open a scene folder).")
+                with self.draft_lock(request):
+                    return self.scene_outputs(current, self.cleanup(cleanup), scenes.set_painted_mask(current, value))
+
+            brush_load.click(self.brush_for, draft, brush)
+            brush_use.click(use_brush, [draft, brush, *cleanup_inputs], scene_out)
+            sam_model.change(lambda checkpoint: say(scenes.sam_status(checkpoint.strip() or self.sam_model)[1]), sam_model, sam_status)
+
+            @guarded(6)
+            def on_mask_upload(current, files, threshold, fill, dilate, erode, feather, request: gr.Request = None):
+                cleanup = (threshold, fill, dilate, erode, feather)  # no *args: gradio places the request by its position
                 if current is None:
                     raise BasError("Upload the scene's image first, then its masks.")
                 messages = []
-                for f in files or []:
-                    with uploaded(self.ws.inside(f)):
-                        messages.append(scenes.add_mask_file(current, self.ws.inside(f), Path(f).name))
+                with self.draft_lock(request):
+                    for f in files or []:
+                        with uploaded(self.ws.inside(f)):
+                            messages.append(scenes.add_mask_file(current, self.ws.inside(f), Path(f).name))
                 return self.scene_outputs(current, self.cleanup(cleanup), " ".join(messages))
 
             upload_mask.upload(on_mask_upload, [draft, upload_mask, *cleanup_inputs], scene_out)
@@ -360,7 +400,7 @@ class App:
                 current.selected = current.labels().index(label)
                 return self.scene_outputs(current, self.cleanup(cleanup), f"{label} selected: clicks now refine it.")
 
-            concept.input(on_select_concept, [draft, concept, *cleanup_inputs], scene_out)
+            concept.input(on_select_concept, [draft, concept, *cleanup_inputs], scene_out).then(self.brush_for, draft, brush)
 
             def on_init_word(current, word, label):
                 if scenes.set_init_word(current, label, word):

@@ -227,6 +227,40 @@ def add_mask_file(draft: Draft, path: Path, name: str) -> str:
     return f"{draft.labels()[draft.selected]}: mask from {name}.{note}"
 
 
+PAINTED = "painted with the brush"
+
+
+def brush_value(draft: Draft) -> dict:
+    """The brush's picture: the image at the page's size, and the selected concept's mask (if any)
+    as a white layer to paint on and erase from."""
+    picture = load_image(draft.image)
+    factor = min(1.0, DISPLAY_MAX_SIDE / max(picture.size))
+    size = (max(1, round(picture.width * factor)), max(1, round(picture.height * factor)))
+    picture = picture.resize(size, Image.BICUBIC) if factor < 1.0 else picture
+    alpha = np.zeros(size[::-1], np.uint8)
+    if draft.concepts and draft.current.mask is not None:
+        alpha = np.asarray(Image.fromarray((np.clip(draft.current.mask, 0, 1) * 255).round().astype(np.uint8)).resize(size, Image.BILINEAR))
+    layer = np.dstack([np.full(size[::-1] + (3,), 255, np.uint8), alpha])
+    return {"background": np.asarray(picture.convert("RGBA")), "layers": [layer], "composite": None}
+
+
+def set_painted_mask(draft: Draft, value: dict | None) -> str:
+    """The mask painted with the brush (what is painted, at any opacity, is the concept) becomes the
+    selected concept's, at the image's size; SAM's prompts for it are dropped."""
+    layers = [np.asarray(layer) for layer in (value or {}).get("layers") or [] if layer is not None]
+    if not layers:
+        raise BasError("Nothing is painted; pick the brush, paint over the concept, then press 'Use the painted mask'.")
+    alpha = np.zeros(layers[0].shape[:2], np.float32)
+    for layer in layers:
+        alpha = np.maximum(alpha, (layer[..., 3] if layer.ndim == 3 and layer.shape[2] == 4 else layer.reshape(layer.shape[:2] + (-1,))[..., 0]) / 255.0)
+    if not (alpha > 0.5).any():
+        raise BasError("Nothing is painted; pick the brush, paint over the concept, then press 'Use the painted mask'.")
+    mask = to_image_size((alpha > 0.5).astype(np.float32), draft.size)
+    concept = draft.current
+    concept.mask, concept.mask_file, concept.prompts = (mask > 0.5).astype(np.float32), PAINTED, []
+    return f"{draft.labels()[draft.selected]}: mask {PAINTED} ({int((concept.mask > 0).sum())} pixels)."
+
+
 def check_room(draft: Draft) -> None:
     if len(draft.concepts) >= MAX_CONCEPTS:
         raise BasError(f"A scene holds at most {MAX_CONCEPTS} concepts; remove one first.")
@@ -336,7 +370,13 @@ def save(draft: Draft, workspace: Workspace, name: str, cleanup_options: dict, o
         shutil.copyfile(draft.image, image)
         plugins = Plugins([])
         config = make_masks_config(plugins, {"out": folder, "image": image, "overwrite": overwrite, "masks": masks, **cleanup_options}, [])
-        written = make_masks(config, plugins)  # the folder as a whole: no older image or mask stays beside the new ones
+        try:
+            written = make_masks(config, plugins)  # the folder as a whole: no older image or mask stays beside the new ones
+        except BasError as exc:  # name the concept, not the page's staging folder
+            text = str(exc)
+            for label, path in zip(draft.labels(), masks):
+                text = text.replace(str(path), f"the mask of {label}")
+            raise BasError(text.replace(str(image), "the image")) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     prompts = [c.sam_prompt() for c in draft.concepts]
@@ -362,6 +402,30 @@ def scene_command(workspace: Workspace, folder: Path, prompts: list, sam_model: 
     if args is None:
         args = ["--image", image, *[w for i in range(len(prompts)) for w in ("--mask", f"{relative}/mask{i}.png")], "--out", out]
     return f"cd {shell([workspace.root])}\nbas masks {shell(args)}"
+
+
+def sam_status(checkpoint: str) -> tuple[bool, str]:
+    """Whether the SAM checkpoint can be loaded without a download, and a line that says so and how to make it so."""
+    import os
+
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        ready = (path / "config.json").is_file()
+        return ready, (f"SAM: ready ({checkpoint})." if ready else f"SAM: {checkpoint} is not a SAM checkpoint folder (no config.json); "
+                       "give another in the SAM checkpoint field, or paint masks with the brush.")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(checkpoint, "config.json"), str)
+    except Exception:  # not a hub id either
+        cached = False
+    if cached:
+        return True, f"SAM: ready ({checkpoint}, from the hub cache)."
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False, (f"SAM: {checkpoint} is not downloaded and this machine is offline: paint masks with the brush or upload them, "
+                       "or download it elsewhere (huggingface-cli download facebook/sam-vit-base) and give its folder in the SAM checkpoint field.")
+    return False, (f"SAM: {checkpoint} is downloaded at the first click (about 400 MB, a minute); "
+                   "or paint masks with the brush, or upload them.")
 
 
 def scene_summary(draft: Draft) -> str:
