@@ -513,6 +513,12 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     page.click("#save-scene")
     wait_text(page, "#scene-status", r"Saved scenes/toys: mask0.png, mask1.png, mask2.png, img.png, preview.png, scene.json")
     shots(page, "scene")
+    # the command line shown (SAM prompts and an uploaded mask: from the saved masks) runs as shown, to the same scene
+    shown_command = page.locator("#scene-command textarea").input_value()
+    result = run_shown(shown_command, tmp_path)
+    assert result.returncode == 0, (shown_command, result.stderr)
+    for name in ("img.png", "mask0.png", "mask1.png", "mask2.png"):
+        assert np.array_equal(np.asarray(Image.open(ws / "scenes" / "toys-cli" / name)), np.asarray(Image.open(ws / "scenes" / "toys" / name))), name
     saved = ws / "scenes" / "toys"
     info = json.loads((saved / "scene.json").read_text())
     assert info["prompts"][0][0] == "--point" and info["prompts"][1] == ["--box", "70,30,111,91"] and info["prompts"][2] is None
@@ -930,3 +936,77 @@ def test_a_brushed_mask_saves_as_drawn_and_the_scenes_command_runs_as_shown(serv
     again = ws / "scenes" / "painted-cli"
     for name in ("img.png", "mask0.png", "mask1.png"):
         assert np.array_equal(np.asarray(Image.open(again / name)), np.asarray(Image.open(ws / "scenes" / "painted" / name))), name
+
+    # a scene of SAM prompts only: its command is bas masks --plugin sam-masks with the prompts, and runs as shown too
+    upload(page, "#upload-image", scene / "img.png")
+    wait_text(page, "#scene-status", r"Loaded img\.png")
+    click_pixel(page, 40, 40, size)
+    wait_text(page, "#scene-status", r"<asset0>: point at")
+    page.fill("#scene-name input, #scene-name textarea", "clicked")
+    page.click("#save-scene")
+    wait_text(page, "#scene-status", r"Saved scenes/clicked")
+    command = page.locator("#scene-command textarea").input_value()
+    assert "--plugin sam-masks" in command and "--point" in command and command.endswith("--out scenes/clicked-cli"), command
+    result = run_shown(command, tmp_path)
+    assert result.returncode == 0, (command, result.stderr)
+    assert np.array_equal(np.asarray(Image.open(ws / "scenes" / "clicked-cli" / "mask0.png")), np.asarray(Image.open(ws / "scenes" / "clicked" / "mask0.png")))
+
+
+# -- habits: small window, keyboard, drop, chips at the cursor, captions, the form after a reload ------------------------
+def test_the_page_keeps_the_users_habits(server, page, scene, tiny_model, tmp_path):
+    import base64
+
+    from playwright.sync_api import expect
+
+    ws = server["workspace"]
+    shutil.copytree(scene, ws / "scenes" / "habits", dirs_exist_ok=True)
+    page.set_viewport_size({"width": 1024, "height": 700})
+    try:
+        page.goto(server["url"])
+        # arrow keys move between tabs
+        page.locator("button[role=tab]:has-text('Scene')").focus()
+        page.keyboard.press("ArrowRight")
+        expect(page.locator("button[role=tab]:has-text('Extract')")).to_have_attribute("aria-selected", "true")
+        # Start, Stop and the progress are on screen together in a small window
+        for selector in ("#start", "#stop", "#progress"):
+            box = page.locator(selector).bounding_box()
+            assert box and box["y"] >= 0 and box["y"] + box["height"] <= 700, (selector, box)
+        # the form shows the run the panel shows after a reload
+        start_on_page(page, "scenes/habits", "restored", 2, 1, "--plugin no:report --seed 5")
+        wait_text(page, "#progress", r"restored: finished in", timeout=120_000)
+        page.reload()
+        open_tab(page, "Extract")
+        expect(page.locator("#run-name input, #run-name textarea")).to_have_value("restored")
+        expect(page.locator("#phase1-steps input")).to_have_value("2")
+        expect(page.locator("#phase2-steps input")).to_have_value("1")
+        expect(page.locator("#extract-scene input")).to_have_value("scenes/habits")
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+    # an image dropped on the Scene tab's picture is uploaded
+    open_tab(page, "Scene")
+    data = base64.b64encode((scene / "img.png").read_bytes()).decode()
+    page.evaluate("""data => {
+        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+        const list = new DataTransfer();
+        list.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
+        document.querySelector('#scene-canvas .bas-canvas').dispatchEvent(new DragEvent('drop', {dataTransfer: list, bubbles: true, cancelable: true}));
+    }""", data)
+    wait_text(page, "#scene-status", r"Loaded dropped\.png \(128x128\)")
+
+    # a handle goes where the cursor is; Ctrl+Enter generates; each image has its prompt and seed as caption
+    open_tab(page, "Generate")
+    page.locator("#generate-run input").fill("runs/restored")
+    page.locator("#generate-run input").press("Enter")
+    chip = page.locator("#handle-chips button[data-handle='<asset0>']")
+    expect(chip).to_be_visible()
+    prompts = page.locator("#prompts textarea")
+    prompts.fill("a photo of at the beach")
+    prompts.evaluate("t => t.setSelectionRange(11, 11)")  # after "a photo of "
+    chip.click()
+    expect(prompts).to_have_value("a photo of <asset0> at the beach")
+    page.fill("#seeds textarea, #seeds input", "3")
+    page.fill("#generate-steps input", "2")
+    prompts.press("Control+Enter")
+    wait_text(page, "#generate-status", r"Wrote 1 image into runs/restored/samples", timeout=60_000)
+    expect(page.locator("#generate-gallery")).to_contain_text("a photo of <asset0> at the beach (seed 3)")

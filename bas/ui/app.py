@@ -46,9 +46,57 @@ window.addEventListener('mouseup', (e) => {
   if (Math.hypot(end[2] - first[2], end[3] - first[3]) > 6) trigger('box', {x0: first[0], y0: first[1], x1: end[0], y1: end[1]});
   else trigger('point', {x: first[0], y: first[1]});
 });
+// an image dropped on the picture, or pasted (Ctrl+V) while the Scene tab shows, goes through the upload button
+const feed = (files) => {
+  const input = document.querySelector('#upload-image input[type=file]'), file = [...files][0];
+  if (!input || !file) return;
+  const list = new DataTransfer();
+  list.items.add(file);
+  input.files = list.files;
+  input.dispatchEvent(new Event('change', {bubbles: true}));
+};
+element.addEventListener('dragover', (e) => e.preventDefault());
+element.addEventListener('drop', (e) => { e.preventDefault(); feed(e.dataTransfer.files); });
+document.addEventListener('paste', (e) => {
+  if (!element.offsetParent || !e.clipboardData || !e.clipboardData.files.length) return;
+  e.preventDefault();
+  feed(e.clipboardData.files);
+});
 """
+# a handle goes where the prompt's cursor is (an empty prompt starts as "a photo of"), spaced from its neighbours
 CHIPS_JS = """
-element.addEventListener('click', (e) => { const b = e.target.closest('button[data-handle]'); if (b) trigger('chip', {handle: b.dataset.handle}); });
+element.addEventListener('click', (e) => {
+  const b = e.target.closest('button[data-handle]'), t = document.querySelector('#prompts textarea');
+  if (!b || !t) return;
+  const start = t.selectionStart ?? t.value.length, end = t.selectionEnd ?? start;
+  let before = t.value.slice(0, start), after = t.value.slice(end);
+  if (!t.value.trim()) { before = 'a photo of '; after = ''; }
+  const pre = before && !/\\s$/.test(before) ? ' ' : '', post = after && !/^\\s/.test(after) ? ' ' : '';
+  t.value = before + pre + b.dataset.handle + post + after;
+  const at = (before + pre + b.dataset.handle).length;
+  t.focus();
+  t.setSelectionRange(at, at);
+  t.dispatchEvent(new Event('input', {bubbles: true}));
+});
+"""
+# the whole page: arrow keys move between tabs (as ARIA tabs do), Ctrl+Enter in the prompts generates
+PAGE_JS = """
+() => {
+  document.addEventListener('keydown', (e) => {
+    const tab = e.target.closest && e.target.closest('[role=tab]');
+    if (tab && (e.key === 'ArrowRight' || e.key === 'ArrowLeft')) {
+      const tabs = [...tab.parentElement.querySelectorAll('[role=tab]')];
+      const next = tabs[(tabs.indexOf(tab) + (e.key === 'ArrowRight' ? 1 : tabs.length - 1)) % tabs.length];
+      e.preventDefault();
+      next.click();
+      next.focus();
+    }
+    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey) && e.target.closest && e.target.closest('#prompts')) {
+      e.preventDefault();
+      document.querySelector('#generate').click();
+    }
+  });
+}
 """
 # the queue: a Stop button for every job queued or running, and Show to follow it in the progress panel
 QUEUE_JS = """
@@ -106,6 +154,15 @@ def uploaded(path: Path):
                        .replace("with --image", "as the image").replace("with --mask", "as a mask")) from None
 
 
+def caption(path: Path, prompts: list[str]) -> str:
+    """A generated image's prompt and seed, from its name (``<image_stem(prompt)>-seed<S>.png``)."""
+    from bas.core.generation import image_stem
+
+    stem, _, seed = path.stem.rpartition("-seed")
+    prompt = next((p for p in prompts if image_stem(p) == stem), stem)
+    return f"{prompt} (seed {seed})"
+
+
 def status_error(exc: Exception) -> str:
     return say(f"Error: {exc}")
 
@@ -135,7 +192,7 @@ class App:
     # -- Scene ------------------------------------------------------------------------------------
     def canvas(self, draft: scenes.Draft | None, cleanup: MaskCleanup) -> str:
         if draft is None:
-            return '<div class="empty">Upload an image, or open a scene of the workspace.</div>'
+            return '<div class="empty">Drop an image here, paste one (Ctrl+V), upload one, or open a scene of the workspace.</div>'
         return f'<img src="{scenes.data_url(scenes.render(draft, cleanup))}" draggable="false" alt="scene with masks">'
 
     def scene_outputs(self, draft, cleanup, message):
@@ -269,7 +326,7 @@ class App:
                         with gr.Column(scale=2):
                             g_run = gr.Dropdown(ws.finished_runs(), label="Run", allow_custom_value=True, elem_id="generate-run")
                             chips = gr.HTML("", html_template="<div>${value}</div>", js_on_load=CHIPS_JS, elem_id="handle-chips")
-                            prompts = gr.Textbox(label="Prompts, one per line (click a handle to add it)", lines=3, elem_id="prompts")
+                            prompts = gr.Textbox(label="Prompts, one per line (click a handle to add it at the cursor; Ctrl+Enter generates)", lines=3, elem_id="prompts")
                             negative = gr.Textbox(label="Negative prompt")
                             seeds = gr.Textbox("0,1,2,3", label="Seeds (comma-separated)", elem_id="seeds")
                             with gr.Row():
@@ -315,6 +372,14 @@ class App:
                     r_status = gr.Markdown("", elem_id="runs-status")
 
             timer = gr.Timer(1.0)
+
+            def scene_words(folder):
+                try:
+                    path = self.ws.inside(folder)
+                except BasError:
+                    return gr.skip(), gr.skip()
+                info = self.ws.scene_info(path)
+                return ", ".join(info.get("init_tokens") or []), gr.update(value=path.name) if path.name else gr.skip()
 
             # ---------------------------------------------------------------- Scene events
             def upload_image_handler(file, keep, *cleanup):
@@ -421,24 +486,19 @@ class App:
                     folder, written, cli = scenes.save(current, self.ws, name, options, bool(overwrite_scene), checkpoint.strip() or self.sam_model,
                                                        (device or "").strip() or self.device)
                 except BasError as exc:
-                    return gr.skip(), gr.skip(), gr.skip(), status_error(exc)
+                    return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), status_error(exc)
                 relative = self.ws.relative(folder)
                 choices = self.ws.scenes()
                 message = f"Saved {relative}: " + ", ".join(p.name for p in written) + ". Next: the Extract tab."
-                return gr.update(choices=choices, value=relative), gr.update(choices=choices, value=relative), cli, message
+                return (gr.update(choices=choices, value=relative), gr.update(choices=choices, value=relative), *scene_words(relative), cli, message)
 
-            save_button.click(save_handler, [draft, scene_name, replace, sam_model, sam_device, init_word, concept, *cleanup_inputs], [open_path, x_scene, scene_command, scene_status])
+            save_button.click(save_handler, [draft, scene_name, replace, sam_model, sam_device, init_word, concept, *cleanup_inputs],
+                              [open_path, x_scene, words, run_name, scene_command, scene_status])
 
             # ---------------------------------------------------------------- Extract events
-            def scene_words(folder):
-                try:
-                    path = self.ws.inside(folder)
-                except BasError:
-                    return gr.skip(), gr.skip()
-                info = self.ws.scene_info(path)
-                return ", ".join(info.get("init_tokens") or []), gr.update(value=path.name) if path.name else gr.skip()
-
-            x_scene.change(scene_words, x_scene, [words, run_name])
+            # a scene picked by the user (not one a reload restores) fills in its init words and a run name
+            x_scene.input(scene_words, x_scene, [words, run_name])
+            x_scene.select(scene_words, x_scene, [words, run_name])
 
             def form_values(values) -> dict:
                 (scene, name, model, weights_, phase1, phase2, lr_1, lr_2, rank_, seed_, res, precision_, device, words_, bg, plugins, extra_, overwrite_) = values
@@ -534,22 +594,13 @@ class App:
                 running = [j for j in active if j.state != "queued"]
                 job = (running or active)[-1] if active else self.jobs.newest()
                 if job is None:
-                    return None, -1, gr.skip()
-                return job.id, -1, job.shown
+                    return None, -1, gr.skip(), *[gr.skip()] * len(form)
+                return job.id, -1, job.shown, *self.form_of(job)
 
-            demo.load(on_load, None, [job_id, seen, command])
+            demo.load(on_load, None, [job_id, seen, command, *form])
 
             # ---------------------------------------------------------------- Generate events
             g_run.change(self.generate_settings, g_run, [chips, g_status, scheduler, guidance])
-
-            def add_chip(text, evt: gr.EventData):
-                handle = evt._data.get("handle", "")
-                lines = (text or "").split("\n")
-                last = lines[-1] or "a photo of"
-                lines[-1] = f"{last.rstrip()} {handle}"
-                return "\n".join(lines)
-
-            chips.chip(add_chip, prompts, prompts)
 
             def generate_handler(run, text, negative_, seeds_text, steps_, guidance_, scale, sampler):
                 from bas.core.generation import generate_images
@@ -574,8 +625,8 @@ class App:
                 except BasError as exc:
                     return gr.skip(), gr.skip(), gr.skip(), status_error(exc)
                 grid_path = [p for p in paths if p.name.startswith("grid-")]
-                singles = [str(p) for p in paths if p not in grid_path]
-                return (str(grid_path[0]) if grid_path else singles[0]), singles, cli, f"Wrote {len(singles)} image{'' if len(singles) == 1 else 's'} into {self.ws.relative(paths[0].parent)}."
+                singles = [(str(p), caption(p, prompt_list)) for p in paths if p not in grid_path]
+                return (str(grid_path[0]) if grid_path else singles[0][0]), singles, cli, f"Wrote {len(singles)} image{'' if len(singles) == 1 else 's'} into {self.ws.relative(paths[0].parent)}."
 
             generate.click(generate_handler, [g_run, prompts, negative, seeds, steps, guidance, lora_scale, scheduler], [grid, gallery, g_command, g_status], concurrency_limit=1)
 
@@ -750,6 +801,21 @@ class App:
             return "Nothing to stop: that extraction is not queued or running."
         self.jobs.stop(job)
         return f"Stopping {job.out.name}: it finishes the current step and saves a checkpoint." if job.state == "stopping" else f"Removed {job.out.name} from the queue."
+
+    def form_of(self, job) -> list:
+        """The Extract form as it was for ``job`` (after a reload the form shows the run the panel shows);
+        "more options" stay as typed, since a command line cannot be split back into fields."""
+        try:
+            config, names = commands.parse_run(job.args, self.ws)
+        except BasError:
+            return [gr.skip()] * 18
+        o = config.options
+        scene = self.ws.relative(o["scene"]) if o.get("scene") else gr.skip()
+        optional = set(self.optional_plugins())
+        return [scene, Path(config.out).name, config.model or self.model, "full" if "full" in names else "lora",
+                config.phase1_steps, config.phase2_steps, config.phase1_lr, commands.format_number(config.phase2_lr) if config.phase2_lr else "",
+                o.get("lora_rank", gr.skip()), config.seed, str(config.resolution or ""), config.precision, config.device,
+                ", ".join(config.init_tokens), bool(config.background), [n for n in names if n in optional], gr.skip(), bool(config.overwrite)]
 
     def queue_html(self, current: str | None) -> str:
         """Every job queued or running, each with its Stop button (and Show, for one the panel does not follow)."""

@@ -53,7 +53,7 @@ def ui(host, port, auth, allow_host, workspace, model, sam_model, device):
     os.environ.pop("GRADIO_SHARE", None)
     from starlette.middleware import Middleware
 
-    from bas.ui.app import CSS, App
+    from bas.ui.app import CSS, PAGE_JS, App
 
     app = App(ws, model=model or default_model(), sam_model=sam_model or DEFAULT_CHECKPOINT, device=device)
     demo = app.build()
@@ -61,7 +61,7 @@ def ui(host, port, auth, allow_host, workspace, model, sam_model, device):
         demo.queue(default_concurrency_limit=4).launch(
             server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True, show_error=False,
             allowed_paths=[str(ws.root)], max_file_size=MAX_UPLOAD, ssr_mode=False, enable_monitoring=False,
-            mcp_server=False, footer_links=["api", "settings"], css=CSS, auth=credentials,
+            mcp_server=False, footer_links=["api", "settings"], css=CSS, js=PAGE_JS, auth=credentials,
             app_kwargs={"middleware": [Middleware(HostCheck, allowed=allowed_hosts(host, allow_host))]},
         )
     except OSError as exc:

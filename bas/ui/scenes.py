@@ -348,9 +348,8 @@ def save(draft: Draft, workspace: Workspace, name: str, cleanup_options: dict, o
          device: str = "auto") -> tuple[Path, list[Path], str]:
     """Write the scene as ``bas run --scene`` reads it: ``scenes/NAME/{img.png, mask0.png, ..., preview.png}``
     through ``bas masks``'s own code (its checks included), and ``scene.json`` with the init words and
-    prompts.  Returns the folder, the files and the equivalent ``bas masks`` command (when there is one)."""
+    prompts.  Returns the folder, the files and the ``bas masks`` command that makes the same scene."""
     from bas.core.plugins import Plugins
-    from bas.ui.commands import masks_args, shell
 
     folder = workspace.scene_dir(name)
     if not draft.concepts or any(c.mask is None for c in draft.concepts):
