@@ -160,6 +160,27 @@ def test_the_queue_runs_one_extraction_per_device_and_stop_saves_a_resumable_che
     jobs.close()
 
 
+def test_start_checks_what_bas_run_checks_before_it_loads_a_model(tmp_path, tiny_model, scene):
+    """A mistake in the init words or the scene is an error when Start is pressed, not when the queued run starts."""
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(scene, ws.root / "scenes" / "s")
+    jobs = Jobs(ws.jobs, lambda args: commands.parse_run(args, ws))
+    base = ["--scene", "scenes/s", "--out", "runs/a", "--model", str(tiny_model), "--device", "cpu"]
+    masks = len(list((ws.root / "scenes" / "s").glob("mask*.png")))
+    for extra, message in ((["--init-token", "teddy bear"], "--init-token 'teddy bear' is not one word; give a single word such as 'bear'"),
+                           ([w for _ in range(masks + 1) for w in ("--init-token", "toy")], f"{masks + 1} --init-token values were given for {masks} masks"),
+                           (["--mask-erode", "500"], "is empty after mask cleanup")):
+        with pytest.raises(BasError, match=re.escape(message)):
+            jobs.submit([*base, *extra], "shown")
+    (ws.root / "scenes" / "s" / "mask0.png").write_bytes(b"not a png")
+    with pytest.raises(BasError, match="mask0.png is not a readable image"):
+        jobs.submit(base, "shown")
+    assert not jobs.jobs and not any(ws.jobs.iterdir()) and not any((ws.root / "runs").iterdir())  # nothing queued, nothing written
+    # the page splits its init-word field at commas only: a word with a space reaches the check above
+    result = CliRunner().invoke(cli, ["run", "--scene", str(scene), "--out", str(tmp_path / "cli"), "--model", str(tiny_model), "--init-token", "teddy bear"])
+    assert result.exit_code == 1 and "--init-token 'teddy bear' is not one word" in result.output, result.output
+
+
 def test_bas_ui_without_gradio_says_how_to_install_it_and_another_host_needs_a_password(tmp_path, monkeypatch):
     import importlib.util
 
@@ -677,6 +698,15 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     wait_text(page, "#run-details", r"toys: finished")
     page.wait_for_function("document.querySelectorAll('#run-report img').length >= 2")
     shots(page, "runs")
+    # the report is a link that opens it as a page, with its pictures; nothing outside the run's report is served
+    href = page.locator("#run-details a:has-text('Open the report')").get_attribute("href")
+    assert href == "report/toys/index.html", href
+    report_page = page.request.get(server["url"] + href)
+    assert report_page.status == 200 and report_page.headers["content-type"].startswith("text/html") and "script-src 'none'" in report_page.headers["content-security-policy"]
+    pictures = re.findall(r'src="([^"]+\.png)"', report_page.text())
+    assert pictures and page.request.get(server["url"] + "report/toys/" + pictures[0]).headers["content-type"] == "image/png"
+    for bad in ("report/toys/../run.json", "report/toys/%2e%2e/run.json", "report/..%2Fscenes/index.html", "report/nosuch/index.html"):
+        assert page.request.get(server["url"] + bad).status == 404, bad
 
     # nothing was written outside the workspace: not in the server's folder, not in the system's temporary folder
     assert not any(server["cwd"].iterdir()) and not (server["root"] / "tmp" / "gradio").exists()
@@ -707,6 +737,7 @@ def test_bas_ui_on_another_host_asks_for_the_password_and_prints_an_address_that
         assert "0.0.0.0" not in printed and printed.endswith(f":{started['port']}/")
         with httpx.Client(base_url=started["url"]) as client:
             assert client.get("config").status_code == 401
+            assert client.get("report/any/index.html").status_code == 401  # the page's own route too
             assert client.post("login", data={"username": "ann", "password": "wrong"}).status_code == 400
             assert client.get("config").status_code == 401
             assert client.post("login", data={"username": "ann", "password": "s3cret"}).status_code == 200
@@ -724,7 +755,7 @@ def start_on_page(page, scene, name, phase1, phase2="0", more="--plugin no:repor
     if page.locator("#extract-scene input").input_value() != scene:
         page.locator("#extract-scene input").fill(scene)
         page.locator("#extract-scene input").press("Enter")
-        expect(page.locator("#run-name input, #run-name textarea")).to_have_value(Path(scene).name)  # the scene fills it in
+        expect(page.locator("#run-name input, #run-name textarea")).to_have_value(Path(scene).name, timeout=30_000)  # the scene fills it in
     page.fill("#run-name input, #run-name textarea", name)
     page.fill("#phase1-steps input", str(phase1))
     page.fill("#phase2-steps input", str(phase2))
@@ -789,7 +820,7 @@ def test_every_job_stops_from_where_it_is_shown_and_the_page_reattaches_to_any(s
     expect_no_row = page.locator("#runs-table").get_by_text("third", exact=True)
     from playwright.sync_api import expect
 
-    expect(expect_no_row).to_have_count(0)
+    expect(expect_no_row).to_have_count(0, timeout=30_000)
 
 
 def ws_run_status(ws, name):
@@ -892,7 +923,7 @@ def test_a_brushed_mask_saves_as_drawn_and_the_scenes_command_runs_as_shown(serv
 
     ws = server["workspace"]
     page.goto(server["url"])
-    expect(page.locator("#sam-status")).to_contain_text("SAM: ready")  # said at start, not in a collapsed accordion
+    expect(page.locator("#sam-status")).to_contain_text("SAM: ready", timeout=30_000)  # said at start, not in a collapsed accordion
     # a file that is not an image: a message naming it, not gradio's folder for it
     notes = tmp_path / "notes.txt"
     notes.write_text("not a picture")
@@ -966,7 +997,7 @@ def test_the_page_keeps_the_users_habits(server, page, scene, tiny_model, tmp_pa
         # arrow keys move between tabs
         page.locator("button[role=tab]:has-text('Scene')").focus()
         page.keyboard.press("ArrowRight")
-        expect(page.locator("button[role=tab]:has-text('Extract')")).to_have_attribute("aria-selected", "true")
+        expect(page.locator("button[role=tab]:has-text('Extract')")).to_have_attribute("aria-selected", "true", timeout=30_000)
         # Start, Stop and the progress are on screen together in a small window
         for selector in ("#start", "#stop", "#progress"):
             box = page.locator(selector).bounding_box()
@@ -976,10 +1007,10 @@ def test_the_page_keeps_the_users_habits(server, page, scene, tiny_model, tmp_pa
         wait_text(page, "#progress", r"restored: finished in", timeout=120_000)
         page.reload()
         open_tab(page, "Extract")
-        expect(page.locator("#run-name input, #run-name textarea")).to_have_value("restored")
-        expect(page.locator("#phase1-steps input")).to_have_value("2")
-        expect(page.locator("#phase2-steps input")).to_have_value("1")
-        expect(page.locator("#extract-scene input")).to_have_value("scenes/habits")
+        expect(page.locator("#run-name input, #run-name textarea")).to_have_value("restored", timeout=30_000)
+        expect(page.locator("#phase1-steps input")).to_have_value("2", timeout=30_000)
+        expect(page.locator("#phase2-steps input")).to_have_value("1", timeout=30_000)
+        expect(page.locator("#extract-scene input")).to_have_value("scenes/habits", timeout=30_000)
     finally:
         page.set_viewport_size({"width": 1280, "height": 900})
 
@@ -999,14 +1030,14 @@ def test_the_page_keeps_the_users_habits(server, page, scene, tiny_model, tmp_pa
     page.locator("#generate-run input").fill("runs/restored")
     page.locator("#generate-run input").press("Enter")
     chip = page.locator("#handle-chips button[data-handle='<asset0>']")
-    expect(chip).to_be_visible()
+    expect(chip).to_be_visible(timeout=30_000)
     prompts = page.locator("#prompts textarea")
     prompts.fill("a photo of at the beach")
     prompts.evaluate("t => t.setSelectionRange(11, 11)")  # after "a photo of "
     chip.click()
-    expect(prompts).to_have_value("a photo of <asset0> at the beach")
+    expect(prompts).to_have_value("a photo of <asset0> at the beach", timeout=30_000)
     page.fill("#seeds textarea, #seeds input", "3")
     page.fill("#generate-steps input", "2")
     prompts.press("Control+Enter")
     wait_text(page, "#generate-status", r"Wrote 1 image into runs/restored/samples", timeout=60_000)
-    expect(page.locator("#generate-gallery")).to_contain_text("a photo of <asset0> at the beach (seed 3)")
+    expect(page.locator("#generate-gallery")).to_contain_text("a photo of <asset0> at the beach (seed 3)", timeout=30_000)

@@ -48,7 +48,9 @@ window.addEventListener('mouseup', (e) => {
 });
 // an image dropped on the picture, or pasted (Ctrl+V) while the Scene tab shows, goes through the upload button
 const feed = (files) => {
-  const input = document.querySelector('#upload-image input[type=file]'), file = [...files][0];
+  let input = document.querySelector('#upload-image');  // gradio keeps the button's file input just before it
+  while (input && !(input.tagName === 'INPUT' && input.type === 'file')) input = input.previousElementSibling;
+  const file = [...files][0];
   if (!input || !file) return;
   const list = new DataTransfer();
   list.items.add(file);
@@ -873,6 +875,29 @@ class App:
             return " + ".join(str(n) for n in job.phase_steps.values())
         return ""
 
+    def serve_reports(self, server_app) -> None:
+        """``GET report/NAME/FILE``: a run's report (``index.html`` and its pictures) as a page of its own,
+        behind the same login as gradio's files, with no script allowed to run in it."""
+        import mimetypes
+
+        from fastapi.responses import PlainTextResponse, Response
+
+        login = next(r.dependencies for r in server_app.routes if getattr(r, "path", "") == "/config")  # gradio's login check
+
+        def report_file(name: str, file: str):
+            try:
+                folder = self.ws.run_entry(self.ws.run_path(f"{RUNS}/{check_name(name, 'run')}")).report.resolve()
+                path = self.ws.inside(folder / (file or "index.html"))
+                if folder not in path.parents or not path.is_file():
+                    raise BasError(f"{name} has no report file {file}; a run writes its report as it finishes (bas run --plugin report).")
+            except BasError as exc:
+                return PlainTextResponse(f"Error: {exc}", status_code=404)
+            # the bytes, not a FileResponse: gradio's compression would not match a streamed file's length
+            return Response(path.read_bytes(), media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+                            headers={"Content-Security-Policy": "script-src 'none'; object-src 'none'", "X-Content-Type-Options": "nosniff"})
+
+        server_app.add_api_route("/report/{name}/{file:path}", report_file, methods=["GET"], dependencies=login)
+
     def run_date(self, entry) -> str:
         """When the run was started (its job's time) or last written (its files)."""
         import time
@@ -897,7 +922,10 @@ class App:
             times = info.get("times", {})
             lines.append(f"Handles {' '.join(f'`{h}`' for h in info['handles'])}, base model `{info['model']}`, "
                          f"weights {info.get('weights') or 'handles only'}, {info.get('resolution')} px, took {times.get('total_s', 0):.0f} s.")
-            lines.append(f"Report: `{self.ws.relative(entry.path)}/report/index.html`; model card: `{self.ws.relative(entry.path)}/README.md`.")
+            lines.append(f"Model card: `{self.ws.relative(entry.path)}/README.md`.")
+        if (entry.report / "index.html").is_file():
+            lines.append(f'<a href="report/{html.escape(entry.name)}/index.html" target="_blank" id="report-link">Open the report</a> '
+                         f'(`{self.ws.relative(entry.path)}/report/index.html`)')
         job = self.jobs.for_out(entry.path)
         if job:
             lines.append(f"Command:\n```\n{job.shown}\n```")

@@ -66,6 +66,7 @@ def ui(host, port, auth, allow_host, workspace, model, sam_model, device):
         )
     except OSError as exc:
         raise BasError(f"Cannot listen on {host}:{port} ({exc}); pass another --port.") from exc
+    app.serve_reports(demo.server_app)
     # Ctrl-C and a service manager's SIGTERM both stop cleanly (a shell's background job starts with SIGINT ignored)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
