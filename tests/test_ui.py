@@ -94,6 +94,17 @@ def test_an_init_word_goes_to_the_concept_it_was_typed_for(scene):
         scenes.init_words(draft)
 
 
+def test_the_scene_tab_says_whether_sam_is_ready_and_how_to_make_it_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ready, line = scenes.sam_status("nobody/no-such-sam")
+    assert not ready and "not downloaded and this machine is offline: paint masks with the brush or upload them" in line
+    (tmp_path / "empty").mkdir()
+    ready, line = scenes.sam_status(str(tmp_path / "empty"))
+    assert not ready and "is not a SAM checkpoint folder" in line
+    ready, line = scenes.sam_status(str(save_tiny_sam(tmp_path / "sam")))
+    assert ready and line.startswith("SAM: ready")
+
+
 # -- the command lines the page shows are the ones it runs ---------------------------------------------
 def test_the_shown_command_line_makes_the_same_run_config_as_the_page(tmp_path):
     ws = Workspace(tmp_path / "ws")
@@ -846,54 +857,50 @@ def wait_curve(page, phases, points, timeout=60):
     raise AssertionError(f"the curve shows {len(shown)} points in {lines} lines, not {points} in {phases}: {shown}")
 
 
-def test_the_loss_curve_shows_both_phases_on_a_first_run_and_after_a_restart_and_resume(tmp_path, tiny_model, scene):
-    from playwright.sync_api import sync_playwright
-
-    browser_or_skip()
+def test_the_loss_curve_shows_both_phases_on_a_first_run_and_after_a_restart_and_resume(tmp_path, tiny_model, scene, page):
     ws = tmp_path / "ws"
     shutil.copytree(scene, ws / "scenes" / "c")
     options = ["--workspace", str(ws), "--model", str(tiny_model), "--device", "cpu"]
-    first = start_ui(tmp_path, *options)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(60_000)
-        try:
-            page.goto(first["url"])
-            # a first run: the page sees phase 1 before phase 2 exists, and still draws phase 2
-            start_on_page(page, "scenes/c", "once", 25, 3)
-            wait_text(page, "#progress", r"once: phase 1 of 2, step")
-            wait_text(page, "#progress", r"once: finished in", timeout=120_000)
-            shown = wait_curve(page, 2, 28)
-            assert shown == [(s, 1) for s in range(1, 26)] + [(s, 2) for s in range(26, 29)]
+    first = start_ui(tmp_path, *options)  # a server of its own, to kill
+    browser = page.context.browser  # the module's browser (one Playwright per process)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(first["url"])
+        # a first run: the page sees phase 1 before phase 2 exists, and still draws phase 2
+        start_on_page(page, "scenes/c", "once", 25, 3)
+        wait_text(page, "#progress", r"once: phase 1 of 2, step")
+        wait_text(page, "#progress", r"once: finished in", timeout=120_000)
+        shown = wait_curve(page, 2, 28)
+        assert shown == [(s, 1) for s in range(1, 26)] + [(s, 2) for s in range(26, 29)]
 
-            # a server killed during a run: the next one shows the run's curve so far, and Resume carries it on
-            start_on_page(page, "scenes/c", "again", 40, 3)
-            deadline = time.time() + 120
-            while not complete_checkpoints(ws / "runs" / "again") and time.time() < deadline:
-                time.sleep(0.1)
-            first["process"].kill()
-            first["process"].wait()
-            (tmp_path / "second").mkdir()
-            second = start_ui(tmp_path / "second", *options)
-            try:
-                page.goto(second["url"])
-                open_tab(page, "Extract")
-                wait_text(page, "#progress", r"again: interrupted\. the bas ui server stopped during this run")
-                page.wait_for_function("document.querySelectorAll('#loss-plot [aria-roledescription=point]').length >= 5")
-                before, _ = curve(page)  # the steps until the server was killed, from the job's folder
-                assert before == [(s, 1) for s in range(1, len(before) + 1)], before
-                page.click("#resume")
-                wait_text(page, "#progress", r"again: finished in", timeout=120_000)
-                shown = wait_curve(page, 2, 43)
-                assert shown == [(s, 1) for s in range(1, 41)] + [(s, 2) for s in range(41, 44)]
-                page.wait_for_function("document.querySelector('#attention img') && document.querySelector('#attention img').naturalWidth > 0")
-            finally:
-                stop_ui(second)
+        # a server killed during a run: the next one shows the run's curve so far, and Resume carries it on
+        start_on_page(page, "scenes/c", "again", 40, 3)
+        deadline = time.time() + 120
+        while not complete_checkpoints(ws / "runs" / "again") and time.time() < deadline:
+            time.sleep(0.1)
+        first["process"].kill()
+        first["process"].wait()
+        (tmp_path / "second").mkdir()
+        second = start_ui(tmp_path / "second", *options)
+        try:
+            page.goto(second["url"])
+            open_tab(page, "Extract")
+            wait_text(page, "#progress", r"again: interrupted\. the bas ui server stopped during this run")
+            page.wait_for_function("document.querySelectorAll('#loss-plot [aria-roledescription=point]').length >= 5")
+            before, _ = curve(page)  # the steps until the server was killed, from the job's folder
+            assert before == [(s, 1) for s in range(1, len(before) + 1)], before
+            page.click("#resume")
+            wait_text(page, "#progress", r"again: finished in", timeout=120_000)
+            shown = wait_curve(page, 2, 43)
+            assert shown == [(s, 1) for s in range(1, 41)] + [(s, 2) for s in range(41, 44)]
+            page.wait_for_function("document.querySelector('#attention img') && document.querySelector('#attention img').naturalWidth > 0")
         finally:
-            browser.close()
-            if first["process"].poll() is None:
-                stop_ui(first)
+            stop_ui(second)
+    finally:
+        page.close()
+        if first["process"].poll() is None:
+            stop_ui(first)
 
 
 # -- the Scene tab: a brush, uploads at a working size, messages, the command line that runs as shown ------------------

@@ -230,6 +230,7 @@ class App:
         with gr.Blocks(title="bas ui") as demo:
             job_id = gr.State(None)
             seen = gr.State(-1)
+            picture_shown = gr.State("")  # which attention map the page shows (job, file, time)
             draft = gr.State(None)
             gr.Markdown(f"## bas: Break-A-Scene\nWorkspace `{ws.root}`: scenes in `scenes/`, runs in `runs/`, exports in `exports/`.")
             with gr.Tabs(elem_id="tabs") as tabs:
@@ -248,6 +249,8 @@ class App:
                                     brush_load = gr.Button("Paint the selected concept (start from its mask)", elem_id="brush-load")
                                     brush_use = gr.Button("Use the painted mask for the selected concept", variant="primary", elem_id="use-brush")
                         with gr.Column(scale=2):
+                            sam_ready, sam_line = scenes.sam_status(self.sam_model)  # said first: whether clicks can segment
+                            sam_status = gr.Markdown(say(sam_line), elem_id="sam-status")
                             with gr.Row():
                                 # any file: one that is not an image gets a message saying so (a filter in the file picker says nothing)
                                 upload_image = gr.UploadButton("Upload an image", elem_id="upload-image")
@@ -269,8 +272,6 @@ class App:
                                 dilate = gr.Number(0, label="Dilate, pixels (--mask-dilate)", minimum=0, elem_id="mask-dilate")
                                 erode = gr.Number(0, label="Erode, pixels (--mask-erode)", minimum=0, elem_id="mask-erode")
                                 feather = gr.Number(0, label="Feather, pixels (--mask-feather)", minimum=0, elem_id="mask-feather")
-                            sam_ready, sam_line = scenes.sam_status(self.sam_model)
-                            sam_status = gr.Markdown(say(sam_line), elem_id="sam-status")
                             with gr.Accordion("Segment Anything", open=not sam_ready):
                                 sam_model = gr.Textbox(self.sam_model, label="SAM checkpoint (hub id or folder; bas ui --sam-model sets it)", elem_id="sam-model")
                                 sam_device = gr.Textbox(self.device, label="Device (auto, cpu, cuda, cuda:N)")
@@ -577,19 +578,21 @@ class App:
 
             resume.click(resume_handler, [job_id, *form], [job_id, command, x_status, seen])
 
-            def tick(current, version):
+            def tick(current, version, shown):
                 job = self.jobs.get(current)
                 queue_text = self.queue_html(current)
-                if job is None:
-                    return gr.skip(), gr.skip(), gr.skip(), queue_text, version
-                if job.version == version:
-                    return gr.skip(), gr.skip(), gr.skip(), queue_text, version
+                if job is None or job.version == version:
+                    return gr.skip(), gr.skip(), gr.skip(), queue_text, version, shown
                 status = job.status(self.jobs.place(job) if job.state == "queued" else None)
                 plot = self.loss_frame(job)
                 picture = str(job.attention) if job.attention and job.attention.is_file() else None
-                return f"**{html.escape(status)}**", plot, gr.update(value=picture, label=f"Attention of each handle ({job.attention_at})" if picture else "Attention of each handle"), queue_text, job.version
+                # the picture only when it changed: gradio copies a file it is sent over its cached copy,
+                # which a browser may be reading at that moment
+                key = f"{job.id}|{picture}|{job.attention.stat().st_mtime_ns if picture else ''}"
+                update = gr.skip() if key == shown else gr.update(value=picture, label=f"Attention of each handle ({job.attention_at})" if picture else "Attention of each handle")
+                return f"**{html.escape(status)}**", plot, update, queue_text, job.version, key
 
-            timer.tick(tick, [job_id, seen], [progress, loss_plot, attention, queue, seen], show_progress="hidden")
+            timer.tick(tick, [job_id, seen, picture_shown], [progress, loss_plot, attention, queue, seen, picture_shown], show_progress="hidden")
 
             def on_load():
                 active = self.jobs.active()
