@@ -624,7 +624,7 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
 
     # Stop = Ctrl-C (a checkpoint), Resume = --resume; a browser that goes away does not stop a run
     page.fill("#run-name input, #run-name textarea", "long")
-    page.fill("#phase1-steps input", "60")
+    page.fill("#phase1-steps input", "300")
     page.fill("#phase2-steps input", "0")
     page.fill("#more-options textarea, #more-options input", "--plugin no:report")
     page.locator("#more-options textarea, #more-options input").press("Tab")
@@ -634,13 +634,13 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     wait_text(page, "#progress", r"long: interrupted .*Resume continues it")
     assert complete_checkpoints(ws / "runs" / "long") and not (ws / "runs" / "long" / "run.json").exists()
     page.click("#resume")
-    wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step \d+/60)")
+    wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step \d+/300)")
     page.reload()  # the page goes away and comes back: it finds the run, which went on
     open_tab(page, "Extract")
-    wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step \d+/60|finished)")
+    wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step \d+/300|finished)")
     wait_text(page, "#progress", r"long: finished in", timeout=120_000)
     resumed = json.loads((ws / "runs" / "long" / "run.json").read_text())
-    assert resumed["resumed"] is True and len(resumed["history"]["phase1"]) == 60
+    assert resumed["resumed"] is True and len(resumed["history"]["phase1"]) == 300
 
     # Generate: handles offered as chips, images on the page and in the run's samples/
     open_tab(page, "Generate")
@@ -868,11 +868,11 @@ def test_the_loss_curve_shows_both_phases_on_a_first_run_and_after_a_restart_and
     try:
         page.goto(first["url"])
         # a first run: the page sees phase 1 before phase 2 exists, and still draws phase 2
-        start_on_page(page, "scenes/c", "once", 25, 3)
+        start_on_page(page, "scenes/c", "once", 150, 3)
         wait_text(page, "#progress", r"once: phase 1 of 2, step")
-        wait_text(page, "#progress", r"once: finished in", timeout=120_000)
-        shown = wait_curve(page, 2, 28)
-        assert shown == [(s, 1) for s in range(1, 26)] + [(s, 2) for s in range(26, 29)]
+        wait_text(page, "#progress", r"once: finished in", timeout=180_000)
+        shown = wait_curve(page, 2, 153)
+        assert shown == [(s, 1) for s in range(1, 151)] + [(s, 2) for s in range(151, 154)]
 
         # a server killed during a run: the next one shows the run's curve so far, and Resume carries it on
         start_on_page(page, "scenes/c", "again", 40, 3)

@@ -208,11 +208,10 @@ class App:
     def draft_lock(self, request) -> threading.Lock:
         return self.draft_locks[getattr(request, "session_hash", None) or ""]
 
-    @staticmethod
-    def brush_for(draft):
+    def brush_for(self, draft):
         """The brush's picture for the draft's selected concept."""
         try:
-            return scenes.brush_value(draft) if draft is not None else None
+            return scenes.brush_value(draft, self.ws.tmp / "brush") if draft is not None else None
         except BasError:
             return gr.skip()
 

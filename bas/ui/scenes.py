@@ -230,9 +230,11 @@ def add_mask_file(draft: Draft, path: Path, name: str) -> str:
 PAINTED = "painted with the brush"
 
 
-def brush_value(draft: Draft) -> dict:
+def brush_value(draft: Draft, folder: Path) -> dict:
     """The brush's picture: the image at the page's size, and the selected concept's mask (if any)
-    as a white layer to paint on and erase from."""
+    as a white layer to paint on and erase from.  Both are PNG files in ``folder`` named by their
+    content and written whole: gradio rewrites a cached copy of a picture it is sent as pixels in
+    place, under the same name each time, while a browser may still be reading the previous one."""
     picture = load_image(draft.image)
     factor = min(1.0, DISPLAY_MAX_SIDE / max(picture.size))
     size = (max(1, round(picture.width * factor)), max(1, round(picture.height * factor)))
@@ -240,8 +242,21 @@ def brush_value(draft: Draft) -> dict:
     alpha = np.zeros(size[::-1], np.uint8)
     if draft.concepts and draft.current.mask is not None:
         alpha = np.asarray(Image.fromarray((np.clip(draft.current.mask, 0, 1) * 255).round().astype(np.uint8)).resize(size, Image.BILINEAR))
-    layer = np.dstack([np.full(size[::-1] + (3,), 255, np.uint8), alpha])
-    return {"background": np.asarray(picture.convert("RGBA")), "layers": [layer], "composite": None}
+    layer = Image.fromarray(np.dstack([np.full(size[::-1] + (3,), 255, np.uint8), alpha]), "RGBA")
+    return {"background": str(png_file(picture.convert("RGBA"), folder)), "layers": [str(png_file(layer, folder))], "composite": None}
+
+
+def png_file(picture: Image.Image, folder: Path) -> Path:
+    import hashlib
+
+    buffer = stdio.BytesIO()
+    picture.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    path = Path(folder) / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if not path.is_file():
+        with io.atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    return path
 
 
 def set_painted_mask(draft: Draft, value: dict | None) -> str:
