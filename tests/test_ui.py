@@ -94,6 +94,17 @@ def test_an_init_word_goes_to_the_concept_it_was_typed_for(scene):
         scenes.init_words(draft)
 
 
+def test_the_scene_tab_says_whether_sam_is_ready_and_how_to_make_it_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ready, line = scenes.sam_status("nobody/no-such-sam")
+    assert not ready and "not downloaded and this machine is offline: paint masks with the brush or upload them" in line
+    (tmp_path / "empty").mkdir()
+    ready, line = scenes.sam_status(str(tmp_path / "empty"))
+    assert not ready and "is not a SAM checkpoint folder" in line
+    ready, line = scenes.sam_status(str(save_tiny_sam(tmp_path / "sam")))
+    assert ready and line.startswith("SAM: ready")
+
+
 # -- the command lines the page shows are the ones it runs ---------------------------------------------
 def test_the_shown_command_line_makes_the_same_run_config_as_the_page(tmp_path):
     ws = Workspace(tmp_path / "ws")
@@ -125,7 +136,7 @@ def test_the_queue_runs_one_extraction_per_device_and_stop_saves_a_resumable_che
     base = ["--scene", "scenes/s", "--model", str(tiny_model), "--device", "cpu", "--plugin", "no:report", "--checkpoint-every", "0"]
     first = jobs.submit([*base, "--out", "runs/a", "--phase1-steps", "40", "--phase2-steps", "2"], "a")
     second = jobs.submit([*base, "--out", "runs/b", "--phase1-steps", "2", "--phase2-steps", "0"], "b")
-    with pytest.raises(BasError, match="a is already (queued|running); wait for it, stop it, or choose another run name"):
+    with pytest.raises(BasError, match=r"a is already (queued|running); wait for it, stop it \(its Stop button in the queue\), or choose another run name"):
         jobs.submit([*base, "--out", "runs/a"], "a again")
     deadline = time.time() + 60
     while len(first.history) < 3 and time.time() < deadline:
@@ -160,15 +171,56 @@ def test_the_queue_runs_one_extraction_per_device_and_stop_saves_a_resumable_che
     jobs.close()
 
 
-def test_bas_ui_without_gradio_says_how_to_install_it_and_warns_about_another_host(tmp_path, monkeypatch):
+def test_start_checks_what_bas_run_checks_before_it_loads_a_model(tmp_path, tiny_model, scene):
+    """A mistake in the init words or the scene is an error when Start is pressed, not when the queued run starts."""
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(scene, ws.root / "scenes" / "s")
+    jobs = Jobs(ws.jobs, lambda args: commands.parse_run(args, ws))
+    base = ["--scene", "scenes/s", "--out", "runs/a", "--model", str(tiny_model), "--device", "cpu"]
+    masks = len(list((ws.root / "scenes" / "s").glob("mask*.png")))
+    for extra, message in ((["--init-token", "teddy bear"], "--init-token 'teddy bear' is not one word; give a single word such as 'bear'"),
+                           ([w for _ in range(masks + 1) for w in ("--init-token", "toy")], f"{masks + 1} --init-token values were given for {masks} masks"),
+                           (["--mask-erode", "500"], "is empty after mask cleanup")):
+        with pytest.raises(BasError, match=re.escape(message)):
+            jobs.submit([*base, *extra], "shown")
+    (ws.root / "scenes" / "s" / "mask0.png").write_bytes(b"not a png")
+    with pytest.raises(BasError, match="mask0.png is not a readable image"):
+        jobs.submit(base, "shown")
+    assert not jobs.jobs and not any(ws.jobs.iterdir()) and not any((ws.root / "runs").iterdir())  # nothing queued, nothing written
+    # the page splits its init-word field at commas only: a word with a space reaches the check above
+    result = CliRunner().invoke(cli, ["run", "--scene", str(scene), "--out", str(tmp_path / "cli"), "--model", str(tiny_model), "--init-token", "teddy bear"])
+    assert result.exit_code == 1 and "--init-token 'teddy bear' is not one word" in result.output, result.output
+
+
+def test_bas_ui_without_gradio_says_how_to_install_it_and_another_host_needs_a_password(tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
-    result = CliRunner().invoke(cli, ["ui", "--workspace", str(tmp_path / "ws"), "--host", "0.0.0.0"])
-    assert result.exit_code == 1
-    assert "Warning: --host 0.0.0.0 lets other machines on the network open this page" in result.output
-    assert "bas ui needs gradio; install it with: pip install 'bas[ui]'." in result.output
+    monkeypatch.delenv("BAS_UI_AUTH", raising=False)
+    for host in ("0.0.0.0", "192.168.1.5", "::"):
+        result = CliRunner().invoke(cli, ["ui", "--workspace", str(tmp_path / "ws"), "--host", host])
+        assert result.exit_code == 1 and result.output.count("Error") == 1, result.output
+        assert f"Error: --host {host} lets other machines on the network open this page and use its workspace; pass --auth USER:PASS" in result.output
+        assert not (tmp_path / "ws").exists()  # refused before anything is made
+    for auth in ("nopassword", ":pw", "ann:"):
+        result = CliRunner().invoke(cli, ["ui", "--workspace", str(tmp_path / "ws"), "--host", "0.0.0.0", "--auth", auth])
+        assert result.exit_code == 1 and "Error: --auth takes USER:PASS" in result.output, result.output
+    for options, env in ((["--host", "0.0.0.0", "--auth", "ann:pw"], {}), (["--host", "0.0.0.0"], {"BAS_UI_AUTH": "ann:pw"}), (["--host", "localhost"], {})):
+        result = CliRunner().invoke(cli, ["ui", "--workspace", str(tmp_path / "ws"), *options], env=env)
+        assert result.exit_code == 1 and "bas ui needs gradio; install it with: pip install 'bas[ui]'." in result.output, result.output
+
+
+def test_the_host_check_and_the_address_shown():
+    from bas.ui.access import allowed_hosts, host_name, page_url
+
+    assert [host_name(h) for h in ("127.0.0.1:7860", "[::1]:7860", "LocalHost", "evil.example.:80", "::1")] == [
+        "127.0.0.1", "::1", "localhost", "evil.example.", "::1"]
+    assert allowed_hosts("127.0.0.1") == {"127.0.0.1", "localhost", "::1"}
+    assert "gpu-box" in allowed_hosts("10.0.0.7", ("GPU-box",)) and "10.0.0.7" in allowed_hosts("10.0.0.7")
+    assert socket.gethostname().lower() in allowed_hosts("0.0.0.0")
+    assert page_url("127.0.0.1", 7860) == "http://127.0.0.1:7860/" and page_url("::1", 80) == "http://[::1]:80/"
+    assert "0.0.0.0" not in page_url("0.0.0.0", 7860) and "[::]" not in page_url("::", 7860)
 
 
 def test_the_runs_list_finds_runs_in_staging_folders_and_shows_no_name_bas_keeps_for_itself(tmp_path, scene, monkeypatch):
@@ -307,34 +359,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_ui(root: Path, *options, env=None):
+    """``bas ui OPTIONS`` in a process of its own, from the empty folder root/cwd; returns once it printed its address."""
+    port = free_port()
+    log = root / "server.log"
+    cwd = root / "cwd"
+    cwd.mkdir(exist_ok=True)
+    (root / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(root / "tmp"), **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "bas.cli", "ui", "--port", str(port), *options],
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    deadline = time.time() + 120
+    while not re.search(r"bas ui: http://", log.read_text()):
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"bas ui did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+    return {"url": f"http://127.0.0.1:{port}/", "port": port, "root": root, "log": log, "process": process, "cwd": cwd}
+
+
+def stop_ui(server) -> None:
+    server["process"].send_signal(2)  # Ctrl-C: stops cleanly
+    try:
+        server["process"].wait(60)
+    except subprocess.TimeoutExpired:
+        server["process"].kill()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model):
     browser_or_skip()
     root = tmp_path_factory.mktemp("ui")
     ws = root / "workspace"
     sam = save_tiny_sam(root / "tiny-sam")
-    port = free_port()
-    log = root / "server.log"
-    cwd = root / "cwd"
-    cwd.mkdir()
-    env = {**os.environ, "TMPDIR": str(root / "tmp")}
-    (root / "tmp").mkdir()
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "bas.cli", "ui", "--workspace", str(ws), "--model", str(tiny_model),
-                                    "--sam-model", str(sam), "--device", "cpu", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                   cwd=cwd, env={**env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])})
-    deadline = time.time() + 120
-    while "bas ui: http://127.0.0.1" not in log.read_text():
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"bas ui did not start:\n{log.read_text()}")
-        time.sleep(0.2)
-    yield {"url": f"http://127.0.0.1:{port}/", "workspace": ws.resolve(), "root": root, "log": log, "process": process, "cwd": cwd}
-    process.send_signal(2)  # Ctrl-C: stops cleanly
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    started = start_ui(root, "--workspace", str(ws), "--model", str(tiny_model), "--sam-model", str(sam), "--device", "cpu")
+    assert f"bas ui: {started['url']} (workspace" in started["log"].read_text()
+    yield {**started, "workspace": ws.resolve()}
+    stop_ui(started)
 
 
 @pytest.fixture(scope="module")
@@ -482,6 +545,12 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     page.click("#save-scene")
     wait_text(page, "#scene-status", r"Saved scenes/toys: mask0.png, mask1.png, mask2.png, img.png, preview.png, scene.json")
     shots(page, "scene")
+    # the command line shown (SAM prompts and an uploaded mask: from the saved masks) runs as shown, to the same scene
+    shown_command = page.locator("#scene-command textarea").input_value()
+    result = run_shown(shown_command, tmp_path)
+    assert result.returncode == 0, (shown_command, result.stderr)
+    for name in ("img.png", "mask0.png", "mask1.png", "mask2.png"):
+        assert np.array_equal(np.asarray(Image.open(ws / "scenes" / "toys-cli" / name)), np.asarray(Image.open(ws / "scenes" / "toys" / name))), name
     saved = ws / "scenes" / "toys"
     info = json.loads((saved / "scene.json").read_text())
     assert info["prompts"][0][0] == "--point" and info["prompts"][1] == ["--box", "70,30,111,91"] and info["prompts"][2] is None
@@ -555,7 +624,7 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
 
     # Stop = Ctrl-C (a checkpoint), Resume = --resume; a browser that goes away does not stop a run
     page.fill("#run-name input, #run-name textarea", "long")
-    page.fill("#phase1-steps input", "60")
+    page.fill("#phase1-steps input", "300")
     page.fill("#phase2-steps input", "0")
     page.fill("#more-options textarea, #more-options input", "--plugin no:report")
     page.locator("#more-options textarea, #more-options input").press("Tab")
@@ -565,13 +634,13 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     wait_text(page, "#progress", r"long: interrupted .*Resume continues it")
     assert complete_checkpoints(ws / "runs" / "long") and not (ws / "runs" / "long" / "run.json").exists()
     page.click("#resume")
-    wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step \d+/60)")
+    wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step \d+/300)")
     page.reload()  # the page goes away and comes back: it finds the run, which went on
     open_tab(page, "Extract")
-    wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step \d+/60|finished)")
+    wait_text(page, "#progress", r"long: (loading the model|phase 1 of 1, step \d+/300|finished)")
     wait_text(page, "#progress", r"long: finished in", timeout=120_000)
     resumed = json.loads((ws / "runs" / "long" / "run.json").read_text())
-    assert resumed["resumed"] is True and len(resumed["history"]["phase1"]) == 60
+    assert resumed["resumed"] is True and len(resumed["history"]["phase1"]) == 300
 
     # Generate: handles offered as chips, images on the page and in the run's samples/
     open_tab(page, "Generate")
@@ -640,7 +709,350 @@ def test_the_page_makes_masks_extracts_generates_and_exports(server, page, shots
     wait_text(page, "#run-details", r"toys: finished")
     page.wait_for_function("document.querySelectorAll('#run-report img').length >= 2")
     shots(page, "runs")
+    # the report is a link that opens it as a page, with its pictures; nothing outside the run's report is served
+    href = page.locator("#run-details a:has-text('Open the report')").get_attribute("href")
+    assert href == "report/toys/index.html", href
+    report_page = page.request.get(server["url"] + href)
+    assert report_page.status == 200 and report_page.headers["content-type"].startswith("text/html") and "script-src 'none'" in report_page.headers["content-security-policy"]
+    pictures = re.findall(r'src="([^"]+\.png)"', report_page.text())
+    assert pictures and page.request.get(server["url"] + "report/toys/" + pictures[0]).headers["content-type"] == "image/png"
+    for bad in ("report/toys/../run.json", "report/toys/%2e%2e/run.json", "report/..%2Fscenes/index.html", "report/nosuch/index.html"):
+        assert page.request.get(server["url"] + bad).status == 404, bad
 
     # nothing was written outside the workspace: not in the server's folder, not in the system's temporary folder
     assert not any(server["cwd"].iterdir()) and not (server["root"] / "tmp" / "gradio").exists()
     assert not re.search(r"Traceback", server["log"].read_text()), server["log"].read_text()[-3000:]
+
+
+# -- who may drive the page -------------------------------------------------------------------------------
+def test_a_request_addressed_to_another_host_is_refused(server):
+    """DNS rebinding: a web page that points its own name at 127.0.0.1 sends its name as Host."""
+    import httpx
+
+    port = server["port"]
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "localhost.evil.example"):
+        for path in ("", "config", "gradio_api/info", f"gradio_api/file={server['workspace']}/runs"):
+            response = httpx.get(server["url"] + path, headers={"Host": host})
+            assert response.status_code == 421 and "bas ui answers only to its own address" in response.text, (host, path, response.status_code)
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+        assert httpx.get(server["url"] + "config", headers={"Host": host}).status_code == 200
+
+
+def test_bas_ui_on_another_host_asks_for_the_password_and_prints_an_address_that_opens(tmp_path):
+    import httpx
+
+    browser_or_skip()
+    started = start_ui(tmp_path, "--workspace", str(tmp_path / "ws"), "--host", "0.0.0.0", "--auth", "ann:s3cret")
+    try:
+        printed = re.search(r"bas ui: (http://\S+) ", started["log"].read_text()).group(1)
+        assert "0.0.0.0" not in printed and printed.endswith(f":{started['port']}/")
+        with httpx.Client(base_url=started["url"]) as client:
+            assert client.get("config").status_code == 401
+            assert client.get("report/any/index.html").status_code == 401  # the page's own route too
+            assert client.post("login", data={"username": "ann", "password": "wrong"}).status_code == 400
+            assert client.get("config").status_code == 401
+            assert client.post("login", data={"username": "ann", "password": "s3cret"}).status_code == 200
+            assert client.get("config").status_code == 200
+            assert client.get("config", headers={"Host": "evil.example"}).status_code == 421
+    finally:
+        stop_ui(started)
+
+
+# -- one job model: every job can be stopped where it is shown, the page re-attaches to any ------------------
+def start_on_page(page, scene, name, phase1, phase2="0", more="--plugin no:report --checkpoint-every 5"):
+    from playwright.sync_api import expect
+
+    open_tab(page, "Extract")
+    if page.locator("#extract-scene input").input_value() != scene:
+        page.locator("#extract-scene input").fill(scene)
+        page.locator("#extract-scene input").press("Enter")
+        expect(page.locator("#run-name input, #run-name textarea")).to_have_value(Path(scene).name, timeout=30_000)  # the scene fills it in
+    page.fill("#run-name input, #run-name textarea", name)
+    page.fill("#phase1-steps input", str(phase1))
+    page.fill("#phase2-steps input", str(phase2))
+    page.fill("#more-options textarea, #more-options input", more)
+    page.locator("#more-options textarea, #more-options input").press("Tab")
+    page.click("#start")
+
+
+def test_every_job_stops_from_where_it_is_shown_and_the_page_reattaches_to_any(server, page, scene):
+    ws = server["workspace"]
+    shutil.copytree(scene, ws / "scenes" / "jobs", dirs_exist_ok=True)
+    page.goto(server["url"])
+    start_on_page(page, "scenes/jobs", "first", 400)
+    wait_text(page, "#progress", r"first: phase 1 of 1, step \d+/400")
+    wait_text(page, "#extract-status", r"Queued first")
+    start_on_page(page, "scenes/jobs", "second", 2)
+    wait_text(page, "#queue", r"second: queued on cpu \(1 ahead of it\)")
+    wait_text(page, "#progress", r"second: queued")  # the page follows the job it started last
+    # a running run of this server is running, not "interrupted", whatever checkpoints it wrote so far
+    deadline = time.time() + 120
+    while not complete_checkpoints(ws / "runs" / "first") and time.time() < deadline:
+        time.sleep(0.2)
+    start_on_page(page, "scenes/jobs", "first", 400)
+    wait_text(page, "#extract-status", r"Error: first is already running; wait for it, stop it \(its Stop button in the queue\)")
+
+    # after a reload the page follows the running job; Show follows another
+    page.reload()
+    open_tab(page, "Extract")
+    wait_text(page, "#progress", r"first: phase 1 of 1, step")
+    page.locator("#queue li[data-out='second'] button:has-text('Show')").click()
+    wait_text(page, "#progress", r"second: queued")
+    # the queue's Stop stops the running job the panel does not show; the queued one then runs
+    page.locator("#queue li[data-out='first'] button:has-text('Stop')").click()
+    wait_text(page, "#extract-status", r"Stopping first: it finishes the current step and saves a checkpoint")
+    wait_text(page, "#progress", r"second: finished in", timeout=120_000)
+    assert complete_checkpoints(ws / "runs" / "first") and not (ws / "runs" / "first" / "run.json").exists()
+
+    # the Runs tab: dates, Stop for a running run, Delete
+    start_on_page(page, "scenes/jobs", "third", 400)
+    wait_text(page, "#progress", r"third: phase 1 of 1, step")
+    open_tab(page, "Runs")
+    page.click("#refresh-runs")
+    wait_text(page, "#runs-table", r"third")
+    table = text_of(page, "#runs-table")
+    assert re.search(r"first\s+interrupted\s+\d{4}-\d\d-\d\d \d\d:\d\d", table) and re.search(r"third\s+running\s+\d{4}-", table), table
+    page.locator("#runs-table").get_by_text("third", exact=True).first.click()
+    wait_text(page, "#run-details", r"third: running")
+    page.click("#stop-run")
+    wait_text(page, "#runs-status", r"Stopping third")
+    deadline = time.time() + 120
+    while ws_run_status(ws, "third") != "interrupted" and time.time() < deadline:
+        time.sleep(0.2)
+    assert ws_run_status(ws, "third") == "interrupted"
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.click("#delete-run")
+    wait_text(page, "#runs-status", r"Nothing deleted")
+    assert complete_checkpoints(ws / "runs" / "third")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-run")
+    wait_text(page, "#runs-status", r"Deleted runs/third")
+    assert not any(p.name.startswith((".third.", "third")) for p in (ws / "runs").iterdir())
+    expect_no_row = page.locator("#runs-table").get_by_text("third", exact=True)
+    from playwright.sync_api import expect
+
+    expect(expect_no_row).to_have_count(0, timeout=30_000)
+
+
+def ws_run_status(ws, name):
+    return Workspace(ws).run_entry(ws / "runs" / name).status
+
+
+# -- the live view: fed from the job's files, so it survives a restart ------------------------------------------
+def curve(page):
+    """The loss plot's points as (step, phase), and how many lines it draws."""
+    plot = page.locator("#loss-plot")
+    labels = plot.locator("[aria-roledescription='point']").evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
+    points = [tuple(int(v) for v in re.fullmatch(r"step: (\d+); loss: [\d.e-]+; phase: phase (\d)", label).groups()) for label in labels]
+    return points, plot.locator("[aria-roledescription='line mark']").count()
+
+
+def wait_curve(page, phases, points, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        shown, lines = curve(page)
+        if lines == phases and len(shown) == points:
+            return shown
+        time.sleep(0.3)
+    raise AssertionError(f"the curve shows {len(shown)} points in {lines} lines, not {points} in {phases}: {shown}")
+
+
+def test_the_loss_curve_shows_both_phases_on_a_first_run_and_after_a_restart_and_resume(tmp_path, tiny_model, scene, page):
+    ws = tmp_path / "ws"
+    shutil.copytree(scene, ws / "scenes" / "c")
+    options = ["--workspace", str(ws), "--model", str(tiny_model), "--device", "cpu"]
+    first = start_ui(tmp_path, *options)  # a server of its own, to kill
+    browser = page.context.browser  # the module's browser (one Playwright per process)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(first["url"])
+        # a first run: the page sees phase 1 before phase 2 exists, and still draws phase 2
+        start_on_page(page, "scenes/c", "once", 150, 3)
+        wait_text(page, "#progress", r"once: phase 1 of 2, step")
+        wait_text(page, "#progress", r"once: finished in", timeout=180_000)
+        shown = wait_curve(page, 2, 153)
+        assert shown == [(s, 1) for s in range(1, 151)] + [(s, 2) for s in range(151, 154)]
+
+        # a server killed during a run: the next one shows the run's curve so far, and Resume carries it on
+        start_on_page(page, "scenes/c", "again", 40, 3)
+        deadline = time.time() + 120
+        while not complete_checkpoints(ws / "runs" / "again") and time.time() < deadline:
+            time.sleep(0.1)
+        first["process"].kill()
+        first["process"].wait()
+        (tmp_path / "second").mkdir()
+        second = start_ui(tmp_path / "second", *options)
+        try:
+            page.goto(second["url"])
+            open_tab(page, "Extract")
+            wait_text(page, "#progress", r"again: interrupted\. the bas ui server stopped during this run")
+            page.wait_for_function("document.querySelectorAll('#loss-plot [aria-roledescription=point]').length >= 5")
+            before, _ = curve(page)  # the steps until the server was killed, from the job's folder
+            assert before == [(s, 1) for s in range(1, len(before) + 1)], before
+            page.click("#resume")
+            wait_text(page, "#progress", r"again: finished in", timeout=120_000)
+            shown = wait_curve(page, 2, 43)
+            assert shown == [(s, 1) for s in range(1, 41)] + [(s, 2) for s in range(41, 44)]
+            page.wait_for_function("document.querySelector('#attention img') && document.querySelector('#attention img').naturalWidth > 0")
+        finally:
+            stop_ui(second)
+    finally:
+        page.close()
+        if first["process"].poll() is None:
+            stop_ui(first)
+
+
+# -- the Scene tab: a brush, uploads at a working size, messages, the command line that runs as shown ------------------
+def paint(page, start, end, size):
+    """A brush stroke on the brush's picture from image pixel ``start`` to ``end`` (the editor fits the picture, centred, at its zoom)."""
+    page.click("#mask-brush button[aria-label='Brush']")
+    canvas = page.locator("#mask-brush canvas").first
+    box = canvas.bounding_box()
+    zoom = float(re.search(r"(\d+)%", page.locator("#mask-brush").inner_text()).group(1)) / 100
+    at = lambda p: (box["x"] + box["width"] / 2 + (p[0] + 0.5 - size[0] / 2) * zoom, box["y"] + box["height"] / 2 + (p[1] + 0.5 - size[1] / 2) * zoom)  # noqa: E731
+    page.mouse.move(*at(start))
+    page.mouse.down()
+    page.mouse.move(*at(end), steps=20)
+    page.mouse.up()
+
+
+def run_shown(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A command line as the page shows it, in a shell, with `bas` this checkout's."""
+    bas = f"{shlex.quote(sys.executable)} -m bas.cli"
+    script = re.sub(r"^bas ", bas + " ", command, flags=re.M)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_brushed_mask_saves_as_drawn_and_the_scenes_command_runs_as_shown(server, page, scene, tmp_path):
+    from playwright.sync_api import expect
+
+    ws = server["workspace"]
+    page.goto(server["url"])
+    expect(page.locator("#sam-status")).to_contain_text("SAM: ready", timeout=30_000)  # said at start, not in a collapsed accordion
+    # a file that is not an image: a message naming it, not gradio's folder for it
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    upload(page, "#upload-image", notes)
+    status = wait_text(page, "#scene-status", r"Error: notes\.txt is not a readable image")
+    assert not re.search(r"[0-9a-f]{64}", status) and "uploads" not in status, status
+    # a large photo is brought down to the working size; the upload itself is not kept
+    Image.fromarray((np.random.RandomState(1).rand(1500, 2000, 3) * 255).astype(np.uint8)).save(tmp_path / "big.jpg", quality=90)
+    upload(page, "#upload-image", tmp_path / "big.jpg")
+    wait_text(page, "#scene-status", r"Loaded big\.jpg \(2000x1500, brought down to 1024x768 to work with")
+    kept = [Image.open(p).size for p in (ws / ".bas-ui" / "uploads").rglob("big*.jpg")]
+    assert kept == [(1024, 768)], kept
+
+    size = Image.open(scene / "img.png").size
+    upload(page, "#upload-image", scene / "img.png")
+    wait_text(page, "#scene-status", r"Loaded img\.png \(128x128\)")
+    page.wait_for_function("document.querySelector('#mask-brush canvas') !== null")
+    page.wait_for_timeout(1000)  # the editor draws its picture
+    paint(page, (20, 64), (100, 64), size)
+    page.click("#use-brush")
+    wait_text(page, "#scene-status", r"<asset0>: mask painted with the brush \(\d+ pixels\)")
+    # a mask of another size: said aloud
+    small = Image.new("L", (64, 32), 0)
+    small.paste(255, (8, 8, 24, 24))
+    small.save(tmp_path / "small.png")
+    upload(page, "#upload-mask", tmp_path / "small.png")
+    wait_text(page, "#scene-status", r"<asset1>: mask from small\.png\. It is 64x32, the image 128x128: .*stretched")
+    page.fill("#scene-name input, #scene-name textarea", "painted")
+    page.click("#save-scene")
+    wait_text(page, "#scene-status", r"Saved scenes/painted")
+    mask = np.asarray(Image.open(ws / "scenes" / "painted" / "mask0.png"))
+    ys, xs = np.nonzero(mask > 127)
+    assert mask[64, 20:101].min() == 255 and mask[20, :].max() == 0 and mask[110, :].max() == 0  # along the stroke, nowhere far from it
+    assert 8 <= xs.min() <= 20 and 100 <= xs.max() <= 112 and 52 <= ys.min() <= 64 and 64 <= ys.max() <= 76, (xs.min(), xs.max(), ys.min(), ys.max())
+
+    # the command line shown runs as shown and makes the same scene
+    command = page.locator("#scene-command textarea").input_value()
+    assert command.startswith(f"cd {ws}\nbas masks ") and "mixes" not in command, command
+    result = run_shown(command, tmp_path)
+    assert result.returncode == 0, result.stderr
+    again = ws / "scenes" / "painted-cli"
+    for name in ("img.png", "mask0.png", "mask1.png"):
+        assert np.array_equal(np.asarray(Image.open(again / name)), np.asarray(Image.open(ws / "scenes" / "painted" / name))), name
+
+    # a scene of SAM prompts only: its command is bas masks --plugin sam-masks with the prompts, and runs as shown too
+    upload(page, "#upload-image", scene / "img.png")
+    wait_text(page, "#scene-status", r"Loaded img\.png")
+    click_pixel(page, 40, 40, size)
+    wait_text(page, "#scene-status", r"<asset0>: point at")
+    page.fill("#scene-name input, #scene-name textarea", "clicked")
+    page.click("#save-scene")
+    wait_text(page, "#scene-status", r"Saved scenes/clicked")
+    command = page.locator("#scene-command textarea").input_value()
+    assert "--plugin sam-masks" in command and "--point" in command and command.endswith("--out scenes/clicked-cli"), command
+    result = run_shown(command, tmp_path)
+    assert result.returncode == 0, (command, result.stderr)
+    assert np.array_equal(np.asarray(Image.open(ws / "scenes" / "clicked-cli" / "mask0.png")), np.asarray(Image.open(ws / "scenes" / "clicked" / "mask0.png")))
+
+
+# -- habits: small window, keyboard, drop, chips at the cursor, captions, the form after a reload ------------------------
+def test_the_page_keeps_the_users_habits(server, page, scene, tiny_model, tmp_path):
+    import base64
+
+    from playwright.sync_api import expect
+
+    ws = server["workspace"]
+    shutil.copytree(scene, ws / "scenes" / "habits", dirs_exist_ok=True)
+    page.set_viewport_size({"width": 1024, "height": 700})
+    try:
+        page.goto(server["url"])
+        # arrow keys move between tabs
+        page.locator("button[role=tab]:has-text('Scene')").focus()
+        page.keyboard.press("ArrowRight")
+        expect(page.locator("button[role=tab]:has-text('Extract')")).to_have_attribute("aria-selected", "true", timeout=30_000)
+        # Start, Stop and the progress are on screen together in a small window
+        for selector in ("#start", "#stop", "#progress"):
+            box = page.locator(selector).bounding_box()
+            assert box and box["y"] >= 0 and box["y"] + box["height"] <= 700, (selector, box)
+        # the form shows the run the panel shows after a reload
+        start_on_page(page, "scenes/habits", "restored", 2, 1, "--plugin no:report --seed 5")
+        wait_text(page, "#progress", r"restored: finished in", timeout=120_000)
+        page.reload()
+        open_tab(page, "Extract")
+        expect(page.locator("#run-name input, #run-name textarea")).to_have_value("restored", timeout=30_000)
+        expect(page.locator("#phase1-steps input")).to_have_value("2", timeout=30_000)
+        expect(page.locator("#phase2-steps input")).to_have_value("1", timeout=30_000)
+        expect(page.locator("#extract-scene input")).to_have_value("scenes/habits", timeout=30_000)
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+    # an image dropped on the Scene tab's picture is uploaded
+    open_tab(page, "Scene")
+    data = base64.b64encode((scene / "img.png").read_bytes()).decode()
+    page.evaluate("""data => {
+        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+        const list = new DataTransfer();
+        list.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
+        document.querySelector('#scene-canvas .bas-canvas').dispatchEvent(new DragEvent('drop', {dataTransfer: list, bubbles: true, cancelable: true}));
+    }""", data)
+    wait_text(page, "#scene-status", r"Loaded dropped\.png \(128x128\)")
+
+    # a handle goes where the cursor is; Ctrl+Enter generates; each image has its prompt and seed as caption
+    open_tab(page, "Generate")
+    page.locator("#generate-run input").fill("runs/restored")
+    page.locator("#generate-run input").press("Enter")
+    chip = page.locator("#handle-chips button[data-handle='<asset0>']")
+    expect(chip).to_be_visible(timeout=30_000)
+    prompts = page.locator("#prompts textarea")
+    prompts.fill("a photo of at the beach")
+    prompts.evaluate("t => t.setSelectionRange(11, 11)")  # after "a photo of "
+    chip.click()
+    expect(prompts).to_have_value("a photo of <asset0> at the beach", timeout=30_000)
+    page.fill("#seeds textarea, #seeds input", "3")
+    # blank or 0 is said, not a traceback nor a silent default
+    page.fill("#lora-scale input", "")
+    page.click("#generate")
+    wait_text(page, "#generate-status", r"Error: LoRA scale is blank; write a number such as 1")
+    page.fill("#lora-scale input", "1")
+    page.fill("#generate-steps input", "0")
+    page.click("#generate")
+    wait_text(page, "#generate-status", r"Error: --steps must be at least 1, not 0")
+    page.fill("#generate-steps input", "2")
+    prompts.press("Control+Enter")
+    wait_text(page, "#generate-status", r"Wrote 1 image into runs/restored/samples", timeout=60_000)
+    expect(page.locator("#generate-gallery")).to_contain_text("a photo of <asset0> at the beach (seed 3)", timeout=30_000)

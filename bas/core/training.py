@@ -91,6 +91,8 @@ class RunConfig:
         for word in self.init_tokens:
             if not str(word).strip():
                 raise BasError("An --init-token is empty; give a plain word such as 'dog'.")
+            if len(str(word).split()) != 1:  # a handle starts from one token's embedding
+                raise BasError(f"--init-token '{word}' is not one word; give a single word such as 'bear'.")
         checks.check_all_finite(self.options)
 
     def to_json(self) -> dict:
@@ -590,6 +592,17 @@ OOM_ADVICE = (  # ordered by how much memory each saves
 def out_of_memory_message(run: Run) -> str:
     tips = [tip for tip, applies in OOM_ADVICE if applies(run)]
     return f"Out of memory on {run.device}; reduce memory with, in order of effect: {', '.join(tips)}."
+
+
+def check_run(config: RunConfig, plugins: Plugins) -> None:
+    """The checks :func:`extract` makes before it touches ``--out`` or loads a model, run on their own:
+    the options, every plugin's, the family's, and the scene's image and masks (their number against
+    ``--init-token``).  A mask source that needs a model of its own (``loads_a_model``) is left to
+    the run.  ``bas ui`` runs this when Start is pressed, so a mistake is said then, not when the
+    queued run starts."""
+    run = Run(config, plugins)
+    if not getattr(run.resolved.mask_source, "loads_a_model", False):
+        run.check_inputs(load_scene_input(plugins, run.resolved.mask_source, config))
 
 
 def extract(config: RunConfig, plugins: Plugins) -> Run:

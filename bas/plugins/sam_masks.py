@@ -246,6 +246,8 @@ def distinct_largest(masks: np.ndarray, scores: np.ndarray, count: int, min_scor
 class SamMasks:
     """One concept per --point/--box prompt, or the --auto N largest distinct segments."""
 
+    loads_a_model = True  # bas.core.training.check_run leaves its masks to the run
+
     def __init__(self, config):
         options = config.options
         self.prompts = [parse_point(p) for p in options.get("points") or ()] + [parse_box(b) for b in options.get("boxes") or ()]

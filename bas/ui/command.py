@@ -13,19 +13,23 @@ import click
 from bas.core.errors import BasError
 from bas.core.model import default_model
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_UPLOAD = "200mb"
 
 
 @click.command("ui")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; anything but 127.0.0.1 lets other machines open the page.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but a loopback address lets other machines open the page, and needs --auth.")
 @click.option("--port", type=int, default=7860, show_default=True)
+@click.option("--auth", envvar="BAS_UI_AUTH", default=None, metavar="USER:PASS",
+              help="Ask for this user name and password before showing the page (needed with --host; or set BAS_UI_AUTH).")
+@click.option("--allow-host", multiple=True, metavar="NAME",
+              help="Another name the page may be addressed by (such as a reverse proxy's); requests addressed to any other are refused.")
 @click.option("--workspace", type=click.Path(path_type=Path), default=Path("bas-workspace"), show_default=True,
               help="The only folder the page reads and writes: scenes/, runs/, exports/ and uploads (created if missing).")
 @click.option("--model", default=None, help="The model the Extract tab starts with (hub id or pipeline folder) [default: bas run's, stabilityai/stable-diffusion-2-1-base].")
 @click.option("--sam-model", default=None, help="The SAM checkpoint the Scene tab starts with [default: facebook/sam-vit-base].")
 @click.option("--device", default="auto", show_default=True, help="The device the page's SAM, generation and extraction fields start with.")
-def ui(host, port, workspace, model, sam_model, device):
+def ui(host, port, auth, allow_host, workspace, model, sam_model, device):
     """Make masks by clicking, extract, generate and export in the browser: bas ui --workspace DIR.
 
     A local web page over the same code as the commands: the Scene tab makes masks with SAM clicks
@@ -35,9 +39,11 @@ def ui(host, port, workspace, model, sam_model, device):
     from bas.plugins.sam_masks import DEFAULT_CHECKPOINT
     from bas.ui.workspace import Workspace
 
+    from bas.ui.access import HostCheck, allowed_hosts, check_exposure, page_url, parse_auth
+
+    credentials = parse_auth(auth)
+    check_exposure(host, credentials)
     ws = Workspace(workspace)
-    if host not in LOCAL_HOSTS:
-        click.echo(f"Warning: --host {host} lets other machines on the network open this page and use the workspace {ws.root}; it has no password.", err=True)
     if importlib.util.find_spec("gradio") is None:
         raise BasError("bas ui needs gradio; install it with: pip install 'bas[ui]'.")
     # gradio keeps uploads (and what it serves) in its temporary folder: make that one part of the
@@ -45,7 +51,9 @@ def ui(host, port, workspace, model, sam_model, device):
     os.environ["GRADIO_TEMP_DIR"] = str(ws.uploads)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.pop("GRADIO_SHARE", None)
-    from bas.ui.app import CSS, App
+    from starlette.middleware import Middleware
+
+    from bas.ui.app import CSS, PAGE_JS, App
 
     app = App(ws, model=model or default_model(), sam_model=sam_model or DEFAULT_CHECKPOINT, device=device)
     demo = app.build()
@@ -53,15 +61,16 @@ def ui(host, port, workspace, model, sam_model, device):
         demo.queue(default_concurrency_limit=4).launch(
             server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True, show_error=False,
             allowed_paths=[str(ws.root)], max_file_size=MAX_UPLOAD, ssr_mode=False, enable_monitoring=False,
-            mcp_server=False, footer_links=["api", "settings"], css=CSS,
+            mcp_server=False, footer_links=["api", "settings"], css=CSS, js=PAGE_JS, auth=credentials,
+            app_kwargs={"middleware": [Middleware(HostCheck, allowed=allowed_hosts(host, allow_host))]},
         )
     except OSError as exc:
         raise BasError(f"Cannot listen on {host}:{port} ({exc}); pass another --port.") from exc
+    app.serve_reports(demo.server_app)
     # Ctrl-C and a service manager's SIGTERM both stop cleanly (a shell's background job starts with SIGINT ignored)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    shown_host = f"[{host}]" if ":" in host else host
-    click.echo(f"bas ui: http://{shown_host}:{port}/ (workspace {ws.root}); Ctrl-C stops it.", err=True)
+    click.echo(f"bas ui: {page_url(host, port)} (workspace {ws.root}{'; it asks for the --auth password' if credentials else ''}); Ctrl-C stops it.", err=True)
     try:
         while True:
             time.sleep(1)

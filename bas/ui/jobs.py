@@ -7,6 +7,12 @@ GPU as one), with one more plugin registered in code: :class:`Follow`, an observ
 progress for the page.  It adds no option, so the run, its ``run.json`` and its checkpoints are the
 command line's: a run started here resumes with ``bas run ... --resume`` and the other way round.
 
+What the page shows of a job lives in its folder ``.bas-ui/jobs/ID/`` as well as in memory:
+``progress.jsonl`` (a line per step), ``view.json`` (the phases' lengths, when the attention map was
+drawn) and ``attention.png``, so a server started again shows the curve and the map of a job of
+an earlier one.  They stay out of the run folder, which holds what ``bas run`` writes and nothing
+else.
+
 Stop asks the run to stop after the current step and save a checkpoint (:meth:`Run.request_stop`,
 what Ctrl-C does); Resume queues the same command with ``--resume``.  Nothing depends on a browser
 being connected: the page only reads a job's state.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import threading
 import time
 import traceback
@@ -31,6 +38,7 @@ from bas.core.errors import BasError
 ATTENTION_EVERY = 50  # steps between attention maps on the page (and one at the end of each phase)
 RATE_WINDOW = 20  # steps over which the rate (and so the ETA) is averaged
 ACTIVE = ("queued", "running", "stopping")
+PROGRESS, VIEW, ATTENTION = "progress.jsonl", "view.json", "attention.png"  # the page's view of a job, in its folder
 
 
 @dataclass
@@ -135,24 +143,37 @@ class Follow:
         self.job.run = run
         self.job.phase_steps = {p: n for p, n in ((1, run.config.phase1_steps), (2, run.config.phase2_steps)) if n}
         self.job.history = []
+        (self.directory / PROGRESS).unlink(missing_ok=True)
         if self.job.stop_requested:
             run.request_stop()
-        self.job.version += 1
+        self.save_view()
 
     def on_phase_start(self, run, phase):
         if not self.job.history:  # a resumed run: the steps before its checkpoint (their times are not known)
-            self.job.history = [{"phase": p, "seconds": 0.0, **h} for p in (1, 2) for h in run.history[f"phase{p}"]]
+            for p in (1, 2):
+                for h in run.history[f"phase{p}"]:
+                    self.log({"phase": p, "seconds": 0.0, **h})
         self.job.phase = phase
-        self.job.version += 1
+        self.save_view()
 
     def on_step(self, run, step):
-        self.job.history.append({"phase": step.phase, "step": step.step, "loss": step.loss, "seconds": step.seconds, **step.terms})
-        self.job.version += 1
+        self.log({"phase": step.phase, "step": step.step, "loss": step.loss, "seconds": step.seconds, **step.terms})
         if self.every and step.step % self.every == 0 and step.step < step.total_steps:
             self.attention(run, f"phase {step.phase}, step {step.step}")
 
     def on_phase_end(self, run, phase):
         self.attention(run, f"end of phase {phase}")
+
+    def log(self, entry: dict) -> None:
+        """One step of the curve: in memory for the page, and a line of progress.jsonl for a later server."""
+        self.job.history.append(entry)
+        with open(self.directory / PROGRESS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.job.version += 1
+
+    def save_view(self) -> None:
+        io.write_json(self.directory / VIEW, {"phase": self.job.phase, "phase_steps": self.job.phase_steps, "attention_at": self.job.attention_at})
+        self.job.version += 1
 
     def attention(self, run, when: str) -> None:
         """Each handle's cross-attention map over the input, as the report draws it (cheap: one forward pass)."""
@@ -163,10 +184,10 @@ class Follow:
             maps = handle_attention_maps(run, res=run.config.options.get("attention_res"))
         except BasError:  # a model without layers at that size: the run itself is fine
             return
-        path = self.directory / "attention.png"
-        plot_attention(run.scene.image, run.scene.masks, maps, list(run.tokens), run.phase, path)
+        path = self.directory / ATTENTION
+        plot_attention(run.scene.image, run.scene.masks, maps, list(run.tokens), run.phase, path)  # written whole (atomic)
         self.job.attention, self.job.attention_at = path, when
-        self.job.version += 1
+        self.save_view()
 
 
 class Jobs:
@@ -198,7 +219,32 @@ class Jobs:
             if job.state in ACTIVE:
                 job.state, job.message = "interrupted", "the bas ui server stopped during this run"
                 self._save(job)
+            self._load_view(job)
             self.jobs[job.id] = job
+
+    def _load_view(self, job: Job) -> None:
+        """The curve and the attention map a job's folder keeps (a line cut short by a crash is skipped)."""
+        folder = self.directory / job.id
+        try:
+            view = json.loads((folder / VIEW).read_text())
+            job.phase = int(view.get("phase") or 0)
+            job.phase_steps = {int(p): int(n) for p, n in (view.get("phase_steps") or {}).items()}
+            job.attention_at = str(view.get("attention_at") or "")
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+        try:
+            lines = (folder / PROGRESS).read_text(encoding="utf-8").splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and {"phase", "step", "loss"} <= entry.keys():
+                job.history.append(entry)
+        if (folder / ATTENTION).is_file():
+            job.attention = folder / ATTENTION
 
     def _save(self, job: Job) -> None:
         io.write_json(self.directory / job.id / "job.json", job.record())
@@ -225,19 +271,27 @@ class Jobs:
     def active(self) -> list[Job]:
         return sorted((j for j in self.jobs.values() if j.state in ACTIVE), key=lambda j: j.created)
 
+    def check_free(self, out: Path) -> None:
+        """Refuse a second job for a run a job of this server queues or runs (before any other check
+        on its folder: a running run's checkpoints do not make it an interrupted one)."""
+        busy = [j for j in self.jobs.values() if j.state in ACTIVE and Path(j.out) == Path(out)]
+        if busy:
+            raise BasError(f"{Path(out).name} is already {busy[0].state}; wait for it, stop it (its Stop button in the queue), or choose another run name.")
+
     # -- changes ----------------------------------------------------------------------------------
     def submit(self, args: list[str], shown: str) -> Job:
         """Queue ``bas run ARGS``; the options are parsed and checked now, so a mistake is an error at once."""
-        config, _ = self.parse(args)
-        config.check()
+        from bas.core.plugins import Plugins
+        from bas.core.training import check_run
+
+        config, names = self.parse(args)
+        check_run(config, Plugins(names))  # what `bas run` checks before it loads the model, now rather than when the job starts
         out = Path(config.out)
         device = device_key(config.device)
         with self.lock:
             if self.closing:
                 raise BasError("bas ui is shutting down; start the run again after restarting it.")
-            busy = [j for j in self.jobs.values() if j.state in ACTIVE and Path(j.out) == out]
-            if busy:
-                raise BasError(f"{out.name} is already {busy[0].state}; wait for it, stop it, or choose another run name.")
+            self.check_free(out)
             job = Job(id=f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self.counter)}-{uuid.uuid4().hex[:6]}", args=list(args), shown=shown, out=out, device=device)
             (self.directory / job.id).mkdir(parents=True)
             self.jobs[job.id] = job
@@ -262,6 +316,14 @@ class Jobs:
                 if job.run is not None:
                     job.run.request_stop()
             job.version += 1
+
+    def forget(self, out: Path) -> None:
+        """Drop the jobs that wrote into ``out`` (its run was deleted); an active one is refused."""
+        with self.lock:
+            self.check_free(out)
+            for job in [j for j in self.jobs.values() if Path(j.out) == Path(out)]:
+                del self.jobs[job.id]
+                shutil.rmtree(self.directory / job.id, ignore_errors=True)
 
     def close(self, timeout: float = 600.0) -> None:
         """Stop what runs (each saves a checkpoint), drop the queue, and wait for the workers."""

@@ -30,6 +30,7 @@ from bas.core.scene import MAX_CONCEPTS, find_scene_files, load_image, load_mask
 from bas.ui.workspace import Workspace
 
 DISPLAY_MAX_SIDE = 768  # the page's picture; clicks come back as fractions of it
+WORKING_SIDE = 1024  # an upload's longest side is brought down to this: the largest any family trains at (SDXL, FLUX), SAM's input size
 
 
 @dataclass
@@ -85,6 +86,24 @@ class Draft:
 def new_draft(image: Path) -> Draft:
     picture = load_image(image)  # an unreadable upload is an error here, not later
     return Draft(image=Path(image), size=picture.size)
+
+
+def working_copy(upload: Path, keep_original: bool = False) -> tuple[Path, tuple[int, int]]:
+    """An uploaded image at the working size: a photo of 48 MP becomes 1024 px on its longest side
+    (SAM clicks and saving take a fraction of the time, the scene a fraction of the space; training
+    sees 512 or 1024 px anyway).  The upload itself is deleted unless ``keep_original``.  Returns
+    the image to use and the upload's size."""
+    picture = load_image(upload)  # turned as its EXIF says, RGB
+    size = picture.size
+    if keep_original or max(size) <= WORKING_SIDE:
+        return upload, size
+    picture.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.LANCZOS)
+    jpeg = upload.suffix.lower() in (".jpg", ".jpeg")
+    small = upload.with_name(f"{upload.stem}-{WORKING_SIDE}{'.jpg' if jpeg else '.png'}")
+    with io.atomic_path(small) as tmp:
+        picture.save(tmp, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
+    upload.unlink(missing_ok=True)
+    return small, size
 
 
 def open_scene(workspace: Workspace, folder: str) -> Draft:
@@ -188,8 +207,16 @@ def undo(draft: Draft, segment) -> str:
 
 
 def add_mask_file(draft: Draft, path: Path, name: str) -> str:
-    """An uploaded mask PNG becomes a concept (the selected one, if it has nothing yet)."""
-    mask = to_image_size(load_mask(path), draft.size)
+    """An uploaded mask PNG becomes a concept (the selected one, if it has nothing yet); one of
+    another size is resized to the image's, and the message says so."""
+    loaded = load_mask(path)
+    mask = to_image_size(loaded, draft.size)
+    (h, w), (iw, ih) = loaded.shape[:2], draft.size
+    note = ""
+    if (w, h) != (iw, ih):
+        note = f" It is {w}x{h}, the image {iw}x{ih}: it was resized to fit"
+        note += (", and its shape differs from the image's, so it is stretched; check that it is this image's mask."
+                 if abs(w / h - iw / ih) > 0.01 * iw / ih else ".")
     concept = draft.current if (draft.concepts and not draft.current.prompts and draft.current.mask is None) else None
     if concept is None:
         check_room(draft)
@@ -197,7 +224,56 @@ def add_mask_file(draft: Draft, path: Path, name: str) -> str:
         draft.selected = len(draft.concepts) - 1
         concept = draft.current
     concept.mask, concept.mask_file, concept.prompts = mask, name, []
-    return f"{draft.labels()[draft.selected]}: mask from {name}."
+    return f"{draft.labels()[draft.selected]}: mask from {name}.{note}"
+
+
+PAINTED = "painted with the brush"
+
+
+def brush_value(draft: Draft, folder: Path) -> dict:
+    """The brush's picture: the image at the page's size, and the selected concept's mask (if any)
+    as a white layer to paint on and erase from.  Both are PNG files in ``folder`` named by their
+    content and written whole: gradio rewrites a cached copy of a picture it is sent as pixels in
+    place, under the same name each time, while a browser may still be reading the previous one."""
+    picture = load_image(draft.image)
+    factor = min(1.0, DISPLAY_MAX_SIDE / max(picture.size))
+    size = (max(1, round(picture.width * factor)), max(1, round(picture.height * factor)))
+    picture = picture.resize(size, Image.BICUBIC) if factor < 1.0 else picture
+    alpha = np.zeros(size[::-1], np.uint8)
+    if draft.concepts and draft.current.mask is not None:
+        alpha = np.asarray(Image.fromarray((np.clip(draft.current.mask, 0, 1) * 255).round().astype(np.uint8)).resize(size, Image.BILINEAR))
+    layer = Image.fromarray(np.dstack([np.full(size[::-1] + (3,), 255, np.uint8), alpha]), "RGBA")
+    return {"background": str(png_file(picture.convert("RGBA"), folder)), "layers": [str(png_file(layer, folder))], "composite": None}
+
+
+def png_file(picture: Image.Image, folder: Path) -> Path:
+    import hashlib
+
+    buffer = stdio.BytesIO()
+    picture.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    path = Path(folder) / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if not path.is_file():
+        with io.atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    return path
+
+
+def set_painted_mask(draft: Draft, value: dict | None) -> str:
+    """The mask painted with the brush (what is painted, at any opacity, is the concept) becomes the
+    selected concept's, at the image's size; SAM's prompts for it are dropped."""
+    layers = [np.asarray(layer) for layer in (value or {}).get("layers") or [] if layer is not None]
+    if not layers:
+        raise BasError("Nothing is painted; pick the brush, paint over the concept, then press 'Use the painted mask'.")
+    alpha = np.zeros(layers[0].shape[:2], np.float32)
+    for layer in layers:
+        alpha = np.maximum(alpha, (layer[..., 3] if layer.ndim == 3 and layer.shape[2] == 4 else layer.reshape(layer.shape[:2] + (-1,))[..., 0]) / 255.0)
+    if not (alpha > 0.5).any():
+        raise BasError("Nothing is painted; pick the brush, paint over the concept, then press 'Use the painted mask'.")
+    mask = to_image_size((alpha > 0.5).astype(np.float32), draft.size)
+    concept = draft.current
+    concept.mask, concept.mask_file, concept.prompts = (mask > 0.5).astype(np.float32), PAINTED, []
+    return f"{draft.labels()[draft.selected]}: mask {PAINTED} ({int((concept.mask > 0).sum())} pixels)."
 
 
 def check_room(draft: Draft) -> None:
@@ -283,12 +359,12 @@ def init_words(draft: Draft) -> list[str]:
     return [w or DEFAULT_INIT_TOKEN for w in words]
 
 
-def save(draft: Draft, workspace: Workspace, name: str, cleanup_options: dict, overwrite: bool, sam_model: str) -> tuple[Path, list[Path], str | None]:
+def save(draft: Draft, workspace: Workspace, name: str, cleanup_options: dict, overwrite: bool, sam_model: str,
+         device: str = "auto") -> tuple[Path, list[Path], str]:
     """Write the scene as ``bas run --scene`` reads it: ``scenes/NAME/{img.png, mask0.png, ..., preview.png}``
     through ``bas masks``'s own code (its checks included), and ``scene.json`` with the init words and
-    prompts.  Returns the folder, the files and the equivalent ``bas masks`` command (when there is one)."""
+    prompts.  Returns the folder, the files and the ``bas masks`` command that makes the same scene."""
     from bas.core.plugins import Plugins
-    from bas.ui.commands import masks_args, shell
 
     folder = workspace.scene_dir(name)
     if not draft.concepts or any(c.mask is None for c in draft.concepts):
@@ -308,18 +384,62 @@ def save(draft: Draft, workspace: Workspace, name: str, cleanup_options: dict, o
         shutil.copyfile(draft.image, image)
         plugins = Plugins([])
         config = make_masks_config(plugins, {"out": folder, "image": image, "overwrite": overwrite, "masks": masks, **cleanup_options}, [])
-        written = make_masks(config, plugins)  # the folder as a whole: no older image or mask stays beside the new ones
+        try:
+            written = make_masks(config, plugins)  # the folder as a whole: no older image or mask stays beside the new ones
+        except BasError as exc:  # name the concept, not the page's staging folder
+            text = str(exc)
+            for label, path in zip(draft.labels(), masks):
+                text = text.replace(str(path), f"the mask of {label}")
+            raise BasError(text.replace(str(image), "the image")) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     prompts = [c.sam_prompt() for c in draft.concepts]
     info = {"init_tokens": words, "prompts": [list(p) if p else None for p in prompts],
             "masks_from": [c.mask_file for c in draft.concepts], "sam_model": sam_model}
     io.write_json(folder / "scene.json", info)
-    command = None
-    if all(prompts):
-        args = masks_args(f"{workspace.relative(folder)}/img.png", prompts, workspace.relative(folder), sam_model, cleanup_options)
-        command = "bas masks " + shell(args) if args else None
+    command = scene_command(workspace, folder, prompts, sam_model, cleanup_options, device)
     return folder, written + [folder / "scene.json"], command
+
+
+def scene_command(workspace: Workspace, folder: Path, prompts: list, sam_model: str, cleanup_options: dict, device: str) -> str:
+    """``cd WORKSPACE`` and the ``bas masks`` command that makes the scene saved in ``folder`` again,
+    into a folder beside it (``NAME-cli``: ``--out`` may not hold the image it reads).  A scene of SAM
+    prompts only is made from its prompts, with the same cleanup; any other (uploaded or painted
+    masks) from its saved masks, which already had their cleanup."""
+    from bas.ui.commands import masks_args, shell
+
+    relative = workspace.relative(folder)
+    image, out = f"{relative}/img.png", f"{relative}-cli"
+    args = masks_args(image, prompts, out, sam_model, cleanup_options) if all(prompts) else None
+    if args is not None and device not in ("", "auto"):
+        args[-2:-2] = ["--device", device]
+    if args is None:
+        args = ["--image", image, *[w for i in range(len(prompts)) for w in ("--mask", f"{relative}/mask{i}.png")], "--out", out]
+    return f"cd {shell([workspace.root])}\nbas masks {shell(args)}"
+
+
+def sam_status(checkpoint: str) -> tuple[bool, str]:
+    """Whether the SAM checkpoint can be loaded without a download, and a line that says so and how to make it so."""
+    import os
+
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        ready = (path / "config.json").is_file()
+        return ready, (f"SAM: ready ({checkpoint})." if ready else f"SAM: {checkpoint} is not a SAM checkpoint folder (no config.json); "
+                       "give another in the SAM checkpoint field, or paint masks with the brush.")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(checkpoint, "config.json"), str)
+    except Exception:  # not a hub id either
+        cached = False
+    if cached:
+        return True, f"SAM: ready ({checkpoint}, from the hub cache)."
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False, (f"SAM: {checkpoint} is not downloaded and this machine is offline: paint masks with the brush or upload them, "
+                       "or download it elsewhere (huggingface-cli download facebook/sam-vit-base) and give its folder in the SAM checkpoint field.")
+    return False, (f"SAM: {checkpoint} is downloaded at the first click (about 400 MB, a minute); "
+                   "or paint masks with the brush, or upload them.")
 
 
 def scene_summary(draft: Draft) -> str:

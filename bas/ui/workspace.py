@@ -17,6 +17,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,22 @@ class Workspace:
         if info is not None:
             return entry("finished", info)
         return entry("failed", None, job_error or "no run.json and no checkpoint")
+
+    def delete_run(self, out: Path) -> None:
+        """Delete the run for ``out``: its folder and its staging folder, under the run's lock (so
+        never one a process is writing), and only a folder that is a bas run."""
+        from bas.core import io
+
+        place = runfolder.run_place(out)
+        if os.path.lexists(place.out) and runfolder.replaceable(place.out) is not None:
+            raise BasError(f"{self.relative(place.out)} is not a bas run ({runfolder.replaceable(place.out)}); bas ui deletes only runs.")
+        lock = runfolder.RunLock(place.out)
+        lock.acquire("bas ui: delete the run")
+        try:
+            io.discard(io.sibling(place.out, runfolder.STAGING_TAG), place.out)
+            io.discard(place.out)
+        finally:
+            lock.release()
 
     def export_dir(self, run_name: str, fmt: str) -> Path:
         return self.inside(Path(EXPORTS) / f"{check_name(run_name, 'run')}-{fmt}")
