@@ -487,6 +487,43 @@ def read_model_index(model: str) -> dict:
         raise load_error(model, exc) from exc
 
 
+def known_model_index(model: str) -> dict | None:
+    """``model_index.json`` where it is at hand without a download: in the folder, or for a hub id
+    the copy the hub client cached; ``None`` where there is none (or it cannot be read: the loader
+    then says why)."""
+    path = Path(model) / "model_index.json"
+    if not path.is_file():
+        if Path(model).exists():
+            return None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "model_index.json")
+        except Exception:  # not a valid hub id: the loader names it
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) else None
+
+
+def check_family_matches(plugins: "Plugins", family: ModelFamily, model: str) -> None:
+    """Refuse, before any weight loads, a ``--family`` whose pipelines ``model`` is not, where its
+    ``model_index.json`` names a pipeline another family loads.  A pipeline no family recognises
+    may still be loaded as the family named (that is what ``--family`` is for)."""
+    index = known_model_index(model)
+    if index is None or family.recognises(index):
+        return
+    owners = sorted(f.name for f in model_families(plugins).values() if f.recognises(index))
+    if owners:
+        raise BasError(f"--family {family.name} does not match {model}: its model_index.json names a {index.get('_class_name')}, "
+                       f"which the {owners[0]} family loads; pass --family {owners[0]} or leave --family out.")
+
+
 def model_families(plugins: "Plugins") -> dict[str, ModelFamily]:
     """Every model family the enabled plugins register, by name."""
     return {e.name: e.factory() for e in plugins.registry("model family").entries.values()}
@@ -526,7 +563,10 @@ def detect_family(plugins: "Plugins", model: str) -> ModelFamily:
 def choose_family(plugins: "Plugins", model: str | None, requested: str | None) -> ModelFamily:
     """``--family`` if given, else the family of ``--model``, else the default family."""
     if requested:
-        return get_family(plugins, requested)
+        family = get_family(plugins, requested)
+        if model:
+            check_family_matches(plugins, family, model)
+        return family
     if model:
         return detect_family(plugins, model)
     return default_family(plugins)

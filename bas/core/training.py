@@ -24,7 +24,7 @@ from bas.core import checkpoint, checks, export, io, run_inputs, runfolder
 from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
 from bas.core.errors import BasError
 from bas.core.family import Components, Conditioning, ImageSize, LoadPlan, choose_family
-from bas.core.handles import HandleEmbedding, add_handles, handles_file_state
+from bas.core.handles import HandleEmbedding, add_handles, check_init_words, handles_file_state
 from bas.core.model import DTYPES, place, resolve_device, resolve_model, resolve_precision
 from bas.core.masks import load_scene_input
 from bas.core.plugins import Plugins
@@ -90,6 +90,7 @@ class RunConfig:
         for word in self.init_tokens:
             if not str(word).strip():
                 raise BasError("An --init-token is empty; give a plain word such as 'dog'.")
+        check_init_words(self.init_tokens)
         checks.check_all_finite(self.options)
 
     def to_json(self) -> dict:
