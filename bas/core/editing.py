@@ -35,7 +35,7 @@ from bas.core.generation import (check_prompts_fit, check_size, lora_kwargs, mak
                                  sampling_seeds, slug)
 from bas.core.handles import check_prompt_handles
 from bas.core.sampling import decode, denoise, to_pil
-from bas.core.scene import load_image, load_mask
+from bas.core.scene import load_image, load_mask, mask_at_image_size
 
 DEFAULT_BLEND_START = 0.25  # the script's --blending_start_percentage
 
@@ -56,7 +56,7 @@ def load_edit_inputs(image_path: Path, mask_path: Path, width: int, height: int)
     """The image (1, 3, H, W) in [-1, 1] and the mask (1, 1, H, W) in [0, 1], cropped to the output's aspect."""
     image = load_image(image_path)
     mask = load_mask(mask_path)
-    pil = Image.fromarray((np.clip(mask, 0, 1) * 255).round().astype(np.uint8), mode="L").resize(image.size, Image.BILINEAR)
+    pil = mask_at_image_size(str(mask_path), mask, image.size)  # as `bas run` takes a mask of another size
     image_t = torch.from_numpy(np.asarray(fit(image, width, height, Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0)
     mask_t = torch.from_numpy(np.asarray(fit(pil, width, height, Image.BILINEAR), dtype=np.float32) / 255.0)
     if not (mask_t > 0.5).any():
