@@ -32,6 +32,7 @@ from bas.core.errors import BasError, PluginError
 from bas.core.handles import HANDLE_PATTERN
 from bas.core.plugins import Plugins
 from bas.core.run_inputs import load_inputs
+from bas.core.runfolder import settle
 
 PLACEHOLDER = "{}"
 # Ten prompt contexts in the paper's style.  The paper evaluates with "10 prompt templates" and shows
@@ -220,6 +221,7 @@ def collect_runs(paths: Sequence[Path], out: Path | None = None) -> tuple[list[P
     out_resolved = Path(out).resolve() if out else None
     for raw in paths:
         path = Path(raw)
+        settle(path)  # a swap a crash interrupted is finished or undone, as generate and export do
         if not path.exists():
             if complete_checkpoints(path):  # a first run stopped: it lives in its staging folder beside path
                 raise BasError(f"{path} holds an interrupted run, not a finished one; finish it with `bas run ... --resume` or leave it out.")
@@ -230,7 +232,7 @@ def collect_runs(paths: Sequence[Path], out: Path | None = None) -> tuple[list[P
         seen.add(resolved)
         if not path.is_dir():
             notes.append(f"skipped {path}: a file, not a run folder")
-        elif resolved == out_resolved or is_eval_output(path):
+        elif is_eval_output(path) or (resolved == out_resolved and not (path / "run.json").is_file()):  # a run as --out: check_out says so
             notes.append(f"skipped {path}: a bas eval output, not a run")
         elif not (path / "run.json").is_file():
             raise BasError(f"{path} is not a finished bas run (it has no run.json); finish it with `bas run ... --resume` or leave it out.")
@@ -395,6 +397,14 @@ def staging_dir(out: Path) -> Path:
 
 def check_out(config: EvalConfig) -> None:
     out = Path(config.out)
+    target = out.resolve()
+    for run in config.runs:
+        resolved = Path(run).resolve()
+        if target == resolved:
+            raise BasError(f"--out {out} is the run folder {run} itself, which bas eval must not write into; "
+                           "put the evaluation beside the runs, such as --out eval.")
+        if resolved in target.parents:
+            raise BasError(f"--out {out} is inside the run folder {run}; put the evaluation beside the runs, such as --out eval.")
     if out.exists() and not out.is_dir():
         raise BasError(f"--out {out} is a file; pass a folder for eval.json, eval.csv, index.html and the images.")
     if out.is_dir() and any(out.iterdir()):
@@ -402,11 +412,6 @@ def check_out(config: EvalConfig) -> None:
             raise BasError(f"--out {out} is a folder that holds other files, not an earlier bas eval; choose a new or empty folder.")
         if not config.overwrite:
             raise BasError(f"--out {out} holds an earlier bas eval; pass --overwrite to replace it, or choose another folder.")
-    target = out.resolve()
-    for run in config.runs:
-        resolved = Path(run).resolve()
-        if target == resolved or resolved in target.parents:
-            raise BasError(f"--out {out} is inside the run folder {run}; put the evaluation beside the runs, such as --out eval.")
     if config.images is not None and (Path(config.images).resolve() == target or target in Path(config.images).resolve().parents):
         raise BasError(f"--images {config.images} is inside --out {out}, which bas eval replaces; pass another --out.")
 
