@@ -177,7 +177,7 @@ def test_a_file_that_is_not_coco_json_is_refused(tmp_path, invoke_with_plugin_co
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("field, value", [("width", 0), ("height", 0), ("width", "640"), ("height", -3)])
+@pytest.mark.parametrize("field, value", [("width", 0), ("height", 0), ("height", -3)])
 def test_an_image_entry_without_a_size_is_named_not_its_valid_polygon(tmp_path, invoke_with_plugin_commands, coco, field, value):
     invoke = invoke_with_plugin_commands
     path, image = coco

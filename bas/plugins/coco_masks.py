@@ -38,8 +38,8 @@ def load_coco(path: Path):
         bad = next((item for item in data[key] if not isinstance(item, dict) or any(f not in item for f in fields)), None)
         if bad is not None:
             raise BasError(f"{path} is not a COCO annotation file (an entry of '{key}' lacks one of {', '.join(fields)}); pass a COCO instances_*.json with --annotations.")
-    for image in data["images"]:  # a mask is drawn at the image's size: zero or text is the entry's fault, not its polygons'
-        bad = next((f for f in ("width", "height") if type(image[f]) is not int or image[f] < 1), None)
+    for image in data["images"]:  # masks are drawn at the image's size: a size of 0 is the entry's fault, not its polygons'
+        bad = next((f for f in ("width", "height") if isinstance(image[f], (int, float)) and image[f] < 1), None)
         if bad is not None:
             raise BasError(f"{path} gives image {image['id']} the {bad} {image[bad]!r}; an image's width and height are its size in pixels, "
                            "whole numbers above 0: fix that entry of 'images'.")
