@@ -14,7 +14,7 @@ import click
 import bas
 from bas.core.batch.command import make_batch_command
 from bas.core.checks import MAX_SEED
-from bas.core.errors import BasError
+from bas.core.errors import BasError, command_line
 from bas.core.export import FORMATS as EXPORT_FORMATS
 from bas.core.generation import SCHEDULERS
 from bas.core.model import PRECISIONS
@@ -198,7 +198,7 @@ def run(ctx, plugin_names, **values):
     info = result.info
     click.echo(f"Wrote {config.out}: " + ", ".join(info["files"] + ["run.json"]))
     background = f" ({info['background']} is the background)" if info.get("background") else ""
-    click.echo(f"Handles: {' '.join(info['handles'])}{background}. Try: bas generate {config.out} \"a photo of {info['handles'][0]} at the beach\"")
+    click.echo(f"Handles: {' '.join(info['handles'])}{background}. Try: " + command_line("bas", "generate", config.out, f"a photo of {info['handles'][0]} at the beach"))
 
 
 cli.add_command(make_batch_command(run))
@@ -224,7 +224,7 @@ def masks(ctx, plugin_names, **values):
     plugins = ctx.meta["bas.plugins"]
     written = make_masks(make_masks_config(plugins, values, plugin_names), plugins)
     click.echo(f"Wrote {values['out']}: " + ", ".join(p.name for p in written))
-    click.echo(f"Check {values['out'] / 'preview.png'}, then: bas run --scene {values['out']} --out RUN")
+    click.echo(f"Check {values['out'] / 'preview.png'}, then: " + command_line("bas", "run", "--scene", values["out"], "--out", "RUN"))
 
 
 def parse_seeds(ctx, param, value):

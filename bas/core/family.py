@@ -353,7 +353,7 @@ class ModelFamily:
 
     def textual_inversion_code(self, files: list[tuple[str, str]]) -> list[str]:
         """Python lines that load textual-inversion files ``[(token, path), ...]`` into ``pipe``."""
-        paths = ", ".join(f'"{path}"' for _, path in files)
+        paths = ", ".join(python_str(path) for _, path in files)
         return [f"pipe.load_textual_inversion([{paths}])"]
 
     def tiny_pipeline(self, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 16) -> Any:
@@ -455,6 +455,12 @@ class UNetFamily(ModelFamily):
             raise load_error(model, exc) from exc
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
+
+
+def python_str(value) -> str:
+    """``value`` as a Python string literal for the code a model card shows (a path with a quote or a
+    backslash stays one string): JSON's double-quoted form, which Python reads the same."""
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 # -- finding a model's family --------------------------------------------------------------------

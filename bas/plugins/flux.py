@@ -63,6 +63,7 @@ from bas.core.family import (
     TextEncoder,
     check_model_path,
     load_error,
+    python_str,
 )
 from bas.plugins.sd import CLIP_ATTENTION
 from bas.plugins.sdxl import pool_at_end_of_text
@@ -509,7 +510,7 @@ class Flux(ModelFamily):
         return self.textual_inversion("", rows)
 
     def textual_inversion_code(self, files):
-        pairs = ", ".join(f'("{token}", "{path}")' for token, path in files)
+        pairs = ", ".join(f"({python_str(token)}, {python_str(path)})" for token, path in files)
         return [
             "import torch",
             "from safetensors.torch import load_file",
