@@ -111,6 +111,39 @@ def test_prior_preservation_reuses_t5_states_of_the_class_prompt(tiny_flux_model
     assert all(step["prior"] > 0 for step in run.info["history"]["phase2"])
 
 
+def test_phase2_t5_states_are_the_inference_states_t5_stays_in_eval_mode(tiny_flux_model, scene, tmp_path):
+    """T5 trains only its handle rows, so phase 2 runs it as inference does (eval mode, no dropout):
+    its states, and those FLUX caches for a prompt without handles (the class prompt), are the
+    inference states; CLIP, which trains LoRA, is in train mode."""
+    prompt = "a photo at the beach"
+
+    class T5States:
+        def on_phase_start(self, run, phase):
+            if phase == 2:
+                t5 = run.components.text_encoders[1]
+                self.training = [e.model.training for e in run.components.text_encoders]
+                with torch.no_grad():
+                    ids = run.tokenize([prompt])[1]
+                    self.direct = t5.model(ids)[0].clone()
+                    self.cached = run.family.t5_states(t5, ids).clone()
+
+        @bas.hookimpl
+        def bas_register_observers(self, register):
+            register("t5-states", lambda config: self)
+
+    seen = T5States()
+    pm = Plugins([], extra=[("t5-states", seen)])
+    values = {"scene": scene, "model": str(tiny_flux_model), "out": tmp_path / "run", "quiet": True, "phase1_steps": 1, "phase2_steps": 1}
+    with pytest.warns(UserWarning, match="FLUX runs unquantised"):
+        run = extract(make_config(pm, values, []), pm)
+    t5 = run.components.text_encoders[1]
+    assert t5.model.config.dropout_rate > 0  # what train mode would apply
+    assert seen.training == [True, False]
+    with torch.no_grad():
+        inference = t5.model.eval()(run.tokenize([prompt])[1])[0]
+    assert torch.equal(seen.direct, inference) and torch.equal(seen.cached, inference)
+
+
 def test_phase1_changes_only_the_handle_rows_of_clip_and_t5(flux_run):
     run, snaps = flux_run
     handles = handle_names(run)

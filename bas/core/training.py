@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 import bas
@@ -501,7 +502,12 @@ class Run:
                 p.requires_grad_(True)
             for p in weights:  # trainable parameters train in fp32 whatever the base dtype
                 p.data = p.data.float()
+            # train mode only where the strategy trains an encoder's weights: one whose only trainable rows are
+            # the handles (FLUX's T5) stays in eval, or its dropout would perturb the conditioning the weights
+            # learn from and freeze one dropout sample into the states FLUX caches (inference runs it in eval)
             for encoder in encoders:
+                if not trains_weights(encoder, handles):
+                    continue
                 if self.gradient_checkpointing:
                     enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
                     enable()
@@ -589,6 +595,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def out_of_memory_message(run: Run) -> str:
     tips = [tip for tip, applies in OOM_ADVICE if applies(run)]
     return f"Out of memory on {run.device}; reduce memory with, in order of effect: {', '.join(tips)}."
+
+
+def trains_weights(module: nn.Module, handles) -> bool:
+    """Whether ``module`` has a trainable parameter besides the handle rows (an adapter, or its own weights)."""
+    rows = {id(p) for p in handles}
+    return any(p.requires_grad and id(p) not in rows for p in module.parameters())
 
 
 def extract(config: RunConfig, plugins: Plugins) -> Run:
