@@ -201,7 +201,8 @@ def test_conditioning_is_t5_states_and_clip_pooled_at_the_end_of_text(flux_run):
 
 def test_joint_attention_maps_are_the_softmax_probabilities_of_the_handle_tokens(flux_run):
     """The capture processor's maps equal the image queries' explicit softmax over the whole joint
-    sequence (text first) at the handle keys, and installing it leaves the transformer's output as it was."""
+    sequence (text first) at the text keys, renormalised over the text keys per head, and installing
+    it leaves the transformer's output as it was."""
     from bas.core.attention import AttentionStore
     from bas.plugins.attention_loss import loss_layers
 
@@ -259,15 +260,23 @@ def test_joint_attention_maps_are_the_softmax_probabilities_of_the_handle_tokens
     assert len(maps) == 2 and maps[0].shape == (1, 64, text) and maps[0].dtype == torch.float32
     for name, captured in zip(sorted(chosen), maps):
         full = explicit[name][:, :, text:]  # image queries over every key
-        torch.testing.assert_close(captured, full[..., :text].mean(1), rtol=1e-5, atol=1e-6)
+        on_text = full[..., :text]
+        torch.testing.assert_close(captured, (on_text / on_text.sum(-1, keepdim=True)).mean(1), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(full.sum(-1), torch.ones_like(full.sum(-1)))
+        torch.testing.assert_close(captured.sum(-1), torch.ones_like(captured.sum(-1)))  # a distribution over the text per position
+        assert on_text.sum(-1).std() > 0.01  # the text's share of each query's attention varies: unnormalised, it would scale the map
         handle = captured[0][:, positions]
         assert (handle > 0).all() and (handle < 1).all()
     # the function the processor calls, on its own: probabilities of a random joint sequence
     q, k = torch.randn(2, 7, 3, 4), torch.randn(2, 7, 3, 4)
     p = image_text_probabilities(q, k, 3)
-    ref = ((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) / 2).softmax(-1)[:, :, 3:, :3].mean(1)
-    torch.testing.assert_close(p, ref)
+    joint = ((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) / 2).softmax(-1)[:, :, 3:, :3]
+    torch.testing.assert_close(p, (joint / joint.sum(-1, keepdim=True)).mean(1))
+    # an image key that draws a query's attention away from the text leaves its map as it was
+    far = k.clone()
+    far[:, 5] = q[:, 4] * 50
+    assert image_text_probabilities(q, far, 3)[:, 1:].sum(-1).allclose(torch.ones(2, 3))
+    torch.testing.assert_close(image_text_probabilities(q, far, 3), p)
 
 
 def test_the_flow_matching_objective_and_its_shifted_timesteps(flux_run):

@@ -126,17 +126,27 @@ def shift_sigmas(scheduler_config, sigmas: torch.Tensor, image_tokens: int) -> t
 
 # -- joint attention -------------------------------------------------------------------------------
 def image_text_probabilities(query: torch.Tensor, key: torch.Tensor, text_len: int, attention_mask=None) -> torch.Tensor:
-    """Head-averaged fp32 softmax probabilities ``(B, image tokens, text tokens)`` of the image queries
-    over the joint sequence's keys, restricted to the text keys.  ``query``/``key`` ``(B, L, heads, d)``
-    with the text tokens first, as FLUX's attention orders them (after norms and rotary embeddings)."""
+    """Head-averaged fp32 probabilities ``(B, image tokens, text tokens)`` of the image queries over the
+    text keys: the joint attention's probabilities at the text keys, renormalised over them (each
+    query's row sums to 1), which is the softmax of the text keys' scores alone.  ``query``/``key``
+    ``(B, L, heads, d)`` with the text tokens first, as FLUX's attention orders them (after norms and
+    rotary embeddings).
+
+    FLUX's softmax runs over text *and* image keys, so the raw probability of a handle at an image
+    position is scaled by how much of that query's attention goes to text at all, which varies over
+    the image (an edge attends to its neighbours more than a flat region does).  The loss compares
+    each handle's map with a 0/1 mask, so that scale would enter the loss as if it were the handle's
+    extent; renormalised, a map is what a cross-attention map is in SD and SDXL (a distribution over
+    the text tokens per position), and the paper's loss applies to it unchanged."""
     with torch.autocast(query.device.type, enabled=False):
         q = query[:, text_len:].float().transpose(1, 2)  # (B, H, image, d)
-        k = key.float().transpose(1, 2)  # (B, H, L, d)
+        k = key[:, :text_len].float().transpose(1, 2)  # (B, H, text, d)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if attention_mask is not None:
             mask = attention_mask[..., text_len:, :] if attention_mask.dim() == 4 else attention_mask
+            mask = mask[..., :text_len]
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-        return scores.softmax(dim=-1)[..., :text_len].mean(dim=1)
+        return scores.softmax(dim=-1).mean(dim=1)
 
 
 class CaptureJointAttention:
