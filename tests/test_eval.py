@@ -519,7 +519,7 @@ def test_each_run_is_generated_with_its_familys_sampler_and_guidance(runs_dir, t
     calls = {}
 
     def generate(out, prompts, seeds, out_dir, **options):
-        calls[Path(out).name] = {k: options.get(k) for k in ("scheduler", "guidance")}
+        calls[Path(out).name] = {k: options.get(k) for k in ("scheduler", "guidance", "steps")}
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for prompt in prompts:
             for s in seeds:
@@ -534,12 +534,12 @@ def test_each_run_is_generated_with_its_familys_sampler_and_guidance(runs_dir, t
         return evaluation.evaluate(config, plugins)
 
     data = evaluate("defaults")
-    expected = {"toys": {"scheduler": "ddim", "guidance": 7.5}, "flux-run": {"scheduler": "flow-euler", "guidance": 3.5}}
+    expected = {"toys": {"scheduler": "ddim", "guidance": 7.5, "steps": 50}, "flux-run": {"scheduler": "flow-euler", "guidance": 3.5, "steps": 50}}
     assert calls == expected and {name: r["sampling"] for name, r in data["runs"].items()} == expected
     assert data["settings"]["guidance"] is None and data["settings"]["scheduler"] is None
     calls.clear()
-    evaluate("given", guidance=5.0)
-    assert calls == {"toys": {"scheduler": "ddim", "guidance": 5.0}, "flux-run": {"scheduler": "flow-euler", "guidance": 5.0}}
+    evaluate("given", guidance=5.0, steps=3)
+    assert calls == {"toys": {"scheduler": "ddim", "guidance": 5.0, "steps": 3}, "flux-run": {"scheduler": "flow-euler", "guidance": 5.0, "steps": 3}}
     calls.clear()
     with pytest.raises(BasError, match="flux-run: --scheduler ddim does not sample flux models; use flow-euler"):
         evaluate("refused", scheduler="ddim")

@@ -601,6 +601,26 @@ def test_flux_schnell_trains_without_guidance_and_generates_in_few_steps(tiny_sc
     result = invoke("generate", run.out, prompt, "--steps", 4, "--num-images", 1, "--guidance", 0, "--out-dir", tmp_path / "g0")
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g0" / "a-photo-of-asset0-at-the-beach-seed0.png")), image)  # ignored
+    # without --steps: schnell's 4, as its model card says (not the paper's 50), the same image
+    seen.clear()
+    result = invoke("generate", run.out, prompt, "--num-images", 1, "--out-dir", tmp_path / "default")
+    assert result.exit_code == 0, result.output
+    assert len(seen) == 4
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "default" / "a-photo-of-asset0-at-the-beach-seed0.png")), image)
+
+
+def test_sampling_defaults_are_the_variants_schnell_4_steps_and_guidance_0_dev_50_and_3_5(tiny_flux_model, tiny_schnell_model):
+    """Told from the base model's transformer config (guidance_embeds) without loading it, or, for a
+    hub id that is not cached, from its name; what the user gives wins."""
+    from bas.core.generation import run_sampling_defaults
+    from bas.plugins.flux import Flux
+
+    flux = Flux()
+    assert run_sampling_defaults(flux, {"model": str(tiny_schnell_model)}, None, None, None) == ("flow-euler", 0.0, 4)
+    assert run_sampling_defaults(flux, {"model": str(tiny_flux_model)}, None, None, None) == ("flow-euler", 3.5, 50)
+    assert run_sampling_defaults(flux, {"model": "black-forest-labs/FLUX.1-schnell"}, None, None, None) == ("flow-euler", 0.0, 4)
+    assert run_sampling_defaults(flux, {"model": "black-forest-labs/FLUX.1-dev"}, None, None, None) == ("flow-euler", 3.5, 50)
+    assert run_sampling_defaults(flux, {"model": str(tiny_schnell_model)}, None, 2.0, 8) == ("flow-euler", 2.0, 8)
 
 
 def test_dev_samples_with_its_guidance_embedding(flux_run, tmp_path, invoke, monkeypatch):

@@ -28,10 +28,10 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from bas.core import checks, io
+from bas.core import io
 from bas.core.errors import BasError
 from bas.core.family import ImageSize
-from bas.core.generation import (check_prompts_fit, check_size, lora_kwargs, make_scheduler, read_run, run_family, sampling_defaults,
+from bas.core.generation import (check_prompts_fit, check_size, lora_kwargs, make_scheduler, read_run, run_family, run_sampling_defaults,
                                  sampling_seeds, slug)
 from bas.core.handles import check_prompt_handles
 from bas.core.sampling import decode, denoise, to_pil
@@ -87,7 +87,7 @@ def edit_images(
     num_images: int = 1,
     seed: int = 0,
     seeds: list[int] | None = None,
-    steps: int = 50,
+    steps: int | None = None,
     guidance: float | None = None,
     negative_prompt: str | None = None,
     scheduler: str | None = None,
@@ -111,13 +111,12 @@ def edit_images(
         raise BasError("No prompt was given; pass a prompt such as \"a photo of <asset0>\" or --prompts-file.")
     for prompt in prompts:
         check_prompt_handles(prompt, info["handles"])
-    checks.check_integer("steps", steps, 1)
     seeds = sampling_seeds(seed, seeds, num_images)  # as generate checks them, for the API as for the command line
     if not 0.0 <= blend_start < 1.0:
         raise BasError(f"--blend-start must be at least 0 and below 1 (the script's 0.25), not {blend_start}.")
     check_size(width, height)
     family = run_family(info)
-    scheduler, guidance = sampling_defaults(family, scheduler, guidance)
+    scheduler, guidance, steps = run_sampling_defaults(family, info, scheduler, guidance, steps)
     family.check_sampling(negative_prompt)
     res = info["resolution"]
     width, height = width or res, height or res

@@ -178,7 +178,7 @@ class EvalConfig:
     seed: int = 0
     images: Path | None = None
     class_words: list[str] = field(default_factory=list)
-    steps: int = 50
+    steps: int | None = None  # None: each run's base model's (50, the paper's; FLUX.1-schnell's 4)
     guidance: float | None = None  # None: each run's family's (7.5 for SD and SDXL, FLUX.1-dev's distilled 3.5)
     scheduler: str | None = None  # None: each run's family's (DDIM, the paper's, for SD and SDXL; flow-euler for FLUX)
     device: str = "auto"
@@ -191,7 +191,7 @@ class EvalConfig:
     def check(self) -> None:
         if self.num_images < 1:
             raise BasError(f"--num-images must be at least 1, not {self.num_images}.")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise BasError(f"--steps must be at least 1, not {self.steps}.")
         if self.guidance is not None:
             checks.check_finite("guidance", self.guidance)
@@ -418,7 +418,7 @@ def check_out(config: EvalConfig) -> None:
 
 def generation_settings(config: EvalConfig, runs: Sequence[EvalRun]) -> dict:
     """What must match for an interrupted evaluation's images to be reused."""
-    return {"steps": config.steps, "device": config.device, "precision": config.precision,
+    return {"device": config.device, "precision": config.precision,
             "runs": {r.name: {"path": str(r.path.resolve()), "run.json": (r.path / "run.json").stat().st_mtime_ns, "sampling": r.sampling}
                      for r in runs}}
 
@@ -426,15 +426,15 @@ def generation_settings(config: EvalConfig, runs: Sequence[EvalRun]) -> dict:
 def choose_sampling(config: EvalConfig, runs: Sequence[EvalRun]) -> None:
     """Each run's sampler and guidance: ``--scheduler``/``--guidance`` where given, else its family's
     defaults (as ``bas generate`` picks them), checked against its family before anything generates."""
-    from bas.core.generation import sampling_defaults
+    from bas.core.generation import run_sampling_defaults
     from bas.core.runs import run_family
 
     for run in runs:
         try:
-            scheduler, guidance = sampling_defaults(run_family(run.info), config.scheduler, config.guidance)
+            scheduler, guidance, steps = run_sampling_defaults(run_family(run.info), run.info, config.scheduler, config.guidance, config.steps)
         except BasError as exc:
             raise BasError(f"{run.path}: {exc}") from None
-        run.sampling = {"scheduler": scheduler, "guidance": guidance}
+        run.sampling = {"scheduler": scheduler, "guidance": guidance, "steps": steps}
 
 
 def prepare_staging(config: EvalConfig, runs: Sequence[EvalRun]) -> Path:
@@ -467,7 +467,7 @@ def generate_samples(run: EvalRun, specs: Sequence[PromptSpec], config: EvalConf
     reused = sum(len(seeds) for spec in specs if spec not in todo)
     progress.update(reused)
     if todo:
-        generate(run.path, [s.prompt for s in todo], seeds=seeds, steps=config.steps, grid=False, **run.sampling,
+        generate(run.path, [s.prompt for s in todo], seeds=seeds, grid=False, **run.sampling,
                  out_dir=folder, device=config.device, precision=config.precision, on_image=lambda p: progress.update(1))
     return [Sample(run.name, spec.prompt, spec.concepts, s, spec.template, path(spec, s)) for spec in specs for s in seeds], reused
 

@@ -171,6 +171,7 @@ class ModelFamily:
     schedulers: tuple[str, ...] | None = None  # `bas generate --scheduler` names the family samples with (None: every DDPM-type one)
     default_scheduler: str = "ddim"
     default_guidance: float = 7.5
+    default_steps: int = 50  # sampling steps of `bas generate`, `bas edit` and `bas eval` (the paper's 50)
 
     # -- recognising and loading ----------------------------------------------------------------
     def recognises(self, model_index: dict) -> bool:
@@ -256,6 +257,12 @@ class ModelFamily:
         from diffusers import DDIMScheduler
 
         return DDIMScheduler.from_config(noise_scheduler.config)
+
+    def variant_sampling(self, model: str) -> dict[str, float]:
+        """Sampling defaults (``steps``, ``guidance``) where the model at ``model`` (a run's base: a folder
+        or hub id) is a variant that samples otherwise than the family's defaults say (a timestep-distilled
+        model in few steps); read from its files without loading weights.  None by default."""
+        return {}
 
     def check_sampling(self, negative_prompt: str | None) -> None:
         """Refuse, before a model loads, sampling options the family's pipeline does not use."""
@@ -494,17 +501,22 @@ def read_model_index(model: str) -> dict:
 
 
 def known_model_index(model: str) -> dict | None:
-    """``model_index.json`` where it is at hand without a download: in the folder, or for a hub id
-    the copy the hub client cached; ``None`` where there is none (or it cannot be read: the loader
-    then says why)."""
-    path = Path(model) / "model_index.json"
+    """``model_index.json`` where it is at hand without a download (:func:`known_model_file`)."""
+    return known_model_file(model, "model_index.json")
+
+
+def known_model_file(model: str, name: str) -> dict | None:
+    """A pipeline's JSON file ``name`` (``model_index.json``, ``transformer/config.json``) where it is
+    at hand without a download: in the folder, or for a hub id the copy the hub client cached;
+    ``None`` where there is none (or it cannot be read: the loader then says why)."""
+    path = Path(model) / name
     if not path.is_file():
         if Path(model).exists():
             return None
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(model, "model_index.json")
+            cached = try_to_load_from_cache(model, name)
         except Exception:  # not a valid hub id: the loader names it
             return None
         if not isinstance(cached, str):

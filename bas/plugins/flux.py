@@ -62,6 +62,7 @@ from bas.core.family import (
     ModelFamily,
     TextEncoder,
     check_model_path,
+    known_model_file,
     load_error,
     python_str,
 )
@@ -283,6 +284,7 @@ class Flux(ModelFamily):
     schedulers = ("flow-euler",)
     default_scheduler = "flow-euler"
     default_guidance = 3.5  # FluxPipeline's; schnell has no guidance embedding and ignores it
+    SCHNELL_SAMPLING = {"steps": 4, "guidance": 0.0}  # diffusers' FluxPipeline example and schnell's model card
 
     def __init__(self):
         self._t5_cache: dict[tuple, torch.Tensor] = {}
@@ -373,6 +375,14 @@ class Flux(ModelFamily):
                     self._t5_cache.clear()
                 self._t5_cache[key] = t5.model(ids)[0].detach()
         return self._t5_cache[key]
+
+    def variant_sampling(self, model):
+        """FLUX.1-schnell (timestep-distilled, no guidance embedding) samples in 4 steps with guidance 0,
+        as its model card and diffusers' example do; dev and its fine-tunes keep 50 and 3.5.  Told from
+        the transformer's config (``guidance_embeds``) where it is at hand, else from the name."""
+        config = known_model_file(model, "transformer/config.json")
+        schnell = not config.get("guidance_embeds", True) if config is not None else "schnell" in model.lower()
+        return dict(self.SCHNELL_SAMPLING) if schnell else {}
 
     def unconditional(self, components, encode):
         """None: FLUX.1 is guidance-distilled (dev) or guidance-free (schnell); it samples with one pass."""
