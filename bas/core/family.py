@@ -500,11 +500,6 @@ def read_model_index(model: str) -> dict:
         raise load_error(model, exc) from exc
 
 
-def known_model_index(model: str) -> dict | None:
-    """``model_index.json`` where it is at hand without a download (:func:`known_model_file`)."""
-    return known_model_file(model, "model_index.json")
-
-
 def known_model_file(model: str, name: str) -> dict | None:
     """A pipeline's JSON file ``name`` (``model_index.json``, ``transformer/config.json``) where it is
     at hand without a download: in the folder, or for a hub id the copy the hub client cached;
@@ -523,17 +518,17 @@ def known_model_file(model: str, name: str) -> dict | None:
             return None
         path = Path(cached)
     try:
-        index = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return index if isinstance(index, dict) else None
+    return data if isinstance(data, dict) else None
 
 
 def check_family_matches(plugins: "Plugins", family: ModelFamily, model: str) -> None:
     """Refuse, before any weight loads, a ``--family`` whose pipelines ``model`` is not, where its
     ``model_index.json`` names a pipeline another family loads.  A pipeline no family recognises
     may still be loaded as the family named (that is what ``--family`` is for)."""
-    index = known_model_index(model)
+    index = known_model_file(model, "model_index.json")
     if index is None or family.recognises(index):
         return
     owners = sorted(f.name for f in model_families(plugins).values() if f.recognises(index))
