@@ -165,7 +165,7 @@ MATRIX = [  # (case, prepare, extra arguments, out, message)
     ("two input images", write_two_images, [], "runs/new", "has 2 input images (img.jpg, img.png); keep one img.* file"),
     ("decompression bomb", write_bomb, [], "runs/new", "pixels, PIL's limit against decompression bombs"),
     ("truncated image", write_truncated, [], "runs/new", "is not a readable image"),
-    ("a 1x1 image", write_one_pixel_image, [], "runs/new", "scene/img.png is 1x1 pixels, too small to hold a concept"),
+    ("a 1x1 image", write_one_pixel_image, [], "runs/new", "The image is 1x1 pixels, too small to hold a concept"),
     ("a live run holds the lock", write_live_lock, ["--overwrite"], "runs/new", "is in use by another bas process (pid"),
     ("a lock from another host", write_foreign_lock, [], "runs/new", "pid 1 on another-host"),
     ("out below a file", write_file_out, [], "runs/afile/new", "is not a folder"),

@@ -35,7 +35,7 @@ from bas.core.generation import (check_prompts_fit, check_size, lora_kwargs, mak
                                  sampling_seeds, slug)
 from bas.core.handles import check_prompt_handles
 from bas.core.sampling import decode, denoise, to_pil
-from bas.core.scene import load_image, load_mask, mask_at_image_size
+from bas.core.scene import check_image_size, load_image, load_mask, mask_at_image_size
 
 DEFAULT_BLEND_START = 0.25  # the script's --blending_start_percentage
 
@@ -55,6 +55,7 @@ def fit(img: Image.Image, width: int, height: int, resample) -> Image.Image:
 def load_edit_inputs(image_path: Path, mask_path: Path, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The image (1, 3, H, W) in [-1, 1] and the mask (1, 1, H, W) in [0, 1], cropped to the output's aspect."""
     image = load_image(image_path)
+    check_image_size(image, str(image_path))
     mask = load_mask(mask_path)
     pil = mask_at_image_size(str(mask_path), mask, image.size)  # as `bas run` takes a mask of another size
     image_t = torch.from_numpy(np.asarray(fit(image, width, height, Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0)

@@ -147,10 +147,15 @@ def to_rgb(img: Image.Image, path: Path) -> Image.Image:
 
 def load_image(path: Path) -> Image.Image:
     img = open_image(path, "Image file", "pass a JPEG or PNG file with --image")
-    if min(img.size) < MIN_IMAGE_SIDE:  # before any mask is resized to it and blamed for what it lost
-        raise BasError(f"{path} is {img.size[0]}x{img.size[1]} pixels, too small to hold a concept: an image needs at least "
-                       f"{MIN_IMAGE_SIDE} pixels a side (one cell of the model's latent grid); pass the full-size picture.")
     return to_rgb(img, path)
+
+
+def check_image_size(image: Image.Image, name: str = "The image") -> None:
+    """Refuse an image too small to learn or edit a concept in, before any mask is resized to it
+    (and blamed for what it lost)."""
+    if min(image.size) < MIN_IMAGE_SIDE:
+        raise BasError(f"{name} is {image.size[0]}x{image.size[1]} pixels, too small to hold a concept: an image needs at least "
+                       f"{MIN_IMAGE_SIDE} pixels a side (one cell of the model's latent grid); pass the full-size picture.")
 
 
 def mask_at_image_size(name: str, mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
@@ -246,6 +251,7 @@ def prepare_scene(scene: SceneInput, resolution: int, init_tokens: list[str] | N
     paper's background extraction).
     """
     check_concept_count(scene, init_tokens)
+    check_image_size(scene.image)
     names = scene.mask_names or [f"mask {i}" for i in range(len(scene.masks))]
     w, h = scene.image.size
     masks = []
