@@ -14,7 +14,7 @@ import click
 import bas
 from bas.core.batch.command import make_batch_command
 from bas.core.checks import MAX_SEED
-from bas.core.errors import BasError
+from bas.core.errors import BasError, command_line
 from bas.core.export import FORMATS as EXPORT_FORMATS
 from bas.core.generation import SCHEDULERS
 from bas.core.model import PRECISIONS
@@ -201,7 +201,7 @@ def run(ctx, plugin_names, **values):
     info = result.info
     click.echo(f"Wrote {config.out}: " + ", ".join(info["files"] + ["run.json"]))
     background = f" ({info['background']} is the background)" if info.get("background") else ""
-    click.echo(f"Handles: {' '.join(info['handles'])}{background}. Try: bas generate {config.out} \"a photo of {info['handles'][0]} at the beach\"")
+    click.echo(f"Handles: {' '.join(info['handles'])}{background}. Try: " + command_line("bas", "generate", config.out, f"a photo of {info['handles'][0]} at the beach"))
 
 
 cli.add_command(make_batch_command(run))
@@ -227,7 +227,7 @@ def masks(ctx, plugin_names, **values):
     plugins = ctx.meta["bas.plugins"]
     written = make_masks(make_masks_config(plugins, values, plugin_names), plugins)
     click.echo(f"Wrote {values['out']}: " + ", ".join(p.name for p in written))
-    click.echo(f"Check {values['out'] / 'preview.png'}, then: bas run --scene {values['out']} --out RUN")
+    click.echo(f"Check {values['out'] / 'preview.png'}, then: " + command_line("bas", "run", "--scene", values["out"], "--out", "RUN"))
 
 
 def parse_seeds(ctx, param, value):
@@ -261,9 +261,9 @@ def sampling_options(command):
         click.option("--num-images", type=COUNT, default=None, help="Images per prompt, seeds seed, seed+1, ... [default: 4 for generate, 1 for edit]."),
         click.option("--seed", type=int, default=0, show_default=True, help=f"The first seed, 0 to {MAX_SEED}."),
         click.option("--seeds", callback=parse_seeds, default=None, help="Exact seeds, comma-separated (such as 1,7,42); overrides --seed and --num-images."),
-        click.option("--steps", type=COUNT, default=50, show_default=True, help="Sampling steps."),
+        click.option("--steps", type=COUNT, default=None, help="Sampling steps [default: 50; 4 for a FLUX.1-schnell run, as its model card]."),
         click.option("--guidance", type=float, default=None, callback=finite,
-                     help="Guidance scale: classifier-free, or FLUX.1-dev's distilled guidance [default: 7.5; flux 3.5, which schnell ignores]."),
+                     help="Guidance scale: classifier-free, or FLUX.1-dev's distilled guidance [default: 7.5; flux 3.5, schnell 0 (it has none)]."),
         click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=None,
                      help="Sampler [default: ddim, the paper's; flow-euler for flux, the one flow-matching sampler]."),
         click.option("--width", type=int, default=None, help="Image width, a multiple of 8 [default: the run's resolution]."),

@@ -35,9 +35,9 @@ def eval_command(command_class: type[click.Command]) -> click.Command:
                   help="Score images already generated (named as bas generate names them; a folder per run when several) instead of generating.")
     @click.option("--class-word", "class_words", multiple=True,
                   help="The class word of each concept in handle order, replacing the handles in prompts [default: the run's --init-token words].")
-    @click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps per image (the paper's 50).")
+    @click.option("--steps", type=int, default=None, help="Sampling steps per image [default: each run's: the paper's 50; 4 for FLUX.1-schnell].")
     @click.option("--guidance", type=float, default=None,
-                  help="Guidance scale [default: each run's family's: 7.5 for SD and SDXL (the paper's), 3.5 for FLUX.1-dev, which schnell ignores].")
+                  help="Guidance scale [default: each run's family's: 7.5 for SD and SDXL (the paper's), 3.5 for FLUX.1-dev, 0 for schnell (it has none)].")
     @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=None,
                   help="Sampler [default: each run's family's: ddim for SD and SDXL (the paper's), flow-euler for FLUX].")
     @click.option("--device", default="auto", show_default=True, help="For generation and the evaluators' models.")

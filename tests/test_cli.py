@@ -92,6 +92,32 @@ def test_generate_uses_the_learned_handles(lora_run, tmp_path):
         assert torch.equal(emb[pipe.tokenizer.convert_tokens_to_ids(token)], row)
 
 
+def test_full_fine_tune_without_prior_preservation_says_how_to_keep_the_prior(tiny_model, scene, tmp_path):
+    """The README advises prior preservation for a full fine-tune of a large model: --plugin full
+    without it says so in one line, before anything loads; with it, on bas-mini (where it was
+    measured to change nothing) or without a phase 2, nothing is said."""
+    import warnings
+
+    from bas.core.api import make_config
+    from bas.core.plugins import Plugins
+    from bas.core.training import resolve
+
+    def resolved(names, **values):
+        pm = Plugins(names)
+        return resolve(pm, make_config(pm, {"scene": scene, "model": str(tiny_model), "out": tmp_path / "out", **values}, names))
+
+    with pytest.warns(UserWarning, match=r"^--plugin full fine-tunes every weight .* without prior preservation, .* "
+                                         r"add --plugin prior-preservation to keep its prior \(README, 'Prior preservation'\)\.$") as record:
+        resolved(["full"])
+    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolved(["full", "prior-preservation"])
+        resolved(["full"], model="bas-mini")
+        resolved(["full"], phase2_steps=0)
+        resolved([])  # LoRA
+
+
 def test_full_fine_tune_writes_a_loadable_pipeline(invoke, scene, tiny_model, tmp_path):
     from diffusers import StableDiffusionPipeline
 

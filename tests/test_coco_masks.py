@@ -177,6 +177,23 @@ def test_a_file_that_is_not_coco_json_is_refused(tmp_path, invoke_with_plugin_co
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("field, value", [("width", 0), ("height", 0), ("height", -3)])
+def test_an_image_entry_without_a_size_is_named_not_its_valid_polygon(tmp_path, invoke_with_plugin_commands, coco, field, value):
+    invoke = invoke_with_plugin_commands
+    path, image = coco
+    data = json.loads(Path(path).read_text())
+    data["images"][0][field] = value
+    bad = tmp_path / "sized.json"
+    bad.write_text(json.dumps(data))
+    expected = f"gives image 1 the {field} {value!r}; an image's width and height are its size in pixels, whole numbers above 0"
+    for args in (["masks", "-p", "coco-masks", "--image", image, "--annotations", bad, "--image-id", 1, "--out", tmp_path / "out"],
+                 ["coco-select", "--annotations", bad, "--min-segments", 1]):
+        result = invoke(*args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_image_of_another_shape_than_annotated_is_refused(coco, tmp_path, invoke):
     path, _ = coco
     wrong = tmp_path / "wrong.png"

@@ -317,6 +317,20 @@ def test_eval_scores_images_from_a_folder_and_refuses_ones_it_cannot_match(evalu
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.*"))
 
 
+def test_eval_finishes_a_swap_a_crash_interrupted_as_generate_and_export_do(evaluated, runs_dir, metric_models, tmp_path, capsys):
+    """Killed between moving the old run aside and moving the new one in, --out is absent for a
+    moment: eval recovers the run (runfolder.settle, as every reader does), not "does not exist"."""
+    out, _ = evaluated
+    run = tmp_path / "runs" / "toys"
+    shutil.copytree(runs_dir / "toys", run.parent / ".toys.bas-old")
+    shutil.copytree(runs_dir / "toys", staging_path(run))
+    code, _, err = run_main(["eval", run, "--images", out / "images" / "toys", "--out", tmp_path / "ev", "--templates", "paper",
+                             "--evaluator", "clip-prompt", "--quiet", "--clip-model", metric_models["clip"]], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in run.parent.iterdir()) == ["toys"] and (run / "run.json").is_file()
+    assert len(json.loads((tmp_path / "ev" / "eval.json").read_text())["images"]) == 3
+
+
 @pytest.mark.parametrize("case, message", [
     ("not-a-run", "is not a finished bas run (it has no run.json)"),
     ("interrupted-run", "stopped holds an interrupted run, not a finished one; finish it with `bas run ... --resume`"),
@@ -327,6 +341,7 @@ def test_eval_scores_images_from_a_folder_and_refuses_ones_it_cannot_match(evalu
     ("missing-segmenter", "CLIPSeg segmenter 'bas-tests/no-such-clipseg' is not in the Hugging Face cache"),
     ("other-files-in-out", "holds other files, not an earlier bas eval"),
     ("unknown-evaluator", "Unknown evaluator 'nope' for --evaluator; choose one of: bas-mini, clip-prompt, dino-identity."),
+    ("out-is-the-run", "--out {run} is the run folder {run} itself, which bas eval must not write into; put the evaluation beside the runs"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(case, message, runs_dir, metric_models, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -356,6 +371,10 @@ def test_bad_input_is_one_line_and_writes_nothing(case, message, runs_dir, metri
         (out / "notes.txt").write_text("mine")
     elif case == "unknown-evaluator":
         extra += ["--evaluator", "nope"]
+    elif case == "out-is-the-run":
+        run = out = tmp_path / "mine"
+        shutil.copytree(runs_dir / "toys", run)
+    message = message.format(run=run)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     code, _, err = run_main(["eval", run, "--out", out, "--num-images", 1, "--steps", 1, "--quiet", *extra], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -503,7 +522,7 @@ def test_each_run_is_generated_with_its_familys_sampler_and_guidance(runs_dir, t
     calls = {}
 
     def generate(out, prompts, seeds, out_dir, **options):
-        calls[Path(out).name] = {k: options.get(k) for k in ("scheduler", "guidance")}
+        calls[Path(out).name] = {k: options.get(k) for k in ("scheduler", "guidance", "steps")}
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for prompt in prompts:
             for s in seeds:
@@ -518,12 +537,12 @@ def test_each_run_is_generated_with_its_familys_sampler_and_guidance(runs_dir, t
         return evaluation.evaluate(config, plugins)
 
     data = evaluate("defaults")
-    expected = {"toys": {"scheduler": "ddim", "guidance": 7.5}, "flux-run": {"scheduler": "flow-euler", "guidance": 3.5}}
+    expected = {"toys": {"scheduler": "ddim", "guidance": 7.5, "steps": 50}, "flux-run": {"scheduler": "flow-euler", "guidance": 3.5, "steps": 50}}
     assert calls == expected and {name: r["sampling"] for name, r in data["runs"].items()} == expected
     assert data["settings"]["guidance"] is None and data["settings"]["scheduler"] is None
     calls.clear()
-    evaluate("given", guidance=5.0)
-    assert calls == {"toys": {"scheduler": "ddim", "guidance": 5.0}, "flux-run": {"scheduler": "flow-euler", "guidance": 5.0}}
+    evaluate("given", guidance=5.0, steps=3)
+    assert calls == {"toys": {"scheduler": "ddim", "guidance": 5.0, "steps": 3}, "flux-run": {"scheduler": "flow-euler", "guidance": 5.0, "steps": 3}}
     calls.clear()
     with pytest.raises(BasError, match="flux-run: --scheduler ddim does not sample flux models; use flow-euler"):
         evaluate("refused", scheduler="ddim")

@@ -269,3 +269,36 @@ def test_full_fine_tune_pipeline_loads_in_transformers_4_layout(full_run, tmp_pa
     config = json.loads((full_run / "pipeline" / "tokenizer" / "tokenizer_config.json").read_text())
     assert {v["content"] for v in config["added_tokens_decoder"].values()} >= set(handles)
     assert_tokenizer_files_agree(full_run / "pipeline" / "tokenizer", tmp_path, ["a photo of <asset0> and <asset1>", "<asset2>"])
+
+
+def test_paths_with_quotes_and_spaces_stay_one_word_in_hints_and_one_string_in_the_model_card(tiny_model, scene, tmp_path, capsys):
+    """The `Try:` line pastes into a shell as the same arguments, and the card's Python names the
+    same folders, whatever quotes, spaces or backslashes their names hold."""
+    import ast
+    import shlex
+
+    from conftest import run_main
+
+    model = tmp_path / 'base "model" \\ x'
+    shutil.copytree(tiny_model, model)
+    out = tmp_path / "it's my run"
+    code, stdout, err = run_main(quick_run_args(scene, model, out), capsys)
+    assert code == 0, err
+    hint = stdout.split("Try: ", 1)[1].splitlines()[0]
+    assert shlex.split(hint) == ["bas", "generate", str(out), "a photo of <asset0> at the beach"]
+    python = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    strings = [node.value for node in ast.walk(ast.parse(python)) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    assert str(model) in strings and f"{out}/lora" in strings and f"{out}/embeddings/asset0.safetensors" in strings
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flux"])
+def test_every_familys_textual_inversion_code_keeps_a_path_one_string(family):
+    import ast
+
+    from bas.core.family import get_family
+    from bas.core.plugins import Plugins
+
+    path = 'runs/a "b" \\ c\'s/embeddings/asset0.safetensors'
+    code = "\n".join(get_family(Plugins(), family).textual_inversion_code([("<asset0>", path)]))
+    strings = [node.value for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    assert path in strings and (family == "sd" or "<asset0>" in strings)  # SD's files are keyed by their token

@@ -10,6 +10,7 @@ import torch
 
 import bas
 from bas.core.api import make_config
+from bas.core.errors import BasError
 from bas.core.family import choose_family, model_families
 from bas.core.plugins import Plugins
 from bas.core.training import Run
@@ -45,8 +46,10 @@ def test_built_in_families_are_plugins_and_detected_from_model_index(tiny_model,
     assert choose_family(pm, str(tiny_sdxl_model), None).name == "sdxl"
     assert choose_family(pm, None, None).default_model == "stabilityai/stable-diffusion-2-1-base"
     assert choose_family(pm, None, "sdxl").default_model == "stabilityai/stable-diffusion-xl-base-1.0"
-    assert choose_family(pm, str(tiny_model), "sdxl").name == "sdxl"  # --family overrides detection
     mine = fake_pipeline(tmp_path, "MyPipeline")
+    assert choose_family(pm, str(mine), "sdxl").name == "sdxl"  # --family loads a pipeline no family knows as its own
+    with pytest.raises(BasError, match="--family sdxl does not match .*names a StableDiffusionPipeline, which the sd family loads"):
+        choose_family(pm, str(tiny_model), "sdxl")  # but not one another family knows
     with_plugin = Plugins(extra=[("mine", MyFamilyPlugin())])
     assert choose_family(with_plugin, str(mine), None).name == "mine"
     assert not Plugins(["no:sdxl", "no:flux"]).registry("model family").entries.keys() - {"sd"}

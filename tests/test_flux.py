@@ -111,6 +111,39 @@ def test_prior_preservation_reuses_t5_states_of_the_class_prompt(tiny_flux_model
     assert all(step["prior"] > 0 for step in run.info["history"]["phase2"])
 
 
+def test_phase2_t5_states_are_the_inference_states_t5_stays_in_eval_mode(tiny_flux_model, scene, tmp_path):
+    """T5 trains only its handle rows, so phase 2 runs it as inference does (eval mode, no dropout):
+    its states, and those FLUX caches for a prompt without handles (the class prompt), are the
+    inference states; CLIP, which trains LoRA, is in train mode."""
+    prompt = "a photo at the beach"
+
+    class T5States:
+        def on_phase_start(self, run, phase):
+            if phase == 2:
+                t5 = run.components.text_encoders[1]
+                self.training = [e.model.training for e in run.components.text_encoders]
+                with torch.no_grad():
+                    ids = run.tokenize([prompt])[1]
+                    self.direct = t5.model(ids)[0].clone()
+                    self.cached = run.family.t5_states(t5, ids).clone()
+
+        @bas.hookimpl
+        def bas_register_observers(self, register):
+            register("t5-states", lambda config: self)
+
+    seen = T5States()
+    pm = Plugins([], extra=[("t5-states", seen)])
+    values = {"scene": scene, "model": str(tiny_flux_model), "out": tmp_path / "run", "quiet": True, "phase1_steps": 1, "phase2_steps": 1}
+    with pytest.warns(UserWarning, match="FLUX runs unquantised"):
+        run = extract(make_config(pm, values, []), pm)
+    t5 = run.components.text_encoders[1]
+    assert t5.model.config.dropout_rate > 0  # what train mode would apply
+    assert seen.training == [True, False]
+    with torch.no_grad():
+        inference = t5.model.eval()(run.tokenize([prompt])[1])[0]
+    assert torch.equal(seen.direct, inference) and torch.equal(seen.cached, inference)
+
+
 def test_phase1_changes_only_the_handle_rows_of_clip_and_t5(flux_run):
     run, snaps = flux_run
     handles = handle_names(run)
@@ -168,7 +201,8 @@ def test_conditioning_is_t5_states_and_clip_pooled_at_the_end_of_text(flux_run):
 
 def test_joint_attention_maps_are_the_softmax_probabilities_of_the_handle_tokens(flux_run):
     """The capture processor's maps equal the image queries' explicit softmax over the whole joint
-    sequence (text first) at the handle keys, and installing it leaves the transformer's output as it was."""
+    sequence (text first) at the text keys, renormalised over the text keys per head, and installing
+    it leaves the transformer's output as it was."""
     from bas.core.attention import AttentionStore
     from bas.plugins.attention_loss import loss_layers
 
@@ -226,15 +260,23 @@ def test_joint_attention_maps_are_the_softmax_probabilities_of_the_handle_tokens
     assert len(maps) == 2 and maps[0].shape == (1, 64, text) and maps[0].dtype == torch.float32
     for name, captured in zip(sorted(chosen), maps):
         full = explicit[name][:, :, text:]  # image queries over every key
-        torch.testing.assert_close(captured, full[..., :text].mean(1), rtol=1e-5, atol=1e-6)
+        on_text = full[..., :text]
+        torch.testing.assert_close(captured, (on_text / on_text.sum(-1, keepdim=True)).mean(1), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(full.sum(-1), torch.ones_like(full.sum(-1)))
+        torch.testing.assert_close(captured.sum(-1), torch.ones_like(captured.sum(-1)))  # a distribution over the text per position
+        assert on_text.sum(-1).std() > 0.01  # the text's share of each query's attention varies: unnormalised, it would scale the map
         handle = captured[0][:, positions]
         assert (handle > 0).all() and (handle < 1).all()
     # the function the processor calls, on its own: probabilities of a random joint sequence
     q, k = torch.randn(2, 7, 3, 4), torch.randn(2, 7, 3, 4)
     p = image_text_probabilities(q, k, 3)
-    ref = ((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) / 2).softmax(-1)[:, :, 3:, :3].mean(1)
-    torch.testing.assert_close(p, ref)
+    joint = ((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) / 2).softmax(-1)[:, :, 3:, :3]
+    torch.testing.assert_close(p, (joint / joint.sum(-1, keepdim=True)).mean(1))
+    # an image key that draws a query's attention away from the text leaves its map as it was
+    far = k.clone()
+    far[:, 5] = q[:, 4] * 50
+    assert image_text_probabilities(q, far, 3)[:, 1:].sum(-1).allclose(torch.ones(2, 3))
+    torch.testing.assert_close(image_text_probabilities(q, far, 3), p)
 
 
 def test_the_flow_matching_objective_and_its_shifted_timesteps(flux_run):
@@ -559,6 +601,26 @@ def test_flux_schnell_trains_without_guidance_and_generates_in_few_steps(tiny_sc
     result = invoke("generate", run.out, prompt, "--steps", 4, "--num-images", 1, "--guidance", 0, "--out-dir", tmp_path / "g0")
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g0" / "a-photo-of-asset0-at-the-beach-seed0.png")), image)  # ignored
+    # without --steps: schnell's 4, as its model card says (not the paper's 50), the same image
+    seen.clear()
+    result = invoke("generate", run.out, prompt, "--num-images", 1, "--out-dir", tmp_path / "default")
+    assert result.exit_code == 0, result.output
+    assert len(seen) == 4
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "default" / "a-photo-of-asset0-at-the-beach-seed0.png")), image)
+
+
+def test_sampling_defaults_are_the_variants_schnell_4_steps_and_guidance_0_dev_50_and_3_5(tiny_flux_model, tiny_schnell_model):
+    """Told from the base model's transformer config (guidance_embeds) without loading it, or, for a
+    hub id that is not cached, from its name; what the user gives wins."""
+    from bas.core.generation import run_sampling_defaults
+    from bas.plugins.flux import Flux
+
+    flux = Flux()
+    assert run_sampling_defaults(flux, {"model": str(tiny_schnell_model)}, None, None, None) == ("flow-euler", 0.0, 4)
+    assert run_sampling_defaults(flux, {"model": str(tiny_flux_model)}, None, None, None) == ("flow-euler", 3.5, 50)
+    assert run_sampling_defaults(flux, {"model": "black-forest-labs/FLUX.1-schnell"}, None, None, None) == ("flow-euler", 0.0, 4)
+    assert run_sampling_defaults(flux, {"model": "black-forest-labs/FLUX.1-dev"}, None, None, None) == ("flow-euler", 3.5, 50)
+    assert run_sampling_defaults(flux, {"model": str(tiny_schnell_model)}, None, 2.0, 8) == ("flow-euler", 2.0, 8)
 
 
 def test_dev_samples_with_its_guidance_embedding(flux_run, tmp_path, invoke, monkeypatch):

@@ -157,6 +157,16 @@ def test_edit_refuses_an_empty_mask(rich_run, scene, invoke, tmp_path):
     assert result.exit_code == 1 and "marks nothing to edit" in result.output
 
 
+def test_edit_says_when_it_stretches_a_mask_of_another_aspect_as_run_does(rich_run, scene, tmp_path):
+    from bas.cli import main
+
+    wide = square_mask(tmp_path / "wide.png", size=(256, 128), box=(60, 30, 180, 90))
+    with pytest.warns(UserWarning, match=re.escape(f"{wide} is 256x128 but the image is 128x128; the mask is stretched to the image's size.")):
+        main([str(a) for a in ["edit", rich_run, "a photo of <asset1>", "--image", scene / "img.png", "--mask", wide, "--steps", 1,
+                               "--out-dir", tmp_path / "e"]])
+    assert (tmp_path / "e" / "edit-a-photo-of-asset1-seed0.png").is_file()
+
+
 @pytest.mark.parametrize("call", ["generate", "edit"])
 @pytest.mark.parametrize("seeds, message", [
     ({"seed": -1}, "--seed must be 0 or more, not -1"),
@@ -248,6 +258,7 @@ def test_edit_blend_start_is_where_sampling_starts(rich_run, scene, tmp_path, mo
     (["--prompts-file", "missing.txt"], "Prompts file missing.txt does not exist"),
     (["--prompts-file", "comments.txt"], "Prompts file comments.txt holds no prompt; write one prompt per line."),
     (["--blend-start", "nan"], "--blend-start must be at least 0 and below 1 (the script's 0.25), not nan."),
+    (["--image", "dot.png"], "dot.png is 1x1 pixels, too small to hold a concept: an image needs at least 8 pixels a side"),
 ])
 def test_edit_sampling_option_errors_are_one_line_and_write_nothing(args, message, rich_run, scene, tmp_path, capsys, monkeypatch):
     from bas.cli import main
@@ -255,6 +266,7 @@ def test_edit_sampling_option_errors_are_one_line_and_write_nothing(args, messag
     monkeypatch.chdir(tmp_path)
     (tmp_path / "comments.txt").write_text("# nothing but a comment\n\n")
     square_mask(tmp_path / "mask.png")
+    Image.new("RGB", (1, 1), "red").save(tmp_path / "dot.png")
     prompt = [] if "--prompts-file" in args else ["a photo of <asset1>"]
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in ["edit", rich_run, *prompt, "--image", scene / "img.png", "--mask", "mask.png", "--steps", 2,

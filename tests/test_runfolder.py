@@ -115,6 +115,10 @@ def write_truncated(d):
     (d / "scene" / "img.png").write_bytes(data[: len(data) // 2])
 
 
+def write_one_pixel_image(d):
+    Image.new("RGB", (1, 1), "red").save(d / "scene" / "img.png")
+
+
 def write_not_a_run(d):
     (d / "runs" / "mine").mkdir()
     (d / "runs" / "mine" / "thesis.tex").write_text("years of work")
@@ -161,11 +165,14 @@ MATRIX = [  # (case, prepare, extra arguments, out, message)
     ("two input images", write_two_images, [], "runs/new", "has 2 input images (img.jpg, img.png); keep one img.* file"),
     ("decompression bomb", write_bomb, [], "runs/new", "pixels, PIL's limit against decompression bombs"),
     ("truncated image", write_truncated, [], "runs/new", "is not a readable image"),
+    ("a 1x1 image", write_one_pixel_image, [], "runs/new", "The image is 1x1 pixels, too small to hold a concept"),
     ("a live run holds the lock", write_live_lock, ["--overwrite"], "runs/new", "is in use by another bas process (pid"),
     ("a lock from another host", write_foreign_lock, [], "runs/new", "pid 1 on another-host"),
     ("out below a file", write_file_out, [], "runs/afile/new", "is not a folder"),
     ("out is bas's own staging name", None, [], "runs/.old.bas-partial", "is a name bas uses for its own work"),
     ("a model that cannot load, into new folders", None, ["--model", "no-such/model"], "deep/er/new", "Could not load model 'no-such/model'"),
+    ("a family that does not match the model", None, ["--family", "flux"], "deep/er/new",
+     "its model_index.json names a StableDiffusionPipeline, which the sd family loads; pass --family sd or leave --family out"),
 ]
 
 
@@ -179,6 +186,62 @@ def test_refused_runs_change_no_file(case, prepare, extra, out, message, work, t
     code, err = run_main(run_args(*extra, out=out, model=tiny_model))
     assert code == 1 and message in error_line(err)
     assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("model, family, owner", [("tiny_flux_model", "sd", "flux"), ("tiny_model", "sdxl", "sd"), ("tiny_sdxl_model", "sd", "sdxl")])
+def test_a_wrong_family_is_named_from_model_index_before_any_weight_loads(model, family, owner, work, request, monkeypatch):
+    import diffusers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a weight file was opened")
+
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", no_weights)
+    before = snapshot(work)
+    code, err = run_main(run_args("--family", family, model=request.getfixturevalue(model)))
+    assert code == 1 and f"--family {family} does not match" in error_line(err) and f"pass --family {owner} or leave --family out" in err
+    assert snapshot(work) == before
+
+
+def test_a_wrong_family_for_a_hub_id_is_named_from_the_cached_model_index(work, monkeypatch):
+    """A hub id whose model_index.json the hub client has cached: the mismatch is named from that
+    file alone (offline), not blamed on the connection."""
+    import huggingface_hub
+
+    snapshot_dir = work / "hub" / "models--acme--fluxy" / "snapshots" / "abc123"
+    snapshot_dir.mkdir(parents=True)
+    (snapshot_dir / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (work / "hub" / "models--acme--fluxy" / "refs").mkdir()
+    (work / "hub" / "models--acme--fluxy" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(work / "hub"))
+    before = snapshot(work)
+    code, err = run_main(run_args("--family", "sd", model="acme/fluxy"))
+    assert code == 1 and "--family sd does not match acme/fluxy: its model_index.json names a FluxPipeline" in error_line(err)
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_sdxl_model", "tiny_flux_model"])
+def test_a_handle_as_init_word_is_refused_in_every_family(model, work, request):
+    before = snapshot(work)
+    code, err = run_main(run_args("--init-token", "<asset0>", "--init-token", "ball", model=request.getfixturevalue(model)))
+    assert code == 1 and "--init-token '<asset0>' is a handle, the new word bas trains" in error_line(err)
+    assert snapshot(work) == before
+
+
+def test_init_words_are_looked_up_before_any_handle_is_added(tiny_flux_model):
+    """add_handles itself (the API below the config's check) refuses a handle as init word, and a
+    plain word's row is the one the unchanged vocabulary gives it, in each text encoder."""
+    from bas.core.handles import add_handles
+    from bas.plugins.flux import Flux
+
+    encoders = Flux().load(str(tiny_flux_model)).text_encoders
+    sizes = [len(e.tokenizer) for e in encoders]
+    with pytest.raises(BasError, match="is a handle"):
+        add_handles(encoders, 2, ["ball", "x <asset1>"])
+    assert [len(e.tokenizer) for e in encoders] == sizes
+    rows = [e.model.get_input_embeddings().weight[e.tokenizer.encode("ball", add_special_tokens=False)[0]].clone() for e in encoders]
+    _, _, embeddings = add_handles(encoders, 1, ["ball"])
+    for row, embedding in zip(rows, embeddings):
+        assert torch.equal(embedding.handles[0], row.float())
 
 
 # -- failures late in a run: the old run stays whole and usable ------------------------------------

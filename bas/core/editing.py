@@ -28,14 +28,14 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from bas.core import checks, io
+from bas.core import io
 from bas.core.errors import BasError
 from bas.core.family import ImageSize
-from bas.core.generation import (check_prompts_fit, check_size, lora_kwargs, make_scheduler, read_run, run_family, sampling_defaults,
+from bas.core.generation import (check_prompts_fit, check_size, lora_kwargs, make_scheduler, read_run, run_family, run_sampling_defaults,
                                  sampling_seeds, slug)
 from bas.core.handles import check_prompt_handles
 from bas.core.sampling import decode, denoise, to_pil
-from bas.core.scene import load_image, load_mask
+from bas.core.scene import check_image_size, load_image, load_mask, mask_at_image_size
 
 DEFAULT_BLEND_START = 0.25  # the script's --blending_start_percentage
 
@@ -55,8 +55,9 @@ def fit(img: Image.Image, width: int, height: int, resample) -> Image.Image:
 def load_edit_inputs(image_path: Path, mask_path: Path, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The image (1, 3, H, W) in [-1, 1] and the mask (1, 1, H, W) in [0, 1], cropped to the output's aspect."""
     image = load_image(image_path)
+    check_image_size(image, str(image_path))
     mask = load_mask(mask_path)
-    pil = Image.fromarray((np.clip(mask, 0, 1) * 255).round().astype(np.uint8), mode="L").resize(image.size, Image.BILINEAR)
+    pil = mask_at_image_size(str(mask_path), mask, image.size)  # as `bas run` takes a mask of another size
     image_t = torch.from_numpy(np.asarray(fit(image, width, height, Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0)
     mask_t = torch.from_numpy(np.asarray(fit(pil, width, height, Image.BILINEAR), dtype=np.float32) / 255.0)
     if not (mask_t > 0.5).any():
@@ -87,7 +88,7 @@ def edit_images(
     num_images: int = 1,
     seed: int = 0,
     seeds: list[int] | None = None,
-    steps: int = 50,
+    steps: int | None = None,
     guidance: float | None = None,
     negative_prompt: str | None = None,
     scheduler: str | None = None,
@@ -111,13 +112,12 @@ def edit_images(
         raise BasError("No prompt was given; pass a prompt such as \"a photo of <asset0>\" or --prompts-file.")
     for prompt in prompts:
         check_prompt_handles(prompt, info["handles"])
-    checks.check_integer("steps", steps, 1)
     seeds = sampling_seeds(seed, seeds, num_images)  # as generate checks them, for the API as for the command line
     if not 0.0 <= blend_start < 1.0:
         raise BasError(f"--blend-start must be at least 0 and below 1 (the script's 0.25), not {blend_start}.")
     check_size(width, height)
     family = run_family(info)
-    scheduler, guidance = sampling_defaults(family, scheduler, guidance)
+    scheduler, guidance, steps = run_sampling_defaults(family, info, scheduler, guidance, steps)
     family.check_sampling(negative_prompt)
     res = info["resolution"]
     width, height = width or res, height or res

@@ -32,6 +32,7 @@ from bas.core.errors import BasError, PluginError
 from bas.core.handles import HANDLE_PATTERN
 from bas.core.plugins import Plugins
 from bas.core.run_inputs import load_inputs
+from bas.core.runfolder import settle
 
 PLACEHOLDER = "{}"
 # Ten prompt contexts in the paper's style.  The paper evaluates with "10 prompt templates" and shows
@@ -175,7 +176,7 @@ class EvalConfig:
     seed: int = 0
     images: Path | None = None
     class_words: list[str] = field(default_factory=list)
-    steps: int = 50
+    steps: int | None = None  # None: each run's base model's (50, the paper's; FLUX.1-schnell's 4)
     guidance: float | None = None  # None: each run's family's (7.5 for SD and SDXL, FLUX.1-dev's distilled 3.5)
     scheduler: str | None = None  # None: each run's family's (DDIM, the paper's, for SD and SDXL; flow-euler for FLUX)
     device: str = "auto"
@@ -187,7 +188,7 @@ class EvalConfig:
 
     def check(self) -> None:
         checks.check_integer("num_images", self.num_images, 1, checks.MAX_IMAGES)
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise BasError(f"--steps must be at least 1, not {self.steps}.")
         if self.guidance is not None:
             checks.check_finite("guidance", self.guidance)
@@ -217,6 +218,7 @@ def collect_runs(paths: Sequence[Path], out: Path | None = None) -> tuple[list[P
     out_resolved = Path(out).resolve() if out else None
     for raw in paths:
         path = Path(raw)
+        settle(path)  # a swap a crash interrupted is finished or undone, as generate and export do
         if not path.exists():
             if complete_checkpoints(path):  # a first run stopped: it lives in its staging folder beside path
                 raise BasError(f"{path} holds an interrupted run, not a finished one; finish it with `bas run ... --resume` or leave it out.")
@@ -227,7 +229,7 @@ def collect_runs(paths: Sequence[Path], out: Path | None = None) -> tuple[list[P
         seen.add(resolved)
         if not path.is_dir():
             notes.append(f"skipped {path}: a file, not a run folder")
-        elif resolved == out_resolved or is_eval_output(path):
+        elif is_eval_output(path) or (resolved == out_resolved and not (path / "run.json").is_file()):  # a run as --out: check_out says so
             notes.append(f"skipped {path}: a bas eval output, not a run")
         elif not (path / "run.json").is_file():
             raise BasError(f"{path} is not a finished bas run (it has no run.json); finish it with `bas run ... --resume` or leave it out.")
@@ -392,6 +394,14 @@ def staging_dir(out: Path) -> Path:
 
 def check_out(config: EvalConfig) -> None:
     out = Path(config.out)
+    target = out.resolve()
+    for run in config.runs:
+        resolved = Path(run).resolve()
+        if target == resolved:
+            raise BasError(f"--out {out} is the run folder {run} itself, which bas eval must not write into; "
+                           "put the evaluation beside the runs, such as --out eval.")
+        if resolved in target.parents:
+            raise BasError(f"--out {out} is inside the run folder {run}; put the evaluation beside the runs, such as --out eval.")
     if out.exists() and not out.is_dir():
         raise BasError(f"--out {out} is a file; pass a folder for eval.json, eval.csv, index.html and the images.")
     if out.is_dir() and any(out.iterdir()):
@@ -399,18 +409,13 @@ def check_out(config: EvalConfig) -> None:
             raise BasError(f"--out {out} is a folder that holds other files, not an earlier bas eval; choose a new or empty folder.")
         if not config.overwrite:
             raise BasError(f"--out {out} holds an earlier bas eval; pass --overwrite to replace it, or choose another folder.")
-    target = out.resolve()
-    for run in config.runs:
-        resolved = Path(run).resolve()
-        if target == resolved or resolved in target.parents:
-            raise BasError(f"--out {out} is inside the run folder {run}; put the evaluation beside the runs, such as --out eval.")
     if config.images is not None and (Path(config.images).resolve() == target or target in Path(config.images).resolve().parents):
         raise BasError(f"--images {config.images} is inside --out {out}, which bas eval replaces; pass another --out.")
 
 
 def generation_settings(config: EvalConfig, runs: Sequence[EvalRun]) -> dict:
     """What must match for an interrupted evaluation's images to be reused."""
-    return {"steps": config.steps, "device": config.device, "precision": config.precision,
+    return {"device": config.device, "precision": config.precision,
             "runs": {r.name: {"path": str(r.path.resolve()), "run.json": (r.path / "run.json").stat().st_mtime_ns, "sampling": r.sampling}
                      for r in runs}}
 
@@ -418,15 +423,15 @@ def generation_settings(config: EvalConfig, runs: Sequence[EvalRun]) -> dict:
 def choose_sampling(config: EvalConfig, runs: Sequence[EvalRun]) -> None:
     """Each run's sampler and guidance: ``--scheduler``/``--guidance`` where given, else its family's
     defaults (as ``bas generate`` picks them), checked against its family before anything generates."""
-    from bas.core.generation import sampling_defaults
+    from bas.core.generation import run_sampling_defaults
     from bas.core.runs import run_family
 
     for run in runs:
         try:
-            scheduler, guidance = sampling_defaults(run_family(run.info), config.scheduler, config.guidance)
+            scheduler, guidance, steps = run_sampling_defaults(run_family(run.info), run.info, config.scheduler, config.guidance, config.steps)
         except BasError as exc:
             raise BasError(f"{run.path}: {exc}") from None
-        run.sampling = {"scheduler": scheduler, "guidance": guidance}
+        run.sampling = {"scheduler": scheduler, "guidance": guidance, "steps": steps}
 
 
 def prepare_staging(config: EvalConfig, runs: Sequence[EvalRun]) -> Path:
@@ -459,7 +464,7 @@ def generate_samples(run: EvalRun, specs: Sequence[PromptSpec], config: EvalConf
     reused = sum(len(seeds) for spec in specs if spec not in todo)
     progress.update(reused)
     if todo:
-        generate(run.path, [s.prompt for s in todo], seeds=seeds, steps=config.steps, grid=False, **run.sampling,
+        generate(run.path, [s.prompt for s in todo], seeds=seeds, grid=False, **run.sampling,
                  out_dir=folder, device=config.device, precision=config.precision, on_image=lambda p: progress.update(1))
     return [Sample(run.name, spec.prompt, spec.concepts, s, spec.template, path(spec, s)) for spec in specs for s in seeds], reused
 

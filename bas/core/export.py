@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 import bas
 from bas.core import io
 from bas.core.errors import BasError
-from bas.core.family import ModelFamily
+from bas.core.family import ModelFamily, python_str
 from bas.core.formats import LoraLayer, kohya_targets, read_diffusers_lora, write_diffusers_lora, write_kohya_lora
 from bas.core.generation import all_handles_prompt, read_run, slug
 from bas.core.handles import check_handle_names, split_handles
@@ -203,12 +203,12 @@ def diffusers_usage(info: dict, root: str, lora: bool, pipeline: bool, family: M
     files = [(t, f"{root}{EMBEDDINGS_DIR}/{handle_file_stem(t)}.safetensors") for t in info["handles"]]
     model = f"{root}pipeline" if pipeline else info["model"]
     cls = family.pipeline_class
-    code = [f"from diffusers import {cls}", f'pipe = {cls}.from_pretrained("{model}").to("cuda")']
+    code = [f"from diffusers import {cls}", f'pipe = {cls}.from_pretrained({python_str(model)}).to("cuda")']
     if lora:
-        code.append(f'pipe.load_lora_weights("{root}lora")')
+        code.append(f"pipe.load_lora_weights({python_str(root + 'lora')})")
     if not pipeline:  # a full fine-tune's pipeline already knows its handles
         code += family.textual_inversion_code(files)
-    code.append(f'pipe("{example_prompts(info)[0]}").images[0].save("sample.png")')
+    code.append(f'pipe({python_str(example_prompts(info)[0])}).images[0].save("sample.png")')
     return "## Use with diffusers\n\n```python\n" + "\n".join(code) + "\n```"
 
 

@@ -180,6 +180,7 @@ class ModelFamily:
     schedulers: tuple[str, ...] | None = None  # `bas generate --scheduler` names the family samples with (None: every DDPM-type one)
     default_scheduler: str = "ddim"
     default_guidance: float = 7.5
+    default_steps: int = 50  # sampling steps of `bas generate`, `bas edit` and `bas eval` (the paper's 50)
 
     # -- recognising and loading ----------------------------------------------------------------
     def recognises(self, model_index: dict) -> bool:
@@ -265,6 +266,12 @@ class ModelFamily:
         from diffusers import DDIMScheduler
 
         return DDIMScheduler.from_config(noise_scheduler.config)
+
+    def variant_sampling(self, model: str) -> dict[str, float]:
+        """Sampling defaults (``steps``, ``guidance``) where the model at ``model`` (a run's base: a folder
+        or hub id) is a variant that samples otherwise than the family's defaults say (a timestep-distilled
+        model in few steps); read from its files without loading weights.  None by default."""
+        return {}
 
     def check_sampling(self, negative_prompt: str | None) -> None:
         """Refuse, before a model loads, sampling options the family's pipeline does not use."""
@@ -362,7 +369,7 @@ class ModelFamily:
 
     def textual_inversion_code(self, files: list[tuple[str, str]]) -> list[str]:
         """Python lines that load textual-inversion files ``[(token, path), ...]`` into ``pipe``."""
-        paths = ", ".join(f'"{path}"' for _, path in files)
+        paths = ", ".join(python_str(path) for _, path in files)
         return [f"pipe.load_textual_inversion([{paths}])"]
 
     def tiny_pipeline(self, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 16) -> Any:
@@ -466,6 +473,12 @@ class UNetFamily(ModelFamily):
         return pipe.to(device)
 
 
+def python_str(value) -> str:
+    """``value`` as a Python string literal for the code a model card shows (a path with a quote or a
+    backslash stays one string): JSON's double-quoted form, which Python reads the same."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
 # -- finding a model's family --------------------------------------------------------------------
 def check_model_path(model: str) -> None:
     path = Path(model)
@@ -503,6 +516,43 @@ def read_model_index(model: str) -> dict:
         raise BasError(f"{path} is not valid JSON ({exc}); pass an unmodified diffusers pipeline with --model.") from exc
     except Exception as exc:  # the hub client raises many kinds: offline, not found, gated, bad id
         raise load_error(model, exc) from exc
+
+
+def known_model_file(model: str, name: str) -> dict | None:
+    """A pipeline's JSON file ``name`` (``model_index.json``, ``transformer/config.json``) where it is
+    at hand without a download: in the folder, or for a hub id the copy the hub client cached;
+    ``None`` where there is none (or it cannot be read: the loader then says why)."""
+    path = Path(model) / name
+    if not path.is_file():
+        if Path(model).exists():
+            return None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, name)
+        except Exception:  # not a valid hub id: the loader names it
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_family_matches(plugins: "Plugins", family: ModelFamily, model: str) -> None:
+    """Refuse, before any weight loads, a ``--family`` whose pipelines ``model`` is not, where its
+    ``model_index.json`` names a pipeline another family loads.  A pipeline no family recognises
+    may still be loaded as the family named (that is what ``--family`` is for)."""
+    index = known_model_file(model, "model_index.json")
+    if index is None or family.recognises(index):
+        return
+    owners = sorted(f.name for f in model_families(plugins).values() if f.recognises(index))
+    if owners:
+        raise BasError(f"--family {family.name} does not match {model}: its model_index.json names a {index.get('_class_name')}, "
+                       f"which the {owners[0]} family loads; pass --family {owners[0]} or leave --family out.")
 
 
 def model_families(plugins: "Plugins") -> dict[str, ModelFamily]:
@@ -544,7 +594,10 @@ def detect_family(plugins: "Plugins", model: str) -> ModelFamily:
 def choose_family(plugins: "Plugins", model: str | None, requested: str | None) -> ModelFamily:
     """``--family`` if given, else the family of ``--model``, else the default family."""
     if requested:
-        return get_family(plugins, requested)
+        family = get_family(plugins, requested)
+        if model:
+            check_family_matches(plugins, family, model)
+        return family
     if model:
         return detect_family(plugins, model)
     return default_family(plugins)

@@ -111,6 +111,16 @@ def sampling_defaults(family, scheduler: str | None, guidance: float | None) -> 
     return scheduler, family.default_guidance if guidance is None else guidance
 
 
+def run_sampling_defaults(family, info: dict, scheduler: str | None, guidance: float | None, steps: int | None) -> tuple[str, float, int]:
+    """``--scheduler``, ``--guidance`` and ``--steps`` for sampling a run: where not given, those of its
+    base model's variant (FLUX.1-schnell: 4 steps, guidance 0), else its family's; steps checked."""
+    variant = family.variant_sampling(str(info.get("model", "")))
+    scheduler, guidance = sampling_defaults(family, scheduler, variant.get("guidance") if guidance is None else guidance)
+    steps = int(variant.get("steps", family.default_steps)) if steps is None else steps
+    checks.check_integer("steps", steps, 1)
+    return scheduler, guidance, steps
+
+
 def make_scheduler(name: str, config):
     check_scheduler(name)
     import diffusers
@@ -203,7 +213,7 @@ def generate_images(
     num_images: int = 4,
     seed: int = 0,
     seeds: list[int] | None = None,
-    steps: int = 50,
+    steps: int | None = None,
     guidance: float | None = None,
     negative_prompt: str | None = None,
     scheduler: str | None = None,
@@ -230,11 +240,10 @@ def generate_images(
         raise BasError("No prompt was given; pass a prompt such as \"a photo of <asset0>\" or --prompts-file.")
     for prompt in prompts:
         check_prompt_handles(prompt, info["handles"])
-    checks.check_integer("steps", steps, 1)
     seeds = sampling_seeds(seed, seeds, num_images)
     check_size(width, height)
     family = run_family(info)
-    scheduler, guidance = sampling_defaults(family, scheduler, guidance)  # before the model loads
+    scheduler, guidance, steps = run_sampling_defaults(family, info, scheduler, guidance, steps)  # before the model loads
     family.check_sampling(negative_prompt)
     out_dir = io.check_output_folder(Path(out_dir) if out_dir else out / "samples", "--out-dir")  # before sampling
 

@@ -92,24 +92,40 @@ def add_handles(encoders, n: int, init_words: list[str] | None = None) -> tuple[
             )
         if any(t in tokenizer.get_vocab() for t in tokens):
             raise BasError(f"The model's {encoder.tokenizer_name} already has <asset...> tokens; start from the base model, not a bas output.")
-        for word in words:
-            sub = tokenizer.encode(word, add_special_tokens=False)
-            if not sub or sub[0] >= base.num_embeddings:
-                raise BasError(f"--init-token '{word}' is not in the model's vocabulary; pick a plain English word such as 'dog'.")
+    check_init_words(words)
+    # each word's row is looked up in the vocabulary as it was before any handle was added
+    init_ids = [[first_subtoken_id(encoder, word) for word in words] for encoder in encoders]
     all_ids, embeddings = [], []
-    for encoder in encoders:
+    for encoder, word_ids in zip(encoders, init_ids):
         tokenizer, base = encoder.tokenizer, encoder.model.get_input_embeddings()
         first = len(tokenizer)
         tokenizer.add_tokens(tokens)
         ids = tokenizer.convert_tokens_to_ids(tokens)
         if ids != list(range(first, first + n)):
             raise BasError(f"The {encoder.tokenizer_name} did not give the handles consecutive new ids; use the model's own tokenizer.")
-        init = [base.weight.data[tokenizer.encode(word, add_special_tokens=False)[0]].float() for word in words]
+        init = [base.weight.data[i].float() for i in word_ids]
         embedding = HandleEmbedding(base, torch.stack(init), first_id=first)
         encoder.model.set_input_embeddings(embedding)
         all_ids.append(ids)
         embeddings.append(embedding)
     return tokens, all_ids, embeddings
+
+
+def check_init_words(words) -> None:
+    """Refuse an init word that names a handle: a handle is the new token being trained, so it
+    cannot also be the known word its embedding starts from."""
+    for word in words:
+        if HANDLE_PATTERN.search(str(word)):
+            raise BasError(f"--init-token '{word}' is a handle, the new word bas trains, not a word it can start from; "
+                           "give a plain word the model knows, such as 'dog'.")
+
+
+def first_subtoken_id(encoder, word: str) -> int:
+    """The id of ``word``'s first sub-token, which must have a row in the encoder's embedding."""
+    sub = encoder.tokenizer.encode(word, add_special_tokens=False)
+    if not sub or sub[0] >= encoder.model.get_input_embeddings().num_embeddings:
+        raise BasError(f"--init-token '{word}' is not in the model's vocabulary; pick a plain English word such as 'dog'.")
+    return sub[0]
 
 
 # -- handles.safetensors -----------------------------------------------------------------------

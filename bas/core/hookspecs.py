@@ -153,8 +153,8 @@ def bas_register_model_families(register):
     - ``pipeline_class`` (the diffusers pipeline that generates and takes ``load_lora_weights``),
       ``load_pipeline``, ``pipeline_from_components``, ``pipeline_text_encoders``,
       ``prompt_conditioning`` (sampling and ``bas edit`` through the pipeline's own prompt
-      encoding), ``schedulers``/``default_scheduler``/``default_guidance`` (what ``bas generate``
-      samples with), ``check_sampling`` (sampling options the pipeline ignores), ``lora_targets``
+      encoding), ``schedulers``/``default_scheduler``/``default_guidance``/``default_steps`` (what
+      ``bas generate`` samples with) and ``variant_sampling`` (other defaults for a variant, FLUX.1-schnell's 4 steps), ``check_sampling`` (sampling options the pipeline ignores), ``lora_targets``
       (peft target names, or a regular expression, per pipeline component),
       ``lora_scale_argument``, and ``tiny_pipeline`` (``bas tiny-model --family NAME``).
     - files: ``textual_inversion`` (one handle's file for diffusers, from its rows in every

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from bas.core.errors import BasError
+from bas.core.errors import BasError, command_line
 
 
 def looks_like_path(name: str) -> bool:
@@ -16,9 +16,9 @@ def looks_like_path(name: str) -> bool:
 def not_found_message(name: str, *, what: str, option: str, default: str) -> str:
     if looks_like_path(name):
         return (f"{what} folder {name} does not exist; pass a folder written by save_pretrained with {option}, or get "
-                f"{default} with `hf download {default} --local-dir DIR` and pass {option} DIR.")
+                f"{default} with `{command_line('hf', 'download', default, '--local-dir', 'DIR')}` and pass {option} DIR.")
     return (f"{what} '{name}' is not in the Hugging Face cache and could not be downloaded (offline?); get it with "
-            f"`hf download {name} --local-dir DIR` on a machine with internet and pass {option} DIR.")
+            f"`{command_line('hf', 'download', name, '--local-dir', 'DIR')}` on a machine with internet and pass {option} DIR.")
 
 
 def from_pretrained(load: Callable[[str], Any], name: str, *, what: str, option: str, default: str) -> Any:

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import socket
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Iterable
 
 from bas.core import io
-from bas.core.errors import BasError
+from bas.core.errors import BasError, command_line
 
 STAGING_TAG = "bas-partial"
 LOCK_TAG = "bas-lock"
@@ -59,8 +58,8 @@ def fault_point(name: str) -> None:
 def this_command() -> str:
     """This process's command line as a user would type it (for the lock file)."""
     if Path(sys.argv[0]).name in ("bas", "cli.py", "__main__.py"):
-        return shlex.join(["bas", *sys.argv[1:]])
-    return shlex.join(sys.argv)
+        return command_line("bas", *sys.argv[1:])
+    return command_line(*sys.argv)
 
 
 def canonical(out) -> Path:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from bas.core import checks, io
 from bas.core.errors import BasError
-from bas.core.family import ModelFamily
+from bas.core.family import ModelFamily, get_family
 from bas.core.handles import HANDLE_KEY, check_handle_names
 from bas.core.model import family_of
 from bas.core.plugins import Plugins
@@ -134,4 +134,7 @@ def run_plugins(info: dict) -> Plugins:
 def run_family(info: dict, plugins=None) -> ModelFamily:
     """The run's model family: the one run.json names, or for runs made before families were
     recorded, the family of its base model."""
-    return family_of(info["model"], info.get("family"), plugins or run_plugins(info))
+    plugins = plugins or run_plugins(info)
+    if info.get("family"):  # what the run was trained as, whatever its model's files say now
+        return get_family(plugins, info["family"])
+    return family_of(info["model"], None, plugins)

@@ -23,6 +23,7 @@ from bas.core.family import ImageSize
 from bas.core.handles import DEFAULT_INIT_TOKEN
 
 MAX_CONCEPTS = 8  # the paper reports degradation beyond 4; beyond 8 a run is almost surely a mistake
+MIN_IMAGE_SIDE = 8  # below one latent cell (SD, SDXL and FLUX VAEs downsample 8x) an image holds no concept to learn
 BACKGROUND_NAME = "background (complement of all masks)"
 BACKGROUND_INIT_TOKEN = "background"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -150,6 +151,25 @@ def load_image(path: Path) -> Image.Image:
     return to_rgb(img, path)
 
 
+def check_image_size(image: Image.Image, name: str = "The image") -> None:
+    """Refuse an image too small to learn or edit a concept in, before any mask is resized to it
+    (and blamed for what it lost)."""
+    if min(image.size) < MIN_IMAGE_SIDE:
+        raise BasError(f"{name} is {image.size[0]}x{image.size[1]} pixels, too small to hold a concept: an image needs at least "
+                       f"{MIN_IMAGE_SIDE} pixels a side (one cell of the model's latent grid); pass the full-size picture.")
+
+
+def mask_at_image_size(name: str, mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """A float mask as an 8-bit image of the image's ``(width, height)``: resized (bilinear), with a
+    warning where its aspect differs, because then it is stretched, not only scaled."""
+    mh, mw = mask.shape
+    w, h = size
+    if abs(mw / mh - w / h) > 0.01:
+        warnings.warn(f"{name} is {mw}x{mh} but the image is {w}x{h}; the mask is stretched to the image's size.", stacklevel=3)
+    pil = Image.fromarray((np.clip(mask, 0.0, 1.0) * 255).round().astype(np.uint8), mode="L")
+    return pil if pil.size == (w, h) else pil.resize((w, h), Image.BILINEAR)
+
+
 def mask_from_pil(img: Image.Image) -> np.ndarray:
     """A float mask in [0, 1] from a PIL image of any mode.
 
@@ -232,6 +252,7 @@ def prepare_scene(scene: SceneInput, resolution: int, init_tokens: list[str] | N
     paper's background extraction).
     """
     check_concept_count(scene, init_tokens)
+    check_image_size(scene.image)
     names = scene.mask_names or [f"mask {i}" for i in range(len(scene.masks))]
     w, h = scene.image.size
     masks = []
@@ -239,13 +260,7 @@ def prepare_scene(scene: SceneInput, resolution: int, init_tokens: list[str] | N
         mask = np.clip(np.asarray(mask, dtype=np.float32), 0.0, 1.0)
         if mask.ndim != 2:
             raise BasError(f"{name} is not a single-channel mask; save it as a greyscale PNG.")
-        mh, mw = mask.shape
-        if abs(mw / mh - w / h) > 0.01:
-            warnings.warn(f"{name} is {mw}x{mh} but the image is {w}x{h}; the mask is stretched to the image's size.", stacklevel=2)
-        pil = Image.fromarray((mask * 255).round().astype(np.uint8), mode="L")
-        if pil.size != (w, h):
-            pil = pil.resize((w, h), Image.BILINEAR)
-        pil = _square(pil, resolution, Image.BILINEAR)
+        pil = _square(mask_at_image_size(name, mask, (w, h)), resolution, Image.BILINEAR)
         arr = np.asarray(pil, dtype=np.float32) / 255.0
         coverage = float((arr > 0.5).mean())
         if coverage == 0.0:

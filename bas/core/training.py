@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 import bas
@@ -25,7 +26,7 @@ from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
 from bas.core.errors import BasError
 from bas.core.failures import is_out_of_memory
 from bas.core.family import Components, Conditioning, ImageSize, LoadPlan, choose_family
-from bas.core.handles import HandleEmbedding, add_handles, handles_file_state
+from bas.core.handles import HandleEmbedding, add_handles, check_init_words, handles_file_state
 from bas.core.model import DTYPES, place, resolve_device, resolve_model, resolve_precision
 from bas.core.masks import load_scene_input
 from bas.core.plugins import Plugins
@@ -93,6 +94,7 @@ class RunConfig:
                 raise BasError("An --init-token is empty; give a plain word such as 'dog'.")
             if len(str(word).split()) != 1:  # a handle starts from one token's embedding
                 raise BasError(f"--init-token '{word}' is not one word; give a single word such as 'bear'.")
+        check_init_words(self.init_tokens)
         checks.check_all_finite(self.options)
 
     def to_json(self) -> dict:
@@ -509,7 +511,12 @@ class Run:
                 p.requires_grad_(True)
             for p in weights:  # trainable parameters train in fp32 whatever the base dtype
                 p.data = p.data.float()
+            # train mode only where the strategy trains an encoder's weights: one whose only trainable rows are
+            # the handles (FLUX's T5) stays in eval, or its dropout would perturb the conditioning the weights
+            # learn from and freeze one dropout sample into the states FLUX caches (inference runs it in eval)
             for encoder in encoders:
+                if not trains_weights(encoder, handles):
+                    continue
                 if self.gradient_checkpointing:
                     enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
                     enable()
@@ -603,6 +610,12 @@ def check_run(config: RunConfig, plugins: Plugins) -> None:
     run = Run(config, plugins)
     if not getattr(run.resolved.mask_source, "loads_a_model", False):
         run.check_inputs(load_scene_input(plugins, run.resolved.mask_source, config))
+
+
+def trains_weights(module: nn.Module, handles) -> bool:
+    """Whether ``module`` has a trainable parameter besides the handle rows (an adapter, or its own weights)."""
+    rows = {id(p) for p in handles}
+    return any(p.requires_grad and id(p) not in rows for p in module.parameters())
 
 
 def extract(config: RunConfig, plugins: Plugins) -> Run:

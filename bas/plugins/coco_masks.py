@@ -56,6 +56,11 @@ def load_coco(path: Path):
         if bad is not None:
             raise BasError(f"{path} is not a valid COCO annotation file: the '{field}' of {key} entry {bad.get('id', '?')!r} is {bad[field]!r}, "
                            f"not a {'whole ' if kind is int else ''}number; fix that entry or pass another --annotations file.")
+    for image in data["images"]:  # masks are drawn at the image's size: a size of 0 is the entry's fault, not its polygons'
+        bad = next((f for f in ("width", "height") if isinstance(image[f], (int, float)) and image[f] < 1), None)
+        if bad is not None:
+            raise BasError(f"{path} gives image {image['id']} the {bad} {image[bad]!r}; an image's width and height are its size in pixels, "
+                           "whole numbers above 0: fix that entry of 'images'.")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress

@@ -64,7 +64,9 @@ from bas.core.family import (
     TextEncoder,
     check_model_path,
     MODEL_FILE_ERRORS,
+    known_model_file,
     load_error,
+    python_str,
 )
 from bas.plugins.sd import CLIP_ATTENTION
 from bas.plugins.sdxl import pool_at_end_of_text
@@ -127,17 +129,27 @@ def shift_sigmas(scheduler_config, sigmas: torch.Tensor, image_tokens: int) -> t
 
 # -- joint attention -------------------------------------------------------------------------------
 def image_text_probabilities(query: torch.Tensor, key: torch.Tensor, text_len: int, attention_mask=None) -> torch.Tensor:
-    """Head-averaged fp32 softmax probabilities ``(B, image tokens, text tokens)`` of the image queries
-    over the joint sequence's keys, restricted to the text keys.  ``query``/``key`` ``(B, L, heads, d)``
-    with the text tokens first, as FLUX's attention orders them (after norms and rotary embeddings)."""
+    """Head-averaged fp32 probabilities ``(B, image tokens, text tokens)`` of the image queries over the
+    text keys: the joint attention's probabilities at the text keys, renormalised over them (each
+    query's row sums to 1), which is the softmax of the text keys' scores alone.  ``query``/``key``
+    ``(B, L, heads, d)`` with the text tokens first, as FLUX's attention orders them (after norms and
+    rotary embeddings).
+
+    FLUX's softmax runs over text *and* image keys, so the raw probability of a handle at an image
+    position is scaled by how much of that query's attention goes to text at all, which varies over
+    the image (an edge attends to its neighbours more than a flat region does).  The loss compares
+    each handle's map with a 0/1 mask, so that scale would enter the loss as if it were the handle's
+    extent; renormalised, a map is what a cross-attention map is in SD and SDXL (a distribution over
+    the text tokens per position), and the paper's loss applies to it unchanged."""
     with torch.autocast(query.device.type, enabled=False):
         q = query[:, text_len:].float().transpose(1, 2)  # (B, H, image, d)
-        k = key.float().transpose(1, 2)  # (B, H, L, d)
+        k = key[:, :text_len].float().transpose(1, 2)  # (B, H, text, d)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if attention_mask is not None:
             mask = attention_mask[..., text_len:, :] if attention_mask.dim() == 4 else attention_mask
+            mask = mask[..., :text_len]
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-        return scores.softmax(dim=-1)[..., :text_len].mean(dim=1)
+        return scores.softmax(dim=-1).mean(dim=1)
 
 
 class CaptureJointAttention:
@@ -274,6 +286,7 @@ class Flux(ModelFamily):
     schedulers = ("flow-euler",)
     default_scheduler = "flow-euler"
     default_guidance = 3.5  # FluxPipeline's; schnell has no guidance embedding and ignores it
+    SCHNELL_SAMPLING = {"steps": 4, "guidance": 0.0}  # diffusers' FluxPipeline example and schnell's model card
 
     def __init__(self):
         self._t5_cache: dict[tuple, torch.Tensor] = {}
@@ -364,6 +377,14 @@ class Flux(ModelFamily):
                     self._t5_cache.clear()
                 self._t5_cache[key] = t5.model(ids)[0].detach()
         return self._t5_cache[key]
+
+    def variant_sampling(self, model):
+        """FLUX.1-schnell (timestep-distilled, no guidance embedding) samples in 4 steps with guidance 0,
+        as its model card and diffusers' example do; dev and its fine-tunes keep 50 and 3.5.  Told from
+        the transformer's config (``guidance_embeds``) where it is at hand, else from the name."""
+        config = known_model_file(model, "transformer/config.json")
+        schnell = not config.get("guidance_embeds", True) if config is not None else "schnell" in model.lower()
+        return dict(self.SCHNELL_SAMPLING) if schnell else {}
 
     def unconditional(self, components, encode):
         """None: FLUX.1 is guidance-distilled (dev) or guidance-free (schnell); it samples with one pass."""
@@ -511,7 +532,7 @@ class Flux(ModelFamily):
         return self.textual_inversion("", rows)
 
     def textual_inversion_code(self, files):
-        pairs = ", ".join(f'("{token}", "{path}")' for token, path in files)
+        pairs = ", ".join(f"({python_str(token)}, {python_str(path)})" for token, path in files)
         return [
             "import torch",
             "from safetensors.torch import load_file",

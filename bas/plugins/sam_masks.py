@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from bas import hookimpl
-from bas.core.errors import BasError
+from bas.core.errors import BasError, command_line
 from bas.core.model import resolve_device
 from bas.core.scene import SceneInput, load_image
 
@@ -110,12 +110,12 @@ def not_found_message(checkpoint: str) -> str:
     if checkpoint.startswith((".", "/", "~")) or "\\" in checkpoint or checkpoint.count("/") != 1:
         return (
             f"SAM checkpoint folder {checkpoint} does not exist; give a folder written by save_pretrained, or get "
-            f"{DEFAULT_CHECKPOINT} with `hf download {DEFAULT_CHECKPOINT} --local-dir DIR` and {where}."
+            f"{DEFAULT_CHECKPOINT} with `{command_line('hf', 'download', DEFAULT_CHECKPOINT, '--local-dir', 'DIR')}` and {where}."
         )
     return (
         f"SAM checkpoint '{checkpoint}' is not in the Hugging Face cache and could not be downloaded (offline?); "
-        f"get it with `hf download {checkpoint}` on a machine with internet, or download it into a folder "
-        f"(`hf download {checkpoint} --local-dir DIR`) and {where}."
+        f"get it with `{command_line('hf', 'download', checkpoint)}` on a machine with internet, or download it into a folder "
+        f"(`{command_line('hf', 'download', checkpoint, '--local-dir', 'DIR')}`) and {where}."
     )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from bas import hookimpl
-from bas.core.family import Conditioning, TextEncoder, UNetFamily
+from bas.core.family import Conditioning, TextEncoder, UNetFamily, python_str
 from bas.plugins.sd import CLIP_ATTENTION, UNET_ATTENTION
 
 
@@ -112,7 +112,7 @@ class StableDiffusionXL(UNetFamily):
         return self.textual_inversion("", rows)
 
     def textual_inversion_code(self, files):
-        pairs = ", ".join(f'("{token}", "{path}")' for token, path in files)
+        pairs = ", ".join(f"({python_str(token)}, {python_str(path)})" for token, path in files)
         return [
             "from safetensors.torch import load_file",
             f"for token, path in [{pairs}]:",

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 import click
 
-from bas.core.errors import BasError
+from bas.core.errors import BasError, command_line
 from bas.ui.workspace import Workspace
 
 _PARSE_LOCK = threading.Lock()  # RunCommand swaps the plugin options of one shared command object
@@ -65,7 +65,7 @@ def defaults(plugin_names: Iterable[str] = ("lora",)) -> dict[str, Any]:
 
 
 def shell(words: Iterable[Any]) -> str:
-    return shlex.join(str(w) for w in words)
+    return command_line(*words)
 
 
 def run_args(form: dict[str, Any], path: Callable[[str], str]) -> list[str]:
