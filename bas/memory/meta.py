@@ -189,7 +189,7 @@ def fake_components(family, model: str, fake, quantize: str, dtype: torch.dtype)
     missing = [n for n in needed + ["scheduler"] if not isinstance(index.get(n), list) or index[n][0] is None]
     if missing:
         raise BasError(f"{model}'s model_index.json has no {missing[0]}; pass a {family.name} pipeline with --model.")
-    parts = {name: build(read, name, index[name]) for name in needed}
+    parts = {name: build(read, name, index[name]).eval() for name in needed}  # as from_pretrained leaves them: dropout off
     on_device = []
     if quantize != "none":
         for name in (family.denoiser_name, *(n for n, _ in family.text_encoder_names)):

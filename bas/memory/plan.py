@@ -301,7 +301,8 @@ def make_plan(config: RunConfig, plugins: Plugins) -> Plan:
         run = PlanRun(config, plugins, device, concept_count(config), tracker, fake)
         if shown is None and run.model in PACKAGED:
             shown = run.model
-        with torch.random.fork_rng(), fake_module_conversion(), mode, tracker, run.kernel_mode:
+        kernels = run.kernel_mode if device.type == "cuda" else contextlib.nullcontext()  # the CPU's own choices are the CPU's
+        with torch.random.fork_rng(), fake_module_conversion(), mode, tracker, kernels:
             phases = run.plan()
     return Plan(
         model=shown or run.model, family=run.family.name, device=device.type, strategy=run.resolved.strategy_name, precision=run.precision,
@@ -320,3 +321,40 @@ def _module_bytes(module) -> int:
         s = t.untyped_storage()
         seen[s._cdata] = s.nbytes()
     return sum(seen.values())
+
+
+ROWS = (("frozen_weights", "frozen weights"), ("trainable_params", "trainable parameters"), ("gradients", "gradients"),
+        ("optimizer_states", "optimizer states"), ("activations", "activations kept for backward"),
+        ("attention_maps", "  of which attention maps the loss reads"), ("other", "latents, masks, caches"), ("peak", "predicted peak"))
+PHASE_TITLES = {"load": "loading", "phase1": "phase 1", "phase2": "phase 2"}
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**27 else f"{n / 2**20:.1f} MB"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a table for people: a column per phase, a row per kind of memory."""
+    optimizer = {"adamw": "AdamW (fp32 states)", "adamw8bit": "8-bit AdamW"}.get(plan.optimizer, plan.optimizer)
+    rank = f" rank {plan.lora_rank}" if plan.strategy == "lora" and plan.lora_rank else ""
+    lines = [
+        f"Memory plan (predicted, from the configs; no weights loaded): {plan.family} {plan.model} on {plan.device}",
+        f"  {plan.strategy}{rank}, {plan.precision}, {plan.resolution} px, batch 1, {plan.concepts} concepts, {optimizer}, "
+        f"gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, quantize {plan.quantize}",
+    ]
+    names = list(plan.phases)
+    lines.append(f"  {'':40}" + "".join(f"{PHASE_TITLES.get(n, n):>12}" for n in names))
+    for key, label in ROWS:
+        cells = []
+        for n in names:
+            value = plan.phases[n].get(key, 0)
+            cells.append("" if n == "load" and key not in ("frozen_weights", "peak") else gigabytes(value))
+        lines.append(f"  {label:40}" + "".join(f"{c:>12}" for c in cells))
+    where = "moved to the CPU after caching the latents" if plan.device != "cpu" else "kept (the device is the CPU)"
+    lines.append(f"  VAE: {gigabytes(plan.vae['bytes'])} fp32, on the device while the latents are cached, then {where}.")
+    encoders = ", ".join(f"{name} {gigabytes(size)}" for name, size in plan.text_encoders.items())
+    lines.append(f"  Text encoders ({encoders}): on the device in both phases; their handle rows train, so their outputs cannot be cached.")
+    if plan.attention_kernels:
+        lines.append("  Attention kernels as the GPU picks them: " + ", ".join(f"{k} x{v}" for k, v in sorted(plan.attention_kernels.items())) + ".")
+    lines.append(f"Predicted peak: {gigabytes(plan.peak)} (torch.cuda.max_memory_allocated; the CUDA context and allocator cache come on top).")
+    return "\n".join(lines)
