@@ -87,13 +87,15 @@ def cell(model, strategy, resolution, budget=None) -> str:
         choice = fit(cfg, plugins, budget)
     except BasError as exc:
         return "refused" if "trains LoRA only" in str(exc) else "does not fit"
-    return f"{choice.plan.peak / GIB:.1f} ({', '.join(f.lstrip('-') for f in choice.chose) or 'defaults off'})"
+    return f"{choice.plan.peak / GIB:.1f} ({', '.join(f.lstrip('-') for f in choice.chose) or 'none needed'})"
 
 
-def table() -> None:
+def table(only: str | None = None) -> None:
     print("| model | px | weights | bas's CUDA defaults | fits 8 GB | fits 12 GB | fits 16 GB |")
     print("|---|---|---|---|---|---|---|")
     for row, model, resolution in TABLE:
+        if only and only.lower() not in row.lower():
+            continue
         for strategy in ("lora", "full"):
             t0 = time.perf_counter()
             cells = [cell(model, strategy, resolution)] + [cell(model, strategy, resolution, b) for b in BUDGETS]
@@ -115,9 +117,10 @@ def main(argv=None) -> int:
     parser.add_argument("--optimizer", default=None)
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
     parser.add_argument("--tolerance", type=float, default=0.10)
+    parser.add_argument("--only", default=None, help="with --table: only the rows whose model name contains this")
     args = parser.parse_args(argv)
     if args.table:
-        table()
+        table(args.only)
         return 0
     return check(args)
 

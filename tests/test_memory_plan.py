@@ -41,13 +41,12 @@ def test_plan_peak_matches_the_measured_cpu_peak(family, names, request, scene):
     assert p1["attention_maps"] > 0 and p1["activations"] > p1["attention_maps"]
 
 
-def test_plan_of_a_published_pipeline_reads_no_weights(invoke, monkeypatch):
+def test_plan_of_a_published_pipeline_reads_no_weights(capsys):
     """The default model (SD 2.1 base) planned for CUDA from the shipped configs: a real-shape plan,
-    offline, printed per phase and as JSON."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = invoke("run", "--plan", "--json", "--device", "cuda")
-    assert result.exit_code == 0, result.output
-    plan = json.loads(result.output)
+    offline (HF_HUB_OFFLINE), as JSON on stdout, without --out."""
+    code, out, err = run_main(["run", "--plan", "--json", "--device", "cuda"], capsys)
+    assert code == 0, err
+    plan = json.loads(out)
     assert plan["model"] == "stabilityai/stable-diffusion-2-1-base" and plan["precision"] == "bf16" and plan["resolution"] == 512
     # SD 2.1 base: an 866M-parameter UNet and a 340M-parameter text encoder, frozen in bf16
     assert 2.2e9 < plan["phases"]["phase1"]["frozen_weights"] < 2.6e9

@@ -3,7 +3,7 @@
 Independent of the plan's own counting: the run is a real :class:`bas.core.training.Run` with real
 weights, and the bytes are the CPU allocator's, as ``torch.profiler`` records every allocation and
 free (``profile_memory=True``), added to the bytes of every tensor alive in the process when the
-step starts (found by the garbage collector, each storage once).  Used by the tests (tiny models)
+step starts (found by the garbage collector, each storage once, less those alive before the run).  Used by the tests (tiny models)
 and by ``benchmarks/memory_plan.py``, which on a GPU compares with ``torch.cuda.max_memory_allocated``.
 """
 
@@ -17,17 +17,23 @@ from bas.core.plugins import Plugins
 from bas.core.training import Run, RunConfig
 
 
-def live_tensor_bytes() -> int:
-    """The bytes of the storages of every CPU tensor the garbage collector can reach."""
-    seen = {}
+def live_storages() -> dict[int, torch.UntypedStorage]:
+    """The storages of every CPU tensor the garbage collector can reach, by their address."""
+    found = {}
     for obj in gc.get_objects():
         try:
             if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type == "cpu":
                 storage = obj.untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
+                found[storage.data_ptr()] = storage
         except Exception:  # tensors without storage (sparse, wrapper subclasses)
             continue
-    return sum(seen.values())
+    return found
+
+
+def live_tensor_bytes(unrelated: dict[int, torch.UntypedStorage] | None = None) -> int:
+    """The bytes of the live CPU storages, less those in ``unrelated`` (alive before the run began: held
+    there, they cannot have been freed and their addresses reused)."""
+    return sum(s.nbytes() for ptr, s in live_storages().items() if not unrelated or ptr not in unrelated)
 
 
 def profiled_peak(step) -> int:
@@ -49,6 +55,8 @@ def measure_run(config: RunConfig, plugins: Plugins) -> dict[str, int]:
     """The measured peak of live tensor bytes in a step of each phase of a real run (the phase's second
     step, which holds the optimizer's state as every later one does): on the CPU by the profiler, on
     CUDA ``torch.cuda.max_memory_allocated``."""
+    gc.collect()
+    unrelated = live_storages()  # the process's other tensors (a test session's, a caller's) are not the run's
     run = Run(config, plugins)
     run.load()
     for term in run.resolved.loss_terms:
@@ -80,7 +88,7 @@ def measure_run(config: RunConfig, plugins: Plugins) -> dict[str, int]:
             torch.cuda.synchronize()
             peaks[f"phase{phase}"] = torch.cuda.max_memory_allocated(run.device)
         else:
-            before = live_tensor_bytes()
+            before = live_tensor_bytes(unrelated)
             peaks[f"phase{phase}"] = before + profiled_peak(lambda: step(2))
     for term in run.resolved.loss_terms:
         term.teardown(run)

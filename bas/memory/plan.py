@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -30,8 +30,6 @@ from bas.core.training import Run, RunConfig
 from bas.memory.meta import PACKAGED, fake_components, packaged_folder
 from bas.memory.tracking import LiveStorages, TargetDevice, fake_module_conversion, module_tensors
 
-GB = 1e9
-PLANNED_DEVICES = ("cpu", "cuda")
 DEFAULT_CONCEPTS = 2  # without --mask: a scene of two concepts
 
 
@@ -154,10 +152,10 @@ class PlanRun(Run):
         return self.planned_device
 
     def resolve_precision(self) -> str:
-        if self.device.type == "cuda":  # planned for a GPU with bf16 (Ampere or newer), as bas's auto picks there
-            return "bf16" if self.config.precision == "auto" else resolve_precision(self.config.precision, torch.device("cpu")) \
-                if self.config.precision != "fp16" else "fp16"
-        return resolve_precision(self.config.precision, self.device)
+        """On CUDA, a GPU with bf16 (Ampere or newer): ``auto`` is bf16 there, as bas picks it."""
+        if self.device.type != "cuda" or self.config.precision not in ("auto", "fp16", "bf16"):
+            return resolve_precision(self.config.precision, self.device)
+        return "bf16" if self.config.precision == "auto" else self.config.precision
 
     def generator_device(self) -> torch.device:
         return torch.device("cpu")
@@ -278,8 +276,16 @@ def planned_device(device: str) -> torch.device:
 
 
 def concept_count(config: RunConfig) -> int:
+    """The run's concepts as its options name them (``--mask`` files, a ``--scene`` folder's masks), else 2
+    (--background adds one more, as the run does)."""
+    import re
+    from pathlib import Path
+
     masks = config.options.get("masks") or ()
-    return (len(masks) or DEFAULT_CONCEPTS) + (1 if config.background else 0) * 0
+    scene = config.options.get("scene")
+    if not masks and scene and Path(scene).is_dir():
+        masks = [p for p in Path(scene).iterdir() if re.fullmatch(r"mask\d+\.png", p.name)]
+    return len(masks) or DEFAULT_CONCEPTS
 
 
 def make_plan(config: RunConfig, plugins: Plugins) -> Plan:
@@ -288,7 +294,7 @@ def make_plan(config: RunConfig, plugins: Plugins) -> Plan:
 
     shown = config.model
     if config.model in PACKAGED:  # shipped configs: no hub access for the four published pipelines bas plans offline
-        config = RunConfig(**{**config.__dict__, "model": str(packaged_folder(config.model))})
+        config = replace(config, model=str(packaged_folder(config.model)))
     device = planned_device(config.device)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = LiveStorages()

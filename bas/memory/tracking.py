@@ -14,7 +14,6 @@ import contextlib
 import weakref
 
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -81,13 +80,12 @@ def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-# Functions CUDA's autocast runs in fp32 that CPU's runs in the lower precision (PyTorch's "CUDA Ops
-# that can autocast to float32" that are not in CPU's list and that diffusion models call).
-CUDA_FP32_FUNCTIONS = {
-    torch.nn.functional.group_norm, torch.group_norm, torch.nn.functional.layer_norm, torch.layer_norm,
-    torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax, torch.nn.functional.log_softmax, torch.log_softmax,
-    torch.exp, torch.Tensor.exp, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.rsqrt, torch.Tensor.rsqrt,
-}
+# Functions CUDA's autocast runs in fp32 that CPU's runs in the lower precision (among PyTorch's "CUDA
+# ops that can autocast to float32", those diffusion models and their text encoders call).
+CUDA_FP32_FUNCTIONS = (
+    (torch.nn.functional, "group_norm"), (torch.nn.functional, "layer_norm"), (torch.nn.functional, "softmax"),
+    (torch.nn.functional, "log_softmax"), (torch.Tensor, "softmax"),
+)
 
 
 def cuda_attention_kernel(query: torch.Tensor, attn_mask, dropout_p: float) -> str:
@@ -102,28 +100,38 @@ def cuda_attention_kernel(query: torch.Tensor, attn_mask, dropout_p: float) -> s
     return "math"
 
 
-class TargetDevice(TorchFunctionMode):
+class TargetDevice:
     """Computing on fake CPU tensors what a step on a CUDA GPU keeps: its SDPA kernel (whose outputs
-    and saved tensors the kernel's own shape functions give) and its autocast's fp32 operations."""
+    and saved tensors the kernel's own shape functions give) and its autocast's fp32 functions.
+
+    The functions are replaced where models look them up (``torch.nn.functional``, ``torch.Tensor``)
+    for as long as the context lasts, so gradient checkpointing's recomputation, which runs inside
+    the backward pass, computes exactly what the forward pass did."""
 
     def __init__(self, device_type: str):
-        super().__init__()
         self.cuda = device_type == "cuda"
         self.kernels: dict[str, int] = {}
+        self._saved: list = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def __enter__(self):
         if not self.cuda:
-            return func(*args, **kwargs)
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            return self.attention(*args, **kwargs)
-        if func in CUDA_FP32_FUNCTIONS and torch.is_autocast_enabled("cpu"):
-            args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-            with torch.autocast("cpu", enabled=False):
-                return func(*args, **kwargs)
-        return func(*args, **kwargs)
+            return self
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        self._replace(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: self.attention(sdpa, *a, **k))
+        for owner, name in CUDA_FP32_FUNCTIONS:
+            self._replace(owner, name, _in_fp32_under_autocast(getattr(owner, name)))
+        return self
 
-    def attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    def __exit__(self, *exc):
+        while self._saved:
+            owner, name, original = self._saved.pop()
+            setattr(owner, name, original)
+
+    def _replace(self, owner, name, function):
+        self._saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, function)
+
+    def attention(self, sdpa, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         kernel = cuda_attention_kernel(query, attn_mask, dropout_p)
         self.kernels[kernel] = self.kernels.get(kernel, 0) + 1
         if key.shape[1] != query.shape[1] and enable_gqa:  # grouped-query attention: the kernels take repeated heads
@@ -138,8 +146,17 @@ class TargetDevice(TorchFunctionMode):
             if bias is not None:
                 bias = bias.to(query.dtype).expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
             return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, dropout_p, is_causal, scale=scale)[0]
-        # the mode is off inside its own handler: this is the math path, as on the GPU
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+        return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+
+
+def _in_fp32_under_autocast(function):
+    def fp32(*args, **kwargs):
+        if not torch.is_autocast_enabled("cpu"):
+            return function(*args, **kwargs)
+        args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        with torch.autocast("cpu", enabled=False):
+            return function(*args, **kwargs)
+    return fp32
 
 
 @contextlib.contextmanager
