@@ -163,7 +163,7 @@ def cli():
 
 @cli.command(cls=RunCommand)
 @click.option("--image", type=click.Path(path_type=Path), help="The input image (any size; centre-cropped and resized).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (required, except with --plan).")
 @click.option("--model", default=None, help="Hub id or local folder of a diffusers pipeline (Stable Diffusion 1.x/2.x, SDXL, or a family a plugin adds) "
               "[default: the family's: stabilityai/stable-diffusion-2-1-base, with --family sdxl stabilityai/stable-diffusion-xl-base-1.0, "
               "with --family flux black-forest-labs/FLUX.1-dev].")
@@ -189,14 +189,45 @@ def cli():
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient norm clip (0: off).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished or interrupted run already in --out.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its newest checkpoint (same options).")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print the run's memory plan per phase on --device (cuda need not be present) from the model's configs alone, and exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --plan: the plan as JSON.")
+@click.option("--vram", type=float, default=None,
+              help="GB of GPU memory to fit: choose gradient checkpointing, 8-bit AdamW, quantised weights, a smaller LoRA rank, in that "
+                   "order, where you chose none (README, 'Speed and memory').")
 @click.pass_context
-def run(ctx, plugin_names, **values):
+def run(ctx, plugin_names, plan_only, as_json, vram, **values):
     """Extract one handle per mask from an image: phase 1 (handles), then phase 2 (weights + handles)."""
     from bas.core.api import make_config
     from bas.core.training import extract
 
     plugins = ctx.meta["bas.plugins"]
+    if as_json and not plan_only:
+        raise BasError("--json prints a memory plan; add --plan.")
+    if values["out"] is None:
+        if not plan_only:
+            raise BasError("Missing option '--out'; name the folder the run writes (only --plan needs none).")
+        values["out"] = Path("bas-plan")  # nothing is written
     config = make_config(plugins, values, plugin_names)
+    if vram is not None or plan_only:
+        from bas.memory.plan import format_plan, make_plan
+        from bas.memory.vram import describe, fit
+
+        choice = None
+        if vram is not None:
+            explicit = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+            choice = fit(config, plugins, vram, explicit)
+            config = choice.config
+            click.echo(describe(choice, vram), err=as_json)
+        if plan_only:
+            plan = choice.plan if choice else make_plan(config, plugins)
+            if as_json:
+                import json
+
+                click.echo(json.dumps(plan.to_json(), indent=2))
+            else:
+                click.echo(format_plan(plan))
+            return
     result = extract(config, plugins)
     info = result.info
     click.echo(f"Wrote {config.out}: " + ", ".join(info["files"] + ["run.json"]))

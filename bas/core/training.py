@@ -166,7 +166,7 @@ class Run:
         self.config = config
         self.plugins = plugins
         self.out = Path(config.out)
-        self.device = resolve_device(config.device)
+        self.device = self.resolve_device()
         self.resolved = resolve(plugins, config)  # every plugin checks its options here
         # the family (from --family, else --model's model_index.json) and its choices, before any model loads;
         # config keeps what was asked for (run.json, --resume), the run what it uses
@@ -184,14 +184,25 @@ class Run:
             check_optimizer(config, self.device)
         self.history: dict[str, list[dict]] = {"phase1": [], "phase2": []}
         self.times: dict[str, float] = {}
-        self.precision = resolve_precision(config.precision, self.device)
+        self.precision = self.resolve_precision()
         self.dtype = DTYPES[self.precision]
         self.rng = random.Random(config.seed)
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.generator = torch.Generator(self.generator_device()).manual_seed(config.seed)
         self.phase = 0
         self.current: PhaseState | None = None
         self.resume_from: checkpoint.Checkpoint | None = None
         self._stop_requested = False
+
+    # The device the run is for, its precision and its random generator's device: this machine's --device.
+    # A memory plan (bas.memory) overrides them to plan for a device this machine may not have.
+    def resolve_device(self) -> torch.device:
+        return resolve_device(self.config.device)
+
+    def resolve_precision(self) -> str:
+        return resolve_precision(self.config.precision, self.device)
+
+    def generator_device(self) -> torch.device:
+        return self.device
 
     def _family_choices(self, strategy: str) -> dict[str, Any]:
         """The family's choices for this device among the options the user left open."""
@@ -256,12 +267,19 @@ class Run:
         if self.resume_from is not None:
             checkpoint.check_same_inputs(getattr(self, "saved_inputs", None), self.inputs_sha256)
 
+    def load_scene_input(self):
+        """The image and masks, from the mask source with the shared mask cleanup."""
+        return load_scene_input(self.plugins, self.resolved.mask_source, self.config)
+
+    def load_components(self) -> Components:
+        """The model's parts through its family (quantised where the run asks)."""
+        return self.family.load(resolve_model(self.model), LoadPlan(self.device, self.dtype, self.quantize))
+
     def load(self) -> None:
         t0 = time.perf_counter()
-        scene_input = load_scene_input(self.plugins, self.resolved.mask_source, self.config)  # source + shared mask cleanup
+        scene_input = self.load_scene_input()
         self.check_inputs(scene_input)
-        plan = LoadPlan(self.device, self.dtype, self.quantize)
-        self.components: Components = self.family.load(resolve_model(self.model), plan)
+        self.components: Components = self.load_components()
         c = self.components
         self.resolution = self.config.resolution or c.native_resolution
         self.scene: Scene = prepare_scene(scene_input, self.resolution, self.config.init_tokens, background=self.config.background)
@@ -461,23 +479,14 @@ class Run:
             if self._stop_requested:
                 self._stop(Interrupted, f"Interrupted at phase {phase} step {step - 1}{{where}}; run the same command with --resume added to continue.")
             t0 = time.perf_counter()
-            batch = self.step_batch(phase, step)
-            with self.autocast():
-                values = {term.name: term(batch) * term.weight for term in terms}
-            loss = sum(values.values())
+            batch, values, loss = self.forward_step(phase, step, terms)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 bad = ", ".join(f"'{k}'" for k, v in values.items() if not torch.isfinite(v.detach()).all())
                 fix = "use --precision bf16 instead of fp16, or" if self.precision == "fp16" else "try"
                 self._stop(NumericalError, f"The loss became {loss_value} at phase {phase} step {step} in term {bad}{{where}}; "
                            f"{fix} a lower {lr_option} (now {lr:g}).")
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if self.config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            self.update(loss, optimizer, scaler, params)
             cur.step = step
             record = StepRecord(
                 phase=phase, step=step, total_steps=steps, loss=loss_value,
@@ -490,6 +499,50 @@ class Run:
         self.times[f"phase{phase}_s"] = self.times.get(f"phase{phase}_s", 0.0) + time.perf_counter() - t_phase
         for call in _observer_calls(self.resolved.observers, "on_phase_end"):
             call(self, phase)
+
+    def forward_step(self, phase: int, step: int, terms: list[LossTerm]) -> tuple[StepBatch, dict[str, torch.Tensor], torch.Tensor]:
+        """One step's batch, its weighted loss terms and their sum (the graph the update differentiates)."""
+        batch = self.step_batch(phase, step)
+        with self.autocast():
+            values = {term.name: term(batch) * term.weight for term in terms}
+        return batch, values, sum(values.values())
+
+    def update(self, loss: torch.Tensor, optimizer, scaler, params: list[torch.nn.Parameter]) -> None:
+        """Backward, clip, the optimizer's step, and the gradients freed."""
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def phase2_groups(self) -> list[dict]:
+        """Phase 2's parameter groups, the weight strategy's weights prepared (adapters added) and the
+        text encoders set to train."""
+        handles = self.handle_params
+        torch.manual_seed(self.config.seed)  # adapter initialisation draws from the global generator
+        weights = self.resolved.strategy.prepare(self)
+        # adapter libraries freeze every non-adapter parameter they find, the handles included
+        for p in handles:
+            p.requires_grad_(True)
+        for p in weights:  # trainable parameters train in fp32 whatever the base dtype
+            p.data = p.data.float()
+        # train mode only where the strategy trains an encoder's weights: one whose only trainable rows are
+        # the handles (FLUX's T5) stays in eval, or its dropout would perturb the conditioning the weights
+        # learn from and freeze one dropout sample into the states FLUX caches (inference runs it in eval)
+        for encoder in (e.model for e in self.components.text_encoders):
+            if not trains_weights(encoder, handles):
+                continue
+            if self.gradient_checkpointing:
+                enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+                enable()
+            encoder.train()
+        # the handles keep their own low rate (the paper's 2e-6), so phase 2 leaves them near where phase 1 put them
+        return [
+            {"params": weights, "lr": self.phase2_lr, "option": "--phase2-lr"},
+            {"params": handles, "lr": self.config.phase2_handle_lr, "option": "--phase2-handle-lr"},
+        ]
 
     def train(self) -> None:
         c = self.components
@@ -504,28 +557,7 @@ class Run:
         if self.resume_from is None or self.resume_from.phase == 1:
             self.run_phase(1, self.config.phase1_steps, [{"params": handles, "lr": self.config.phase1_lr, "option": "--phase1-lr"}])
         if self.config.phase2_steps:
-            torch.manual_seed(self.config.seed)  # adapter initialisation draws from the global generator
-            weights = self.resolved.strategy.prepare(self)
-            # adapter libraries freeze every non-adapter parameter they find, the handles included
-            for p in handles:
-                p.requires_grad_(True)
-            for p in weights:  # trainable parameters train in fp32 whatever the base dtype
-                p.data = p.data.float()
-            # train mode only where the strategy trains an encoder's weights: one whose only trainable rows are
-            # the handles (FLUX's T5) stays in eval, or its dropout would perturb the conditioning the weights
-            # learn from and freeze one dropout sample into the states FLUX caches (inference runs it in eval)
-            for encoder in encoders:
-                if not trains_weights(encoder, handles):
-                    continue
-                if self.gradient_checkpointing:
-                    enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
-                    enable()
-                encoder.train()
-            # the handles keep their own low rate (the paper's 2e-6), so phase 2 leaves them near where phase 1 put them
-            self.run_phase(2, self.config.phase2_steps, [
-                {"params": weights, "lr": self.phase2_lr, "option": "--phase2-lr"},
-                {"params": handles, "lr": self.config.phase2_handle_lr, "option": "--phase2-handle-lr"},
-            ])
+            self.run_phase(2, self.config.phase2_steps, self.phase2_groups())
         for module in (c.denoiser, *encoders):
             module.eval()
         for term in self.resolved.loss_terms:

@@ -368,9 +368,11 @@ class Flux(ModelFamily):
         handle rows (no LoRA), so their states cannot change during a run."""
         embedding = t5.model.get_input_embeddings()
         first = getattr(embedding, "first_id", None)
-        if first is None or ((ids >= first) & (ids < first + embedding.handles.shape[0])).any():
+        # the ids read as numbers, not through tensor operations: a memory plan (bas.memory) runs this among fake tensors
+        values = [i for row in ids.tolist() for i in row]
+        if first is None or any(first <= i < first + embedding.handles.shape[0] for i in values):
             return t5.model(ids)[0]
-        key = (tuple(ids.flatten().tolist()), tuple(ids.shape), str(ids.device), torch.is_autocast_enabled(ids.device.type))
+        key = (tuple(values), tuple(ids.shape), str(ids.device), torch.is_autocast_enabled(ids.device.type))
         if key not in self._t5_cache:
             with torch.no_grad():
                 if len(self._t5_cache) >= 32:

@@ -10,6 +10,8 @@ import click
 
 # bas run's options that name one scene or one output folder: a batch has its own
 SCENE_OPTIONS = {"image", "out", "resume", "overwrite", "masks", "scene"}
+# and those that plan one run instead of running it (`bas run --plan`, `--vram`: README, "Will it fit?")
+PLAN_OPTIONS = {"plan_only", "as_json", "vram"}
 SHOWN_FAILURES = 20
 
 
@@ -29,7 +31,7 @@ def make_batch_command(run: click.Command) -> click.Command:
         click.Option(["--retries"], type=int, default=1, show_default=True, help="Run a scene again this many times when its process dies (it resumes from its checkpoint)."),
         click.Option(["--overwrite"], is_flag=True, help="Run again scenes whose folder holds a finished run made with other options, and start interrupted ones over."),
     ]
-    params = own + [p for p in run.params if p.name not in SCENE_OPTIONS and not getattr(p, "_from_plugin", False)]
+    params = own + [p for p in run.params if p.name not in SCENE_OPTIONS | PLAN_OPTIONS and not getattr(p, "_from_plugin", False)]
     return BatchCommand("batch", params=params, callback=click.pass_context(_batch), help=HELP, short_help="Run many scenes: on this machine's GPUs or a Ray cluster.")
 
 
