@@ -51,7 +51,7 @@ def test_benchmark_scenes_cover_what_the_issue_asks():
     masks = [s.masks for s in scenes]
     assert "box" in masks and "loose" in masks
     overlapping = 0
-    for name, s in fidelity.SCENES.items():
+    for _name, s in fidelity.SCENES.items():
         grown = 2 if s.masks == "box" else 3
         boxes = [o[3] for o in s.objects]
         overlapping += any(a[0] < b[2] + grown and b[0] < a[2] + grown and a[1] < b[3] + grown and b[1] < a[3] + grown

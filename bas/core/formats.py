@@ -128,7 +128,7 @@ def parse_diffusers_key(key: str) -> tuple[str, str, str] | None:
     component = next((c for c, names in COMPONENTS.items() if names.diffusers == prefix), None)
     if component is None:
         return None
-    for suffix, kind in DIFFUSERS_SUFFIXES.items():
+    for suffix, kind in DIFFUSERS_SUFFIXES.items():  # noqa: B007 (the matched kind is read after the loop)
         if rest.endswith(suffix):
             module = rest[: -len(suffix)]
             break

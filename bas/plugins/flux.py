@@ -305,7 +305,7 @@ class Flux(ModelFamily):
         """bitsandbytes' config for diffusers' or transformers' ``from_pretrained``."""
         import importlib
 
-        config = getattr(importlib.import_module(library), "BitsAndBytesConfig")
+        config = importlib.import_module(library).BitsAndBytesConfig
         if quantize == "nf4":
             return config(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         return config(load_in_8bit=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from bas import hookimpl
-from bas.core import checks, io
+from bas.core import checks
 from bas.core.components import WeightStrategy
 
 
