@@ -154,6 +154,30 @@ def save_tiny_sam(path: Path) -> Path:
     return path
 
 
+def card_image_and_generated(card: Path, run: Path, invoke, tmp_path: Path, steps: int = 2):
+    """The image the model card's diffusers code writes, run as written except for the CPU, float32 and
+    ``steps`` (bas generate's precision on a CPU, and a short test), and the one ``bas generate`` writes
+    for the same prompt and seed 0: two uint8 arrays."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from bas.core.generation import SAMPLING_STEPS, image_stem
+
+    code = re.search(r"```python\n(.*?)```", card.read_text(), re.S).group(1)
+    for old, new in (('"cuda"', '"cpu"'), ("torch.bfloat16", "torch.float32"), (f"num_inference_steps={SAMPLING_STEPS},", f"num_inference_steps={steps},"),
+                     ('"sample.png"', repr(str(tmp_path / "card.png")))):
+        assert old in code, old
+        code = code.replace(old, new)
+    exec(compile(code, str(card), "exec"), {})
+    prompt = re.search(r'image = pipe\("([^"]*)"', code).group(1)
+    result = invoke("generate", run, prompt, "--num-images", 1, "--steps", steps, "--device", "cpu", "--out-dir", tmp_path / "bas")
+    assert result.exit_code == 0, result.output
+    read = lambda path: np.asarray(Image.open(path).convert("RGB"))
+    return read(tmp_path / "card.png"), read(tmp_path / "bas" / f"{image_stem(prompt)}-seed0.png")
+
+
 def run_main(argv, capsys) -> tuple[int, str, str]:
     """``bas ARGV`` as the console script runs it (standalone click: SystemExit, stdout, stderr)."""
     from bas.cli import main

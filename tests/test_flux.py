@@ -20,7 +20,7 @@ from bas.core.plugins import Plugins
 from bas.core.training import extract
 from bas.plugins.flux import Flux, image_text_probabilities, pack, shift_sigmas, unpack
 
-from conftest import Snapshots, changed  # noqa: E402
+from conftest import Snapshots, card_image_and_generated, changed  # noqa: E402
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -343,7 +343,7 @@ def test_diffusers_export_loads_in_a_plain_flux_pipeline_and_changes_its_output(
     plain = plain_flux(tiny_flux_model)
     prompt = "a photo of <asset0> at the beach"
     before = sample(plain, prompt)
-    code = code.replace('"cuda"', '"cpu"').replace(f'pipe("{prompt}").images[0].save("sample.png")', "")
+    code = code.replace('"cuda"', '"cpu"').replace("torch.bfloat16", "torch.float32").partition("\ngenerator = ")[0]  # up to the sampling
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     pipe = namespace["pipe"]
@@ -361,6 +361,17 @@ def test_diffusers_export_loads_in_a_plain_flux_pipeline_and_changes_its_output(
     ours, _ = load_run_pipeline(run.out, device="cpu")
     ours.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(sample(ours, prompt), after, atol=1e-5)
+
+
+def test_model_card_code_writes_the_image_bas_generate_writes(flux_run, invoke, tmp_path):
+    """FluxPipeline samples 28 steps by default; the card sets bas generate's 50, its guidance and the run's size."""
+    run, _ = flux_run
+    result = invoke("export", run.out, "--format", "diffusers", "--out", tmp_path / "export", "--no-preview")
+    assert result.exit_code == 0, result.output
+    card = tmp_path / "export" / "README.md"
+    assert "num_inference_steps=50," in card.read_text() and "guidance_scale=3.5" in card.read_text()
+    ours, theirs = card_image_and_generated(card, run.out, invoke, tmp_path)
+    np.testing.assert_array_equal(ours, theirs)
 
 
 def converted_by_diffusers(state_dict, transformer):

@@ -32,7 +32,7 @@ from bas.core import checks, io
 from bas.core.errors import BasError
 from bas.core.family import ImageSize
 from bas.core.generation import (check_prompts_fit, check_size, lora_kwargs, make_scheduler, read_run, run_family, sampling_defaults,
-                                 sampling_seeds, slug)
+                                 SAMPLING_STEPS, sampling_seeds, slug)
 from bas.core.handles import check_prompt_handles
 from bas.core.sampling import decode, denoise, to_pil
 from bas.core.scene import load_image, load_mask
@@ -87,7 +87,7 @@ def edit_images(
     num_images: int = 1,
     seed: int = 0,
     seeds: list[int] | None = None,
-    steps: int = 50,
+    steps: int = SAMPLING_STEPS,
     guidance: float | None = None,
     negative_prompt: str | None = None,
     scheduler: str | None = None,

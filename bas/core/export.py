@@ -38,7 +38,7 @@ from bas.core import io
 from bas.core.errors import BasError
 from bas.core.family import ModelFamily
 from bas.core.formats import LoraLayer, kohya_targets, read_diffusers_lora, write_diffusers_lora, write_kohya_lora
-from bas.core.generation import all_handles_prompt, read_run, slug
+from bas.core.generation import all_handles_prompt, read_run, sampling_code, slug
 from bas.core.handles import check_handle_names, split_handles
 from bas.core.runs import run_family
 
@@ -204,13 +204,21 @@ def diffusers_usage(info: dict, root: str, lora: bool, pipeline: bool, family: M
     files = [(t, f"{root}{EMBEDDINGS_DIR}/{handle_file_stem(t)}.safetensors") for t in info["handles"]]
     model = f"{root}pipeline" if pipeline else info["model"]
     cls = family.pipeline_class
-    code = [f"from diffusers import {cls}", f'pipe = {cls}.from_pretrained("{model}").to("cuda")']
+    scheduler_classes, sampling = sampling_code(family, info, example_prompts(info)[0])
+    code = [
+        "import torch",
+        f"from diffusers import {', '.join([cls, *scheduler_classes])}",
+        "",
+        "# bf16: bas generate's precision on GPUs that have it (float16 on older ones, float32 on a CPU)",
+        f'pipe = {cls}.from_pretrained("{model}", torch_dtype=torch.bfloat16).to("cuda")',
+    ]
     if lora:
         code.append(f'pipe.load_lora_weights("{root}lora")')
     if not pipeline:  # a full fine-tune's pipeline already knows its handles
         code += family.textual_inversion_code(files)
-    code.append(f'pipe("{example_prompts(info)[0]}").images[0].save("sample.png")')
-    return "## Use with diffusers\n\n```python\n" + "\n".join(code) + "\n```"
+    code += sampling
+    return ("## Use with diffusers\n\nThe sampler, guidance, steps, size and seed are `bas generate`'s defaults, so this writes the image "
+            "`bas generate` writes for seed 0.\n\n```python\n" + "\n".join(code) + "\n```")
 
 
 def kohya_usage(info: dict, name: str, lora: bool, family: ModelFamily) -> str:

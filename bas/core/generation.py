@@ -88,6 +88,27 @@ def sampling_defaults(family, scheduler: str | None, guidance: float | None) -> 
     return scheduler, family.default_guidance if guidance is None else guidance
 
 
+SAMPLING_STEPS = 50  # bas generate's and bas edit's --steps
+
+
+def sampling_code(family, info: dict, prompt: str, out_file: str = "sample.png", device: str = "cuda") -> tuple[list[str], list[str]]:
+    """What ``bas generate`` does by default, as plain-diffusers lines for a model card: (the names to
+    import from diffusers, the lines). The lines follow ``pipe = ...`` and sample ``prompt`` with the
+    family's sampler and guidance, ``SAMPLING_STEPS``, the run's resolution and seed 0 on ``device``,
+    so the image is the one ``bas generate`` writes as ``...-seed0.png``."""
+    scheduler, guidance = sampling_defaults(family, None, None)
+    cls, extra = SCHEDULERS[scheduler]
+    options = "".join(f", {k}={v!r}" for k, v in extra.items())
+    res = info.get("resolution")
+    size = f", height={res}, width={res}" if res else ""
+    return [cls], [
+        f"pipe.scheduler = {cls}.from_config(pipe.scheduler.config{options})  # bas generate's sampler for {family.name}",
+        f'generator = torch.Generator("{device}").manual_seed(0)',
+        f'image = pipe("{prompt}", num_inference_steps={SAMPLING_STEPS}, guidance_scale={guidance}{size}, generator=generator).images[0]',
+        f'image.save("{out_file}")',
+    ]
+
+
 def make_scheduler(name: str, config):
     check_scheduler(name)
     import diffusers
@@ -180,7 +201,7 @@ def generate_images(
     num_images: int = 4,
     seed: int = 0,
     seeds: list[int] | None = None,
-    steps: int = 50,
+    steps: int = SAMPLING_STEPS,
     guidance: float | None = None,
     negative_prompt: str | None = None,
     scheduler: str | None = None,

@@ -511,8 +511,7 @@ class Flux(ModelFamily):
 
     def textual_inversion_code(self, files):
         pairs = ", ".join(f'("{token}", "{path}")' for token, path in files)
-        return [
-            "import torch",
+        return [  # after the card's `import torch`
             "from safetensors.torch import load_file",
             f"for token, path in [{pairs}]:",
             "    state = load_file(path)  # one row per text encoder",
