@@ -406,6 +406,9 @@ def test_kohya_export_has_bfl_names_and_loads_through_diffusers_and_comfyui_key_
     with safe_open(str(dest / "toys.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    # the run's rank (8), not the fused layers' (32); every key's alpha is the header's
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "8.0"
+    assert {float(v) for k, v in lora.items() if k.endswith(".alpha")} == {8.0}
 
     # diffusers' kohya converter splits every fused layer back into the adapters bas trained
     original, converted = plain_flux(tiny_flux_model), plain_flux(tiny_flux_model)

@@ -345,6 +345,7 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
         layers = lora_from_full(out, info, rank, device, family)
     elif fmt == "kohya" and has_lora:
         layers = read_diffusers_lora(out / LORA_FILE)
+    network_dim = max(layer.rank for layer in layers) if layers else None  # the run's rank, before a family fuses layers
     if fmt == "kohya" and layers:
         check_kohya_names(layers, family)
         layers = family.kohya_layers(layers)
@@ -353,7 +354,8 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
         files: list[tuple[str, str]] = []
         if fmt == "kohya":
             if layers:
-                write_kohya_lora(layers, tmp / f"{name}.safetensors", kohya_metadata(info, name, handles, family), family.kohya_prefixes)
+                write_kohya_lora(layers, tmp / f"{name}.safetensors", kohya_metadata(info, name, handles, family), family.kohya_prefixes,
+                                 network_dim)
                 how = "by low-rank difference of the full fine-tune, rank " + str(rank) if has_pipeline else "trained in phase 2"
                 files.append((f"{name}.safetensors", f"the LoRA ({how}), kohya keys"))
             for p in write_a1111_embeddings(family, handles, tmp / EMBEDDINGS_DIR, name):

@@ -180,6 +180,12 @@ class ModelFamily:
     default_scheduler: str = "ddim"
     default_guidance: float = 7.5
 
+    def lora_target(self, component: str, module) -> list[str] | str:
+        """Where LoRA goes in the pipeline component ``component`` (``module``): ``lora_targets[component]``;
+        a family whose conditioning leaves some layers unread narrows it here, so that no adapter is
+        trained that cannot learn (its gradient is zero) and none is saved that changes nothing."""
+        return self.lora_targets[component]
+
     # -- recognising and loading ----------------------------------------------------------------
     def recognises(self, model_index: dict) -> bool:
         """Whether a pipeline with this ``model_index.json`` belongs to the family."""

@@ -282,10 +282,13 @@ def kohya_model_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     return hashlib.sha256(data[8 + header:]).hexdigest()
 
 
-def write_kohya_lora(layers: list[LoraLayer], path: Path, metadata: dict[str, str], prefixes: dict[str, str] | None = None) -> None:
-    """The LoRA with one alpha (the largest rank), kohya's training metadata and its model hash;
-    ``prefixes``: the model family's kohya prefixes (default: SD 1.x/2.x's)."""
-    alpha = float(max(layer.rank for layer in layers))
+def write_kohya_lora(layers: list[LoraLayer], path: Path, metadata: dict[str, str], prefixes: dict[str, str] | None = None,
+                     network_dim: int | None = None) -> None:
+    """The LoRA with one alpha, ``network_dim`` (the run's rank; default: the largest layer's), kohya's
+    training metadata, which shows it as ``ss_network_dim``, and its model hash; ``prefixes``: the
+    model family's kohya prefixes (default: SD 1.x/2.x's). A fused layer (FLUX's q, k, v as one) has
+    a multiple of the rank; its scale is folded into its up factor, as every layer's is."""
+    alpha = float(network_dim or max(layer.rank for layer in layers))
     tensors = {k: v.detach().cpu().contiguous() for k, v in kohya_state_dict(layers, alpha, prefixes).items()}
     metadata = {**metadata, "ss_network_module": "networks.lora", "ss_network_dim": str(int(alpha)), "ss_network_alpha": str(alpha)}
     metadata["sshs_model_hash"] = kohya_model_hash(tensors, metadata)

@@ -155,8 +155,9 @@ def bas_register_model_families(register):
       ``prompt_conditioning`` (sampling and ``bas edit`` through the pipeline's own prompt
       encoding), ``schedulers``/``default_scheduler``/``default_guidance`` (what ``bas generate``
       samples with), ``check_sampling`` (sampling options the pipeline ignores), ``lora_targets``
-      (peft target names, or a regular expression, per pipeline component),
-      ``lora_scale_argument``, and ``tiny_pipeline`` (``bas tiny-model --family NAME``).
+      (peft target names, or a regular expression, per pipeline component; ``lora_target(component,
+      module)`` narrows them to the layers the family's conditioning reads, as SDXL's leaves out
+      text encoder 1's last layer), ``lora_scale_argument``, and ``tiny_pipeline`` (``bas tiny-model --family NAME``).
     - files: ``textual_inversion`` (one handle's file for diffusers, from its rows in every
       encoder), ``webui_embedding`` (AUTOMATIC1111/ComfyUI's layout, SDXL's ``clip_l``/``clip_g``),
       ``textual_inversion_code`` (the model card's loading lines), ``kohya_prefixes`` (per

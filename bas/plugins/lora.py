@@ -49,7 +49,7 @@ class Lora(WeightStrategy):
         self.configs = {}
         params = []
         for name, module in self.adapted(run).items():
-            self.configs[name] = self._config(run.family.lora_targets[name])
+            self.configs[name] = self._config(run.family.lora_target(name, module))
             if name == denoiser:
                 module.add_adapter(self.configs[name])  # diffusers' models know their adapters
             else:
