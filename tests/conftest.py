@@ -18,6 +18,10 @@ from bas.cli import cli
 from bas.core.demo import draw_scene
 from bas.core.tiny import save_tiny_model
 
+# bas's own fixtures for plugin authors; pytest also loads them by bas's pytest11 entry point where bas is
+# installed with its metadata (then this finds them registered under the same name and does nothing)
+pytest_plugins = ["bas.testing"]
+
 SHARED_SCENES = Path(__file__).resolve().parents[1].parent / "shared" / "scenes"
 
 
