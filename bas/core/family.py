@@ -462,9 +462,11 @@ class UNetFamily(ModelFamily):
     def load_pipeline(self, model, device, dtype, quantize="none"):
         import diffusers
 
+        from bas.core.compat import diffusers_dtype
+
         check_model_path(model)
         try:
-            pipe = getattr(diffusers, self.pipeline_class).from_pretrained(model, dtype=dtype, **self.pipeline_kwargs)
+            pipe = getattr(diffusers, self.pipeline_class).from_pretrained(model, **diffusers_dtype(dtype), **self.pipeline_kwargs)
         except (OSError, ValueError, EnvironmentError) as exc:
             raise load_error(model, exc) from exc
         pipe.set_progress_bar_config(disable=True)

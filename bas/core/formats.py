@@ -368,17 +368,18 @@ def sentencepiece_model(saved: dict, extra_tokens: list[str]) -> bytes:
     and the word-start ``▁`` its Metaspace pre-tokeniser adds; special tokens become control pieces."""
     import base64
 
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    from bas.core.compat import sentencepiece_model_class
 
+    model_proto = sentencepiece_model_class()
     unigram = saved["model"]
     vocab = list(unigram["vocab"])
     extra = set(extra_tokens)
     while vocab and vocab[-1][0] in extra:
         vocab.pop()
     special = {t["content"] for t in saved.get("added_tokens", []) if t.get("special")}
-    piece_type = pb.ModelProto.SentencePiece
-    proto = pb.ModelProto()
-    proto.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
+    piece_type = model_proto.SentencePiece
+    proto = model_proto()
+    proto.trainer_spec.model_type = proto.trainer_spec.UNIGRAM
     proto.trainer_spec.vocab_size = len(vocab)
     proto.trainer_spec.unk_id = unigram.get("unk_id") or 0
     proto.trainer_spec.byte_fallback = bool(unigram.get("byte_fallback"))

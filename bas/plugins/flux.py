@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from bas import hookimpl
+from bas.core.compat import diffusers_dtype, transformers_dtype
 from bas.core.errors import BasError
 from bas.core.family import (
     MIN_ATTENTION_RES,
@@ -316,10 +317,9 @@ class Flux(ModelFamily):
 
         check_model_path(model)
         quantize = plan.quantize if plan else "none"
-        dtype = {"dtype": plan.dtype} if plan else {}
-        big = dict(dtype)  # the transformer and T5: quantised where the plan asks
-        try:
-            transformer_kwargs, t5_kwargs = dict(big), dict(big)
+        dtype = transformers_dtype(plan.dtype) if plan else {}
+        try:  # the transformer and T5: quantised where the plan asks
+            transformer_kwargs, t5_kwargs = (diffusers_dtype(plan.dtype) if plan else {}), dict(dtype)
             if quantize != "none":  # straight onto the run's GPU: bitsandbytes quantises while it places the weights
                 transformer_kwargs.update(quantization_config=self.quantization("diffusers", quantize, plan.dtype), device_map={"": plan.device})
                 t5_kwargs.update(quantization_config=self.quantization("transformers", quantize, plan.dtype), device_map={"": plan.device})
@@ -478,7 +478,7 @@ class Flux(ModelFamily):
             kwargs["quantization_config"] = PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=args,
                                                                        components_to_quantize=["transformer", "text_encoder_2"])
         try:
-            pipe = FluxPipeline.from_pretrained(model, dtype=dtype, **kwargs)
+            pipe = FluxPipeline.from_pretrained(model, **diffusers_dtype(dtype), **kwargs)
         except (OSError, ValueError, EnvironmentError) as exc:
             raise load_error(model, exc) from exc
         pool_at_end_of_text(TextEncoder("text_encoder", "tokenizer", pipe.text_encoder, pipe.tokenizer))

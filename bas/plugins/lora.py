@@ -72,8 +72,10 @@ class Lora(WeightStrategy):
         return ["lora/pytorch_lora_weights.safetensors"]
 
     def load_pipeline(self, out: Path, run_info: dict, load):
+        from bas.core.compat import load_lora_folder
+
         pipe = load(run_info["model"])
-        pipe.load_lora_weights(str(out / "lora"))
+        load_lora_folder(pipe, out / "lora")
         return pipe
 
 
