@@ -101,6 +101,7 @@ def test_diffusers_export_loads_into_a_plain_pipeline_and_changes_it(rich_run, t
     assert "![samples of the handles](preview.png)" in card and "load both" in card
 
 
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI)
 @pytest.mark.parametrize("where", ["run", "export"])
 def test_model_card_code_writes_the_image_bas_generate_writes(rich_run, invoke, tmp_path, where):
     """The card's snippet samples with bas generate's defaults for SD (DDIM, guidance 7.5, the run's size, seed 0)."""

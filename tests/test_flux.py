@@ -282,6 +282,7 @@ def test_the_masked_loss_ignores_packed_tokens_outside_the_masks():
     assert loss(unpack(inside, 16, 16)) > base
 
 
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI)
 def test_generate_and_edit_end_to_end_through_the_flux_pipeline(flux_run, scene, invoke, tmp_path):
     run, _ = flux_run
     result = invoke("generate", run.out, "a photo of <asset0> at the beach", "--steps", 2, "--num-images", 1, "--out-dir", tmp_path / "g",
@@ -363,6 +364,7 @@ def test_diffusers_export_loads_in_a_plain_flux_pipeline_and_changes_its_output(
     np.testing.assert_allclose(sample(ours, prompt), after, atol=1e-5)
 
 
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI)
 def test_model_card_code_writes_the_image_bas_generate_writes(flux_run, invoke, tmp_path):
     """FluxPipeline samples 28 steps by default; the card sets bas generate's 50, its guidance and the run's size."""
     run, _ = flux_run

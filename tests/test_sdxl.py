@@ -213,6 +213,7 @@ def test_conditioning_is_both_penultimate_states_the_pooled_end_of_text_and_time
     assert size.target == (run.resolution, run.resolution)
 
 
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI)
 def test_generate_end_to_end_through_the_sdxl_pipeline(sdxl_run, invoke, tmp_path):
     run, _ = sdxl_run
     result = invoke("generate", run.out, "a photo of <asset0> at the beach", "--steps", 2, "--num-images", 1,
@@ -289,6 +290,7 @@ def test_diffusers_export_loads_in_a_plain_sdxl_pipeline_and_changes_its_output(
     assert "go together" in card and "load both" in card
 
 
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI)
 def test_model_card_code_writes_the_image_bas_generate_writes(sdxl_run, invoke, tmp_path):
     """SDXL's pipeline samples with Euler at guidance 5.0 by default; the card sets bas generate's DDIM and 7.5."""
     run, _ = sdxl_run

@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 
 import bas
 from bas.core import io
+from bas.core.compat import LORA_WEIGHT_NAME
 from bas.core.errors import BasError
 from bas.core.family import ModelFamily
 from bas.core.formats import LoraLayer, kohya_targets, read_diffusers_lora, write_diffusers_lora, write_kohya_lora
@@ -213,7 +214,7 @@ def diffusers_usage(info: dict, root: str, lora: bool, pipeline: bool, family: M
         f'pipe = {cls}.from_pretrained("{model}", torch_dtype=torch.bfloat16).to("cuda")',
     ]
     if lora:
-        code.append(f'pipe.load_lora_weights("{root}lora")')
+        code.append(f'pipe.load_lora_weights("{root}lora", weight_name="{LORA_WEIGHT_NAME}")')
     if not pipeline:  # a full fine-tune's pipeline already knows its handles
         code += family.textual_inversion_code(files)
     code += sampling
