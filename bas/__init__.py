@@ -1,6 +1,6 @@
 """bas: extract several concepts from one image into a text-to-image diffusion model (Break-A-Scene)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 from bas.core.hookspecs import hookimpl  # noqa: E402
 

@@ -16,7 +16,7 @@ from bas.core.batch.command import make_batch_command
 from bas.core.checks import MAX_SEED
 from bas.core.errors import BasError, command_line
 from bas.core.export import FORMATS as EXPORT_FORMATS
-from bas.core.generation import SCHEDULERS
+from bas.core.generation import SAMPLING_STEPS, SCHEDULERS
 from bas.core.model import PRECISIONS
 from bas.core.plugins import REGISTER_HOOKS, Plugins, available_plugin_names, shadowed_entry_points
 from bas.eval_cli import eval_command
@@ -292,7 +292,7 @@ def sampling_options(command):
         click.option("--num-images", type=COUNT, default=None, help="Images per prompt, seeds seed, seed+1, ... [default: 4 for generate, 1 for edit]."),
         click.option("--seed", type=int, default=0, show_default=True, help=f"The first seed, 0 to {MAX_SEED}."),
         click.option("--seeds", callback=parse_seeds, default=None, help="Exact seeds, comma-separated (such as 1,7,42); overrides --seed and --num-images."),
-        click.option("--steps", type=COUNT, default=None, help="Sampling steps [default: 50; 4 for a FLUX.1-schnell run, as its model card]."),
+        click.option("--steps", type=COUNT, default=None, help=f"Sampling steps [default: {SAMPLING_STEPS}; 4 for a FLUX.1-schnell run, as its model card]."),
         click.option("--guidance", type=float, default=None, callback=finite,
                      help="Guidance scale: classifier-free, or FLUX.1-dev's distilled guidance [default: 7.5; flux 3.5, schnell 0 (it has none)]."),
         click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=None,

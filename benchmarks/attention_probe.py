@@ -217,7 +217,7 @@ def plot(results: dict, path: Path) -> None:
         ax = axes[0][j]
         for variant in variants:
             for what, style in (("own", "-"), ("other", ":")):
-                xs, ys = {}, {}
+                xs = {}
                 for r in (r for r in results["runs"] if r["variant"] == variant):
                     for row in (row for row in r["maps"] if row["side"] == side):
                         x = row["step"] + (0 if row["phase"] == 1 else results["steps"][0])

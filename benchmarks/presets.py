@@ -56,9 +56,13 @@ class Preset:
     t5: dict = field(default_factory=dict)  # T5Config fields of FLUX's second text encoder
 
     def key(self) -> str:
-        """Changes when the architecture does, so a cached model is rebuilt."""
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        """Changes when the architecture or the saved layout (``SAVED_LAYOUT``) does, so a cached model is rebuilt."""
+        fields = {**asdict(self), "saved_layout": SAVED_LAYOUT}
+        return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
+
+# 2: saved by formats.save_pipeline (transformers 4.x's names and tokenizer files), not save_pretrained alone
+SAVED_LAYOUT = 2
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", 128, "bas.core.tiny: the test model (UNet 16/32/32/32, 2-layer 32-d text model)"),
@@ -227,12 +231,12 @@ def default_cache_dir() -> Path:
 
 def materialize(name: str, cache_dir: Path | None = None) -> Path:
     """The preset saved as a diffusers folder (built on first use, then reused); returns its path."""
-    from bas.core import io
+    from bas.core import formats, io
 
     preset = PRESETS[name]
     directory = Path(cache_dir or default_cache_dir()) / f"{name}-{preset.key()}"
     if not (directory / "model_index.json").is_file():
         directory.parent.mkdir(parents=True, exist_ok=True)
         with io.atomic_path(directory, directory=True) as tmp:
-            build_pipeline(preset).save_pretrained(tmp, safe_serialization=True)
+            formats.save_pipeline(build_pipeline(preset), tmp)  # loadable by transformers 4.x too
     return directory

@@ -37,7 +37,6 @@ def row_table(row: dict) -> list[str]:
         "| configuration | phase 1 s/step | phase 2 s/step | 400+400 steps | whole extraction | peak memory | TFLOP/s phase 1 / 2 | time vs bas | CPU time vs bas | memory vs bas |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    bas = row["configs"]["bas"]
     comparisons = dict(row.get("ablations", {}))
     if row.get("speedup_vs_reference"):
         comparisons["reference-style"] = row["speedup_vs_reference"]

@@ -159,7 +159,7 @@ def load_network(lora: dict[str, torch.Tensor], mapping: dict[str, Target]) -> t
             failed.append(key_network)
             continue
         matched.setdefault(key, (target, {}))[1][part] = weight
-    for key, (target, w) in matched.items():
+    for _target, w in matched.values():
         if {"lora_A.weight", "lora_B.weight"} <= w.keys():
             w["lora_up.weight"], w["lora_down.weight"] = w.pop("lora_B.weight"), w.pop("lora_A.weight")
         if not {"lora_up.weight", "lora_down.weight"} <= w.keys():

@@ -71,7 +71,7 @@ def read_lora(lora: dict[str, torch.Tensor], names: dict) -> tuple[dict[tuple[st
     each layer, its change at strength 1 being ``scale * up @ down`` (``scale``: alpha / rank; without an
     ``.alpha`` key ComfyUI applies ``up @ down`` as it is)."""
     loaded, factors = set(), {}
-    for name, (component, module, shape) in names.items():
+    for name, (component, module, _shape) in names.items():
         alpha = lora.get(f"{name}.alpha")
         if alpha is not None:
             loaded.add(f"{name}.alpha")

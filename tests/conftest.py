@@ -18,6 +18,10 @@ from bas.cli import cli
 from bas.core.demo import draw_scene
 from bas.core.tiny import save_tiny_model
 
+# bas's own fixtures for plugin authors; pytest also loads them by bas's pytest11 entry point where bas is
+# installed with its metadata (then this finds them registered under the same name and does nothing)
+pytest_plugins = ["bas.testing"]
+
 SHARED_SCENES = Path(__file__).resolve().parents[1].parent / "shared" / "scenes"
 
 
@@ -152,6 +156,30 @@ def save_tiny_sam(path: Path) -> Path:
     SamModel(config).save_pretrained(path)
     SamProcessor(SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})).save_pretrained(path)
     return path
+
+
+def card_image_and_generated(card: Path, run: Path, invoke, tmp_path: Path, steps: int = 2):
+    """The image the model card's diffusers code writes, run as written except for the CPU, float32 and
+    ``steps`` (bas generate's precision on a CPU, and a short test), and the one ``bas generate`` writes
+    for the same prompt and seed 0: two uint8 arrays."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from bas.core.generation import SAMPLING_STEPS, image_stem
+
+    code = re.search(r"```python\n(.*?)```", card.read_text(), re.S).group(1)
+    for old, new in (('"cuda"', '"cpu"'), ("torch.bfloat16", "torch.float32"), (f"num_inference_steps={SAMPLING_STEPS},", f"num_inference_steps={steps},"),
+                     ('"sample.png"', repr(str(tmp_path / "card.png")))):
+        assert old in code, old
+        code = code.replace(old, new)
+    exec(compile(code, str(card), "exec"), {})
+    prompt = re.search(r'image = pipe\("([^"]*)"', code).group(1)
+    result = invoke("generate", run, prompt, "--num-images", 1, "--steps", steps, "--device", "cpu", "--out-dir", tmp_path / "bas")
+    assert result.exit_code == 0, result.output
+    read = lambda path: np.asarray(Image.open(path).convert("RGB"))
+    return read(tmp_path / "card.png"), read(tmp_path / "bas" / f"{image_stem(prompt)}-seed0.png")
 
 
 def run_main(argv, capsys) -> tuple[int, str, str]:

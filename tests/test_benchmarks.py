@@ -145,3 +145,13 @@ def test_cpu_attention_flops_are_counted():
     forward = 2 * (2 * 2 * 64 * 64 * 8)  # two matmuls of (64 x 8) by (8 x 64) per head
     assert fused.get_total_flops() > forward
     assert explicit.get_total_flops() > forward
+
+
+def test_benchmark_presets_are_saved_with_the_transformers_4_layout(tmp_path):
+    from benchmarks import presets
+    from safetensors.torch import load_file
+
+    folder = presets.materialize("tiny", tmp_path)
+    keys = load_file(str(folder / "text_encoder" / "model.safetensors")).keys()
+    assert keys and all(k.startswith("text_model.") for k in keys)
+    assert (folder / "tokenizer" / "vocab.json").is_file() and (folder / "tokenizer" / "merges.txt").is_file()

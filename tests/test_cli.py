@@ -69,6 +69,7 @@ def test_lora_output_loads_into_a_plain_diffusers_pipeline_and_changes_it(lora_r
     assert not np.allclose(before, sample())
 
 
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI)
 def test_generate_writes_pngs_at_the_run_resolution(lora_run, invoke, tmp_path):
     out, _ = lora_run
     result = invoke("generate", out, "a photo of <asset0> at the beach", "<asset1>", "--num-images", 2, "--steps", 2, "--out-dir", tmp_path / "imgs")

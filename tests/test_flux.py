@@ -20,7 +20,7 @@ from bas.core.plugins import Plugins
 from bas.core.training import extract
 from bas.plugins.flux import Flux, image_text_probabilities, pack, shift_sigmas, unpack
 
-from conftest import Snapshots, changed  # noqa: E402
+from conftest import Snapshots, card_image_and_generated, changed  # noqa: E402
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -324,6 +324,7 @@ def test_the_masked_loss_ignores_packed_tokens_outside_the_masks():
     assert loss(unpack(inside, 16, 16)) > base
 
 
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI)
 def test_generate_and_edit_end_to_end_through_the_flux_pipeline(flux_run, scene, invoke, tmp_path):
     run, _ = flux_run
     result = invoke("generate", run.out, "a photo of <asset0> at the beach", "--steps", 2, "--num-images", 1, "--out-dir", tmp_path / "g",
@@ -385,7 +386,7 @@ def test_diffusers_export_loads_in_a_plain_flux_pipeline_and_changes_its_output(
     plain = plain_flux(tiny_flux_model)
     prompt = "a photo of <asset0> at the beach"
     before = sample(plain, prompt)
-    code = code.replace('"cuda"', '"cpu"').replace(f'pipe("{prompt}").images[0].save("sample.png")', "")
+    code = code.replace('"cuda"', '"cpu"').replace("torch.bfloat16", "torch.float32").partition("\ngenerator = ")[0]  # up to the sampling
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     pipe = namespace["pipe"]
@@ -403,6 +404,18 @@ def test_diffusers_export_loads_in_a_plain_flux_pipeline_and_changes_its_output(
     ours, _ = load_run_pipeline(run.out, device="cpu")
     ours.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(sample(ours, prompt), after, atol=1e-5)
+
+
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI)
+def test_model_card_code_writes_the_image_bas_generate_writes(flux_run, invoke, tmp_path):
+    """FluxPipeline samples 28 steps by default; the card sets bas generate's 50, its guidance and the run's size."""
+    run, _ = flux_run
+    result = invoke("export", run.out, "--format", "diffusers", "--out", tmp_path / "export", "--no-preview")
+    assert result.exit_code == 0, result.output
+    card = tmp_path / "export" / "README.md"
+    assert "num_inference_steps=50," in card.read_text() and "guidance_scale=3.5" in card.read_text()
+    ours, theirs = card_image_and_generated(card, run.out, invoke, tmp_path)
+    np.testing.assert_array_equal(ours, theirs)
 
 
 def converted_by_diffusers(state_dict, transformer):
@@ -437,6 +450,9 @@ def test_kohya_export_has_bfl_names_and_loads_through_diffusers_and_comfyui_key_
     with safe_open(str(dest / "toys.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    # the run's rank (8), not the fused layers' (32); every key's alpha is the header's
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "8.0"
+    assert {float(v) for k, v in lora.items() if k.endswith(".alpha")} == {8.0}
 
     # diffusers' kohya converter splits every fused layer back into the adapters bas trained
     original, converted = plain_flux(tiny_flux_model), plain_flux(tiny_flux_model)

@@ -146,6 +146,25 @@ def assert_tokenizer_files_agree(folder, tmp_path, prompts):
     assert CLIPTokenizer.from_pretrained(str(legacy))(prompts).input_ids == want
 
 
+def test_tiny_flux_t5_tokenizer_has_the_files_transformers_4_reads(tiny_flux_model):
+    """`bas tiny-model --family flux`: T5's spiece.model (4.x's T5Tokenizer reads nothing else) tokenizes as the
+    saved tokenizer.json, the extra ids 4.x appends from `extra_ids` land where 5.x has them, and the config
+    holds no 5.x list where 4.x reads a dict."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    folder = tiny_flux_model / "tokenizer_2"
+    saved = AutoTokenizer.from_pretrained(str(folder))
+    pieces = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert "backend" not in config and not isinstance(config.get("extra_special_tokens"), list)
+    assert config["additional_special_tokens"][:2] == ["<extra_id_0>", "<extra_id_1>"] and len(config["additional_special_tokens"]) == config["extra_ids"]
+    assert pieces.get_piece_size() + config["extra_ids"] == len(saved)
+    assert saved.convert_tokens_to_ids("<extra_id_0>") == len(saved) - 1  # 4.x: vocab_size - 1 - N for <extra_id_N>
+    for prompt in ["a photo of a red striped ball at the beach", "A  Photo, of xyzzy  dog!", "cube"]:
+        assert pieces.encode(prompt) + [saved.eos_token_id] == saved(prompt).input_ids, prompt
+
+
 def sd1_unet(tiny_model):
     """The tiny UNet with SD 1.x's 1x1-convolution proj_in/proj_out."""
     from diffusers import UNet2DConditionModel

@@ -120,6 +120,43 @@ def test_installed_plugin_is_loaded_by_name(monkeypatch):
     assert pm.infos["fancy"].explicit
 
 
+def api_plugin(monkeypatch, api):
+    """An installed plugin 'versioned' (a sampler) that declares ``BAS_PLUGIN_API = api``."""
+    module = types.ModuleType("versioned_sampler")
+    module.BAS_PLUGIN_API = api
+
+    @bas.hookimpl
+    def bas_register_samplers(register):
+        register("first", lambda config, n: (lambda rng: [0]))
+
+    module.bas_register_samplers = bas_register_samplers
+
+    class EntryPoint:
+        name, value, dist = "versioned", "versioned_sampler", None
+
+        def load(self):
+            return module
+
+    monkeypatch.setattr(plugins_module, "_entry_points", lambda: {"versioned": EntryPoint()})
+
+
+def test_a_plugin_of_the_current_api_loads(monkeypatch):
+    api_plugin(monkeypatch, hookspecs.PLUGIN_API)
+    assert Plugins(["versioned"]).choose("sampler").name == "first"
+
+
+@pytest.mark.parametrize("api", [hookspecs.PLUGIN_API + 1, 0, "1", True])
+def test_a_plugin_of_another_api_is_skipped_with_a_warning_naming_both_apis(monkeypatch, invoke, api):
+    api_plugin(monkeypatch, api)
+    with pytest.warns(UserWarning, match=rf"plugin 'versioned' .* plugin API {api!r}, and this bas .* supports API {hookspecs.PLUGIN_API}; it is skipped"):
+        pm = Plugins(["versioned"])
+    assert "versioned" in pm.broken and "versioned" not in pm.infos
+    assert pm.choose("sampler").name == "union"  # the run goes on with the default sampler
+    with pytest.warns(UserWarning):
+        result = invoke("plugins")
+    assert result.exit_code == 0 and "versioned  [broken: plugin 'versioned'" in result.output
+
+
 def test_plugin_options_show_in_run_help_only_when_the_plugin_is_on(invoke):
     plain = invoke("run", "--help").output
     with_prior = invoke("run", "--plugin", "prior-preservation", "--help").output

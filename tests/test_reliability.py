@@ -57,6 +57,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout=120.0) -> None:
     ("SIGKILL", "phase2-step00004"),
     ("SIGINT", "phase2-step00002"),
 ])
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI)
 def test_interrupted_run_resumes_to_the_same_weights(how, checkpoint_name, uninterrupted, scene, tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
     proc = subprocess.Popen(bas_cmd(scene, tiny_model, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -96,6 +97,7 @@ class StopAt:
         register("stop-at", lambda config: self)
 
 
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI)
 def test_a_stopped_sdxl_run_resumes_to_the_same_weights(scene, tiny_sdxl_model, tmp_path):
     """The SDXL family's state (both encoders' handle rows and LoRA, the UNet's LoRA, the optimizer, the random
     generators) comes back from a checkpoint whole: stopped in phase 2 and resumed, the run ends with exactly an

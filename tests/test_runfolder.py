@@ -402,7 +402,7 @@ def test_readers_refuse_the_entries_bas_keeps_beside_a_run_naming_the_run(entry,
         for reader in READERS:
             code, err = run_main([a.format(out=given, work=work) for a in reader])
             line = error_line(err)
-            assert code == 1 and f"is {what} that bas keeps beside the run " in line and line.endswith(f"runs/old itself."), (reader[0], line)
+            assert code == 1 and f"is {what} that bas keeps beside the run " in line and line.endswith("runs/old itself."), (reader[0], line)
             assert snapshot(work) == before
 
 

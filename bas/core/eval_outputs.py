@@ -166,7 +166,7 @@ def summary_lines(data: dict, names: Sequence[str] | None = None) -> list[str]:
     lines = []
     for run in names or data["runs"]:
         cells = []
-        for name, m in metrics:
+        for name, _m in metrics:
             s = data["summary"].get(run, {}).get(name)
             if s:
                 cells.append(f"{name} {fmt(s['mean'])} [{fmt(s['low'])}, {fmt(s['high'])}]")

@@ -34,10 +34,11 @@ from safetensors.torch import load_file
 
 import bas
 from bas.core import io
+from bas.core.compat import LORA_WEIGHT_NAME
 from bas.core.errors import BasError
 from bas.core.family import ModelFamily, python_str
 from bas.core.formats import LoraLayer, kohya_targets, read_diffusers_lora, write_diffusers_lora, write_kohya_lora
-from bas.core.generation import all_handles_prompt, read_run, slug
+from bas.core.generation import all_handles_prompt, read_run, sampling_code, slug
 from bas.core.handles import check_handle_names, split_handles
 from bas.core.runs import run_family
 
@@ -203,13 +204,21 @@ def diffusers_usage(info: dict, root: str, lora: bool, pipeline: bool, family: M
     files = [(t, f"{root}{EMBEDDINGS_DIR}/{handle_file_stem(t)}.safetensors") for t in info["handles"]]
     model = f"{root}pipeline" if pipeline else info["model"]
     cls = family.pipeline_class
-    code = [f"from diffusers import {cls}", f'pipe = {cls}.from_pretrained({python_str(model)}).to("cuda")']
+    scheduler_classes, sampling = sampling_code(family, info, example_prompts(info)[0])
+    code = [
+        "import torch",
+        f"from diffusers import {', '.join([cls, *scheduler_classes])}",
+        "",
+        "# bf16: bas generate's precision on GPUs that have it (float16 on older ones, float32 on a CPU)",
+        f'pipe = {cls}.from_pretrained({python_str(model)}, torch_dtype=torch.bfloat16).to("cuda")',
+    ]
     if lora:
-        code.append(f"pipe.load_lora_weights({python_str(root + 'lora')})")
+        code.append(f'pipe.load_lora_weights({python_str(root + "lora")}, weight_name={python_str(LORA_WEIGHT_NAME)})')
     if not pipeline:  # a full fine-tune's pipeline already knows its handles
         code += family.textual_inversion_code(files)
-    code.append(f'pipe({python_str(example_prompts(info)[0])}).images[0].save("sample.png")')
-    return "## Use with diffusers\n\n```python\n" + "\n".join(code) + "\n```"
+    code += sampling
+    return ("## Use with diffusers\n\nThe sampler, guidance, steps, size and seed are `bas generate`'s defaults, so this writes the image "
+            "`bas generate` writes for seed 0.\n\n```python\n" + "\n".join(code) + "\n```")
 
 
 def kohya_usage(info: dict, name: str, lora: bool, family: ModelFamily) -> str:
@@ -351,6 +360,7 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
         layers = lora_from_full(out, info, rank, device, family)
     elif fmt == "kohya" and has_lora:
         layers = read_diffusers_lora(out / LORA_FILE)
+    network_dim = max(layer.rank for layer in layers) if layers else None  # the run's rank, before a family fuses layers
     if fmt == "kohya" and layers:
         check_kohya_names(layers, family)
         layers = family.kohya_layers(layers)
@@ -359,7 +369,8 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
         files: list[tuple[str, str]] = []
         if fmt == "kohya":
             if layers:
-                write_kohya_lora(layers, tmp / f"{name}.safetensors", kohya_metadata(info, name, handles, family), family.kohya_prefixes)
+                write_kohya_lora(layers, tmp / f"{name}.safetensors", kohya_metadata(info, name, handles, family), family.kohya_prefixes,
+                                 network_dim)
                 how = "by low-rank difference of the full fine-tune, rank " + str(rank) if has_pipeline else "trained in phase 2"
                 files.append((f"{name}.safetensors", f"the LoRA ({how}), kohya keys"))
             for p in write_a1111_embeddings(family, handles, tmp / EMBEDDINGS_DIR, name):

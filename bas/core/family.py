@@ -182,6 +182,12 @@ class ModelFamily:
     default_guidance: float = 7.5
     default_steps: int = 50  # sampling steps of `bas generate`, `bas edit` and `bas eval` (the paper's 50)
 
+    def lora_target(self, component: str, module) -> list[str] | str:
+        """Where LoRA goes in the pipeline component ``component`` (``module``): ``lora_targets[component]``;
+        a family whose conditioning leaves some layers unread narrows it here, so that no adapter is
+        trained that cannot learn (its gradient is zero) and none is saved that changes nothing."""
+        return self.lora_targets[component]
+
     # -- recognising and loading ----------------------------------------------------------------
     def recognises(self, model_index: dict) -> bool:
         """Whether a pipeline with this ``model_index.json`` belongs to the family."""
@@ -464,9 +470,11 @@ class UNetFamily(ModelFamily):
     def load_pipeline(self, model, device, dtype, quantize="none"):
         import diffusers
 
+        from bas.core.compat import diffusers_dtype
+
         check_model_path(model)
         try:
-            pipe = getattr(diffusers, self.pipeline_class).from_pretrained(model, dtype=dtype, **self.pipeline_kwargs)
+            pipe = getattr(diffusers, self.pipeline_class).from_pretrained(model, **diffusers_dtype(dtype), **self.pipeline_kwargs)
         except MODEL_FILE_ERRORS as exc:
             raise load_error(model, exc) from exc
         pipe.set_progress_bar_config(disable=True)

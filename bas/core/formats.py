@@ -128,7 +128,7 @@ def parse_diffusers_key(key: str) -> tuple[str, str, str] | None:
     component = next((c for c, names in COMPONENTS.items() if names.diffusers == prefix), None)
     if component is None:
         return None
-    for suffix, kind in DIFFUSERS_SUFFIXES.items():
+    for suffix, kind in DIFFUSERS_SUFFIXES.items():  # noqa: B007 (the matched kind is read after the loop)
         if rest.endswith(suffix):
             module = rest[: -len(suffix)]
             break
@@ -282,10 +282,13 @@ def kohya_model_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     return hashlib.sha256(data[8 + header:]).hexdigest()
 
 
-def write_kohya_lora(layers: list[LoraLayer], path: Path, metadata: dict[str, str], prefixes: dict[str, str] | None = None) -> None:
-    """The LoRA with one alpha (the largest rank), kohya's training metadata and its model hash;
-    ``prefixes``: the model family's kohya prefixes (default: SD 1.x/2.x's)."""
-    alpha = float(max(layer.rank for layer in layers))
+def write_kohya_lora(layers: list[LoraLayer], path: Path, metadata: dict[str, str], prefixes: dict[str, str] | None = None,
+                     network_dim: int | None = None) -> None:
+    """The LoRA with one alpha, ``network_dim`` (the run's rank; default: the largest layer's), kohya's
+    training metadata, which shows it as ``ss_network_dim``, and its model hash; ``prefixes``: the
+    model family's kohya prefixes (default: SD 1.x/2.x's). A fused layer (FLUX's q, k, v as one) has
+    a multiple of the rank; its scale is folded into its up factor, as every layer's is."""
+    alpha = float(network_dim or max(layer.rank for layer in layers))
     tensors = {k: v.detach().cpu().contiguous() for k, v in kohya_state_dict(layers, alpha, prefixes).items()}
     metadata = {**metadata, "ss_network_module": "networks.lora", "ss_network_dim": str(int(alpha)), "ss_network_alpha": str(alpha)}
     metadata["sshs_model_hash"] = kohya_model_hash(tensors, metadata)
@@ -295,14 +298,15 @@ def write_kohya_lora(layers: list[LoraLayer], path: Path, metadata: dict[str, st
 # -- pipelines -------------------------------------------------------------------------------------
 def save_pipeline(pipe, directory: Path) -> None:
     """``pipe.save_pretrained`` (safetensors) into ``directory``, then what transformers 4.x needs to load
-    it too: text-encoder weights under their 4.x names, tokenizers' ``vocab.json`` and ``merges.txt``."""
+    it too: text-encoder weights under their 4.x names, BPE tokenizers' ``vocab.json`` and ``merges.txt``,
+    SentencePiece tokenizers' ``spiece.model`` (T5's), and tokenizer configs 4.x reads."""
     directory = Path(directory)
     pipe.save_pretrained(directory, safe_serialization=True)
     for name, component in pipe.components.items():
         if type(component).__name__ == "CLIPTextModel":
             rename_weights(directory / name, text_encoder_module)
         if component is not None and hasattr(component, "backend_tokenizer"):
-            write_bpe_files(directory / name)
+            write_slow_tokenizer_files(directory / name)
 
 
 def rename_weights(folder: Path, rename) -> None:
@@ -325,22 +329,70 @@ def rename_weights(folder: Path, rename) -> None:
         io.write_json(index, data)
 
 
-def write_bpe_files(folder: Path) -> None:
-    """``vocab.json`` and ``merges.txt`` of a BPE tokenizer saved as ``tokenizer.json``, and its added
-    tokens (a full fine-tune's handles) as ``added_tokens_decoder`` in ``tokenizer_config.json``: the
-    files transformers 4.x's slow tokenizers (``CLIPTokenizer``) read."""
+def write_slow_tokenizer_files(folder: Path) -> None:
+    """What transformers 4.x's slow tokenizers read, from a tokenizer saved as ``tokenizer.json``: a BPE
+    model's ``vocab.json`` and ``merges.txt`` (``CLIPTokenizer``), a Unigram model's ``spiece.model``
+    (``T5Tokenizer``); and ``tokenizer_config.json`` in 4.x's terms: the added tokens (a full
+    fine-tune's handles) as ``added_tokens_decoder``, 5.x's list of extra special tokens as
+    ``additional_special_tokens``, without the keys that say how 5.x loaded this copy."""
     saved = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     model = saved["model"]
-    if model.get("type") != "BPE":
-        return
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    with io.atomic_path(folder / "vocab.json") as tmp:
-        tmp.write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
-    with io.atomic_path(folder / "merges.txt") as tmp:
-        tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    for key in ("is_local", "local_files_only"):  # how this copy was loaded, not what the tokenizer is
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):  # 4.x reads a dict there (and calls .keys() on it)
+        del config["extra_special_tokens"]
+        named = {config.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")}
+        config["additional_special_tokens"] = [t for t in extra if t not in named]
+    if model.get("type") == "BPE":
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        with io.atomic_path(folder / "vocab.json") as tmp:
+            tmp.write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+        with io.atomic_path(folder / "merges.txt") as tmp:
+            tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    elif model.get("type") == "Unigram":
+        with io.atomic_path(folder / "spiece.model") as tmp:
+            tmp.write_bytes(sentencepiece_model(saved, config.get("additional_special_tokens", [])))
+    else:
+        return
+    for key in ("is_local", "local_files_only", "backend"):  # how this copy was loaded, 5.x's backend choice
         config.pop(key, None)
     config["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in saved.get("added_tokens", [])}
     io.write_json(config_path, config)
+
+
+def sentencepiece_model(saved: dict, extra_tokens: list[str]) -> bytes:
+    """The SentencePiece model (``spiece.model``) of the Unigram model in a ``tokenizer.json``: its pieces
+    and scores but the trailing ``extra_tokens`` (T5's ``<extra_id_N>``, which 4.x's ``T5Tokenizer``
+    appends itself, from ``extra_ids``), its unknown piece, its normaliser's precompiled character map,
+    and the word-start ``▁`` its Metaspace pre-tokeniser adds; special tokens become control pieces."""
+    import base64
+
+    from bas.core.compat import sentencepiece_model_class
+
+    model_proto = sentencepiece_model_class()
+    unigram = saved["model"]
+    vocab = list(unigram["vocab"])
+    extra = set(extra_tokens)
+    while vocab and vocab[-1][0] in extra:
+        vocab.pop()
+    special = {t["content"] for t in saved.get("added_tokens", []) if t.get("special")}
+    piece_type = model_proto.SentencePiece
+    proto = model_proto()
+    proto.trainer_spec.model_type = proto.trainer_spec.UNIGRAM
+    proto.trainer_spec.vocab_size = len(vocab)
+    proto.trainer_spec.unk_id = unigram.get("unk_id") or 0
+    proto.trainer_spec.byte_fallback = bool(unigram.get("byte_fallback"))
+    for i, (piece, score) in enumerate(vocab):
+        entry = proto.pieces.add()
+        entry.piece, entry.score = piece, score
+        entry.type = piece_type.UNKNOWN if i == proto.trainer_spec.unk_id else piece_type.CONTROL if piece in special else piece_type.NORMAL
+    normalizer = saved.get("normalizer") or {}
+    charsmap = next((n["precompiled_charsmap"] for n in [normalizer, *normalizer.get("normalizers", [])] if n.get("type") == "Precompiled"), None)
+    proto.normalizer_spec.name = "nmt_nfkc" if charsmap else "identity"
+    if charsmap:
+        proto.normalizer_spec.precompiled_charsmap = base64.b64decode(charsmap)
+    proto.normalizer_spec.add_dummy_prefix = True
+    proto.normalizer_spec.remove_extra_whitespaces = True
+    proto.normalizer_spec.escape_whitespaces = True
+    return proto.SerializeToString()

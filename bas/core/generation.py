@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from bas.core import checks, io
 from bas.core.errors import BasError
 from bas.core.failures import is_out_of_memory
+from bas.core.family import ModelFamily, python_str
 from bas.core.handles import check_prompt_fits, check_prompt_handles, install_handles
 from bas.core.model import DTYPES, load_pipeline, resolve_device, resolve_precision
 from bas.core.runs import SavedConfig, all_handles_prompt, read_run, run_family, run_plugins, slug  # noqa: F401 (re-exported)
@@ -119,6 +120,27 @@ def run_sampling_defaults(family, info: dict, scheduler: str | None, guidance: f
     steps = int(variant.get("steps", family.default_steps)) if steps is None else steps
     checks.check_integer("steps", steps, 1)
     return scheduler, guidance, steps
+
+
+SAMPLING_STEPS = ModelFamily.default_steps  # bas generate's, bas edit's and bas eval's --steps (a variant may have its own: FLUX.1-schnell 4)
+
+
+def sampling_code(family, info: dict, prompt: str, out_file: str = "sample.png", device: str = "cuda") -> tuple[list[str], list[str]]:
+    """What ``bas generate`` does by default, as plain-diffusers lines for a model card: (the names to
+    import from diffusers, the lines). The lines follow ``pipe = ...`` and sample ``prompt`` with the
+    family's (or its variant's) sampler, guidance and steps, the run's resolution and seed 0 on ``device``,
+    so the image is the one ``bas generate`` writes as ``...-seed0.png``."""
+    scheduler, guidance, steps = run_sampling_defaults(family, info, None, None, None)
+    cls, extra = SCHEDULERS[scheduler]
+    options = "".join(f", {k}={v!r}" for k, v in extra.items())
+    res = info.get("resolution")
+    size = f", height={res}, width={res}" if res else ""
+    return [cls], [
+        f"pipe.scheduler = {cls}.from_config(pipe.scheduler.config{options})  # bas generate's sampler for {family.name}",
+        f'generator = torch.Generator("{device}").manual_seed(0)',
+        f"image = pipe({python_str(prompt)}, num_inference_steps={steps}, guidance_scale={guidance}{size}, generator=generator).images[0]",
+        f"image.save({python_str(out_file)})",
+    ]
 
 
 def make_scheduler(name: str, config):

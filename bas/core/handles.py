@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bas.core.compat import resize_token_embeddings
 from bas.core.errors import BasError
 
 DEFAULT_INIT_TOKEN = "object"
@@ -212,7 +213,7 @@ def install_handles(encoders, state: dict[str, torch.Tensor]) -> None:
             continue
         tokenizer.add_tokens(missing)
         size = max(len(tokenizer), encoder.model.get_input_embeddings().num_embeddings)
-        encoder.model.resize_token_embeddings(size, mean_resizing=False)  # rows are overwritten below
+        resize_token_embeddings(encoder.model, size)  # rows are overwritten below
         weight = encoder.model.get_input_embeddings().weight
         with torch.no_grad():
             for token in missing:

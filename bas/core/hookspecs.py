@@ -13,6 +13,18 @@ plugins.
 
 The ``register_*`` hooks are called once per run to *resolve* the chosen components into plain
 objects; the training loop then calls those objects directly, never through hook dispatch.
+
+**Plugin API version and stability.** A plugin declares the API it was written for with a
+module-level ``BAS_PLUGIN_API = 1`` (on the object its entry point names). bas loads a plugin whose
+API is in :data:`SUPPORTED_PLUGIN_APIS` (or that declares none); any other is skipped with a
+``Warning:`` naming the plugin, the API it wants and the one bas has, and the run goes on
+without it. :data:`PLUGIN_API` goes up when a *stable* hook changes in a way that breaks existing
+implementations (a renamed or removed hook or argument, a changed ``register`` or component
+contract); adding a hook, an argument (implementations may take a subset) or an optional
+component attribute does not change it. Each hook below says whether it is **stable** (kept
+within an API version) or **provisional** (may change in a minor release of bas, said in
+CHANGELOG.md). ``bas.testing`` gives plugin authors fixtures (a tiny model per family, a scene, a
+CLI runner) to test against.
 """
 
 from __future__ import annotations
@@ -22,6 +34,9 @@ import pluggy
 hookspec = pluggy.HookspecMarker("bas")
 hookimpl = pluggy.HookimplMarker("bas")
 
+PLUGIN_API = 1  # the API this bas implements
+SUPPORTED_PLUGIN_APIS = frozenset({1})  # the APIs whose plugins it loads
+
 
 @hookspec
 def bas_run_options():
@@ -30,12 +45,17 @@ def bas_run_options():
     Their values reach components through ``config.options[option.name]``; the Python API takes
     them as keyword arguments of :func:`bas.extract` with the option's default otherwise.
     ``bas run --plugin NAME --help`` lists the options a plugin adds.
+
+    **Stable** (plugin API 1).
     """
 
 
 @hookspec
 def bas_register_commands(cli):
-    """Add commands to the ``bas`` command group ``cli`` (a ``click.Group``)."""
+    """Add commands to the ``bas`` command group ``cli`` (a ``click.Group``).
+
+    **Stable** (plugin API 1).
+    """
 
 
 @hookspec
@@ -53,6 +73,8 @@ def bas_register_mask_sources(register):
     ``mask_model``, the checkpoint given with ``bas masks --model`` (a run's ``--model`` is the
     diffusion model).  ``bas masks`` offers the options of plugins that provide a mask source or
     nothing that training uses.
+
+    **Stable** (plugin API 1).
     """
 
 
@@ -65,6 +87,8 @@ def bas_register_weight_strategies(register):
     rate, how they are saved into the output folder and how they are applied to a pipeline for
     generation.  Exactly one is used per run: the one from a plugin named with ``--plugin``,
     else the default.
+
+    **Provisional**: the WeightStrategy contract may still grow what it must provide (plugin API 1).
     """
 
 
@@ -76,6 +100,8 @@ def bas_register_loss_terms(register):
     of this run).  Every term of every enabled plugin is added, each times its ``weight``.  A term
     may prepare the model in ``setup(run)`` (for example install attention capture) and undo it in
     ``teardown(run)``; its ``__call__(batch)`` is called once per training step.
+
+    **Stable** (plugin API 1).
     """
 
 
@@ -88,6 +114,8 @@ def bas_register_optimizers(register):
     :class:`bas.core.errors.BasError`, a device or installation the optimizer cannot run on
     (``adamw8bit``: CUDA and an importable bitsandbytes), so that such a run fails in a second
     rather than after the model loaded.
+
+    **Stable** (plugin API 1).
     """
 
 
@@ -99,6 +127,8 @@ def bas_register_samplers(register):
     ``factory(config, num_concepts)`` returns a callable ``sample(rng) -> list[int]`` giving the
     concepts (in prompt order) that one training step shows.  ``rng`` is a seeded
     ``random.Random``.  With no sampler at all, every step shows all concepts.
+
+    **Stable** (plugin API 1).
     """
 
 
@@ -154,8 +184,10 @@ def bas_register_model_families(register):
       ``load_pipeline``, ``pipeline_from_components``, ``pipeline_text_encoders``,
       ``prompt_conditioning`` (sampling and ``bas edit`` through the pipeline's own prompt
       encoding), ``schedulers``/``default_scheduler``/``default_guidance``/``default_steps`` (what
-      ``bas generate`` samples with) and ``variant_sampling`` (other defaults for a variant, FLUX.1-schnell's 4 steps), ``check_sampling`` (sampling options the pipeline ignores), ``lora_targets``
-      (peft target names, or a regular expression, per pipeline component),
+      ``bas generate`` samples with) and ``variant_sampling`` (other defaults for a variant, FLUX.1-schnell's 4 steps),
+      ``check_sampling`` (sampling options the pipeline ignores), ``lora_targets`` (peft target names,
+      or a regular expression, per pipeline component; ``lora_target(component, module)`` narrows them
+      to the layers the family's conditioning reads, as SDXL's leaves out text encoder 1's last layer),
       ``lora_scale_argument``, and ``tiny_pipeline`` (``bas tiny-model --family NAME``).
     - files: ``textual_inversion`` (one handle's file for diffusers, from its rows in every
       encoder), ``webui_embedding`` (AUTOMATIC1111/ComfyUI's layout, SDXL's ``clip_l``/``clip_g``),
@@ -203,6 +235,8 @@ def bas_register_model_families(register):
       with bitsandbytes importable.
     - guidance-distilled sampling: ``unconditional`` returns None and ``guided_prediction``
       makes one forward pass with the guidance embedding instead of two.
+
+    **Provisional**: the ModelFamily protocol grows with each family (plugin API 1).
     """
 
 
@@ -222,6 +256,8 @@ def bas_register_observers(register):
     ``on_images(run, phase, step, images)`` receives the validation samples that the ``report``
     plugin makes, ``{prompt: [PIL images, one per seed]}`` (the ``tensorboard`` plugin logs them).
     Observers run inside the step loop: keep ``on_step`` cheap.
+
+    **Stable** (plugin API 1).
     """
 
 
@@ -246,6 +282,8 @@ def bas_register_evaluators(register):
     ``default_for(run_info)`` (a class method; absent: always) is true.  An evaluator may offer prompt
     template sets in ``templates`` (``{name: ["a photo of {}", ...]}``) for ``--templates NAME``,
     and prefer one with ``default_templates``.
+
+    **Provisional**: the Evaluator contract is new (plugin API 1).
     """
 
 
@@ -255,6 +293,8 @@ def bas_eval_options():
 
     Their values reach evaluator factories through ``config.options[option.name]``; the Python API
     (:func:`bas.evaluate`) takes them as keyword arguments, with the option's default otherwise.
+
+    **Stable** (plugin API 1).
     """
 
 
@@ -284,6 +324,8 @@ def bas_register_executors(register):
 
     The batch itself decides which scenes to skip, resume or retry; an executor only runs tasks.
     Built-ins: ``local`` (worker processes on this machine) and ``ray`` (a Ray cluster).
+
+    **Provisional**: the executor contract is new (plugin API 1).
     """
 
 
@@ -294,4 +336,6 @@ def bas_batch_options():
     Executors take their options this way (``--workers``, ``--ray-address``); the values reach
     the executor's factory in ``config.options[option.name]``.  An option of an executor other
     than the chosen one is refused unless it has its default value.
+
+    **Provisional, with the executors** (plugin API 1).
     """

@@ -90,7 +90,7 @@ def fsync_tree(root: Path) -> None:
     """Every file under ``root``, then every folder bottom-up, then ``root``'s parent."""
     root = Path(root)
     if root.is_dir():
-        for folder, dirs, files in os.walk(root, topdown=False):
+        for folder, _dirs, files in os.walk(root, topdown=False):
             for name in files:
                 if not os.path.islink(os.path.join(folder, name)):
                     fsync_path(Path(folder, name))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -229,6 +230,11 @@ class Plugins:
             return None
 
     def _register(self, name, obj, source, version, default, explicit) -> None:
+        incompatible = api_mismatch(name, obj, source)
+        if incompatible:  # skipped, whatever the mode: the others work, and the user is told why
+            warnings.warn(incompatible, stacklevel=2)
+            self.broken[name] = incompatible
+            return
         try:
             self.pm.register(obj, name=name)
         except pluggy.PluginValidationError as exc:
@@ -308,6 +314,18 @@ class Plugins:
 
     def versions(self) -> dict[str, str]:
         return {name: info.version for name, info in self.infos.items()}
+
+
+def api_mismatch(name: str, obj: Any, source: str) -> str | None:
+    """Why the plugin ``obj`` cannot be loaded by this bas (the plugin API it declares as
+    ``BAS_PLUGIN_API`` is not one bas supports), or None."""
+    declared = getattr(obj, "BAS_PLUGIN_API", None)
+    if declared is None or (isinstance(declared, int) and not isinstance(declared, bool) and declared in hookspecs.SUPPORTED_PLUGIN_APIS):
+        return None
+    supported = ", ".join(map(str, sorted(hookspecs.SUPPORTED_PLUGIN_APIS)))
+    return (f"plugin '{name}' ({source}) was written for bas plugin API {declared!r}, and this bas {bas.__version__} "
+            f"supports API {supported}; it is skipped: install a version of the plugin for API {hookspecs.PLUGIN_API}, "
+            "or a bas that supports its API.")
 
 
 def _import_plugin(name: str, load: Callable[[], Any]) -> Any:

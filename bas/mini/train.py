@@ -238,7 +238,7 @@ def read_previous(cfg: TrainConfig) -> dict:
     try:
         previous = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise click.UsageError(f"--resume needs a pipeline that bas.mini.train saved at {cfg.out} (no readable {path}); run without --resume.")
+        raise click.UsageError(f"--resume needs a pipeline that bas.mini.train saved at {cfg.out} (no readable {path}); run without --resume.") from None
     old = {k: v for k, v in previous.get("config", {}).items() if k not in RESUMABLE_CHANGES}
     new = {k: v for k, v in json.loads(json.dumps(cfg.to_json())).items() if k not in RESUMABLE_CHANGES}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

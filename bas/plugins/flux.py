@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from bas import hookimpl
+from bas.core.compat import diffusers_dtype, transformers_dtype
 from bas.core.errors import BasError
 from bas.core.family import (
     MIN_ATTENTION_RES,
@@ -319,7 +320,7 @@ class Flux(ModelFamily):
         """bitsandbytes' config for diffusers' or transformers' ``from_pretrained``."""
         import importlib
 
-        config = getattr(importlib.import_module(library), "BitsAndBytesConfig")
+        config = importlib.import_module(library).BitsAndBytesConfig
         if quantize == "nf4":
             return config(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         return config(load_in_8bit=True)
@@ -330,10 +331,9 @@ class Flux(ModelFamily):
 
         check_model_path(model)
         quantize = plan.quantize if plan else "none"
-        dtype = {"dtype": plan.dtype} if plan else {}
-        big = dict(dtype)  # the transformer and T5: quantised where the plan asks
-        try:
-            transformer_kwargs, t5_kwargs = dict(big), dict(big)
+        dtype = transformers_dtype(plan.dtype) if plan else {}
+        try:  # the transformer and T5: quantised where the plan asks
+            transformer_kwargs, t5_kwargs = (diffusers_dtype(plan.dtype) if plan else {}), dict(dtype)
             if quantize != "none":  # straight onto the run's GPU: bitsandbytes quantises while it places the weights
                 transformer_kwargs.update(quantization_config=self.quantization("diffusers", quantize, plan.dtype), device_map={"": plan.device})
                 t5_kwargs.update(quantization_config=self.quantization("transformers", quantize, plan.dtype), device_map={"": plan.device})
@@ -502,7 +502,7 @@ class Flux(ModelFamily):
             kwargs["quantization_config"] = PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=args,
                                                                        components_to_quantize=["transformer", "text_encoder_2"])
         try:
-            pipe = FluxPipeline.from_pretrained(model, dtype=dtype, **kwargs)
+            pipe = FluxPipeline.from_pretrained(model, **diffusers_dtype(dtype), **kwargs)
         except MODEL_FILE_ERRORS as exc:
             raise load_error(model, exc) from exc
         pool_at_end_of_text(TextEncoder("text_encoder", "tokenizer", pipe.text_encoder, pipe.tokenizer))
@@ -535,8 +535,7 @@ class Flux(ModelFamily):
 
     def textual_inversion_code(self, files):
         pairs = ", ".join(f"({python_str(token)}, {python_str(path)})" for token, path in files)
-        return [
-            "import torch",
+        return [  # after the card's `import torch`
             "from safetensors.torch import load_file",
             f"for token, path in [{pairs}]:",
             "    state = load_file(path)  # one row per text encoder",

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from bas import hookimpl
-from bas.core import checks, io
+from bas.core import checks
 from bas.core.components import WeightStrategy
 
 
@@ -49,7 +49,7 @@ class Lora(WeightStrategy):
         self.configs = {}
         params = []
         for name, module in self.adapted(run).items():
-            self.configs[name] = self._config(run.family.lora_targets[name])
+            self.configs[name] = self._config(run.family.lora_target(name, module))
             if name == denoiser:
                 module.add_adapter(self.configs[name])  # diffusers' models know their adapters
             else:
@@ -72,8 +72,10 @@ class Lora(WeightStrategy):
         return ["lora/pytorch_lora_weights.safetensors"]
 
     def load_pipeline(self, out: Path, run_info: dict, load):
+        from bas.core.compat import load_lora_folder
+
         pipe = load(run_info["model"])
-        pipe.load_lora_weights(str(out / "lora"))
+        load_lora_folder(pipe, out / "lora")
         return pipe
 
 

@@ -52,6 +52,14 @@ class StableDiffusionXL(UNetFamily):
     # kohya's sd-scripts, AUTOMATIC1111's networks.py and ComfyUI's lora.py name SDXL's encoders te1/te2
     kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
+    def lora_target(self, component, module):
+        """Text encoder 1's last layer only feeds its last hidden state and pooled output, which SDXL
+        never reads (it takes the penultimate states, and the pooled output of encoder 2): no LoRA there."""
+        if component != "text_encoder":
+            return super().lora_target(component, module)
+        read = range(module.config.num_hidden_layers - 1)
+        return rf".*encoder\.layers\.({'|'.join(map(str, read))})\.self_attn\.({'|'.join(CLIP_ATTENTION)})"
+
     def kohya_base(self, info):
         """As kohya's sd-scripts write SDXL base LoRA (``sdxl_base_v1-0``, ``stable-diffusion-xl-v1-base/lora``)."""
         return {"version": "sdxl_base_v1-0", "v2": False, "architecture": "stable-diffusion-xl-v1-base/lora", "resolution": 1024, "label": "SDXL"}
