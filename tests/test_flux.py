@@ -209,7 +209,7 @@ def test_joint_attention_maps_are_the_softmax_probabilities_of_the_handle_tokens
     run, _ = flux_run
     c, family = run.components, run.family
     res, chosen = loss_layers(run)
-    assert res == 4 and {side for _, side in chosen.values()} == {8}  # a quarter of the 16-cell latent side, from the 8x8 packed grid
+    assert res == 8 and {side for _, side in chosen.values()} == {8}  # the 8x8 packed grid as it is: the default aims at 16x16
     assert sorted(chosen) == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
     ids = run.tokenize([run.prompt_for([0, 1])])
     positions = run.token_positions(ids, [0, 1])

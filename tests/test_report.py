@@ -69,7 +69,7 @@ def test_attention_maps_and_validation_samples_leave_the_training_state_alone(sc
     states = (run.generator.get_state(), run.rng.getstate(), torch.get_rng_state())
 
     maps = handle_attention_maps(run)
-    assert maps.shape == (2, 4, 4)  # 128 px: 16x16 latents, maps at a quarter of that
+    assert maps.shape == (2, 16, 16)  # 128 px: 16x16 latents, maps at the paper's 16x16 (not a quarter of the latent side)
     assert torch.allclose(maps.amax(dim=(-2, -1)), torch.ones(2)) and maps.min() >= 0
     assert not torch.allclose(maps[0], maps[1])
     assert torch.equal(handle_attention_maps(run), maps)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 
 import click
 
+from bas.core.batch.command import PLAN_OPTIONS
 from bas.core.errors import BasError, command_line
 from bas.ui.workspace import Workspace
 
@@ -51,6 +52,8 @@ def parse_run(args: list[str], workspace: Workspace):
         elif value is not None:
             params[name] = workspace.inside(value)
     names = list(params.pop("plugin_names", ()))
+    for name in PLAN_OPTIONS:  # --plan and --vram plan a run on the command line; the page runs one
+        params.pop(name, None)
     return make_config(plugins, params, names), names
 
 
