@@ -908,8 +908,19 @@ def paint(page, start, end, size):
     """A brush stroke on the brush's picture from image pixel ``start`` to ``end`` (the editor fits the picture, centred, at its zoom)."""
     page.click("#mask-brush button[aria-label='Brush']")
     canvas = page.locator("#mask-brush canvas").first
-    box = canvas.bounding_box()
-    zoom = float(re.search(r"(\d+)%", page.locator("#mask-brush").inner_text()).group(1)) / 100
+
+    def layout():
+        found = re.search(r"(\d+)%", page.locator("#mask-brush").inner_text())
+        return canvas.bounding_box(), float(found.group(1)) / 100 if found else None
+
+    seen = layout()
+    for _ in range(40):  # the editor fits its picture after it draws it: paint once its place and zoom hold still
+        page.wait_for_timeout(250)
+        now = layout()
+        if now == seen and now[1]:
+            break
+        seen = now
+    box, zoom = seen
     at = lambda p: (box["x"] + box["width"] / 2 + (p[0] + 0.5 - size[0] / 2) * zoom, box["y"] + box["height"] / 2 + (p[1] + 0.5 - size[1] / 2) * zoom)  # noqa: E731
     page.mouse.move(*at(start))
     page.mouse.down()
