@@ -701,7 +701,7 @@ def holm_over(table: Path, sweeps: list[Path], log=print) -> int:
         raise click.ClickException(f"the files ran on different scene sets ({', '.join(f'{p.name}: {n}' for p, n in scene_sets.items())}); "
                                    f"a sweep belongs to a table of its own scenes.")
     tables, labels = [], [p.name for p in results]
-    for path, result in results.items():
+    for result in results.values():
         ablations = result_ablations(result)
         values = result_values(result)
         result["stats"] = differences(values, ablations, int(result.get("resamples", 10_000)))

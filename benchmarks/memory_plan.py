@@ -61,8 +61,11 @@ def check(args) -> int:
         from bas.core.demo import draw_scene
 
         scene = draw_scene(Path(tempfile.mkdtemp(prefix="bas-memory-scene-")))
-    extra = {k: v for k, v in (("quantize", args.quantize), ("optimizer", args.optimizer),
-                                ("gradient_checkpointing", args.gradient_checkpointing)) if v is not None}
+    extra = {
+        k: v
+        for k, v in (("quantize", args.quantize), ("optimizer", args.optimizer), ("gradient_checkpointing", args.gradient_checkpointing))
+        if v is not None
+    }
     cfg, plugins = config(str(model), args.strategy, device, args.resolution, scene=scene, **extra)
     t0 = time.perf_counter()
     plan = make_plan(cfg, plugins)

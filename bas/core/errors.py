@@ -4,7 +4,6 @@ A :class:`BasError` carries one sentence that says what is wrong and how to fix 
 line prints it without a traceback and exits non-zero; the Python API lets it propagate.
 """
 
-
 import shlex
 
 

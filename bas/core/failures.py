@@ -19,8 +19,9 @@ from types import TracebackType
 from bas.core import io
 from bas.core.errors import BasError, PluginError
 
-MEMORY_FIX = ("ask for less at once (fewer --num-images or prompts, a smaller --width/--height or --resolution) "
-              "or free memory by closing other programs")
+MEMORY_FIX = (
+    "ask for less at once (fewer --num-images or prompts, a smaller --width/--height or --resolution) or free memory by closing other programs"
+)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -80,5 +81,7 @@ def plugin_failure(exc: BaseException) -> PluginError | None:
         return None
     plugin, function = found
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return PluginError(f"Plugin '{plugin}' raised in {function}: {type(exc).__name__}: {text} "
-                       f"(a fault of the plugin: report it to its authors, and run without --plugin {plugin} meanwhile).")
+    return PluginError(
+        f"Plugin '{plugin}' raised in {function}: {type(exc).__name__}: {text} "
+        f"(a fault of the plugin: report it to its authors, and run without --plugin {plugin} meanwhile)."
+    )

@@ -336,7 +336,7 @@ def copy_tree(src: Path, dst: Path, what: str) -> None:
     links = links_under(src)
     if links:
         raise BasError(f"{what} {src} holds the link {links[0]}, which bas never copies (it could lead to any file); re-create the folder with bas.")
-    for folder, dirs, files in os.walk(src, followlinks=False):
+    for folder, _dirs, files in os.walk(src, followlinks=False):
         target = dst / Path(folder).relative_to(src)
         target.mkdir(parents=True, exist_ok=True)
         for name in sorted(files):

@@ -55,6 +55,9 @@ def load_inputs(out: Path, num_handles: int) -> tuple[Image.Image, list[np.ndarr
         raise BasError(f"{folder} lacks {', '.join(missing)} for the run's {num_handles} handles; the run folder is damaged, run it again.")
     damaged = "the run folder is damaged, run it again"
     image = open_image(io.inside(out, f"{INPUTS_DIR}/{IMAGE_NAME}", f"{out}/run.json"), "The run's input image", damaged).convert("RGB")
-    masks = [np.asarray(open_image(io.inside(out, f"{INPUTS_DIR}/{p.name}", f"{out}/run.json"), "The run's mask", damaged).convert("L"),
-                        dtype=np.float32) / 255.0 for p in paths]
+    masks = [
+        np.asarray(open_image(io.inside(out, f"{INPUTS_DIR}/{p.name}", f"{out}/run.json"), "The run's mask", damaged).convert("L"), dtype=np.float32)
+        / 255.0
+        for p in paths
+    ]
     return image, masks

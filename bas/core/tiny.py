@@ -108,12 +108,16 @@ def check_model_target(directory: Path, overwrite: bool) -> None:
     check_target(directory, kind="model", option="DIRECTORY")
     directory = Path(directory)
     if directory.is_symlink():
-        raise BasError(f"DIRECTORY {directory} is a link; bas tiny-model replaces its folder as a whole, so pass the folder it points to or a new one.")
+        raise BasError(
+            f"DIRECTORY {directory} is a link; bas tiny-model replaces its folder as a whole, so pass the folder it points to or a new one."
+        )
     if not directory.is_dir() or not any(directory.iterdir()):
         return
     if not (directory / "model_index.json").is_file():
-        raise BasError(f"DIRECTORY {directory} holds files and is not a model folder (it has no model_index.json), and bas tiny-model "
-                       "replaces its folder as a whole; choose a new or empty folder.")
+        raise BasError(
+            f"DIRECTORY {directory} holds files and is not a model folder (it has no model_index.json), and bas tiny-model "
+            "replaces its folder as a whole; choose a new or empty folder."
+        )
     if not overwrite:
         raise BasError(f"DIRECTORY {directory} already holds a model; pass --overwrite to replace it, or choose another folder.")
 

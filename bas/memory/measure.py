@@ -74,7 +74,7 @@ def measure_run(config: RunConfig, plugins: Plugins) -> dict[str, int]:
         optimizer = run.resolved.optimizer_factory(groups, config)
         scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
 
-        def step(number):
+        def step(number, phase=phase, terms=terms, optimizer=optimizer, scaler=scaler, params=params):
             batch, values, loss = run.forward_step(phase, number, terms)
             del batch, values
             run.update(loss, optimizer, scaler, params)

@@ -43,9 +43,11 @@ def config_reader(model: str):
     """``read(relative path) -> dict or None`` over a pipeline's config files."""
     folder = packaged_folder(model) or (Path(model) if Path(model).exists() else None)
     if folder is not None:
+
         def read(name: str):
             path = folder / name
             return json.loads(path.read_text()) if path.is_file() else None
+
         return read
 
     def read_hub(name: str):
@@ -58,6 +60,7 @@ def config_reader(model: str):
             return None
         except Exception as exc:  # offline, not found, gated
             raise load_error(model, exc) from exc
+
     return read_hub
 
 
@@ -83,7 +86,11 @@ class PlanTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [self._word(w) for w in text.split()]
-        return ([self.bos_token_id] if add_special_tokens and self.bos_token_id is not None else []) + ids + ([self.eos_token_id] if add_special_tokens else [])
+        return (
+            ([self.bos_token_id] if add_special_tokens and self.bos_token_id is not None else [])
+            + ids
+            + ([self.eos_token_id] if add_special_tokens else [])
+        )
 
     def add_tokens(self, tokens) -> int:
         for token in tokens:
@@ -152,7 +159,7 @@ def quantize_linears(model: nn.Module, quantize: str, dtype: torch.dtype) -> Non
     """Every ``nn.Linear`` as bitsandbytes' quantised layer, the other weights in ``dtype`` (what
     ``from_pretrained(quantization_config=..., dtype=dtype)`` loads)."""
     model.to(dtype)
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, child_name, PlannedQuantizedLinear(child, quantize, dtype))

@@ -89,8 +89,12 @@ class PlannedAdamW:
     def _init(self, p):
         if self.eight_bit and p.numel() >= 4096:
             blocks = math.ceil(p.numel() / 256)
-            return {"state1": torch.zeros_like(p, dtype=torch.uint8), "state2": torch.zeros_like(p, dtype=torch.uint8),
-                    "absmax1": p.new_zeros(blocks, dtype=torch.float32), "absmax2": p.new_zeros(blocks, dtype=torch.float32)}
+            return {
+                "state1": torch.zeros_like(p, dtype=torch.uint8),
+                "state2": torch.zeros_like(p, dtype=torch.uint8),
+                "absmax1": p.new_zeros(blocks, dtype=torch.float32),
+                "absmax2": p.new_zeros(blocks, dtype=torch.float32),
+            }
         return {"exp_avg": torch.zeros_like(p, dtype=torch.float32), "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
 
     def allocate(self):
@@ -166,7 +170,7 @@ class PlanRun(Run):
         masks = []
         for i in range(self.concepts):
             mask = np.zeros((size, size), dtype=np.float32)
-            mask[:, i * size // (self.concepts + 1): (i + 1) * size // (self.concepts + 1)] = 1.0
+            mask[:, i * size // (self.concepts + 1) : (i + 1) * size // (self.concepts + 1)] = 1.0
             masks.append(mask)
         return SceneInput(Image.new("RGB", (size, size), (128, 128, 128)), masks, [f"mask {i}" for i in range(self.concepts)])
 
@@ -202,8 +206,7 @@ class PlanRun(Run):
 
     def tokenize(self, prompts):
         """Real ids (the stand-in tokenizers'), on the CPU: the run reads where its handles are."""
-        return [e.tokenizer(prompts, padding="max_length", max_length=e.max_length, truncation=True).input_ids
-                for e in self.components.text_encoders]
+        return [e.tokenizer(prompts, padding="max_length", max_length=e.max_length, truncation=True).input_ids for e in self.components.text_encoders]
 
     def token_positions(self, input_ids, concepts):
         from torch.utils._python_dispatch import _disable_current_modes
@@ -311,10 +314,22 @@ def make_plan(config: RunConfig, plugins: Plugins) -> Plan:
         with torch.random.fork_rng(), fake_module_conversion(), mode, tracker, kernels:
             phases = run.plan()
     return Plan(
-        model=shown or run.model, family=run.family.name, device=device.type, strategy=run.resolved.strategy_name, precision=run.precision,
-        resolution=run.resolution, optimizer=run.optimizer_name, gradient_checkpointing=bool(run.gradient_checkpointing),
-        quantize=run.quantize, lora_rank=getattr(run.resolved.strategy, "rank", None), concepts=run.scene.num_concepts,
-        vae={"bytes": _module_bytes(run.components.vae), "dtype": "fp32", "where": "on the device while the latents are cached, then moved to the CPU"},
+        model=shown or run.model,
+        family=run.family.name,
+        device=device.type,
+        strategy=run.resolved.strategy_name,
+        precision=run.precision,
+        resolution=run.resolution,
+        optimizer=run.optimizer_name,
+        gradient_checkpointing=bool(run.gradient_checkpointing),
+        quantize=run.quantize,
+        lora_rank=getattr(run.resolved.strategy, "rank", None),
+        concepts=run.scene.num_concepts,
+        vae={
+            "bytes": _module_bytes(run.components.vae),
+            "dtype": "fp32",
+            "where": "on the device while the latents are cached, then moved to the CPU",
+        },
         text_encoders={e.name: _module_bytes(e.model) for e in run.components.text_encoders},
         attention_kernels=dict(run.kernel_mode.kernels),
         phases={name: asdict(p) for name, p in phases.items()},
@@ -329,9 +344,16 @@ def _module_bytes(module) -> int:
     return sum(seen.values())
 
 
-ROWS = (("frozen_weights", "frozen weights"), ("trainable_params", "trainable parameters"), ("gradients", "gradients"),
-        ("optimizer_states", "optimizer states"), ("activations", "activations kept for backward"),
-        ("attention_maps", "  of which attention maps the loss reads"), ("other", "latents, masks, caches"), ("peak", "predicted peak"))
+ROWS = (
+    ("frozen_weights", "frozen weights"),
+    ("trainable_params", "trainable parameters"),
+    ("gradients", "gradients"),
+    ("optimizer_states", "optimizer states"),
+    ("activations", "activations kept for backward"),
+    ("attention_maps", "  of which attention maps the loss reads"),
+    ("other", "latents, masks, caches"),
+    ("peak", "predicted peak"),
+)
 PHASE_TITLES = {"load": "loading", "phase1": "phase 1", "phase2": "phase 2"}
 
 

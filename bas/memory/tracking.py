@@ -83,8 +83,11 @@ def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 # Functions CUDA's autocast runs in fp32 that CPU's runs in the lower precision (among PyTorch's "CUDA
 # ops that can autocast to float32", those diffusion models and their text encoders call).
 CUDA_FP32_FUNCTIONS = (
-    (torch.nn.functional, "group_norm"), (torch.nn.functional, "layer_norm"), (torch.nn.functional, "softmax"),
-    (torch.nn.functional, "log_softmax"), (torch.Tensor, "softmax"),
+    (torch.nn.functional, "group_norm"),
+    (torch.nn.functional, "layer_norm"),
+    (torch.nn.functional, "softmax"),
+    (torch.nn.functional, "log_softmax"),
+    (torch.Tensor, "softmax"),
 )
 
 
@@ -156,6 +159,7 @@ def _in_fp32_under_autocast(function):
         args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
         with torch.autocast("cpu", enabled=False):
             return function(*args, **kwargs)
+
     return fp32
 
 

@@ -102,8 +102,10 @@ def fit(config: RunConfig, plugins: Plugins, vram_gb: float, explicit: set[str] 
         plan, flags = plan_of(options[last][0], plugins), options[last][1]
         needed = -(-(plan.peak + HEADROOM) // GIB)
         cheapest = ", ".join(flags) if flags else "your options as given"
-        raise BasError(f"Nothing bas can choose fits this run in {vram_gb:g} GB: the cheapest settings ({cheapest}) need a predicted "
-                       f"{plan.peak / GIB:.1f} GB plus {HEADROOM / GIB:.2f} GB headroom; use --vram {needed} or more, or a lower --resolution.")
+        raise BasError(
+            f"Nothing bas can choose fits this run in {vram_gb:g} GB: the cheapest settings ({cheapest}) need a predicted "
+            f"{plan.peak / GIB:.1f} GB plus {HEADROOM / GIB:.2f} GB headroom; use --vram {needed} or more, or a lower --resolution."
+        )
     low, high = 0, last  # the first that fits is in [low, high]
     while low < high:
         middle = (low + high) // 2
@@ -117,5 +119,7 @@ def fit(config: RunConfig, plugins: Plugins, vram_gb: float, explicit: set[str] 
 
 def describe(choice: Choice, vram_gb: float) -> str:
     chose = " ".join(choice.chose) if choice.chose else "nothing beyond your options"
-    return (f"--vram {vram_gb:g}: chose {chose}; predicted peak {choice.plan.peak / GIB:.2f} GB "
-            f"(+{HEADROOM / GIB:.2f} GB headroom for the CUDA context and allocator).")
+    return (
+        f"--vram {vram_gb:g}: chose {chose}; predicted peak {choice.plan.peak / GIB:.2f} GB "
+        f"(+{HEADROOM / GIB:.2f} GB headroom for the CUDA context and allocator)."
+    )

@@ -22,9 +22,11 @@ class FullFineTune(WeightStrategy):
         # drifts from its prior; on bas-mini it was measured to change nothing, so nothing is said there
         # (a finished run's saved config, which export and generate pass, has no steps: nothing to advise there)
         if getattr(config, "phase2_steps", 0) and "prior-preservation" not in config.plugins and str(config.model) != mini.NAME:
-            warnings.warn("--plugin full fine-tunes every weight of the denoiser and text encoder(s) without prior preservation, so a "
-                          "large model can drift from what it knew; add --plugin prior-preservation to keep its prior (README, 'Prior preservation').",
-                          stacklevel=2)
+            warnings.warn(
+                "--plugin full fine-tunes every weight of the denoiser and text encoder(s) without prior preservation, so a "
+                "large model can drift from what it knew; add --plugin prior-preservation to keep its prior (README, 'Prior preservation').",
+                stacklevel=2,
+            )
 
     def prepare(self, run):
         c = run.components

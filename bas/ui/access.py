@@ -39,8 +39,10 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 def check_exposure(host: str, auth: tuple[str, str] | None) -> None:
     """A page other machines can open must ask for a password."""
     if not is_loopback(host) and auth is None:
-        raise BasError(f"--host {host} lets other machines on the network open this page and use its workspace; "
-                       "pass --auth USER:PASS (or set BAS_UI_AUTH=USER:PASS) so that it asks for a password.")
+        raise BasError(
+            f"--host {host} lets other machines on the network open this page and use its workspace; "
+            "pass --auth USER:PASS (or set BAS_UI_AUTH=USER:PASS) so that it asks for a password."
+        )
 
 
 def own_address() -> str | None:
@@ -98,10 +100,17 @@ class HostCheck:
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                     return
-                body = (f"bas ui answers only to its own address; this request was addressed to '{header}'. "
-                        "Open the address bas ui printed, or start it with --allow-host NAME.\n").encode()
-                await send({"type": "http.response.start", "status": 421,
-                            "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
+                body = (
+                    f"bas ui answers only to its own address; this request was addressed to '{header}'. "
+                    "Open the address bas ui printed, or start it with --allow-host NAME.\n"
+                ).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 421,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
