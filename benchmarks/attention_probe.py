@@ -44,32 +44,16 @@ def per_layer_maps(run, fraction: float, seed: int = 0) -> dict[str, tuple[int, 
     """``{layer: (side, maps (N, side, side))}``: every handle's head-averaged map at every cross-attention layer."""
     from bas.core.attention import AttentionStore
 
+    from bas.plugins.attention_loss import probe_forward
+
     c, family = run.components, run.family
-    latent = run.resolution // c.vae_scale_factor
-    layers = family.attention_layers(c, latent)
+    layers = family.attention_layers(c, run.resolution // c.vae_scale_factor)
     n = run.scene.num_concepts
-    input_ids = run.tokenize([run.prompt_for(list(range(n)))])
-    positions = run.token_positions(input_ids, list(range(n)))
-    t = family.probe_timestep(c.noise_scheduler, fraction, run.device)
-    latents = family.scale_latents(c.vae, run.latent_mean[:1])
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(run.device)
     stores = {name: AttentionStore(without_grad=True) for name in layers}
-    restore = [(m, m.processor) for m, _ in layers.values()]
-    modules = list(c.trainable_modules().values())
-    modes = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.eval()
-        for name, (module, _) in layers.items():
-            stores[name].forwards.append((None, []))
-            module.set_processor(family.capture_processor(stores[name]))
-        with torch.no_grad(), run.autocast():
-            run.predict(family.noised(c.noise_scheduler, latents, noise, t), t, run.conditioning(input_ids))
-    finally:
-        for module, previous in restore:
-            module.set_processor(previous)
-        for m, mode in zip(modules, modes):
-            m.train(mode)
+    for store in stores.values():
+        store.forwards.append((None, []))
+    positions = probe_forward(run, {module: family.capture_processor(stores[name]) for name, (module, _) in layers.items()},
+                              fraction=fraction, seed=seed)
     out = {}
     for name, (_, side) in layers.items():
         probs = stores[name].forwards[0][1][0][0].float()  # (Q, T) of the one image

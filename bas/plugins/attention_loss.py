@@ -53,33 +53,28 @@ def token_maps(maps: list[torch.Tensor], sides: list[int], positions: list[int],
 
 
 @torch.no_grad()
-def handle_attention_maps(run, res: int | None = None, timestep: int | None = None, seed: int = 0) -> torch.Tensor:
-    """(N, res, res): each handle's cross-attention map on the input image, as the loss sees it.
+def probe_forward(run, processors: dict, timestep: int | None = None, fraction: float = 0.4, seed: int = 0) -> list[int]:
+    """One inference forward on the input image, ``processors`` (``{attention module: processor}``) installed
+    and the trainable modules in eval mode for it, everything restored after; returns the handles' token positions.
 
-    The prompt names every handle; the image's latents are noised to ``timestep`` (default 40% of
-    the training schedule) with a fixed seed, so maps from different phases compare.  Maps are
-    averaged over the layers at ``res`` and their heads and divided by their max.  The training
-    random generators are not touched.
-    """
+    The prompt names every handle; the latents are noised to ``timestep`` (default ``fraction`` of the
+    training schedule) with a fixed ``seed``, so forwards from different steps compare.  The training
+    random generators are not touched."""
     c, family = run.components, run.family
-    res, chosen = loss_layers(run, res)
     n = run.scene.num_concepts
     input_ids = run.tokenize([run.prompt_for(list(range(n)))])
     positions = run.token_positions(input_ids, list(range(n)))
     sched = c.noise_scheduler
-    t = torch.tensor([timestep], device=run.device) if timestep is not None else family.probe_timestep(sched, 0.4, run.device)
+    t = torch.tensor([timestep], device=run.device) if timestep is not None else family.probe_timestep(sched, fraction, run.device)
     latents = family.scale_latents(c.vae, run.latent_mean[:1])
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(run.device)
-    store = AttentionStore(without_grad=True)
-    store.forwards.append((None, []))
-    processor = family.capture_processor(store)
-    restore = [(m, m.processor) for m, _ in chosen.values()]
+    restore = [(m, m.processor) for m in processors]
     modules = list(c.trainable_modules().values())
     modes = [m.training for m in modules]
     try:
         for module in modules:
             module.eval()
-        for module, _ in chosen.values():
+        for module, processor in processors.items():
             module.set_processor(processor)
         with run.autocast():
             run.predict(family.noised(sched, latents, noise, t), t, run.conditioning(input_ids))
@@ -88,6 +83,23 @@ def handle_attention_maps(run, res: int | None = None, timestep: int | None = No
             module.set_processor(previous)
         for module, mode in zip(modules, modes):
             module.train(mode)
+    return positions
+
+
+@torch.no_grad()
+def handle_attention_maps(run, res: int | None = None, timestep: int | None = None, seed: int = 0) -> torch.Tensor:
+    """(N, res, res): each handle's cross-attention map on the input image, as the loss sees it.
+
+    The prompt names every handle; the image's latents are noised to ``timestep`` (default 40% of
+    the training schedule) with a fixed seed, so maps from different phases compare.  Maps are
+    averaged over the layers at ``res`` and their heads and divided by their max.  The training
+    random generators are not touched.
+    """
+    res, chosen = loss_layers(run, res)
+    store = AttentionStore(without_grad=True)
+    store.forwards.append((None, []))
+    processor = run.family.capture_processor(store)
+    positions = probe_forward(run, {module: processor for module, _ in chosen.values()}, timestep=timestep, seed=seed)
     sides = [r for _, r in chosen.values()]
     return token_maps(store.forwards[0][1], sides, positions, res)[0].float()
 
