@@ -158,6 +158,21 @@ def save_tiny_sam(path: Path) -> Path:
     return path
 
 
+def exported_card(run: Path, invoke, tmp_path: Path) -> Path:
+    """The model card of ``bas export RUN --format diffusers`` (into ``tmp_path/export``)."""
+    result = invoke("export", run, "--format", "diffusers", "--out", tmp_path / "export", "--no-preview")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "export" / "README.md"
+
+
+def check_card_writes_the_generated_image(card: Path, run: Path, invoke, tmp_path: Path) -> None:
+    """The card's diffusers code, run as written (see :func:`card_image_and_generated`), writes the image ``bas generate`` writes."""
+    import numpy as np
+
+    ours, theirs = card_image_and_generated(card, run, invoke, tmp_path)
+    np.testing.assert_array_equal(ours, theirs)
+
+
 def card_image_and_generated(card: Path, run: Path, invoke, tmp_path: Path, steps: int = 2):
     """The image the model card's diffusers code writes, run as written except for the CPU, float32 and
     ``steps`` (bas generate's precision on a CPU, and a short test), and the one ``bas generate`` writes

@@ -18,7 +18,7 @@ from bas.cli import cli
 from bas.core.formats import kohya_model_hash, kohya_targets, standard_module
 
 import comfyui_keys
-from conftest import as_an_earlier_version_wrote, card_image_and_generated, quick_run_args
+from conftest import as_an_earlier_version_wrote, check_card_writes_the_generated_image, exported_card, quick_run_args
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -105,14 +105,9 @@ def test_diffusers_export_loads_into_a_plain_pipeline_and_changes_it(rich_run, t
 @pytest.mark.parametrize("where", ["run", "export"])
 def test_model_card_code_writes_the_image_bas_generate_writes(rich_run, invoke, tmp_path, where):
     """The card's snippet samples with bas generate's defaults for SD (DDIM, guidance 7.5, the run's size, seed 0)."""
-    card = rich_run / "README.md"
-    if where == "export":
-        result = invoke("export", rich_run, "--format", "diffusers", "--out", tmp_path / "export", "--no-preview")
-        assert result.exit_code == 0, result.output
-        card = tmp_path / "export" / "README.md"
+    card = rich_run / "README.md" if where == "run" else exported_card(rich_run, invoke, tmp_path)
     assert "DDIMScheduler" in card.read_text() and "guidance_scale=7.5" in card.read_text()
-    ours, theirs = card_image_and_generated(card, rich_run, invoke, tmp_path)
-    np.testing.assert_array_equal(ours, theirs)
+    check_card_writes_the_generated_image(card, rich_run, invoke, tmp_path)
 
 
 def test_kohya_export_has_kohya_keys_and_round_trips_to_diffusers(rich_run, tiny_model, invoke, tmp_path):

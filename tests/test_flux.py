@@ -20,7 +20,7 @@ from bas.core.plugins import Plugins
 from bas.core.training import extract
 from bas.plugins.flux import Flux, image_text_probabilities, pack, shift_sigmas, unpack
 
-from conftest import Snapshots, card_image_and_generated, changed  # noqa: E402
+from conftest import Snapshots, changed, check_card_writes_the_generated_image, exported_card  # noqa: E402
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -410,12 +410,9 @@ def test_diffusers_export_loads_in_a_plain_flux_pipeline_and_changes_its_output(
 def test_model_card_code_writes_the_image_bas_generate_writes(flux_run, invoke, tmp_path):
     """FluxPipeline samples 28 steps by default; the card sets bas generate's 50, its guidance and the run's size."""
     run, _ = flux_run
-    result = invoke("export", run.out, "--format", "diffusers", "--out", tmp_path / "export", "--no-preview")
-    assert result.exit_code == 0, result.output
-    card = tmp_path / "export" / "README.md"
+    card = exported_card(run.out, invoke, tmp_path)
     assert "num_inference_steps=50," in card.read_text() and "guidance_scale=3.5" in card.read_text()
-    ours, theirs = card_image_and_generated(card, run.out, invoke, tmp_path)
-    np.testing.assert_array_equal(ours, theirs)
+    check_card_writes_the_generated_image(card, run.out, invoke, tmp_path)
 
 
 def converted_by_diffusers(state_dict, transformer):

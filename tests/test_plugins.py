@@ -98,9 +98,13 @@ def test_entry_point_that_fails_to_import_is_named(monkeypatch):
     assert "broken" not in Plugins().infos  # installed plugins are opt-in
 
 
-def test_installed_plugin_is_loaded_by_name(monkeypatch):
-    module = types.ModuleType("fancy_sampler")
+def installed_sampler(monkeypatch, name: str, **attributes):
+    """An installed plugin ``name`` (module ``{name}_sampler``, a sampler "first" that always shows concept 0),
+    its module given ``attributes``."""
+    module = types.ModuleType(f"{name}_sampler")
     module.__doc__ = "A sampler that always shows concept 0."
+    for key, value in attributes.items():
+        setattr(module, key, value)
 
     @bas.hookimpl
     def bas_register_samplers(register):
@@ -109,12 +113,18 @@ def test_installed_plugin_is_loaded_by_name(monkeypatch):
     module.bas_register_samplers = bas_register_samplers
 
     class EntryPoint:
-        name, value, dist = "fancy", "fancy_sampler", None
+        value, dist = f"{name}_sampler", None
 
         def load(self):
             return module
 
-    monkeypatch.setattr(plugins_module, "_entry_points", lambda: {"fancy": EntryPoint()})
+    EntryPoint.name = name
+    monkeypatch.setattr(plugins_module, "_entry_points", lambda: {name: EntryPoint()})
+    return module
+
+
+def test_installed_plugin_is_loaded_by_name(monkeypatch):
+    installed_sampler(monkeypatch, "fancy")
     pm = Plugins(["fancy"])
     assert pm.choose("sampler").name == "first"  # a named plugin wins over the default union sampler
     assert pm.infos["fancy"].explicit
@@ -122,22 +132,7 @@ def test_installed_plugin_is_loaded_by_name(monkeypatch):
 
 def api_plugin(monkeypatch, api):
     """An installed plugin 'versioned' (a sampler) that declares ``BAS_PLUGIN_API = api``."""
-    module = types.ModuleType("versioned_sampler")
-    module.BAS_PLUGIN_API = api
-
-    @bas.hookimpl
-    def bas_register_samplers(register):
-        register("first", lambda config, n: (lambda rng: [0]))
-
-    module.bas_register_samplers = bas_register_samplers
-
-    class EntryPoint:
-        name, value, dist = "versioned", "versioned_sampler", None
-
-        def load(self):
-            return module
-
-    monkeypatch.setattr(plugins_module, "_entry_points", lambda: {"versioned": EntryPoint()})
+    installed_sampler(monkeypatch, "versioned", BAS_PLUGIN_API=api)
 
 
 def test_a_plugin_of_the_current_api_loads(monkeypatch):

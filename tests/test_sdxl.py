@@ -19,7 +19,7 @@ from bas.core.errors import BasError
 from bas.core.plugins import Plugins
 from bas.core.training import extract
 
-from conftest import Snapshots as BaseSnapshots, card_image_and_generated, changed  # noqa: E402
+from conftest import Snapshots as BaseSnapshots, changed, check_card_writes_the_generated_image, exported_card  # noqa: E402
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -294,12 +294,9 @@ def test_diffusers_export_loads_in_a_plain_sdxl_pipeline_and_changes_its_output(
 def test_model_card_code_writes_the_image_bas_generate_writes(sdxl_run, invoke, tmp_path):
     """SDXL's pipeline samples with Euler at guidance 5.0 by default; the card sets bas generate's DDIM and 7.5."""
     run, _ = sdxl_run
-    result = invoke("export", run.out, "--format", "diffusers", "--out", tmp_path / "export", "--no-preview")
-    assert result.exit_code == 0, result.output
-    card = tmp_path / "export" / "README.md"
+    card = exported_card(run.out, invoke, tmp_path)
     assert "DDIMScheduler.from_config" in card.read_text() and "guidance_scale=7.5" in card.read_text()
-    ours, theirs = card_image_and_generated(card, run.out, invoke, tmp_path)
-    np.testing.assert_array_equal(ours, theirs)
+    check_card_writes_the_generated_image(card, run.out, invoke, tmp_path)
 
 
 def test_kohya_export_has_sdxl_keys_and_loads_through_diffusers_kohya_loader_with_every_key(sdxl_run, tiny_sdxl_model, invoke, tmp_path):
