@@ -180,3 +180,51 @@ def test_prompt_follows_the_method():
 
     fake = SimpleNamespace(tokens=["<asset0>", "<asset1>", "<asset2>"])
     assert Run.prompt_for(fake, [2, 0]) == PROMPT_PREFIX + "<asset2> and <asset0>" == "a photo of <asset2> and <asset0>"
+
+
+def two_halves(size=32):
+    """Masks (1, 2, size, size): concept 0 the left half, concept 1 the right half."""
+    masks = torch.zeros(1, 2, size, size)
+    masks[0, 0, :, : size // 2] = 1.0
+    masks[0, 1, :, size // 2 :] = 1.0
+    return masks
+
+
+def test_attention_contrast_rewards_each_handle_out_attending_the_other_on_its_own_mask():
+    from bas.plugins.attention_contrast import contrast_loss
+
+    masks = two_halves()
+    own = torch.full((1, 2, 4, 4), 0.01)
+    own[0, 0, :, :2], own[0, 1, :, 2:] = 0.3, 0.3  # each handle on its own half
+    swapped = own.flip(1)  # each handle on the other's half: the colour-swap picture
+    assert float(contrast_loss(own, masks)) < 0.1 < float(contrast_loss(swapped, masks))
+    # the exact value: at every owned pixel the owner holds 0.3 of 0.31 of the shown handles' attention
+    assert float(contrast_loss(own, masks)) == pytest.approx(-torch.log(torch.tensor(0.3 / 0.31)).item(), rel=1e-5)
+    # the scale of the probabilities does not count, only each handle's share
+    assert float(contrast_loss(own * 0.1, masks)) == pytest.approx(float(contrast_loss(own, masks)), rel=1e-5)
+
+
+def test_attention_contrast_ignores_pixels_no_mask_or_two_masks_own():
+    from bas.plugins.attention_contrast import contrast_loss
+
+    masks = torch.zeros(1, 2, 32, 32)
+    masks[0, 0, :, :16] = 1.0  # left half
+    masks[0, 1, :, 8:24] = 1.0  # the middle: 8:16 belongs to both, 24: to neither
+    probs = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.01
+    base = contrast_loss(probs, masks)
+    moved = probs.clone()
+    moved[..., 1] *= 7.0  # columns 8:16 at 4x4: both masks cover them
+    moved[0, 0, :, 3] *= 5.0  # columns 24:32: no mask covers them
+    torch.testing.assert_close(contrast_loss(moved, masks), base)
+    moved[0, 1, :, 0] *= 5.0  # column 0: only concept 0's mask: this counts
+    assert not torch.allclose(contrast_loss(moved, masks), base)
+
+
+def test_attention_contrast_adds_nothing_when_one_handle_is_shown():
+    from bas.plugins.attention_contrast import contrast_loss
+
+    probs = torch.rand(1, 1, 4, 4, requires_grad=True)
+    loss = contrast_loss(probs, torch.ones(1, 1, 32, 32))
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
+    disjoint_nothing_owned = torch.zeros(1, 2, 32, 32)  # no mask covers half of any cell
+    assert float(contrast_loss(torch.rand(1, 2, 4, 4), disjoint_nothing_owned)) == 0.0

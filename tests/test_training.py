@@ -195,3 +195,32 @@ def test_device_dependent_options_are_refused_before_any_model_loads(family, val
     with pytest.raises(bas.core.errors.BasError, match=message):
         bas.extract(None, (), tmp_path / "out", plugins=[], scene=scene, model=str(model), precision="fp32", quiet=True, **values)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("with_attention_loss", [True, False])
+def test_attention_contrast_trains_the_handles_with_or_without_the_attention_loss(scene, tiny_model, tmp_path, with_attention_loss):
+    names = ["attention-contrast"] + ([] if with_attention_loss else ["no:attention-loss"])
+    run, _ = run_with_snapshots(scene, tiny_model, tmp_path / "out", names, phase1_steps=2, phase2_steps=1)
+    assert all("attention-contrast" in h for phase in ("phase1", "phase2") for h in run.info["history"][phase])
+    assert all(("attention" in h) == with_attention_loss for h in run.info["history"]["phase1"])
+    unet = run.components.unet
+    assert not any(type(m.processor).__name__ == "CaptureCrossAttention" for n, m in unet.named_modules() if n.endswith("attn2"))
+    term = next(t for t in run.resolved.loss_terms if t.name == "attention-contrast")
+    for t in run.resolved.loss_terms:  # as the run sets them up: the attention loss (if on) before the contrast that shares it
+        if t.name in ("attention", "attention-contrast"):
+            t.setup(run)
+    try:
+        assert term.own_capture == (not with_attention_loss)
+        batch = run.step_batch(1, 1)
+        while len(batch.concepts) < 2:  # union sampling may show one concept: contrast needs two
+            batch = run.step_batch(1, 1)
+        run.handle_embedding.handles.grad = None
+        loss = term(batch)
+        assert loss.item() > 0
+        loss.backward()
+        grad = run.handle_embedding.handles.grad
+        assert grad is not None and grad.abs().sum() > 0  # it pulls on the handles
+    finally:
+        for t in run.resolved.loss_terms:
+            if t.name in ("attention", "attention-contrast"):
+                t.teardown(run)

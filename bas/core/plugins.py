@@ -41,6 +41,7 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "union-sampling": ("bas.plugins.union_sampling", True),
     "prior-preservation": ("bas.plugins.prior_preservation", False),
     "background-anchor": ("bas.plugins.background_anchor", False),
+    "attention-contrast": ("bas.plugins.attention_contrast", False),
     "adamw": ("bas.plugins.adamw", True),
     "progress": ("bas.plugins.progress", True),
     "report": ("bas.plugins.report", True),

@@ -41,6 +41,17 @@ def loss_layers(run, requested: int | None = None) -> tuple[int, dict[str, tuple
 def token_maps(maps: list[torch.Tensor], sides: list[int], positions: list[int], res: int) -> torch.Tensor:
     """(B, K, res, res): the maps of the tokens at ``positions``, averaged over layers (each at its
     ``side``, area-averaged to ``res``) and heads, each divided by its max."""
+    return normalised(token_probabilities(maps, sides, positions, res))
+
+
+def normalised(token: torch.Tensor) -> torch.Tensor:
+    """Each map divided by its max (the paper's normalisation before the MSE with the mask)."""
+    return token / token.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-8)
+
+
+def token_probabilities(maps: list[torch.Tensor], sides: list[int], positions: list[int], res: int) -> torch.Tensor:
+    """(B, K, res, res): the attention probabilities of the tokens at ``positions``, averaged over
+    layers (each at its ``side``, area-averaged to ``res``) and heads, not normalised."""
     if all(side == res for side in sides):
         mean = torch.stack(maps).mean(dim=0)  # (B, Q, T)
         b = mean.shape[0]
@@ -49,7 +60,7 @@ def token_maps(maps: list[torch.Tensor], sides: list[int], positions: list[int],
         per_layer = [F.interpolate(m[:, :, positions].permute(0, 2, 1).reshape(m.shape[0], len(positions), s, s), size=(res, res), mode="area")
                      for m, s in zip(maps, sides)]
         token = torch.stack(per_layer).mean(dim=0)
-    return token / token.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-8)
+    return token
 
 
 @torch.no_grad()
@@ -106,6 +117,7 @@ def handle_attention_maps(run, res: int | None = None, timestep: int | None = No
 
 class CrossAttentionLoss(LossTerm):
     name = "attention"
+    EXTRAS_KEY = "attention-probabilities"
 
     def __init__(self, config):
         self.weight = config.options.get("attention_loss_weight", 0.01)
@@ -134,12 +146,21 @@ class CrossAttentionLoss(LossTerm):
             self._hook = None
         self.store.clear()
 
+    def token_probabilities(self, batch: StepBatch) -> torch.Tensor:
+        """(B, K, res, res): each shown handle's attention probabilities this step, averaged over
+        layers and heads.  Kept in ``batch.extras`` so other terms of the step (attention-contrast)
+        read the same maps whichever term runs first."""
+        key = (self.EXTRAS_KEY, id(self))
+        if key not in batch.extras:
+            maps = self.store.maps_for(batch.conditioning.hidden_states)
+            if not maps:
+                raise RuntimeError("no attention maps were captured for this step's forward pass")
+            batch.extras[key] = token_probabilities(maps, self.sides, batch.token_positions, self.res)
+        return batch.extras[key]
+
     def token_maps(self, batch: StepBatch) -> torch.Tensor:
         """(B, K, res, res): each shown handle's map, averaged over layers and heads, divided by its max."""
-        maps = self.store.maps_for(batch.conditioning.hidden_states)
-        if not maps:
-            raise RuntimeError("no attention maps were captured for this step's forward pass")
-        return token_maps(maps, self.sides, batch.token_positions, self.res)
+        return normalised(self.token_probabilities(batch))
 
     def __call__(self, batch: StepBatch) -> torch.Tensor:
         try:
