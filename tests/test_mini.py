@@ -110,6 +110,26 @@ def test_shipped_model_is_small_recorded_and_generates_offline(tmp_path):
     assert np.asarray(image).std() > 1, "not a blank image"
 
 
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI): the shipped model is a plain diffusers folder
+def test_shipped_model_loads_in_plain_diffusers_and_draws_what_it_is_asked():
+    """Loaded by diffusers' own StableDiffusionPipeline (no bas code), it draws captions of its world:
+    every prompt's background and object colour read back from the pixels."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_path()), safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    asked = [("red", "circle", "blue"), ("green", "square", "grey"), ("yellow", "triangle", "black"), ("blue", "square", "yellow")]
+    prompts = [f"a {colour} {shape} on a {background} background" for colour, shape, background in asked]
+    images = pipe(prompts, num_inference_steps=25, guidance_scale=7.5, generator=[torch.Generator().manual_seed(i) for i in range(4)]).images
+    right = 0
+    for (colour, shape, background), image in zip(asked, images):
+        reading = metrics.read_image(image)
+        right += reading.background == background and reading.find(colour=colour, shape=shape) is not None
+    assert right >= 3, f"only {right} of 4 captions drawn right"
+
+
 def test_min_snr_weights_clip_only_the_nearly_clean_timesteps():
     import torch
 
