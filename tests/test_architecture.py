@@ -148,12 +148,30 @@ def test_no_import_circles():
 @pytest.mark.parametrize(
     "files, expected",
     [
-        ({"bas/__init__.py": "", "bas/core/__init__.py": "", "bas/core/a.py": "def f():\n    from bas.ui import app\n", "bas/ui/__init__.py": "",
-          "bas/ui/app.py": "from bas.core import a\n"}, (["bas.core.a -> bas.ui.app"], [["bas.core.a", "bas.ui.app", "bas.core.a"]])),
-        ({"bas/__init__.py": "", "bas/core/__init__.py": "", "bas/core/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from bas.ui import b\n",
-          "bas/ui/__init__.py": "", "bas/ui/b.py": "from ..core import a\n"}, ([], [])),
-        ({"bas/__init__.py": "from .x import y\n", "bas/x.py": "import bas\n", "bas/core/__init__.py": "", "bas/core/c.py": "from .. import x\n"},
-         (["bas.core.c -> bas.x"], [["bas", "bas.x", "bas"]])),
+        (
+            {
+                "bas/__init__.py": "",
+                "bas/core/__init__.py": "",
+                "bas/core/a.py": "def f():\n    from bas.ui import app\n",
+                "bas/ui/__init__.py": "",
+                "bas/ui/app.py": "from bas.core import a\n",
+            },
+            (["bas.core.a -> bas.ui.app"], [["bas.core.a", "bas.ui.app", "bas.core.a"]]),
+        ),
+        (
+            {
+                "bas/__init__.py": "",
+                "bas/core/__init__.py": "",
+                "bas/core/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from bas.ui import b\n",
+                "bas/ui/__init__.py": "",
+                "bas/ui/b.py": "from ..core import a\n",
+            },
+            ([], []),
+        ),
+        (
+            {"bas/__init__.py": "from .x import y\n", "bas/x.py": "import bas\n", "bas/core/__init__.py": "", "bas/core/c.py": "from .. import x\n"},
+            (["bas.core.c -> bas.x"], [["bas", "bas.x", "bas"]]),
+        ),
     ],
     ids=["lazy-import-counts", "type-checking-does-not", "relative-imports-resolve"],
 )
