@@ -74,7 +74,12 @@ def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """One circle (``[a, b, ..., a]``) per strongly connected group of modules (Tarjan's algorithm)."""
+    """One circle (``[a, b, ..., a]``) per group of modules that import each other."""
+    return [shortest_circle(graph, group) for group in import_groups(graph)]
+
+
+def import_groups(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected groups of more than one module (Tarjan's algorithm)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -105,7 +110,7 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     for v in sorted(graph):
         if v not in index:
             connect(v)
-    return [shortest_circle(graph, group) for group in groups]
+    return groups
 
 
 def shortest_circle(graph: dict[str, set[str]], group: set[str]) -> list[str]:
@@ -139,9 +144,9 @@ def test_core_imports_nothing_above_it():
 
 def test_no_import_circles():
     graph = import_graph()
-    found = circles(graph)
-    assert not found, "import circles among bas modules (each the shortest through the first module of a group importing each other):\n" + "\n".join(
-        " -> ".join(c) for c in found
+    found = [(shortest_circle(graph, group), group) for group in import_groups(graph)]
+    assert not found, "import circles among bas modules:\n" + "\n".join(
+        f"{' -> '.join(circle)}  (one of the circles among {', '.join(sorted(group))})" for circle, group in found
     )
 
 

@@ -610,8 +610,11 @@ class Run:
             "weight_files": weight_files,
             "files": files,
         }
-        for _plugin, names in self.plugins.call_each("bas_write_run_files", run=self, out=self.out, info=info):  # model-card: textual inversions, README.md
-            info["files"] += list(names or [])
+        for plugin, names in self.plugins.call_each("bas_write_run_files", run=self, out=self.out, info=info):  # model-card: textual inversions, README.md
+            for name in names or []:  # as the strategy's weight files: readers take these names as paths
+                if not io.inside(self.out, name, f"Plugin '{plugin}'").exists():
+                    raise BasError(f"Plugin '{plugin}' says it wrote {name}, but it is not there; report this to the plugin's authors.")
+                info["files"].append(name)
         contents = runfolder.run_contents(self.out)  # everything the run wrote: weights, inputs, report, logs, ...
         info["checksums"] = runfolder.checksums(self.out, contents)
         info["sealed_folders"] = [name for name in contents if name.endswith("/")]  # no file may be added to them
