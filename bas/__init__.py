@@ -1,8 +1,7 @@
 """bas: extract several concepts from one image into a text-to-image diffusion model (Break-A-Scene)."""
 
-__version__ = "0.2.0.dev0"
-
-from bas.core.hookspecs import hookimpl  # noqa: E402
+from bas.core.hookspecs import hookimpl
+from bas.core.version import __version__
 
 
 def extract(*args, **kwargs):
@@ -13,8 +12,8 @@ def extract(*args, **kwargs):
 
 
 def generate(*args, **kwargs):
-    """Generate images with a run's handles; see :func:`bas.core.api.generate`."""
-    from bas.core.api import generate as _generate
+    """Generate images with a run's handles; see :func:`bas.generation.generate.generate`."""
+    from bas.generation.generate import generate as _generate
 
     return _generate(*args, **kwargs)
 
@@ -22,23 +21,23 @@ def generate(*args, **kwargs):
 def export(out, dest, fmt="diffusers", **options):
     """Export a run into the folder ``dest`` for diffusers (``fmt="diffusers"``), AUTOMATIC1111 or
     ComfyUI (``"kohya"``), or a full fine-tune as a LoRA (``"lora-from-full"``); see
-    :func:`bas.core.export.export_run`."""
-    from bas.core.export import export_run
+    :func:`bas.exports.export.export_run`."""
+    from bas.exports.export import export_run
 
     return export_run(out, fmt, dest, **options)
 
 
 def evaluate(runs, out, **options):
     """Score finished runs with the paper's metrics into the folder ``out`` (``bas eval``); returns what
-    ``eval.json`` holds; see :func:`bas.core.evaluation.evaluate_runs`."""
-    from bas.core.evaluation import evaluate_runs
+    ``eval.json`` holds; see :func:`bas.evaluation.evaluate.evaluate_runs`."""
+    from bas.evaluation.evaluate import evaluate_runs
 
     return evaluate_runs(runs, out, **options)
 
 
 def edit(out, prompt, image, mask, **options):
-    """Put a run's concept into the masked region of an image; see :func:`bas.core.editing.edit_images`."""
-    from bas.core.editing import edit_images
+    """Put a run's concept into the masked region of an image; see :func:`bas.editing.edit.edit_images`."""
+    from bas.editing.edit import edit_images
 
     return edit_images(out, prompt, image, mask, **options)
 
@@ -46,8 +45,8 @@ def edit(out, prompt, image, mask, **options):
 def batch(scenes, out, executor="local", **options):
     """Extract many scenes into ``out/<name>/`` on this machine (``executor="local"``, ``workers=N``)
     or a Ray cluster (``"ray"``, ``ray_address=...``) and return the summary ``batch.json`` holds;
-    see :func:`bas.core.batch.runner.run_batch`."""
-    from bas.core.batch.runner import run_batch
+    see :func:`bas.batches.runner.run_batch`."""
+    from bas.batches.runner import run_batch
 
     return run_batch(scenes, out, executor=executor, **options)
 

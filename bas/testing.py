@@ -69,7 +69,7 @@ def bas_tiny_model_of(tmp_path_factory) -> Callable[..., Path]:
         if key not in built:
             from bas.core.family import get_family
             from bas.core.plugins import Plugins
-            from bas.core.tiny import save_tiny_model
+            from bas.demo.tiny import save_tiny_model
 
             chosen = get_family(Plugins(list(plugins)), family)
             built[key] = save_tiny_model(tmp_path_factory.mktemp("bas-models") / f"tiny-{family}", seed=0, family=chosen)
@@ -87,7 +87,7 @@ def bas_tiny_model(bas_tiny_model_of) -> Path:
 @pytest.fixture(scope="session")
 def bas_scene(tmp_path_factory) -> Path:
     """A scene folder (``img.png``, ``mask0.png``, ``mask1.png``: a ball and a box) for ``--scene``."""
-    from bas.core.demo import draw_scene
+    from bas.demo.demo import draw_scene
 
     return draw_scene(tmp_path_factory.mktemp("bas-scene"))
 

@@ -103,7 +103,7 @@ def term_gradients(run, phase: int, step: int) -> dict:
 
 def read_swaps(run, concepts) -> dict:
     """``a photo of <assetK>`` per handle and seed, read back: own colour, a neighbour's instead (swap), both, neither."""
-    from bas.core.sampling import sample_run
+    from bas.generation.sampling import sample_run
     from bas.mini import metrics
 
     prompts = [run.prompt_for([k]) for k in range(len(concepts))]

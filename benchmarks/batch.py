@@ -54,8 +54,8 @@ def run_checked(cmd: list[str], what: str) -> None:
 
 def prepare(work: Path, scenes: int) -> tuple[Path, list[Path]]:
     sys.path.insert(0, str(ROOT))
-    from bas.core.demo import draw_scene
-    from bas.core.tiny import save_tiny_model
+    from bas.demo.demo import draw_scene
+    from bas.demo.tiny import save_tiny_model
 
     model = save_tiny_model(work / "tiny", seed=0)
     first = draw_scene(work / "scenes" / "scene0")

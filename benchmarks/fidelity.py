@@ -25,10 +25,10 @@ pixels (``bas/plugins/bas_mini.py``).  Per run, the prompts are:
 Every ablation runs on the same scenes, extraction seeds and generation seeds, so its difference
 from its baseline (``full``, or ``full-finetune`` for the full fine-tune's variants) is paired:
 one difference per scene, extraction seed and generation seed, each the mean over the prompts of
-its group.  Its 95% interval is the hierarchical bootstrap (:func:`bas.core.stats.nested_summary`):
+its group.  Its 95% interval is the hierarchical bootstrap (:func:`bas.evaluation.stats.nested_summary`):
 resample scenes, then extraction seeds within each drawn scene, then generation seeds within each
 drawn extraction; ``*`` marks one that excludes 0.  With 8-12 scenes that interval is too narrow, so
-each difference also has a scene-level test (:func:`bas.core.stats.scene_test`: Wilcoxon's signed-rank
+each difference also has a scene-level test (:func:`bas.evaluation.stats.scene_test`: Wilcoxon's signed-rank
 test over its scene means, and a t-interval).  A claim **holds** only where its Holm-corrected bootstrap
 interval excludes 0 and the scene-level test agrees (the same side, Holm-corrected p < 0.05), Holm over
 the table and every sweep that belongs to it (:func:`correct_family`); a ``*`` alone is *suggestive*.
@@ -568,8 +568,8 @@ def statistics(values: dict[str, dict[str, np.ndarray]], ablations: list[Ablatio
 def differences(values: dict[str, dict[str, np.ndarray]], ablations: list[Ablation], resamples: int = 10_000) -> dict:
     """Per ablation and metric: ``{"value": ..., "difference": ...}``, each difference paired by scene, extraction seed
     and generation seed: its 95% hierarchical bootstrap (``significant``: the interval excludes 0, a ``*``) and the
-    scene-level test of its scene means (``scene``: :func:`bas.core.stats.scene_test`)."""
-    from bas.core.stats import nested_summary, scene_test
+    scene-level test of its scene means (``scene``: :func:`bas.evaluation.stats.scene_test`)."""
+    from bas.evaluation.stats import nested_summary, scene_test
 
     result: dict[str, dict] = {}
     for a in ablations:
@@ -593,7 +593,7 @@ def correct_family(tables: list[tuple[dict, dict, dict]], labels: list[str], res
     ``1 - ALPHA / (m - i + 1)``) and ``verdict``: ``holds`` where the corrected bootstrap interval excludes 0 (adjusted
     p < ALPHA) and the scene-level test agrees (the same side, adjusted p < ALPHA); ``suggestive`` where only the
     uncorrected 95% interval excludes 0 (a ``*``); ``""`` otherwise.  Returns the family's size."""
-    from bas.core.stats import holm_adjusted, holm_confidences, nested_summary, scene_test
+    from bas.evaluation.stats import holm_adjusted, holm_confidences, nested_summary, scene_test
 
     tested = []  # (difference entry, paired differences)
     for stats, values, baselines in tables:
@@ -740,7 +740,7 @@ def sweeps_of(table: Path) -> list[Path]:
 def ablation_grid(evals: Path, scenes: dict[str, Path], scene_groups: dict[str, dict], ablation: str, extraction_seed: int,
                   seeds: list[int], tile: int = 64) -> Image.Image:
     """Per scene: a row with the input and masks, then a row per prompt (a column per generation seed)."""
-    from bas.core.generation import image_grid, image_stem
+    from bas.generation.generate import image_grid, image_stem
 
     lines: list[list[Image.Image]] = []
     for name, folder in scenes.items():

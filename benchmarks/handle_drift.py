@@ -54,7 +54,7 @@ SETTINGS = {  # name -> (weight strategy plugins, phase-2 handle rate)
 @click.option("--work", type=click.Path(path_type=Path), default=Path("/tmp/bas-handle-drift"), show_default=True)
 def main(out, steps, work):
     from bas.core.api import make_config
-    from bas.core.demo import draw_mini_scene
+    from bas.demo.demo import draw_mini_scene
     from bas.core.plugins import Plugins
     from bas.core.training import extract
 

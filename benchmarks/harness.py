@@ -353,7 +353,7 @@ def summarize_phase(data: dict, warmup: int, paper_steps: int) -> dict:
 def measure(spec: dict) -> dict:
     """Run one configuration for ``warmup + timed + 1`` steps per phase and summarize it."""
     from bas.core.api import make_config
-    from bas.core.demo import draw_scene
+    from bas.demo.demo import draw_scene
     from bas.core.plugins import Plugins
 
     variant = Variant(**spec["variant"])

@@ -95,9 +95,9 @@ def flux_lora_parameters(rank: int = 8) -> int:
 @click.option("--rank", default=8, show_default=True, help="--lora-rank (bas's default).")
 def main(out, steps, rank):
     from bas.core.api import make_config
-    from bas.core.demo import draw_scene
+    from bas.demo.demo import draw_scene
     from bas.core.plugins import Plugins
-    from bas.core.tiny import save_tiny_model
+    from bas.demo.tiny import save_tiny_model
     from bas.core.training import extract
     from bas.plugins.flux import Flux
 

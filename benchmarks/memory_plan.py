@@ -49,8 +49,8 @@ def check(args) -> int:
     from bas.memory.measure import measure_run
 
     if args.dry_run:
-        from bas.core.demo import draw_scene
-        from bas.core.tiny import save_tiny_model
+        from bas.demo.demo import draw_scene
+        from bas.demo.tiny import save_tiny_model
 
         tmp = Path(tempfile.mkdtemp(prefix="bas-memory-plan-"))
         model, scene, device = save_tiny_model(tmp / "tiny"), draw_scene(tmp / "scene"), "cpu"
@@ -58,7 +58,7 @@ def check(args) -> int:
         from benchmarks.presets import materialize
 
         model, device = materialize(args.arch), args.device
-        from bas.core.demo import draw_scene
+        from bas.demo.demo import draw_scene
 
         scene = draw_scene(Path(tempfile.mkdtemp(prefix="bas-memory-scene-")))
     extra = {

@@ -3,7 +3,7 @@
 Speed and memory depend on shapes, not on the weights' values, so the SD 1.5, SD 2.1 and SDXL
 presets build those architectures in code (nothing is downloaded) and save them once, in
 diffusers format, to a cache folder that ``bas`` then loads like any other local model.  ``tiny``
-is the test model of :mod:`bas.core.tiny`; ``small`` sits between it and SD 1.5: SD's layout (4
+is the test model of :mod:`bas.demo.tiny`; ``small`` sits between it and SD 1.5: SD's layout (4
 UNet levels, 2 layers per level, linear projections, the 8x VAE, CLIP's 49408-token vocabulary) at
 a width and resolution that run a few training steps per second on a CPU.  ``sdxl-small`` is
 SDXL's layout (3 UNet levels with 1/2/10-deep transformers, text-time conditioning, two CLIP text
@@ -65,7 +65,7 @@ class Preset:
 SAVED_LAYOUT = 2
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", 128, "bas.core.tiny: the test model (UNet 16/32/32/32, 2-layer 32-d text model)"),
+    "tiny": Preset("tiny", 128, "bas.demo.tiny: the test model (UNet 16/32/32/32, 2-layer 32-d text model)"),
     "small": Preset(
         "small", 256, "SD layout at 1/10 width: UNet 32/64/128/128, 2 layers per level, 256-d 4-layer text model, 256 px",
         unet=dict(
@@ -141,7 +141,7 @@ PRESETS: dict[str, Preset] = {
 
 def write_clip_sized_tokenizer(directory: Path) -> None:
     """The tiny BPE tokenizer, padded with unreachable tokens to CLIP's 49408 entries, special tokens last as in CLIP."""
-    from bas.core.tiny import write_tokenizer
+    from bas.demo.tiny import write_tokenizer
 
     write_tokenizer(directory)
     vocab = json.loads((directory / "vocab.json").read_text())
@@ -159,7 +159,7 @@ def build_pipeline(preset: Preset, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if preset.name == "tiny":
-        from bas.core.tiny import build_tiny_pipeline
+        from bas.demo.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline(seed=seed)
     if preset.transformer:
@@ -231,7 +231,8 @@ def default_cache_dir() -> Path:
 
 def materialize(name: str, cache_dir: Path | None = None) -> Path:
     """The preset saved as a diffusers folder (built on first use, then reused); returns its path."""
-    from bas.core import formats, io
+    from bas.core import io
+    from bas.exports import formats
 
     preset = PRESETS[name]
     directory = Path(cache_dir or default_cache_dir()) / f"{name}-{preset.key()}"

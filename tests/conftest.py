@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 import bas
 from bas.cli import cli
-from bas.core.demo import draw_scene
-from bas.core.tiny import save_tiny_model
+from bas.demo.demo import draw_scene
+from bas.demo.tiny import save_tiny_model
 
 # bas's own fixtures for plugin authors; pytest also loads them by bas's pytest11 entry point where bas is
 # installed with its metadata (then this finds them registered under the same name and does nothing)
@@ -94,7 +94,7 @@ def as_an_earlier_version_wrote(folder: Path) -> Path:
 
     from safetensors.torch import save_file
 
-    from bas.core.formats import read_diffusers_lora
+    from bas.exports.formats import read_diffusers_lora
 
     folder = Path(folder)
     info = json.loads((folder / "run.json").read_text())
@@ -182,7 +182,7 @@ def card_image_and_generated(card: Path, run: Path, invoke, tmp_path: Path, step
     import numpy as np
     from PIL import Image
 
-    from bas.core.generation import SAMPLING_STEPS, image_stem
+    from bas.generation.generate import SAMPLING_STEPS, image_stem
 
     code = re.search(r"```python\n(.*?)```", card.read_text(), re.S).group(1)
     for old, new in (('"cuda"', '"cpu"'), ("torch.bfloat16", "torch.float32"), (f"num_inference_steps={SAMPLING_STEPS},", f"num_inference_steps={steps},"),

@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 import bas
 from bas.core import checkpoint
 from bas.core import plugins as plugins_module
-from bas.core.batch import progress as progress_module
-from bas.core.batch import runner as runner_module
-from bas.core.batch.runner import Batch
+from bas.batches import progress as progress_module
+from bas.batches import runner as runner_module
+from bas.batches.runner import Batch
 from bas.core.batch.tasks import Finished, Progress, Started, crashed
 from bas.core.errors import BasError
 from bas.core.training import Interrupted

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bas.core.plugins import available_plugin_names
-from bas.core.tiny import build_tiny_pipeline
+from bas.demo.tiny import build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -84,7 +84,7 @@ def test_generate_writes_pngs_at_the_run_resolution(lora_run, invoke, tmp_path):
 
 def test_generate_uses_the_learned_handles(lora_run, tmp_path):
     out, _ = lora_run
-    from bas.core.generation import load_run_pipeline
+    from bas.generation.generate import load_run_pipeline
 
     pipe, _ = load_run_pipeline(out, device="cpu")
     handles = load_file(str(out / "handles.safetensors"))

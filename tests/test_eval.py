@@ -25,12 +25,14 @@ from PIL import Image
 
 import bas
 from bas.cli import cli
-from bas.core import evaluation
+from bas.evaluation import evaluate as evaluation
+from bas.generation import generate as generate_module
 from bas.core.errors import BasError
-from bas.core.evaluation import EvalRun, Sample, concept_subsets, prompt_specs
-from bas.core.generation import image_stem
+from bas.core.evaluation import EvalRun, Sample
+from bas.evaluation.evaluate import concept_subsets, prompt_specs
+from bas.generation.generate import image_stem
 from bas.core.runfolder import staging_path
-from bas.core.stats import bootstrap_interval, summarize
+from bas.evaluation.stats import bootstrap_interval, summarize
 from bas.plugins.bas_mini import BasMini, read_concepts
 from bas.plugins.dino_identity import DinoIdentity, masked
 
@@ -45,7 +47,7 @@ VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_att
 def tiny_tokenizer():
     from transformers import CLIPTokenizer
 
-    from bas.core.tiny import write_tokenizer
+    from bas.demo.tiny import write_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp))
@@ -296,7 +298,7 @@ def test_eval_of_a_batch_folder_gives_a_row_per_run_and_skips_what_is_not_a_run(
 
 def test_eval_scores_images_from_a_folder_and_refuses_ones_it_cannot_match(evaluated, runs_dir, metric_models, tmp_path, capsys, monkeypatch):
     out, _ = evaluated
-    monkeypatch.setattr(bas.core.api, "generate", lambda *a, **k: pytest.fail("--images must not generate"))
+    monkeypatch.setattr(generate_module, "generate", lambda *a, **k: pytest.fail("--images must not generate"))
     again = tmp_path / "again"
     code, stdout, err = run_main(["eval", runs_dir / "toys", runs_dir / "toys-again", "--images", out / "images", "--out", again,
                                   "--templates", "paper", "--evaluator", "clip-prompt", "--quiet", "--clip-model", metric_models["clip"]], capsys)
@@ -429,8 +431,8 @@ def test_an_interrupted_eval_reuses_its_images_and_overwrite_replaces_an_earlier
     Image.new("RGB", (8, 8)).save(staged[0].parent / "a-photo-of-asset0-on-the-moon-seed0.png")  # a prompt this eval does not have
 
     made = []
-    real = bas.core.api.generate
-    monkeypatch.setattr(bas.core.api, "generate", lambda *a, **k: made.append(a) or real(*a, **k))
+    real = generate_module.generate
+    monkeypatch.setattr(generate_module, "generate", lambda *a, **k: made.append(a) or real(*a, **k))
     code, _, err = run_main(args, capsys)
     data = json.loads((out / "eval.json").read_text())
     assert code == 0 and made == [] and "reused 6 images that an interrupted bas eval with the same settings had generated" in data["notes"]
@@ -528,7 +530,7 @@ def test_each_run_is_generated_with_its_familys_sampler_and_guidance(runs_dir, t
             for s in seeds:
                 Image.new("RGB", (8, 8)).save(Path(out_dir) / f"{image_stem(prompt)}-seed{s}.png")
 
-    monkeypatch.setattr(bas.core.api, "generate", generate)
+    monkeypatch.setattr(generate_module, "generate", generate)
     plugins = Plugins(extra=[("brightness", BrightnessPlugin())])
 
     def evaluate(out, **values):

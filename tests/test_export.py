@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bas.cli import cli
-from bas.core.formats import kohya_model_hash, kohya_targets, standard_module
+from bas.exports.formats import kohya_model_hash, kohya_targets, standard_module
 
 import comfyui_keys
 from conftest import as_an_earlier_version_wrote, check_card_writes_the_generated_image, exported_card, quick_run_args
@@ -249,7 +249,7 @@ def test_export_refuses_what_would_lose_data_or_cannot_work(args, message, rich_
 
 def test_rewriting_a_run_folder_leaves_no_stale_embeddings(tmp_path):
     from bas.core import io
-    from bas.core.export import write_run_exports
+    from bas.exports.export import write_run_exports
 
     info = {"model": "m", "family": "sd", "handles": [], "weights": None, "files": ["handles.safetensors"], "resolution": 64}
     for n in (3, 2):  # an --overwrite run with fewer handles

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bas.core.stats import bootstrap_interval, holm, holm_adjusted, holm_confidences, nested_bootstrap_means, nested_summary, scene_test
+from bas.evaluation.stats import bootstrap_interval, holm, holm_adjusted, holm_confidences, nested_bootstrap_means, nested_summary, scene_test
 from bas.mini import metrics, world
 from bas.plugins.bas_mini import read_concepts, score_reading
 

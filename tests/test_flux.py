@@ -331,7 +331,7 @@ def test_generate_and_edit_end_to_end_through_the_flux_pipeline(flux_run, scene,
                     "--lora-scale", 0.5)
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "g" / "a-photo-of-asset0-at-the-beach-seed0.png").size == (128, 128)
-    from bas.core.generation import load_run_pipeline
+    from bas.generation.generate import load_run_pipeline
 
     pipe, _ = load_run_pipeline(run.out, device="cpu")
     assert type(pipe).__name__ == "FluxPipeline" and any(pipe.get_list_adapters().values())
@@ -399,7 +399,7 @@ def test_diffusers_export_loads_in_a_plain_flux_pipeline_and_changes_its_output(
     after = sample(pipe, prompt)
     assert not np.allclose(before, after)
     # the same as bas's own generation from the run
-    from bas.core.generation import load_run_pipeline
+    from bas.generation.generate import load_run_pipeline
 
     ours, _ = load_run_pipeline(run.out, device="cpu")
     ours.set_progress_bar_config(disable=True)
@@ -562,7 +562,7 @@ def tiny_schnell_model(tmp_path_factory):
     """A tiny FLUX.1-schnell: no guidance embedding, and schnell's scheduler (a fixed shift of 1, no dynamic shifting)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from bas.core.formats import save_pipeline
+    from bas.exports.formats import save_pipeline
     from bas.plugins.flux import build_tiny_flux_pipeline
 
     pipe = build_tiny_flux_pipeline(seed=0, guidance_embeds=False)
@@ -625,7 +625,7 @@ def test_flux_schnell_trains_without_guidance_and_generates_in_few_steps(tiny_sc
 def test_sampling_defaults_are_the_variants_schnell_4_steps_and_guidance_0_dev_50_and_3_5(tiny_flux_model, tiny_schnell_model):
     """Told from the base model's transformer config (guidance_embeds) without loading it, or, for a
     hub id that is not cached, from its name; what the user gives wins."""
-    from bas.core.generation import run_sampling_defaults
+    from bas.generation.generate import run_sampling_defaults
     from bas.plugins.flux import Flux
 
     flux = Flux()

@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bas.core.export import kohya_metadata, low_rank_difference
+from bas.exports.export import kohya_metadata, low_rank_difference
 from bas.core.family import Components
-from bas.core.formats import (LoraLayer, diffusers_state_dict, kohya_targets, read_diffusers_lora, standard_module,
+from bas.exports.formats import (LoraLayer, diffusers_state_dict, kohya_targets, read_diffusers_lora, standard_module,
                               write_diffusers_lora, write_kohya_lora)
 from bas.plugins.sd import StableDiffusion
 
@@ -122,7 +122,7 @@ def test_tiny_model_files_load_in_transformers_4_layout(tiny_model, tmp_path):
     silently) and vocab.json/merges.txt, from which a tokenizer tokenizes as the saved one does."""
     from transformers import CLIPTextModel
 
-    from bas.core.tiny import build_tiny_pipeline
+    from bas.demo.tiny import build_tiny_pipeline
 
     keys = load_file(str(tiny_model / "text_encoder" / "model.safetensors")).keys()
     assert keys and all(k.startswith("text_model.") for k in keys)
@@ -235,7 +235,7 @@ def test_every_key_maps_in_comfyui_and_automatic1111_for_the_real_layouts(preset
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     import a1111_keys
-    from bas.core.export import write_a1111_embeddings, write_textual_inversions
+    from bas.exports.export import write_a1111_embeddings, write_textual_inversions
     from bas.plugins.sdxl import StableDiffusionXL
     from benchmarks.presets import CLIP_VOCAB_SIZE, PRESETS
 

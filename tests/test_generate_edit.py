@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 import bas
 from bas.core.errors import BasError
-from bas.core.generation import SCHEDULERS, generate_images, make_scheduler
+from bas.generation.generate import SCHEDULERS, generate_images, make_scheduler
 from bas.core.scene import BACKGROUND_NAME, SceneInput, prepare_scene
 
 
@@ -121,7 +121,7 @@ def test_edit_follows_the_blended_latent_diffusion_script(rich_run, scene, tmp_p
     step with fresh noise replace the outside of the nearest-sampled mask; the decoded result as is."""
     import diffusers
 
-    from bas.core.editing import edit_images, latent_mask
+    from bas.editing.edit import edit_images, latent_mask
 
     mask = Image.new("L", (128, 128), 0)
     ImageDraw.Draw(mask).rectangle((40, 40, 89, 89), fill=255)
@@ -212,7 +212,7 @@ def test_edit_takes_a_prompts_file_and_seeds_one_image_per_prompt_and_seed(rich_
 
 
 def test_edit_width_and_height_give_that_size_with_the_input_cropped_to_it(rich_run, scene, invoke, tmp_path):
-    from bas.core.editing import fit
+    from bas.editing.edit import fit
 
     mask = square_mask(tmp_path / "mask.png")
     result = invoke("edit", rich_run, "a photo of <asset1>", "--image", scene / "img.png", "--mask", mask, "--steps", 2,
@@ -231,7 +231,7 @@ def test_edit_width_and_height_give_that_size_with_the_input_cropped_to_it(rich_
 def test_edit_blend_start_is_where_sampling_starts(rich_run, scene, tmp_path, monkeypatch):
     import diffusers
 
-    from bas.core.editing import edit_images
+    from bas.editing.edit import edit_images
 
     mask = square_mask(tmp_path / "mask.png")
     calls = []

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from bas.core.components import StepBatch
 from bas.core.family import Components, Conditioning
-from bas.core.tiny import build_tiny_pipeline
+from bas.demo.tiny import build_tiny_pipeline
 from bas.plugins.attention_loss import CrossAttentionLoss
 from bas.plugins.masked_loss import MaskedDiffusionLoss
 from bas.plugins.sd import StableDiffusion

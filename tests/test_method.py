@@ -17,7 +17,7 @@ from bas.core.attention import AttentionStore
 from bas.core.errors import BasError
 from bas.core.family import ImageSize
 from bas.core.plugins import Plugins
-from bas.core.tiny import build_tiny_pipeline
+from bas.demo.tiny import build_tiny_pipeline
 from bas.core.training import extract
 from bas.plugins.sd import StableDiffusion
 from bas.plugins.sdxl import StableDiffusionXL
@@ -126,7 +126,7 @@ def test_phase2_trains_the_handles_in_their_own_group_at_the_rate_run_json_recor
 
 
 def test_a_finished_run_reloads_to_exactly_the_models_it_trained(scene, tiny_model, tmp_path):
-    from bas.core.generation import load_run_pipeline
+    from bas.generation.generate import load_run_pipeline
 
     pm = Plugins([])
     values = {"scene": scene, "model": str(tiny_model), "out": tmp_path / "out", "quiet": True, "phase1_steps": 2, "phase2_steps": 2,

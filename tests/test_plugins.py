@@ -178,3 +178,71 @@ def test_every_hook_is_implemented_by_a_builtin_or_tested_and_documented():
         assert name in readme, f"{name} is not documented in README.md"
         implemented = bool(getattr(pm.pm.hook, name).get_hookimpls())
         assert implemented or name in tests_text.replace(f'"{name}"', ""), f"{name} has no implementation or test"
+
+
+class ModelNamePlugin:
+    """Maps the model name ``my-model`` to a folder, as the bas-mini plugin maps ``bas-mini``."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    @bas.hookimpl
+    def bas_model_path(self, name):
+        return self.folder if name == "my-model" else None
+
+
+def test_a_model_name_is_found_through_the_plugins_as_bas_mini_is(tiny_model, scene, tmp_path):
+    from bas.core.api import make_config
+    from bas.core.model import resolve_model
+    from bas.core.training import extract
+    from bas.mini import model_path
+
+    assert resolve_model("bas-mini", Plugins()) == str(model_path())
+    assert resolve_model("bas-mini", Plugins(["no:bas-mini"])) == "bas-mini"  # no plugin knows it: a hub id
+    assert resolve_model("some/hub-id", Plugins()) == "some/hub-id"
+    pm = Plugins(extra=[("names", ModelNamePlugin(tiny_model))])
+    assert resolve_model("my-model", pm) == str(tiny_model)
+    values = {"scene": scene, "model": "my-model", "out": tmp_path / "out", "quiet": True, "phase1_steps": 1, "phase2_steps": 0}
+    run = extract(make_config(pm, values, []), pm)
+    assert run.info["model"] == "my-model" and run.info["family"] == "sd"
+
+
+class RunFilePlugin:
+    def __init__(self, claimed):
+        self.claimed = claimed
+
+    @bas.hookimpl
+    def bas_write_run_files(self, run, out, info):
+        (out / "notes.txt").write_text(f"{len(info['handles'])} handles")
+        return self.claimed
+
+
+@pytest.mark.parametrize("claimed, error", [(["notes.txt"], None), (["missing.txt"], "says it wrote missing.txt, but it is not there"),
+                                            (["../outside.txt"], "which is not inside")])
+def test_a_plugin_adds_files_to_a_finished_run(claimed, error, tiny_model, scene, tmp_path):
+    from bas.core.api import make_config
+    from bas.core.training import extract
+
+    pm = Plugins(extra=[("notes", RunFilePlugin(claimed))])
+    out = tmp_path / "out"
+    values = {"scene": scene, "model": str(tiny_model), "out": out, "quiet": True, "phase1_steps": 1, "phase2_steps": 0}
+    if error:
+        with pytest.raises(BasError, match=f"Plugin 'notes' .*{error}"):
+            extract(make_config(pm, values, []), pm)
+        assert not out.exists()
+        return
+    info = extract(make_config(pm, values, []), pm).info
+    assert (out / "notes.txt").read_text() == "2 handles" and "notes.txt" in info["files"] and "notes.txt" in info["checksums"]
+    assert "README.md" in info["files"] and (out / "README.md").is_file()  # the built-in model-card plugin's
+
+
+def test_without_the_model_card_plugin_a_run_has_no_card(tiny_model, scene, tmp_path):
+    from bas.core.api import make_config
+    from bas.core.training import extract
+
+    pm = Plugins(["no:model-card"])
+    out = tmp_path / "out"
+    values = {"scene": scene, "model": str(tiny_model), "out": out, "quiet": True, "phase1_steps": 1, "phase2_steps": 0}
+    info = extract(make_config(pm, values, ["no:model-card"]), pm).info
+    assert (out / "handles.safetensors").is_file() and not (out / "README.md").exists() and not (out / "embeddings").exists()
+    assert "README.md" not in info["files"]

@@ -286,7 +286,7 @@ def test_prompt_naming_a_handle_the_run_lacks(inputs, tiny_model, tmp_path, caps
 
 
 def test_generated_file_names_are_safe():
-    from bas.core.generation import slug
+    from bas.generation.generate import slug
 
     assert slug("../../etc/passwd <asset0>") == "etc-passwd-asset0"
     assert "/" not in slug("a/b\\c") and slug("...") == "image"

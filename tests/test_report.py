@@ -13,7 +13,7 @@ from PIL import Image
 from bas.core.api import make_config
 from bas.core.errors import BasError
 from bas.core.plugins import Plugins
-from bas.core.sampling import sample_run
+from bas.generation.sampling import sample_run
 from bas.core.training import Run
 from bas.plugins.attention_loss import CrossAttentionLoss, handle_attention_maps
 

@@ -31,7 +31,7 @@ from bas.core import io, runfolder
 from bas.core.api import make_config
 from bas.core.checkpoint import complete_checkpoints
 from bas.core.errors import BasError
-from bas.core.generation import read_run
+from bas.generation.generate import read_run
 from bas.core.plugins import Plugins
 from bas.core.runfolder import staging_path
 from bas.core.training import NumericalError, extract
@@ -437,7 +437,7 @@ def test_export_never_replaces_a_folder_that_is_not_an_export(dest, message, wor
 
 def test_export_refuses_a_crafted_handle_even_past_the_reader(work):
     """The check where a name becomes a path holds without read_run's."""
-    from bas.core.export import write_textual_inversions
+    from bas.exports.export import write_textual_inversions
     from bas.plugins.sd import StableDiffusion
 
     with pytest.raises(BasError, match="invalid handle name '../x'"):
@@ -862,20 +862,20 @@ def test_safetensors_disk_full_and_size_limit_are_one_line_from_run_and_export(c
 
 def out_dir_a_file(d, monkeypatch):
     (d / "afile").write_text("mine")
-    monkeypatch.setattr("bas.core.generation.load_run_pipeline", lambda *a, **k: pytest.fail("sampled before checking --out-dir"))
+    monkeypatch.setattr("bas.generation.generate.load_run_pipeline", lambda *a, **k: pytest.fail("sampled before checking --out-dir"))
     return GENERATE + ["--out-dir", "afile"]
 
 
 def edit_out_dir_below_a_file(d, monkeypatch):
     (d / "afile").write_text("mine")
-    monkeypatch.setattr("bas.core.generation.load_run_pipeline", lambda *a, **k: pytest.fail("sampled before checking --out-dir"))
+    monkeypatch.setattr("bas.generation.generate.load_run_pipeline", lambda *a, **k: pytest.fail("sampled before checking --out-dir"))
     return ["edit", "runs/old", "a photo of <asset0>", "--image", "scene/img.png", "--mask", "scene/mask0.png", "--steps", "1", "--out-dir", "afile/edits"]
 
 
 def memory_runs_out(d, monkeypatch):
     def exhausted(*args, **kwargs):
         raise MemoryError()
-    monkeypatch.setattr("bas.core.generation.sampling_seeds", exhausted)
+    monkeypatch.setattr("bas.generation.generate.sampling_seeds", exhausted)
     return GENERATE
 
 
@@ -896,7 +896,7 @@ def pickled_model(d, monkeypatch):
 
 def another_family(d, monkeypatch):
     """run.json names SDXL (and an SDXL model) while its LoRA and handles are SD's."""
-    from bas.core.tiny import save_tiny_model
+    from bas.demo.tiny import save_tiny_model
     from bas.plugins.sdxl import StableDiffusionXL
 
     model = save_tiny_model(d / "sdxl", seed=0, family=StableDiffusionXL())
@@ -972,7 +972,7 @@ def test_resume_from_a_checkpoint_that_does_not_fit_is_one_error(damage, work, t
 
 def test_too_many_images_are_refused_before_any_list_of_seeds_is_made():
     from bas.core.evaluation import EvalConfig
-    from bas.core.generation import sampling_seeds
+    from bas.generation.generate import sampling_seeds
 
     with pytest.raises(BasError, match="--num-images must be at most 10000, not 10001"):
         sampling_seeds(0, None, 10_001)

@@ -221,7 +221,7 @@ def test_generate_end_to_end_through_the_sdxl_pipeline(sdxl_run, invoke, tmp_pat
     assert result.exit_code == 0, result.output
     (path,) = [tmp_path / "g" / "a-photo-of-asset0-at-the-beach-seed0.png"]
     assert Image.open(path).size == (run.resolution, run.resolution)
-    from bas.core.generation import load_run_pipeline
+    from bas.generation.generate import load_run_pipeline
 
     pipe, _ = load_run_pipeline(run.out, device="cpu")
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
@@ -364,7 +364,7 @@ def test_exports_refuse_what_the_family_cannot_write_and_write_nothing(sdxl_run,
     from safetensors.torch import save_file
 
     from bas.cli import main
-    from bas.core.export import export_run
+    from bas.exports.export import export_run
 
     run, _ = sdxl_run
 
@@ -398,7 +398,7 @@ def test_exports_refuse_what_the_family_cannot_write_and_write_nothing(sdxl_run,
 def test_full_fine_tune_trains_the_unet_and_both_encoders_and_saves_a_pipeline_plain_diffusers_loads(scene, tiny_sdxl_model, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from bas.core.generation import load_run_pipeline
+    from bas.generation.generate import load_run_pipeline
 
     run, snaps, _ = run_sdxl(scene, tiny_sdxl_model, tmp_path / "out", ["full"], phase1_steps=1, phase2_lr=1e-3)
     moved, handles = changed(snaps, 2), set(handle_names(run).values())

@@ -32,7 +32,7 @@ from bas.cli import cli
 from bas.core import runfolder
 from bas.core.checkpoint import complete_checkpoints
 from bas.core.errors import BasError
-from bas.core.export import FORMATS
+from bas.exports.export import FORMATS
 from bas.core.mask_cleanup import MaskCleanup
 from bas.core.runfolder import staging_path
 from bas.ui import commands, scenes
@@ -318,7 +318,7 @@ def test_the_generate_tab_offers_the_picked_runs_family_samplers_and_defaults(tm
     from safetensors.torch import save_file
 
     from bas.core.family import get_family
-    from bas.core.generation import SCHEDULERS
+    from bas.generation.generate import SCHEDULERS
     from bas.core.plugins import Plugins
 
     pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[test]')")

@@ -6,7 +6,7 @@ on SD 1.5, SD 2.1 and SDXL.
     python tools/comfyui_check.py /tmp/ComfyUI /tmp/comfy-deps
 
 For SD 1.5, SD 2.1 base, SD 2.1 768-v (v-prediction) and SDXL base 1.0 at their real sizes, on the meta
-device (no weights are needed or downloaded), it writes with bas's writers (``bas.core.formats``, the
+device (no weights are needed or downloaded), it writes with bas's writers (``bas.exports.formats``, the
 model family's kohya prefixes: ``lora_te_`` for SD, ``lora_te1_``/``lora_te2_`` for SDXL) the
 diffusers-layout and kohya files of
 
@@ -74,8 +74,8 @@ def bas_files(preset: str, family_name: str, directory: Path) -> tuple[dict, dic
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from bas.core.export import a1111_embedding_name, handle_file_stem, write_a1111_embeddings, write_textual_inversions
-    from bas.core.formats import LoraLayer, kohya_targets, standard_module, write_diffusers_lora, write_kohya_lora
+    from bas.exports.export import a1111_embedding_name, handle_file_stem, write_a1111_embeddings, write_textual_inversions
+    from bas.exports.formats import LoraLayer, kohya_targets, standard_module, write_diffusers_lora, write_kohya_lora
     from benchmarks.presets import CLIP_VOCAB_SIZE, PRESETS
 
     family = bas_family(family_name)

@@ -64,10 +64,10 @@ def make(root: Path) -> None:
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from bas.core.api import extract
-    from bas.core.demo import draw_scene
-    from bas.core.export import export_run
-    from bas.core.formats import save_pipeline
-    from bas.core.tiny import build_tiny_pipeline, save_tiny_model
+    from bas.demo.demo import draw_scene
+    from bas.exports.export import export_run
+    from bas.exports.formats import save_pipeline
+    from bas.demo.tiny import build_tiny_pipeline, save_tiny_model
     from bas.plugins.sdxl import StableDiffusionXL
 
     tiny = save_tiny_model(root / "tiny")

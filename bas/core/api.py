@@ -1,4 +1,5 @@
-"""The Python API: ``bas.extract`` and ``bas.generate`` do what ``bas run`` and ``bas generate`` do."""
+"""The Python API of the schedule: ``bas.extract`` does what ``bas run`` does (``bas.generate`` is the verb
+:func:`bas.generation.generate.generate`)."""
 
 from __future__ import annotations
 
@@ -6,23 +7,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Iterable
 
-import click
 
 from bas.core.errors import BasError
-from bas.core.generation import generate_images
-from bas.core.plugins import Plugins
+from bas.core.plugins import Plugins, option_default  # noqa: F401 (option_default: re-exported)
 from bas.core.training import Run, RunConfig
 from bas.core.training import extract as _extract
 
 CORE_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"options", "plugins"}
-
-
-def option_default(opt: click.Option) -> Any:
-    """The value click would give an option that is not on the command line."""
-    value = opt.get_default(click.Context(click.Command("bas")), call=True)
-    if value is None or type(value).__name__ == "Sentinel":  # click 8.2+ marks "no default" with a sentinel
-        return () if opt.multiple else (False if opt.is_flag else None)
-    return opt.type_cast_value(click.Context(click.Command("bas")), value)
 
 
 def make_config(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable[str]) -> RunConfig:
@@ -51,9 +42,3 @@ def extract(image=None, masks=(), out="bas-out", *, plugins: Iterable[str] = (),
     if masks:
         values["masks"] = [Path(m) for m in masks]
     return _extract(make_config(manager, values, plugins), manager)
-
-
-def generate(out, prompts, **options) -> list[Path]:
-    """Generate images from a finished run; ``prompts`` is one prompt or a list.  Returns PNG paths."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    return generate_images(Path(out), prompts, **options)

@@ -62,3 +62,25 @@ def resize_token_embeddings(model, size: int) -> None:
         model.resize_token_embeddings(size, mean_resizing=False)
     else:
         model.resize_token_embeddings(size)
+
+
+def quiet_libraries() -> None:
+    """Library chatter (deprecation notes, load bars) drowns bas's own progress and errors: the command line and
+    batch workers silence it."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
+    for name in ("bitsandbytes", "transformers", "diffusers", "peft", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.formatwarning = lambda message, category, *a, **k: f"Warning: {message}\n"

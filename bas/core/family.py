@@ -357,7 +357,7 @@ class ModelFamily:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def kohya_layers(self, layers: list) -> list:
-        """A LoRA's layers (:class:`bas.core.formats.LoraLayer`) as kohya's scripts name and shape them for
+        """A LoRA's layers (:class:`bas.exports.formats.LoraLayer`) as kohya's scripts name and shape them for
         this family (FLUX fuses q/k/v into one layer); SD and SDXL keep diffusers' modules."""
         return layers
 

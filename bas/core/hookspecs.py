@@ -227,7 +227,7 @@ def bas_register_model_families(register):
       ``lora_scale_argument = "joint_attention_kwargs"``, ``denoiser_name = "transformer"``;
       ``kohya_prefixes`` as kohya's FLUX scripts name them (``lora_unet_``, ``lora_te1_`` for
       CLIP-L) and ``kohya_layers`` to BFL's fused layers.  T5 takes no LoRA (it is quantised and
-      trains only its handle rows), so :mod:`bas.core.formats` needs no rule for T5 module paths
+      trains only its handle rows), so :mod:`bas.exports.formats` needs no rule for T5 module paths
       (they have no ``text_model.`` level); a family that adapts T5 must add one.
     - quantised loading: ``load`` loads the frozen transformer and T5 quantised
       (``quantizations``: bitsandbytes nf4 and int8) when the plan asks, which ``check_run``
@@ -237,6 +237,36 @@ def bas_register_model_families(register):
       makes one forward pass with the guidance embedding instead of two.
 
     **Provisional**: the ModelFamily protocol grows with each family (plugin API 1).
+    """
+
+
+@hookspec(firstresult=True)
+def bas_model_path(name):
+    """Return the local folder (a ``str`` or ``Path``) of the model named ``name``, or ``None`` when the
+    name is not this plugin's.
+
+    Every place that takes a model (``--model``, :func:`bas.extract`, the families' loaders) asks
+    this hook first; the first folder returned wins, and a name no plugin knows is a hub id or a
+    folder.  The built-in ``bas-mini`` plugin maps ``bas-mini`` to the model shipped with bas, so
+    core never imports a particular model.
+
+    **Provisional** (plugin API 1).
+    """
+
+
+@hookspec
+def bas_write_run_files(run, out, info):
+    """Write files a finished run keeps besides its weights into ``out``, and return their names
+    relative to ``out`` (a list).
+
+    Called once training is done and the handles and weights are saved, before ``run.json``:
+    ``run`` is the :class:`bas.core.training.Run`, ``out`` its staging folder (``run.config.out``
+    is where it will appear) and ``info`` what ``run.json`` will hold so far.  The names are added
+    to ``info["files"]`` and the checksums.  Write each file atomically (:mod:`bas.core.io`).
+    The built-in ``model-card`` plugin writes the textual-inversion files and ``README.md``
+    (:func:`bas.exports.export.write_run_exports`).
+
+    **Provisional** (plugin API 1).
     """
 
 

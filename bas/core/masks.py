@@ -48,7 +48,7 @@ class MasksConfig:
 
 def make_masks_config(plugins: Plugins, values: dict[str, Any], plugin_names) -> MasksConfig:
     """A :class:`MasksConfig` from ``bas masks`` option values; absent plugin options take their defaults."""
-    from bas.core.api import option_default  # bas.core.api imports training, which imports this module
+    from bas.core.plugins import option_default
 
     options = {opt.name: option_default(opt) for _, opt in plugins.mask_options()}
     options.update({k: v for k, v in values.items() if k in options})
@@ -58,7 +58,7 @@ def make_masks_config(plugins: Plugins, values: dict[str, Any], plugin_names) ->
 
 def check_source_options(plugins: Plugins, config) -> None:
     """Refuse options of a mask source that this run does not use (``--mask`` with sam-masks, ...)."""
-    from bas.core.api import option_default
+    from bas.core.plugins import option_default
 
     chosen = plugins.choose("mask source")
     other_sources = {e.plugin: e.name for e in plugins.registry("mask source").entries.values() if e.plugin != chosen.plugin}

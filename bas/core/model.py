@@ -11,11 +11,12 @@ from bas.core.errors import BasError
 from bas.core.family import Components, ModelFamily, choose_family
 
 
-def resolve_model(model: str | Path) -> str:
-    """``bas-mini`` names the model shipped with bas; anything else is a hub id or a folder."""
-    from bas import mini
+def resolve_model(model: str | Path, plugins=None) -> str:
+    """The folder a plugin gives the model name (``bas_model_path``: ``bas-mini`` is the model shipped with
+    bas); any other name is a hub id or a folder."""
+    from bas.core.plugins import Plugins
 
-    return str(mini.model_path()) if str(model) == mini.NAME else str(model)
+    return (plugins or Plugins()).model_path(str(model)) or str(model)
 
 
 def family_of(model: str, family: ModelFamily | str | None = None, plugins=None) -> ModelFamily:
@@ -24,7 +25,8 @@ def family_of(model: str, family: ModelFamily | str | None = None, plugins=None)
         return family
     from bas.core.plugins import Plugins
 
-    return choose_family(plugins or Plugins(), resolve_model(model), family)
+    plugins = plugins or Plugins()
+    return choose_family(plugins, resolve_model(model, plugins), family)
 
 
 def load_components(model: str, family: ModelFamily | str | None = None) -> Components:

@@ -20,11 +20,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+import click
 import pluggy
 
-import bas
 from bas.core import hookspecs
 from bas.core.errors import BasError, PluginError
+from bas.core.version import __version__
 
 ENTRY_POINT_GROUP = "bas"
 
@@ -47,6 +48,7 @@ BUILTIN_PLUGINS: dict[str, tuple[str, bool]] = {
     "report": ("bas.plugins.report", True),
     "tensorboard": ("bas.plugins.tensorboard", False),
     "checkpoints": ("bas.plugins.checkpoints", True),
+    "model-card": ("bas.plugins.model_card", True),
     "clip-prompt": ("bas.plugins.clip_prompt", True),
     "dino-identity": ("bas.plugins.dino_identity", True),
     "bas-mini": ("bas.plugins.bas_mini", True),
@@ -196,7 +198,7 @@ class Plugins:
                 continue
             module = self._import(name, lambda m=module_name: importlib.import_module(m))
             if module is not None:
-                self._register(name, module, "built-in", bas.__version__, default, name in wanted)
+                self._register(name, module, "built-in", __version__, default, name in wanted)
         for name, ep in entry_points.items():
             if name in BUILTIN_PLUGINS or name in blocked or not (name in wanted or all_installed):
                 continue  # a built-in's name always means the built-in (see shadowed_entry_points)
@@ -280,6 +282,13 @@ class Plugins:
                 self._set_aside(plugin, str(error))
         return [(plugin, result) for plugin, result in results if plugin not in self.broken]
 
+    def model_path(self, name: str) -> str | None:
+        """The folder the first plugin that knows the model name ``name`` gives it (``bas_model_path``), or None."""
+        for _plugin, folder in self.call_each("bas_model_path", name=name):
+            if folder is not None:
+                return str(folder)
+        return None
+
     def registry(self, kind: str) -> Registry:
         registry = Registry(kind)
         self.call_each(REGISTER_HOOKS[kind], register=PerPlugin(lambda plugin: (lambda name, factory, description="": registry.add(plugin, name, factory, description))))
@@ -324,7 +333,7 @@ def api_mismatch(name: str, obj: Any, source: str) -> str | None:
     if declared is None or (isinstance(declared, int) and not isinstance(declared, bool) and declared in hookspecs.SUPPORTED_PLUGIN_APIS):
         return None
     supported = ", ".join(map(str, sorted(hookspecs.SUPPORTED_PLUGIN_APIS)))
-    return (f"plugin '{name}' ({source}) was written for bas plugin API {declared!r}, and this bas {bas.__version__} "
+    return (f"plugin '{name}' ({source}) was written for bas plugin API {declared!r}, and this bas {__version__} "
             f"supports API {supported}; it is skipped: install a version of the plugin for API {hookspecs.PLUGIN_API}, "
             "or a bas that supports its API.")
 
@@ -336,3 +345,11 @@ def _import_plugin(name: str, load: Callable[[], Any]) -> Any:
         raise
     except BaseException as exc:  # SystemExit included: importing a plugin must not end bas
         raise PluginError(f"Error importing plugin '{name}': {describe_failure(exc)}") from exc
+
+
+def option_default(opt: click.Option) -> Any:
+    """The value click would give an option that is not on the command line."""
+    value = opt.get_default(click.Context(click.Command("bas")), call=True)
+    if value is None or type(value).__name__ == "Sentinel":  # click 8.2+ marks "no default" with a sentinel
+        return () if opt.multiple else (False if opt.is_flag else None)
+    return opt.type_cast_value(click.Context(click.Command("bas")), value)

@@ -498,7 +498,7 @@ def check_not_own_entry(path) -> None:
 @dataclass
 class RunPlace:
     """Where the run for one ``--out`` stands on disk.  Read only: nothing is locked or recovered
-    (a reader that then opens the run, such as :func:`bas.core.generation.read_run`, finishes an
+    (a reader that then opens the run, such as :func:`bas.generation.generate.read_run`, finishes an
     interrupted swap first)."""
 
     out: Path  # the --out folder; it may not exist (a first run still working or interrupted)

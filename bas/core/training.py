@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import bas
-from bas.core import checkpoint, checks, export, io, run_inputs, runfolder
+from bas.core.version import __version__
+from bas.core import checkpoint, checks, io, run_inputs, runfolder
 from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
 from bas.core.errors import BasError
 from bas.core.failures import is_out_of_memory
@@ -170,7 +170,7 @@ class Run:
         self.resolved = resolve(plugins, config)  # every plugin checks its options here
         # the family (from --family, else --model's model_index.json) and its choices, before any model loads;
         # config keeps what was asked for (run.json, --resume), the run what it uses
-        self.family = choose_family(plugins, resolve_model(config.model) if config.model else None, config.family)
+        self.family = choose_family(plugins, resolve_model(config.model, plugins) if config.model else None, config.family)
         self.model = config.model or self.family.default_model
         self.family.check_resolution(config.resolution)
         self.family_defaults = self._family_choices(self.resolved.strategy_name)
@@ -273,7 +273,7 @@ class Run:
 
     def load_components(self) -> Components:
         """The model's parts through its family (quantised where the run asks)."""
-        return self.family.load(resolve_model(self.model), LoadPlan(self.device, self.dtype, self.quantize))
+        return self.family.load(resolve_model(self.model, self.plugins), LoadPlan(self.device, self.dtype, self.quantize))
 
     def load(self) -> None:
         t0 = time.perf_counter()
@@ -581,7 +581,7 @@ class Run:
         files = ["handles.safetensors"] + weight_files
         files += run_inputs.save_inputs(self.out, self.scene)  # what `bas eval` compares generated concepts with
         info = {
-            "bas_version": bas.__version__,
+            "bas_version": __version__,
             "model": self.model,
             "family": self.family.name,
             "family_defaults": self.family_defaults,
@@ -610,7 +610,11 @@ class Run:
             "weight_files": weight_files,
             "files": files,
         }
-        info["files"] += export.write_run_exports(self.out, info, shown_as=Path(self.config.out), family=self.family)  # textual-inversion files, model card
+        for plugin, names in self.plugins.call_each("bas_write_run_files", run=self, out=self.out, info=info):  # model-card: textual inversions, README.md
+            for name in names or []:  # as the strategy's weight files: readers take these names as paths
+                if not io.inside(self.out, name, f"Plugin '{plugin}'").exists():
+                    raise BasError(f"Plugin '{plugin}' says it wrote {name}, but it is not there; report this to the plugin's authors.")
+                info["files"].append(name)
         contents = runfolder.run_contents(self.out)  # everything the run wrote: weights, inputs, report, logs, ...
         info["checksums"] = runfolder.checksums(self.out, contents)
         info["sealed_folders"] = [name for name in contents if name.endswith("/")]  # no file may be added to them

@@ -181,7 +181,7 @@ class PlanRun(Run):
         from torch.utils._python_dispatch import _disable_current_modes
 
         with _disable_current_modes():  # built on the meta device, then made fake tensors (not operations of the run)
-            components, on_device = fake_components(self.family, resolve_model(self.model), self.fake, self.quantize, self.dtype)
+            components, on_device = fake_components(self.family, resolve_model(self.model, self.plugins), self.fake, self.quantize, self.dtype)
         for module in on_device:  # loaded straight onto the device, quantised
             self.tracker.include(module_tensors(module))
         return components

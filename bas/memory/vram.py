@@ -43,7 +43,9 @@ def candidates(config: RunConfig, plugins: Plugins, explicit: set[str]):
 
     device = planned_device(config.device)
     model = config.model
-    family = choose_family(plugins, str(packaged_folder(model)) if model in PACKAGED else resolve_model(model) if model else None, config.family)
+    family = choose_family(
+        plugins, str(packaged_folder(model)) if model in PACKAGED else resolve_model(model, plugins) if model else None, config.family
+    )
     strategy = plugins.choose("weight strategy").name
     base = {}
     for name, plain in (("gradient_checkpointing", False), ("optimizer", "adamw"), ("quantize", "none")):

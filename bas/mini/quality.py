@@ -92,7 +92,7 @@ def score(scene: world.Scene, reading: metrics.ImageReading) -> dict[str, float]
 def summarise(scores: list[dict[str, float]], captions: list[int] | None = None) -> dict:
     """Each attribute's mean over the samples and, with ``captions`` (the caption of each sample), its
     95% bootstrap interval drawing whole captions (a caption's seeds move together)."""
-    from bas.core.stats import bootstrap_interval
+    from bas.evaluation.stats import bootstrap_interval
 
     result: dict = {k: round(float(np.mean([s[k] for s in scores])), 3) for k in ATTRIBUTES}
     if captions is not None:
@@ -162,7 +162,7 @@ def evaluate(model: str | Path | None = None, seeds=(0, 1), steps: int = 25, gui
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if sheet is not None:
         from bas.core import io
-        from bas.core.generation import image_grid
+        from bas.generation.generate import image_grid
 
         io.save_image(sheet, image_grid(rows))
     return result

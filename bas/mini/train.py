@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from bas.core import formats, io
+from bas.core import io
+from bas.exports import formats
 from bas.mini import world
 
 MAX_TOKENS = 32  # the longest caption is about 22 tokens
@@ -255,7 +256,7 @@ def build_tokenizer():
 
     from transformers import CLIPTokenizer
 
-    from bas.core.tiny import write_tokenizer
+    from bas.demo.tiny import write_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp), words=world.VOCABULARY)

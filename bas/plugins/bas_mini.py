@@ -172,3 +172,11 @@ class BasMini(Evaluator):
 @hookimpl
 def bas_register_evaluators(register):
     register("bas-mini", BasMini, description="identity, composition, adherence, leakage, swap, count read from pixels (runs on bas-mini)")
+
+
+@hookimpl
+def bas_model_path(name):
+    """``bas-mini`` is the model shipped with bas (:mod:`bas.mini`); the lookup every ``--model`` goes through."""
+    from bas import mini
+
+    return mini.model_path() if name == mini.NAME else None

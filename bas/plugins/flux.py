@@ -230,7 +230,7 @@ def fuse_for_kohya(layers):
     ``up @ down`` of the fused layer is then exactly the parts' changes stacked, which diffusers'
     kohya converter splits back (it recognises the block-diagonal layout) and ComfyUI adds to the
     fused weight."""
-    from bas.core.formats import LoraLayer
+    from bas.exports.formats import LoraLayer
 
     groups: dict[str, dict[int, object]] = {}
     out = []
@@ -585,7 +585,7 @@ def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 16, guidance_embe
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-    from bas.core.tiny import WORDS, write_tokenizer
+    from bas.demo.tiny import WORDS, write_tokenizer
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:

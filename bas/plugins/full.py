@@ -40,7 +40,7 @@ class FullFineTune(WeightStrategy):
     def save(self, run, out: Path) -> list[str]:
         from diffusers import DDIMScheduler
 
-        from bas.core.formats import save_pipeline
+        from bas.exports.formats import save_pipeline
 
         c = run.components
         wrapped = [e.model.get_input_embeddings() for e in c.text_encoders]

@@ -49,7 +49,7 @@ def worker_main(conn, parent: int, threads: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     import torch
 
-    from bas.cli import _quiet_libraries
+    from bas.core.compat import quiet_libraries as _quiet_libraries
 
     _quiet_libraries()  # as in `bas run`: the batch reports what matters, library chatter would garble it
 

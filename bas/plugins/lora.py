@@ -62,10 +62,10 @@ class Lora(WeightStrategy):
 
     def save(self, run, out: Path) -> list[str]:
         """``lora/pytorch_lora_weights.safetensors`` in the layout every diffusers version and ComfyUI read
-        (``bas.core.formats``): this LoRA's scale ``alpha / rank`` is folded into the up factors."""
+        (``bas.exports.formats``): this LoRA's scale ``alpha / rank`` is folded into the up factors."""
         from peft.utils import get_peft_model_state_dict
 
-        from bas.core.formats import peft_layers, write_diffusers_lora
+        from bas.exports.formats import peft_layers, write_diffusers_lora
 
         layers = [layer for name, module in self.adapted(run).items() for layer in peft_layers(name, get_peft_model_state_dict(module), self.alpha)]
         write_diffusers_lora(layers, out / "lora")

@@ -153,7 +153,7 @@ class Report:
     def validate(self, run, phase: int, step: int) -> None:
         if not (self.num_images and self.steps and self.prompts):
             return
-        from bas.core.sampling import sample_run
+        from bas.generation.sampling import sample_run
 
         seeds = [run.config.seed + i for i in range(self.num_images)]
         rows = sample_run(run, self.prompts, seeds, steps=self.steps)

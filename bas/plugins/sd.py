@@ -13,7 +13,7 @@ import torch
 
 from bas import hookimpl
 from bas.core.family import Conditioning, UNetFamily
-from bas.core.tiny import write_tokenizer
+from bas.demo.tiny import write_tokenizer
 
 CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 UNET_ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -38,7 +38,7 @@ class StableDiffusion(UNetFamily):
 
     def kohya_base(self, info):
         """SD 2.x by its OpenCLIP ViT-H encoder (1024 wide), v-prediction as kohya records it."""
-        from bas.core.formats import base_model_version, modelspec_architecture
+        from bas.exports.formats import base_model_version, modelspec_architecture
 
         v2 = info.get("handle_dim") == 1024
         v_prediction = info.get("prediction_type") == "v_prediction"

@@ -145,7 +145,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon", sa
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from bas.core.tiny import write_tokenizer
+    from bas.demo.tiny import write_tokenizer
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,7 +14,7 @@ import click
 import numpy as np
 
 from bas import hookimpl
-from bas.core.generation import slug
+from bas.generation.generate import slug
 
 
 class TensorBoardLogger:

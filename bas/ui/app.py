@@ -25,8 +25,8 @@ from bas.core import io, runfolder
 from bas.core.checkpoint import complete_checkpoints, latest_state
 from bas.core.errors import BasError
 from bas.core.failures import known_failure
-from bas.core.export import FORMATS
-from bas.core.generation import read_run
+from bas.exports.export import FORMATS
+from bas.generation.generate import read_run
 from bas.core.mask_cleanup import MaskCleanup
 from bas.core.model import PRECISIONS
 from bas.ui import commands, scenes
@@ -159,7 +159,7 @@ def uploaded(path: Path):
 
 def caption(path: Path, prompts: list[str]) -> str:
     """A generated image's prompt and seed, from its name (``<image_stem(prompt)>-seed<S>.png``)."""
-    from bas.core.generation import image_stem
+    from bas.generation.generate import image_stem
 
     stem, _, seed = path.stem.rpartition("-seed")
     prompt = next((p for p in prompts if image_stem(p) == stem), stem)
@@ -613,7 +613,7 @@ class App:
             g_run.change(self.generate_settings, g_run, [chips, g_status, scheduler, guidance])
 
             def generate_handler(run, text, negative_, seeds_text, steps_, guidance_, scale, sampler):
-                from bas.core.generation import generate_images
+                from bas.generation.generate import generate_images
                 from bas.core.runs import read_run, run_family
 
                 try:
@@ -642,7 +642,7 @@ class App:
 
             # ---------------------------------------------------------------- Export events
             def export_handler(run, fmt_, name, rank_, preview):
-                from bas.core.export import export_run
+                from bas.exports.export import export_run
 
                 try:
                     out = self.ws.run_path(run or "")

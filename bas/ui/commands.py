@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 import click
 
-from bas.core.batch.command import PLAN_OPTIONS
+from bas.batches.command import PLAN_OPTIONS
 from bas.core.errors import BasError, command_line
 from bas.ui.workspace import Workspace
 
@@ -24,9 +24,9 @@ _PARSE_LOCK = threading.Lock()  # RunCommand swaps the plugin options of one sha
 
 
 def run_command() -> click.Command:
-    from bas.cli import cli
+    from bas.extraction.command import run
 
-    return cli.commands["run"]
+    return run
 
 
 def parse_run(args: list[str], workspace: Workspace):
@@ -146,16 +146,17 @@ def format_number(value: Any) -> str:
 
 
 def command_defaults(name: str) -> dict[str, Any]:
-    from bas.cli import cli
+    from bas.generation.command import generate
 
-    return {p.name: p.default for p in cli.commands[name].params if isinstance(p, click.Option)}
+    command = {"generate": generate}[name]
+    return {p.name: p.default for p in command.params if isinstance(p, click.Option)}
 
 
 def sampling_choices(family=None) -> dict[str, Any]:
     """What the Generate tab offers for a run of ``family`` (by default the default family's): the
     samplers the family takes, and its default sampler and guidance, as ``bas generate`` picks them."""
     from bas.core.family import default_family
-    from bas.core.generation import family_schedulers
+    from bas.generation.generate import family_schedulers
     from bas.core.plugins import Plugins
 
     family = family or default_family(Plugins())

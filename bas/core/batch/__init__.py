@@ -1,12 +1,2 @@
-"""Many scenes in one command: ``bas batch`` and :func:`bas.batch`.
-
-- :mod:`.scenes` reads scene folders and manifests (JSONL, CSV) into one spec per scene;
-- :mod:`.tasks` is what an executor runs per scene (:func:`~.tasks.run_scene`) and the events
-  it sends back;
-- :mod:`.runner` decides per scene whether to run, resume, retry or skip it, hands the work to
-  an executor (a plugin: ``local``, ``ray``, ...) and follows it;
-- :mod:`.summary` writes ``batch.json`` and the ``index.html`` gallery;
-- :mod:`.command` is the ``bas batch`` command.
-
-Nothing here knows a particular executor, mask source or weight strategy.
-"""
+"""The contract of batch executors (``bas_register_executors``): :mod:`.tasks` is what an executor runs
+per scene and the events it sends back.  The ``bas batch`` verb that drives executors is :mod:`bas.batches`."""

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import bas
 from bas.core import checkpoint, io
 from bas.core.errors import BasError
+from bas.core.hookspecs import hookimpl
 
 OBSERVER_PLUGIN = "batch-progress"  # the in-code plugin that follows a scene's run
 PROGRESS_EVERY_S = 0.5  # at most this often a Progress event per scene (plus one per phase start)
@@ -110,7 +110,7 @@ class Forwarder:
         self.last_step: tuple[int, int] | None = None
         self.last_emit = 0.0
 
-    @bas.hookimpl
+    @hookimpl
     def bas_register_observers(self, register):
         register(OBSERVER_PLUGIN, lambda config: self, description="sends a batch scene's phase and step to bas batch")
 

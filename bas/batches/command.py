@@ -48,7 +48,7 @@ checkpoints and retries failed ones. The exit code is 1 when any scene did not f
 
 
 def _batch(ctx, scenes, out, executor, retries, overwrite, plugin_names, **values):
-    from bas.core.batch.runner import Batch
+    from bas.batches.runner import Batch
 
     # only the options given on the command line: a manifest line's own value wins over a default
     given = {k: v for k, v in values.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}

@@ -1,7 +1,7 @@
 """What ``bas eval`` writes: ``eval.json`` (everything), ``eval.csv`` (a row per image) and ``index.html``
 (the table of means with 95% intervals, a row per run, and the images sorted by each score).
 
-Each file is written atomically into the staging folder that :mod:`bas.core.evaluation` then renames
+Each file is written atomically into the staging folder that :mod:`bas.evaluation.evaluate` then renames
 into place.  The page needs no network: images are linked by relative paths.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import quote
 from typing import Sequence
 
-import bas
+from bas.core.version import __version__
 from bas.core import io
 
 CSV_FIELDS = ("run", "image", "prompt", "class_prompt", "seed", "concepts", "template")
@@ -52,7 +52,7 @@ def result_json(config, runs, chosen, samples, results, summary, notes, template
                 "concepts": [run.handles[k] for k in s.concepts], "template": s.template, "scores": r["scores"], "details": r["details"],
             })
     return {
-        "bas_version": bas.__version__,
+        "bas_version": __version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "settings": {
             "templates": template_name, "template_list": list(templates), "prompts_file": str(config.prompts) if config.prompts else None,

@@ -31,10 +31,10 @@ from torch.nn import functional as F
 from bas.core import io
 from bas.core.errors import BasError
 from bas.core.family import ImageSize
-from bas.core.generation import (check_prompts_fit, check_size, lora_kwargs, make_scheduler, read_run, run_family, run_sampling_defaults,
+from bas.generation.generate import (check_prompts_fit, check_size, lora_kwargs, make_scheduler, read_run, run_family, run_sampling_defaults,
                                  sampling_seeds, slug)
 from bas.core.handles import check_prompt_handles
-from bas.core.sampling import decode, denoise, to_pil
+from bas.generation.sampling import decode, denoise, to_pil
 from bas.core.scene import check_image_size, load_image, load_mask, mask_at_image_size
 
 DEFAULT_BLEND_START = 0.25  # the script's --blending_start_percentage
@@ -103,7 +103,7 @@ def edit_images(
 ) -> list[Path]:
     """Edit the masked region of ``image`` to show each prompt (one or a list); returns the PNG paths,
     per prompt its seeds ``seeds`` or ``seed, seed+1, ...`` (``num_images`` of them)."""
-    from bas.core.generation import load_run_pipeline
+    from bas.generation.generate import load_run_pipeline
 
     out = Path(out)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)

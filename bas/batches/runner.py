@@ -29,12 +29,12 @@ from typing import Any, Iterable
 
 import click
 
-import bas
+from bas.core.version import __version__
 from bas.core import checkpoint
 from bas.core.api import make_config, option_default
-from bas.core.batch import summary as summary_io
-from bas.core.batch.progress import BatchProgress
-from bas.core.batch.scenes import LIST_SEPARATOR, SceneSpec, normalise_key, read_scenes
+from bas.batches import summary as summary_io
+from bas.batches.progress import BatchProgress
+from bas.batches.scenes import LIST_SEPARATOR, SceneSpec, normalise_key, read_scenes
 from bas.core.batch.tasks import BatchConfig, Finished, Progress, SceneTask, Started
 from bas.core.errors import BasError
 from bas.core.plugins import Plugins
@@ -457,7 +457,7 @@ class Batch:
         for state in self.states:
             counts[state.record["status"]] = counts.get(state.record["status"], 0) + 1
         return {
-            "bas_version": bas.__version__,
+            "bas_version": __version__,
             "out": str(self.out),
             "executor": self.executor_name,
             "executor_options": self.shown_options,

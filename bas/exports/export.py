@@ -14,7 +14,7 @@ Formats (``bas export OUT --format FORMAT --out DIR``):
   change of every linear layer and 1x1 convolution in the UNet's transformer blocks and the text
   encoder's layers, the layers kohya's LoRA covers), so a scene costs MB instead of a 5 GB pipeline.
 
-The file layouts themselves (key names, alphas, headers) are in :mod:`bas.core.formats`.
+The file layouts themselves (key names, alphas, headers) are in :mod:`bas.exports.formats`.
 
 Every export holds a model card, ``README.md``: handles, base model, prompts that work, which
 files go together, and a preview.  ``bas run`` itself writes the cheap parts: the
@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-import bas
+from bas.core.version import __version__
 from bas.core import io
 from bas.core.compat import LORA_WEIGHT_NAME
 from bas.core.errors import BasError
 from bas.core.family import ModelFamily, python_str
-from bas.core.formats import LoraLayer, kohya_targets, read_diffusers_lora, write_diffusers_lora, write_kohya_lora
-from bas.core.generation import all_handles_prompt, read_run, sampling_code, slug
+from bas.exports.formats import LoraLayer, kohya_targets, read_diffusers_lora, write_diffusers_lora, write_kohya_lora
+from bas.generation.generate import all_handles_prompt, read_run, sampling_code, slug
 from bas.core.handles import check_handle_names, split_handles
 from bas.core.runs import run_family
 
@@ -108,7 +108,7 @@ def kohya_metadata(info: dict, name: str, handles: dict, family: ModelFamily) ->
         "ss_tag_frequency": json.dumps({name: {word: 1 for word in words}}),  # one image whose caption has every handle
         "ss_training_comment": f"bas (Break-A-Scene): load the embeddings {', '.join(words)} with this LoRA",
         "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": base["architecture"],
-        "modelspec.implementation": "diffusers", "modelspec.implementation_version": f"bas/{bas.__version__}",
+        "modelspec.implementation": "diffusers", "modelspec.implementation_version": f"bas/{__version__}",
         "modelspec.title": name, "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": base.get("prediction_type") or ("v" if v_prediction else "epsilon"),
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"), "modelspec.trigger_phrase": ", ".join(words),
@@ -320,7 +320,7 @@ def render_preview(out: Path, info: dict, path: Path, steps: int, device: str, p
     """Generate a small grid (each handle alone, then all) when the run has no report to take one from."""
     from PIL import Image
 
-    from bas.core.generation import generate_images, image_grid
+    from bas.generation.generate import generate_images, image_grid
 
     prompts = example_prompts(info)
     with tempfile.TemporaryDirectory() as tmp:

@@ -296,3 +296,10 @@ def generate_images(
         io.save_image(path, image_grid(rows))
         written.append(path)
     return written
+
+
+def generate(out, prompts, **options) -> list[Path]:
+    """The Python API of ``bas generate`` (:func:`bas.generate`): images from a finished run; ``prompts`` is one
+    prompt or a list.  Returns PNG paths."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return generate_images(Path(out), prompts, **options)

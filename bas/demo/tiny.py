@@ -126,7 +126,7 @@ def save_tiny_model(directory: Path, seed: int = 0, prediction_type: str = "epsi
     """Write a tiny pipeline in diffusers format (safetensors) to ``directory``, atomically: ``family``'s,
     else the default family's.  An existing model there is replaced only with ``overwrite``, anything
     else never (:func:`check_model_target`)."""
-    from bas.core.formats import save_pipeline
+    from bas.exports.formats import save_pipeline
 
     check_model_target(directory, overwrite)
     pipe = build_tiny_pipeline(seed=seed, prediction_type=prediction_type, family=family)

@@ -1,4 +1,4 @@
-"""``bas eval``: the command line of :mod:`bas.core.evaluation`."""
+"""``bas eval``: the command line of :mod:`bas.evaluation.evaluate`."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import click
 def eval_command(command_class: type[click.Command]) -> click.Command:
     """The ``bas eval`` command, built on ``command_class`` (bas's command that adds the options of the
     plugins named with ``--plugin`` before parsing); here the options come from ``bas_eval_options``."""
-    from bas.core.generation import SCHEDULERS
+    from bas.generation.generate import SCHEDULERS
     from bas.core.model import PRECISIONS
 
     class EvalCommand(command_class):
         def plugin_options(self, plugins):
-            from bas.core.evaluation import eval_options
+            from bas.evaluation.evaluate import eval_options
 
             return eval_options(plugins)
 
@@ -54,8 +54,8 @@ def eval_command(command_class: type[click.Command]) -> click.Command:
         (a row per run: mean and 95% bootstrap interval per metric; the images sorted by score).
         Entries that are not runs (batch.json, index.html) are skipped.
         """
-        from bas.core.eval_outputs import summary_lines
-        from bas.core.evaluation import evaluate as run_evaluation, make_eval_config
+        from bas.evaluation.outputs import summary_lines
+        from bas.evaluation.evaluate import evaluate as run_evaluation, make_eval_config
 
         plugins = ctx.meta["bas.plugins"]
         data = run_evaluation(make_eval_config(plugins, values, plugin_names), plugins)

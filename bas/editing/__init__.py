@@ -1,0 +1,1 @@
+"""Local editing by example (``bas edit``, :func:`bas.edit`): :mod:`.edit`."""
