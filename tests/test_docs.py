@@ -1,10 +1,12 @@
-"""The documentation: the site builds with --strict (links, anchors, generated references)."""
+"""The documentation: the site builds with --strict (links, anchors, generated references), the
+README's relative links lead to files, and the README keeps what a newcomer needs."""
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from bas.core import hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def _installed(module: str) -> bool:
@@ -54,3 +57,21 @@ def test_site_builds_strictly_with_every_hook_and_public_function(tmp_path):
     # the pages made from files outside docs/
     assert "Keep a Changelog" in (site / "changelog" / "index.html").read_text()
     assert "Fidelity on bas-mini" in (site / "benchmarks" / "index.html").read_text()
+
+
+def test_readme_relative_links_lead_to_files():
+    text = README.read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    relative = [link.split("#")[0] for link in links if not re.match(r"[a-z]+:", link) and not link.startswith("#")]
+    assert any(link.startswith("docs/") and link.endswith(".png") for link in relative), "the README shows a picture from docs/"
+    assert any(link.startswith("docs/") and link.endswith(".md") for link in relative), "the README links the docs pages"
+    missing = [link for link in relative if link and not (ROOT / link).exists()]
+    assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+def test_readme_has_the_newcomers_commands():
+    text = README.read_text()
+    for command in ("bas demo", "bas run", "bas generate", "mkdocs serve"):
+        assert command in text, command
+    for model in ("stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-xl-base-1.0", "black-forest-labs/FLUX.1-dev"):
+        assert model in text, model
