@@ -194,7 +194,7 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="With --plan: the plan as JSON.")
 @click.option("--vram", type=float, default=None,
               help="GB of GPU memory to fit: choose gradient checkpointing, 8-bit AdamW, quantised weights, a smaller LoRA rank, in that "
-                   "order, where you chose none (README, 'Speed and memory').")
+                   "order, where you chose none (docs/speed-memory.md).")
 @click.pass_context
 def run(ctx, plugin_names, plan_only, as_json, vram, **values):
     """Extract one handle per mask from an image: phase 1 (handles), then phase 2 (weights + handles)."""
@@ -433,7 +433,7 @@ def demo(out, steps, model):
     click.echo(f"Extraction took {t['total_s']:.1f}s. Wrote {out / 'run'} and {len(paths)} images; overview: {out / 'demo.png'}")
     if model == NAME:
         click.echo("bas-mini never saw purple, orange or dots in its captions: what it draws for the handles it learned from this one "
-                   "image. It is a 5M-parameter model trained on a CPU: expect a concept's colour and shape, its texture less often (README, 'bas-mini').")
+                   "image. It is a 5M-parameter model trained on a CPU: expect a concept's colour and shape, its texture less often (docs/bas-mini.md).")
 
 
 @cli.command("plugins")

@@ -75,3 +75,10 @@ def test_readme_has_the_newcomers_commands():
         assert command in text, command
     for model in ("stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-xl-base-1.0", "black-forest-labs/FLUX.1-dev"):
         assert model in text, model
+
+
+def test_pages_that_bas_names_exist():
+    """Messages and help texts send users to docs pages (`--vram`'s help, `bas demo`, `--plugin full`'s warning)."""
+    named = {m for path in (ROOT / "bas").rglob("*.py") for m in re.findall(r"docs/[\w-]+\.md", path.read_text())}
+    assert "docs/paper.md" in named and "docs/speed-memory.md" in named
+    assert not [page for page in named if not (ROOT / page).is_file()]
