@@ -94,7 +94,7 @@ def test_generate_uses_the_learned_handles(lora_run, tmp_path):
 
 
 def test_full_fine_tune_without_prior_preservation_says_how_to_keep_the_prior(tiny_model, scene, tmp_path):
-    """The README advises prior preservation for a full fine-tune of a large model: --plugin full
+    """The docs advise prior preservation for a full fine-tune of a large model: --plugin full
     without it says so in one line, before anything loads; with it, on bas-mini (where it was
     measured to change nothing) or without a phase 2, nothing is said."""
     import warnings
@@ -108,7 +108,7 @@ def test_full_fine_tune_without_prior_preservation_says_how_to_keep_the_prior(ti
         return resolve(pm, make_config(pm, {"scene": scene, "model": str(tiny_model), "out": tmp_path / "out", **values}, names))
 
     with pytest.warns(UserWarning, match=r"^--plugin full fine-tunes every weight .* without prior preservation, .* "
-                                         r"add --plugin prior-preservation to keep its prior \(README, 'Prior preservation'\)\.$") as record:
+                                         r"add --plugin prior-preservation to keep its prior \(docs/paper.md, 'Prior preservation'\)\.$") as record:
         resolved(["full"])
     assert len(record) == 1
     with warnings.catch_warnings():

@@ -20,7 +20,7 @@ from bas.exports.formats import kohya_model_hash, kohya_targets, standard_module
 import comfyui_keys
 from conftest import as_an_earlier_version_wrote, check_card_writes_the_generated_image, exported_card, quick_run_args
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+OUTPUTS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "outputs.md"  # the docs page on run folders and exports
 
 
 def plain_pipeline(model):
@@ -58,16 +58,16 @@ def test_run_writes_textual_inversion_files_and_a_model_card(rich_run, tiny_mode
     assert "a photo of <asset0> at the beach" in card and "lora/pytorch_lora_weights.safetensors" in card
 
 
-def test_readme_plain_diffusers_lines_run_without_bas(rich_run, tiny_model, tmp_path):
-    """The README's snippet, with the model and run folder swapped for the tiny ones, runs as written."""
-    text = README.read_text()
+def test_docs_plain_diffusers_lines_run_without_bas(rich_run, tiny_model, tmp_path):
+    """The docs' snippet (docs/outputs.md), with the model and run folder swapped for the tiny ones, runs as written."""
+    text = OUTPUTS_PAGE.read_text()
     code = re.search(r"Using a run in plain diffusers.*?```python\n(.*?)```", text, re.S).group(1)
     assert len(code.strip().splitlines()) == 5 and "import bas" not in code and "from bas" not in code
     code = (code.replace("stabilityai/stable-diffusion-2-1-base", str(tiny_model)).replace("runs/toys", str(rich_run))
             .replace('"cuda"', '"cpu"').replace('"beach.png"', repr(str(tmp_path / "beach.png")))
             .replace('at the beach")', 'at the beach", num_inference_steps=2)'))
     assert "num_inference_steps=2" in code
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/outputs.md", "exec"), {})
     assert (tmp_path / "beach.png").is_file()
 
 

@@ -34,8 +34,10 @@ import pluggy
 hookspec = pluggy.HookspecMarker("bas")
 hookimpl = pluggy.HookimplMarker("bas")
 
-PLUGIN_API = 1  # the API this bas implements
-SUPPORTED_PLUGIN_APIS = frozenset({1})  # the APIs whose plugins it loads
+PLUGIN_API = 1
+"""The plugin API this bas implements."""
+SUPPORTED_PLUGIN_APIS = frozenset({1})
+"""The plugin APIs whose plugins this bas loads (a plugin's ``BAS_PLUGIN_API``)."""
 
 
 @hookspec

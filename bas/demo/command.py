@@ -68,5 +68,5 @@ def demo(out, steps, model):
     if model == NAME:
         click.echo(
             "bas-mini never saw purple, orange or dots in its captions: what it draws for the handles it learned from this one "
-            "image. It is a 5M-parameter model trained on a CPU: expect a concept's colour and shape, its texture less often (README, 'bas-mini')."
+            "image. It is a 5M-parameter model trained on a CPU: expect a concept's colour and shape, its texture less often (docs/bas-mini.md)."
         )

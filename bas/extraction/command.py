@@ -134,7 +134,7 @@ class MasksCommand(RunCommand):
     type=float,
     default=None,
     help="GB of GPU memory to fit: choose gradient checkpointing, 8-bit AdamW, quantised weights, a smaller LoRA rank, in that "
-    "order, where you chose none (README, 'Speed and memory').",
+    "order, where you chose none (docs/speed-memory.md).",
 )
 @click.pass_context
 def run(ctx, plugin_names, plan_only, as_json, vram, **values):

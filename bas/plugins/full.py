@@ -18,13 +18,13 @@ class FullFineTune(WeightStrategy):
     def __init__(self, config):
         from bas import mini
 
-        # the README's advice ("Prior preservation"): a full fine-tune of a large model is where a model
+        # the docs' advice (docs/paper.md, "Prior preservation"): a full fine-tune of a large model is where a model
         # drifts from its prior; on bas-mini it was measured to change nothing, so nothing is said there
         # (a finished run's saved config, which export and generate pass, has no steps: nothing to advise there)
         if getattr(config, "phase2_steps", 0) and "prior-preservation" not in config.plugins and str(config.model) != mini.NAME:
             warnings.warn(
                 "--plugin full fine-tunes every weight of the denoiser and text encoder(s) without prior preservation, so a "
-                "large model can drift from what it knew; add --plugin prior-preservation to keep its prior (README, 'Prior preservation').",
+                "large model can drift from what it knew; add --plugin prior-preservation to keep its prior (docs/paper.md, 'Prior preservation').",
                 stacklevel=2,
             )
 
