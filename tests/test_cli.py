@@ -160,7 +160,7 @@ def run_bas(*args, cwd=None):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "--plugin", "nope", "--out", "x"], "Unknown plugin 'nope'; available plugins: adamw, attention-loss, "),
+    (["run", "--plugin", "nope", "--out", "x"], "Unknown plugin 'nope'; available plugins: adamw, attention-contrast, attention-loss, "),
     (["run", "--image", "{scene}/img.png", "--mask", "{scene}/missing.png", "--out", "{tmp}/o", "--model", "{model}"], "Mask file"),
     (["generate", "{tmp}", "a photo of <asset0>"], "is not a finished bas run"),
     (["run", "--scene", "{scene}", "--out", "{tmp}/o", "--model", "{tmp}"], "is not a diffusers pipeline folder"),
