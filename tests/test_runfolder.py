@@ -37,6 +37,7 @@ from bas.core.runfolder import staging_path
 from bas.core.training import NumericalError, extract
 
 from conftest import as_an_earlier_version_wrote
+from test_eval import metric_models  # noqa: F401  (a fixture: bas eval's tiny CLIP, DINO and CLIPSeg)
 from test_reliability import Fragile
 
 QUICK = ["--phase1-steps", "1", "--phase2-steps", "1", "--quiet"]
@@ -799,6 +800,141 @@ def test_no_file_is_read_or_copied_through_a_link_out_of_its_folder(case, prepar
     code, err = run_main([str(tiny_model) if a is None else a for a in args])
     assert code == 1 and message in error_line(err)
     assert snapshot(work) == before and not (work / "exported").exists()
+
+
+# the same rule for model folders: --model of bas run, and the model a run's run.json names, which
+# generate, edit, export (its preview) and eval load
+EDIT = ["edit", "runs/old", "a photo of <asset0>", "--image", "scene/img.png", "--mask", "scene/mask0.png", "--steps", "1"]
+EVAL = ["eval", "runs/old", "--out", "evaluated", "--num-images", "1", "--steps", "1", "--quiet", "--class-word", "toy", "--class-word", "box",
+        "--clip-model", "{clip}", "--dino-model", "{dino}", "--segmenter-model", "{clipseg}"]
+MODEL_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def model_linked_out(name=MODEL_WEIGHTS):
+    """A copy of the run's model with ``name`` a link to the very same content elsewhere (loads as
+    before: only the rule tells it apart); the run's run.json names the copy."""
+    def prepare(d):
+        model = shutil.copytree(Path(json.loads((d / "runs" / "old" / "run.json").read_text())["model"]), d / "model")
+        (d / "private").mkdir(exist_ok=True)
+        copy = shutil.copy(model / name, d / "private" / Path(name).name)
+        (model / name).unlink()
+        (model / name).symlink_to(copy)
+        rewrite_json(d / "runs" / "old", lambda info: info.update(model=str(model)))
+    return prepare
+
+
+def model_sharded_out(d):
+    """A copy of the model whose UNet weights are 'sharded': the index names a shard outside the folder."""
+    model_linked_out()(d)
+    unet = d / "model" / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    keys = load_file(str(d / "private" / "diffusion_pytorch_model.safetensors"))
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "../../private/diffusion_pytorch_model.safetensors" for k in keys}}))
+
+
+def clip_linked_out(d):
+    """A copy of bas eval's CLIP model (the metric models are model folders too) with its config linked out."""
+    clip = Path(str(d / "clip"))
+    (d / "private").mkdir(exist_ok=True)
+    (clip / "config.json").unlink()
+    (clip / "config.json").symlink_to(shutil.copy(d / "metric" / "clip" / "config.json", d / "private" / "config.json"))
+
+
+MODEL_LINK = "Model folder model holds the link unet/diffusion_pytorch_model.safetensors, which leads outside it"
+MODEL_LINKED = [  # (case, prepare, arguments, message)
+    ("run --model", model_linked_out(), run_args(model="model"), MODEL_LINK),
+    ("run --model --family", model_linked_out(), run_args("--family", "sd", model="model"), MODEL_LINK),
+    ("run --model, a config linked out", model_linked_out("text_encoder/config.json"), run_args(model="model"), "holds the link text_encoder/config.json"),
+    ("run --model --plan", model_linked_out(), run_args("--plan", model="model"), MODEL_LINK),
+    ("generate, run.json's model", model_linked_out(), GENERATE, MODEL_LINK),
+    ("edit, run.json's model", model_linked_out(), EDIT, MODEL_LINK),
+    ("export's preview, run.json's model", model_linked_out(), EXPORT + ["--preview-steps", "1"], MODEL_LINK),
+    ("eval, run.json's model", model_linked_out(), EVAL, MODEL_LINK),
+    ("eval --clip-model", clip_linked_out, EVAL, "Model folder clip holds the link config.json, which leads outside it"),
+    ("a shard outside the model", model_sharded_out, GENERATE,
+     "Model folder model's unet/diffusion_pytorch_model.safetensors.index.json names '../../private/diffusion_pytorch_model.safetensors', a path outside"),
+]
+
+
+@pytest.mark.parametrize("case, prepare, args, message", MODEL_LINKED, ids=[c[0] for c in MODEL_LINKED])
+def test_no_model_file_is_read_through_a_link_out_of_its_folder(case, prepare, args, message, work, metric_models):  # noqa: F811
+    shutil.copytree(metric_models["clip"], work / "clip")
+    names = {name: str(path) for name, path in metric_models.items()} | {"clip": "clip"}
+    (work / "metric").symlink_to(Path(metric_models["clip"]).parent)  # where clip_linked_out finds the original
+    prepare(work)
+    rewrite_json(work / "runs" / "old", lambda info: info.update(model="model"))  # as the message names it
+    before = snapshot(work)
+    code, err = run_main([a.format(**names) for a in args])
+    assert code == 1 and message in error_line(err)
+    assert snapshot(work) == before and not (work / "exported").exists() and not (work / "evaluated").exists()
+
+
+def test_links_inside_a_model_folder_or_into_the_hub_cache_are_read(work, monkeypatch):
+    """A link that stays in the model folder is its own file; a hub id's snapshot links into the
+    cache's blobs/ (as the hub client writes it), and a link out of the cache is refused."""
+    from bas.core.family import check_model_files
+
+    import huggingface_hub
+
+    model_linked_out()(work)
+    weights = work / "model" / MODEL_WEIGHTS
+    weights.unlink()
+    shutil.copy(work / "private" / "diffusion_pytorch_model.safetensors", work / "model" / "unet" / "weights.safetensors")
+    weights.symlink_to("weights.safetensors")
+    rewrite_json(work / "runs" / "old", lambda info: info.update(model="model"))
+    code, err = run_main(GENERATE)
+    assert code == 0, err
+    repo = work / "hub" / "models--acme--tiny"
+    shutil.copytree(work / "model", repo / "blobs", symlinks=True)
+    snap = repo / "snapshots" / "abc123"
+    for path in sorted((repo / "blobs").rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            (snap / path.relative_to(repo / "blobs")).parent.mkdir(parents=True, exist_ok=True)
+            (snap / path.relative_to(repo / "blobs")).symlink_to(os.path.relpath(path, (snap / path.relative_to(repo / "blobs")).parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(work / "hub"))
+    check_model_files("acme/tiny")  # every link leads into the cache: no error
+    (snap / "vae" / "config.json").unlink()
+    (snap / "vae" / "config.json").symlink_to(shutil.copy(repo / "blobs" / "vae" / "config.json", work / "private" / "config.json"))
+    with pytest.raises(BasError, match="Model folder acme/tiny holds the link vae/config.json, which leads outside it"):
+        check_model_files("acme/tiny")
+
+
+def test_resume_never_reads_or_writes_through_a_link_in_the_interrupted_run(work, tiny_model):
+    """The staging folder --resume continues: a checkpoint file, the checkpoints folder or the folder
+    itself a link (to the very same content) is one Error line, and nothing changes."""
+    out = work / "runs" / "new"
+    with pytest.raises(NumericalError):
+        run_fragile(work, work / "scene", tiny_model, out)
+    staging = staging_path(out)
+    kept = shutil.copytree(staging, work / "kept")
+
+    def file_linked(d):
+        saved = staging / "checkpoints" / "phase1-step00002" / "trainable.safetensors"
+        saved.unlink()
+        saved.symlink_to(shutil.copy(kept / "checkpoints" / "phase1-step00002" / "trainable.safetensors", d / "elsewhere.safetensors"))
+
+    def folder_linked(d):
+        shutil.rmtree(staging / "checkpoints")
+        (staging / "checkpoints").symlink_to(shutil.copytree(kept / "checkpoints", d / "elsewhere"))
+
+    def staging_linked(d):
+        shutil.rmtree(staging)
+        staging.symlink_to(shutil.copytree(kept, d / "elsewhere"))
+
+    for damage, message in ((file_linked, "holds the link checkpoints/phase1-step00002/trainable.safetensors,"),
+                            (folder_linked, "holds the link checkpoints,"), (staging_linked, "is a link,")):
+        d = work / damage.__name__
+        d.mkdir()
+        damage(d)
+        before = snapshot(work)
+        with pytest.raises(BasError, match=f"The interrupted run's folder .*{message} which bas never writes .*start over with --overwrite"):
+            run_fragile(work, work / "scene", tiny_model, out, resume=True)
+        assert snapshot(work) == before, damage.__name__
+        staging.unlink() if staging.is_symlink() else shutil.rmtree(staging)
+        shutil.copytree(kept, staging)
 
 
 def test_a_full_runs_pipeline_is_covered_and_never_copied_through_a_link(work, full_run_folder):
