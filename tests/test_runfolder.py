@@ -957,6 +957,60 @@ def test_a_full_runs_pipeline_is_covered_and_never_copied_through_a_link(work, f
     assert snapshot(work) == before
 
 
+# -- generate and edit never replace a file they did not write ------------------------------------
+def users_png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(path)  # a picture of the user's, under the name bas would give an image
+
+
+def link_to_bas_png(path: Path) -> None:  # even to an image bas wrote: a link is never written through
+    users_png(path.parent.parent / "private" / "elsewhere.png")
+    io.save_image(path.parent.parent / "private" / "bas.png", Image.new("RGB", (8, 8)), {"command": "generate"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(path.parent.parent / "private" / "bas.png")
+
+
+def a_folder(path: Path) -> None:
+    (path / "inside").mkdir(parents=True)
+
+
+def sample_name(command: str) -> str:
+    from bas.core.generation import image_stem
+    from bas.core.editing import slug
+
+    return f"{image_stem('a photo of <asset0>')}-seed0.png" if command == "generate" else f"edit-{slug('a photo of <asset0>')}-seed0.png"
+
+
+@pytest.mark.parametrize("out_dir", [None, "mine"], ids=["the run's folder", "--out-dir"])
+@pytest.mark.parametrize("occupy", [users_png, link_to_bas_png, a_folder], ids=["a user's png", "a link", "a folder"])
+@pytest.mark.parametrize("command", ["generate", "edit"])
+def test_generate_and_edit_never_replace_a_file_they_did_not_write(command, occupy, out_dir, work, monkeypatch):
+    args = (GENERATE if command == "generate" else EDIT) + (["--out-dir", out_dir] if out_dir else [])
+    folder = work / (out_dir or f"runs/old/{'samples' if command == 'generate' else 'edits'}")
+    occupy(folder / sample_name(command))
+    monkeypatch.setattr("bas.core.generation.load_run_pipeline", lambda *a, **k: pytest.fail("sampled before checking the names"))
+    before = snapshot(work)
+    code, err = run_main(args)
+    line = error_line(err)
+    assert code == 1 and f"already holds {sample_name(command)}, which bas did not write" in line and "move it away or pass another --out-dir" in line
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("command", ["generate", "edit"])
+def test_generate_and_edit_replace_the_images_they_wrote_and_record_how(command, work):
+    args = (GENERATE if command == "generate" else EDIT) + ["--num-images", "2"]
+    code, err = run_main(args)
+    assert code == 0, err
+    folder = work / "runs" / "old" / ("samples" if command == "generate" else "edits")
+    first = snapshot(folder)
+    code, err = run_main(args[: args.index("--steps")] + ["--steps", "2"] + args[args.index("--steps") + 2 :])  # the same names, other images
+    assert code == 0, err
+    second = snapshot(folder)
+    assert set(second) == set(first) and all(second[name] != first[name] for name in first)
+    record = json.loads(Image.open(folder / sample_name(command)).info[io.IMAGE_RECORD])
+    assert record["command"] == command and record["prompt"] == "a photo of <asset0>" and record["seed"] == 0 and record["steps"] == 2
+
+
 @pytest.fixture(scope="module")
 def full_run_folder(tmp_path_factory, scene, tiny_model) -> Path:
     out = tmp_path_factory.mktemp("full") / "run"
