@@ -1202,6 +1202,33 @@ def test_the_same_failure_exits_with_the_same_code_from_every_command(work):
         assert code == 2 and "No such option '--no-such-option'" in error_line(err), reader[0]
 
 
+SAMPLE_ARGS = {"generate": ["runs/old", "a photo of <asset0>"], "edit": EDIT[1:], "eval": ["runs/old", "--out", "evaluated"],
+               "demo": ["--out", "demo"], "export": ["runs/old", "--out", "exported"], "tiny-model": ["m"], "run": run_args(out="runs/new")[1:]}
+SAME_VALUE_FAILURES = [  # (option and value, the commands that take it): refused by click's types in some, by bas's checks in others
+    (["--num-images", "0"], ["generate", "edit", "eval"]),
+    (["--num-images", "abc"], ["generate", "edit", "eval"]),
+    (["--steps", "0"], ["generate", "edit", "eval", "demo"]),
+    (["--guidance", "nan"], ["generate", "edit", "eval"]),
+    (["--seed", "-1"], ["generate", "edit", "eval", "tiny-model", "run"]),
+    (["--preview-steps", "0"], ["export"]),
+    (["--lora-rank", "0"], ["run"]),
+]
+
+
+@pytest.mark.parametrize("option, commands", SAME_VALUE_FAILURES, ids=[" ".join(o) for o, _ in SAME_VALUE_FAILURES])
+def test_a_refused_option_value_exits_1_from_every_command_and_an_unreadable_command_line_2(option, commands, work):
+    """The same refused value is one Error line and exit 1 whichever command takes it and whoever
+    checks it (click's types and ranges, or bas); a command line that cannot be read exits 2."""
+    for command in commands:
+        args = [command, *SAMPLE_ARGS[command]]
+        before = snapshot(work)
+        code, err = run_main(args + option)
+        assert code == 1 and option[0] in error_line(err), (command, err)
+        assert snapshot(work) == before
+        code, err = run_main(args + option + ["--no-such-option"] if command != "eval" else [command, "--out", "e"])
+        assert code == 2 and ("No such option" in error_line(err) or "Missing argument" in error_line(err)), (command, err)
+
+
 @pytest.mark.parametrize("prepare, message", [
     (lambda d: (d / "m").write_text("mine"), "DIRECTORY m is a file; pass a folder path"),
     (lambda d: write_not_a_run(d) or (d / "m").symlink_to(d / "runs" / "mine"), "DIRECTORY m is a link"),
