@@ -374,8 +374,9 @@ def edit(out, prompts, prompts_file, num_images, **options):
 @click.option("--name", default=None, help="Name of the kohya LoRA file and embedding prefix [default: the run folder's name].")
 @click.option("--preview/--no-preview", default=True, show_default=True,
               help="Put a preview.png in the export: the newest validation grid of the run's report, or one generated when it has none.")
-@click.option("--preview-steps", type=COUNT, default=25, show_default=True,
-              help="Sampling steps of a generated preview (with the run's family's sampler and guidance, as bas generate's defaults).")
+@click.option("--preview-steps", type=COUNT, default=None,
+              help="Sampling steps of a generated preview (with the run's family's sampler and guidance, as bas generate's defaults) "
+                   "[default: 25, or bas generate's steps for the run where fewer: 4 for FLUX.1-schnell].")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
