@@ -20,8 +20,8 @@ from bas.generation.command import generate
 from bas.ui.command import ui as ui_command
 
 # exit codes (README, "Errors and exit codes"): the same failure exits with the same code from every command
-EXIT_ERROR = 1  # one `Error: ...` line: bad input, a damaged folder, the machine's limits, a plugin's fault
-EXIT_USAGE = 2  # an unknown option, a missing argument, a value of the wrong type (click's usage errors)
+EXIT_ERROR = 1  # one `Error: ...` line: bad input or option values (whether click or bas checks them), a damaged folder, the machine's limits, a plugin's fault
+EXIT_USAGE = 2  # a command line that cannot be read: an unknown option or command, a missing argument or option, an extra argument
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
@@ -74,6 +74,10 @@ class BasGroup(click.Group):
             close_progress_bars()
             click.echo("Interrupted; nothing was saved.", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except click.BadParameter as exc:
+            if not isinstance(exc, click.MissingParameter):  # a value click's type or range refuses: as bas's own checks of values
+                exc.exit_code = EXIT_ERROR
+            raise
         except click.ClickException:
             raise
         except Exception as exc:  # a user's error, the machine's limits, a plugin's fault: one line; a bug keeps its traceback
@@ -182,7 +186,7 @@ def main(args: list[str] | None = None) -> None:
         named = unknown_option_message(exc) if isinstance(exc, click.NoSuchOption) else None  # diffusers' names
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
         click.echo(f"Error: {named or exc.format_message()}{hint}", err=True)
-        sys.exit(EXIT_USAGE)
+        sys.exit(exc.exit_code)  # EXIT_USAGE, or EXIT_ERROR for a refused value (BasGroup.invoke)
     except click.ClickException as exc:
         click.echo(f"Error: {exc.format_message()}", err=True)
         sys.exit(EXIT_ERROR)

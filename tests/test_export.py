@@ -311,3 +311,26 @@ def test_every_familys_textual_inversion_code_keeps_a_path_one_string(family):
     code = "\n".join(get_family(Plugins(), family).textual_inversion_code([("<asset0>", path)]))
     strings = [node.value for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
     assert path in strings and (family == "sd" or "<asset0>" in strings)  # SD's files are keyed by their token
+
+
+@pytest.mark.parametrize("family, model, steps", [("sd", "m", 25), ("flux", "m", 25), ("flux", "black-forest-labs/FLUX.1-schnell", 4)],
+                         ids=["sd", "flux dev", "flux schnell"])
+def test_a_generated_preview_samples_with_the_runs_own_steps_where_fewer(family, model, steps, tmp_path, monkeypatch):
+    """The preview takes 25 steps, or bas generate's steps for the run where fewer (FLUX.1-schnell: 4), from
+    the same defaults bas generate uses; --preview-steps still wins."""
+    from PIL import Image
+
+    from bas.core import export, generation
+
+    asked = []
+
+    def generate_images(out, prompts, steps=None, out_dir=None, **kwargs):
+        asked.append(steps)
+        Image.new("RGB", (4, 4)).save(out_dir / "p.png")
+        return [out_dir / "p.png"]
+
+    monkeypatch.setattr(generation, "generate_images", generate_images)
+    info = {"model": model, "family": family, "handles": ["<asset0>"]}
+    export.render_preview(tmp_path, info, tmp_path / "preview.png", None, "cpu", "auto")
+    export.render_preview(tmp_path, info, tmp_path / "again.png", 7, "cpu", "auto")
+    assert asked == [steps, 7] and (tmp_path / "preview.png").is_file()

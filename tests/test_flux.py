@@ -648,3 +648,20 @@ def test_dev_samples_with_its_guidance_embedding(flux_run, tmp_path, invoke, mon
         assert len(seen) == 2 and all(isinstance(g, torch.Tensor) and torch.equal(g, torch.full_like(g, 0.0 if extra else 3.5)) for g in seen)
         images.append(np.asarray(Image.open(out / "a-photo-of-asset0-seed0.png")))
     assert not np.array_equal(*images)  # dev's guidance changes the image, schnell's absence of it does not
+
+
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI), with the oldest bitsandbytes of pyproject's range
+def test_the_installed_bitsandbytes_offers_what_bas_calls():
+    """pyproject's bitsandbytes range, checked at both ends where no GPU is: the library imports, offers
+    the 8-bit AdamW, and diffusers' and transformers' quantisation configs take bas's nf4 and int8
+    arguments (the CUDA paths themselves run only on a GPU)."""
+    import diffusers
+
+    from bas.plugins.adamw import _bitsandbytes
+    from bas.plugins.flux import Flux
+
+    assert callable(_bitsandbytes().optim.AdamW8bit) and hasattr(diffusers, "PipelineQuantizationConfig")
+    for library in ("diffusers", "transformers"):
+        nf4 = Flux.quantization(library, "nf4", torch.bfloat16)
+        assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_compute_dtype == torch.bfloat16, library
+        assert Flux.quantization(library, "int8", torch.bfloat16).load_in_8bit, library

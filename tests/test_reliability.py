@@ -97,27 +97,36 @@ class StopAt:
         register("stop-at", lambda config: self)
 
 
-@pytest.mark.old_stack  # also run on the oldest supported stack (CI)
-def test_a_stopped_sdxl_run_resumes_to_the_same_weights(scene, tiny_sdxl_model, tmp_path):
-    """The SDXL family's state (both encoders' handle rows and LoRA, the UNet's LoRA, the optimizer, the random
-    generators) comes back from a checkpoint whole: stopped in phase 2 and resumed, the run ends with exactly an
-    uninterrupted run's tensors."""
-    def sdxl_run(out, extra=(), **values):
+LARGE_FAMILIES = [  # (family, its tiny model's fixture, the handles' tensors beside the first encoder's, the parts its LoRA trains)
+    ("sdxl", "tiny_sdxl_model", {"text_encoder_2"}, {"unet", "text_encoder", "text_encoder_2"}),
+    ("flux", "tiny_flux_model", {"text_encoder_2"}, {"transformer", "text_encoder"}),
+]
+
+
+@pytest.mark.old_stack  # also run on the oldest supported stack (CI): every family's resume
+@pytest.mark.parametrize("family, model, encoders, lora", LARGE_FAMILIES, ids=[f[0] for f in LARGE_FAMILIES])
+def test_a_stopped_run_resumes_to_the_same_weights_in_sdxl_and_flux(family, model, encoders, lora, scene, request, tmp_path):
+    """The family's state (every encoder's handle rows, the LoRA of the denoiser and text encoders, the
+    optimizer, the random generators) comes back from a checkpoint whole: stopped in phase 2 and resumed,
+    the run ends with exactly an uninterrupted run's tensors."""
+    tiny = request.getfixturevalue(model)
+
+    def family_run(out, extra=(), **values):
         pm = Plugins([], extra=list(extra))
-        values = {"scene": scene, "model": str(tiny_sdxl_model), "out": out, "quiet": True, "phase1_steps": 2, "phase2_steps": 4,
+        values = {"scene": scene, "model": str(tiny), "out": out, "quiet": True, "phase1_steps": 2, "phase2_steps": 4,
                   "checkpoint_every": 2, **values}
         return extract(make_config(pm, values, []), pm)
 
-    sdxl_run(tmp_path / "ref")
+    family_run(tmp_path / "ref")
     uninterrupted = tensors(tmp_path / "ref")
-    assert {k.split(".")[0] for k in uninterrupted} == {"<asset0>", "<asset1>", "text_encoder_2", "lora"}
-    assert {k.split(".")[1] for k in uninterrupted if k.startswith("lora.")} == {"unet", "text_encoder", "text_encoder_2"}
+    assert {k.split(".")[0] for k in uninterrupted} == {"<asset0>", "<asset1>", "lora"} | encoders
+    assert {k.split(".")[1] for k in uninterrupted if k.startswith("lora.")} == lora
     out = tmp_path / "out"
     with pytest.raises(BasError, match="Interrupted at phase 2 step 3.*run the same command with --resume added to continue"):
-        sdxl_run(out, [("stop-at", StopAt(2, 3))])
+        family_run(out, [("stop-at", StopAt(2, 3))])
     assert not (out / "run.json").exists() and (staging_path(out) / "checkpoints" / "phase2-step00003").is_dir()
-    run = sdxl_run(out, resume=True)
-    assert run.info["family"] == "sdxl" and [h["step"] for h in run.info["history"]["phase2"]] == [1, 2, 3, 4]
+    run = family_run(out, resume=True)
+    assert run.info["family"] == family and [h["step"] for h in run.info["history"]["phase2"]] == [1, 2, 3, 4]
     got = tensors(out)
     assert set(got) == set(uninterrupted)
     for k in got:

@@ -37,6 +37,7 @@ from bas.core.runfolder import staging_path
 from bas.core.training import NumericalError, extract
 
 from conftest import as_an_earlier_version_wrote
+from test_eval import metric_models  # noqa: F401  (a fixture: bas eval's tiny CLIP, DINO and CLIPSeg)
 from test_reliability import Fragile
 
 QUICK = ["--phase1-steps", "1", "--phase2-steps", "1", "--quiet"]
@@ -801,6 +802,141 @@ def test_no_file_is_read_or_copied_through_a_link_out_of_its_folder(case, prepar
     assert snapshot(work) == before and not (work / "exported").exists()
 
 
+# the same rule for model folders: --model of bas run, and the model a run's run.json names, which
+# generate, edit, export (its preview) and eval load
+EDIT = ["edit", "runs/old", "a photo of <asset0>", "--image", "scene/img.png", "--mask", "scene/mask0.png", "--steps", "1"]
+EVAL = ["eval", "runs/old", "--out", "evaluated", "--num-images", "1", "--steps", "1", "--quiet", "--class-word", "toy", "--class-word", "box",
+        "--clip-model", "{clip}", "--dino-model", "{dino}", "--segmenter-model", "{clipseg}"]
+MODEL_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def model_linked_out(name=MODEL_WEIGHTS):
+    """A copy of the run's model with ``name`` a link to the very same content elsewhere (loads as
+    before: only the rule tells it apart); the run's run.json names the copy."""
+    def prepare(d):
+        model = shutil.copytree(Path(json.loads((d / "runs" / "old" / "run.json").read_text())["model"]), d / "model")
+        (d / "private").mkdir(exist_ok=True)
+        copy = shutil.copy(model / name, d / "private" / Path(name).name)
+        (model / name).unlink()
+        (model / name).symlink_to(copy)
+        rewrite_json(d / "runs" / "old", lambda info: info.update(model=str(model)))
+    return prepare
+
+
+def model_sharded_out(d):
+    """A copy of the model whose UNet weights are 'sharded': the index names a shard outside the folder."""
+    model_linked_out()(d)
+    unet = d / "model" / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    keys = load_file(str(d / "private" / "diffusion_pytorch_model.safetensors"))
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "../../private/diffusion_pytorch_model.safetensors" for k in keys}}))
+
+
+def clip_linked_out(d):
+    """A copy of bas eval's CLIP model (the metric models are model folders too) with its config linked out."""
+    clip = Path(str(d / "clip"))
+    (d / "private").mkdir(exist_ok=True)
+    (clip / "config.json").unlink()
+    (clip / "config.json").symlink_to(shutil.copy(d / "metric" / "clip" / "config.json", d / "private" / "config.json"))
+
+
+MODEL_LINK = "Model folder model holds the link unet/diffusion_pytorch_model.safetensors, which leads outside it"
+MODEL_LINKED = [  # (case, prepare, arguments, message)
+    ("run --model", model_linked_out(), run_args(model="model"), MODEL_LINK),
+    ("run --model --family", model_linked_out(), run_args("--family", "sd", model="model"), MODEL_LINK),
+    ("run --model, a config linked out", model_linked_out("text_encoder/config.json"), run_args(model="model"), "holds the link text_encoder/config.json"),
+    ("run --model --plan", model_linked_out(), run_args("--plan", model="model"), MODEL_LINK),
+    ("generate, run.json's model", model_linked_out(), GENERATE, MODEL_LINK),
+    ("edit, run.json's model", model_linked_out(), EDIT, MODEL_LINK),
+    ("export's preview, run.json's model", model_linked_out(), EXPORT + ["--preview-steps", "1"], MODEL_LINK),
+    ("eval, run.json's model", model_linked_out(), EVAL, MODEL_LINK),
+    ("eval --clip-model", clip_linked_out, EVAL, "Model folder clip holds the link config.json, which leads outside it"),
+    ("a shard outside the model", model_sharded_out, GENERATE,
+     "Model folder model's unet/diffusion_pytorch_model.safetensors.index.json names '../../private/diffusion_pytorch_model.safetensors', a path outside"),
+]
+
+
+@pytest.mark.parametrize("case, prepare, args, message", MODEL_LINKED, ids=[c[0] for c in MODEL_LINKED])
+def test_no_model_file_is_read_through_a_link_out_of_its_folder(case, prepare, args, message, work, metric_models):  # noqa: F811
+    shutil.copytree(metric_models["clip"], work / "clip")
+    names = {name: str(path) for name, path in metric_models.items()} | {"clip": "clip"}
+    (work / "metric").symlink_to(Path(metric_models["clip"]).parent)  # where clip_linked_out finds the original
+    prepare(work)
+    rewrite_json(work / "runs" / "old", lambda info: info.update(model="model"))  # as the message names it
+    before = snapshot(work)
+    code, err = run_main([a.format(**names) for a in args])
+    assert code == 1 and message in error_line(err)
+    assert snapshot(work) == before and not (work / "exported").exists() and not (work / "evaluated").exists()
+
+
+def test_links_inside_a_model_folder_or_into_the_hub_cache_are_read(work, monkeypatch):
+    """A link that stays in the model folder is its own file; a hub id's snapshot links into the
+    cache's blobs/ (as the hub client writes it), and a link out of the cache is refused."""
+    from bas.core.family import check_model_files
+
+    import huggingface_hub
+
+    model_linked_out()(work)
+    weights = work / "model" / MODEL_WEIGHTS
+    weights.unlink()
+    shutil.copy(work / "private" / "diffusion_pytorch_model.safetensors", work / "model" / "unet" / "weights.safetensors")
+    weights.symlink_to("weights.safetensors")
+    rewrite_json(work / "runs" / "old", lambda info: info.update(model="model"))
+    code, err = run_main(GENERATE)
+    assert code == 0, err
+    repo = work / "hub" / "models--acme--tiny"
+    shutil.copytree(work / "model", repo / "blobs", symlinks=True)
+    snap = repo / "snapshots" / "abc123"
+    for path in sorted((repo / "blobs").rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            (snap / path.relative_to(repo / "blobs")).parent.mkdir(parents=True, exist_ok=True)
+            (snap / path.relative_to(repo / "blobs")).symlink_to(os.path.relpath(path, (snap / path.relative_to(repo / "blobs")).parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(work / "hub"))
+    check_model_files("acme/tiny")  # every link leads into the cache: no error
+    (snap / "vae" / "config.json").unlink()
+    (snap / "vae" / "config.json").symlink_to(shutil.copy(repo / "blobs" / "vae" / "config.json", work / "private" / "config.json"))
+    with pytest.raises(BasError, match="Model folder acme/tiny holds the link vae/config.json, which leads outside it"):
+        check_model_files("acme/tiny")
+
+
+def test_resume_never_reads_or_writes_through_a_link_in_the_interrupted_run(work, tiny_model):
+    """The staging folder --resume continues: a checkpoint file, the checkpoints folder or the folder
+    itself a link (to the very same content) is one Error line, and nothing changes."""
+    out = work / "runs" / "new"
+    with pytest.raises(NumericalError):
+        run_fragile(work, work / "scene", tiny_model, out)
+    staging = staging_path(out)
+    kept = shutil.copytree(staging, work / "kept")
+
+    def file_linked(d):
+        saved = staging / "checkpoints" / "phase1-step00002" / "trainable.safetensors"
+        saved.unlink()
+        saved.symlink_to(shutil.copy(kept / "checkpoints" / "phase1-step00002" / "trainable.safetensors", d / "elsewhere.safetensors"))
+
+    def folder_linked(d):
+        shutil.rmtree(staging / "checkpoints")
+        (staging / "checkpoints").symlink_to(shutil.copytree(kept / "checkpoints", d / "elsewhere"))
+
+    def staging_linked(d):
+        shutil.rmtree(staging)
+        staging.symlink_to(shutil.copytree(kept, d / "elsewhere"))
+
+    for damage, message in ((file_linked, "holds the link checkpoints/phase1-step00002/trainable.safetensors,"),
+                            (folder_linked, "holds the link checkpoints,"), (staging_linked, "is a link,")):
+        d = work / damage.__name__
+        d.mkdir()
+        damage(d)
+        before = snapshot(work)
+        with pytest.raises(BasError, match=f"The interrupted run's folder .*{message} which bas never writes .*start over with --overwrite"):
+            run_fragile(work, work / "scene", tiny_model, out, resume=True)
+        assert snapshot(work) == before, damage.__name__
+        staging.unlink() if staging.is_symlink() else shutil.rmtree(staging)
+        shutil.copytree(kept, staging)
+
+
 def test_a_full_runs_pipeline_is_covered_and_never_copied_through_a_link(work, full_run_folder):
     run = work / "runs" / "full"
     shutil.copytree(full_run_folder, run)
@@ -819,6 +955,60 @@ def test_a_full_runs_pipeline_is_covered_and_never_copied_through_a_link(work, f
     code, err = run_main(["export", other, "--out", "exported", "--no-preview"])
     assert code == 1 and "pipeline/unet/notes.txt is not a file its run wrote" in error_line(err)
     assert snapshot(work) == before
+
+
+# -- generate and edit never replace a file they did not write ------------------------------------
+def users_png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(path)  # a picture of the user's, under the name bas would give an image
+
+
+def link_to_bas_png(path: Path) -> None:  # even to an image bas wrote: a link is never written through
+    users_png(path.parent.parent / "private" / "elsewhere.png")
+    io.save_image(path.parent.parent / "private" / "bas.png", Image.new("RGB", (8, 8)), {"command": "generate"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(path.parent.parent / "private" / "bas.png")
+
+
+def a_folder(path: Path) -> None:
+    (path / "inside").mkdir(parents=True)
+
+
+def sample_name(command: str) -> str:
+    from bas.generation.generate import image_stem
+    from bas.editing.edit import slug
+
+    return f"{image_stem('a photo of <asset0>')}-seed0.png" if command == "generate" else f"edit-{slug('a photo of <asset0>')}-seed0.png"
+
+
+@pytest.mark.parametrize("out_dir", [None, "mine"], ids=["the run's folder", "--out-dir"])
+@pytest.mark.parametrize("occupy", [users_png, link_to_bas_png, a_folder], ids=["a user's png", "a link", "a folder"])
+@pytest.mark.parametrize("command", ["generate", "edit"])
+def test_generate_and_edit_never_replace_a_file_they_did_not_write(command, occupy, out_dir, work, monkeypatch):
+    args = (GENERATE if command == "generate" else EDIT) + (["--out-dir", out_dir] if out_dir else [])
+    folder = work / (out_dir or f"runs/old/{'samples' if command == 'generate' else 'edits'}")
+    occupy(folder / sample_name(command))
+    monkeypatch.setattr("bas.generation.generate.load_run_pipeline", lambda *a, **k: pytest.fail("sampled before checking the names"))
+    before = snapshot(work)
+    code, err = run_main(args)
+    line = error_line(err)
+    assert code == 1 and f"already holds {sample_name(command)}, which bas did not write" in line and "move it away or pass another --out-dir" in line
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("command", ["generate", "edit"])
+def test_generate_and_edit_replace_the_images_they_wrote_and_record_how(command, work):
+    args = (GENERATE if command == "generate" else EDIT) + ["--num-images", "2"]
+    code, err = run_main(args)
+    assert code == 0, err
+    folder = work / "runs" / "old" / ("samples" if command == "generate" else "edits")
+    first = snapshot(folder)
+    code, err = run_main(args[: args.index("--steps")] + ["--steps", "2"] + args[args.index("--steps") + 2 :])  # the same names, other images
+    assert code == 0, err
+    second = snapshot(folder)
+    assert set(second) == set(first) and all(second[name] != first[name] for name in first)
+    record = json.loads(Image.open(folder / sample_name(command)).info[io.IMAGE_RECORD])
+    assert record["command"] == command and record["prompt"] == "a photo of <asset0>" and record["seed"] == 0 and record["steps"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -1010,6 +1200,33 @@ def test_the_same_failure_exits_with_the_same_code_from_every_command(work):
         assert code == 1 and "is damaged or mixed" in error_line(err), reader[0]
         code, err = run_main([a.format(out=out, work=work) for a in reader] + ["--no-such-option"])
         assert code == 2 and "No such option '--no-such-option'" in error_line(err), reader[0]
+
+
+SAMPLE_ARGS = {"generate": ["runs/old", "a photo of <asset0>"], "edit": EDIT[1:], "eval": ["runs/old", "--out", "evaluated"],
+               "demo": ["--out", "demo"], "export": ["runs/old", "--out", "exported"], "tiny-model": ["m"], "run": run_args(out="runs/new")[1:]}
+SAME_VALUE_FAILURES = [  # (option and value, the commands that take it): refused by click's types in some, by bas's checks in others
+    (["--num-images", "0"], ["generate", "edit", "eval"]),
+    (["--num-images", "abc"], ["generate", "edit", "eval"]),
+    (["--steps", "0"], ["generate", "edit", "eval", "demo"]),
+    (["--guidance", "nan"], ["generate", "edit", "eval"]),
+    (["--seed", "-1"], ["generate", "edit", "eval", "tiny-model", "run"]),
+    (["--preview-steps", "0"], ["export"]),
+    (["--lora-rank", "0"], ["run"]),
+]
+
+
+@pytest.mark.parametrize("option, commands", SAME_VALUE_FAILURES, ids=[" ".join(o) for o, _ in SAME_VALUE_FAILURES])
+def test_a_refused_option_value_exits_1_from_every_command_and_an_unreadable_command_line_2(option, commands, work):
+    """The same refused value is one Error line and exit 1 whichever command takes it and whoever
+    checks it (click's types and ranges, or bas); a command line that cannot be read exits 2."""
+    for command in commands:
+        args = [command, *SAMPLE_ARGS[command]]
+        before = snapshot(work)
+        code, err = run_main(args + option)
+        assert code == 1 and option[0] in error_line(err), (command, err)
+        assert snapshot(work) == before
+        code, err = run_main(args + option + ["--no-such-option"] if command != "eval" else [command, "--out", "e"])
+        assert code == 2 and ("No such option" in error_line(err) or "Missing argument" in error_line(err)), (command, err)
 
 
 @pytest.mark.parametrize("prepare, message", [

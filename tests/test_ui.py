@@ -325,24 +325,33 @@ def test_the_generate_tab_offers_the_picked_runs_family_samplers_and_defaults(tm
     from bas.ui.app import App
 
     ws = Workspace(tmp_path / "ws")
-    for name, rows in (("sd", {"<asset0>": torch.zeros(4)}), ("flux", {"<asset0>": torch.zeros(4), "text_encoder_2.<asset0>": torch.zeros(8)})):
+    flux_rows = {"<asset0>": torch.zeros(4), "text_encoder_2.<asset0>": torch.zeros(8)}
+    schnell = "black-forest-labs/FLUX.1-schnell"  # told by its name where its transformer's config is not at hand
+    for name, family, model, rows in (("sd", "sd", "m", {"<asset0>": torch.zeros(4)}), ("flux", "flux", "m", flux_rows),
+                                      ("schnell", "flux", schnell, flux_rows)):
         folder = ws.root / "runs" / name
         folder.mkdir(parents=True)
         save_file(rows, str(folder / "handles.safetensors"))
-        (folder / "run.json").write_text(json.dumps({"bas_version": "0.1.0", "model": "m", "family": name, "handles": ["<asset0>"],
+        (folder / "run.json").write_text(json.dumps({"bas_version": "0.1.0", "model": model, "family": family, "handles": ["<asset0>"],
                                                      "files": ["handles.safetensors"], "resolution": 64}))
     ddpm_type = [n for n in SCHEDULERS if n != "flow-euler"]
-    assert commands.sampling_choices() == {"schedulers": ddpm_type, "scheduler": "ddim", "guidance": 7.5}  # before a run is picked
+    assert commands.sampling_choices() == {"schedulers": ddpm_type, "scheduler": "ddim", "guidance": 7.5, "steps": 50}  # before a run is picked
     app = App(ws, model="m", sam_model="s", device="cpu")
-    for run, schedulers, scheduler, guidance in (("runs/flux", ["flow-euler"], "flow-euler", 3.5), ("runs/sd", ddpm_type, "ddim", 7.5)):
-        chips, status, sampler, scale = app.generate_settings(run)
-        assert 'data-handle="&lt;asset0&gt;"' in chips and status == "1 handles, base model m."
-        assert (sampler["choices"], sampler["value"], scale["value"]) == (schedulers, scheduler, guidance)
-    _, status, _, _ = app.generate_settings("runs/.flux.bas-partial")
+    for run, schedulers, scheduler, guidance, steps in (("runs/flux", ["flow-euler"], "flow-euler", 3.5, 50), ("runs/sd", ddpm_type, "ddim", 7.5, 50),
+                                                        ("runs/schnell", ["flow-euler"], "flow-euler", 0.0, 4)):
+        chips, status, sampler, scale, count = app.generate_settings(run)
+        assert 'data-handle="&lt;asset0&gt;"' in chips and status.startswith("1 handles, base model ")
+        assert (sampler["choices"], sampler["value"], scale["value"], count["value"]) == (schedulers, scheduler, guidance, steps), run
+    _, status, _, _, _ = app.generate_settings("runs/.flux.bas-partial")
     assert "is where bas keeps its own work for the run flux" in status
     # a blank guidance is left to the family, in the command line shown too
     flux = get_family(Plugins(), "flux")
     assert commands.generate_args("runs/flux", ["p"], {"seeds": [0], "guidance": None, "scheduler": "flow-euler"}, flux) == ["runs/flux", "p", "--seeds", "0"]
+    # schnell's own defaults (bas generate's for it) are left out of its command line; dev's are not its
+    info = json.loads((ws.root / "runs" / "schnell" / "run.json").read_text())
+    options = {"seeds": [0], "guidance": 0.0, "steps": 4, "scheduler": "flow-euler"}
+    assert commands.generate_args("runs/schnell", ["p"], options, flux, info) == ["runs/schnell", "p", "--seeds", "0"]
+    assert commands.generate_args("runs/flux", ["p"], options, flux) == ["runs/flux", "p", "--seeds", "0", "--steps", "4", "--guidance", "0"]
 
 
 # -- the page in a real browser --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ as they were loaded.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -78,7 +79,20 @@ def save(out: Path, phase: int, step: int, trainable: dict[str, torch.Tensor], r
     return final
 
 
+def check_no_links(out: Path) -> None:
+    """Refuse an interrupted run's staging folder that holds a link (or is one): bas never writes one,
+    and resuming would read its checkpoint through it and write the rest of the run where it leads
+    (the same rule as for every run, scene, model and export folder)."""
+    staging = checkpoint_root(out).parent
+    links = io.links_under(staging) if os.path.lexists(staging) else []
+    if links:
+        where = "is a link" if links[0] == staging else f"holds the link {links[0].relative_to(staging).as_posix()}"
+        raise BasError(f"The interrupted run's folder {staging} {where}, which bas never writes (a link can lead to any file); "
+                       "start over with --overwrite instead of --resume.")
+
+
 def _newest(out: Path) -> tuple[list[Path], Path, int, int]:
+    check_no_links(out)
     found = complete_checkpoints(out)
     if not found:
         raise BasError(f"{checkpoint_root(out)} holds no complete checkpoint to resume from; run the command without --resume to start over.")

@@ -152,6 +152,7 @@ class EvalConfig:
 
     def check(self) -> None:
         checks.check_integer("num_images", self.num_images, 1, checks.MAX_IMAGES)
+        checks.check_seed(self.seed, self.num_images)  # as generate checks it, before anything is read
         if self.steps is not None and self.steps < 1:
             raise BasError(f"--steps must be at least 1, not {self.steps}.")
         if self.guidance is not None:

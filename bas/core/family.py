@@ -489,9 +489,70 @@ def python_str(value) -> str:
 
 # -- finding a model's family --------------------------------------------------------------------
 def check_model_path(model: str) -> None:
+    """Refuse, before anything is read from it, a ``--model`` folder that is no pipeline or that leads
+    out of itself (:func:`check_model_files`); every loader of every family calls this first."""
     path = Path(model)
     if path.exists() and not (path / "model_index.json").is_file():
         raise BasError(f"{model} is not a diffusers pipeline folder (it has no model_index.json); pass a pipeline folder or hub id with --model.")
+    check_model_files(model)
+
+
+def model_files_root(model: str) -> tuple[Path, Path] | None:
+    """``(folder the loaders read, root every file read must resolve inside)`` for ``model``: a local
+    folder and itself (a link given as ``--model`` counts as the folder it names); for a hub id in the
+    Hugging Face cache its snapshot and the cache root (snapshots link into the cache's ``blobs/``);
+    ``None`` for a hub id not cached (the hub client writes it afresh)."""
+    path = Path(model)
+    if path.exists():
+        real = path.resolve()
+        return real, real
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cached = [try_to_load_from_cache(model, name) for name in ("model_index.json", "config.json")]  # a pipeline, or one model
+    except Exception:  # not a valid hub id: the loader names it
+        return None
+    cached = [c for c in cached if isinstance(c, str)]
+    return (Path(cached[0]).parent, Path(constants.HF_HUB_CACHE).resolve()) if cached else None
+
+
+def check_model_files(model: str) -> None:
+    """One rule for every file bas reads from a model folder (as for run, scene and export folders):
+    it resolves inside that folder, or inside the Hugging Face cache for a hub id.  Refuses a link
+    that leads elsewhere, a ``model_index.json`` part or a sharded weights index naming a path
+    outside the folder, with one line naming the file."""
+    from bas.core import io
+
+    found = model_files_root(model)
+    if found is None:
+        return
+    folder, root = found
+    for link in io.links_under(folder):
+        target = link.resolve()
+        if target != root and root not in target.parents:
+            raise BasError(f"Model folder {model} holds the link {link.relative_to(folder).as_posix()}, which leads outside it (to {target}); "
+                           "bas reads no model file from outside its folder: copy the file into the folder in the link's place "
+                           "(`cp --remove-destination TARGET LINK`) or pass the folder it lives in with --model.")
+    named = []  # (file, path it names relative to the file's folder)
+    index = folder / "model_index.json"
+    try:
+        parts = json.loads(index.read_text()) if index.is_file() else {}
+    except (OSError, ValueError):
+        parts = {}  # the loader says why it cannot be read
+    if isinstance(parts, dict):  # each part's subfolder, by its key
+        named += [(index, name) for name, value in parts.items() if not name.startswith("_") and isinstance(value, list)]
+    for shards in sorted(folder.rglob("*.index.json")):  # sharded weights: the index names each shard's file
+        try:
+            weight_map = json.loads(shards.read_text()).get("weight_map", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        named += [(shards, str(name)) for name in sorted(set(weight_map.values()) if isinstance(weight_map, dict) else ())]
+    for file, name in named:
+        try:
+            io.inside(file.parent, name, str(file))
+        except BasError:
+            raise BasError(f"Model folder {model}'s {file.relative_to(folder).as_posix()} names {name!r}, a path outside the folder; "
+                           "bas reads no model file from outside its folder: download the model again and pass that folder with --model.") from None
 
 
 # what loading a model raises for a missing, damaged or refused file: torch's weights-only unpickler
@@ -601,6 +662,8 @@ def detect_family(plugins: "Plugins", model: str) -> ModelFamily:
 
 def choose_family(plugins: "Plugins", model: str | None, requested: str | None) -> ModelFamily:
     """``--family`` if given, else the family of ``--model``, else the default family."""
+    if model:
+        check_model_files(model)  # before its model_index.json (or, for the memory plan, any config) is read
     if requested:
         family = get_family(plugins, requested)
         if model:

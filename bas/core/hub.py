@@ -24,7 +24,10 @@ def not_found_message(name: str, *, what: str, option: str, default: str) -> str
 def from_pretrained(load: Callable[[str], Any], name: str, *, what: str, option: str, default: str) -> Any:
     """``load(source)`` (a ``from_pretrained``) for a hub id or a local folder; a model that cannot be
     found is a :class:`BasError` naming the ``hf download`` command and the option that takes the folder."""
+    from bas.core.family import check_model_files
+
     path = Path(name).expanduser()
+    check_model_files(str(path) if path.exists() else name)  # no file from outside the folder (or the hub's cache)
     if path.exists():
         if not (path / "config.json").is_file():
             raise BasError(f"{path} is not a {what} folder (it has no config.json); pass a folder written by save_pretrained with {option}, "

@@ -218,10 +218,53 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             raise OSError(error.errno, error.strerror, str(path)) from exc
 
 
-def save_image(path: Path, image) -> None:
-    """Save a PIL image atomically; the format comes from the final name's suffix."""
+# the PNG text chunk bas writes into each image `bas generate` and `bas edit` make: how a later
+# command knows which same-name images it may replace (those it wrote, never a user's file)
+IMAGE_RECORD = "bas"
+
+
+def save_image(path: Path, image, record: dict | None = None) -> None:
+    """Save a PIL image atomically; the format comes from the final name's suffix.  ``record`` (a
+    PNG's): kept as its :data:`IMAGE_RECORD` text chunk, JSON (what made the image)."""
+    kwargs = {}
+    if record is not None:
+        from PIL.PngImagePlugin import PngInfo
+
+        kwargs["pnginfo"] = PngInfo()
+        kwargs["pnginfo"].add_text(IMAGE_RECORD, json.dumps(record, ensure_ascii=False))
     with atomic_path(path) as tmp:
-        image.save(tmp, format=Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+        image.save(tmp, format=Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG"), **kwargs)
+
+
+def written_by_bas(path: Path) -> bool:
+    """``path`` is a plain PNG file (not a link) holding bas's :data:`IMAGE_RECORD`."""
+    from PIL import Image
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder opens too
+        os.close(fd)
+        return False
+    with os.fdopen(fd, "rb") as file:
+        try:
+            with Image.open(file) as image:  # the chunk precedes the pixels: nothing is decoded
+                return image.format == "PNG" and IMAGE_RECORD in image.info
+        except Exception:  # not an image, damaged, too large: not one bas wrote
+            return False
+
+
+def check_images_replaceable(paths: list[Path], option: str) -> None:
+    """Refuse, before anything is sampled, to write an image where a file bas did not write has its
+    name: an earlier image of bas is replaced (the same prompt and seed made again), anything else
+    (a user's file, a link, a folder) never."""
+    for path in paths:
+        if os.path.lexists(path) and not written_by_bas(path):
+            raise BasError(
+                f"{path.parent} already holds {path.name}, which bas did not write (bas never replaces a file it did not write); "
+                f"move it away or pass another {option}."
+            )
 
 
 # -- errors of the environment, and names that come from files -----------------------------------

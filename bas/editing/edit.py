@@ -123,6 +123,7 @@ def edit_images(
     width, height = width or res, height or res
     image_t, mask_t = load_edit_inputs(image, mask, width, height)  # before the model loads
     out_dir = io.check_output_folder(Path(out_dir) if out_dir else out / "edits", "--out-dir")
+    io.check_images_replaceable([out_dir / f"edit-{slug(prompt)}-seed{s}.png" for prompt in prompts for s in seeds], "--out-dir")
 
     pipe, info = load_run_pipeline(out, device, precision)
     check_prompts_fit(pipe, family, prompts + ([negative_prompt] if negative_prompt else []))
@@ -164,6 +165,8 @@ def edit_images(
             if composite:
                 result = mask_t * result + (1 - mask_t) * image_t
             path = out_dir / f"edit-{slug(prompt)}-seed{s}.png"
-            io.save_image(path, to_pil(result)[0])
+            record = {"command": "edit", "prompt": prompt, "negative_prompt": negative_prompt, "seed": s, "steps": steps, "guidance": guidance,
+                      "scheduler": scheduler, "lora_scale": lora_scale, "blend_start": blend_start, "composite": composite}
+            io.save_image(path, to_pil(result)[0], record)
             written.append(path)
     return written

@@ -20,7 +20,7 @@ def eval_command(command_class: type[click.Command]) -> click.Command:
             return eval_options(plugins)
 
     @click.command("eval", cls=EvalCommand)
-    @click.argument("runs", nargs=-1, type=click.Path(path_type=Path))
+    @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))  # none: a usage error (exit 2), as for every command
     @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for eval.json, eval.csv, index.html and images/.")
     @click.option("--prompts", type=click.Path(path_type=Path), default=None,
                   help="A file of prompts naming handles (<asset0>) or templates ({} for every subset of the handles), one per line.")

@@ -279,10 +279,13 @@ def generation_settings(config: EvalConfig, runs: Sequence[EvalRun]) -> dict:
 def choose_sampling(config: EvalConfig, runs: Sequence[EvalRun]) -> None:
     """Each run's sampler and guidance: ``--scheduler``/``--guidance`` where given, else its family's
     defaults (as ``bas generate`` picks them), checked against its family before anything generates."""
-    from bas.generation.generate import run_sampling_defaults
+    from bas.core.family import check_model_files
+    from bas.core.model import resolve_model
     from bas.core.runs import run_family
+    from bas.generation.generate import run_sampling_defaults
 
     for run in runs:
+        check_model_files(resolve_model(run.info["model"]))  # the model its images load from: no link out, before any staging
         try:
             scheduler, guidance, steps = run_sampling_defaults(run_family(run.info), run.info, config.scheduler, config.guidance, config.steps)
         except BasError as exc:

@@ -33,9 +33,9 @@ from bas.generation.command import COUNT
 @click.option(
     "--preview-steps",
     type=COUNT,
-    default=25,
-    show_default=True,
-    help="Sampling steps of a generated preview (with the run's family's sampler and guidance, as bas generate's defaults).",
+    default=None,
+    help="Sampling steps of a generated preview (with the run's family's sampler and guidance, as bas generate's defaults) "
+    "[default: 25, or bas generate's steps for the run where fewer: 4 for FLUX.1-schnell].",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--device", default="auto", show_default=True)

@@ -316,12 +316,25 @@ def check_destination(out: Path, dest: Path, overwrite: bool) -> None:
                        "and --overwrite replaces the whole folder; choose a new or empty folder.")
 
 
-def render_preview(out: Path, info: dict, path: Path, steps: int, device: str, precision: str) -> None:
-    """Generate a small grid (each handle alone, then all) when the run has no report to take one from."""
+PREVIEW_STEPS = 25  # a generated preview's steps: fewer than bas generate's 50, never more than the run's own default
+
+
+def preview_steps_for(info: dict) -> int:
+    """The steps of a generated preview of the run ``info``: :data:`PREVIEW_STEPS`, or the steps ``bas
+    generate`` takes for the run where fewer (FLUX.1-schnell: 4), from the same defaults."""
+    from bas.generation.generate import run_sampling_defaults
+
+    return min(PREVIEW_STEPS, run_sampling_defaults(run_family(info), info, None, None, None)[2])
+
+
+def render_preview(out: Path, info: dict, path: Path, steps: int | None, device: str, precision: str) -> None:
+    """Generate a small grid (each handle alone, then all) when the run has no report to take one from;
+    ``steps`` None: :func:`preview_steps_for` the run."""
     from PIL import Image
 
     from bas.generation.generate import generate_images, image_grid
 
+    steps = preview_steps_for(info) if steps is None else steps
     prompts = example_prompts(info)
     with tempfile.TemporaryDirectory() as tmp:
         paths = generate_images(out, prompts, num_images=1, steps=steps, grid=False, out_dir=Path(tmp), device=device, precision=precision)
@@ -339,7 +352,7 @@ def check_kohya_names(layers: list[LoraLayer], family: ModelFamily) -> None:
 
 
 def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, name: str | None = None, preview: bool = True,
-               preview_steps: int = 25, overwrite: bool = False, device: str = "auto", precision: str = "auto") -> list[Path]:
+               preview_steps: int | None = None, overwrite: bool = False, device: str = "auto", precision: str = "auto") -> list[Path]:
     """Write the export ``fmt`` of the finished run ``out`` into the folder ``dest``; returns the files written."""
     out, dest = Path(out), Path(dest)
     if fmt not in FORMATS:

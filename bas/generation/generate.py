@@ -268,6 +268,8 @@ def generate_images(
     scheduler, guidance, steps = run_sampling_defaults(family, info, scheduler, guidance, steps)  # before the model loads
     family.check_sampling(negative_prompt)
     out_dir = io.check_output_folder(Path(out_dir) if out_dir else out / "samples", "--out-dir")  # before sampling
+    names = [out_dir / f"{image_stem(prompt)}-seed{s}.png" for prompt in prompts for s in seeds]
+    io.check_images_replaceable(names + ([out_dir / grid_name(prompts, seeds)] if grid and len(names) > 1 else []), "--out-dir")
 
     pipe, info = load_run_pipeline(out, device, precision)
     check_prompts_fit(pipe, family, prompts + ([negative_prompt] if negative_prompt else []))
@@ -285,7 +287,9 @@ def generate_images(
                     generator=generator, height=height or res, width=width or res, **extra,
                 ).images[0]
             path = out_dir / f"{image_stem(prompt)}-seed{s}.png"
-            io.save_image(path, image)
+            record = {"command": "generate", "prompt": prompt, "negative_prompt": negative_prompt, "seed": s, "steps": steps, "guidance": guidance,
+                      "scheduler": scheduler, "lora_scale": lora_scale}
+            io.save_image(path, image, record)
             written.append(path)
             if on_image:
                 on_image(path)
@@ -293,7 +297,7 @@ def generate_images(
         rows.append(row)
     if grid and len(written) > 1:
         path = out_dir / grid_name(prompts, seeds)
-        io.save_image(path, image_grid(rows))
+        io.save_image(path, image_grid(rows), {"command": "generate", "grid": {"prompts": list(prompts), "seeds": list(seeds)}})
         written.append(path)
     return written
 

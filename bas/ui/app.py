@@ -338,8 +338,8 @@ class App:
                             negative = gr.Textbox(label="Negative prompt")
                             seeds = gr.Textbox("0,1,2,3", label="Seeds (comma-separated)", elem_id="seeds")
                             with gr.Row():
-                                steps = gr.Number(50, precision=0, label="Steps", elem_id="generate-steps")
                                 sampling = commands.sampling_choices()  # until a run is picked: the default family's
+                                steps = gr.Number(sampling["steps"], precision=0, label="Steps", elem_id="generate-steps")
                                 guidance = gr.Number(sampling["guidance"], label="Guidance (blank: the run's family's)", elem_id="guidance")
                                 lora_scale = gr.Number(1.0, label="LoRA scale (0: handles only)", elem_id="lora-scale")
                             scheduler = gr.Dropdown(sampling["schedulers"], value=sampling["scheduler"], label="Sampler", elem_id="sampler")
@@ -610,7 +610,7 @@ class App:
             demo.load(on_load, None, [job_id, seen, command, *form])
 
             # ---------------------------------------------------------------- Generate events
-            g_run.change(self.generate_settings, g_run, [chips, g_status, scheduler, guidance])
+            g_run.change(self.generate_settings, g_run, [chips, g_status, scheduler, guidance, steps])
 
             def generate_handler(run, text, negative_, seeds_text, steps_, guidance_, scale, sampler):
                 from bas.generation.generate import generate_images
@@ -628,8 +628,9 @@ class App:
                     options = {"seeds": seed_list or [0], "steps": required(steps_, int, "Steps", "50"), "lora_scale": required(scale, float, "LoRA scale", "1 (0: handles only)"),
                                "guidance": None if guidance_ in (None, "") else float(guidance_),  # blank: the family's
                                "negative_prompt": negative_ or None, "scheduler": sampler, "device": self.device}
-                    family = run_family(read_run(out))
-                    cli = "bas generate " + commands.shell(commands.generate_args(self.ws.relative(out), prompt_list, options, family))
+                    info = read_run(out)
+                    family = run_family(info)
+                    cli = "bas generate " + commands.shell(commands.generate_args(self.ws.relative(out), prompt_list, options, family, info))
                     with self.generating:
                         paths = generate_images(out, prompt_list, **options)
                 except BasError as exc:
@@ -741,17 +742,19 @@ class App:
     # -- helpers --------------------------------------------------------------------------------------
     def generate_settings(self, run):
         """The Generate tab for the picked run: its handles as chips, a line about it, and its family's
-        samplers with the family's default sampler and guidance (FLUX: flow-euler and 3.5; SD: DDIM and 7.5)."""
+        samplers with the default sampler, guidance and steps bas generate takes for it (FLUX.1-dev: flow-euler,
+        3.5 and 50; FLUX.1-schnell: 0 and 4; SD: DDIM, 7.5 and 50)."""
         from bas.core.runs import run_family
 
         try:
             info = read_run(self.ws.run_path(run))
-            sampling = commands.sampling_choices(run_family(info))
+            sampling = commands.sampling_choices(run_family(info), info)
         except BasError as exc:
-            return "", status_error(exc), gr.skip(), gr.skip()
+            return "", status_error(exc), gr.skip(), gr.skip(), gr.skip()
         buttons = "".join(f'<button class="bas-chip" data-handle="{html.escape(h)}">{html.escape(h)}</button>' for h in info["handles"])
         return (buttons, f"{len(info['handles'])} handles, base model {info['model']}.",
-                gr.update(choices=sampling["schedulers"], value=sampling["scheduler"]), gr.update(value=sampling["guidance"]))
+                gr.update(choices=sampling["schedulers"], value=sampling["scheduler"]), gr.update(value=sampling["guidance"]),
+                gr.update(value=sampling["steps"]))
 
     def cleanup(self, values) -> MaskCleanup:
         try:

@@ -152,26 +152,25 @@ def command_defaults(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in command.params if isinstance(p, click.Option)}
 
 
-def sampling_choices(family=None) -> dict[str, Any]:
-    """What the Generate tab offers for a run of ``family`` (by default the default family's): the
-    samplers the family takes, and its default sampler and guidance, as ``bas generate`` picks them."""
+def sampling_choices(family=None, info: dict | None = None) -> dict[str, Any]:
+    """What the Generate tab offers for the run ``info`` of ``family`` (by default the default family's):
+    the samplers the family takes, and the default sampler, guidance and steps ``bas generate`` takes for
+    that run (:func:`bas.generation.generate.run_sampling_defaults`: FLUX.1-schnell 4 steps, guidance 0)."""
     from bas.core.family import default_family
-    from bas.generation.generate import family_schedulers
+    from bas.generation.generate import family_schedulers, run_sampling_defaults
     from bas.core.plugins import Plugins
 
     family = family or default_family(Plugins())
-    return {"schedulers": family_schedulers(family), "scheduler": family.default_scheduler, "guidance": family.default_guidance}
+    scheduler, guidance, steps = run_sampling_defaults(family, info or {}, None, None, None)
+    return {"schedulers": family_schedulers(family), "scheduler": scheduler, "guidance": guidance, "steps": steps}
 
 
-def generate_args(run: str, prompts: list[str], options: dict[str, Any], family=None) -> list[str]:
+def generate_args(run: str, prompts: list[str], options: dict[str, Any], family=None, info: dict | None = None) -> list[str]:
     """``bas generate`` arguments equivalent to :func:`bas.generate` with ``options`` (defaults left out:
-    the sampler and guidance are the run's ``family``'s, by default the default family's)."""
-    from bas.core.family import default_family
-    from bas.core.plugins import Plugins
-
+    the sampler, guidance and steps ``bas generate`` takes for the run ``info`` of ``family``, by
+    default the default family's)."""
     d = command_defaults("generate")
-    family = family or default_family(Plugins())
-    d.update(guidance=family.default_guidance, scheduler=family.default_scheduler)
+    d.update({k: v for k, v in sampling_choices(family, info).items() if k != "schedulers"})
     args = [run, *prompts, "--seeds", ",".join(str(s) for s in options["seeds"])]
     for name in ("negative_prompt", "steps", "guidance", "lora_scale", "scheduler", "width", "height", "device"):
         value = options.get(name)
