@@ -2,7 +2,7 @@
 AUTOMATIC1111, ComfyUI), checked in this project's stack by what those loaders read.
 
 The same files were loaded in diffusers 0.30.3 / transformers 4.44.2 / peft 0.12.0 and diffusers
-0.32.2 / transformers 4.48.3 / peft 0.14.0 (README, "Exports", ``tools/old_stack_check.py``) and
+0.32.2 / transformers 4.48.3 / peft 0.14.0 (docs/outputs.md, "Checked against the loaders", ``tools/old_stack_check.py``) and
 through ComfyUI's own loaders (``tools/comfyui_check.py``); these tests keep the names and files those
 versions need from changing unnoticed, ComfyUI's and AUTOMATIC1111's rules included (``comfyui_keys``,
 ``a1111_keys``).
