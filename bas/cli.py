@@ -19,7 +19,7 @@ from bas.extraction.command import RunCommand, masks, run
 from bas.generation.command import generate
 from bas.ui.command import ui as ui_command
 
-# exit codes (README, "Errors and exit codes"): the same failure exits with the same code from every command
+# exit codes (docs/reliability.md): the same failure exits with the same code from every command
 EXIT_ERROR = 1  # one `Error: ...` line: bad input or option values (whether click or bas checks them), a damaged folder, the machine's limits, a plugin's fault
 EXIT_USAGE = 2  # a command line that cannot be read: an unknown option or command, a missing argument or option, an extra argument
 EXIT_INTERRUPTED = 130  # Ctrl-C

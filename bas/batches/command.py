@@ -10,7 +10,7 @@ import click
 
 # bas run's options that name one scene or one output folder: a batch has its own
 SCENE_OPTIONS = {"image", "out", "resume", "overwrite", "masks", "scene"}
-# and those that plan one run instead of running it (`bas run --plan`, `--vram`: README, "Will it fit?")
+# and those that plan one run instead of running it (`bas run --plan`, `--vram`: docs/speed-memory.md)
 PLAN_OPTIONS = {"plan_only", "as_json", "vram"}
 SHOWN_FAILURES = 20
 

@@ -34,7 +34,7 @@ from bas.core.runfolder import settle
 
 PLACEHOLDER = "{}"
 # Ten prompt contexts in the paper's style.  The paper evaluates with "10 prompt templates" and shows
-# "at the beach" and "in the snow" among them, but lists none in its text; these are ours (README).
+# "at the beach" and "in the snow" among them, but lists none in its text; these are ours (docs/eval.md).
 PAPER_TEMPLATES = (
     "a photo of {} at the beach",
     "a photo of {} in the snow",

@@ -1,6 +1,6 @@
 """Files that other tools and older library versions read: LoRA and pipelines.
 
-Each rule below was checked against the loaders (README, "Exports"):
+Each rule below was checked against the loaders (docs/outputs.md, "Checked against the loaders"):
 
 - A text encoder's modules are named as transformers 4.x names them, ``text_model.encoder...``
   (transformers 5 drops the ``text_model.`` level of ``CLIPTextModel``).  diffusers 0.2x-0.3x,
