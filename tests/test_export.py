@@ -320,7 +320,8 @@ def test_a_generated_preview_samples_with_the_runs_own_steps_where_fewer(family,
     the same defaults bas generate uses; --preview-steps still wins."""
     from PIL import Image
 
-    from bas.core import export, generation
+    from bas.exports import export
+    from bas.generation import generate as generation
 
     asked = []
 
