@@ -922,14 +922,23 @@ def paint(page, start, end, size):
         found = re.search(r"(\d+)%", page.locator("#mask-brush").inner_text())
         return canvas.bounding_box(), float(found.group(1)) / 100 if found else None
 
+    def fitted(box, zoom):
+        """The editor shows *this* picture, fitted to its canvas: an earlier, larger picture (the brush is updated
+        after the scene's status says the upload loaded) would show at a zoom far too small for ``size``."""
+        if not box or not zoom:
+            return False
+        fit = min(box["width"] / size[0], box["height"] / size[1])
+        return 0.6 * fit <= zoom <= 1.05 * fit
+
     seen = layout()
-    for _ in range(40):  # the editor fits its picture after it draws it: paint once its place and zoom hold still
+    for _ in range(240):  # the editor fits its picture after it draws it: paint once it shows this one and holds still
         page.wait_for_timeout(250)
         now = layout()
-        if now == seen and now[1]:
+        if now == seen and fitted(*now):
             break
         seen = now
     box, zoom = seen
+    assert fitted(box, zoom), f"the brush never showed the {size[0]}x{size[1]} picture fitted to its canvas: {box}, zoom {zoom}"
     at = lambda p: (box["x"] + box["width"] / 2 + (p[0] + 0.5 - size[0] / 2) * zoom, box["y"] + box["height"] / 2 + (p[1] + 0.5 - size[1] / 2) * zoom)  # noqa: E731
     page.mouse.move(*at(start))
     page.mouse.down()

@@ -214,6 +214,17 @@ class App:
     def draft_lock(self, request) -> threading.Lock:
         return self.draft_locks[getattr(request, "session_hash", None) or ""]
 
+    def with_brush(self, handler):
+        """``handler`` (a Scene handler's six outputs, the status last) with the brush's picture for the draft it
+        returns inserted before the status, so that both change in one update: a separate event after it lags
+        behind the status under load, and a stroke made meanwhile lands on the previous picture."""
+        @functools.wraps(handler)
+        def run(*args, **kwargs):
+            out = handler(*args, **kwargs)
+            brush = self.brush_for(out[4]) if isinstance(out[4], scenes.Draft) else gr.skip()
+            return (*out[:5], brush, out[5])
+        return run
+
     def brush_for(self, draft):
         """The brush's picture for the draft's selected concept."""
         try:
@@ -397,23 +408,24 @@ class App:
                         image, size = scenes.working_copy(path, bool(keep))
                         new = scenes.new_draft(image)
                 except BasError as exc:
-                    return (*[gr.skip()] * 7, status_error(exc))
+                    return (*[gr.skip()] * 7, status_error(exc), gr.skip())
                 name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).stem).strip("-.")[:40] or "scene"
                 reduced = f", brought down to {new.size[0]}x{new.size[1]} to work with (training uses 512 px; tick 'Keep the full-size original' to keep it)" if new.size != size else ""
                 out = self.scene_outputs(new, self.cleanup(cleanup), f"Loaded {Path(path).name} ({size[0]}x{size[1]}{reduced}); click on a concept, drag a box around it, or paint it with the brush.")
-                return (*out[:5], name, "", out[5])
+                return (*out[:5], name, "", out[5], self.brush_for(new))
 
-            upload_image.upload(upload_image_handler, [upload_image, keep_original, *cleanup_inputs], [*scene_out[:5], scene_name, scene_command, scene_status]).then(self.brush_for, draft, brush)
+            # the brush's picture in the same update as the status that says the image loaded (see with_brush)
+            upload_image.upload(upload_image_handler, [upload_image, keep_original, *cleanup_inputs], [*scene_out[:5], scene_name, scene_command, scene_status, brush])
 
             def open_handler(folder, *cleanup):
                 try:
                     new = scenes.open_scene(self.ws, folder or "")
                 except BasError as exc:
-                    return (*[gr.skip()] * 7, status_error(exc))
+                    return (*[gr.skip()] * 7, status_error(exc), gr.skip())
                 out = self.scene_outputs(new, self.cleanup(cleanup), f"Opened {new.origin}: {len(new.concepts)} masks.")
-                return (*out[:5], Path(new.origin).name, "", out[5])
+                return (*out[:5], Path(new.origin).name, "", out[5], self.brush_for(new))
 
-            open_button.click(open_handler, [open_path, *cleanup_inputs], [*scene_out[:5], scene_name, scene_command, scene_status]).then(self.brush_for, draft, brush)
+            open_button.click(open_handler, [open_path, *cleanup_inputs], [*scene_out[:5], scene_name, scene_command, scene_status, brush])
 
             def edit(action):
                 """A Scene handler that changes the draft and re-renders it."""
@@ -429,13 +441,14 @@ class App:
                 return handler
 
             edit_inputs = [draft, click_mode, sam_model, sam_device, *cleanup_inputs]
+            scene_out_brush = [*scene_out[:5], brush, scene_out[5]]  # a handler wrapped in with_brush: the status stays last
             # "multiple": a click made while SAM loads (or segments the previous one) waits its turn instead of being dropped
             canvas.point(edit(lambda dr, mode, seg, evt: scenes.add_point(dr, evt._data["x"], evt._data["y"], mode == POSITIVE, seg)), edit_inputs, scene_out,
                          trigger_mode="multiple")
             canvas.box(edit(lambda dr, mode, seg, evt: scenes.set_box(dr, evt._data["x0"], evt._data["y0"], evt._data["x1"], evt._data["y1"], seg)), edit_inputs, scene_out,
                        trigger_mode="multiple")
             undo_button.click(edit(lambda dr, mode, seg, evt: scenes.undo(dr, seg)), edit_inputs, scene_out)
-            new_button.click(edit(lambda dr, mode, seg, evt: scenes.new_concept(dr)), edit_inputs, scene_out).then(self.brush_for, draft, brush)
+            new_button.click(self.with_brush(edit(lambda dr, mode, seg, evt: scenes.new_concept(dr))), edit_inputs, scene_out_brush)
             remove_button.click(edit(lambda dr, mode, seg, evt: scenes.remove_concept(dr)), edit_inputs, scene_out)
             for control in cleanup_inputs:
                 control.change(edit(lambda dr, mode, seg, evt: "Cleanup applies to the preview, and to the masks when the scene is saved."), edit_inputs, scene_out)
@@ -473,7 +486,7 @@ class App:
                 current.selected = current.labels().index(label)
                 return self.scene_outputs(current, self.cleanup(cleanup), f"{label} selected: clicks now refine it.")
 
-            concept.input(on_select_concept, [draft, concept, *cleanup_inputs], scene_out).then(self.brush_for, draft, brush)
+            concept.input(self.with_brush(on_select_concept), [draft, concept, *cleanup_inputs], scene_out_brush)
 
             def on_init_word(current, word, label):
                 if scenes.set_init_word(current, label, word):
