@@ -17,7 +17,10 @@ def scenes(count: int, seed: int = 0, novel: bool = False):
     rng = random.Random(seed)
     for _ in range(count):
         if novel:
-            objects = [(c, rng.choice(world.SHAPES), rng.choice(world.TEXTURES + world.NOVEL_TEXTURES)) for c in rng.sample(world.NOVEL_COLOURS, rng.randint(1, 3))]
+            objects = [
+                (c, rng.choice(world.SHAPES), rng.choice(world.TEXTURES + world.NOVEL_TEXTURES))
+                for c in rng.sample(world.NOVEL_COLOURS, rng.randint(1, 3))
+            ]
             yield world.random_scene(rng, objects=objects)
         else:
             yield world.random_scene(rng)
@@ -97,13 +100,17 @@ def test_shipped_model_is_small_recorded_and_generates_offline(tmp_path):
     from bas.core.model import load_pipeline
 
     files = [p for p in model_path().rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 30e6  # issue 14's budget for the shipped weights
+    assert sum(p.stat().st_size for p in files) < 40e6  # issue 28's budget for the shipped weights
     assert {p.name for p in files} >= {"model_index.json", "diffusion_pytorch_model.safetensors", "model.safetensors", "training.json"}
     record = json.loads((model_path() / "training.json").read_text())
     assert record["unet_steps_done"] == record["config"]["unet_steps"] and record["final_loss"] < 1.0  # trained to the end
     quality = json.loads((model_path() / "quality.json").read_text())["sets"]  # measured on these weights (python -m bas.mini.quality)
-    assert quality["new scenes"]["all correct"] >= 0.5 and quality["held-out pairs"]["all correct"] >= 0.4
-    assert quality["vae reconstruction"]["dotted kept"] >= 0.9
+    assert quality["new scenes"]["all correct"] >= 0.8 and quality["held-out pairs"]["all correct"] >= 0.8  # issue 28's targets
+    vae = quality["vae reconstruction"]
+    assert vae["dotted kept"] >= 0.95 and vae["core kept"] >= 0.95 and vae["unnamed colour kept"] >= 0.95  # every unnamed texture and colour
+    unet = json.loads((model_path() / "unet" / "config.json").read_text())
+    assert len(unet["block_out_channels"]) == 3 and record["config"]["vae_channels"] == [32, 64, 64]  # 16x16 latents, so 16x16 attention maps
+    assert "unnamed shape kept" in vae and "core kept" in vae  # measured on v3's world
     pipe = load_pipeline("bas-mini", torch.device("cpu"), torch.float32)  # the name resolves to the shipped folder
     image = pipe("a red circle on a blue background", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
@@ -153,8 +160,28 @@ def test_training_command_writes_a_loadable_recorded_pipeline(tmp_path):
     from bas.mini import train
 
     out = tmp_path / "m"
-    args = ["--out", out, "--num-scenes", 8, "--vae-scenes", 8, "--vae-channels", "8,16,16", "--vae-steps", 2, "--unet-channels", "16,32",
-            "--unet-heads", "1,1", "--unet-steps", 3, "--unet-batch", 2, "--save-every", 2]
+    args = [
+        "--out",
+        out,
+        "--num-scenes",
+        8,
+        "--vae-scenes",
+        8,
+        "--vae-channels",
+        "8,16,16",
+        "--vae-steps",
+        2,
+        "--unet-channels",
+        "16,32",
+        "--unet-heads",
+        "1,1",
+        "--unet-steps",
+        3,
+        "--unet-batch",
+        2,
+        "--save-every",
+        2,
+    ]
     result = CliRunner().invoke(train.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "training.json").read_text())
@@ -175,8 +202,26 @@ def test_training_resumes_bit_identically_and_refuses_changed_options(tmp_path):
 
     from bas.mini import train
 
-    base = ["--num-scenes", 8, "--vae-scenes", 8, "--vae-channels", "8,16,16", "--vae-steps", 2, "--unet-channels", "16,32",
-            "--unet-heads", "1,1", "--unet-steps", 6, "--unet-batch", 2, "--save-every", 2]
+    base = [
+        "--num-scenes",
+        8,
+        "--vae-scenes",
+        8,
+        "--vae-channels",
+        "8,16,16",
+        "--vae-steps",
+        2,
+        "--unet-channels",
+        "16,32",
+        "--unet-heads",
+        "1,1",
+        "--unet-steps",
+        6,
+        "--unet-batch",
+        2,
+        "--save-every",
+        2,
+    ]
     run = lambda *args: CliRunner().invoke(train.main, [str(a) for a in args])
     assert run("--out", tmp_path / "a", *base).exit_code == 0
     stopped = run("--out", tmp_path / "b", *base, "--stop-after", 3)  # the 2 VAE steps and one UNet step, saving the exact state
@@ -211,8 +256,26 @@ def test_training_stopped_in_the_vae_stage_resumes_bit_identically(tmp_path):
 
     from bas.mini import train
 
-    base = ["--num-scenes", 8, "--vae-scenes", 8, "--vae-channels", "8,16,16", "--vae-steps", 4, "--unet-channels", "16,32",
-            "--unet-heads", "1,1", "--unet-steps", 2, "--unet-batch", 2, "--save-every", 2]
+    base = [
+        "--num-scenes",
+        8,
+        "--vae-scenes",
+        8,
+        "--vae-channels",
+        "8,16,16",
+        "--vae-steps",
+        4,
+        "--unet-channels",
+        "16,32",
+        "--unet-heads",
+        "1,1",
+        "--unet-steps",
+        2,
+        "--unet-batch",
+        2,
+        "--save-every",
+        2,
+    ]
     run = lambda *args: CliRunner().invoke(train.main, [str(a) for a in args])
     assert run("--out", tmp_path / "a", *base).exit_code == 0
     stopped = run("--out", tmp_path / "b", *base, "--stop-after", 3)  # VAE step 3 of 4: between two periodic saves
@@ -233,3 +296,105 @@ def test_training_stopped_in_the_vae_stage_resumes_bit_identically(tmp_path):
     (tmp_path / "c-vae-state" / "state.safetensors").write_bytes(b"cut short")  # a state a crash left half-written
     damaged = run("--out", tmp_path / "c", *base, "--resume")
     assert damaged.exit_code != 0 and "is damaged" in damaged.output and "Traceback" not in damaged.output
+
+
+def test_outline_band_marks_a_shapes_outline_and_nothing_else():
+    import torch
+
+    from benchmarks.mini_decoder import outline_band, weighted_mse
+
+    x = torch.full((1, 3, 32, 32), -1.0)
+    x[..., 8:24, 8:24] = 1.0  # a square
+    band = outline_band(x)[0, 0]
+    assert band[16, 5:11].tolist() == [0, 1, 1, 1, 1, 0] and band[16, 21:27].tolist() == [
+        0,
+        1,
+        1,
+        1,
+        1,
+        0,
+    ]  # both pixels of each edge, and one more either side
+    assert band[16, 12:20].sum() == 0 and band[0:5].sum() == 0  # not inside, not the flat background
+    # the same squared error counts more on the outline than inside the square
+    on, off = x.clone(), x.clone()
+    on[..., 16, 8] -= 0.5
+    off[..., 16, 16] -= 0.5
+    assert float(weighted_mse(on, x, 4.0)) == pytest.approx(5 * float(weighted_mse(off, x, 4.0)))
+    assert float(weighted_mse(on, x, 0.0)) == pytest.approx(float(weighted_mse(off, x, 0.0)))
+
+
+def test_decoder_finetune_changes_the_decoder_only_and_writes_a_whole_pipeline(tmp_path):
+    import torch
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from bas.mini import train
+    from benchmarks import mini_decoder as decoder
+
+    base = tmp_path / "m"
+    args = [
+        "--out",
+        base,
+        "--num-scenes",
+        8,
+        "--vae-scenes",
+        8,
+        "--vae-channels",
+        "8,16,16",
+        "--vae-steps",
+        2,
+        "--unet-channels",
+        "16,32",
+        "--unet-heads",
+        "1,1",
+        "--unet-steps",
+        2,
+        "--unet-batch",
+        2,
+    ]
+    assert CliRunner().invoke(train.main, [str(a) for a in args]).exit_code == 0
+    out = tmp_path / "sharp"
+    result = CliRunner().invoke(decoder.main, ["--model", str(base), "--out", str(out), "--steps", "3", "--batch", "2", "--scenes", "6"])
+    assert result.exit_code == 0, result.output
+    before, after = (load_file(d / "vae" / "diffusion_pytorch_model.safetensors") for d in (base, out))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)[
+        :5
+    ]  # the encoder, so the latents, untouched
+    for part in ("unet", "text_encoder"):
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        a, b = load_file(base / part / name), load_file(out / part / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    record = json.loads((out / "training.json").read_text())
+    assert record["unet_steps_done"] == 2 and record["decoder_finetune"]["steps"] == 3 and len(record["decoder_finetune"]["history"]) == 1
+    again = CliRunner().invoke(decoder.main, ["--model", str(base), "--out", str(out), "--steps", "1"])
+    assert again.exit_code != 0 and "already holds files" in again.output  # never writes over a pipeline
+
+
+def test_caption_fidelity_judges_what_the_caption_names_and_exact_judges_the_rest():
+    from bas.mini import quality
+
+    box = (14, 14, 50, 50)
+    asked = world.Scene("grey", [world.Shape("red", "square", "plain", box)])  # "a red square on a grey background"
+    for drawn, caption_right in [
+        (world.Shape("red", "square", "plain", box), True),
+        (world.Shape("red", "square", "dotted", box), True),  # its caption is "a red square" too
+        (world.Shape("red", "square", "plain", box, inner="cyan"), True),  # a core is never named
+        (world.Shape("red", "square", "striped", box), False),  # "striped" is named
+        (world.Shape("red", "circle", "plain", box), False),
+        (world.Shape("blue", "square", "plain", box), False),
+    ]:
+        reading = metrics.read_image(world.render(world.Scene("grey", [drawn]))[0])
+        s = quality.score(asked, reading)
+        assert s["all correct"] == float(caption_right), drawn
+        assert s["exact"] == float(drawn == asked.objects[0]), drawn
+        # a reconstruction must keep everything: exact=True judges every attribute as drawn
+        assert quality.score(world.Scene("grey", [drawn]), reading, exact=True)["all correct"] == 1.0
+        assert quality.score(asked, reading, exact=True)["all correct"] == float(drawn == asked.objects[0]), drawn
+    striped = world.Scene("grey", [world.Shape("red", "square", "striped", box)])
+    dotted = metrics.read_image(world.render(world.Scene("grey", [world.Shape("red", "square", "dotted", box)]))[0])
+    assert quality.score(striped, dotted)["object texture"] == 0.0  # asked striped, drawn dotted: wrong
+    thing = world.Scene("grey", [world.Shape("red", "cross", "plain", box)])  # "a red thing": either unnamed shape
+    diamond = metrics.read_image(world.render(world.Scene("grey", [world.Shape("red", "diamond", "plain", box)]))[0])
+    assert quality.score(thing, diamond)["all correct"] == 1.0 and quality.score(thing, diamond)["exact"] == 0.0
