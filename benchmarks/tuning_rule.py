@@ -1,0 +1,73 @@
+"""The rule that picks bas-mini's operating point from a tuning run, as benchmarks/README.md declared it.
+
+``python -m benchmarks.tuning_rule RESULT.json [--prefer full,...]`` prints each setting's means over
+the tuning scenes and the one the rule takes:
+
+* among the settings with leakage <= 0.05 and count >= 0.9, the highest mean of identity and
+  composition;
+* a setting within 0.02 of that best loses to a cheaper one (``--prefer`` lists them cheapest
+  first; by default the baseline ``full``, then the others in the file's order).
+
+If no setting meets both bounds (the declaration did not foresee it), the bounds become "no worse
+than the baseline by more than 0.02 on leakage and count", and the output says so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+LEAKAGE_MAX, COUNT_MIN, TIE = 0.05, 0.9, 0.02
+
+
+def means(result: dict) -> dict[str, dict[str, float]]:
+    """Each setting's mean of each metric over the result's scenes and seeds."""
+    return {name: {m: cell["value"]["mean"] for m, cell in stats.items() if "value" in cell} for name, stats in result["stats"].items()}
+
+
+def choose(table: dict[str, dict[str, float]], prefer: list[str], baseline: str = "full") -> tuple[str, str]:
+    """The setting the rule takes and a sentence saying how."""
+    score = {n: (v["identity"] + v["composition"]) / 2 for n, v in table.items()}
+    eligible = [n for n, v in table.items() if v["leakage"] <= LEAKAGE_MAX and v["count"] >= COUNT_MIN]
+    how = f"leakage <= {LEAKAGE_MAX} and count >= {COUNT_MIN}"
+    if not eligible:
+        base = table[baseline]
+        eligible = [n for n, v in table.items() if v["leakage"] <= base["leakage"] + TIE and v["count"] >= base["count"] - TIE]
+        how = (
+            f"no setting has {how}, so the bounds are 'no worse than {baseline} by more than {TIE}' "
+            f"(leakage <= {base['leakage'] + TIE:.3f}, count >= {base['count'] - TIE:.3f})"
+        )
+    best = max(score[n] for n in eligible)
+    near = [n for n in eligible if score[n] >= best - TIE]
+    order = prefer + [n for n in table if n not in prefer]
+    chosen = min(near, key=order.index)
+    return chosen, (
+        f"{how}: {', '.join(sorted(eligible))}; best mean(identity, composition) {best:.3f}; within {TIE}: "
+        f"{', '.join(sorted(near))}; the cheapest of those: {chosen}"
+    )
+
+
+@click.command()
+@click.argument("result", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--prefer", default="full", show_default=True, help="Settings cheapest first, comma-separated (the rest follow in the file's order).")
+def main(result, prefer):
+    """Apply the declared operating-point rule to a tuning result."""
+    data = json.loads(result.read_text())
+    if (data.get("scene_set") or {}).get("name") != "tuning":
+        raise click.ClickException(f"{result} was not run on the tuning scenes.")
+    table = means(data)
+    click.echo("| setting | identity | composition | mean | leakage | count | swap |")
+    click.echo("|---|---|---|---|---|---|---|")
+    for n, v in table.items():
+        click.echo(
+            f"| {n} | {v['identity']:.3f} | {v['composition']:.3f} | {(v['identity'] + v['composition']) / 2:.3f} | "
+            f"{v['leakage']:.3f} | {v['count']:.3f} | {v.get('swap', float('nan')):.3f} |"
+        )
+    chosen, how = choose(table, [p for p in prefer.split(",") if p])
+    click.echo(f"\nThe rule takes {chosen}: {how}.")
+
+
+if __name__ == "__main__":
+    main()
