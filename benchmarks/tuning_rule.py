@@ -1,15 +1,15 @@
 """The rule that picks bas-mini's operating point from a tuning run, as benchmarks/README.md declared it.
 
-``python -m benchmarks.tuning_rule RESULT.json [--prefer full,...]`` prints each setting's means over
-the tuning scenes and the one the rule takes:
+``python -m benchmarks.tuning_rule RESULT.json [--group full,...]`` prints each setting's means over
+the tuning scenes and the one the rule takes among the group's settings (``--group``, cheapest
+first, the group's default first: in a later group, the setting the earlier groups chose):
 
 * among the settings with leakage <= 0.05 and count >= 0.9, the highest mean of identity and
   composition;
-* a setting within 0.02 of that best loses to a cheaper one (``--prefer`` lists them cheapest
-  first; by default the baseline ``full``, then the others in the file's order).
+* a setting within 0.02 of that best loses to a cheaper one.
 
 If no setting meets both bounds (the declaration did not foresee it), the bounds become "no worse
-than the baseline by more than 0.02 on leakage and count", and the output says so.
+than the group's default by more than 0.02 on leakage and count", and the output says so.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ def means(result: dict) -> dict[str, dict[str, float]]:
     return {name: {m: cell["value"]["mean"] for m, cell in stats.items() if "value" in cell} for name, stats in result["stats"].items()}
 
 
-def choose(table: dict[str, dict[str, float]], prefer: list[str], baseline: str = "full") -> tuple[str, str]:
-    """The setting the rule takes and a sentence saying how."""
+def choose(table: dict[str, dict[str, float]], group: list[str]) -> tuple[str, str]:
+    """The setting the rule takes among ``group`` (cheapest first, its default first) and a sentence saying how."""
+    table = {n: table[n] for n in group}
+    baseline = group[0]
     score = {n: (v["identity"] + v["composition"]) / 2 for n, v in table.items()}
     eligible = [n for n, v in table.items() if v["leakage"] <= LEAKAGE_MAX and v["count"] >= COUNT_MIN]
     how = f"leakage <= {LEAKAGE_MAX} and count >= {COUNT_MIN}"
@@ -41,8 +43,7 @@ def choose(table: dict[str, dict[str, float]], prefer: list[str], baseline: str 
         )
     best = max(score[n] for n in eligible)
     near = [n for n in eligible if score[n] >= best - TIE]
-    order = prefer + [n for n in table if n not in prefer]
-    chosen = min(near, key=order.index)
+    chosen = min(near, key=group.index)
     return chosen, (
         f"{how}: {', '.join(sorted(eligible))}; best mean(identity, composition) {best:.3f}; within {TIE}: "
         f"{', '.join(sorted(near))}; the cheapest of those: {chosen}"
@@ -51,8 +52,8 @@ def choose(table: dict[str, dict[str, float]], prefer: list[str], baseline: str 
 
 @click.command()
 @click.argument("result", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--prefer", default="full", show_default=True, help="Settings cheapest first, comma-separated (the rest follow in the file's order).")
-def main(result, prefer):
+@click.option("--group", default="", help="The group's settings, cheapest first, its default first [default: full, then the file's order].")
+def main(result, group):
     """Apply the declared operating-point rule to a tuning result."""
     data = json.loads(result.read_text())
     if (data.get("scene_set") or {}).get("name") != "tuning":
@@ -65,7 +66,11 @@ def main(result, prefer):
             f"| {n} | {v['identity']:.3f} | {v['composition']:.3f} | {(v['identity'] + v['composition']) / 2:.3f} | "
             f"{v['leakage']:.3f} | {v['count']:.3f} | {v.get('swap', float('nan')):.3f} |"
         )
-    chosen, how = choose(table, [p for p in prefer.split(",") if p])
+    names = [g for g in group.split(",") if g] or ["full"] + [n for n in table if n != "full"]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise click.ClickException(f"{result} has no setting {', '.join(unknown)}; it has {', '.join(table)}.")
+    chosen, how = choose(table, names)
     click.echo(f"\nThe rule takes {chosen}: {how}.")
 
 

@@ -620,11 +620,12 @@ def test_the_tuning_rule_takes_the_best_within_bounds_and_the_cheaper_of_near_ti
 
     row = lambda i, c, leak=0.0, count=1.0: {"identity": i, "composition": c, "leakage": leak, "count": count}  # noqa: E731
     table = {"full": row(0.50, 0.50), "fast": row(0.61, 0.61, leak=0.2), "slow": row(0.60, 0.60), "tie": row(0.59, 0.60)}
-    assert choose(table, ["full", "tie", "slow"])[0] == "tie"  # fast leaks; tie is within 0.02 of slow and cheaper
-    assert choose(table, ["full", "slow", "tie"])[0] == "slow"
+    assert choose(table, ["full", "fast", "tie", "slow"])[0] == "tie"  # fast leaks; tie is within 0.02 of slow and cheaper
+    assert choose(table, ["full", "fast", "slow", "tie"])[0] == "slow"
+    assert choose(table, ["full", "fast"])[0] == "full"  # only the group's settings compete
     table["full"] = row(0.59, 0.59)
-    assert choose(table, ["full"])[0] == "full"  # the default wins a near tie
+    assert choose(table, ["full", "fast", "tie", "slow"])[0] == "full"  # the default wins a near tie
     # nobody within the bounds: no worse than the baseline instead, and said so
     loose = {"full": row(0.2, 0.2, leak=0.3, count=0.5), "a": row(0.4, 0.4, leak=0.31, count=0.5), "b": row(0.9, 0.9, leak=0.5, count=0.5)}
-    chosen, how = choose(loose, ["full"])
+    chosen, how = choose(loose, ["full", "a", "b"])
     assert chosen == "a" and "no setting has" in how
