@@ -629,3 +629,15 @@ def test_the_tuning_rule_takes_the_best_within_bounds_and_the_cheaper_of_near_ti
     loose = {"full": row(0.2, 0.2, leak=0.3, count=0.5), "a": row(0.4, 0.4, leak=0.31, count=0.5), "b": row(0.9, 0.9, leak=0.5, count=0.5)}
     chosen, how = choose(loose, ["full", "a", "b"])
     assert chosen == "a" and "no setting has" in how
+
+
+def test_an_ablation_that_turns_a_plugin_off_runs_without_that_plugins_options(tmp_path):
+    scenes = fidelity.scene_set("tuning")[0]
+    name = next(iter(scenes))
+    folder = fidelity.write_scene(tmp_path / name, scenes[name])
+    chosen = [a for a in fidelity.ABLATIONS if a.name in ("full", "no-attention-loss", "no-masked-loss")]
+    options = {"attention_loss_weight": 0.1, "mask_dilate": 2}  # an operating point's options
+    lines = {line["name"].split("--")[1]: line for line in fidelity.batch_lines({name: folder}, chosen, [0], tmp_path, {}, options)}
+    assert lines["full"]["attention_loss_weight"] == 0.1 and lines["full"]["mask_dilate"] == 2
+    assert "attention_loss_weight" not in lines["no-attention-loss"] and lines["no-attention-loss"]["mask_dilate"] == 2
+    assert lines["no-masked-loss"]["attention_loss_weight"] == 0.1 and lines["no-masked-loss"]["mask_loss"] is False
