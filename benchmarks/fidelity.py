@@ -73,25 +73,12 @@ IDENTITY_PARTS = ("identity_colour", "identity_shape", "identity_texture", "iden
 LOWER_IS_BETTER = {"leakage", "swap", "entanglement"}
 # each benchmark metric: the prompt group it is averaged over (the evaluator scores more images than that, e.g. identity
 # on "<asset0> on a yellow background" too; the benchmark keeps each metric to the prompts made for it)
-METRIC_GROUP = {
-    "identity": "identity",
-    "leakage": "identity",
-    "swap": "identity",
-    "count": "identity",
-    "composition": "composition",
-    "adherence": "background",
-    "entanglement": "background",
-    "prior": "prior",
-    **{m: "identity" for m in IDENTITY_PARTS},
-}
+METRIC_GROUP = {"identity": "identity", "leakage": "identity", "swap": "identity", "count": "identity", "composition": "composition",
+                "adherence": "background", "entanglement": "background", "prior": "prior", **{m: "identity" for m in IDENTITY_PARTS}}
 ALPHA = 0.05  # the family-wise error rate of the claims a table makes
 # captions without handles that bas-mini draws (its base quality): does extraction keep what the model could do?
-PRIOR_PROMPTS = (
-    "a photo of a red circle on a blue background",
-    "a photo of a green striped square on a grey background",
-    "a photo of a yellow triangle and a blue square on a black background",
-    "a photo of a blue striped triangle on a yellow background",
-)
+PRIOR_PROMPTS = ("a photo of a red circle on a blue background", "a photo of a green striped square on a grey background",
+                 "a photo of a yellow triangle and a blue square on a black background", "a photo of a blue striped triangle on a yellow background")
 PRIOR_CLASS_PROMPT = ""  # bas-mini's generic scene: its captions were dropped 10% of the time in training
 PRIOR_CLASS_IMAGES = 100  # the reference code's count
 
@@ -116,75 +103,32 @@ class BenchScene:
 
     def info(self) -> dict:
         """What a result file and ``scene.json`` record of it: enough to draw it again."""
-        return {
-            "background": self.background,
-            "masks": self.masks,
-            "note": self.note,
-            "objects": [
-                {"colour": o.colour, "shape": o.shape, "texture": o.texture, "box": list(o.box), "inner": o.inner} for o in self.scene().objects
-            ],
-        }
+        return {"background": self.background, "masks": self.masks, "note": self.note,
+                "objects": [{"colour": o.colour, "shape": o.shape, "texture": o.texture, "box": list(o.box), "inner": o.inner}
+                            for o in self.scene().objects]}
 
     @classmethod
     def from_info(cls, info: dict) -> "BenchScene":
-        return cls(
-            info["background"],
-            tuple((o["colour"], o["shape"], o["texture"], tuple(o["box"]), o.get("inner")) for o in info["objects"]),
-            info.get("masks", "loose"),
-            info.get("note", ""),
-        )
+        return cls(info["background"], tuple((o["colour"], o["shape"], o["texture"], tuple(o["box"]), o.get("inner")) for o in info["objects"]),
+                   info.get("masks", "loose"), info.get("note", ""))
 
 
 SCENES: dict[str, BenchScene] = {
     "purple-orange": BenchScene("grey", (("purple", "circle", "dotted", (6, 18, 32, 44)), ("orange", "square", "plain", (38, 20, 60, 42)))),
-    "pink-cyan-orange": BenchScene(
-        "black",
-        (
-            ("pink", "triangle", "plain", (4, 6, 28, 30)),
-            ("cyan", "square", "striped", (36, 6, 58, 28)),
-            ("orange", "circle", "dotted", (18, 36, 42, 60)),
-        ),
-    ),
-    "cyan-pink-touching": BenchScene(
-        "green", (("cyan", "circle", "plain", (6, 16, 32, 42)), ("pink", "square", "striped", (32, 18, 56, 42))), note="touching: the masks overlap"
-    ),
-    "orange-purple-touching": BenchScene(
-        "blue",
-        (("orange", "triangle", "dotted", (12, 6, 38, 32)), ("purple", "square", "plain", (14, 32, 40, 58))),
-        masks="box",
-        note="touching, box masks that overlap",
-    ),
-    "four-colours": BenchScene(
-        "grey",
-        (
-            ("orange", "circle", "plain", (4, 4, 28, 28)),
-            ("purple", "triangle", "striped", (36, 4, 60, 28)),
-            ("pink", "square", "plain", (4, 36, 28, 60)),
-            ("cyan", "circle", "dotted", (36, 36, 60, 60)),
-        ),
-    ),
-    "red-dotted-cyan": BenchScene(
-        "yellow", (("red", "square", "dotted", (6, 20, 30, 44)), ("cyan", "triangle", "plain", (36, 18, 60, 42))), masks="box", note="box masks"
-    ),
-    "row-touching": BenchScene(
-        "black",
-        (
-            ("purple", "circle", "plain", (2, 22, 22, 42)),
-            ("cyan", "square", "plain", (22, 22, 42, 42)),
-            ("pink", "triangle", "dotted", (42, 22, 62, 42)),
-        ),
-        note="three in a row, touching",
-    ),
-    "blue-dotted-orange-pink": BenchScene(
-        "grey",
-        (
-            ("blue", "circle", "dotted", (4, 6, 28, 30)),
-            ("orange", "triangle", "striped", (36, 4, 60, 28)),
-            ("pink", "square", "plain", (22, 38, 44, 60)),
-        ),
-        masks="box",
-        note="box masks",
-    ),
+    "pink-cyan-orange": BenchScene("black", (("pink", "triangle", "plain", (4, 6, 28, 30)), ("cyan", "square", "striped", (36, 6, 58, 28)),
+                                             ("orange", "circle", "dotted", (18, 36, 42, 60)))),
+    "cyan-pink-touching": BenchScene("green", (("cyan", "circle", "plain", (6, 16, 32, 42)), ("pink", "square", "striped", (32, 18, 56, 42))),
+                                     note="touching: the masks overlap"),
+    "orange-purple-touching": BenchScene("blue", (("orange", "triangle", "dotted", (12, 6, 38, 32)), ("purple", "square", "plain", (14, 32, 40, 58))),
+                                         masks="box", note="touching, box masks that overlap"),
+    "four-colours": BenchScene("grey", (("orange", "circle", "plain", (4, 4, 28, 28)), ("purple", "triangle", "striped", (36, 4, 60, 28)),
+                                        ("pink", "square", "plain", (4, 36, 28, 60)), ("cyan", "circle", "dotted", (36, 36, 60, 60)))),
+    "red-dotted-cyan": BenchScene("yellow", (("red", "square", "dotted", (6, 20, 30, 44)), ("cyan", "triangle", "plain", (36, 18, 60, 42))),
+                                  masks="box", note="box masks"),
+    "row-touching": BenchScene("black", (("purple", "circle", "plain", (2, 22, 22, 42)), ("cyan", "square", "plain", (22, 22, 42, 42)),
+                                         ("pink", "triangle", "dotted", (42, 22, 62, 42))), note="three in a row, touching"),
+    "blue-dotted-orange-pink": BenchScene("grey", (("blue", "circle", "dotted", (4, 6, 28, 30)), ("orange", "triangle", "striped", (36, 4, 60, 28)),
+                                                   ("pink", "square", "plain", (22, 38, 44, 60))), masks="box", note="box masks"),
 }
 
 
@@ -290,12 +234,8 @@ def draw_scene(rng, index: int) -> BenchScene:
         if boxes is None:
             continue
         traits = [kind] + ([f"{similar[0]} beside {similar[1]}"] if similar else []) + (["the same shape side by side"] if same_shape else [])
-        bench = BenchScene(
-            background,
-            tuple((*o[:3], tuple(box), o[3]) for o, box in zip(objects, boxes)),
-            masks="box" if kind == "box" else "loose",
-            note=", ".join(traits),
-        )
+        bench = BenchScene(background, tuple((*o[:3], tuple(box), o[3]) for o, box in zip(objects, boxes)),
+                           masks="box" if kind == "box" else "loose", note=", ".join(traits))
         if reads_back(bench, read_concepts):
             return bench
     raise RuntimeError(f"no readable scene {index} in 500 draws")
@@ -346,20 +286,16 @@ def recorded_scenes(path: Path) -> dict[str, BenchScene]:
 def record_scenes(path: Path, name: str, seed: int, scenes: dict[str, BenchScene]) -> None:
     from bas.core import io
 
-    io.write_json(
-        path, {"set": name, "seed": seed, "drawn_by": "benchmarks.fidelity.draw_scenes", "scenes": {n: b.info() for n, b in scenes.items()}}
-    )
+    io.write_json(path, {"set": name, "seed": seed, "drawn_by": "benchmarks.fidelity.draw_scenes", "scenes": {n: b.info() for n, b in scenes.items()}})
 
 
 def load_operating_point(path: Path = OPERATING_POINT) -> dict:
     """The operating point chosen on the tuning scenes (see :func:`choose_operating_point`), or a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise click.ClickException(
-            f"{path} does not exist: the test scenes are drawn only after the operating point is chosen on the tuning "
-            f"scenes; write it with `python -m benchmarks.fidelity --choose-operating-point RESULT.json` and bas run's "
-            f"options as chosen, then run --scenes test."
-        )
+        raise click.ClickException(f"{path} does not exist: the test scenes are drawn only after the operating point is chosen on the tuning "
+                                   f"scenes; write it with `python -m benchmarks.fidelity --choose-operating-point RESULT.json` and bas run's "
+                                   f"options as chosen, then run --scenes test.")
     try:
         point = json.loads(path.read_text())
         int(point["test_seed"]), int(point["test_scenes"]), point["chosen"], point["settings"]
@@ -420,17 +356,12 @@ ABLATIONS = [
     Ablation("phase2-only", "weights + handles from the start (--phase1-steps 0)", options={"phase1_steps": 0}),
     Ablation("full-finetune", "phase 2 fine-tunes all UNet and text-encoder weights (--plugin full)", plugins=["full"]),
     Ablation("prior-preservation", "LoRA with prior preservation (--plugin prior-preservation)", plugins=["prior-preservation"], prior=True),
-    Ablation(
-        "full-finetune-prior",
-        "the full fine-tune with prior preservation",
-        plugins=["full", "prior-preservation"],
-        baseline="full-finetune",
-        prior=True,
-    ),
-    Ablation(
-        "handle-lr-1e-4", "phase 2 trains the handles at the LoRA rate, 1e-4 (bas before --phase2-handle-lr)", options={"phase2_handle_lr": 1e-4}
-    ),
-    Ablation("background-handle", "one more handle for everything outside the masks, trained jointly (--background)", options={"background": True}),
+    Ablation("full-finetune-prior", "the full fine-tune with prior preservation", plugins=["full", "prior-preservation"],
+             baseline="full-finetune", prior=True),
+    Ablation("handle-lr-1e-4", "phase 2 trains the handles at the LoRA rate, 1e-4 (bas before --phase2-handle-lr)",
+             options={"phase2_handle_lr": 1e-4}),
+    Ablation("background-handle", "one more handle for everything outside the masks, trained jointly (--background)",
+             options={"background": True}),
 ]
 ABLATION_NAMES = [a.name for a in ABLATIONS]
 
@@ -448,10 +379,8 @@ def parse_variant(text: str) -> Ablation:
     (default ``full``).  A sweep is several variants: ``attn-w0.1:attention_loss_weight=0.1``, ..."""
     name, sep, spec = text.partition(":")
     if not sep or not VARIANT_NAME.fullmatch(name) or "--" in name:
-        raise click.BadParameter(
-            f"{text!r} is not NAME:KEY=VALUE,... with a NAME of lower-case letters, digits, '.', '_' and single '-' "
-            f"(such as attn-w0.1:attention_loss_weight=0.1)"
-        )
+        raise click.BadParameter(f"{text!r} is not NAME:KEY=VALUE,... with a NAME of lower-case letters, digits, '.', '_' and single '-' "
+                                 f"(such as attn-w0.1:attention_loss_weight=0.1)")
     if name in ABLATION_NAMES:
         raise click.BadParameter(f"the variant name {name!r} is a built-in ablation's; choose another")
     options, plugins, baseline = {}, [], "full"
@@ -478,10 +407,8 @@ def parse_variants(ctx, param, values) -> list[Ablation]:
         if names.count(v.name) > 1:
             raise click.BadParameter(f"two variants are named {v.name!r}; give each its own name")
         if v.baseline not in (*ABLATION_NAMES, *names) or v.baseline == v.name:
-            raise click.BadParameter(
-                f"the variant {v.name!r} is compared with {v.baseline!r}, which is neither an ablation nor another "
-                f"variant; use vs= one of {', '.join(ABLATION_NAMES)} or a variant's name"
-            )
+            raise click.BadParameter(f"the variant {v.name!r} is compared with {v.baseline!r}, which is neither an ablation nor another "
+                                     f"variant; use vs= one of {', '.join(ABLATION_NAMES)} or a variant's name")
     return variants
 
 
@@ -510,9 +437,8 @@ def observer_off() -> list[str]:
     return [f"no:{name}" for name in ("report", "checkpoints") if name in available]
 
 
-def batch_lines(
-    scenes: dict[str, Path], ablations: list[Ablation], extraction_seeds: list[int], class_dir: Path, learning_rates: dict, options: dict
-) -> list[dict]:
+def batch_lines(scenes: dict[str, Path], ablations: list[Ablation], extraction_seeds: list[int], class_dir: Path,
+                learning_rates: dict, options: dict) -> list[dict]:
     """One ``bas batch`` manifest line per scene, ablation and extraction seed."""
     lines = []
     for ablation in ablations:
@@ -520,14 +446,8 @@ def batch_lines(
             info = json.loads((folder / "scene.json").read_text())
             masks = sorted(folder.glob("mask*.png"), key=lambda p: int(p.stem[4:]))
             for seed in extraction_seeds:
-                line = {
-                    "name": run_name(name, ablation.name, seed),
-                    "image": str(folder / "img.png"),
-                    "masks": [str(m) for m in masks],
-                    "init_tokens": [init_word(o["shape"]) for o in info["objects"]],
-                    "seed": seed,
-                    "plugins": list(ablation.plugins),
-                }
+                line = {"name": run_name(name, ablation.name, seed), "image": str(folder / "img.png"), "masks": [str(m) for m in masks],
+                        "init_tokens": [init_word(o["shape"]) for o in info["objects"]], "seed": seed, "plugins": list(ablation.plugins)}
                 line.update(strategy_rates(ablation, learning_rates))
                 line.update(options_without_plugins_off(ablation, options))
                 line.update(ablation.options)
@@ -569,20 +489,9 @@ def prepare_class_images(class_dir: Path, scene: Path, common: dict, log) -> Non
     log(f"generating {PRIOR_CLASS_IMAGES} class images for prior preservation into {class_dir}")
     with tempfile.TemporaryDirectory() as tmp:
         masks = sorted(scene.glob("mask*.png"))
-        extract(
-            scene / "img.png",
-            masks,
-            Path(tmp) / "run",
-            plugins=["prior-preservation", *observer_off()],
-            model=common["model"],
-            phase1_steps=0,
-            phase2_steps=1,
-            device="cpu",
-            quiet=True,
-            class_data_dir=str(class_dir),
-            class_prompt=PRIOR_CLASS_PROMPT,
-            num_class_images=PRIOR_CLASS_IMAGES,
-        )
+        extract(scene / "img.png", masks, Path(tmp) / "run", plugins=["prior-preservation", *observer_off()], model=common["model"],
+                phase1_steps=0, phase2_steps=1, device="cpu", quiet=True, class_data_dir=str(class_dir), class_prompt=PRIOR_CLASS_PROMPT,
+                num_class_images=PRIOR_CLASS_IMAGES)
 
 
 def run_extractions(lines: list[dict], runs: Path, common: dict, jobs: int, quiet: bool) -> dict:
@@ -592,10 +501,8 @@ def run_extractions(lines: list[dict], runs: Path, common: dict, jobs: int, quie
     summary = bas.batch(lines, runs, executor="local", workers=jobs, quiet=quiet, **common)
     bad = [s for s in summary["scenes"] if s["status"] not in ("done", "skipped")]
     if bad:
-        raise click.ClickException(
-            f"{len(bad)} of {len(lines)} extractions did not finish; the first, {bad[0]['name']}: {bad[0]['status']}: "
-            f"{bad[0].get('error')} (see {runs / 'batch.json'})."
-        )
+        raise click.ClickException(f"{len(bad)} of {len(lines)} extractions did not finish; the first, {bad[0]['name']}: {bad[0]['status']}: "
+                                   f"{bad[0].get('error')} (see {runs / 'batch.json'}).")
     return summary
 
 
@@ -712,18 +619,9 @@ def correct_family(tables: list[tuple[dict, dict, dict]], labels: list[str], res
     for i, (d, x) in enumerate(tested):
         boot = nested_summary(x, confidence=boot_confidence[i], resamples=resamples)
         scene = scene_test(x, confidence=scene_confidence[i])
-        d["holm"] = {
-            "family": len(tested),
-            "files": list(labels),
-            "p": boot_adjusted[i],
-            "confidence": boot_confidence[i],
-            "low": boot["low"],
-            "high": boot["high"],
-            "scene_p": scene_adjusted[i],
-            "scene_confidence": scene_confidence[i],
-            "scene_low": scene["low"],
-            "scene_high": scene["high"],
-        }
+        d["holm"] = {"family": len(tested), "files": list(labels), "p": boot_adjusted[i], "confidence": boot_confidence[i],
+                     "low": boot["low"], "high": boot["high"], "scene_p": scene_adjusted[i], "scene_confidence": scene_confidence[i],
+                     "scene_low": scene["low"], "scene_high": scene["high"]}
         d["verdict"] = verdict(d)
     return len(tested)
 
@@ -771,23 +669,13 @@ def load_result(path: Path) -> dict:
 
 def ablations_record(ablations: list[Ablation], values: dict[str, dict[str, np.ndarray]]) -> dict:
     """What a result file keeps of each ablation: what it is, its baseline and every value, so its statistics recompute."""
-    return {
-        a.name: {
-            "what": a.what,
-            "plugins": a.plugins,
-            "options": a.options,
-            "baseline": a.baseline,
-            "values": {m: v.tolist() for m, v in values[a.name].items()},
-        }
-        for a in ablations
-    }
+    return {a.name: {"what": a.what, "plugins": a.plugins, "options": a.options, "baseline": a.baseline,
+                     "values": {m: v.tolist() for m, v in values[a.name].items()}} for a in ablations}
 
 
 def result_ablations(result: dict) -> list[Ablation]:
-    return [
-        Ablation(name, info.get("what", ""), list(info.get("plugins", [])), dict(info.get("options", {})), info.get("baseline"))
-        for name, info in result["ablations"].items()
-    ]
+    return [Ablation(name, info.get("what", ""), list(info.get("plugins", [])), dict(info.get("options", {})), info.get("baseline"))
+            for name, info in result["ablations"].items()]
 
 
 def result_values(result: dict) -> dict[str, dict[str, np.ndarray]]:
@@ -815,19 +703,15 @@ def holm_over(table: Path, sweeps: list[Path], log=print) -> int:
         results[sweep] = load_result(sweep)
         owner = belongs_to(sweep, results[sweep])
         if owner != table:
-            raise click.ClickException(
-                f"{sweep} belongs to {owner or 'no table (it is a table itself)'}, not to {table}; give only the "
-                f"sweeps of {table.name} (run a sweep with --belongs-to {table.name})."
-            )
+            raise click.ClickException(f"{sweep} belongs to {owner or 'no table (it is a table itself)'}, not to {table}; give only the "
+                                       f"sweeps of {table.name} (run a sweep with --belongs-to {table.name}).")
     missing = [p for p in sweeps_of(table) if p not in results]
     if missing:
         raise click.ClickException(f"{missing[0]} is a sweep of {table.name} too; give every sweep of a table, so the family is whole.")
     scene_sets = {p: (r.get("scene_set") or {}).get("name", "v2") for p, r in results.items()}
     if len(set(scene_sets.values())) > 1:
-        raise click.ClickException(
-            f"the files ran on different scene sets ({', '.join(f'{p.name}: {n}' for p, n in scene_sets.items())}); "
-            f"a sweep belongs to a table of its own scenes."
-        )
+        raise click.ClickException(f"the files ran on different scene sets ({', '.join(f'{p.name}: {n}' for p, n in scene_sets.items())}); "
+                                   f"a sweep belongs to a table of its own scenes.")
     tables, labels = [], [p.name for p in results]
     for result in results.values():
         ablations = result_ablations(result)
@@ -865,9 +749,8 @@ def sweeps_of(table: Path) -> list[Path]:
 
 
 # -- pictures -------------------------------------------------------------------------------------
-def ablation_grid(
-    evals: Path, scenes: dict[str, Path], scene_groups: dict[str, dict], ablation: str, extraction_seed: int, seeds: list[int], tile: int = 64
-) -> Image.Image:
+def ablation_grid(evals: Path, scenes: dict[str, Path], scene_groups: dict[str, dict], ablation: str, extraction_seed: int,
+                  seeds: list[int], tile: int = 64) -> Image.Image:
     """Per scene: a row with the input and masks, then a row per prompt (a column per generation seed)."""
     from bas.generation.generate import image_grid, image_stem
 
@@ -893,31 +776,13 @@ def git_revision() -> str:
         return "unknown"
 
 
-def run_benchmark(
-    out: Path,
-    *,
-    model: str = "bas-mini",
-    scenes: list[str] | None = None,
-    ablations: list[str] | None = None,
-    variants: list[Ablation] = (),
-    steps: tuple[int, int] = (200, 200),
-    extraction_seeds: list[int] | None = None,
-    seeds: list[int] | None = None,
-    sample_steps: int = 25,
-    guidance: float = 7.5,
-    attention_res: int | None = None,
-    learning_rates: dict | None = None,
-    options: dict | None = None,
-    jobs: int = 1,
-    work: Path | None = None,
-    grids: Path | None = None,
-    resamples: int = 10_000,
-    quiet: bool = True,
-    scene_set_name: str = "tuning",
-    table: Path | None = None,
-    operating_point: Path = OPERATING_POINT,
-    log=print,
-) -> dict:
+def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | None = None, ablations: list[str] | None = None,
+                  variants: list[Ablation] = (),
+                  steps: tuple[int, int] = (200, 200), extraction_seeds: list[int] | None = None, seeds: list[int] | None = None,
+                  sample_steps: int = 25, guidance: float = 7.5, attention_res: int | None = None, learning_rates: dict | None = None,
+                  options: dict | None = None, jobs: int = 1, work: Path | None = None, grids: Path | None = None,
+                  resamples: int = 10_000, quiet: bool = True, scene_set_name: str = "tuning", table: Path | None = None,
+                  operating_point: Path = OPERATING_POINT, log=print) -> dict:
     """Every chosen ablation on every scene (of the set ``scene_set_name``, all or the ``scenes`` named) and extraction
     seed; writes ``out`` (JSON) and a grid PNG per ablation.  ``table``: the result file this run is a sweep of (its
     claims are then corrected together with the table's and every other sweep's, and all of them rewritten).
@@ -932,10 +797,8 @@ def run_benchmark(
         point = load_operating_point(operating_point)
         given = {"steps": list(steps), "learning_rates": learning_rates, "attention_res": attention_res, "options": extra}
         if given != point["settings"]:
-            raise click.ClickException(
-                f"the test scenes run at the operating point chosen {point['chosen']} ({operating_point}): "
-                f"{json.dumps(point['settings'])}, not {json.dumps(given)}; leave those options out."
-            )
+            raise click.ClickException(f"the test scenes run at the operating point chosen {point['chosen']} ({operating_point}): "
+                                       f"{json.dumps(point['settings'])}, not {json.dumps(given)}; leave those options out.")
     unknown = [n for n in scenes or () if n not in bench_scenes]
     if unknown:
         raise click.ClickException(f"no scene {unknown[0]!r} in the {scene_set_name} set; its scenes: {', '.join(bench_scenes)}.")
@@ -991,38 +854,23 @@ def run_benchmark(
             run_seconds[n] = round(float(info.get("times", {}).get("total_s", 0.0)), 1)
     times["total_s"] = round(time.perf_counter() - t_start, 1)
     result = {
-        "date": datetime.date.today().isoformat(),
-        "git": git_revision(),
-        "model": model,
-        "jobs": jobs,
+        "date": datetime.date.today().isoformat(), "git": git_revision(), "model": model, "jobs": jobs,
         "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-        "scene_set": scene_record,
-        "operating_point": point,
-        "scenes": {
-            n: {**bench_scenes[n].info(), "described": [o.describe() for o in bench_scenes[n].scene().objects], "prompts": scene_groups[n]}
-            for n in scene_names
-        },
-        "steps": list(steps),
-        "extraction_seeds": extraction_seeds,
-        "seeds": seeds,
-        "sample_steps": sample_steps,
-        "guidance": guidance,
-        "attention_res": attention_res or "bas run's default",
-        "learning_rates": learning_rates or "bas run's defaults",
-        "options": extra,
+        "scene_set": scene_record, "operating_point": point,
+        "scenes": {n: {**bench_scenes[n].info(), "described": [o.describe() for o in bench_scenes[n].scene().objects],
+                       "prompts": scene_groups[n]} for n in scene_names},
+        "steps": list(steps), "extraction_seeds": extraction_seeds, "seeds": seeds, "sample_steps": sample_steps, "guidance": guidance,
+        "attention_res": attention_res or "bas run's default", "learning_rates": learning_rates or "bas run's defaults", "options": extra,
         "init_tokens": "each concept's shape word, or 'thing' for a shape no caption names",
         "prior_preservation": {"class_prompt": PRIOR_CLASS_PROMPT, "class_images": PRIOR_CLASS_IMAGES},
         "interval": f"95% hierarchical bootstrap ({resamples:,} resamples): scenes, then extraction seeds within each scene, then generation "
-        "seeds within each extraction; differences are paired by scene, extraction seed and generation seed",
+                    "seeds within each extraction; differences are paired by scene, extraction seed and generation seed",
         "rule": "a difference holds where its Holm-corrected hierarchical interval excludes 0 and the Wilcoxon signed-rank test over its "
-        "scene means agrees (the same side, Holm-corrected p < 0.05), Holm over the table and every sweep that belongs to it; "
-        "a * alone (the 95% interval excludes 0) is suggestive",
-        "resamples": resamples,
-        "holm_family": {"files": [out.name], "size": sum(1 for _ in iter_differences(stats))},
+                "scene means agrees (the same side, Holm-corrected p < 0.05), Holm over the table and every sweep that belongs to it; "
+                "a * alone (the 95% interval excludes 0) is suggestive",
+        "resamples": resamples, "holm_family": {"files": [out.name], "size": sum(1 for _ in iter_differences(stats))},
         "ablations": ablations_record(chosen, values),
-        "stats": stats,
-        "times": times,
-        "run_seconds": run_seconds,
+        "stats": stats, "times": times, "run_seconds": run_seconds,
         "batch": {"executor": summary.get("executor"), "workers": jobs},
         "table": markdown_table(stats, chosen),
     }
@@ -1067,23 +915,17 @@ def choose_operating_point(path: Path, tuning_result: Path, settings: dict, test
     path = Path(path)
     if path.exists():
         old = json.loads(path.read_text()) if path.is_file() else {}
-        raise click.ClickException(
-            f"{path} already exists (chosen {old.get('chosen', '?')}); an operating point is chosen once, before the "
-            f"test scenes are seen. Remove it only if no --scenes test run has used it."
-        )
+        raise click.ClickException(f"{path} already exists (chosen {old.get('chosen', '?')}); an operating point is chosen once, before the "
+                                   f"test scenes are seen. Remove it only if no --scenes test run has used it.")
     tuning = load_result(tuning_result)
     if (tuning.get("scene_set") or {}).get("name") != "tuning":
         raise click.ClickException(f"{tuning_result} was not run on the tuning scenes (--scenes tuning); choose the operating point on them.")
     if test_scenes < 12:
         raise click.ClickException(f"--test-scenes {test_scenes} is too few; the test set has at least 12 scenes.")
-    point = {
-        "chosen": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": git_revision(),
-        "tuning_result": {"file": str(tuning_result), "date": tuning.get("date"), "git": tuning.get("git")},
-        "settings": settings,
-        "test_scenes": int(test_scenes),
-        "test_seed": int(test_seed) if test_seed is not None else secrets.randbelow(2**31),
-    }
+    point = {"chosen": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_revision(),
+             "tuning_result": {"file": str(tuning_result), "date": tuning.get("date"), "git": tuning.get("git")},
+             "settings": settings, "test_scenes": int(test_scenes),
+             "test_seed": int(test_seed) if test_seed is not None else secrets.randbelow(2**31)}
     io.write_json(path, point)
     return point
 
@@ -1094,36 +936,18 @@ RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_
 @click.command()
 @click.option("--model", default="bas-mini", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: benchmarks/results/fidelity-<date>.json]")
-@click.option(
-    "--scenes",
-    "scene_set_name",
-    type=click.Choice(SCENE_SETS),
-    default="tuning",
-    show_default=True,
-    help="The scene set: tuning (12 drawn scenes, where the operating point is chosen), test (drawn after it; needs "
-    "--operating-point's file, whose settings it runs at), v2 (bas-mini v2's 8 hand-made scenes).",
-)
+@click.option("--scenes", "scene_set_name", type=click.Choice(SCENE_SETS), default="tuning", show_default=True,
+              help="The scene set: tuning (12 drawn scenes, where the operating point is chosen), test (drawn after it; needs "
+                   "--operating-point's file, whose settings it runs at), v2 (bas-mini v2's 8 hand-made scenes).")
 @click.option("--scene", "scenes", multiple=True, help="Scenes of the set to run, by name [default: all of them].")
-@click.option(
-    "--ablation", "ablations", multiple=True, type=click.Choice(ABLATION_NAMES), help="Ablations to run (their baselines are added) [default: all]."
-)
-@click.option(
-    "--variant",
-    "variants",
-    multiple=True,
-    callback=parse_variants,
-    help="NAME:KEY=VALUE,...: one more ablation of bas run options against `full` (plugins=a+b; vs=ABLATION or vs=VARIANT to change that), "
-    "on the same scenes and seeds; several make a sweep (repeatable). Only the variants (and their baselines) run "
-    "unless --ablation is also given.",
-)
-@click.option(
-    "--belongs-to",
-    "table",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="The table (result file) this run is a sweep of: its claims are Holm-corrected together with the table's and its other sweeps', "
-    "and all of those files are rewritten.",
-)
+@click.option("--ablation", "ablations", multiple=True, type=click.Choice(ABLATION_NAMES), help="Ablations to run (their baselines are added) [default: all].")
+@click.option("--variant", "variants", multiple=True, callback=parse_variants,
+              help="NAME:KEY=VALUE,...: one more ablation of bas run options against `full` (plugins=a+b; vs=ABLATION or vs=VARIANT to change that), "
+                   "on the same scenes and seeds; several make a sweep (repeatable). Only the variants (and their baselines) run "
+                   "unless --ablation is also given.")
+@click.option("--belongs-to", "table", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The table (result file) this run is a sweep of: its claims are Holm-corrected together with the table's and its other sweeps', "
+                   "and all of those files are rewritten.")
 @click.option("--phase1-steps", default=200, show_default=True)
 @click.option("--phase2-steps", default=200, show_default=True)
 @click.option("--extraction-seeds", default=3, show_default=True, help="Extraction seeds per scene and ablation (0..N-1).")
@@ -1137,73 +961,25 @@ RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_
 @click.option("--phase2-handle-lr", type=float, default=None, help="Phase-2 learning rate of the handles [default: bas run's, 2e-6].")
 @click.option("--set", "options", multiple=True, callback=parse_option, help="KEY=VALUE: a bas run option for every run (repeatable).")
 @click.option("--jobs", default=1, show_default=True, help="Extractions (and evaluations) at a time, each a process with one torch thread.")
-@click.option(
-    "--work",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Folder for scenes, runs and images; the same --work resumes [default: a temporary one].",
-)
+@click.option("--work", type=click.Path(path_type=Path), default=None, help="Folder for scenes, runs and images; the same --work resumes [default: a temporary one].")
 @click.option("--grids", type=click.Path(path_type=Path), default=None, help="Folder of the grid PNGs [default: --out without .json].")
 @click.option("--quiet", is_flag=True, help="No batch progress.")
-@click.option(
-    "--operating-point",
-    "operating_point",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=OPERATING_POINT,
-    show_default="benchmarks/operating-point.json",
-    help="The operating point's file, read by --scenes test, written by --choose-operating-point.",
-)
-@click.option(
-    "--choose-operating-point",
-    "tuning_result",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="TUNING_RESULT.json: write --operating-point from the settings given here (steps, learning rates, --attention-res, --set), "
-    "chosen on that tuning run, with the test scenes' seed drawn now; runs nothing.",
-)
+@click.option("--operating-point", "operating_point", type=click.Path(path_type=Path, dir_okay=False), default=OPERATING_POINT,
+              show_default="benchmarks/operating-point.json",
+              help="The operating point's file, read by --scenes test, written by --choose-operating-point.")
+@click.option("--choose-operating-point", "tuning_result", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="TUNING_RESULT.json: write --operating-point from the settings given here (steps, learning rates, --attention-res, --set), "
+                   "chosen on that tuning run, with the test scenes' seed drawn now; runs nothing.")
 @click.option("--test-scenes", default=TEST_COUNT, show_default=True, help="With --choose-operating-point: how many test scenes to draw.")
 @click.option("--test-seed", type=int, default=None, help="With --choose-operating-point: the test scenes' seed [default: drawn at random now].")
-@click.option(
-    "--holm-over",
-    "holm_table",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    default=None,
-    help="TABLE.json [SWEEP.json ...]: recompute the statistics of a table and of all its sweeps as one Holm family and rewrite them; runs nothing.",
-)
+@click.option("--holm-over", "holm_table", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="TABLE.json [SWEEP.json ...]: recompute the statistics of a table and of all its sweeps as one Holm family and rewrite "
+                   "them; runs nothing.")
 @click.argument("sweep_files", nargs=-1, type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.pass_context
-def main(
-    ctx,
-    model,
-    out,
-    scene_set_name,
-    scenes,
-    ablations,
-    variants,
-    table,
-    phase1_steps,
-    phase2_steps,
-    extraction_seeds,
-    seeds,
-    sample_steps,
-    guidance,
-    attention_res,
-    phase1_lr,
-    phase2_lr,
-    full_phase2_lr,
-    phase2_handle_lr,
-    options,
-    jobs,
-    work,
-    grids,
-    quiet,
-    operating_point,
-    tuning_result,
-    test_scenes,
-    test_seed,
-    holm_table,
-    sweep_files,
-):
+def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, phase1_steps, phase2_steps, extraction_seeds, seeds, sample_steps,
+         guidance, attention_res, phase1_lr, phase2_lr, full_phase2_lr, phase2_handle_lr, options, jobs, work, grids, quiet, operating_point,
+         tuning_result, test_scenes, test_seed, holm_table, sweep_files):
     """Run the fidelity benchmark and print its table (or correct a table and its sweeps together: --holm-over;
     or record the operating point chosen on the tuning scenes: --choose-operating-point)."""
     if sweep_files and holm_table is None:
@@ -1233,29 +1009,12 @@ def main(
 
     torch.set_num_threads(1)
     out = out or RESULTS / f"fidelity-{datetime.date.today().isoformat()}.json"
-    result = run_benchmark(
-        out,
-        model=model,
-        scenes=list(scenes) or None,
-        ablations=list(ablations) or None,
-        variants=list(variants),
-        steps=(phase1_steps, phase2_steps),
-        extraction_seeds=list(range(extraction_seeds)),
-        seeds=list(range(seeds)),
-        sample_steps=sample_steps,
-        guidance=guidance,
-        attention_res=attention_res,
-        options=options,
-        learning_rates=rates,
-        jobs=jobs,
-        work=work,
-        grids=grids,
-        quiet=quiet,
-        scene_set_name=scene_set_name,
-        table=table,
-        operating_point=operating_point,
-        log=lambda m: print(m, file=sys.stderr, flush=True),
-    )
+    result = run_benchmark(out, model=model, scenes=list(scenes) or None, ablations=list(ablations) or None, variants=list(variants),
+                           steps=(phase1_steps, phase2_steps), extraction_seeds=list(range(extraction_seeds)), seeds=list(range(seeds)),
+                           sample_steps=sample_steps, guidance=guidance, attention_res=attention_res, options=options,
+                           learning_rates=rates, jobs=jobs, work=work, grids=grids, quiet=quiet,
+                           scene_set_name=scene_set_name, table=table, operating_point=operating_point,
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
     click.echo(result["table"])
     click.echo(f"Took {result['times']['total_s'] / 60:.1f} min. Wrote {out}")
 
@@ -1281,3 +1040,4 @@ def cli() -> None:
 
 if __name__ == "__main__":
     cli()
+

@@ -52,11 +52,8 @@ def test_every_benchmark_scene_is_read_back_exactly_and_its_masks_name_its_objec
 def masks_touch(bench) -> bool:
     grown = 2 if bench.masks == "box" else 3
     boxes = [o.box for o in bench.scene().objects]
-    return any(
-        a[0] < b[2] + grown and b[0] < a[2] + grown and a[1] < b[3] + grown and b[1] < a[3] + grown
-        for i, a in enumerate(boxes)
-        for b in boxes[i + 1 :]
-    )
+    return any(a[0] < b[2] + grown and b[0] < a[2] + grown and a[1] < b[3] + grown and b[1] < a[3] + grown
+               for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
 def test_v2_scenes_cover_what_the_first_benchmark_asked():
@@ -72,12 +69,8 @@ def test_v2_scenes_cover_what_the_first_benchmark_asked():
 
 def unnamed(o) -> set[str]:
     """What of an object no caption word can give."""
-    return (
-        ({"colour"} if o.colour in world.NOVEL_COLOURS else set())
-        | ({o.shape} if o.shape in world.NOVEL_SHAPES else set())
-        | ({"dotted"} if o.texture == "dotted" else set())
-        | ({"inner"} if o.inner else set())
-    )
+    return ({"colour"} if o.colour in world.NOVEL_COLOURS else set()) | ({o.shape} if o.shape in world.NOVEL_SHAPES else set()) \
+        | ({"dotted"} if o.texture == "dotted" else set()) | ({"inner"} if o.inner else set())
 
 
 def test_the_tuning_set_has_what_the_issue_asks_and_is_the_one_its_seed_draws():
@@ -92,15 +85,8 @@ def test_the_tuning_set_has_what_the_issue_asks_and_is_the_one_its_seed_draws():
     assert all(unnamed(o) for o in objects)  # no concept that identity words could give
     assert set().union(*map(unnamed, objects)) == {"colour", "cross", "diamond", "dotted", "inner"}
     assert {o.colour for o in objects} >= set(world.NOVEL_COLOURS)
-    similar = [
-        s
-        for s in scenes.values()
-        if any(
-            frozenset((a.colour, b.colour)) in {frozenset(p) for p in fidelity.SIMILAR_COLOURS}
-            for i, a in enumerate(s.scene().objects)
-            for b in s.scene().objects[i + 1 :]
-        )
-    ]
+    similar = [s for s in scenes.values() if any(frozenset((a.colour, b.colour)) in {frozenset(p) for p in fidelity.SIMILAR_COLOURS}
+                                                  for i, a in enumerate(s.scene().objects) for b in s.scene().objects[i + 1:])]
     same_shape = [s for s in scenes.values() if "the same shape" in s.note]
     assert len(similar) >= 3 and len(same_shape) >= 3
     assert all(s.scene().objects[0].shape == s.scene().objects[1].shape for s in same_shape)
@@ -147,16 +133,8 @@ def test_the_test_set_runs_only_at_the_operating_point(tmp_path):
     assert result.exit_code == 1 and "Error: " in result.output and "--choose-operating-point" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "w").exists()
     point = tmp_path / "point.json"
-    point.write_text(
-        json.dumps(
-            {
-                "chosen": "2026-12-07T00:00:00+00:00",
-                "settings": {"steps": [100, 100], "learning_rates": {}, "attention_res": 16, "options": {}},
-                "test_seed": 3,
-                "test_scenes": 12,
-            }
-        )
-    )
+    point.write_text(json.dumps({"chosen": "2026-12-07T00:00:00+00:00", "settings": {"steps": [100, 100], "learning_rates": {}, "attention_res": 16,
+                                                                                       "options": {}}, "test_seed": 3, "test_scenes": 12}))
     result = runner.invoke(fidelity.main, ["--scenes", "test", "--operating-point", str(point), "--phase1-lr", "1e-2", "--work", str(tmp_path / "w")])
     assert result.exit_code == 1 and "run at the operating point chosen 2026-12-07" in result.output and not (tmp_path / "w").exists()
     result = runner.invoke(fidelity.main, ["--scenes", "tuning", "--scene", "nothing", "--work", str(tmp_path / "w")])
@@ -200,16 +178,8 @@ def test_identity_swap_and_count_read_drawn_images_exactly():
     neighbour = Concept("pink", "cross", "dotted")
     concepts = [pink_core, neighbour]
     itself = read_scores([("purple", "diamond", "plain", (16, 16, 46, 46), "orange")], concepts)
-    assert itself == {
-        "identity": 1.0,
-        "identity_colour": 1.0,
-        "identity_shape": 1.0,
-        "identity_texture": 1.0,
-        "identity_core": 1.0,
-        "count": 1.0,
-        "swap": 0.0,
-        "leakage": 0.0,
-    }
+    assert itself == {"identity": 1.0, "identity_colour": 1.0, "identity_shape": 1.0, "identity_texture": 1.0, "identity_core": 1.0,
+                      "count": 1.0, "swap": 0.0, "leakage": 0.0}
     # drawn without its core: not the concept (identity needs the core), though colour, shape and texture are right
     coreless = read_scores([("purple", "diamond", "plain", (16, 16, 46, 46))], concepts)
     assert (coreless["identity"], coreless["identity_core"], coreless["identity_shape"], coreless["swap"]) == (0.0, 0.0, 1.0, 0.0)
@@ -220,9 +190,8 @@ def test_identity_swap_and_count_read_drawn_images_exactly():
     both = read_scores([("purple", "diamond", "plain", (4, 16, 30, 42), "orange"), ("pink", "cross", "dotted", (36, 16, 60, 40))], concepts)
     assert (both["swap"], both["identity"], both["leakage"], both["count"]) == (0.0, 1.0, 1.0, 0.0)
     # two of it for one asked: identity holds, count does not
-    twice = read_scores(
-        [("purple", "diamond", "plain", (4, 16, 30, 42), "orange"), ("purple", "diamond", "plain", (34, 16, 60, 42), "orange")], concepts
-    )
+    twice = read_scores([("purple", "diamond", "plain", (4, 16, 30, 42), "orange"), ("purple", "diamond", "plain", (34, 16, 60, 42), "orange")],
+                        concepts)
     assert (twice["identity"], twice["count"], twice["swap"], twice["leakage"]) == (1.0, 0.0, 0.0, 0.0)
     # a colour no concept has: neither the concept nor a swap
     other = read_scores([("cyan", "diamond", "plain", (16, 16, 46, 46))], concepts)
@@ -294,11 +263,9 @@ def test_nested_bootstrap_resamples_seeds_within_each_scene():
 def test_paired_differences_find_a_small_shift_that_scenes_and_seeds_would_hide():
     rng = np.random.default_rng(7)
     base = rng.normal(0.5, 0.3, size=(8, 3, 1)) + rng.normal(0.0, 0.1, size=(8, 3, 4))  # big scene and seed effects
-    values = {
-        "full": {"identity": base},
-        "better": {"identity": base + 0.05 + rng.normal(0.0, 0.02, size=base.shape)},  # the same draws, shifted
-        "same": {"identity": base + rng.normal(0.0, 0.02, size=base.shape)},
-    }
+    values = {"full": {"identity": base},
+              "better": {"identity": base + 0.05 + rng.normal(0.0, 0.02, size=base.shape)},  # the same draws, shifted
+              "same": {"identity": base + rng.normal(0.0, 0.02, size=base.shape)}}
     ablations = [fidelity.Ablation("full", "", baseline=None), fidelity.Ablation("better", ""), fidelity.Ablation("same", "")]
     metrics_ = fidelity.METRICS
     try:
@@ -385,14 +352,8 @@ def write_result(path: Path, values, ablations, belongs_to: str | None = None, r
     from bas.core import io
 
     stats = fidelity.statistics(values, ablations, resamples=resamples, label=path.name)
-    result = {
-        "ablations": fidelity.ablations_record(ablations, values),
-        "stats": stats,
-        "scene_set": {"name": "tuning"},
-        "resamples": resamples,
-        "table": fidelity.markdown_table(stats, ablations),
-        **({"belongs_to": belongs_to} if belongs_to else {}),
-    }
+    result = {"ablations": fidelity.ablations_record(ablations, values), "stats": stats, "scene_set": {"name": "tuning"}, "resamples": resamples,
+              "table": fidelity.markdown_table(stats, ablations), **({"belongs_to": belongs_to} if belongs_to else {})}
     io.write_json(path, result)
     return result
 
@@ -477,19 +438,11 @@ def test_a_variant_is_an_ablation_of_run_options_against_full_or_the_baseline_it
     assert fidelity.strategy_rates(w, {"phase2_lr": 3e-4, "full_phase2_lr": 2e-6}) == {"phase2_lr": 2e-6}
 
 
-@pytest.mark.parametrize(
-    "text, says",
-    [
-        ("attn", "is not NAME:KEY=VALUE"),
-        ("Attn:x=1", "is not NAME:KEY=VALUE"),
-        ("a--b:x=1", "is not NAME:KEY=VALUE"),
-        ("../x:x=1", "is not NAME:KEY=VALUE"),
-        ("full:x=1", "is a built-in ablation's"),
-        ("v:x", "is not KEY=VALUE"),
-        ("v:x=1,vs=nothing", "is neither an ablation nor another variant"),
-        ("v:x=1,vs=v", "is neither an ablation nor another variant"),
-    ],
-)
+@pytest.mark.parametrize("text, says", [
+    ("attn", "is not NAME:KEY=VALUE"), ("Attn:x=1", "is not NAME:KEY=VALUE"), ("a--b:x=1", "is not NAME:KEY=VALUE"),
+    ("../x:x=1", "is not NAME:KEY=VALUE"), ("full:x=1", "is a built-in ablation's"), ("v:x", "is not KEY=VALUE"),
+    ("v:x=1,vs=nothing", "is neither an ablation nor another variant"), ("v:x=1,vs=v", "is neither an ablation nor another variant"),
+])
 def test_a_bad_variant_is_one_clear_error_line(text, says):
     from click.testing import CliRunner
 
@@ -532,9 +485,7 @@ def test_two_step_benchmark_on_one_scene_per_set_writes_paired_results_a_sweep_o
     assert info["init_tokens"] == [fidelity.init_word(o.shape) for o in bench.scene().objects] and "thing" in info["init_tokens"]
     assert json.loads((runs / "batch.json").read_text())["scenes"][0]["status"] == "done"  # through bas batch
     ev = json.loads((work / "eval" / f"{scene}--full--e0" / "eval.json").read_text())
-    assert list(ev["evaluators"]) == ["bas-mini"] and len(ev["images"]) == 2 + 1 + 4 + len(
-        fidelity.PRIOR_PROMPTS
-    )  # identity, composition, backgrounds, prior
+    assert list(ev["evaluators"]) == ["bas-mini"] and len(ev["images"]) == 2 + 1 + 4 + len(fidelity.PRIOR_PROMPTS)  # identity, composition, backgrounds, prior
     assert all({"swap", "count", "identity_core"} <= set(img["scores"]) for img in ev["images"] if img["prompt"].count("<asset") == 1)
     assert all(set(img["scores"]) == {"prior"} for img in ev["images"] if img["prompt"] in fidelity.PRIOR_PROMPTS)
     assert (out.with_suffix("") / "no-masked-loss.png").is_file() and set(saved["times"]) >= {"extraction_s", "evaluation_s", "total_s"}
@@ -563,14 +514,8 @@ def test_two_step_benchmark_on_one_scene_per_set_writes_paired_results_a_sweep_o
     assert tested["operating_point"] == chosen and tested["scene_set"]["seed"] == 11 and list(tested["scenes"]) == [test_scene]
     assert tested["scene_set"]["drawn_after"] == f"the operating point chosen {chosen['chosen']}"
     with pytest.raises(click.ClickException, match="run at the operating point"):
-        fidelity.run_benchmark(
-            tmp_path / "other.json",
-            scene_set_name="test",
-            scenes=[test_scene],
-            ablations=["full"],
-            operating_point=point,
-            **{**quick, "steps": (3, 2)},
-        )
+        fidelity.run_benchmark(tmp_path / "other.json", scene_set_name="test", scenes=[test_scene], ablations=["full"], operating_point=point,
+                               **{**quick, "steps": (3, 2)})
     assert not (tmp_path / "other.json").exists()
 
 
@@ -583,15 +528,8 @@ def test_captions_of_the_world_parse_back_to_their_scenes_and_nothing_else_does(
             parsed = world.parse_caption(scene.caption(photo_of=photo_of))
             assert parsed.background == scene.background
             assert [(o.colour, o.shape, o.texture) for o in parsed.objects] == [(o.colour, o.shape, o.texture) for o in ordered]
-    for text in (
-        "a photo of <asset0>",
-        "a photo of <asset0> on a yellow background",
-        "a red circle",
-        "a photo of a red cube on a blue background",
-        "a photo of a red wavy circle on a blue background",
-        "a photo of a red circle on a plaid background",
-        "",
-    ):
+    for text in ("a photo of <asset0>", "a photo of <asset0> on a yellow background", "a red circle", "a photo of a red cube on a blue background",
+                 "a photo of a red wavy circle on a blue background", "a photo of a red circle on a plaid background", ""):
         assert world.parse_caption(text) is None, text
 
 
@@ -604,12 +542,8 @@ def test_prior_metric_is_all_correct_of_a_caption_without_handles(tmp_path):
     image, masks = world.render(drawn)
     image.save(tmp_path / "s.png")
     run = EvalRun("r", tmp_path, {"handles": ["<asset0>"], "model": "bas-mini"}, inputs=(image, [m.astype(np.float32) for m in masks]))
-    prompts = {
-        "a photo of a red circle on a blue background": 1.0,
-        "a photo of a red square on a blue background": 0.0,
-        "a photo of a red circle on a green background": 0.0,
-        "a photo of a red circle and a green square on a blue background": 0.0,
-    }
+    prompts = {"a photo of a red circle on a blue background": 1.0, "a photo of a red square on a blue background": 0.0,
+               "a photo of a red circle on a green background": 0.0, "a photo of a red circle and a green square on a blue background": 0.0}
     samples = [Sample("r", p, (), 0, None, tmp_path / "s.png") for p in prompts]
     scores = list(BasMini().score(run, samples + [Sample("r", "a photo of something", (), 0, None, tmp_path / "s.png")]))
     assert [s["prior"] for s in scores[:-1]] == list(prompts.values()) and scores[-1] == {}

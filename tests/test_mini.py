@@ -17,10 +17,7 @@ def scenes(count: int, seed: int = 0, novel: bool = False):
     rng = random.Random(seed)
     for _ in range(count):
         if novel:
-            objects = [
-                (c, rng.choice(world.SHAPES), rng.choice(world.TEXTURES + world.NOVEL_TEXTURES))
-                for c in rng.sample(world.NOVEL_COLOURS, rng.randint(1, 3))
-            ]
+            objects = [(c, rng.choice(world.SHAPES), rng.choice(world.TEXTURES + world.NOVEL_TEXTURES)) for c in rng.sample(world.NOVEL_COLOURS, rng.randint(1, 3))]
             yield world.random_scene(rng, objects=objects)
         else:
             yield world.random_scene(rng)
@@ -160,28 +157,8 @@ def test_training_command_writes_a_loadable_recorded_pipeline(tmp_path):
     from bas.mini import train
 
     out = tmp_path / "m"
-    args = [
-        "--out",
-        out,
-        "--num-scenes",
-        8,
-        "--vae-scenes",
-        8,
-        "--vae-channels",
-        "8,16,16",
-        "--vae-steps",
-        2,
-        "--unet-channels",
-        "16,32",
-        "--unet-heads",
-        "1,1",
-        "--unet-steps",
-        3,
-        "--unet-batch",
-        2,
-        "--save-every",
-        2,
-    ]
+    args = ["--out", out, "--num-scenes", 8, "--vae-scenes", 8, "--vae-channels", "8,16,16", "--vae-steps", 2, "--unet-channels", "16,32",
+            "--unet-heads", "1,1", "--unet-steps", 3, "--unet-batch", 2, "--save-every", 2]
     result = CliRunner().invoke(train.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "training.json").read_text())
@@ -202,26 +179,8 @@ def test_training_resumes_bit_identically_and_refuses_changed_options(tmp_path):
 
     from bas.mini import train
 
-    base = [
-        "--num-scenes",
-        8,
-        "--vae-scenes",
-        8,
-        "--vae-channels",
-        "8,16,16",
-        "--vae-steps",
-        2,
-        "--unet-channels",
-        "16,32",
-        "--unet-heads",
-        "1,1",
-        "--unet-steps",
-        6,
-        "--unet-batch",
-        2,
-        "--save-every",
-        2,
-    ]
+    base = ["--num-scenes", 8, "--vae-scenes", 8, "--vae-channels", "8,16,16", "--vae-steps", 2, "--unet-channels", "16,32",
+            "--unet-heads", "1,1", "--unet-steps", 6, "--unet-batch", 2, "--save-every", 2]
     run = lambda *args: CliRunner().invoke(train.main, [str(a) for a in args])
     assert run("--out", tmp_path / "a", *base).exit_code == 0
     stopped = run("--out", tmp_path / "b", *base, "--stop-after", 3)  # the 2 VAE steps and one UNet step, saving the exact state
@@ -256,26 +215,8 @@ def test_training_stopped_in_the_vae_stage_resumes_bit_identically(tmp_path):
 
     from bas.mini import train
 
-    base = [
-        "--num-scenes",
-        8,
-        "--vae-scenes",
-        8,
-        "--vae-channels",
-        "8,16,16",
-        "--vae-steps",
-        4,
-        "--unet-channels",
-        "16,32",
-        "--unet-heads",
-        "1,1",
-        "--unet-steps",
-        2,
-        "--unet-batch",
-        2,
-        "--save-every",
-        2,
-    ]
+    base = ["--num-scenes", 8, "--vae-scenes", 8, "--vae-channels", "8,16,16", "--vae-steps", 4, "--unet-channels", "16,32",
+            "--unet-heads", "1,1", "--unet-steps", 2, "--unet-batch", 2, "--save-every", 2]
     run = lambda *args: CliRunner().invoke(train.main, [str(a) for a in args])
     assert run("--out", tmp_path / "a", *base).exit_code == 0
     stopped = run("--out", tmp_path / "b", *base, "--stop-after", 3)  # VAE step 3 of 4: between two periodic saves

@@ -166,9 +166,8 @@ def vae_quality(vae, count: int = 120) -> tuple[dict, list, list]:
     return result, originals, recons
 
 
-def evaluate(
-    model: str | Path | None = None, seeds=(0, 1), steps: int = 25, guidance: float = 7.5, new_scenes: int = 40, sheet: Path | None = None
-) -> dict:
+def evaluate(model: str | Path | None = None, seeds=(0, 1), steps: int = 25, guidance: float = 7.5, new_scenes: int = 40,
+             sheet: Path | None = None) -> dict:
     from bas.core.model import load_pipeline
 
     pipe = load_pipeline(model or model_path(), torch.device("cpu"), torch.float32)
