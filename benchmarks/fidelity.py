@@ -1020,8 +1020,9 @@ def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, ph
 
 
 def cli() -> None:
-    """``main`` with bas's own errors (a bad option in a run line, a damaged run) as one Error line and exit 1."""
-    from bas.core.errors import BasError
+    """``main`` with the failures bas's commands report as one line (bas's own errors such as a bad option in a
+    run line, a full disk, out of memory: :func:`bas.core.failures.known_failure`) as one Error line and exit 1."""
+    from bas.core.failures import known_failure
 
     try:
         main(standalone_mode=False)
@@ -1033,8 +1034,11 @@ def cli() -> None:
     except click.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(1)
-    except BasError as exc:
-        click.echo(f"Error: {exc}", err=True)
+    except Exception as exc:
+        error = known_failure(exc)
+        if error is None:  # a bug keeps its traceback
+            raise
+        click.echo(f"Error: {error}", err=True)
         sys.exit(1)
 
 
