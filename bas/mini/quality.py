@@ -109,7 +109,7 @@ def score(scene: world.Scene, reading: metrics.ImageReading, exact: bool = False
         "object colour": float(np.mean(present)),
         "object shape": float(np.mean(shape)),
         "object texture": float(np.mean(texture)),
-        "all correct": float(right and (all(strict) if exact else True)),
+        "all correct": float(right and (not exact or all(strict))),
         "exact": float(background and all(strict)),
     }
 
