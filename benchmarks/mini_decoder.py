@@ -157,7 +157,7 @@ def finetune(
 @click.option("--threads", default=1, show_default=True)
 def main(model, out, steps, batch, crop, lr, edge_weight, scenes, seed, threads):
     """Fine-tune the VAE decoder of a bas-mini pipeline (encoder frozen), weighting shapes' outlines."""
-    if out.exists() and any(out.iterdir()) and out.resolve() != model.resolve():
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # the --model folder itself included: it is kept as it was
         raise click.UsageError(f"{out} already holds files; choose an empty --out.")
     entry = finetune(model, out, steps, batch, lr, edge_weight, scenes, seed, crop, threads)
     click.echo(f"Wrote {out}: decoder fine-tuned for {steps} steps in {entry['seconds'] / 60:.1f} min ({entry['cpu_s'] / 60:.1f} min of CPU).")

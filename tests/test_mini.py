@@ -311,6 +311,12 @@ def test_decoder_finetune_changes_the_decoder_only_and_writes_a_whole_pipeline(t
     assert record["unet_steps_done"] == 2 and record["decoder_finetune"]["steps"] == 3 and len(record["decoder_finetune"]["history"]) == 1
     again = CliRunner().invoke(decoder.main, ["--model", str(base), "--out", str(out), "--steps", "1"])
     assert again.exit_code != 0 and "already holds files" in again.output  # never writes over a pipeline
+    same = CliRunner().invoke(decoder.main, ["--model", str(base), "--out", str(base), "--steps", "1"])
+    assert same.exit_code != 0 and "already holds files" in same.output  # --out the --model folder: kept as it was
+    (tmp_path / "a-file").write_text("mine")
+    onto_file = CliRunner().invoke(decoder.main, ["--model", str(base), "--out", str(tmp_path / "a-file"), "--steps", "1"])
+    assert onto_file.exit_code != 0 and "already holds files" in onto_file.output and (tmp_path / "a-file").read_text() == "mine"
+    assert load_file(base / "vae" / "diffusion_pytorch_model.safetensors").keys() == before.keys()
 
 
 def test_caption_fidelity_judges_what_the_caption_names_and_exact_judges_the_rest():
