@@ -55,7 +55,12 @@ def choose(table: dict[str, dict[str, float]], group: list[str]) -> tuple[str, s
 @click.option("--group", default="", help="The group's settings, cheapest first, its default first [default: full, then the file's order].")
 def main(result, group):
     """Apply the declared operating-point rule to a tuning result."""
-    data = json.loads(result.read_text())
+    try:
+        data = json.loads(result.read_text())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{result} is not a readable result file ({exc}); give the JSON benchmarks.fidelity wrote.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stats"), dict):
+        raise click.ClickException(f"{result} holds no fidelity statistics; give the JSON benchmarks.fidelity wrote.")
     if (data.get("scene_set") or {}).get("name") != "tuning":
         raise click.ClickException(f"{result} was not run on the tuning scenes.")
     table = means(data)

@@ -565,6 +565,19 @@ def test_the_tuning_rule_takes_the_best_within_bounds_and_the_cheaper_of_near_ti
     assert chosen == "a" and "no setting has" in how
 
 
+@pytest.mark.parametrize("content, says", [("{not json", "is not a readable result file"), ("[1, 2]", "holds no fidelity statistics"),
+                                           ('{"stats": {}, "scene_set": {"name": "test"}}', "was not run on the tuning scenes")])
+def test_the_tuning_rule_refuses_a_file_that_is_not_a_tuning_result_in_one_line(tmp_path, content, says):
+    from click.testing import CliRunner
+
+    from benchmarks.tuning_rule import main
+
+    path = tmp_path / "result.json"
+    path.write_text(content)
+    result = CliRunner().invoke(main, [str(path)])
+    assert result.exit_code == 1 and says in result.output and result.output.count("\n") == 1, result.output
+
+
 def test_an_ablation_that_turns_a_plugin_off_runs_without_that_plugins_options(tmp_path):
     scenes = fidelity.scene_set("tuning")[0]
     name = next(iter(scenes))
