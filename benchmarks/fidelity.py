@@ -542,9 +542,9 @@ def run_evaluations(names: list[str], runs: Path, evals: Path, prompt_files: dic
             log(f"evaluated {i}/{len(tasks)}: {Path(out).name}")
 
 
-def read_values(eval_json: Path, groups: dict[str, list[str]], seeds: list[int]) -> dict[str, list[float]]:
-    """Per metric, one value per generation seed: the mean over its group's prompts of the evaluator's image scores."""
-    data = json.loads(eval_json.read_text())
+def read_values(data: dict, groups: dict[str, list[str]], seeds: list[int]) -> dict[str, list[float]]:
+    """Per metric, one value per generation seed: the mean over its group's prompts of the evaluator's image scores
+    (``data``: an ``eval.json``'s content, or kept scores)."""
     by = {(img["prompt"], img["seed"]): img["scores"] for img in data["images"]}
     values = {}
     for metric in METRICS + IDENTITY_PARTS:
@@ -554,14 +554,16 @@ def read_values(eval_json: Path, groups: dict[str, list[str]], seeds: list[int])
 
 
 # -- statistics -----------------------------------------------------------------------------------
-def collect(evals: Path, scene_groups: dict[str, dict], ablations: list[Ablation], extraction_seeds: list[int], seeds: list[int]) -> dict:
-    """``{ablation: {metric: array (scenes, extraction seeds, generation seeds)}}``, scenes in the order given."""
+def collect(scores: dict[str, dict], scene_groups: dict[str, dict], ablations: list[Ablation], extraction_seeds: list[int],
+            seeds: list[int]) -> dict:
+    """``{ablation: {metric: array (scenes, extraction seeds, generation seeds)}}``, scenes in the order given
+    (``scores``: each run's ``eval.json`` content or kept scores, by run name)."""
     values: dict[str, dict[str, np.ndarray]] = {}
     for ablation in ablations:
         per_metric = {m: np.zeros((len(scene_groups), len(extraction_seeds), len(seeds))) for m in METRICS + IDENTITY_PARTS}
         for i, (scene, groups) in enumerate(scene_groups.items()):
             for j, e in enumerate(extraction_seeds):
-                read = read_values(evals / run_name(scene, ablation.name, e) / "eval.json", groups, seeds)
+                read = read_values(scores[run_name(scene, ablation.name, e)], groups, seeds)
                 for m, v in read.items():
                     per_metric[m][i, j] = v
         values[ablation.name] = per_metric
@@ -749,20 +751,80 @@ def sweeps_of(table: Path) -> list[Path]:
 
 
 # -- pictures -------------------------------------------------------------------------------------
-def ablation_grid(evals: Path, scenes: dict[str, Path], scene_groups: dict[str, dict], ablation: str, extraction_seed: int,
-                  seeds: list[int], tile: int = 64) -> Image.Image:
-    """Per scene: a row with the input and masks, then a row per prompt (a column per generation seed)."""
+def scene_grid(evals: Path, folder: Path, groups: dict, scene: str, ablation: str, extraction_seed: int, seeds: list[int],
+               tile: int = 64) -> Image.Image:
+    """One scene's part of an ablation's grid: a row with the input and masks, then a row per prompt (a column per
+    generation seed)."""
     from bas.generation.generate import image_grid, image_stem
 
-    lines: list[list[Image.Image]] = []
-    for name, folder in scenes.items():
-        inputs = [Image.open(folder / "img.png").convert("RGB")]
-        inputs += [Image.open(m).convert("RGB") for m in sorted(folder.glob("mask*.png"), key=lambda p: int(p.stem[4:]))]
-        lines.append(inputs)
-        images = evals / run_name(name, ablation, extraction_seed) / "images" / run_name(name, ablation, extraction_seed)
-        for prompt in [p for group in scene_groups[name].values() for p in group]:
-            lines.append([Image.open(images / f"{image_stem(prompt)}-seed{s}.png").convert("RGB") for s in seeds])
+    inputs = [Image.open(folder / "img.png").convert("RGB")]
+    inputs += [Image.open(m).convert("RGB") for m in sorted(folder.glob("mask*.png"), key=lambda p: int(p.stem[4:]))]
+    lines = [inputs]
+    images = evals / run_name(scene, ablation, extraction_seed) / "images" / run_name(scene, ablation, extraction_seed)
+    for prompt in [p for group in groups.values() for p in group]:
+        lines.append([Image.open(images / f"{image_stem(prompt)}-seed{s}.png").convert("RGB") for s in seeds])
     return image_grid([[t.resize((tile, tile)) for t in line] for line in lines])
+
+
+def stack_grids(parts: list[Image.Image]) -> Image.Image:
+    """The scenes' parts one under another, left-aligned on white (as one ``image_grid`` of all their rows)."""
+    grid = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
+    y = 0
+    for part in parts:
+        grid.paste(part, (0, y))
+        y += part.height
+    return grid
+
+
+# -- kept scores (resuming on another machine) ----------------------------------------------------
+def fingerprint(line: dict, common: dict, settings: dict) -> dict:
+    """What a run's scores depend on: its batch line without the work folder's paths, the shared options and the
+    evaluation's settings.  Kept scores are used again only where this is the same."""
+    return {"line": {k: v for k, v in line.items() if k not in ("image", "masks", "class_data_dir")},
+            "common": {k: v for k, v in common.items() if k != "quiet"}, "eval": settings}
+
+
+def kept_path(keep: Path, name: str) -> Path:
+    return keep / "scores" / f"{name}.json"
+
+
+def kept_scores(keep: Path, line: dict, finger: dict) -> dict | None:
+    """The kept scores of this run, if kept with the same fingerprint; a kept file made otherwise is an error (the
+    two would mix in one table)."""
+    path = kept_path(keep, line["name"])
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        old = data["fingerprint"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"{path} is not a kept score file ({exc}); remove it and the benchmark makes it again.") from None
+    if old != json.loads(json.dumps(finger)):
+        raise click.ClickException(f"{path} was kept by a benchmark with other settings; give another --keep folder, or remove "
+                                   f"{keep} to start again with these.")
+    return data
+
+
+def keep_scene(keep: Path, work: Path, scene: str, scene_lines: list[dict], fingers: dict[str, dict], folder: Path, groups: dict,
+               ablations: list[str], extraction_seed: int, seeds: list[int]) -> None:
+    """Keep a finished scene: each run's scores and time, and its grid part per ablation; then free its runs and images."""
+    import shutil
+
+    from bas.core import io
+
+    for ablation in ablations:
+        io.save_image(keep / "grids" / f"{scene}--{ablation}.png", scene_grid(work / "eval", folder, groups, scene, ablation, extraction_seed, seeds))
+    for line in scene_lines:
+        name = line["name"]
+        data = json.loads((work / "eval" / name / "eval.json").read_text())
+        info = json.loads((work / "runs" / name / "run.json").read_text())
+        io.write_json(kept_path(keep, name), {
+            "fingerprint": fingers[name], "settings": data["settings"],
+            "images": [{"prompt": img["prompt"], "seed": img["seed"], "scores": img["scores"]} for img in data["images"]],
+            "run_seconds": round(float(info.get("times", {}).get("total_s", 0.0)), 1)})
+    for line in scene_lines:  # only once every file above is written
+        shutil.rmtree(work / "runs" / line["name"], ignore_errors=True)
+        shutil.rmtree(work / "eval" / line["name"], ignore_errors=True)
 
 
 # -- the benchmark --------------------------------------------------------------------------------
@@ -782,13 +844,16 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
                   sample_steps: int = 25, guidance: float = 7.5, attention_res: int | None = None, learning_rates: dict | None = None,
                   options: dict | None = None, jobs: int = 1, work: Path | None = None, grids: Path | None = None,
                   resamples: int = 10_000, quiet: bool = True, scene_set_name: str = "tuning", table: Path | None = None,
-                  operating_point: Path = OPERATING_POINT, log=print) -> dict:
+                  operating_point: Path = OPERATING_POINT, keep: Path | None = None, log=print) -> dict:
     """Every chosen ablation on every scene (of the set ``scene_set_name``, all or the ``scenes`` named) and extraction
     seed; writes ``out`` (JSON) and a grid PNG per ablation.  ``table``: the result file this run is a sweep of (its
     claims are then corrected together with the table's and every other sweep's, and all of them rewritten).
-    The ``test`` set runs only at the operating point (``operating_point``'s settings)."""
+    The ``test`` set runs only at the operating point (``operating_point``'s settings).  Scenes run one at a time;
+    ``keep``: a folder where each finished scene's scores and grid parts are kept (and its runs and images freed), so
+    that the benchmark resumes from them alone, on another machine or in a fresh ``work``."""
     t_start = time.perf_counter()
     out = Path(out)
+    keep = Path(keep).resolve() if keep else None
     learning_rates = dict(learning_rates or {})
     extra = dict(options or {})
     bench_scenes, scene_record = scene_set(scene_set_name, operating_point)
@@ -832,26 +897,52 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
             prepare_class_images(class_dir, scene_dirs[scene_names[0]], common, log)
             times["class_images_s"] = round(time.perf_counter() - t, 1)
         lines = batch_lines(scene_dirs, chosen, extraction_seeds, class_dir, learning_rates, extra)
-        log(f"{len(lines)} extractions ({len(chosen)} ablations x {len(scene_names)} scenes x {len(extraction_seeds)} seeds), {jobs} at a time")
-        t = time.perf_counter()
-        summary = run_extractions(lines, work / "runs", {k: v for k, v in common.items() if k != "quiet"}, jobs, quiet)
-        times["extraction_s"] = round(time.perf_counter() - t, 1)
-        log(f"extractions done in {times['extraction_s'] / 60:.1f} min; evaluating {len(lines)} runs")
-        t = time.perf_counter()
-        names = [line["name"] for line in lines]
-        run_evaluations(names, work / "runs", work / "eval", prompt_files, eval_settings(seeds, sample_steps, guidance), jobs, log)
-        times["evaluation_s"] = round(time.perf_counter() - t, 1)
-        values = collect(work / "eval", scene_groups, chosen, extraction_seeds, seeds)
+        settings = eval_settings(seeds, sample_steps, guidance)
+        fingers = {line["name"]: fingerprint(line, {**common, "model": model}, settings) for line in lines}
+        log(f"{len(lines)} extractions ({len(chosen)} ablations x {len(scene_names)} scenes x {len(extraction_seeds)} seeds), {jobs} at a time, "
+            "a scene at a time" + (f"; scores kept in {keep}" if keep else ""))
+        times.update(extraction_s=0.0, evaluation_s=0.0)
+        scores: dict[str, dict] = {}
+        run_seconds: dict[str, float] = {}
+        summary: dict = {}
+        parts: dict[str, list[Image.Image]] = {a.name: [] for a in chosen}
+        for k, name in enumerate(scene_names, 1):
+            scene_lines = [line for line in lines if line["name"].split("--")[0] == name]
+            kept = {line["name"]: kept_scores(keep, line, fingers[line["name"]]) for line in scene_lines} if keep else {}
+            if keep and all(kept.values()) and all((keep / "grids" / f"{name}--{a.name}.png").is_file() for a in chosen):
+                log(f"scene {k}/{len(scene_names)} {name}: kept in {keep}")
+            else:
+                t = time.perf_counter()
+                summary = run_extractions(scene_lines, work / "runs", {k_: v for k_, v in common.items() if k_ != "quiet"}, jobs, quiet)
+                times["extraction_s"] += time.perf_counter() - t
+                t = time.perf_counter()
+                run_evaluations([line["name"] for line in scene_lines], work / "runs", work / "eval", prompt_files, settings, jobs,
+                                lambda m: None)
+                times["evaluation_s"] += time.perf_counter() - t
+                if keep:
+                    keep_scene(keep, work, name, scene_lines, fingers, scene_dirs[name], scene_groups[name], [a.name for a in chosen],
+                               extraction_seeds[0], seeds)
+                log(f"scene {k}/{len(scene_names)} {name}: {len(scene_lines)} runs extracted and evaluated "
+                    f"({(time.perf_counter() - t_start) / 60:.1f} min so far)")
+            for line in scene_lines:
+                n = line["name"]
+                if keep:
+                    scores[n] = kept_scores(keep, line, fingers[n])
+                    run_seconds[n] = scores[n]["run_seconds"]
+                else:
+                    scores[n] = json.loads((work / "eval" / n / "eval.json").read_text())
+                    info = json.loads((work / "runs" / n / "run.json").read_text())
+                    run_seconds[n] = round(float(info.get("times", {}).get("total_s", 0.0)), 1)
+            for a in chosen:
+                parts[a.name].append(Image.open(keep / "grids" / f"{name}--{a.name}.png").convert("RGB") if keep else
+                                     scene_grid(work / "eval", scene_dirs[name], scene_groups[name], name, a.name, extraction_seeds[0], seeds))
+        times = {k: round(v, 1) for k, v in times.items()}
+        values = collect(scores, scene_groups, chosen, extraction_seeds, seeds)
         stats = statistics(values, chosen, resamples=resamples, label=out.name)
         from bas.core import io
 
         for a in chosen:
-            grid = ablation_grid(work / "eval", scene_dirs, scene_groups, a.name, extraction_seeds[0], seeds)
-            io.save_image(grids / f"{a.name}.png", grid.quantize(colors=64))  # small files in the repo
-        run_seconds = {}
-        for n in names:
-            info = json.loads((work / "runs" / n / "run.json").read_text())
-            run_seconds[n] = round(float(info.get("times", {}).get("total_s", 0.0)), 1)
+            io.save_image(grids / f"{a.name}.png", stack_grids(parts[a.name]).quantize(colors=64))  # small files in the repo
     times["total_s"] = round(time.perf_counter() - t_start, 1)
     result = {
         "date": datetime.date.today().isoformat(), "git": git_revision(), "model": model, "jobs": jobs,
@@ -871,7 +962,7 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
         "resamples": resamples, "holm_family": {"files": [out.name], "size": sum(1 for _ in iter_differences(stats))},
         "ablations": ablations_record(chosen, values),
         "stats": stats, "times": times, "run_seconds": run_seconds,
-        "batch": {"executor": summary.get("executor"), "workers": jobs},
+        "batch": {"executor": summary.get("executor", "local"), "workers": jobs},
         "table": markdown_table(stats, chosen),
     }
     if table is not None:
@@ -963,6 +1054,9 @@ RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_
 @click.option("--jobs", default=1, show_default=True, help="Extractions (and evaluations) at a time, each a process with one torch thread.")
 @click.option("--work", type=click.Path(path_type=Path), default=None, help="Folder for scenes, runs and images; the same --work resumes [default: a temporary one].")
 @click.option("--grids", type=click.Path(path_type=Path), default=None, help="Folder of the grid PNGs [default: --out without .json].")
+@click.option("--keep", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder where each finished scene's scores and grid parts are kept (its runs and images are then freed): commit it "
+                   "and the benchmark resumes from it on another machine, without --work.")
 @click.option("--quiet", is_flag=True, help="No batch progress.")
 @click.option("--operating-point", "operating_point", type=click.Path(path_type=Path, dir_okay=False), default=OPERATING_POINT,
               show_default="benchmarks/operating-point.json",
@@ -978,7 +1072,7 @@ RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_
 @click.argument("sweep_files", nargs=-1, type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.pass_context
 def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, phase1_steps, phase2_steps, extraction_seeds, seeds, sample_steps,
-         guidance, attention_res, phase1_lr, phase2_lr, full_phase2_lr, phase2_handle_lr, options, jobs, work, grids, quiet, operating_point,
+         guidance, attention_res, phase1_lr, phase2_lr, full_phase2_lr, phase2_handle_lr, options, jobs, work, grids, keep, quiet, operating_point,
          tuning_result, test_scenes, test_seed, holm_table, sweep_files):
     """Run the fidelity benchmark and print its table (or correct a table and its sweeps together: --holm-over;
     or record the operating point chosen on the tuning scenes: --choose-operating-point)."""
@@ -1013,7 +1107,7 @@ def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, ph
                            steps=(phase1_steps, phase2_steps), extraction_seeds=list(range(extraction_seeds)), seeds=list(range(seeds)),
                            sample_steps=sample_steps, guidance=guidance, attention_res=attention_res, options=options,
                            learning_rates=rates, jobs=jobs, work=work, grids=grids, quiet=quiet,
-                           scene_set_name=scene_set_name, table=table, operating_point=operating_point,
+                           scene_set_name=scene_set_name, table=table, operating_point=operating_point, keep=keep,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
     click.echo(result["table"])
     click.echo(f"Took {result['times']['total_s'] / 60:.1f} min. Wrote {out}")
