@@ -507,8 +507,8 @@ def run_extractions(lines: list[dict], runs: Path, common: dict, jobs: int, quie
 
 
 # -- evaluation (bas eval) ------------------------------------------------------------------------
-def eval_settings(seeds: list[int], sample_steps: int, guidance: float) -> dict:
-    return {"num_images": len(seeds), "seed": seeds[0], "steps": sample_steps, "guidance": guidance}
+def eval_settings(seeds: list[int], sample_steps: int, guidance: float, sample_batch: int = 1) -> dict:
+    return {"num_images": len(seeds), "seed": seeds[0], "steps": sample_steps, "guidance": guidance, "batch_size": sample_batch}
 
 
 def evaluate_run(task: tuple[str, str, str, dict]) -> str:
@@ -841,7 +841,7 @@ def git_revision() -> str:
 def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | None = None, ablations: list[str] | None = None,
                   variants: list[Ablation] = (),
                   steps: tuple[int, int] = (200, 200), extraction_seeds: list[int] | None = None, seeds: list[int] | None = None,
-                  sample_steps: int = 25, guidance: float = 7.5, attention_res: int | None = None, learning_rates: dict | None = None,
+                  sample_steps: int = 25, sample_batch: int = 16, guidance: float = 7.5, attention_res: int | None = None, learning_rates: dict | None = None,
                   options: dict | None = None, jobs: int = 1, work: Path | None = None, grids: Path | None = None,
                   resamples: int = 10_000, quiet: bool = True, scene_set_name: str = "tuning", table: Path | None = None,
                   operating_point: Path = OPERATING_POINT, keep: Path | None = None, log=print) -> dict:
@@ -897,7 +897,7 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
             prepare_class_images(class_dir, scene_dirs[scene_names[0]], common, log)
             times["class_images_s"] = round(time.perf_counter() - t, 1)
         lines = batch_lines(scene_dirs, chosen, extraction_seeds, class_dir, learning_rates, extra)
-        settings = eval_settings(seeds, sample_steps, guidance)
+        settings = eval_settings(seeds, sample_steps, guidance, sample_batch)
         fingers = {line["name"]: fingerprint(line, {**common, "model": model}, settings) for line in lines}
         log(f"{len(lines)} extractions ({len(chosen)} ablations x {len(scene_names)} scenes x {len(extraction_seeds)} seeds), {jobs} at a time, "
             "a scene at a time" + (f"; scores kept in {keep}" if keep else ""))
@@ -950,7 +950,8 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
         "scene_set": scene_record, "operating_point": point,
         "scenes": {n: {**bench_scenes[n].info(), "described": [o.describe() for o in bench_scenes[n].scene().objects],
                        "prompts": scene_groups[n]} for n in scene_names},
-        "steps": list(steps), "extraction_seeds": extraction_seeds, "seeds": seeds, "sample_steps": sample_steps, "guidance": guidance,
+        "steps": list(steps), "extraction_seeds": extraction_seeds, "seeds": seeds, "sample_steps": sample_steps,
+        "sample_batch": sample_batch, "guidance": guidance,
         "attention_res": attention_res or "bas run's default", "learning_rates": learning_rates or "bas run's defaults", "options": extra,
         "init_tokens": "each concept's shape word, or 'thing' for a shape no caption names",
         "prior_preservation": {"class_prompt": PRIOR_CLASS_PROMPT, "class_images": PRIOR_CLASS_IMAGES},
@@ -1044,6 +1045,8 @@ RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_
 @click.option("--extraction-seeds", default=3, show_default=True, help="Extraction seeds per scene and ablation (0..N-1).")
 @click.option("--seeds", default=4, show_default=True, help="Generation seeds per prompt (0..N-1).")
 @click.option("--sample-steps", default=25, show_default=True, help="DDIM steps per image.")
+@click.option("--sample-batch", default=16, show_default=True,
+              help="Images sampled at once in bas eval (2.2x faster than one at a time on the 2-core CPU; the same images up to rounding).")
 @click.option("--guidance", default=7.5, show_default=True)
 @click.option("--attention-res", type=int, default=None, help="Attention-loss map side [default: bas run's, a quarter of the latent side].")
 @click.option("--phase1-lr", type=float, default=None, help="[default: bas run's, 5e-4]")
@@ -1072,7 +1075,7 @@ RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_
 @click.argument("sweep_files", nargs=-1, type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.pass_context
 def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, phase1_steps, phase2_steps, extraction_seeds, seeds, sample_steps,
-         guidance, attention_res, phase1_lr, phase2_lr, full_phase2_lr, phase2_handle_lr, options, jobs, work, grids, keep, quiet, operating_point,
+         sample_batch, guidance, attention_res, phase1_lr, phase2_lr, full_phase2_lr, phase2_handle_lr, options, jobs, work, grids, keep, quiet, operating_point,
          tuning_result, test_scenes, test_seed, holm_table, sweep_files):
     """Run the fidelity benchmark and print its table (or correct a table and its sweeps together: --holm-over;
     or record the operating point chosen on the tuning scenes: --choose-operating-point)."""
@@ -1105,7 +1108,7 @@ def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, ph
     out = out or RESULTS / f"fidelity-{datetime.date.today().isoformat()}.json"
     result = run_benchmark(out, model=model, scenes=list(scenes) or None, ablations=list(ablations) or None, variants=list(variants),
                            steps=(phase1_steps, phase2_steps), extraction_seeds=list(range(extraction_seeds)), seeds=list(range(seeds)),
-                           sample_steps=sample_steps, guidance=guidance, attention_res=attention_res, options=options,
+                           sample_steps=sample_steps, sample_batch=sample_batch, guidance=guidance, attention_res=attention_res, options=options,
                            learning_rates=rates, jobs=jobs, work=work, grids=grids, quiet=quiet,
                            scene_set_name=scene_set_name, table=table, operating_point=operating_point, keep=keep,
                            log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -485,6 +485,7 @@ def test_two_step_benchmark_on_one_scene_per_set_writes_paired_results_a_sweep_o
     assert info["init_tokens"] == [fidelity.init_word(o.shape) for o in bench.scene().objects] and "thing" in info["init_tokens"]
     assert json.loads((runs / "batch.json").read_text())["scenes"][0]["status"] == "done"  # through bas batch
     ev = json.loads((work / "eval" / f"{scene}--full--e0" / "eval.json").read_text())
+    assert ev["settings"]["batch_size"] == 16 and saved["sample_batch"] == 16  # bas eval --batch-size 16
     assert list(ev["evaluators"]) == ["bas-mini"] and len(ev["images"]) == 2 + 1 + 4 + len(fidelity.PRIOR_PROMPTS)  # identity, composition, backgrounds, prior
     assert all({"swap", "count", "identity_core"} <= set(img["scores"]) for img in ev["images"] if img["prompt"].count("<asset") == 1)
     assert all(set(img["scores"]) == {"prior"} for img in ev["images"] if img["prompt"] in fidelity.PRIOR_PROMPTS)

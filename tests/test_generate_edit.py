@@ -39,6 +39,25 @@ def test_generate_takes_a_prompts_file_variations_seeds_a_size_and_writes_a_grid
     np.testing.assert_array_equal(tiles[128:256, 64:128], pixels(singles[3]))  # row: prompt, column: seed
 
 
+def test_a_batch_draws_each_image_from_its_own_seed_as_one_at_a_time_does(rich_run, invoke, tmp_path):
+    prompts = ["a photo of <asset0>", "a photo of <asset1> at the beach"]
+    options = dict(seeds=[3, 7, 11], steps=2, negative_prompt="blurry", device="cpu")
+    alone = generate_images(rich_run, prompts, out_dir=tmp_path / "alone", **options)
+    batched = generate_images(rich_run, prompts, out_dir=tmp_path / "batched", batch_size=4, **options)  # chunks of 4 and 2, across prompts
+    assert [p.name for p in batched] == [p.name for p in alone]  # the same files, grid last
+    for a, b in zip(alone, batched):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 2, a.name  # rounding only: each image keeps its seed's noise
+    assert not np.array_equal(pixels(batched[0]), pixels(batched[1]))  # seeds 3 and 7 are not one image repeated
+    from bas.core.io import IMAGE_RECORD
+
+    with Image.open(batched[5]) as image:  # the record names the image's own prompt and seed
+        assert {k: json.loads(image.info[IMAGE_RECORD])[k] for k in ("prompt", "seed")} == {"prompt": prompts[1], "seed": 11}
+    result = invoke("generate", rich_run, "a photo of <asset0>", "--batch-size", 0, "--out-dir", tmp_path / "bad")
+    assert result.exit_code == 1 and "--batch-size" in result.output and not (tmp_path / "bad").exists()
+    with pytest.raises(BasError, match="batch_size must be at least 1|--batch-size must be at least 1"):
+        generate_images(rich_run, prompts, out_dir=tmp_path / "bad", batch_size=0, device="cpu")
+
+
 def test_negative_prompt_and_lora_scale_change_the_image(rich_run, tiny_model, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 

@@ -138,6 +138,7 @@ class EvalConfig:
     templates: str | None = None  # None: the evaluators' preferred set, else "paper"
     num_images: int = 4
     seed: int = 0
+    batch_size: int = 1  # images sampled at once
     images: Path | None = None
     class_words: list[str] = field(default_factory=list)
     steps: int | None = None  # None: each run's base model's (50, the paper's; FLUX.1-schnell's 4)
@@ -152,6 +153,7 @@ class EvalConfig:
 
     def check(self) -> None:
         checks.check_integer("num_images", self.num_images, 1, checks.MAX_IMAGES)
+        checks.check_integer("batch_size", self.batch_size, 1, checks.MAX_IMAGES)
         checks.check_seed(self.seed, self.num_images)  # as generate checks it, before anything is read
         if self.steps is not None and self.steps < 1:
             raise BasError(f"--steps must be at least 1, not {self.steps}.")

@@ -29,6 +29,8 @@ def eval_command(command_class: type[click.Command]) -> click.Command:
                        "bas-mini [default: the evaluators' preferred set, else paper; none with --prompts alone].")
     @click.option("--num-images", type=int, default=4, show_default=True, help="Images per prompt, seeds --seed, --seed+1, ...")
     @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                  help="Images sampled at once: faster where memory allows; each from its own seed, the same image up to rounding.")
     @click.option("--evaluator", "evaluators", multiple=True,
                   help="An evaluator (repeatable): clip-prompt, dino-identity, bas-mini, or one a plugin adds [default: those meant for each run].")
     @click.option("--images", type=click.Path(path_type=Path), default=None,

@@ -324,7 +324,8 @@ def generate_samples(run: EvalRun, specs: Sequence[PromptSpec], config: EvalConf
     progress.update(reused)
     if todo:
         generate(run.path, [s.prompt for s in todo], seeds=seeds, grid=False, **run.sampling,
-                 out_dir=folder, device=config.device, precision=config.precision, on_image=lambda p: progress.update(1))
+                 out_dir=folder, device=config.device, precision=config.precision, batch_size=config.batch_size,
+                 on_image=lambda p: progress.update(1))
     return [Sample(run.name, spec.prompt, spec.concepts, s, spec.template, path(spec, s)) for spec in specs for s in seeds], reused
 
 

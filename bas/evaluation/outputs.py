@@ -56,7 +56,7 @@ def result_json(config, runs, chosen, samples, results, summary, notes, template
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "settings": {
             "templates": template_name, "template_list": list(templates), "prompts_file": str(config.prompts) if config.prompts else None,
-            "num_images": config.num_images, "seed": config.seed, "steps": config.steps, "guidance": config.guidance, "scheduler": config.scheduler,
+            "num_images": config.num_images, "seed": config.seed, "batch_size": config.batch_size, "steps": config.steps, "guidance": config.guidance, "scheduler": config.scheduler,
             "images": str(config.images) if config.images else None, "class_words": list(config.class_words) or None,
             "device": config.device, "precision": config.precision, "options": config.options,
             "interval": "95% percentile bootstrap of the mean, resampling prompts with all their images (10000 resamples)",

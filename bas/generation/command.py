@@ -106,6 +106,13 @@ def read_prompts(prompts, prompts_file) -> list[str]:
 @click.option("--variations", is_flag=True, help="Add the prompt naming every handle: variations of the whole scene.")
 @click.option("--grid/--no-grid", default=True, show_default=True, help="Also write a grid (a row per prompt, a column per seed).")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None, help="Where to write PNGs [default: OUT/samples].")
+@click.option(
+    "--batch-size",
+    type=COUNT,
+    default=1,
+    show_default=True,
+    help="Images sampled at once: faster where memory allows; each from its own seed, the same image up to rounding.",
+)
 def generate(out, prompts, prompts_file, variations, num_images, **options):
     """Generate images from a finished run: bas generate OUT "a photo of <asset0> at the beach"."""
     from bas.generation.generate import all_handles_prompt, generate_images, read_run
