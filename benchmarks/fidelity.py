@@ -659,6 +659,80 @@ def markdown_table(stats: dict, ablations: list[Ablation]) -> str:
     return "\n".join(lines)
 
 
+# -- the paper's claims ----------------------------------------------------------------------------
+MARGIN = 0.05  # issue 28: a claim that does not hold must be shown not to, by an interval narrower than this
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the paper as a difference of ``ablation`` from ``full`` in ``metric``: ``side`` +1 or -1 where the
+    paper says which way it falls (without the part, the metric rises or falls), 0 where the claim is that the two
+    are the same (within :data:`MARGIN`)."""
+
+    name: str
+    says: str
+    ablation: str
+    metric: str
+    side: int
+
+
+CLAIMS = [
+    Claim("masked-loss-leakage", "the masked diffusion loss lowers leakage", "no-masked-loss", "leakage", +1),
+    Claim("attention-loss-leakage", "the cross-attention loss lowers leakage", "no-attention-loss", "leakage", +1),
+    Claim("union-sampling-composition", "union sampling raises composition", "no-union-sampling", "composition", -1),
+    Claim("phases-vs-phase1-identity", "both phases draw concepts better than phase 1 alone (identity)", "phase1-only", "identity", -1),
+    Claim("phases-vs-phase1-composition", "both phases compose better than phase 1 alone", "phase1-only", "composition", -1),
+    Claim("phases-vs-phase2-identity", "both phases draw concepts better than phase 2 alone (identity)", "phase2-only", "identity", -1),
+    Claim("phases-vs-phase2-composition", "both phases compose better than phase 2 alone", "phase2-only", "composition", -1),
+    Claim("lora-vs-full-identity", "LoRA draws concepts as the full fine-tune does (identity within +-0.05)", "full-finetune", "identity", 0),
+    Claim("lora-vs-full-prior", "LoRA keeps the base model's prior as the full fine-tune does (within +-0.05)", "full-finetune", "prior", 0),
+]
+
+
+def claim_verdict(claim: Claim, difference: dict) -> dict:
+    """Whether ``claim`` holds, from its difference as :func:`correct_family` left it (both intervals Holm-corrected).
+
+    A claim of a side **holds** where the difference holds (:func:`verdict`) on that side; it is **reversed** where
+    it holds on the other; it **does not hold** where both corrected intervals exclude an effect of :data:`MARGIN`
+    or more on the claimed side; else it is **unsettled** (the intervals are too wide to say).  A claim of no
+    difference holds where both corrected intervals lie within +-MARGIN, does not hold where the difference holds,
+    and is otherwise unsettled."""
+    h = difference["holm"]
+    boot, scene = (h["low"], h["high"]), (h["scene_low"], h["scene_high"])
+    if scene[0] is None:  # one scene: no t-interval
+        scene = (-np.inf, np.inf)
+    holds = difference.get("verdict") == "holds"
+    if claim.side == 0:
+        inside = all(-MARGIN < low and high < MARGIN for low, high in (boot, scene))
+        state = "holds" if inside else "does not hold" if holds else "unsettled"
+        reach = max(abs(boot[0]), abs(boot[1]), abs(scene[0]), abs(scene[1]))
+    else:
+        on_side = lambda interval: interval[1] if claim.side > 0 else -interval[0]  # noqa: E731  the largest effect the claimed way
+        mean_side = np.sign(difference["mean"])
+        reach = max(on_side(boot), on_side(scene))
+        state = ("holds" if mean_side == claim.side else "reversed") if holds else "does not hold" if reach < MARGIN else "unsettled"
+    return {"claim": claim.name, "says": claim.says, "ablation": claim.ablation, "metric": claim.metric, "side": claim.side,
+            "verdict": state, "mean": difference["mean"], "interval": list(boot), "scene_interval": list(scene),
+            "largest_effect_not_excluded": float(reach)}
+
+
+def claim_verdicts(stats: dict) -> list[dict]:
+    """Every claim of :data:`CLAIMS` whose ablation is in ``stats`` (against ``full``), judged by :func:`claim_verdict`."""
+    return [claim_verdict(c, stats[c.ablation][c.metric]["difference"]) for c in CLAIMS
+            if c.ablation in stats and c.metric in stats[c.ablation] and "difference" in stats[c.ablation][c.metric]]
+
+
+def claims_table(claims: list[dict]) -> str:
+    """A row per claim: the difference (ablation minus full) with both Holm-corrected intervals, and the verdict."""
+    lines = ["| the paper's claim | difference (without it, minus full) | Holm-corrected bootstrap | scene-level t | verdict |",
+             "|---|---|---|---|---|"]
+    for c in claims:
+        (bl, bh), (sl, sh) = c["interval"], c["scene_interval"]
+        lines.append(f"| {c['says']} | {c['ablation']}, {c['metric']}: {c['mean']:+.3f} | [{bl:+.3f}, {bh:+.3f}] | [{sl:+.3f}, {sh:+.3f}] | "
+                     f"**{c['verdict']}** |")
+    return "\n".join(lines)
+
+
 # -- a table and its sweeps, corrected together ---------------------------------------------------
 def load_result(path: Path) -> dict:
     try:
@@ -724,6 +798,10 @@ def holm_over(table: Path, sweeps: list[Path], log=print) -> int:
     for path, result in results.items():
         result["holm_family"] = {"files": labels, "size": size}
         result["table"] = markdown_table(result["stats"], result_ablations(result))
+        claims = claim_verdicts(result["stats"])
+        result.pop("claims", None), result.pop("claims_table", None)
+        if claims:
+            result["claims"], result["claims_table"] = claims, claims_table(claims)
         io.write_json(path, result)
         log(f"{path.name}: {sum(d['verdict'] == 'holds' for d in iter_differences(result['stats']))} of the family's {size} claims hold here")
     return size
@@ -966,6 +1044,10 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
         "batch": {"executor": summary.get("executor", "local"), "workers": jobs},
         "table": markdown_table(stats, chosen),
     }
+    claims = claim_verdicts(stats)
+    if claims:
+        result["claims"] = claims
+        result["claims_table"] = claims_table(claims)
     if table is not None:
         result["belongs_to"] = os.path.relpath(table, out.resolve().parent)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1113,6 +1195,8 @@ def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, ph
                            scene_set_name=scene_set_name, table=table, operating_point=operating_point, keep=keep,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
     click.echo(result["table"])
+    if result.get("claims_table"):
+        click.echo("\n" + result["claims_table"])
     click.echo(f"Took {result['times']['total_s'] / 60:.1f} min. Wrote {out}")
 
 

@@ -412,6 +412,42 @@ def test_a_result_from_before_swap_and_count_is_corrected_and_tabled_with_the_me
     assert saved["stats"]["claim"]["identity"]["difference"]["verdict"] == "holds"
 
 
+def test_each_paper_claim_holds_is_reversed_does_not_hold_or_is_unsettled_by_its_corrected_intervals():
+    rng = np.random.default_rng(0)
+    shape = (16, 3, 4)
+    full = {m: rng.uniform(0.2, 0.8, shape) for m in fidelity.METRICS + fidelity.IDENTITY_PARTS}
+
+    def shifted(**by):  # an ablation: full plus a shift (and per-scene noise) in the metrics named
+        out = {m: v.copy() for m, v in full.items()}
+        for m, (shift, noise) in by.items():
+            out[m] = full[m] + shift + rng.normal(0, noise, (16, 1, 1)) + rng.normal(0, noise / 4, shape)
+        return out
+
+    values = {"full": full,
+              "no-masked-loss": shifted(leakage=(0.2, 0.02)),  # leaks more without it: the paper's way
+              "no-attention-loss": shifted(leakage=(-0.2, 0.02)),  # leaks less without it: the other way
+              "no-union-sampling": shifted(composition=(0.0, 0.005)),  # no effect, measured tightly
+              "phase1-only": shifted(identity=(0.0, 0.5), composition=(-0.3, 0.02)),  # identity too noisy to say; composes worse
+              "phase2-only": shifted(),
+              "full-finetune": shifted(identity=(0.0, 0.005), prior=(0.3, 0.02))}
+    ablations = [fidelity.find_ablation(n) for n in values]
+    stats = fidelity.statistics(values, ablations, resamples=2000)
+    claims = {c["claim"]: c for c in fidelity.claim_verdicts(stats)}
+    assert [c.name for c in fidelity.CLAIMS] == list(claims)
+    said = {name: c["verdict"] for name, c in claims.items()}
+    assert said == {"masked-loss-leakage": "holds", "attention-loss-leakage": "reversed", "union-sampling-composition": "does not hold",
+                    "phases-vs-phase1-identity": "unsettled", "phases-vs-phase1-composition": "holds",
+                    "phases-vs-phase2-identity": "does not hold", "phases-vs-phase2-composition": "does not hold",
+                    "lora-vs-full-identity": "holds", "lora-vs-full-prior": "does not hold"}
+    assert claims["union-sampling-composition"]["largest_effect_not_excluded"] < fidelity.MARGIN  # what "does not hold" rests on
+    assert claims["phases-vs-phase1-identity"]["largest_effect_not_excluded"] >= fidelity.MARGIN
+    assert claims["masked-loss-leakage"]["interval"] == [stats["no-masked-loss"]["leakage"]["difference"]["holm"][k] for k in ("low", "high")]
+    table = fidelity.claims_table(list(claims.values()))
+    assert table.count("\n") == 1 + len(claims) and f"| the masked diffusion loss lowers leakage | no-masked-loss, leakage: {claims['masked-loss-leakage']['mean']:+.3f} |" in table
+    # a table without the paper's ablations (a sweep of variants) has no claims
+    assert fidelity.claim_verdicts({"full": stats["full"]}) == []
+
+
 def test_p_value_never_reaches_zero_with_finite_resamples():
     s = nested_summary(np.full((4, 2, 2), 1.0), resamples=999)
     assert s["p"] == pytest.approx(2 / 1000)
