@@ -76,6 +76,7 @@ LOWER_IS_BETTER = {"leakage", "swap", "entanglement"}
 METRIC_GROUP = {"identity": "identity", "leakage": "identity", "swap": "identity", "count": "identity", "composition": "composition",
                 "adherence": "background", "entanglement": "background", "prior": "prior", **{m: "identity" for m in IDENTITY_PARTS}}
 ALPHA = 0.05  # the family-wise error rate of the claims a table makes
+GRID_COLOURS = 64  # grid PNGs (kept parts and the final grids) are quantized to this many colours: small files in the repo
 # captions without handles that bas-mini draws (its base quality): does extraction keep what the model could do?
 PRIOR_PROMPTS = ("a photo of a red circle on a blue background", "a photo of a green striped square on a grey background",
                  "a photo of a yellow triangle and a blue square on a black background", "a photo of a blue striped triangle on a yellow background")
@@ -891,15 +892,16 @@ def keep_scene(keep: Path, work: Path, scene: str, scene_lines: list[dict], fing
     from bas.core import io
 
     for ablation in ablations:
-        io.save_image(keep / "grids" / f"{scene}--{ablation}.png", scene_grid(work / "eval", folder, groups, scene, ablation, extraction_seed, seeds))
+        part = scene_grid(work / "eval", folder, groups, scene, ablation, extraction_seed, seeds).quantize(colors=GRID_COLOURS)
+        io.save_image(keep / "grids" / f"{scene}--{ablation}.png", part)
     for line in scene_lines:
         name = line["name"]
         data = json.loads((work / "eval" / name / "eval.json").read_text())
         info = json.loads((work / "runs" / name / "run.json").read_text())
-        io.write_json(kept_path(keep, name), {
-            "fingerprint": fingers[name], "settings": data["settings"],
-            "images": [{"prompt": img["prompt"], "seed": img["seed"], "scores": img["scores"]} for img in data["images"]],
-            "run_seconds": round(float(info.get("times", {}).get("total_s", 0.0)), 1)})
+        kept = {"fingerprint": fingers[name], "settings": data["settings"],
+                "images": [{"prompt": img["prompt"], "seed": img["seed"], "scores": img["scores"]} for img in data["images"]],
+                "run_seconds": round(float(info.get("times", {}).get("total_s", 0.0)), 1)}
+        io.write_text(kept_path(keep, name), json.dumps(kept, separators=(",", ":")) + "\n")  # one line: 432 of them go in the repo
     for line in scene_lines:  # only once every file above is written
         shutil.rmtree(work / "runs" / line["name"], ignore_errors=True)
         shutil.rmtree(work / "eval" / line["name"], ignore_errors=True)
@@ -1012,15 +1014,17 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
                     info = json.loads((work / "runs" / n / "run.json").read_text())
                     run_seconds[n] = round(float(info.get("times", {}).get("total_s", 0.0)), 1)
             for a in chosen:
-                parts[a.name].append(Image.open(keep / "grids" / f"{name}--{a.name}.png").convert("RGB") if keep else
-                                     scene_grid(work / "eval", scene_dirs[name], scene_groups[name], name, a.name, extraction_seeds[0], seeds))
+                part = (Image.open(keep / "grids" / f"{name}--{a.name}.png") if keep else
+                        scene_grid(work / "eval", scene_dirs[name], scene_groups[name], name, a.name, extraction_seeds[0], seeds).quantize(
+                            colors=GRID_COLOURS))  # as kept: a palette per scene
+                parts[a.name].append(part.convert("RGB"))
         times = {k: round(v, 1) for k, v in times.items()}
         values = collect(scores, scene_groups, chosen, extraction_seeds, seeds)
         stats = statistics(values, chosen, resamples=resamples, label=out.name)
         from bas.core import io
 
         for a in chosen:
-            io.save_image(grids / f"{a.name}.png", stack_grids(parts[a.name]).quantize(colors=64))  # small files in the repo
+            io.save_image(grids / f"{a.name}.png", stack_grids(parts[a.name]).quantize(colors=GRID_COLOURS))  # small files in the repo
     times["total_s"] = round(time.perf_counter() - t_start, 1)
     result = {
         "date": datetime.date.today().isoformat(), "git": git_revision(), "model": model, "jobs": jobs,
