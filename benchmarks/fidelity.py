@@ -734,6 +734,42 @@ def claims_table(claims: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# issue 28's targets for the full method on the test scenes: (metric, "at least" / "at most", bound)
+TARGETS = [("identity", "at least", 0.6), ("composition", "at least", 0.5), ("leakage", "at most", 0.05)]
+PRIOR_MARGIN = 0.03  # the full method's prior within this of the base model's (phase1-only's: it draws a caption as the base does)
+
+
+def target_checks(stats: dict) -> list[dict]:
+    """The full method against :data:`TARGETS` (its mean and 95% interval: ``met`` where the mean is on the target's
+    side, ``surely`` where the whole interval is), and its prior against the base model's: phase 1 trains only the
+    handles' rows, so ``phase1-only`` draws a caption without handles exactly as the base model does, and the
+    difference of its prior from full's, Holm-corrected, must lie within +-:data:`PRIOR_MARGIN`."""
+    if "full" not in stats:
+        return []
+    checks = []
+    for metric, how, bound in TARGETS:
+        v = stats["full"][metric]["value"]
+        sign = 1 if how == "at least" else -1  # on the target's side: sign * (x - bound) >= 0
+        checks.append({"target": f"{metric} {how} {bound}", "mean": v["mean"], "interval": [v["low"], v["high"]],
+                       "met": bool(sign * (v["mean"] - bound) >= 0), "surely": bool(min(sign * (v["low"] - bound), sign * (v["high"] - bound)) >= 0)})
+    if "phase1-only" in stats and "prior" in stats["phase1-only"]:
+        d = stats["phase1-only"]["prior"]["difference"]
+        h = d["holm"]
+        low, high = -h["high"], -h["low"]  # full minus base
+        inside = -PRIOR_MARGIN < low and high < PRIOR_MARGIN
+        checks.append({"target": f"prior within {PRIOR_MARGIN} of the base model's", "mean": -d["mean"], "interval": [low, high],
+                       "met": bool(abs(d["mean"]) < PRIOR_MARGIN), "surely": bool(inside)})
+    return checks
+
+
+def targets_table(checks: list[dict]) -> str:
+    lines = ["| target (full method) | value [interval] | met |", "|---|---|---|"]
+    for c in checks:
+        said = "yes, whole interval" if c["surely"] else "the mean only" if c["met"] else "no"
+        lines.append(f"| {c['target']} | {c['mean']:.3f} [{c['interval'][0]:.3f}, {c['interval'][1]:.3f}] | {said} |")
+    return "\n".join(lines)
+
+
 # -- a table and its sweeps, corrected together ---------------------------------------------------
 def load_result(path: Path) -> dict:
     try:
@@ -803,6 +839,9 @@ def holm_over(table: Path, sweeps: list[Path], log=print) -> int:
         result.pop("claims", None), result.pop("claims_table", None)
         if claims:
             result["claims"], result["claims_table"] = claims, claims_table(claims)
+        if "targets" in result:
+            result["targets"] = target_checks(result["stats"])
+            result["targets_table"] = targets_table(result["targets"])
         io.write_json(path, result)
         log(f"{path.name}: {sum(d['verdict'] == 'holds' for d in iter_differences(result['stats']))} of the family's {size} claims hold here")
     return size
@@ -1052,6 +1091,9 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
     if claims:
         result["claims"] = claims
         result["claims_table"] = claims_table(claims)
+    if point is not None:  # the test scenes: issue 28's targets
+        result["targets"] = target_checks(stats)
+        result["targets_table"] = targets_table(result["targets"])
     if table is not None:
         result["belongs_to"] = os.path.relpath(table, out.resolve().parent)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1199,8 +1241,9 @@ def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, ph
                            scene_set_name=scene_set_name, table=table, operating_point=operating_point, keep=keep,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
     click.echo(result["table"])
-    if result.get("claims_table"):
-        click.echo("\n" + result["claims_table"])
+    for extra in ("claims_table", "targets_table"):
+        if result.get(extra):
+            click.echo("\n" + result[extra])
     click.echo(f"Took {result['times']['total_s'] / 60:.1f} min. Wrote {out}")
 
 

@@ -447,6 +447,19 @@ def test_each_paper_claim_holds_is_reversed_does_not_hold_or_is_unsettled_by_its
     # a table without the paper's ablations (a sweep of variants) has no claims
     assert fidelity.claim_verdicts({"full": stats["full"]}) == []
 
+    # issue 28's targets: the full method's means, and its prior against the base model's (phase1-only's) within 0.03
+    checks = {c["target"]: c for c in fidelity.target_checks(stats)}
+    identity = stats["full"]["identity"]["value"]
+    assert checks["identity at least 0.6"]["mean"] == identity["mean"] and checks["identity at least 0.6"]["met"] == (identity["mean"] >= 0.6)
+    assert checks["leakage at most 0.05"]["met"] is False  # leakage drawn from 0.2-0.8
+    prior = checks["prior within 0.03 of the base model's"]
+    assert prior["mean"] == pytest.approx(-stats["phase1-only"]["prior"]["difference"]["mean"]) and prior["met"] and prior["surely"]
+    values["phase1-only"]["prior"] = full["prior"] - 0.04  # the base model draws captions worse than full by 0.04
+    prior = {c["target"]: c for c in fidelity.target_checks(fidelity.statistics(values, ablations, resamples=500))}[
+        "prior within 0.03 of the base model's"]
+    assert prior["mean"] == pytest.approx(0.04) and not prior["met"] and not prior["surely"]
+    assert "| prior within 0.03 of the base model's | 0.040 [" in fidelity.targets_table([prior])
+
 
 def test_p_value_never_reaches_zero_with_finite_resamples():
     s = nested_summary(np.full((4, 2, 2), 1.0), resamples=999)
@@ -550,6 +563,7 @@ def test_two_step_benchmark_on_one_scene_per_set_writes_paired_results_a_sweep_o
     tested = json.loads(test_out.read_text())
     assert tested["operating_point"] == chosen and tested["scene_set"]["seed"] == 11 and list(tested["scenes"]) == [test_scene]
     assert tested["scene_set"]["drawn_after"] == f"the operating point chosen {chosen['chosen']}"
+    assert [c["target"] for c in tested["targets"]] == ["identity at least 0.6", "composition at least 0.5", "leakage at most 0.05"]
     with pytest.raises(click.ClickException, match="run at the operating point"):
         fidelity.run_benchmark(tmp_path / "other.json", scene_set_name="test", scenes=[test_scene], ablations=["full"], operating_point=point,
                                **{**quick, "steps": (3, 2)})
