@@ -246,7 +246,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 @click.command()
-@click.option("--scene", "scenes", multiple=True, help="Fidelity-benchmark scenes [default: four with touching or similar objects].")
+@click.option("--scene", "scenes", multiple=True,
+              help="Fidelity-benchmark scenes of the v2 or tuning set, by name [default: four v2 scenes with touching or similar objects]. "
+                   "Never the test set's: what is seen there must not steer a choice.")
 @click.option("--variant", "variants", multiple=True, type=click.Choice(["full", "no-attention-loss", "attention-x10", "attention-x100"]),
               help="[default: full and no-attention-loss]")
 @click.option("--phase1-steps", default=200, show_default=True)
@@ -262,6 +264,10 @@ def main(scenes, variants, phase1_steps, phase2_steps, every, seed, sets, out):
 
     torch.set_num_threads(1)
     scenes = list(scenes) or ["cyan-pink-touching", "row-touching", "four-colours", "pink-cyan-orange"]
+    known = {**fidelity.SCENES, **fidelity.scene_set("tuning")[0]}
+    unknown = [n for n in scenes if n not in known]
+    if unknown:
+        raise click.UsageError(f"no scene {unknown[0]!r} in the v2 or tuning set; name one of: {', '.join(known)}.")
     variants = list(variants) or ["full", "no-attention-loss"]
     extra = fidelity.parse_option(None, None, sets)
     out = out or RESULTS / f"attention-probe-{datetime.date.today().isoformat()}.json"
@@ -270,7 +276,7 @@ def main(scenes, variants, phase1_steps, phase2_steps, every, seed, sets, out):
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in scenes:
-            scene_dir = fidelity.write_scene(Path(tmp) / "scenes" / name, fidelity.SCENES[name])
+            scene_dir = fidelity.write_scene(Path(tmp) / "scenes" / name, known[name])
             for variant in variants:
                 plugins = ["no:attention-loss"] if variant == "no-attention-loss" else []
                 options = {"phase1_steps": phase1_steps, "phase2_steps": phase2_steps, "seed": seed, **extra}
