@@ -156,6 +156,7 @@ def extract_with_probe(scene_dir: Path, out: Path, every: int, plugins: list[str
     from bas.core.api import make_config
     from bas.core.plugins import Plugins
     from bas.core.training import extract
+    from benchmarks import fidelity
 
     info = json.loads((scene_dir / "scene.json").read_text())
     probe = Probe(every, info["objects"])
@@ -169,7 +170,7 @@ def extract_with_probe(scene_dir: Path, out: Path, every: int, plugins: list[str
     manager = Plugins(names, extra=[("probe", ProbePlugin())])
     masks = sorted(scene_dir.glob("mask*.png"), key=lambda p: int(p.stem[4:]))
     values = {"image": scene_dir / "img.png", "masks": masks, "out": out, "model": "bas-mini", "device": "cpu",
-              "init_tokens": [o["shape"] for o in info["objects"]], **options}
+              "init_tokens": [fidelity.init_word(o["shape"]) for o in info["objects"]], **options}  # as the benchmark starts them
     run = extract(make_config(manager, values, names), manager)
     return probe, run.history
 
@@ -279,7 +280,8 @@ def main(scenes, variants, phase1_steps, phase2_steps, every, seed, sets, out):
             scene_dir = fidelity.write_scene(Path(tmp) / "scenes" / name, known[name])
             for variant in variants:
                 plugins = ["no:attention-loss"] if variant == "no-attention-loss" else []
-                options = {"phase1_steps": phase1_steps, "phase2_steps": phase2_steps, "seed": seed, **extra}
+                kept = fidelity.options_without_plugins_off(fidelity.Ablation(variant, "", plugins), extra)  # no weight for a loss turned off
+                options = {"phase1_steps": phase1_steps, "phase2_steps": phase2_steps, "seed": seed, **kept}
                 if variant.startswith("attention-x"):
                     options["attention_loss_weight"] = 0.01 * int(variant.split("x")[1])
                 t = time.perf_counter()

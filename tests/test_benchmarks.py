@@ -163,12 +163,14 @@ def test_attention_probe_takes_a_tuning_scene_and_refuses_a_test_scene(tmp_path)
     from benchmarks import attention_probe
 
     out = tmp_path / "probe.json"
-    result = CliRunner().invoke(attention_probe.main, ["--scene", "tuning-01-box", "--variant", "full", "--phase1-steps", "2", "--phase2-steps", "2",
+    result = CliRunner().invoke(attention_probe.main, ["--scene", "tuning-01-box", "--variant", "full", "--variant", "no-attention-loss",
+                                                       "--phase1-steps", "2", "--phase2-steps", "2",
                                                        "--every", "2", "--set", "attention_loss_weight=0.1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    (run,) = data["runs"]
+    run, without = data["runs"]  # the weight of a loss turned off is left out, as the benchmark leaves it out
     assert run["scene"] == "tuning-01-box" and data["options"] == {"attention_loss_weight": 0.1} and out.with_suffix(".png").is_file()
+    assert "attention" in json.dumps(run["gradients"]) and without["variant"] == "no-attention-loss" and "attention" not in json.dumps(without["gradients"])
     assert run["maps"] and run["swaps"]  # maps probed during the run, swaps read after each phase
     refused = CliRunner().invoke(attention_probe.main, ["--scene", "test-00-touching", "--out", str(tmp_path / "no.json")])
     assert refused.exit_code == 2 and "no scene 'test-00-touching' in the v2 or tuning set" in refused.output
