@@ -187,6 +187,29 @@ def summarise(probe: Probe) -> dict:
     return {k: {side: {m: round(float(np.mean(v)), 3) for m, v in d.items()} for side, d in levels.items()} for k, levels in out.items()}
 
 
+def markdown_table(result: dict) -> str:
+    """A row per scene and variant: the finest maps' own / neighbour share at the start and after each phase (mean over
+    handles, layers and noise levels), the attention loss's pull on the handles against the diffusion loss's (the
+    ratio of their mean gradient norms per phase), and what single-handle samples drew after each phase (own / swap / both /
+    neither)."""
+    lines = ["| scene, variant | finest maps own / neighbour, start | after phase 1 | after phase 2 | pull on handles, attention / diffusion "
+             "(phase 1; phase 2) | samples after phase 1: own / swap / both / neither | after phase 2 |", "|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        s = r["summary"]
+        side = str(max(int(k) for k in s["phase1-step0"]))
+        shares = [s[k][side] for k in ("phase1-step0", f"phase1-step{result['steps'][0]}", f"phase2-step{result['steps'][1]}") if k in s]
+        pulls = []
+        for phase in (1, 2):
+            probes = [g for g in r["gradients"] if g["phase"] == phase and "attention" in g]
+            diffusion = np.mean([g["diffusion"]["grad_handles"] for g in probes]) if probes else 0.0
+            pulls.append(f"{100 * np.mean([g['attention']['grad_handles'] for g in probes]) / diffusion:.1f}%" if diffusion > 0 else "-")
+        counts = [r["swaps"][f"phase{p}"]["counts"] for p in (1, 2) if f"phase{p}" in r["swaps"]]
+        cells = [f"{x['own']:.2f} / {x['other']:.2f}" for x in shares] + ["; ".join(pulls) if pulls[0] != "-" else "-"]
+        cells += [" / ".join(str(c[k]) for k in ("own", "swap", "both", "neither")) for c in counts]
+        lines.append(f"| {r['scene']}, {r['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -258,10 +281,19 @@ def plot(results: dict, path: Path) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--set", "sets", multiple=True, help="KEY=VALUE: a bas run option for every run (repeatable).")
 @click.option("--out", type=click.Path(path_type=Path), default=None)
-def main(scenes, variants, phase1_steps, phase2_steps, every, seed, sets, out):
+@click.option("--table", "table_of", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="PROBE.json: print the table of a probe already written; runs nothing.")
+def main(scenes, variants, phase1_steps, phase2_steps, every, seed, sets, out, table_of):
     """Probe extractions on bas-mini and write the JSON and figure."""
     from bas.core import io
     from benchmarks import fidelity
+
+    if table_of is not None:
+        try:
+            click.echo(markdown_table(json.loads(table_of.read_text())))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise click.UsageError(f"{table_of} is not a probe written by benchmarks/attention_probe.py ({exc!r}).") from None
+        return
 
     torch.set_num_threads(1)
     scenes = list(scenes) or ["cyan-pink-touching", "row-touching", "four-colours", "pink-cyan-orange"]
@@ -293,6 +325,7 @@ def main(scenes, variants, phase1_steps, phase2_steps, every, seed, sets, out):
     result["seconds"] = round(time.perf_counter() - t0, 1)
     io.write_json(out, result)
     plot(result, out.with_suffix(".png"))
+    click.echo(markdown_table(result))
     click.echo(f"Wrote {out} and {out.with_suffix('.png')}")
 
 

@@ -172,6 +172,10 @@ def test_attention_probe_takes_a_tuning_scene_and_refuses_a_test_scene(tmp_path)
     assert run["scene"] == "tuning-01-box" and data["options"] == {"attention_loss_weight": 0.1} and out.with_suffix(".png").is_file()
     assert "attention" in json.dumps(run["gradients"]) and without["variant"] == "no-attention-loss" and "attention" not in json.dumps(without["gradients"])
     assert run["maps"] and run["swaps"]  # maps probed during the run, swaps read after each phase
+    table = CliRunner().invoke(attention_probe.main, ["--table", str(out)])
+    rows = table.output.strip().splitlines()
+    assert table.exit_code == 0 and len(rows) == 4 and rows[2].startswith("| tuning-01-box, full | ") and "%" in rows[2]
+    assert rows[3].startswith("| tuning-01-box, no-attention-loss | ") and "| - |" in rows[3]  # no attention loss, no pull
     refused = CliRunner().invoke(attention_probe.main, ["--scene", "test-00-touching", "--out", str(tmp_path / "no.json")])
     assert refused.exit_code == 2 and "no scene 'test-00-touching' in the v2 or tuning set" in refused.output
     assert not (tmp_path / "no.json").exists()
