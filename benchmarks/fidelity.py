@@ -697,7 +697,9 @@ def claim_verdict(claim: Claim, difference: dict) -> dict:
     it holds on the other; it **does not hold** where both corrected intervals exclude an effect of :data:`MARGIN`
     or more on the claimed side; else it is **unsettled** (the intervals are too wide to say).  A claim of no
     difference holds where both corrected intervals lie within +-MARGIN, does not hold where the difference holds,
-    and is otherwise unsettled."""
+    and is otherwise unsettled.  ``half_width``: the wider corrected interval's half-width; ``scenes_for_margin``: about how
+    many scenes would bring it under :data:`MARGIN` (it shrinks as one over the root of the scenes), for the claims the
+    table leaves unsettled."""
     h = difference["holm"]
     boot, scene = (h["low"], h["high"]), (h["scene_low"], h["scene_high"])
     if scene[0] is None:  # one scene: no t-interval
@@ -712,9 +714,13 @@ def claim_verdict(claim: Claim, difference: dict) -> dict:
         mean_side = np.sign(difference["mean"])
         reach = max(on_side(boot), on_side(scene))
         state = ("holds" if mean_side == claim.side else "reversed") if holds else "does not hold" if reach < MARGIN else "unsettled"
+    half = max((boot[1] - boot[0]) / 2, (scene[1] - scene[0]) / 2)
+    n = difference["scene"]["n"]
+    needed = int(np.ceil(n * (half / MARGIN) ** 2)) if np.isfinite(half) else None  # a half-width shrinks as 1/sqrt(scenes)
     return {"claim": claim.name, "says": claim.says, "ablation": claim.ablation, "metric": claim.metric, "side": claim.side,
             "verdict": state, "mean": difference["mean"], "interval": list(boot), "scene_interval": list(scene),
-            "largest_effect_not_excluded": float(reach)}
+            "largest_effect_not_excluded": float(reach), "half_width": float(half), "scenes": n,
+            "scenes_for_margin": needed}
 
 
 def claim_verdicts(stats: dict) -> list[dict]:
@@ -725,12 +731,13 @@ def claim_verdicts(stats: dict) -> list[dict]:
 
 def claims_table(claims: list[dict]) -> str:
     """A row per claim: the difference (ablation minus full) with both Holm-corrected intervals, and the verdict."""
-    lines = ["| the paper's claim | difference (without it, minus full) | Holm-corrected bootstrap | scene-level t | verdict |",
-             "|---|---|---|---|---|"]
+    lines = ["| the paper's claim | difference (without it, minus full) | Holm-corrected bootstrap | scene-level t | verdict | "
+             "half-width (scenes for +-0.05) |", "|---|---|---|---|---|---|"]
     for c in claims:
         (bl, bh), (sl, sh) = c["interval"], c["scene_interval"]
+        needed = f" ({c['scenes_for_margin']})" if c["half_width"] >= MARGIN and c.get("scenes_for_margin") else ""
         lines.append(f"| {c['says']} | {c['ablation']}, {c['metric']}: {c['mean']:+.3f} | [{bl:+.3f}, {bh:+.3f}] | [{sl:+.3f}, {sh:+.3f}] | "
-                     f"**{c['verdict']}** |")
+                     f"**{c['verdict']}** | {c['half_width']:.3f}{needed} |")
     return "\n".join(lines)
 
 
