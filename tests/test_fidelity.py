@@ -578,16 +578,16 @@ def test_kept_scores_resume_a_benchmark_without_its_work_folder_and_refuse_other
     scenes = ["tuning-01-box", "tuning-03-touching"]
     quick = dict(scene_set_name="tuning", scenes=scenes, ablations=["no-masked-loss"], steps=(2, 2), extraction_seeds=[0], seeds=[0],
                  sample_steps=2, resamples=200, log=lambda m: None)
-    plain = fidelity.run_benchmark(tmp_path / "plain.json", work=tmp_path / "plain-work", **quick)
     keep, work = tmp_path / "kept", tmp_path / "work"
-    first = fidelity.run_benchmark(tmp_path / "first.json", work=work, keep=keep, **quick)
+    plain = fidelity.run_benchmark(tmp_path / "plain.json", work=work, **quick)
+    first = fidelity.run_benchmark(tmp_path / "first.json", work=work, keep=keep, **quick)  # the same runs, kept now
     names = [fidelity.run_name(s, a, 0) for s in scenes for a in ("full", "no-masked-loss")]
     assert sorted(p.stem for p in (keep / "scores").glob("*.json")) == sorted(names)
     assert sorted(p.stem for p in (keep / "grids").glob("*.png")) == sorted(f"{s}--{a}" for s in scenes for a in ("full", "no-masked-loss"))
     assert not any((work / "runs").glob("tuning-*")) and not any((work / "eval").glob("tuning-*"))  # freed once kept
     kept = json.loads((keep / "scores" / f"{names[1]}.json").read_text())
     assert kept["fingerprint"]["common"]["phase1_steps"] == 2 and kept["fingerprint"]["line"]["mask_loss"] is False and "image" not in kept["fingerprint"]["line"] and kept["run_seconds"] > 0
-    assert first["ablations"] == plain["ablations"] and first["table"] == plain["table"]  # the same runs, seeded: the same values
+    assert first["ablations"] == plain["ablations"] and first["table"] == plain["table"]  # read from the kept scores
     for a in ("full", "no-masked-loss"):  # the grid stacked from the kept parts is the one drawn from the images
         assert np.array_equal(np.asarray(Image.open(tmp_path / "first" / f"{a}.png").convert("RGB")),
                               np.asarray(Image.open(tmp_path / "plain" / f"{a}.png").convert("RGB")))
