@@ -690,6 +690,22 @@ CLAIMS = [
 ]
 
 
+def scenes_for_margin(boot_half: float, scene_half: float, n: int, confidence: float, limit: int = 100_000) -> int | None:
+    """About how many scenes would bring both half-widths under :data:`MARGIN`, with the spread of these ``n``: the
+    bootstrap's shrinks as one over the root of the scenes; the t-interval's also loses its small-sample quantile
+    (the scene means' spread is read back from it at ``confidence``).  None with fewer than two scenes."""
+    from scipy import stats as scipy_stats
+
+    if n < 2 or not (np.isfinite(boot_half) and np.isfinite(scene_half)):
+        return None
+    quantile = lambda k: scipy_stats.t.ppf(1 - (1 - confidence) / 2, k - 1)  # noqa: E731
+    spread = scene_half * np.sqrt(n) / quantile(n)  # the scene means' standard deviation
+    for k in range(2, limit + 1):
+        if boot_half * np.sqrt(n / k) < MARGIN and quantile(k) * spread / np.sqrt(k) < MARGIN:
+            return k
+    return None
+
+
 def claim_verdict(claim: Claim, difference: dict) -> dict:
     """Whether ``claim`` holds, from its difference as :func:`correct_family` left it (both intervals Holm-corrected).
 
@@ -716,7 +732,7 @@ def claim_verdict(claim: Claim, difference: dict) -> dict:
         state = ("holds" if mean_side == claim.side else "reversed") if holds else "does not hold" if reach < MARGIN else "unsettled"
     half = max((boot[1] - boot[0]) / 2, (scene[1] - scene[0]) / 2)
     n = difference["scene"]["n"]
-    needed = int(np.ceil(n * (half / MARGIN) ** 2)) if np.isfinite(half) else None  # a half-width shrinks as 1/sqrt(scenes)
+    needed = scenes_for_margin((boot[1] - boot[0]) / 2, (scene[1] - scene[0]) / 2, n, h["scene_confidence"])
     return {"claim": claim.name, "says": claim.says, "ablation": claim.ablation, "metric": claim.metric, "side": claim.side,
             "verdict": state, "mean": difference["mean"], "interval": list(boot), "scene_interval": list(scene),
             "largest_effect_not_excluded": float(reach), "half_width": float(half), "scenes": n,
