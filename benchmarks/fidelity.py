@@ -305,8 +305,10 @@ def load_operating_point(path: Path = OPERATING_POINT) -> dict:
     return point
 
 
-def scene_set(name: str, operating_point: Path = OPERATING_POINT) -> tuple[dict[str, BenchScene], dict]:
-    """The scenes of a set and what the result file records of how they were drawn."""
+def scene_set(name: str, operating_point: Path = OPERATING_POINT, count: int | None = None) -> tuple[dict[str, BenchScene], dict]:
+    """The scenes of a set and what the result file records of how they were drawn.  ``count``: for the test set, more
+    scenes than the operating point recorded, drawn on from its seed (the first ones are the recorded ones: the draw
+    is sequential), to narrow intervals that the recorded count leaves too wide."""
     if name == "v2":
         return SCENES, {"name": "v2", "drawn": "by hand (bas-mini v2's benchmark)"}
     tuning = recorded_scenes(SCENE_DIR / "tuning.json")
@@ -314,8 +316,15 @@ def scene_set(name: str, operating_point: Path = OPERATING_POINT) -> tuple[dict[
         return tuning, {"name": "tuning", "seed": TUNING_SEED, "recorded": "benchmarks/scenes/tuning.json"}
     if name == "test":
         point = load_operating_point(operating_point)
-        scenes = draw_scenes(int(point["test_seed"]), int(point["test_scenes"]), "test", exclude=tuning)
-        return scenes, {"name": "test", "seed": int(point["test_seed"]), "drawn_after": f"the operating point chosen {point['chosen']}"}
+        recorded = int(point["test_scenes"])
+        if count is not None and count < recorded:
+            raise click.ClickException(f"--test-scenes {count} is fewer than the {recorded} the operating point drew; run a part of them "
+                                       f"with --scene NAME, or more with a larger --test-scenes.")
+        scenes = draw_scenes(int(point["test_seed"]), count or recorded, "test", exclude=tuning)
+        record = {"name": "test", "seed": int(point["test_seed"]), "drawn_after": f"the operating point chosen {point['chosen']}"}
+        if len(scenes) > recorded:
+            record["extended"] = f"{len(scenes)} scenes, the operating point's {recorded} and {len(scenes) - recorded} more drawn on from its seed"
+        return scenes, record
     raise click.BadParameter(f"no scene set {name!r}; use one of {', '.join(SCENE_SETS)}")
 
 
@@ -986,7 +995,7 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
                   sample_steps: int = 25, sample_batch: int = 16, guidance: float = 7.5, attention_res: int | None = None, learning_rates: dict | None = None,
                   options: dict | None = None, jobs: int = 1, work: Path | None = None, grids: Path | None = None,
                   resamples: int = 10_000, quiet: bool = True, scene_set_name: str = "tuning", table: Path | None = None,
-                  operating_point: Path = OPERATING_POINT, keep: Path | None = None, log=print) -> dict:
+                  operating_point: Path = OPERATING_POINT, keep: Path | None = None, test_scenes: int | None = None, log=print) -> dict:
     """Every chosen ablation on every scene (of the set ``scene_set_name``, all or the ``scenes`` named) and extraction
     seed; writes ``out`` (JSON) and a grid PNG per ablation.  ``table``: the result file this run is a sweep of (its
     claims are then corrected together with the table's and every other sweep's, and all of them rewritten).
@@ -998,7 +1007,7 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
     keep = Path(keep).resolve() if keep else None
     learning_rates = dict(learning_rates or {})
     extra = dict(options or {})
-    bench_scenes, scene_record = scene_set(scene_set_name, operating_point)
+    bench_scenes, scene_record = scene_set(scene_set_name, operating_point, test_scenes)
     point = None
     if scene_set_name == "test":
         point = load_operating_point(operating_point)
@@ -1218,7 +1227,9 @@ RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_
 @click.option("--choose-operating-point", "tuning_result", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="TUNING_RESULT.json: write --operating-point from the settings given here (steps, learning rates, --attention-res, --set), "
                    "chosen on that tuning run, with the test scenes' seed drawn now; runs nothing.")
-@click.option("--test-scenes", default=TEST_COUNT, show_default=True, help="With --choose-operating-point: how many test scenes to draw.")
+@click.option("--test-scenes", default=TEST_COUNT, show_default=True,
+              help="With --choose-operating-point: how many test scenes to draw. With --scenes test: run more than the operating point drew, "
+                   "drawn on from its seed (the first are the same).")
 @click.option("--test-seed", type=int, default=None, help="With --choose-operating-point: the test scenes' seed [default: drawn at random now].")
 @click.option("--holm-over", "holm_table", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="TABLE.json [SWEEP.json ...]: recompute the statistics of a table and of all its sweeps as one Holm family and rewrite "
@@ -1262,6 +1273,7 @@ def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, ph
                            sample_steps=sample_steps, sample_batch=sample_batch, guidance=guidance, attention_res=attention_res, options=options,
                            learning_rates=rates, jobs=jobs, work=work, grids=grids, quiet=quiet,
                            scene_set_name=scene_set_name, table=table, operating_point=operating_point, keep=keep,
+                           test_scenes=test_scenes if ctx.get_parameter_source("test_scenes") != click.core.ParameterSource.DEFAULT else None,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
     click.echo(result["table"])
     for extra in ("claims_table", "targets_table"):

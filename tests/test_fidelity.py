@@ -125,6 +125,21 @@ def test_the_test_set_needs_the_operating_point_and_is_drawn_from_its_seed_apart
     assert a["test_seed"] != b["test_seed"]
 
 
+def test_the_test_set_extends_from_its_seed_keeping_the_scenes_it_had(tmp_path):
+    point = tmp_path / "operating-point.json"
+    tuning = tmp_path / "tuning.json"
+    tuning.write_text(json.dumps({"ablations": {}, "stats": {}, "scene_set": {"name": "tuning"}, "date": "2026-12-07", "git": "abc"}))
+    fidelity.choose_operating_point(point, tuning, {"steps": [2, 2], "learning_rates": {}, "attention_res": None, "options": {}},
+                                    test_scenes=12, test_seed=5)
+    recorded, record = fidelity.scene_set("test", point)
+    more, more_record = fidelity.scene_set("test", point, count=15)
+    assert len(recorded) == 12 and list(more)[:12] == list(recorded) and all(more[n] == recorded[n] for n in recorded) and len(more) == 15
+    assert "extended" not in record and more_record["extended"].startswith("15 scenes, the operating point's 12 and 3 more")
+    assert not set(more) & set(fidelity.scene_set("tuning")[0])
+    with pytest.raises(click.ClickException, match="fewer than the 12 the operating point drew"):
+        fidelity.scene_set("test", point, count=11)
+
+
 def test_the_test_set_runs_only_at_the_operating_point(tmp_path):
     from click.testing import CliRunner
 
