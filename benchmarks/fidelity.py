@@ -1078,7 +1078,7 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
             for line in scene_lines:
                 n = line["name"]
                 if keep:
-                    scores[n] = kept_scores(keep, line, fingers[n])
+                    scores[n] = kept.get(n) or kept_scores(keep, line, fingers[n])  # read once: already, or just kept
                     run_seconds[n] = scores[n]["run_seconds"]
                 else:
                     scores[n] = json.loads((work / "eval" / n / "eval.json").read_text())
