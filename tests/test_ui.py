@@ -1030,7 +1030,8 @@ def test_the_page_keeps_the_users_habits(server, page, scene, tiny_model, tmp_pa
     page.set_viewport_size({"width": 1024, "height": 700})
     try:
         page.goto(server["url"])
-        # arrow keys move between tabs
+        # arrow keys move between tabs, once the page's script has run (a key pressed before it does nothing)
+        expect(page.locator("html[data-bas-keys=ready]")).to_have_count(1, timeout=30_000)
         page.locator("button[role=tab]:has-text('Scene')").focus()
         page.keyboard.press("ArrowRight")
         expect(page.locator("button[role=tab]:has-text('Extract')")).to_have_attribute("aria-selected", "true", timeout=30_000)
@@ -1042,6 +1043,7 @@ def test_the_page_keeps_the_users_habits(server, page, scene, tiny_model, tmp_pa
         start_on_page(page, "scenes/habits", "restored", 2, 1, "--plugin no:report --seed 5")
         wait_text(page, "#progress", r"restored: finished in", timeout=120_000)
         page.reload()
+        expect(page.locator("html[data-bas-keys=ready]")).to_have_count(1, timeout=30_000)
         open_tab(page, "Extract")
         expect(page.locator("#run-name input, #run-name textarea")).to_have_value("restored", timeout=30_000)
         expect(page.locator("#phase1-steps input")).to_have_value("2", timeout=30_000)

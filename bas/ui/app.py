@@ -82,7 +82,8 @@ element.addEventListener('click', (e) => {
   t.dispatchEvent(new Event('input', {bubbles: true}));
 });
 """
-# the whole page: arrow keys move between tabs (as ARIA tabs do), Ctrl+Enter in the prompts generates
+# the whole page: arrow keys move between tabs (as ARIA tabs do), Ctrl+Enter in the prompts generates;
+# the page is marked data-bas-keys once these keys work (gradio runs this after the app has mounted)
 PAGE_JS = """
 () => {
   document.addEventListener('keydown', (e) => {
@@ -99,6 +100,7 @@ PAGE_JS = """
       document.querySelector('#generate').click();
     }
   });
+  document.documentElement.dataset.basKeys = 'ready';
 }
 """
 # the queue: a Stop button for every job queued or running, and Show to follow it in the progress panel
