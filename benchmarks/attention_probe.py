@@ -170,7 +170,8 @@ def extract_with_probe(scene_dir: Path, out: Path, every: int, plugins: list[str
     manager = Plugins(names, extra=[("probe", ProbePlugin())])
     masks = sorted(scene_dir.glob("mask*.png"), key=lambda p: int(p.stem[4:]))
     values = {"image": scene_dir / "img.png", "masks": masks, "out": out, "model": "bas-mini", "device": "cpu",
-              "init_tokens": [fidelity.init_word(o["shape"]) for o in info["objects"]], **options}  # as the benchmark starts them
+              "init_tokens": [fidelity.init_word(o["shape"]) for o in info["objects"]], "model_defaults": False,  # as the benchmark
+              **options}  # starts them: every setting its own, none of bas-mini's recommended ones
     run = extract(make_config(manager, values, names), manager)
     return probe, run.history
 

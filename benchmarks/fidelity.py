@@ -501,14 +501,16 @@ def prepare_class_images(class_dir: Path, scene: Path, common: dict, log) -> Non
         masks = sorted(scene.glob("mask*.png"))
         extract(scene / "img.png", masks, Path(tmp) / "run", plugins=["prior-preservation", *observer_off()], model=common["model"],
                 phase1_steps=0, phase2_steps=1, device="cpu", quiet=True, class_data_dir=str(class_dir), class_prompt=PRIOR_CLASS_PROMPT,
-                num_class_images=PRIOR_CLASS_IMAGES)
+                num_class_images=PRIOR_CLASS_IMAGES, model_defaults=False)
 
 
 def run_extractions(lines: list[dict], runs: Path, common: dict, jobs: int, quiet: bool) -> dict:
     """Every run through ``bas batch`` (finished runs with the same options are skipped, so a stopped benchmark resumes)."""
     import bas
 
-    summary = bas.batch(lines, runs, executor="local", workers=jobs, quiet=quiet, **common)
+    # every setting is the benchmark's own (its lines and `common`), none of bas-mini's recommended ones (bas_model_settings):
+    # a table's `full` is what it says it is, whatever bas run's defaults for bas-mini become
+    summary = bas.batch(lines, runs, executor="local", workers=jobs, quiet=quiet, model_defaults=False, **common)
     bad = [s for s in summary["scenes"] if s["status"] not in ("done", "skipped")]
     if bad:
         raise click.ClickException(f"{len(bad)} of {len(lines)} extractions did not finish; the first, {bad[0]['name']}: {bad[0]['status']}: "

@@ -67,7 +67,7 @@ def main(out, steps, work):
         pm = Plugins(names, extra=[("handle-snapshots", snapshots)])
         values = dict(image=scene / "img.png", masks=[scene / "mask0.png", scene / "mask1.png"], out=work / "run", model="bas-mini",
                       phase1_steps=steps, phase2_steps=steps, init_tokens=["circle", "square"], overwrite=True, quiet=True,
-                      device="cpu", phase2_handle_lr=handle_lr)
+                      device="cpu", phase2_handle_lr=handle_lr, model_defaults=False)  # bas run's own defaults, as measured
         extract(make_config(pm, values, names), pm)
         r = snapshots.rows
         phase1, phase2 = float((r["end1"] - r["start1"]).norm()), float((r["end2"] - r["start2"]).norm())

@@ -41,9 +41,9 @@ from bas.core.plugins import Plugins
 from bas.core.training import Interrupted, RunConfig
 
 # options a finished run may differ in from the same scene requested again, and still be the same run
-IGNORED_OPTIONS = {"out", "resume", "overwrite", "quiet", "checkpoint_every"}
+IGNORED_OPTIONS = {"out", "resume", "overwrite", "quiet", "checkpoint_every", "model_defaults", "model_settings"}  # the values are compared
 # RunConfig fields that the batch sets itself, never a manifest line
-BATCH_FIELDS = {"out", "resume", "overwrite", "options", "plugins"}
+BATCH_FIELDS = {"out", "resume", "overwrite", "options", "plugins", "model_settings"}
 CORE_ALIASES = {"init_token": "init_tokens"}
 POLL_S = 0.5
 GALLERY_EVERY_S = 10.0  # index.html is rewritten at most this often while scenes run (and at the end)

@@ -13,20 +13,53 @@ from bas.core.plugins import Plugins, option_default  # noqa: F401 (option_defau
 from bas.core.training import Run, RunConfig
 from bas.core.training import extract as _extract
 
-CORE_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"options", "plugins"}
+CORE_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"options", "plugins", "model_settings"}
 
 
-def make_config(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable[str]) -> RunConfig:
-    """A :class:`RunConfig` from option values; plugin options take their defaults when absent."""
+def model_settings(plugins: Plugins, values: dict[str, Any], chosen: Iterable[str]) -> dict[str, Any]:
+    """The settings the model in ``values`` recommends (``bas_model_settings``) for the options not in
+    ``chosen``: none with ``model_defaults=False``, and none for an option of a plugin that is not on."""
+    if values.get("model") is None or values.get("model_defaults") is False:
+        return {}
+    known = CORE_FIELDS | {opt.name for _, opt in plugins.run_options()}
+    chosen = set(chosen)
+    return {k: v for k, v in plugins.model_settings(str(values["model"])).items() if k in known and k not in chosen}
+
+
+def describe_model_settings(config: RunConfig) -> str | None:
+    """One line saying which of the model's recommended settings a run took, or None."""
+    if not config.model_settings:
+        return None
+    from bas.core.checks import option_name
+    from bas.core.errors import command_line
+
+    words = [w for k, v in config.model_settings.items() for w in (option_name(k), v)]
+    return (
+        f"Using {config.model}'s recommended settings for the options you left out: {command_line(*words)} "
+        "(give an option to choose its value, or --no-model-defaults for bas's own defaults)."
+    )
+
+
+def make_config(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable[str], chosen: Iterable[str] | None = None) -> RunConfig:
+    """A :class:`RunConfig` from option values; plugin options take their defaults when absent.
+
+    ``chosen`` names the options the user gave (``bas run``: those on the command line); the model's
+    recommended settings (:func:`model_settings`) fill the others.  Without it, every value in
+    ``values`` that is not None counts as given (:func:`bas.extract`'s keywords, a batch's options).
+    """
     options = {opt.name: option_default(opt) for _, opt in plugins.run_options()}
     unknown = set(values) - CORE_FIELDS - set(options)
     if unknown:
         raise BasError(f"Unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(CORE_FIELDS | set(options)))}.")
+    if chosen is None:
+        chosen = {k for k, v in values.items() if v is not None}
+    recommended = model_settings(plugins, values, chosen)
+    values = {**values, **recommended}
     core = {k: v for k, v in values.items() if k in CORE_FIELDS and v is not None}
     options.update({k: v for k, v in values.items() if k in options})
     if "init_tokens" in core:
         core["init_tokens"] = list(core["init_tokens"])
-    return RunConfig(plugins=list(plugin_names), options=options, **core)
+    return RunConfig(plugins=list(plugin_names), options=options, model_settings=recommended, **core)
 
 
 def extract(image=None, masks=(), out="bas-out", *, plugins: Iterable[str] = (), **options) -> Run:

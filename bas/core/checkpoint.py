@@ -36,7 +36,8 @@ INPUTS_FILE = "inputs.json"
 STATE_FILE = "state.json"
 NAME = re.compile(r"phase([12])-step(\d+)")
 # options that may differ between the interrupted command and the resuming one
-RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "checkpoint_every"}
+# model_defaults and model_settings say where values came from; the values themselves are compared
+RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "checkpoint_every", "model_defaults", "model_settings"}
 
 
 @dataclass

@@ -257,6 +257,24 @@ def bas_model_path(name):
 
 
 @hookspec
+def bas_model_settings(name):
+    """Return the ``bas run`` options recommended for the model named ``name`` (a dict, option names
+    with underscores: ``{"phase1_lr": 2e-3, "attention_loss_weight": 0.1}``), or ``None`` when the name is
+    not this plugin's.
+
+    A model much smaller or larger than Stable Diffusion moves at other learning rates and steps than
+    the paper's, which are ``bas run``'s defaults.  Every way to start a run (``bas run``, ``bas batch``,
+    ``bas ui``, :func:`bas.extract`) uses these settings for the options the user left out, says so, and
+    records them in ``run.json`` (``model_settings``); an option the user gave always wins, and
+    ``--no-model-defaults`` turns them off.  A setting of a plugin that is not on (the attention loss
+    turned off) is skipped.  The first plugin that knows the name wins.  The built-in ``bas-mini`` plugin
+    gives bas-mini's operating point, chosen on its tuning scenes (``benchmarks/README.md``).
+
+    **Provisional** (plugin API 1).
+    """
+
+
+@hookspec
 def bas_write_run_files(run, out, info):
     """Write files a finished run keeps besides its weights into ``out``, and return their names
     relative to ``out`` (a list).

@@ -65,7 +65,9 @@ class RunConfig:
     overwrite: bool = False
     resume: bool = False
     background: bool = False  # one more handle for the complement of all masks
+    model_defaults: bool = True  # the model's recommended settings (bas_model_settings) where the user chose none
     options: dict[str, Any] = field(default_factory=dict)
+    model_settings: dict[str, Any] = field(default_factory=dict)  # those it took (bas.core.api.make_config), for run.json
 
     def check(self) -> None:
         """Every check of the options that needs no model, plugin options' numbers included."""
@@ -598,6 +600,7 @@ class Run:
             "gradient_checkpointing": self.gradient_checkpointing,
             "quantize": self.quantize,
             "prediction_type": self.prediction_type,
+            "model_settings": self.config.model_settings,
             "learning_rates": {"phase1": self.config.phase1_lr, "phase2": self.phase2_lr, "phase2_handles": self.config.phase2_handle_lr},
             "plugins": {name: {"version": i.version, "source": i.source, "default": i.default, "explicit": i.explicit} for name, i in self.plugins.infos.items()},
             "plugin_names": self.config.plugins,

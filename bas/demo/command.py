@@ -56,6 +56,7 @@ def demo(out, steps, model):
         init_tokens=["circle", "square"],
         overwrite=True,
         device="cpu",
+        model_defaults=False,  # the demo's own settings, chosen to finish in under a minute on a laptop CPU
         **extra,
     )
     paths = generate_api(out / "run", [p for _, p in DEMO_PROMPTS], num_images=2, steps=25, grid=False, device="cpu")

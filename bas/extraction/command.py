@@ -95,6 +95,13 @@ class MasksCommand(RunCommand):
 @click.option("--init-token", "init_tokens", multiple=True, help="A word to start each handle from, one per mask in order [default: 'object'].")
 @click.option("--background", is_flag=True, help="Add a handle for the background: everything outside all masks (after the masks' handles).")
 @click.option(
+    "--model-defaults/--no-model-defaults",
+    default=True,
+    show_default=True,
+    help="Where you give no value, use the settings recommended for --model (bas-mini: phase-1 rate 2e-3, 200 + 200 steps, attention-loss "
+    "weight 0.1), as run.json's model_settings records; --no-model-defaults keeps bas's own defaults (the paper's).",
+)
+@click.option(
     "--optimizer",
     default=None,
     help="adamw or adamw8bit (bitsandbytes, CUDA), or one a plugin adds [default: adamw; on CUDA the family may pick adamw8bit, see run.json's family_defaults].",
@@ -139,7 +146,7 @@ class MasksCommand(RunCommand):
 @click.pass_context
 def run(ctx, plugin_names, plan_only, as_json, vram, **values):
     """Extract one handle per mask from an image: phase 1 (handles), then phase 2 (weights + handles)."""
-    from bas.core.api import make_config
+    from bas.core.api import describe_model_settings, make_config
     from bas.core.training import extract
 
     plugins = ctx.meta["bas.plugins"]
@@ -149,15 +156,18 @@ def run(ctx, plugin_names, plan_only, as_json, vram, **values):
         if not plan_only:
             raise BasError("Missing option '--out'; name the folder the run writes (only --plan needs none).")
         values["out"] = Path("bas-plan")  # nothing is written
-    config = make_config(plugins, values, plugin_names)
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    config = make_config(plugins, values, plugin_names, chosen=given)
+    said = describe_model_settings(config)
+    if said:
+        click.echo(said, err=True)
     if vram is not None or plan_only:
         from bas.memory.plan import format_plan, make_plan
         from bas.memory.vram import describe, fit
 
         choice = None
         if vram is not None:
-            explicit = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-            choice = fit(config, plugins, vram, explicit)
+            choice = fit(config, plugins, vram, given)
             config = choice.config
             click.echo(describe(choice, vram), err=as_json)
         if plan_only:

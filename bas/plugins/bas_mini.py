@@ -180,3 +180,11 @@ def bas_model_path(name):
     from bas import mini
 
     return mini.model_path() if name == mini.NAME else None
+
+
+@hookimpl
+def bas_model_settings(name):
+    """bas-mini's operating point (:data:`bas.mini.RECOMMENDED`), for the ``bas run`` options a user leaves out."""
+    from bas import mini
+
+    return dict(mini.RECOMMENDED) if name == mini.NAME else None

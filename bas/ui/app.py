@@ -244,7 +244,7 @@ class App:
 
     def build(self) -> gr.Blocks:
         ws = self.ws
-        d = commands.defaults()
+        d = commands.defaults(model=self.model)
         with gr.Blocks(title="bas ui") as demo:
             job_id = gr.State(None)
             seen = gr.State(-1)

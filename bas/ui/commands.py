@@ -44,6 +44,7 @@ def parse_run(args: list[str], workspace: Workspace):
             raise BasError(exc.format_message()) from None
         plugins = ctx.meta["bas.plugins"]
         params = dict(ctx.params)
+        given = {name for name in params if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
         path_options = {p.name for p in command.params if isinstance(getattr(p, "type", None), click.Path)}
     for name in path_options:
         value = params.get(name)
@@ -54,16 +55,21 @@ def parse_run(args: list[str], workspace: Workspace):
     names = list(params.pop("plugin_names", ()))
     for name in PLAN_OPTIONS:  # --plan and --vram plan a run on the command line; the page runs one
         params.pop(name, None)
-    return make_config(plugins, params, names), names
+    return make_config(plugins, params, names, chosen=given), names
 
 
-def defaults(plugin_names: Iterable[str] = ("lora",)) -> dict[str, Any]:
-    """``bas run``'s defaults, its own options and those of the named plugins (as the page's fields start)."""
-    from bas.core.api import option_default
+def defaults(plugin_names: Iterable[str] = ("lora",), model: str | None = None) -> dict[str, Any]:
+    """``bas run``'s defaults for ``model``, its own options and those of the named plugins (as the page's
+    fields start): bas's, with the settings the model recommends (``bas_model_settings``) over them, so
+    that a field left as it starts is the value the run takes."""
+    from bas.core.api import model_settings, option_default
     from bas.core.plugins import Plugins
 
+    plugins = Plugins(list(plugin_names))
     values = {p.name: option_default(p) for p in run_command().params if isinstance(p, click.Option) and not getattr(p, "_from_plugin", False)}
-    values.update({opt.name: option_default(opt) for _, opt in Plugins(list(plugin_names)).run_options()})
+    values.update({opt.name: option_default(opt) for _, opt in plugins.run_options()})
+    if model:
+        values.update(model_settings(plugins, {"model": model}, ()))
     return values
 
 
@@ -74,7 +80,7 @@ def shell(words: Iterable[Any]) -> str:
 def run_args(form: dict[str, Any], path: Callable[[str], str]) -> list[str]:
     """``bas run`` arguments for the Extract form; ``path`` writes a workspace-relative path
     (absolute to run it, relative to show it).  Options left at their defaults are left out."""
-    d = defaults(["full"] if form.get("weights") == "full" else ["lora"])
+    d = defaults(["full"] if form.get("weights") == "full" else ["lora"], model=str(form.get("model") or "") or None)
     args = ["--scene", path(form["scene"]), "--out", path(form["out"])]
     if form.get("weights") == "full":
         args += ["--plugin", "full"]
@@ -107,17 +113,21 @@ def run_args(form: dict[str, Any], path: Callable[[str], str]) -> list[str]:
 
 def config_args(saved: dict[str, Any]) -> list[str]:
     """``bas run`` arguments that make the configuration ``saved`` (a ``RunConfig.to_json()``, as a
-    checkpoint keeps it) again: how the page resumes a run that was started on the command line."""
-    from bas.core.api import option_default
+    checkpoint keeps it) again: how the page resumes a run that was started on the command line.  A value
+    is left out where the command would take it anyway: bas's default, or the model's recommended one."""
+    from bas.core.api import model_settings, option_default
     from bas.core.plugins import Plugins
 
     names = list(saved.get("plugins") or [])
-    values = {**{k: v for k, v in saved.items() if k not in ("options", "plugins")}, **(saved.get("options") or {})}
+    plugins = Plugins(names)
+    values = {**{k: v for k, v in saved.items() if k not in ("options", "plugins", "model_settings")}, **(saved.get("options") or {})}
+    recommended = model_settings(plugins, values, ())
     options = [p for p in run_command().params if isinstance(p, click.Option) and p.name != "plugin_names" and not getattr(p, "_from_plugin", False)]
-    options += [opt for _, opt in Plugins(names).run_options()]
+    options += [opt for _, opt in plugins.run_options()]
     args = [word for name in names for word in ("--plugin", name)]
     for opt in options:
-        value, default = values.get(opt.name), option_default(opt)
+        value = values.get(opt.name)
+        default = recommended[opt.name] if opt.name in recommended else option_default(opt)
         if opt.name in ("resume", "overwrite") or value is None or _same(value, default):
             continue
         if opt.is_flag or opt.is_bool_flag:

@@ -1,0 +1,170 @@
+"""A model's recommended run settings (``bas_model_settings``): bas-mini runs at its operating point where
+the user gives no value, whatever the way the run starts, and an option the user gives always wins."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import bas
+from bas.batches.runner import Batch
+from bas.core.api import make_config
+from bas.core.errors import BasError
+from bas.core.plugins import Plugins
+from bas.mini import RECOMMENDED
+from bas.ui import commands
+from bas.ui.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = {"phase1_steps": 400, "phase2_steps": 400, "phase1_lr": 5e-4, "attention_loss_weight": 0.01}  # bas run's own defaults
+
+
+def settings(config) -> dict:
+    return {
+        "phase1_steps": config.phase1_steps,
+        "phase2_steps": config.phase2_steps,
+        "phase1_lr": config.phase1_lr,
+        "attention_loss_weight": config.options.get("attention_loss_weight"),
+    }
+
+
+def test_bas_minis_recommended_settings_are_the_operating_point_the_benchmark_chose():
+    point = json.loads((ROOT / "benchmarks" / "operating-point.json").read_text())["settings"]
+    chosen = {"phase1_steps": point["steps"][0], "phase2_steps": point["steps"][1], **point["learning_rates"], **point["options"]}
+    assert RECOMMENDED == chosen
+    assert point["attention_res"] is None  # the 16x16 maps, bas run's default side: nothing to recommend
+
+
+def test_bas_run_on_bas_mini_takes_its_settings_where_none_is_given_and_says_so(invoke, scene, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(
+        "run", "--scene", scene, "--model", "bas-mini", "--out", out, "--phase1-steps", 2, "--phase2-steps", 1, "--device", "cpu", "--quiet"
+    )
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.stderr.splitlines() if "recommended settings" in line]
+    assert said == [
+        "Using bas-mini's recommended settings for the options you left out: --phase1-lr 0.002 --attention-loss-weight 0.1 "
+        "(give an option to choose its value, or --no-model-defaults for bas's own defaults)."
+    ]
+    info = json.loads((out / "run.json").read_text())
+    assert info["model_settings"] == {"phase1_lr": 2e-3, "attention_loss_weight": 0.1}  # the steps were given
+    assert info["learning_rates"]["phase1"] == 2e-3 and info["config"]["phase1_steps"] == 2 and info["config"]["phase2_steps"] == 1
+    assert {t["name"]: t["weight"] for t in info["loss_terms"]}["attention"] == 0.1
+    assert info["history"]["phase1"] and len(info["history"]["phase1"]) == 2  # the user's steps, not the model's 200
+
+
+@pytest.mark.parametrize(
+    "extra, took",
+    [
+        ([], "--phase1-steps 200 --phase2-steps 200 --phase1-lr 0.002 --attention-loss-weight 0.1"),
+        (["--phase1-lr", "5e-4"], "--phase1-steps 200 --phase2-steps 200 --attention-loss-weight 0.1"),  # given, though it is bas's default
+        (["--phase1-steps", "400", "-p", "no:attention-loss"], "--phase2-steps 200 --phase1-lr 0.002"),  # a plugin that is off: skipped
+        (["--no-model-defaults"], None),
+    ],
+)
+def test_an_option_the_user_gives_always_wins(extra, took, invoke, scene, tmp_path):
+    result = invoke("run", "--plan", "--scene", scene, "--model", "bas-mini", "--device", "cpu", *extra)
+    assert result.exit_code == 0, result.output
+    said = re.findall(r"recommended settings for the options you left out: (.*) \(give", result.stderr)
+    assert said == ([took] if took else [])
+
+
+def test_the_python_api_and_bas_batch_take_them_as_bas_run_does(scene, tiny_model, tmp_path):
+    pm = Plugins()
+    base = {"scene": scene, "model": "bas-mini", "out": tmp_path / "out"}
+    assert settings(make_config(pm, base, [])) == RECOMMENDED
+    config = make_config(pm, {**base, "phase1_lr": 1e-3, "phase2_steps": 5}, [])  # bas.extract's keywords are the given options
+    assert settings(config) == {**RECOMMENDED, "phase1_lr": 1e-3, "phase2_steps": 5}
+    assert config.model_settings == {"phase1_steps": 200, "attention_loss_weight": 0.1}
+    assert settings(make_config(pm, {**base, "model_defaults": False}, [])) == PAPER
+    assert settings(make_config(pm, {**base, "model": str(tiny_model)}, [])) == PAPER  # a model no plugin recommends settings for
+    assert settings(make_config(pm, {**base, "model": None}, [])) == PAPER  # the default model, SD 2.1 base: the paper's are its own
+
+    lines = [
+        {"name": "mini", "scene": str(scene), "model": "bas-mini"},
+        {"name": "given", "scene": str(scene), "model": "bas-mini", "phase1_lr": 1e-3},
+        {"name": "tiny", "scene": str(scene), "model": str(tiny_model)},
+    ]
+    batch = Batch(lines, tmp_path / "runs", "local", [], False, 1, True, {"phase2_steps": 7})
+    # a scene's worker makes its config from the task as bas.extract does
+    made = {s.spec.name: make_config(batch.manager, dict(s.task.values, out=Path(s.task.out)), s.task.plugins) for s in batch.states}
+    assert settings(made["mini"]) == {**RECOMMENDED, "phase2_steps": 7}
+    assert settings(made["given"]) == {**RECOMMENDED, "phase1_lr": 1e-3, "phase2_steps": 7}
+    assert settings(made["tiny"]) == {**PAPER, "phase2_steps": 7}
+
+
+def test_a_finished_run_from_before_model_settings_is_the_same_run_to_batch_and_resume(scene, tmp_path):
+    """A run.json or checkpoint written before model settings existed lacks their keys; with the same values
+    it is the same run (the values are compared, not where they came from)."""
+    from bas.batches.runner import option_differences
+    from bas.core.checkpoint import check_same_run
+
+    config = make_config(Plugins(), {"scene": scene, "model": "bas-mini", "out": tmp_path / "out"}, []).to_json()
+    assert config["model_settings"] and config["model_defaults"] is True
+    old = {k: v for k, v in config.items() if k not in ("model_settings", "model_defaults")}
+    assert option_differences(old, config) == []
+    check_same_run(json.loads(json.dumps(old, default=str)), config)
+    with pytest.raises(BasError, match=r"made with phase1_lr=0.0005 but this command has 0.002"):
+        check_same_run(json.loads(json.dumps(dict(old, phase1_lr=5e-4), default=str)), config)  # bas-mini started at the paper's rate
+
+
+def test_the_page_shows_the_models_settings_and_runs_what_it_shows(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    d = commands.defaults(model="bas-mini")
+    assert {k: d[k] for k in ("phase1_steps", "phase2_steps", "phase1_lr")} == {
+        k: RECOMMENDED[k] for k in ("phase1_steps", "phase2_steps", "phase1_lr")
+    }
+    assert commands.defaults(model="some/model")["phase1_lr"] == 5e-4
+    form = {
+        "scene": "scenes/toys",
+        "out": "runs/toys",
+        "model": "bas-mini",
+        "weights": "lora",
+        "phase1_steps": d["phase1_steps"],
+        "phase2_steps": d["phase2_steps"],
+        "phase1_lr": d["phase1_lr"],
+        "lora_rank": d["lora_rank"],
+        "seed": 0,
+        "precision": "auto",
+        "device": "cpu",
+    }
+    args = commands.run_args(form, commands.absolute(ws))
+    assert "--phase1-lr" not in args and "--phase1-steps" not in args  # as the fields start: the model's, left out
+    config, _ = commands.parse_run(args, ws)
+    assert settings(config) == RECOMMENDED and config.model_settings == RECOMMENDED
+    # a value typed into a field is the user's, even bas's own default; on another model the shown values are given
+    config, _ = commands.parse_run(commands.run_args(dict(form, phase1_lr=5e-4), commands.absolute(ws)), ws)
+    assert config.phase1_lr == 5e-4 and "phase1_lr" not in config.model_settings
+    config, _ = commands.parse_run(commands.run_args(dict(form, model="some/model"), commands.absolute(ws)), ws)
+    assert (config.phase1_steps, config.phase1_lr, config.model_settings) == (200, 2e-3, {})
+    # the page resumes a run started on the command line with the options that make the same config
+    for given in ({}, {"phase1_lr": 5e-4}, {"model_defaults": False}):
+        ran = make_config(Plugins(), {"scene": ws.root / "scenes" / "a", "model": "bas-mini", "out": ws.root / "runs" / "a", **given}, [])
+        again, _ = commands.parse_run(commands.config_args(json.loads(json.dumps(ran.to_json(), default=str))), ws)
+        assert settings(again) == settings(ran) and again.model_defaults == ran.model_defaults
+
+
+class Recommends:
+    """A community plugin recommending settings for its own model name."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    @bas.hookimpl
+    def bas_model_settings(self, name):
+        return self.answer if name == "my-model" else None
+
+
+def test_a_plugin_recommends_settings_for_its_model_and_a_bad_answer_is_one_line(tmp_path):
+    pm = Plugins(extra=[("mine", Recommends({"phase1_lr": 1e-2, "lora_rank": 16}))])
+    config = make_config(pm, {"model": "my-model", "out": tmp_path / "out"}, [])
+    assert config.phase1_lr == 1e-2 and config.options["lora_rank"] == 16 and config.model_settings == {"phase1_lr": 1e-2, "lora_rank": 16}
+    assert make_config(pm, {"model": "other", "out": tmp_path / "out"}, []).model_settings == {}
+    pm = Plugins(extra=[("mine", Recommends([("phase1_lr", 1e-2)]))])
+    with pytest.raises(
+        BasError, match=r"^Plugin 'mine' returned \[\('phase1_lr', 0.01\)\] from bas_model_settings; return a dict of option names\.$"
+    ):
+        make_config(pm, {"model": "my-model", "out": tmp_path / "out"}, [])
