@@ -55,6 +55,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -918,12 +919,40 @@ def scene_grid(evals: Path, folder: Path, groups: dict, scene: str, ablation: st
     return image_grid([[t.resize((tile, tile)) for t in line] for line in lines])
 
 
-def stack_grids(parts: list[Image.Image]) -> Image.Image:
-    """The scenes' parts one under another, left-aligned on white (as one ``image_grid`` of all their rows)."""
-    grid = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
-    y = 0
-    for part in parts:
-        grid.paste(part, (0, y))
+LABEL_WIDTH = 232  # the grids' label column, in pixels: about 38 characters of PIL's default font per line
+
+
+def grid_labels(scene: str, groups: dict) -> list[str]:
+    """A scene part's row labels: the scene and what its first row shows, then each row's prompt and its group."""
+    return [f"{scene}: the input, then its masks"] + [f"{group}: {p}" for group, prompts in groups.items() for p in prompts]
+
+
+def stack_grids(parts: list[Image.Image], labels: list[list[str]] | None = None, title: str | None = None) -> Image.Image:
+    """The scenes' parts one under another, left-aligned on white (as one ``image_grid`` of all their rows); with
+    ``labels`` (a part's row labels, :func:`grid_labels`), a column on the left names each row, and ``title`` heads
+    the image, so a grid is read without the README."""
+    from PIL import ImageFont
+
+    font = ImageFont.load_default()
+    left = LABEL_WIDTH if labels else 0
+    width = left + max(p.width for p in parts)
+    heading = textwrap.wrap(title, max(20, (width - 8) // 6)) if title else []
+    top = 12 * len(heading) + 4 if heading else 0
+    grid = Image.new("RGB", (width, top + sum(p.height for p in parts)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, line in enumerate(heading):
+        draw.text((4, 2 + 12 * i), line, fill="black", font=font)
+    y = top
+    for k, part in enumerate(parts):
+        grid.paste(part, (left, y))
+        if labels:
+            rows = labels[k]
+            height = part.height / len(rows)
+            for r, text in enumerate(rows):
+                lines = textwrap.wrap(text, 38)[: max(1, int(height // 12))]
+                for i, line in enumerate(lines):
+                    draw.text((4, y + r * height + 2 + 12 * i), line, fill="black", font=font)
+            draw.line([(0, y), (left - 4, y)], fill=(160, 160, 160))  # where a scene starts (the images stay as drawn)
         y += part.height
     return grid
 
@@ -1096,8 +1125,11 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
         stats = statistics(values, chosen, resamples=resamples, label=out.name)
         from bas.core import io
 
+        labels = [grid_labels(name, scene_groups[name]) for name in scene_names]
         for a in chosen:
-            io.save_image(grids / f"{a.name}.png", stack_grids(parts[a.name]).quantize(colors=GRID_COLOURS))  # small files in the repo
+            title = (f"{a.name}: per scene its input and masks, then a row per prompt; a column per generation seed "
+                     f"({', '.join(map(str, seeds))}); extraction seed {extraction_seeds[0]}")
+            io.save_image(grids / f"{a.name}.png", stack_grids(parts[a.name], labels, title).quantize(colors=GRID_COLOURS))  # small files
     times["total_s"] = round(time.perf_counter() - t_start, 1)
     result = {
         "date": datetime.date.today().isoformat(), "git": git_revision(), "model": model, "jobs": jobs,

@@ -625,6 +625,24 @@ def test_kept_scores_resume_a_benchmark_without_its_work_folder_and_refuse_other
     assert not (tmp_path / "other.json").exists()
 
 
+def test_a_grid_names_each_row_with_its_prompt_and_keeps_the_images_as_they_were():
+    parts = [Image.new("RGB", (128, 96), (200, 30, 30)), Image.new("RGB", (96, 64), (30, 30, 200))]  # 3 rows of 32 px, then 2
+    labels = [fidelity.grid_labels("scene-a", {"identity": ["a photo of <asset0>", "a photo of <asset1>"]}),
+              fidelity.grid_labels("scene-b", {"composition": ["a photo of <asset0> and <asset1>"]})]
+    assert labels[0] == ["scene-a: the input, then its masks", "identity: a photo of <asset0>", "identity: a photo of <asset1>"]
+    grid = np.asarray(fidelity.stack_grids(parts, labels, "full: a title"))
+    top = grid.shape[0] - 160
+    assert grid.shape == (top + 160, fidelity.LABEL_WIDTH + 128, 3) and top > 0
+    assert (grid[top:top + 96, fidelity.LABEL_WIDTH:] == (200, 30, 30)).all()  # each part pasted whole, right of the labels
+    assert (grid[top + 96:, fidelity.LABEL_WIDTH:fidelity.LABEL_WIDTH + 96] == (30, 30, 200)).all()
+    ink = grid[:, : fidelity.LABEL_WIDTH].min(axis=2) < 100
+    assert ink[:top].any()  # the title
+    for y in (top + 1, top + 33, top + 65, top + 97, top + 129):  # every row of every part has its label
+        assert ink[y + 1:y + 14].any(), y
+    plain = np.asarray(fidelity.stack_grids(parts))  # no labels: the parts alone, as before
+    assert plain.shape == (160, 128, 3) and (plain[:96] == (200, 30, 30)).all()
+
+
 def test_captions_of_the_world_parse_back_to_their_scenes_and_nothing_else_does():
     rng = random.Random(5)
     for _ in range(200):
