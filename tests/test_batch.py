@@ -441,6 +441,21 @@ def test_runner_skips_same_options_reports_other_options_and_retries_a_dead_proc
     assert scripted.submitted == [("other", 1, True), ("dies", 1, False), ("fresh", 1, False), ("dies", 2, False)]
 
 
+def test_a_batch_says_once_which_recommended_settings_its_scenes_take(scene, scripted, tmp_path, capsys):
+    lines = [{"name": "a", "scene": str(scene), "model": "bas-mini"}, {"name": "b", "scene": str(scene), "model": "bas-mini"},
+             {"name": "given", "scene": str(scene), "model": "bas-mini", "phase1_lr": 1e-3}, {"name": "paper", "scene": str(scene)}]
+    bas.batch(lines, tmp_path / "runs", executor="scripted", plugins=["scripted"], phase1_steps=2, phase2_steps=2)
+    said = [line for line in capsys.readouterr().err.splitlines() if "recommended settings" in line]
+    assert said == [
+        "2 of 4 scene(s): Using bas-mini's recommended settings for the options you left out: --phase1-lr 0.002 --attention-loss-weight 0.1 "
+        "(give an option to choose its value, or --no-model-defaults for bas's own defaults).",
+        "1 of 4 scene(s): Using bas-mini's recommended settings for the options you left out: --attention-loss-weight 0.1 "
+        "(give an option to choose its value, or --no-model-defaults for bas's own defaults).",
+    ]
+    bas.batch(lines, tmp_path / "quiet", executor="scripted", plugins=["scripted"], phase1_steps=2, phase2_steps=2, quiet=True)
+    assert "recommended" not in capsys.readouterr().err
+
+
 def test_ctrl_c_stops_running_scenes_with_a_checkpoint_and_says_how_to_continue(scene, scripted, tmp_path):
     # 'dies' crashes and is queued again; Ctrl-C comes before its retry starts
     lines = [{"name": "slow", "scene": str(scene)}, {"name": "queued", "scene": str(scene)}, {"name": "dies", "scene": str(scene)}]

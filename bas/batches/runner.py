@@ -16,6 +16,7 @@ checkpoint); a scene that fails with an error is recorded and the others go on.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import json
@@ -31,7 +32,7 @@ import click
 
 from bas.core.version import __version__
 from bas.core import checkpoint
-from bas.core.api import make_config, option_default
+from bas.core.api import describe_model_settings, make_config, option_default
 from bas.batches import summary as summary_io
 from bas.batches.progress import BatchProgress
 from bas.batches.scenes import LIST_SEPARATOR, SceneSpec, normalise_key, read_scenes
@@ -58,6 +59,7 @@ class SceneState:
     record: dict[str, Any]
     task: SceneTask | None = None  # None: nothing to run (skipped, other options)
     started: bool = False
+    model_settings: str | None = None  # the line saying which of its model's recommended settings the scene takes
 
 
 @dataclass
@@ -319,7 +321,7 @@ class Batch:
         except BasError as exc:
             raise BasError(f"{spec.source}: {exc}") from None
         record = {"name": spec.name, "source": spec.source, "out": spec.name, "status": "pending", "error": None}
-        state = SceneState(spec, run_out, record)
+        state = SceneState(spec, run_out, record, model_settings=describe_model_settings(config))
         run_json = run_out / "run.json"
         preview = self.out / summary_io.PREVIEW_DIR / f"{spec.name}.png"
         task = SceneTask(name=spec.name, out=str(run_out), values=values, plugins=names, preview=str(preview))
@@ -374,6 +376,10 @@ class Batch:
                 self.write()
                 try:
                     if executor is not None:
+                        if not self.quiet:
+                            said = collections.Counter(s.model_settings for s in to_run if s.model_settings)
+                            for line, n in said.items():  # as bas run says it, once per batch, with how many scenes
+                                click.echo(f"{n} of {len(to_run)} scene(s): {line}", err=True)
                         progress = BatchProgress(len(to_run), skipped=len(self.states) - len(to_run), quiet=self.quiet)
                         try:
                             self.follow(executor, to_run, progress)

@@ -264,8 +264,9 @@ def bas_model_settings(name):
 
     A model much smaller or larger than Stable Diffusion moves at other learning rates and steps than
     the paper's, which are ``bas run``'s defaults.  Every way to start a run (``bas run``, ``bas batch``,
-    ``bas ui``, :func:`bas.extract`) uses these settings for the options the user left out, says so, and
-    records them in ``run.json`` (``model_settings``); an option the user gave always wins, and
+    ``bas ui``, :func:`bas.extract`) uses these settings for the options the user left out and records
+    them in ``run.json`` (``model_settings``); ``bas run`` and ``bas batch`` say so in one line, the page
+    starts its fields at them.  An option the user gave always wins, and
     ``--no-model-defaults`` turns them off.  A setting of a plugin that is not on (the attention loss
     turned off) is skipped.  The first plugin that knows the name wins.  The built-in ``bas-mini`` plugin
     gives bas-mini's operating point, chosen on its tuning scenes (``benchmarks/README.md``).
