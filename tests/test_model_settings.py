@@ -107,8 +107,15 @@ def test_a_finished_run_from_before_model_settings_is_the_same_run_to_batch_and_
     old = {k: v for k, v in config.items() if k not in ("model_settings", "model_defaults")}
     assert option_differences(old, config) == []
     check_same_run(json.loads(json.dumps(old, default=str)), config)
-    with pytest.raises(BasError, match=r"made with phase1_lr=0.0005 but this command has 0.002"):
-        check_same_run(json.loads(json.dumps(dict(old, phase1_lr=5e-4), default=str)), config)  # bas-mini started at the paper's rate
+    # a bas-mini run started at the paper's rate, before bas-mini had settings of its own: the way to resume it
+    started = json.loads(json.dumps(dict(old, phase1_lr=5e-4), default=str))
+    with pytest.raises(BasError, match=r"^The checkpoint was made with phase1_lr=0.0005, but this command takes 0.002 from bas-mini's "
+                                       r"recommended settings; resume with --no-model-defaults \(or with the interrupted run's options\)\.$"):
+        check_same_run(started, config)
+    check_same_run(started, make_config(Plugins(), {"scene": scene, "model": "bas-mini", "out": tmp_path / "out", "model_defaults": False,
+                                                    "phase1_steps": 200, "phase2_steps": 200, "attention_loss_weight": 0.1}, []).to_json())
+    with pytest.raises(BasError, match=r"made with seed=0 but this command has 1; resume with the same options"):
+        check_same_run(started, dict(config, seed=1, phase1_lr=5e-4))  # a value the user gave: the usual message
 
 
 def test_the_page_shows_the_models_settings_and_runs_what_it_shows(tmp_path):

@@ -198,6 +198,11 @@ def check_same_run(saved_config: dict, config: dict) -> None:
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
         k = diff[0]
+        if k.removeprefix("options.") in (config.get("model_settings") or {}):  # the user gave no value: the model's settings did
+            raise BasError(
+                f"The checkpoint was made with {k}={a.get(k)!r}, but this command takes {b.get(k)!r} from {config.get('model')}'s "
+                "recommended settings; resume with --no-model-defaults (or with the interrupted run's options)."
+            )
         raise BasError(
             f"The checkpoint was made with {k}={a.get(k)!r} but this command has {b.get(k)!r}; "
             "resume with the same options as the interrupted run, or use --overwrite to start over."
