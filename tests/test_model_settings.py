@@ -109,11 +109,28 @@ def test_a_finished_run_from_before_model_settings_is_the_same_run_to_batch_and_
     check_same_run(json.loads(json.dumps(old, default=str)), config)
     # a bas-mini run started at the paper's rate, before bas-mini had settings of its own: the way to resume it
     started = json.loads(json.dumps(dict(old, phase1_lr=5e-4), default=str))
-    with pytest.raises(BasError, match=r"^The checkpoint was made with phase1_lr=0.0005, but this command takes 0.002 from bas-mini's "
-                                       r"recommended settings; resume with --no-model-defaults \(or with the interrupted run's options\)\.$"):
+    with pytest.raises(
+        BasError,
+        match=r"^The checkpoint was made with phase1_lr=0.0005, but this command takes 0.002 from bas-mini's "
+        r"recommended settings; resume with --no-model-defaults \(or with the interrupted run's options\)\.$",
+    ):
         check_same_run(started, config)
-    check_same_run(started, make_config(Plugins(), {"scene": scene, "model": "bas-mini", "out": tmp_path / "out", "model_defaults": False,
-                                                    "phase1_steps": 200, "phase2_steps": 200, "attention_loss_weight": 0.1}, []).to_json())
+    check_same_run(
+        started,
+        make_config(
+            Plugins(),
+            {
+                "scene": scene,
+                "model": "bas-mini",
+                "out": tmp_path / "out",
+                "model_defaults": False,
+                "phase1_steps": 200,
+                "phase2_steps": 200,
+                "attention_loss_weight": 0.1,
+            },
+            [],
+        ).to_json(),
+    )
     with pytest.raises(BasError, match=r"made with seed=0 but this command has 1; resume with the same options"):
         check_same_run(started, dict(config, seed=1, phase1_lr=5e-4))  # a value the user gave: the usual message
 
