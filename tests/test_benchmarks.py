@@ -179,3 +179,45 @@ def test_attention_probe_takes_a_tuning_scene_and_refuses_a_test_scene(tmp_path)
     refused = CliRunner().invoke(attention_probe.main, ["--scene", "test-00-touching", "--out", str(tmp_path / "no.json")])
     assert refused.exit_code == 2 and "no scene 'test-00-touching' in the v2 or tuning set" in refused.output
     assert not (tmp_path / "no.json").exists()
+
+
+def test_identity_by_attribute_reads_kept_scores_per_concept_and_resamples_scenes(tmp_path):
+    from benchmarks import attributes
+    from benchmarks.fidelity import BenchScene
+
+    scenes = {  # a purple dotted diamond beside a red square; then a cyan striped circle with a yellow core alone
+        "s0": BenchScene("grey", (("purple", "diamond", "dotted", (4, 4, 20, 20)), ("red", "square", "plain", (30, 30, 50, 50))), masks="box"),
+        "s1": BenchScene("black", (("cyan", "circle", "striped", (10, 10, 40, 40), "yellow"),)),
+    }
+    (tmp_path / "scores").mkdir()
+
+    def image(prompt, seed, identity, core=1.0):
+        parts = {"identity": identity, "identity_colour": 1.0, "identity_shape": 1.0, "identity_texture": identity, "identity_core": core}
+        return {"prompt": prompt, "seed": seed, "scores": {**parts, "count": 1.0, "swap": 0.0}}
+
+    kept = {
+        "s0--full--e0": [image("a photo of <asset0>", 0, 0.0), image("a photo of <asset0>", 1, 1.0), image("a photo of <asset1>", 0, 1.0),
+                         image("a photo of <asset0> and <asset1>", 0, 0.0), image("a photo of <asset1> on a blue background", 0, 0.0)],
+        "s0--full-finetune--e0": [image("a photo of <asset0>", 0, 1.0)],  # another ablation: not read
+        "s1--full--e0": [image("a photo of <asset0>", 0, 0.0, core=0.0), image("a photo of <asset0>", 1, 0.0, core=0.0)],
+    }
+    for name, images in kept.items():
+        (tmp_path / "scores" / f"{name}.json").write_text(json.dumps({"images": images}))
+
+    samples = attributes.read_samples(tmp_path, scenes, "full")
+    assert len(samples) == 5  # single-concept prompts only: no composition, no background prompt
+    rows = {(r["attribute"], r["value"]): r for r in attributes.table(samples, resamples=500)}
+    diamond = rows[("shape", "diamond")]
+    assert diamond["samples"] == 2 and diamond["scenes"] == 1 and diamond["identity"]["mean"] == 0.5
+    assert diamond["identity"]["interval"] == [0.5, 0.5]  # one scene: resampling scenes cannot move it
+    assert rows[("texture named", "no caption names it")]["identity"]["mean"] == 0.5  # dotted
+    assert rows[("core", "a second colour's core")]["identity_core"]["mean"] == 0.0 and rows[("core", "one colour")]["samples"] == 3
+    named = rows[("colour named", "named")]  # red, scene s0 only
+    assert named["samples"] == 1 and named["identity"]["mean"] == 1.0
+    both = rows[("masks", "box")]["identity"], rows[("masks", "loose")]["identity"]
+    assert both[0]["mean"] == 0.6667 and both[1]["mean"] == 0.0  # rounded to 4 places in the file
+    unnamed = rows[("colour named", "no caption names it")]  # purple in s0 (0, 1) and cyan in s1 (0, 0): scenes resampled
+    assert unnamed["scenes"] == 2 and unnamed["identity"]["mean"] == 0.25
+    assert unnamed["identity"]["interval"][0] == 0.0 and unnamed["identity"]["interval"][1] == 0.5
+    table = attributes.markdown(list(rows.values()))
+    assert "| shape | diamond | 2 (1) | 0.50 [0.50, 0.50] |" in table
