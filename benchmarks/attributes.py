@@ -9,7 +9,10 @@ seed, each generation seed) of the concepts that carry that value, with a 95% in
 finished or a running benchmark without extracting anything::
 
     python -m benchmarks.attributes --keep benchmarks/results/fidelity-v3-test-kept --scenes test --test-scenes 44 \\
-        --ablation full --ablation phase1-only --out benchmarks/results/attributes-v3-test.json
+        --ablation full --ablation phase1-only --prior-seeds 32 --out benchmarks/results/attributes-v3-test.json
+
+``--prior-seeds N`` also samples the base model N times for each caption of :data:`PRIOR_CAPTIONS` and counts
+what no caption names in what it draws: where a handle, which moves only the text side, starts from.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bas.mini import world
+from bas.mini import metrics, world
 from benchmarks import fidelity
 
 PARTS = ("identity", "identity_colour", "identity_shape", "identity_texture", "identity_core", "count", "swap")
@@ -96,13 +99,69 @@ def markdown(rows: list[dict], parts=("identity", "identity_colour", "identity_s
     return "\n".join(lines) + "\n"
 
 
+# captions whose words leave the unnamed attributes open: a named colour and shape, and "thing" (no colour word,
+# or no shape word): what the base model draws for them is what a handle, which moves only the text side, starts from
+PRIOR_CAPTIONS = (
+    "a photo of a red square on a grey background",
+    "a photo of a blue circle on a black background",
+    "a photo of a red thing on a black background",
+    "a photo of a thing on a grey background",
+)
+
+
+def unnamed_counts(images) -> dict[str, int]:
+    """How many of ``images`` (bas-mini's, read from their pixels) draw their largest object dotted, with a second
+    colour's core, in a shape no caption names, in a colour no caption names, and how many draw none."""
+    counts = {"samples": 0, "dotted": 0, "core": 0, "unnamed shape": 0, "unnamed colour": 0, "no object": 0}
+    for image in images:
+        counts["samples"] += 1
+        objects = metrics.read_image(image).objects
+        if not objects:
+            counts["no object"] += 1
+            continue
+        o = objects[0]
+        counts["dotted"] += o.texture == "dotted"
+        counts["core"] += o.inner is not None
+        counts["unnamed shape"] += o.shape in world.NOVEL_SHAPES
+        counts["unnamed colour"] += o.colour in world.NOVEL_COLOURS
+    return counts
+
+
+def base_prior(seeds: int, steps: int = 25, guidance: float = 7.5) -> dict[str, dict[str, int]]:
+    """:func:`unnamed_counts` of the base model's samples of each of :data:`PRIOR_CAPTIONS` (seeds 0..N-1, DDIM as
+    the benchmark samples)."""
+    import torch
+
+    from bas.core.model import load_pipeline
+    from bas.mini import quality
+
+    pipe = load_pipeline("bas-mini", torch.device("cpu"), torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return {c: unnamed_counts(quality.sample(pipe, [c], list(range(seeds)), steps, guidance)) for c in PRIOR_CAPTIONS}
+
+
+def prior_markdown(prior: dict[str, dict[str, int]]) -> str:
+    keys = ("dotted", "core", "unnamed shape", "unnamed colour")
+    lines = ["| caption | samples | " + " | ".join(keys) + " |", "|" + "---|" * (2 + len(keys))]
+    for caption, c in prior.items():
+        lines.append(f"| {caption} | {c['samples']} | " + " | ".join(str(c[k]) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
 @click.command()
 @click.option("--keep", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="The benchmark's --keep folder.")
 @click.option("--scenes", "scene_set_name", type=click.Choice(fidelity.SCENE_SETS), default="test", show_default=True)
 @click.option("--test-scenes", type=int, default=None, help="As the benchmark's: how many test scenes were drawn.")
 @click.option("--ablation", "ablations", multiple=True, default=("full",), show_default=True)
+@click.option(
+    "--prior-seeds",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Also sample the base model this many times per caption of PRIOR_CAPTIONS and count the unnamed attributes it draws.",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the rows as JSON (with the markdown tables).")
-def main(keep, scene_set_name, test_scenes, ablations, out):
+def main(keep, scene_set_name, test_scenes, ablations, prior_seeds, out):
     """Identity and its parts per attribute value, from kept scores (see the module docstring)."""
     scenes, record = fidelity.scene_set(scene_set_name, count=test_scenes)
     result = {"date": datetime.date.today().isoformat(), "git": fidelity.git_revision(), "keep": str(keep), "scene_set": record, "ablations": {}}
@@ -114,6 +173,10 @@ def main(keep, scene_set_name, test_scenes, ablations, out):
         kept = sorted({s["scene"] for s in samples})
         result["ablations"][ablation] = {"scenes": kept, "rows": rows, "markdown": markdown(rows)}
         click.echo(f"## {ablation}: {len(samples)} single-concept samples of {len(kept)} scenes\n\n{markdown(rows)}")
+    if prior_seeds:
+        prior = base_prior(prior_seeds)
+        result["base_prior"] = {"seeds": prior_seeds, "steps": 25, "guidance": 7.5, "counts": prior, "markdown": prior_markdown(prior)}
+        click.echo(f"## the base model, {prior_seeds} seeds per caption\n\n{prior_markdown(prior)}")
     if out:
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
         click.echo(f"Wrote {out}", err=True)

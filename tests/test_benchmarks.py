@@ -221,3 +221,20 @@ def test_identity_by_attribute_reads_kept_scores_per_concept_and_resamples_scene
     assert unnamed["identity"]["interval"][0] == 0.0 and unnamed["identity"]["interval"][1] == 0.5
     table = attributes.markdown(list(rows.values()))
     assert "| shape | diamond | 2 (1) | 0.50 [0.50, 0.50] |" in table
+
+
+def test_the_base_priors_counts_read_unnamed_attributes_from_drawn_scenes():
+    from bas.mini import world
+
+    from benchmarks import attributes
+
+    drawn = [
+        world.Scene("grey", [world.Shape("purple", "cross", "dotted", (12, 12, 52, 52), "orange")]),
+        world.Scene("black", [world.Shape("red", "square", "plain", (16, 16, 48, 48))]),
+        world.Scene("grey", [world.Shape("blue", "diamond", "striped", (10, 10, 54, 54))]),
+        world.Scene("grey", []),
+    ]
+    counts = attributes.unnamed_counts([world.render(s)[0] for s in drawn])
+    assert counts == {"samples": 4, "dotted": 1, "core": 1, "unnamed shape": 2, "unnamed colour": 1, "no object": 1}
+    table = attributes.prior_markdown({"a photo of a thing on a grey background": counts})
+    assert table.splitlines()[2] == "| a photo of a thing on a grey background | 4 | 1 | 1 | 2 | 1 |"
