@@ -183,8 +183,9 @@ class Recommends:
 
 
 def test_a_plugin_recommends_settings_for_its_model_and_a_bad_answer_is_one_line(tmp_path):
-    pm = Plugins(extra=[("mine", Recommends({"phase1_lr": 1e-2, "lora_rank": 16}))])
+    pm = Plugins(extra=[("mine", Recommends({"phase1_lr": 1e-2, "lora_rank": 16, "family": "sdxl", "resume": True}))])
     config = make_config(pm, {"model": "my-model", "out": tmp_path / "out"}, [])
+    assert config.family is None and config.resume is False  # a model recommends settings, never what the run is or does
     assert config.phase1_lr == 1e-2 and config.options["lora_rank"] == 16 and config.model_settings == {"phase1_lr": 1e-2, "lora_rank": 16}
     assert make_config(pm, {"model": "other", "out": tmp_path / "out"}, []).model_settings == {}
     pm = Plugins(extra=[("mine", Recommends([("phase1_lr", 1e-2)]))])

@@ -14,6 +14,8 @@ from bas.core.training import Run, RunConfig
 from bas.core.training import extract as _extract
 
 CORE_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"options", "plugins", "model_settings"}
+# what a model cannot recommend: the run's inputs, its folder and the model itself
+NOT_RECOMMENDED = {"out", "image", "model", "family", "resume", "overwrite", "model_defaults"}
 
 
 def model_settings(plugins: Plugins, values: dict[str, Any], chosen: Iterable[str]) -> dict[str, Any]:
@@ -21,7 +23,7 @@ def model_settings(plugins: Plugins, values: dict[str, Any], chosen: Iterable[st
     ``chosen``: none with ``model_defaults=False``, and none for an option of a plugin that is not on."""
     if values.get("model") is None or values.get("model_defaults") is False:
         return {}
-    known = CORE_FIELDS | {opt.name for _, opt in plugins.run_options()}
+    known = (CORE_FIELDS - NOT_RECOMMENDED) | {opt.name for _, opt in plugins.run_options()}
     chosen = set(chosen)
     return {k: v for k, v in plugins.model_settings(str(values["model"])).items() if k in known and k not in chosen}
 
