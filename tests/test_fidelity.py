@@ -751,6 +751,7 @@ def test_phase1_only_draws_a_caption_without_handles_exactly_as_the_base_model(t
 # -- the published claims: every page words a claim as the v3 test table judges it ----------------------------------------
 
 V3_TEST = ROOT / "benchmarks" / "results" / "fidelity-v3-test.json"
+V3_TEST_44 = ROOT / "benchmarks" / "results" / "fidelity-v3-test-44.json"
 README_CLAIMS = {  # the README's words for a claim -> its name in fidelity.CLAIMS
     "both phases draw concepts better than phase 2 alone": "phases-vs-phase2-identity",
     "LoRA keeps the prior as a full fine-tune does": "lora-vs-full-prior",
@@ -771,13 +772,18 @@ def claim_word(claim: dict, difference: dict) -> str:
 
 
 def test_the_pages_word_each_claim_as_the_v3_test_table_judges_it():
-    result = json.loads(V3_TEST.read_text())
-    # the verdicts recompute from the statistics the file holds, and the pages show the file's tables
-    assert fidelity.claim_verdicts(result["stats"]) == result["claims"]
-    assert fidelity.claims_table(result["claims"]) == result["claims_table"]
+    results = [json.loads(V3_TEST.read_text())]
+    if V3_TEST_44.exists():  # the declared extension to 44 scenes: its verdicts replace the 16-scene table's for the claims it measures
+        results.append(json.loads(V3_TEST_44.read_text()))
     bench = (ROOT / "benchmarks" / "README.md").read_text()
-    for part in ("table", "claims_table", "targets_table"):
-        assert result[part] in bench, part
+    judged = {}
+    for result in results:
+        # the verdicts recompute from the statistics the file holds, and the pages show the file's tables
+        assert fidelity.claim_verdicts(result["stats"]) == result["claims"]
+        assert fidelity.claims_table(result["claims"]) == result["claims_table"]
+        for part in ("table", "claims_table", "targets_table"):
+            assert result[part] in bench, part
+        judged.update({c["claim"]: (c, result["stats"][c["ablation"]][c["metric"]]["difference"]) for c in result["claims"]})
     # the README's summary: one row per claim, each with the word its evidence allows
     section = (ROOT / "README.md").read_text().split("## What the method does, measured")[1].split("\n## ")[0]
     rows = {}
@@ -786,10 +792,8 @@ def test_the_pages_word_each_claim_as_the_v3_test_table_judges_it():
         if line.startswith("| ") and len(cells) == 3 and cells[0] != "the paper's claim":
             rows[cells[0]] = cells[2]
     assert set(rows) == set(README_CLAIMS)
-    claims = {c["claim"]: c for c in result["claims"]}
     for says, name in README_CLAIMS.items():
-        claim = claims[name]
-        word = claim_word(claim, result["stats"][claim["ablation"]][claim["metric"]]["difference"])
+        word = claim_word(*judged[name])
         assert rows[says].strip("*").startswith(word), (says, rows[says], word)
         if word != "holds":
             assert "holds" not in rows[says].split(";")[0], (says, rows[says])
