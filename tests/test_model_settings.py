@@ -193,3 +193,21 @@ def test_a_plugin_recommends_settings_for_its_model_and_a_bad_answer_is_one_line
         BasError, match=r"^Plugin 'mine' returned \[\('phase1_lr', 0.01\)\] from bas_model_settings; return a dict of option names\.$"
     ):
         make_config(pm, {"model": "my-model", "out": tmp_path / "out"}, [])
+    for bad, why in (
+        ({"phase1_lr": "fast"}, r"phase1_lr='fast' for my-model, which bas cannot use \(not a float\)"),
+        ({"phase1_steps": 2.5}, r"phase1_steps=2.5 for my-model, which bas cannot use \(not a whole number\)"),
+        ({"lora_rank": "big"}, r"lora_rank='big' for my-model, which bas cannot use \('big' is not a valid integer"),
+        ({"background": "yes"}, r"background='yes' for my-model, which bas cannot use \(not a bool\)"),
+    ):
+        pm = Plugins(extra=[("mine", Recommends(bad))])
+        with pytest.raises(BasError, match=rf"^Plugin 'mine' recommends {why}.*; update the plugin, or pass --no-model-defaults\.$"):
+            make_config(pm, {"model": "my-model", "out": tmp_path / "out"}, [])
+    pm = Plugins(extra=[("mine", Recommends({"phase1_lr": -1.0, "phase1_steps": 3}))])
+    with pytest.raises(
+        BasError,
+        match=r"^The settings recommended for my-model \(bas_model_settings\) do not pass bas's checks: "
+        r"--phase1-lr must be positive, not -1.0\. Update the plugin that recommends them, or pass --no-model-defaults\.$",
+    ):
+        make_config(pm, {"model": "my-model", "out": tmp_path / "out"}, [])
+    config = make_config(pm, {"model": "my-model", "out": tmp_path / "out", "phase1_lr": 1e-3}, [])  # the user's value: nothing to refuse
+    assert config.phase1_lr == 1e-3 and config.phase1_steps == 3 and isinstance(config.phase1_steps, int)

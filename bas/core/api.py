@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Any, Iterable
 
+import click
 
-from bas.core.errors import BasError
+from bas.core.errors import BasError, PluginError
 from bas.core.plugins import Plugins, option_default  # noqa: F401 (option_default: re-exported)
 from bas.core.training import Run, RunConfig
 from bas.core.training import extract as _extract
@@ -20,12 +23,43 @@ NOT_RECOMMENDED = {"out", "image", "model", "family", "resume", "overwrite", "mo
 
 def model_settings(plugins: Plugins, values: dict[str, Any], chosen: Iterable[str]) -> dict[str, Any]:
     """The settings the model in ``values`` recommends (``bas_model_settings``) for the options not in
-    ``chosen``: none with ``model_defaults=False``, and none for an option of a plugin that is not on."""
+    ``chosen``: none with ``model_defaults=False``, and none for an option of a plugin that is not on.
+    Each is converted as its option's value would be; one that cannot be is the plugin's error."""
     if values.get("model") is None or values.get("model_defaults") is False:
         return {}
-    known = (CORE_FIELDS - NOT_RECOMMENDED) | {opt.name for _, opt in plugins.run_options()}
-    chosen = set(chosen)
-    return {k: v for k, v in plugins.model_settings(str(values["model"])).items() if k in known and k not in chosen}
+    model = str(values["model"])
+    plugin, settings = plugins.model_settings(model)
+    plugin_options = {opt.name: opt for _, opt in plugins.run_options()}
+    hints = typing.get_type_hints(RunConfig)
+    out = {}
+    for name, value in settings.items():
+        if name in set(chosen) or (name not in plugin_options and name not in CORE_FIELDS - NOT_RECOMMENDED):
+            continue
+        try:
+            out[name] = _converted(value, plugin_options.get(name), hints.get(name))
+        except (TypeError, ValueError, click.BadParameter) as exc:
+            raise PluginError(
+                f"Plugin '{plugin}' recommends {name}={value!r} for {model}, which bas cannot use ({exc}); "
+                "update the plugin, or pass --no-model-defaults."
+            ) from None
+    return out
+
+
+def _converted(value: Any, option: Any, hint: Any) -> Any:
+    """``value`` as the option's click type (a plugin's option) or the RunConfig field's type would have it."""
+    if option is not None:
+        return value if value is None else option.type.convert(value, option, None)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool and not isinstance(value, bool) or hint in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise TypeError(f"not a {hint.__name__}")
+    if hint is int and value != int(value):
+        raise ValueError("not a whole number")
+    if hint is str and not isinstance(value, str):
+        raise TypeError("not a string")
+    return hint(value) if hint in (int, float) else value
 
 
 def describe_model_settings(config: RunConfig) -> str | None:
@@ -61,7 +95,20 @@ def make_config(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable
     options.update({k: v for k, v in values.items() if k in options})
     if "init_tokens" in core:
         core["init_tokens"] = list(core["init_tokens"])
-    return RunConfig(plugins=list(plugin_names), options=options, model_settings=recommended, **core)
+    config = RunConfig(plugins=list(plugin_names), options=options, model_settings=recommended, **core)
+    if recommended:  # a recommended value out of range is the plugin's error, not the user's
+        from bas.core.checks import option_name
+
+        try:
+            config.check()
+        except BasError as exc:
+            if any(option_name(k) in str(exc) for k in recommended):
+                raise PluginError(
+                    f"The settings recommended for {config.model} (bas_model_settings) do not pass bas's checks: {exc} "
+                    "Update the plugin that recommends them, or pass --no-model-defaults."
+                ) from None
+            raise
+    return config
 
 
 def extract(image=None, masks=(), out="bas-out", *, plugins: Iterable[str] = (), **options) -> Run:

@@ -289,15 +289,15 @@ class Plugins:
                 return str(folder)
         return None
 
-    def model_settings(self, name: str) -> dict[str, Any]:
-        """The ``bas run`` options the first plugin that knows the model name ``name`` recommends for it
-        (``bas_model_settings``), or an empty dict."""
+    def model_settings(self, name: str) -> tuple[str | None, dict[str, Any]]:
+        """The first plugin that knows the model name ``name`` and the ``bas run`` options it recommends for it
+        (``bas_model_settings``), or ``(None, {})``."""
         for plugin, settings in self.call_each("bas_model_settings", name=name):
             if settings is not None:
                 if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
                     raise PluginError(f"Plugin '{plugin}' returned {settings!r} from bas_model_settings; return a dict of option names.")
-                return dict(settings)
-        return {}
+                return plugin, dict(settings)
+        return None, {}
 
     def registry(self, kind: str) -> Registry:
         registry = Registry(kind)
