@@ -39,6 +39,7 @@ def concept_keys(obj, masks: str, concepts: int) -> list[tuple[str, str]]:
         value = getattr(obj, attribute)
         keys += [(attribute, value), (f"{attribute} named", "named" if value in NAMED[attribute] else "no caption names it")]
     keys += [("core", "a second colour's core" if obj.inner else "one colour"), ("masks", masks), ("concepts in the scene", str(concepts))]
+    keys.append(("a core or dots", "yes" if obj.inner or obj.texture == "dotted" else "neither"))
     return keys
 
 

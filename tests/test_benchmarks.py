@@ -212,6 +212,7 @@ def test_identity_by_attribute_reads_kept_scores_per_concept_and_resamples_scene
     assert diamond["identity"]["interval"] == [0.5, 0.5]  # one scene: resampling scenes cannot move it
     assert rows[("texture named", "no caption names it")]["identity"]["mean"] == 0.5  # dotted
     assert rows[("core", "a second colour's core")]["identity_core"]["mean"] == 0.0 and rows[("core", "one colour")]["samples"] == 3
+    assert rows[("a core or dots", "yes")]["samples"] == 4 and rows[("a core or dots", "neither")]["identity"]["mean"] == 1.0  # the red square
     named = rows[("colour named", "named")]  # red, scene s0 only
     assert named["samples"] == 1 and named["identity"]["mean"] == 1.0
     both = rows[("masks", "box")]["identity"], rows[("masks", "loose")]["identity"]
@@ -238,3 +239,15 @@ def test_the_base_priors_counts_read_unnamed_attributes_from_drawn_scenes():
     assert counts == {"samples": 4, "dotted": 1, "core": 1, "unnamed shape": 2, "unnamed colour": 1, "no object": 1}
     table = attributes.prior_markdown({"a photo of a thing on a grey background": counts})
     assert table.splitlines()[2] == "| a photo of a thing on a grey background | 4 | 1 | 1 | 2 | 1 |"
+
+
+def test_benchmarks_readme_shows_the_attribute_tables_as_the_file_holds_them():
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "benchmarks" / "results" / "attributes-v3-test.json").read_text())
+    page = (root / "benchmarks" / "README.md").read_text()
+    assert result["ablations"]["full"]["markdown"] in page and result["base_prior"]["markdown"] in page
+    from benchmarks import attributes
+
+    for data in result["ablations"].values():  # the tables are the rows the file holds
+        assert attributes.markdown(data["rows"]) == data["markdown"]
+    assert attributes.prior_markdown(result["base_prior"]["counts"]) == result["base_prior"]["markdown"]
