@@ -31,9 +31,10 @@ def model_settings(plugins: Plugins, values: dict[str, Any], chosen: Iterable[st
     plugin, settings = plugins.model_settings(model)
     plugin_options = {opt.name: opt for _, opt in plugins.run_options()}
     hints = typing.get_type_hints(RunConfig)
+    chosen = set(chosen)
     out = {}
     for name, value in settings.items():
-        if name in set(chosen) or (name not in plugin_options and name not in CORE_FIELDS - NOT_RECOMMENDED):
+        if name in chosen or (name not in plugin_options and name not in CORE_FIELDS - NOT_RECOMMENDED):
             continue
         try:
             out[name] = _converted(value, plugin_options.get(name), hints.get(name))

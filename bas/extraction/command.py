@@ -63,6 +63,12 @@ class MasksCommand(RunCommand):
         return plugins.mask_options()
 
 
+def given_options(ctx: click.Context) -> set[str]:
+    """The options of a parsed ``bas run`` the user gave (not left at their defaults): the model's recommended
+    settings fill the others, and ``--vram`` chooses only among those."""
+    return {name for name in ctx.params if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+
+
 @click.command(cls=RunCommand)
 @click.option("--image", type=click.Path(path_type=Path), help="The input image (any size; centre-cropped and resized).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (required, except with --plan).")
@@ -156,7 +162,7 @@ def run(ctx, plugin_names, plan_only, as_json, vram, **values):
         if not plan_only:
             raise BasError("Missing option '--out'; name the folder the run writes (only --plan needs none).")
         values["out"] = Path("bas-plan")  # nothing is written
-    given = {name for name in ctx.params if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    given = given_options(ctx)
     config = make_config(plugins, values, plugin_names, chosen=given)
     said = describe_model_settings(config)
     if said:

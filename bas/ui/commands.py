@@ -35,6 +35,7 @@ def parse_run(args: list[str], workspace: Workspace):
     Relative paths are taken from the workspace; a path outside it is an error.
     """
     from bas.core.api import make_config
+    from bas.extraction.command import given_options
 
     command = run_command()
     with _PARSE_LOCK:
@@ -44,7 +45,7 @@ def parse_run(args: list[str], workspace: Workspace):
             raise BasError(exc.format_message()) from None
         plugins = ctx.meta["bas.plugins"]
         params = dict(ctx.params)
-        given = {name for name in params if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+        given = given_options(ctx)
         path_options = {p.name for p in command.params if isinstance(getattr(p, "type", None), click.Path)}
     for name in path_options:
         value = params.get(name)
