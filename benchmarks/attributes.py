@@ -179,7 +179,9 @@ def main(keep, scene_set_name, test_scenes, ablations, prior_seeds, out):
         result["base_prior"] = {"seeds": prior_seeds, "steps": 25, "guidance": 7.5, "counts": prior, "markdown": prior_markdown(prior)}
         click.echo(f"## the base model, {prior_seeds} seeds per caption\n\n{prior_markdown(prior)}")
     if out:
-        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+        from bas.core import io
+
+        io.write_text(Path(out), json.dumps(result, indent=1) + "\n")  # whole or not at all, as every result file
         click.echo(f"Wrote {out}", err=True)
 
 
