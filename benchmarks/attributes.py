@@ -153,6 +153,13 @@ def prior_markdown(prior: dict[str, dict[str, int]]) -> str:
 @click.option("--keep", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="The benchmark's --keep folder.")
 @click.option("--scenes", "scene_set_name", type=click.Choice(fidelity.SCENE_SETS), default="test", show_default=True)
 @click.option("--test-scenes", type=int, default=None, help="As the benchmark's: how many test scenes were drawn.")
+@click.option(
+    "--operating-point",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=fidelity.OPERATING_POINT,
+    show_default="benchmarks/operating-point.json",
+    help="As the benchmark's: the operating point whose test scenes these are.",
+)
 @click.option("--ablation", "ablations", multiple=True, default=("full",), show_default=True)
 @click.option(
     "--prior-seeds",
@@ -162,9 +169,9 @@ def prior_markdown(prior: dict[str, dict[str, int]]) -> str:
     help="Also sample the base model this many times per caption of PRIOR_CAPTIONS and count the unnamed attributes it draws.",
 )
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the rows as JSON (with the markdown tables).")
-def main(keep, scene_set_name, test_scenes, ablations, prior_seeds, out):
+def main(keep, scene_set_name, test_scenes, operating_point, ablations, prior_seeds, out):
     """Identity and its parts per attribute value, from kept scores (see the module docstring)."""
-    scenes, record = fidelity.scene_set(scene_set_name, count=test_scenes)
+    scenes, record = fidelity.scene_set(scene_set_name, operating_point, count=test_scenes)
     result = {"date": datetime.date.today().isoformat(), "git": fidelity.git_revision(), "keep": str(keep), "scene_set": record, "ablations": {}}
     for ablation in ablations:
         samples = read_samples(keep, scenes, ablation)

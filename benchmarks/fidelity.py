@@ -309,7 +309,8 @@ def load_operating_point(path: Path = OPERATING_POINT) -> dict:
 def scene_set(name: str, operating_point: Path = OPERATING_POINT, count: int | None = None) -> tuple[dict[str, BenchScene], dict]:
     """The scenes of a set and what the result file records of how they were drawn.  ``count``: for the test set, more
     scenes than the operating point recorded, drawn on from its seed (the first ones are the recorded ones: the draw
-    is sequential), to narrow intervals that the recorded count leaves too wide."""
+    is sequential), to narrow intervals that the recorded count leaves too wide.  An operating point chosen after
+    another's test scenes were seen draws its own apart from them too (``apart_from``, see :func:`choose_operating_point`)."""
     if name == "v2":
         return SCENES, {"name": "v2", "drawn": "by hand (bas-mini v2's benchmark)"}
     tuning = recorded_scenes(SCENE_DIR / "tuning.json")
@@ -321,8 +322,13 @@ def scene_set(name: str, operating_point: Path = OPERATING_POINT, count: int | N
         if count is not None and count < recorded:
             raise click.ClickException(f"--test-scenes {count} is fewer than the {recorded} the operating point drew; run a part of them "
                                        f"with --scene NAME, or more with a larger --test-scenes.")
-        scenes = draw_scenes(int(point["test_seed"]), count or recorded, "test", exclude=tuning)
+        apart = point.get("apart_from") or {"sets": [], "scenes": []}
+        seen = {f"seen-{i}": BenchScene.from_info(info) for i, info in enumerate(apart["scenes"])}
+        scenes = draw_scenes(int(point["test_seed"]), count or recorded, point.get("test_prefix", "test"), exclude={**tuning, **seen})
         record = {"name": "test", "seed": int(point["test_seed"]), "drawn_after": f"the operating point chosen {point['chosen']}"}
+        if apart["sets"]:
+            record["apart_from"] = [f"the {s['test_scenes']} test scenes of the operating point chosen {s['chosen']} ({s['operating_point']})"
+                                    for s in apart["sets"]]
         if len(scenes) > recorded:
             record["extended"] = f"{len(scenes)} scenes, the operating point's {recorded} and {len(scenes) - recorded} more drawn on from its seed"
         return scenes, record
@@ -1191,9 +1197,16 @@ def option_value(text: str):
         return text
 
 
-def choose_operating_point(path: Path, tuning_result: Path, settings: dict, test_scenes: int = TEST_COUNT, test_seed: int | None = None) -> dict:
+def choose_operating_point(path: Path, tuning_result: Path, settings: dict, test_scenes: int = TEST_COUNT, test_seed: int | None = None,
+                           apart_from: list[tuple[Path, int]] = ()) -> dict:
     """Write the operating point chosen on the tuning scenes (``settings``: steps, learning rates, attention side, bas run
-    options) with the seed of the test scenes, drawn now unless given: the test set cannot exist before the choice."""
+    options) with the seed of the test scenes, drawn now unless given: the test set cannot exist before the choice.
+
+    ``apart_from``: ``(earlier operating point, how many of its test scenes were run)`` for every operating point beside
+    ``path`` (``operating-point*.json`` in its folder), whose test scenes have been seen: the new test set is drawn apart
+    from those scenes (recorded in the new file, with the ones they were themselves drawn apart from) and named
+    ``testN-...`` so that its runs never mix with theirs.  An earlier point left out is refused: a choice made after
+    looking at test scenes must not be measured on them."""
     import secrets
 
     from bas.core import io
@@ -1208,12 +1221,44 @@ def choose_operating_point(path: Path, tuning_result: Path, settings: dict, test
         raise click.ClickException(f"{tuning_result} was not run on the tuning scenes (--scenes tuning); choose the operating point on them.")
     if test_scenes < 12:
         raise click.ClickException(f"--test-scenes {test_scenes} is too few; the test set has at least 12 scenes.")
+    given = {Path(p).resolve(): (Path(p), int(n)) for p, n in apart_from}
+    for other in sorted(path.parent.glob("operating-point*.json")):
+        if other.resolve() not in given:
+            raise click.ClickException(f"{other}'s test scenes may have been seen; draw the new test set apart from them with --apart-from "
+                                       f"{other}:N (N: how many of its test scenes were run).")
+    sets, seen = [], []
+    for earlier, count in given.values():
+        point = load_operating_point(earlier)
+        if count < int(point["test_scenes"]):
+            raise click.ClickException(f"--apart-from {earlier}:{count} is fewer than the {point['test_scenes']} test scenes it drew; give how "
+                                       f"many of them were run, at least those.")
+        scenes, _ = scene_set("test", earlier, count)
+        earlier_apart = point.get("apart_from") or {"sets": [], "scenes": []}
+        sets += [*earlier_apart["sets"], {"operating_point": str(earlier), "chosen": point["chosen"], "test_seed": int(point["test_seed"]),
+                                          "test_scenes": count}]
+        seen += [*earlier_apart["scenes"], *(s.info() for s in scenes.values())]
     point = {"chosen": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_revision(),
              "tuning_result": {"file": str(tuning_result), "date": tuning.get("date"), "git": tuning.get("git")},
              "settings": settings, "test_scenes": int(test_scenes),
              "test_seed": int(test_seed) if test_seed is not None else secrets.randbelow(2**31)}
+    if sets:  # each earlier set once (the first may come through the second's record and be named too), its scenes once
+        sets = list({str(Path(s["operating_point"]).resolve()): s for s in sets}.values())
+        seen = list({json.dumps(s, sort_keys=True): s for s in seen}.values())
+        point.update(test_prefix=f"test{1 + len(sets)}", apart_from={"sets": sets, "scenes": seen})
     io.write_json(path, point)
     return point
+
+
+def parse_apart_from(ctx, param, values) -> list[tuple[Path, int]]:
+    """``--apart-from POINT.json:N`` values."""
+    parsed = []
+    for value in values:
+        name, sep, count = value.rpartition(":")
+        if not sep or not count.isdigit() or not Path(name).is_file():
+            raise click.BadParameter(f"{value!r} is not POINT.json:N with an existing operating point file and N the test scenes run "
+                                     f"(such as benchmarks/operating-point.json:44)")
+        parsed.append((Path(name), int(count)))
+    return parsed
 
 
 RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_phase2_lr", "phase2_handle_lr", "attention_res", "options")
@@ -1265,6 +1310,9 @@ RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_
               help="With --choose-operating-point: how many test scenes to draw. With --scenes test: run more than the operating point drew, "
                    "drawn on from its seed (the first are the same).")
 @click.option("--test-seed", type=int, default=None, help="With --choose-operating-point: the test scenes' seed [default: drawn at random now].")
+@click.option("--apart-from", multiple=True, callback=parse_apart_from,
+              help="POINT.json:N, with --choose-operating-point: an earlier operating point whose first N test scenes have been run; the new "
+                   "test set is drawn apart from them (repeatable; every operating-point*.json beside --operating-point must be named).")
 @click.option("--holm-over", "holm_table", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="TABLE.json [SWEEP.json ...]: recompute the statistics of a table and of all its sweeps as one Holm family and rewrite "
                    "them; runs nothing.")
@@ -1272,7 +1320,7 @@ RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_
 @click.pass_context
 def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, phase1_steps, phase2_steps, extraction_seeds, seeds, sample_steps,
          sample_batch, guidance, attention_res, phase1_lr, phase2_lr, full_phase2_lr, phase2_handle_lr, options, jobs, work, grids, keep, quiet, operating_point,
-         tuning_result, test_scenes, test_seed, holm_table, sweep_files):
+         tuning_result, test_scenes, test_seed, apart_from, holm_table, sweep_files):
     """Run the fidelity benchmark and print its table (or correct a table and its sweeps together: --holm-over;
     or record the operating point chosen on the tuning scenes: --choose-operating-point)."""
     if sweep_files and holm_table is None:
@@ -1287,7 +1335,7 @@ def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, ph
     rates = {k: v for k, v in rates.items() if v is not None}
     if tuning_result is not None:
         settings = {"steps": [phase1_steps, phase2_steps], "learning_rates": rates, "attention_res": attention_res, "options": options}
-        point = choose_operating_point(operating_point, tuning_result, settings, test_scenes, test_seed)
+        point = choose_operating_point(operating_point, tuning_result, settings, test_scenes, test_seed, apart_from)
         click.echo(f"Wrote {operating_point}: chosen {point['chosen']}, {json.dumps(settings)}; the test set ({test_scenes} scenes) is drawn now.")
         return
     if scene_set_name == "test":  # the operating point's settings, unless given (which must then be the same)

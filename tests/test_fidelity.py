@@ -120,9 +120,53 @@ def test_the_test_set_needs_the_operating_point_and_is_drawn_from_its_seed_apart
         fidelity.choose_operating_point(tmp_path / "other.json", v2_result, settings)
     assert not (tmp_path / "other.json").exists()
     # drawn at random when not given: two choices draw different test sets
-    a = fidelity.choose_operating_point(tmp_path / "a.json", tuning_result, settings)
-    b = fidelity.choose_operating_point(tmp_path / "b.json", tuning_result, settings)
-    assert a["test_seed"] != b["test_seed"]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()  # folders of their own: an operating point beside another must name it
+    a = fidelity.choose_operating_point(tmp_path / "a" / "a.json", tuning_result, settings)
+    b = fidelity.choose_operating_point(tmp_path / "b" / "b.json", tuning_result, settings)
+    assert a["test_seed"] != b["test_seed"] and "apart_from" not in a
+
+
+def test_a_later_operating_point_draws_its_test_set_apart_from_every_test_set_seen(tmp_path):
+    from click.testing import CliRunner
+
+    tuning = tmp_path / "tuning.json"
+    tuning.write_text(json.dumps({"ablations": {}, "stats": {}, "scene_set": {"name": "tuning"}, "date": "2026-12-07", "git": "abc"}))
+    settings = {"steps": [2, 2], "learning_rates": {}, "attention_res": None, "options": {}}
+    first = tmp_path / "operating-point.json"
+    chosen = fidelity.choose_operating_point(first, tuning, settings, test_scenes=12, test_seed=5)
+    seen = fidelity.scene_set("test", first, count=14)[0]  # the first point's test set, extended to 14 and looked at
+    second = tmp_path / "operating-point-2.json"
+    with pytest.raises(click.ClickException, match=r"operating-point.json's test scenes may have been seen; .* --apart-from .*:N"):
+        fidelity.choose_operating_point(second, tuning, settings, test_seed=5)
+    with pytest.raises(click.ClickException, match="fewer than the 12 test scenes it drew"):
+        fidelity.choose_operating_point(second, tuning, settings, test_seed=5, apart_from=[(first, 11)])
+    assert not second.exists()
+    # the same seed on purpose: only the exclusion keeps the new set apart
+    fidelity.choose_operating_point(second, tuning, settings, test_scenes=12, test_seed=5, apart_from=[(first, 14)])
+    scenes, record = fidelity.scene_set("test", second)
+
+    def key(d):
+        return {(s.background, s.objects) for s in d.values()}
+
+    tuning_scenes = fidelity.scene_set("tuning")[0]
+    assert len(scenes) == 12 and all(n.startswith("test2-") for n in scenes)
+    assert not key(scenes) & key(seen) and not key(scenes) & key(tuning_scenes)
+    assert record["apart_from"] == [f"the 14 test scenes of the operating point chosen {chosen['chosen']} ({first})"]
+    more = fidelity.scene_set("test", second, count=15)[0]  # extending it stays apart too
+    assert list(more)[:12] == list(scenes) and not key(more) & key(seen)
+    # a third point is apart from both, the first through the second's record as well
+    third = tmp_path / "operating-point-3.json"
+    with pytest.raises(click.ClickException, match="operating-point-2.json's test scenes may have been seen"):
+        fidelity.choose_operating_point(third, tuning, settings, test_seed=5, apart_from=[(first, 14)])
+    point = fidelity.choose_operating_point(third, tuning, settings, test_scenes=12, test_seed=5, apart_from=[(second, 15), (first, 14)])
+    assert point["test_prefix"] == "test3" and len(point["apart_from"]["scenes"]) == 14 + 15  # the first's once, named twice
+    third_scenes = fidelity.scene_set("test", third)[0]
+    assert not key(third_scenes) & (key(seen) | key(more) | key(tuning_scenes))
+    # on the command line: a malformed --apart-from is one clear line, and nothing is written
+    result = CliRunner().invoke(fidelity.main, ["--choose-operating-point", str(tuning), "--operating-point", str(tmp_path / "operating-point-4.json"),
+                                                "--apart-from", str(tmp_path / "none.json") + ":3"])
+    assert result.exit_code != 0 and "is not POINT.json:N" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "operating-point-4.json").exists()
 
 
 def test_the_test_set_extends_from_its_seed_keeping_the_scenes_it_had(tmp_path):
