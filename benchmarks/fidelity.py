@@ -1097,20 +1097,24 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
         for k, name in enumerate(scene_names, 1):
             scene_lines = [line for line in lines if line["name"].split("--")[0] == name]
             kept = {line["name"]: kept_scores(keep, line, fingers[line["name"]]) for line in scene_lines} if keep else {}
-            if keep and all(kept.values()) and all((keep / "grids" / f"{name}--{a.name}.png").is_file() for a in chosen):
+            # with --keep, only the ablations not yet kept for this scene run (a later sweep reuses its baseline's kept runs)
+            todo = [a.name for a in chosen if not keep or not (keep / "grids" / f"{name}--{a.name}.png").is_file()
+                    or not all(kept[line["name"]] for line in scene_lines if line["name"].split("--")[1] == a.name)]
+            todo_lines = [line for line in scene_lines if line["name"].split("--")[1] in todo]
+            if not todo_lines:
                 log(f"scene {k}/{len(scene_names)} {name}: kept in {keep}")
             else:
                 t = time.perf_counter()
-                summary = run_extractions(scene_lines, work / "runs", {k_: v for k_, v in common.items() if k_ != "quiet"}, jobs, quiet)
+                summary = run_extractions(todo_lines, work / "runs", {k_: v for k_, v in common.items() if k_ != "quiet"}, jobs, quiet)
                 times["extraction_s"] += time.perf_counter() - t
                 t = time.perf_counter()
-                run_evaluations([line["name"] for line in scene_lines], work / "runs", work / "eval", prompt_files, settings, jobs,
+                run_evaluations([line["name"] for line in todo_lines], work / "runs", work / "eval", prompt_files, settings, jobs,
                                 lambda m: None)
                 times["evaluation_s"] += time.perf_counter() - t
                 if keep:
-                    keep_scene(keep, work, name, scene_lines, fingers, scene_dirs[name], scene_groups[name], [a.name for a in chosen],
-                               extraction_seeds[0], seeds)
-                log(f"scene {k}/{len(scene_names)} {name}: {len(scene_lines)} runs extracted and evaluated "
+                    keep_scene(keep, work, name, todo_lines, fingers, scene_dirs[name], scene_groups[name], todo, extraction_seeds[0], seeds)
+                reused = f", {len(scene_lines) - len(todo_lines)} kept before" if len(todo_lines) < len(scene_lines) else ""
+                log(f"scene {k}/{len(scene_names)} {name}: {len(todo_lines)} runs extracted and evaluated{reused} "
                     f"({(time.perf_counter() - t_start) / 60:.1f} min so far)")
             for line in scene_lines:
                 n = line["name"]

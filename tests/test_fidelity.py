@@ -663,6 +663,17 @@ def test_kept_scores_resume_a_benchmark_without_its_work_folder_and_refuse_other
     again = fidelity.run_benchmark(tmp_path / "again.json", work=tmp_path / "fresh", keep=keep, **quick)
     assert again["ablations"] == first["ablations"] and not (tmp_path / "fresh" / "runs").exists()
 
+    # a later sweep in the same folder runs only what is not kept: its baseline's runs are reused, not made again
+    before = {p.name: p.read_bytes() for p in (keep / "scores").glob("*--full--*.json")}
+    said = []
+    sweep = fidelity.run_benchmark(tmp_path / "sweep.json", work=tmp_path / "fresh2", keep=keep,
+                                   **{**quick, "ablations": None, "variants": [fidelity.parse_variant("w1:attention_loss_weight=1.0")],
+                                      "log": said.append})
+    assert {p.name: p.read_bytes() for p in (keep / "scores").glob("*--full--*.json")} == before
+    assert sweep["ablations"]["full"] == first["ablations"]["full"] and set(sweep["ablations"]) == {"full", "w1"}
+    assert sorted(p.stem for p in (keep / "scores").glob("*--w1--*.json")) == [fidelity.run_name(s, "w1", 0) for s in scenes]
+    assert [m.split(": ")[1].split(" (")[0] for m in said if m.startswith("scene ")] == ["1 runs extracted and evaluated, 1 kept before"] * 2
+
     # kept with other settings: one clear error, and nothing written
     with pytest.raises(click.ClickException, match="kept by a benchmark with other settings"):
         fidelity.run_benchmark(tmp_path / "other.json", work=tmp_path / "fresh", keep=keep, **{**quick, "sample_steps": 3})
