@@ -455,8 +455,9 @@ def observer_off() -> list[str]:
 
 
 def batch_lines(scenes: dict[str, Path], ablations: list[Ablation], extraction_seeds: list[int], class_dir: Path,
-                learning_rates: dict, options: dict) -> list[dict]:
-    """One ``bas batch`` manifest line per scene, ablation and extraction seed."""
+                learning_rates: dict, options: dict, plugins: list[str] = ()) -> list[dict]:
+    """One ``bas batch`` manifest line per scene, ablation and extraction seed; ``plugins``: every run's (the operating
+    point's), less those the ablation turns off (:func:`run_plugins`)."""
     lines = []
     for ablation in ablations:
         for name, folder in scenes.items():
@@ -464,9 +465,10 @@ def batch_lines(scenes: dict[str, Path], ablations: list[Ablation], extraction_s
             masks = sorted(folder.glob("mask*.png"), key=lambda p: int(p.stem[4:]))
             for seed in extraction_seeds:
                 line = {"name": run_name(name, ablation.name, seed), "image": str(folder / "img.png"), "masks": [str(m) for m in masks],
-                        "init_tokens": [init_word(o["shape"]) for o in info["objects"]], "seed": seed, "plugins": list(ablation.plugins)}
+                        "init_tokens": [init_word(o["shape"]) for o in info["objects"]], "seed": seed,
+                        "plugins": run_plugins(ablation, plugins)}
                 line.update(strategy_rates(ablation, learning_rates))
-                line.update(options_without_plugins_off(ablation, options))
+                line.update(options_without_plugins_off(ablation, options, plugins))
                 line.update(ablation.options)
                 if ablation.prior:
                     line.update(class_data_dir=str(class_dir), class_prompt=PRIOR_CLASS_PROMPT, num_class_images=PRIOR_CLASS_IMAGES)
@@ -474,10 +476,29 @@ def batch_lines(scenes: dict[str, Path], ablations: list[Ablation], extraction_s
     return lines
 
 
-def options_without_plugins_off(ablation: Ablation, options: dict) -> dict:
+# plugins that need an adapter weight strategy (they switch the adapters off to ask the base model): an ablation that
+# fine-tunes every weight (`full-finetune`) runs without them, and its result says so through its runs' plugins
+ADAPTER_ONLY = ("background-anchor",)
+
+
+def plugins_off(ablation: Ablation, plugins: list[str] = ()) -> set[str]:
+    """The plugins ``ablation`` turns off: those it names ``no:X``, and of every run's ``plugins`` those its weight strategy cannot run."""
+    off = {p[3:] for p in ablation.plugins if p.startswith("no:")}
+    if "full" in ablation.plugins:
+        off |= {p for p in plugins if p in ADAPTER_ONLY}
+    return off
+
+
+def run_plugins(ablation: Ablation, plugins: list[str] = ()) -> list[str]:
+    """An ablation's ``--plugin`` list: every run's ``plugins`` (the operating point's) less those it turns off, then its own."""
+    off = plugins_off(ablation, plugins)
+    return [p for p in plugins if p not in off and p not in ablation.plugins] + list(ablation.plugins)
+
+
+def options_without_plugins_off(ablation: Ablation, options: dict, plugins: list[str] = ()) -> dict:
     """``options`` (every run's: the operating point's, ``--set``) less those of the plugins ``ablation`` turns off
     (``no:attention-loss`` runs without ``attention_loss_weight``: that plugin is what the ablation removes)."""
-    off = {p[3:] for p in ablation.plugins if p.startswith("no:")}
+    off = plugins_off(ablation, plugins)
     if not off:
         return dict(options)
     from bas.core.plugins import Plugins
@@ -1030,7 +1051,7 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
                   variants: list[Ablation] = (),
                   steps: tuple[int, int] = (200, 200), extraction_seeds: list[int] | None = None, seeds: list[int] | None = None,
                   sample_steps: int = 25, sample_batch: int = 16, guidance: float = 7.5, attention_res: int | None = None, learning_rates: dict | None = None,
-                  options: dict | None = None, jobs: int = 1, work: Path | None = None, grids: Path | None = None,
+                  options: dict | None = None, plugins: list[str] = (), jobs: int = 1, work: Path | None = None, grids: Path | None = None,
                   resamples: int = 10_000, quiet: bool = True, scene_set_name: str = "tuning", table: Path | None = None,
                   operating_point: Path = OPERATING_POINT, keep: Path | None = None, test_scenes: int | None = None, log=print) -> dict:
     """Every chosen ablation on every scene (of the set ``scene_set_name``, all or the ``scenes`` named) and extraction
@@ -1044,12 +1065,13 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
     keep = Path(keep).resolve() if keep else None
     learning_rates = dict(learning_rates or {})
     extra = dict(options or {})
+    plugins = list(plugins)
     bench_scenes, scene_record = scene_set(scene_set_name, operating_point, test_scenes)
     point = None
     if scene_set_name == "test":
         point = load_operating_point(operating_point)
-        given = {"steps": list(steps), "learning_rates": learning_rates, "attention_res": attention_res, "options": extra}
-        if given != point["settings"]:
+        given = {"steps": list(steps), "learning_rates": learning_rates, "attention_res": attention_res, "options": extra, "plugins": plugins}
+        if given != {"plugins": [], **point["settings"]}:  # a point written before plugins were recorded had none
             raise click.ClickException(f"the test scenes run at the operating point chosen {point['chosen']} ({operating_point}): "
                                        f"{json.dumps(point['settings'])}, not {json.dumps(given)}; leave those options out.")
     unknown = [n for n in scenes or () if n not in bench_scenes]
@@ -1084,7 +1106,7 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
             t = time.perf_counter()
             prepare_class_images(class_dir, scene_dirs[scene_names[0]], common, log)
             times["class_images_s"] = round(time.perf_counter() - t, 1)
-        lines = batch_lines(scene_dirs, chosen, extraction_seeds, class_dir, learning_rates, extra)
+        lines = batch_lines(scene_dirs, chosen, extraction_seeds, class_dir, learning_rates, extra, plugins)
         settings = eval_settings(seeds, sample_steps, guidance, sample_batch)
         fingers = {line["name"]: fingerprint(line, {**common, "model": model}, settings) for line in lines}
         log(f"{len(lines)} extractions ({len(chosen)} ablations x {len(scene_names)} scenes x {len(extraction_seeds)} seeds), {jobs} at a time, "
@@ -1150,6 +1172,7 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
         "steps": list(steps), "extraction_seeds": extraction_seeds, "seeds": seeds, "sample_steps": sample_steps,
         "sample_batch": sample_batch, "guidance": guidance,
         "attention_res": attention_res or "bas run's default", "learning_rates": learning_rates or "bas run's defaults", "options": extra,
+        **({"plugins": plugins} if plugins else {}),
         "init_tokens": "each concept's shape word, or 'thing' for a shape no caption names",
         "prior_preservation": {"class_prompt": PRIOR_CLASS_PROMPT, "class_images": PRIOR_CLASS_IMAGES},
         "interval": f"95% hierarchical bootstrap ({resamples:,} resamples): scenes, then extraction seeds within each scene, then generation "
@@ -1265,7 +1288,7 @@ def parse_apart_from(ctx, param, values) -> list[tuple[Path, int]]:
     return parsed
 
 
-RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_phase2_lr", "phase2_handle_lr", "attention_res", "options")
+RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_phase2_lr", "phase2_handle_lr", "attention_res", "options", "plugins")
 
 
 @click.command()
@@ -1297,6 +1320,9 @@ RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_
 @click.option("--full-phase2-lr", type=float, default=None, help="Phase-2 learning rate of the full fine-tune [default: bas run's, 2e-6].")
 @click.option("--phase2-handle-lr", type=float, default=None, help="Phase-2 learning rate of the handles [default: bas run's, 2e-6].")
 @click.option("--set", "options", multiple=True, callback=parse_option, help="KEY=VALUE: a bas run option for every run (repeatable).")
+@click.option("--plugin", "plugins", multiple=True,
+              help="A plugin every run turns on (repeatable), as bas run's --plugin; an ablation that turns it off, or whose weight "
+                   "strategy cannot run it (background-anchor with full-finetune), runs without it.")
 @click.option("--jobs", default=1, show_default=True, help="Extractions (and evaluations) at a time, each a process with one torch thread.")
 @click.option("--work", type=click.Path(path_type=Path), default=None, help="Folder for scenes, runs and images; the same --work resumes [default: a temporary one].")
 @click.option("--grids", type=click.Path(path_type=Path), default=None, help="Folder of the grid PNGs [default: --out without .json].")
@@ -1323,7 +1349,8 @@ RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_
 @click.argument("sweep_files", nargs=-1, type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.pass_context
 def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, phase1_steps, phase2_steps, extraction_seeds, seeds, sample_steps,
-         sample_batch, guidance, attention_res, phase1_lr, phase2_lr, full_phase2_lr, phase2_handle_lr, options, jobs, work, grids, keep, quiet, operating_point,
+         sample_batch, guidance, attention_res, phase1_lr, phase2_lr, full_phase2_lr, phase2_handle_lr, options, plugins, jobs, work, grids, keep, quiet,
+         operating_point,
          tuning_result, test_scenes, test_seed, apart_from, holm_table, sweep_files):
     """Run the fidelity benchmark and print its table (or correct a table and its sweeps together: --holm-over;
     or record the operating point chosen on the tuning scenes: --choose-operating-point)."""
@@ -1338,7 +1365,8 @@ def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, ph
     rates = {"phase1_lr": phase1_lr, "phase2_lr": phase2_lr, "full_phase2_lr": full_phase2_lr, "phase2_handle_lr": phase2_handle_lr}
     rates = {k: v for k, v in rates.items() if v is not None}
     if tuning_result is not None:
-        settings = {"steps": [phase1_steps, phase2_steps], "learning_rates": rates, "attention_res": attention_res, "options": options}
+        settings = {"steps": [phase1_steps, phase2_steps], "learning_rates": rates, "attention_res": attention_res, "options": options,
+                    **({"plugins": list(plugins)} if plugins else {})}
         point = choose_operating_point(operating_point, tuning_result, settings, test_scenes, test_seed, apart_from)
         click.echo(f"Wrote {operating_point}: chosen {point['chosen']}, {json.dumps(settings)}; the test set ({test_scenes} scenes) is drawn now.")
         return
@@ -1350,6 +1378,7 @@ def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, ph
         rates = {**{k: v for k, v in settings["learning_rates"].items() if k not in given}, **rates}
         attention_res = attention_res if "attention_res" in given else settings["attention_res"]
         options = options if "options" in given else settings["options"]
+        plugins = plugins if "plugins" in given else settings.get("plugins", [])
     import torch
 
     torch.set_num_threads(1)
@@ -1357,7 +1386,7 @@ def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, ph
     result = run_benchmark(out, model=model, scenes=list(scenes) or None, ablations=list(ablations) or None, variants=list(variants),
                            steps=(phase1_steps, phase2_steps), extraction_seeds=list(range(extraction_seeds)), seeds=list(range(seeds)),
                            sample_steps=sample_steps, sample_batch=sample_batch, guidance=guidance, attention_res=attention_res, options=options,
-                           learning_rates=rates, jobs=jobs, work=work, grids=grids, quiet=quiet,
+                           plugins=list(plugins), learning_rates=rates, jobs=jobs, work=work, grids=grids, quiet=quiet,
                            scene_set_name=scene_set_name, table=table, operating_point=operating_point, keep=keep,
                            test_scenes=test_scenes if ctx.get_parameter_source("test_scenes") != click.core.ParameterSource.DEFAULT else None,
                            log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -769,6 +769,53 @@ def test_an_ablation_that_turns_a_plugin_off_runs_without_that_plugins_options(t
     assert lines["no-masked-loss"]["attention_loss_weight"] == 0.1 and lines["no-masked-loss"]["mask_loss"] is False
 
 
+def test_an_operating_points_plugins_run_in_every_ablation_that_can_run_them(tmp_path):
+    scenes = fidelity.scene_set("tuning")[0]
+    name = next(iter(scenes))
+    folder = fidelity.write_scene(tmp_path / name, scenes[name])
+    chosen = [a for a in fidelity.ABLATIONS if a.name in ("full", "no-attention-loss", "phase1-only", "full-finetune")]
+    chosen += [fidelity.parse_variant("contrast:plugins=attention-contrast"), fidelity.parse_variant("anchor-off:plugins=no:background-anchor")]
+    options = {"attention_loss_weight": 0.1, "background_anchor_weight": 0.5}
+    lines = {line["name"].split("--")[1]: line
+             for line in fidelity.batch_lines({name: folder}, chosen, [0], tmp_path, {}, options, ["background-anchor"])}
+    assert lines["full"]["plugins"] == ["background-anchor"] and lines["phase1-only"]["plugins"] == ["background-anchor"]
+    assert lines["no-attention-loss"]["plugins"] == ["background-anchor", "no:attention-loss"]
+    assert lines["contrast"]["plugins"] == ["background-anchor", "attention-contrast"]
+    # the full fine-tune cannot run an adapter-only plugin: it runs without it and without its options
+    assert lines["full-finetune"]["plugins"] == ["full"] and "background_anchor_weight" not in lines["full-finetune"]
+    assert lines["full-finetune"]["attention_loss_weight"] == 0.1
+    assert lines["anchor-off"]["plugins"] == ["no:background-anchor"] and "background_anchor_weight" not in lines["anchor-off"]
+    assert lines["full"]["background_anchor_weight"] == 0.5
+    # without plugins of the point, the lines are what they always were (kept scores keep their fingerprints)
+    plain = {line["name"].split("--")[1]: line for line in fidelity.batch_lines({name: folder}, chosen, [0], tmp_path, {}, {})}
+    assert plain["full"]["plugins"] == [] and plain["full-finetune"]["plugins"] == ["full"]
+
+
+def test_the_operating_point_records_its_plugins_and_the_test_set_runs_with_them(tmp_path):
+    from click.testing import CliRunner
+
+    tuning = tmp_path / "tuning.json"
+    tuning.write_text(json.dumps({"ablations": {}, "stats": {}, "scene_set": {"name": "tuning"}, "date": "2026-12-07", "git": "abc"}))
+    point = tmp_path / "point" / "operating-point.json"
+    point.parent.mkdir()
+    runner = CliRunner()
+    result = runner.invoke(fidelity.main, ["--choose-operating-point", str(tuning), "--operating-point", str(point), "--phase2-steps", "600",
+                                           "--plugin", "background-anchor", "--set", "attention_loss_weight=0.1", "--test-seed", "3"])
+    assert result.exit_code == 0, result.output
+    settings = json.loads(point.read_text())["settings"]
+    assert settings == {"steps": [200, 600], "learning_rates": {}, "attention_res": None, "options": {"attention_loss_weight": 0.1},
+                        "plugins": ["background-anchor"]}
+    # the test set refuses other plugins than the point's, before anything runs
+    result = runner.invoke(fidelity.main, ["--scenes", "test", "--operating-point", str(point), "--plugin", "attention-contrast",
+                                           "--work", str(tmp_path / "w")])
+    assert result.exit_code == 1 and "run at the operating point chosen" in result.output and not (tmp_path / "w").exists()
+    # with the point's own plugins (taken from the file when none is given) it goes past that check to the scenes
+    for extra in ([], ["--plugin", "background-anchor"]):
+        result = runner.invoke(fidelity.main, ["--scenes", "test", "--operating-point", str(point), "--scene", "nothing", *extra,
+                                               "--work", str(tmp_path / "w")])
+        assert result.exit_code == 1 and "no scene 'nothing' in the test set" in result.output, result.output
+
+
 def test_phase1_only_draws_a_caption_without_handles_exactly_as_the_base_model(tmp_path):
     """So the benchmark's phase1-only prior is the base model's prior on the same prompts and seeds (issue 28's
     'prior within 0.03 of the base model's'): phase 1 trains only the handles' rows."""
