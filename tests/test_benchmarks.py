@@ -251,3 +251,34 @@ def test_benchmarks_readme_shows_the_attribute_tables_as_the_file_holds_them():
     for data in result["ablations"].values():  # the tables are the rows the file holds
         assert attributes.markdown(data["rows"]) == data["markdown"]
     assert attributes.prior_markdown(result["base_prior"]["counts"]) == result["base_prior"]["markdown"]
+
+
+def test_the_second_operating_point_is_what_the_declared_rule_takes_from_tuning_rounds_2_and_3():
+    """benchmarks/operating-point-2.json is the setting tuning_rule.py takes from round 3 (round 2's took `full`), its
+    settings are that variant's runs, its test set is drawn apart from the 44 first-draw scenes, and the pages show
+    both rounds' tables as the files hold them."""
+    from benchmarks import fidelity, tuning_rule
+
+    root = Path(__file__).resolve().parents[1]
+    results = root / "benchmarks" / "results"
+    page = (root / "benchmarks" / "README.md").read_text()
+    round2 = json.loads((results / "fidelity-v3-tuning2.json").read_text())
+    round3 = json.loads((results / "fidelity-v3-tuning3.json").read_text())
+    assert round2["table"] in page and round3["table"] in page
+    chosen2, said2 = tuning_rule.choose(tuning_rule.means(round2), ["full", "p2lr-1e-3", "p2lr-1e-3-r32", "p2steps-600", "ft-2e-5"])
+    chosen3, said3 = tuning_rule.choose(tuning_rule.means(round3), ["full", "p2lr-5e-4-anchor", "p2lr-1e-3-anchor", "p2steps-600-anchor"])
+    assert chosen2 == "full" and chosen3 == "p2steps-600-anchor" and f"The rule takes {chosen3}: {said3}." in page
+    point = json.loads((root / "benchmarks" / "operating-point-2.json").read_text())
+    variant = round3["ablations"][chosen3]
+    settings = point["settings"]
+    assert settings["steps"] == [round3["steps"][0], variant["options"]["phase2_steps"]] and settings["plugins"] == variant["plugins"]
+    assert settings["options"] == round3["options"] and settings["learning_rates"] == round3["learning_rates"]
+    assert point["tuning_result"]["file"] == "benchmarks/results/fidelity-v3-tuning3.json"
+    first = fidelity.scene_set("test", root / "benchmarks" / "operating-point.json", count=44)[0]
+    second = fidelity.scene_set("test", root / "benchmarks" / "operating-point-2.json")[0]
+
+    def key(scenes):
+        return {(s.background, s.objects) for s in scenes.values()}
+
+    assert len(second) == 16 and all(n.startswith("test2-") for n in second) and not key(second) & key(first)
+    assert not key(second) & key(fidelity.scene_set("tuning")[0])
