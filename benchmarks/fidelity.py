@@ -181,6 +181,7 @@ FEATURES = ("colour", "cross", "diamond", "dotted", "inner")
 # every fourth scene from the third has two objects of one shape)
 SIMILAR_COLOURS = (("orange", "red"), ("orange", "yellow"), ("pink", "purple"), ("cyan", "blue"))
 OPERATING_POINT = Path(__file__).resolve().parent / "operating-point.json"
+TEST_PREFIX = re.compile(r"test[0-9]*")  # a test set's scene names: test-NN-..., test2-NN-... for a later operating point
 
 
 def draw_object(rng, feature: str | None, colour: str, shape: str | None, taken: set[str]) -> tuple:
@@ -301,9 +302,24 @@ def load_operating_point(path: Path = OPERATING_POINT) -> dict:
     try:
         point = json.loads(path.read_text())
         int(point["test_seed"]), int(point["test_scenes"]), point["chosen"], point["settings"]
-    except (ValueError, KeyError, TypeError) as exc:
+        if not TEST_PREFIX.fullmatch(point.get("test_prefix", "test")):  # it names the scenes' folders and kept files
+            raise ValueError(f"test_prefix {point['test_prefix']!r} is not test or testN")
+        for s in earlier_test_sets(point)["sets"]:
+            int(s["test_scenes"]), int(s["test_seed"]), str(s["chosen"]), str(s["operating_point"])
+        seen_scenes(point)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise click.ClickException(f"{path} is not an operating point written by --choose-operating-point ({exc!r}); write it again.") from None
     return point
+
+
+def earlier_test_sets(point: dict) -> dict:
+    """The earlier test sets an operating point's own is drawn apart from (``{"sets": [...], "scenes": [info, ...]}``)."""
+    return point.get("apart_from") or {"sets": [], "scenes": []}
+
+
+def seen_scenes(point: dict) -> dict[str, BenchScene]:
+    """The scenes of those earlier test sets, which the point's test set may not repeat."""
+    return {f"seen-{i}": BenchScene.from_info(info) for i, info in enumerate(earlier_test_sets(point)["scenes"])}
 
 
 def scene_set(name: str, operating_point: Path = OPERATING_POINT, count: int | None = None) -> tuple[dict[str, BenchScene], dict]:
@@ -322,13 +338,11 @@ def scene_set(name: str, operating_point: Path = OPERATING_POINT, count: int | N
         if count is not None and count < recorded:
             raise click.ClickException(f"--test-scenes {count} is fewer than the {recorded} the operating point drew; run a part of them "
                                        f"with --scene NAME, or more with a larger --test-scenes.")
-        apart = point.get("apart_from") or {"sets": [], "scenes": []}
-        seen = {f"seen-{i}": BenchScene.from_info(info) for i, info in enumerate(apart["scenes"])}
-        scenes = draw_scenes(int(point["test_seed"]), count or recorded, point.get("test_prefix", "test"), exclude={**tuning, **seen})
+        scenes = draw_scenes(int(point["test_seed"]), count or recorded, point.get("test_prefix", "test"), exclude={**tuning, **seen_scenes(point)})
         record = {"name": "test", "seed": int(point["test_seed"]), "drawn_after": f"the operating point chosen {point['chosen']}"}
-        if apart["sets"]:
+        if earlier_test_sets(point)["sets"]:
             record["apart_from"] = [f"the {s['test_scenes']} test scenes of the operating point chosen {s['chosen']} ({s['operating_point']})"
-                                    for s in apart["sets"]]
+                                    for s in earlier_test_sets(point)["sets"]]
         if len(scenes) > recorded:
             record["extended"] = f"{len(scenes)} scenes, the operating point's {recorded} and {len(scenes) - recorded} more drawn on from its seed"
         return scenes, record
@@ -1120,9 +1134,10 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
             scene_lines = [line for line in lines if line["name"].split("--")[0] == name]
             kept = {line["name"]: kept_scores(keep, line, fingers[line["name"]]) for line in scene_lines} if keep else {}
             # with --keep, only the ablations not yet kept for this scene run (a later sweep reuses its baseline's kept runs)
-            todo = [a.name for a in chosen if not keep or not (keep / "grids" / f"{name}--{a.name}.png").is_file()
-                    or not all(kept[line["name"]] for line in scene_lines if line["name"].split("--")[1] == a.name)]
-            todo_lines = [line for line in scene_lines if line["name"].split("--")[1] in todo]
+            by_ablation = {a.name: [line for line in scene_lines if line["name"].split("--")[1] == a.name] for a in chosen}
+            todo = [a for a, a_lines in by_ablation.items() if not keep or not (keep / "grids" / f"{name}--{a}.png").is_file()
+                    or not all(kept[line["name"]] for line in a_lines)]
+            todo_lines = [line for a in todo for line in by_ablation[a]]
             if not todo_lines:
                 log(f"scene {k}/{len(scene_names)} {name}: kept in {keep}")
             else:
@@ -1260,7 +1275,7 @@ def choose_operating_point(path: Path, tuning_result: Path, settings: dict, test
             raise click.ClickException(f"--apart-from {earlier}:{count} is fewer than the {point['test_scenes']} test scenes it drew; give how "
                                        f"many of them were run, at least those.")
         scenes, _ = scene_set("test", earlier, count)
-        earlier_apart = point.get("apart_from") or {"sets": [], "scenes": []}
+        earlier_apart = earlier_test_sets(point)
         sets += [*earlier_apart["sets"], {"operating_point": str(earlier), "chosen": point["chosen"], "test_seed": int(point["test_seed"]),
                                           "test_scenes": count}]
         seen += [*earlier_apart["scenes"], *(s.info() for s in scenes.values())]
@@ -1372,7 +1387,9 @@ def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, ph
         return
     if scene_set_name == "test":  # the operating point's settings, unless given (which must then be the same)
         settings = load_operating_point(operating_point)["settings"]
-        given = {name for name in RUN_SETTINGS if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+        from bas.extraction.command import given_options
+
+        given = given_options(ctx) & set(RUN_SETTINGS)
         phase1_steps = phase1_steps if "phase1_steps" in given else settings["steps"][0]
         phase2_steps = phase2_steps if "phase2_steps" in given else settings["steps"][1]
         rates = {**{k: v for k, v in settings["learning_rates"].items() if k not in given}, **rates}

@@ -167,6 +167,13 @@ def test_a_later_operating_point_draws_its_test_set_apart_from_every_test_set_se
                                                 "--apart-from", str(tmp_path / "none.json") + ":3"])
     assert result.exit_code != 0 and "is not POINT.json:N" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "operating-point-4.json").exists()
+    # a point file edited by hand: a prefix that would become a path, or earlier sets it cannot read, is one clear error
+    good = json.loads(third.read_text())
+    for bad in ({**good, "test_prefix": "../x"}, {**good, "apart_from": {"sets": [{"test_scenes": 3}], "scenes": []}},
+                {**good, "apart_from": {"sets": [], "scenes": [{"objects": []}]}}, {**good, "apart_from": ["x"]}):
+        third.write_text(json.dumps(bad))
+        with pytest.raises(click.ClickException, match="is not an operating point written by --choose-operating-point"):
+            fidelity.scene_set("test", third)
 
 
 def test_the_test_set_extends_from_its_seed_keeping_the_scenes_it_had(tmp_path):
