@@ -490,16 +490,17 @@ def batch_lines(scenes: dict[str, Path], ablations: list[Ablation], extraction_s
     return lines
 
 
-# plugins that need an adapter weight strategy (they switch the adapters off to ask the base model): an ablation that
-# fine-tunes every weight (`full-finetune`) runs without them, and its result says so through its runs' plugins
-ADAPTER_ONLY = ("background-anchor",)
-
-
 def plugins_off(ablation: Ablation, plugins: list[str] = ()) -> set[str]:
-    """The plugins ``ablation`` turns off: those it names ``no:X``, and of every run's ``plugins`` those its weight strategy cannot run."""
+    """The plugins ``ablation`` turns off: those it names ``no:X``, and of every run's ``plugins`` those its weight
+    strategy cannot run (a loss term that needs adapters, ``LossTerm.needs_adapters``, under ``full-finetune``): the
+    result says so through its runs' plugins."""
     off = {p[3:] for p in ablation.plugins if p.startswith("no:")}
-    if "full" in ablation.plugins:
-        off |= {p for p in plugins if p in ADAPTER_ONLY}
+    kept = [p for p in plugins if p not in off and p not in ablation.plugins]
+    if kept:
+        from bas.core.plugins import Plugins
+        from bas.core.training import adapter_conflicts
+
+        off |= set(adapter_conflicts(Plugins([*kept, *ablation.plugins]))) & set(kept)
     return off
 
 

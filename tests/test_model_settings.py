@@ -211,3 +211,200 @@ def test_a_plugin_recommends_settings_for_its_model_and_a_bad_answer_is_one_line
         make_config(pm, {"model": "my-model", "out": tmp_path / "out"}, [])
     config = make_config(pm, {"model": "my-model", "out": tmp_path / "out", "phase1_lr": 1e-3}, [])  # the user's value: nothing to refuse
     assert config.phase1_lr == 1e-3 and config.phase1_steps == 3 and isinstance(config.phase1_steps, int)
+
+
+# -- a model that recommends a plugin (bas-mini's second operating point has background-anchor) -----------------
+WITH_ANCHOR = {**RECOMMENDED, "plugins": ["background-anchor"], "background_anchor_weight": 0.5}
+
+
+@pytest.fixture
+def anchored(monkeypatch):
+    """bas-mini recommending background-anchor, as its recommended settings will once operating point 2's table is in."""
+    import bas.mini
+
+    monkeypatch.setattr(bas.mini, "RECOMMENDED", WITH_ANCHOR)
+
+
+@pytest.mark.parametrize(
+    "extra, took",
+    [
+        (
+            [],
+            "--phase1-steps 200 --phase2-steps 200 --phase1-lr 0.002 --attention-loss-weight 0.1 --background-anchor-weight 0.5 "
+            "--plugin background-anchor",
+        ),
+        (
+            ["--background-anchor-weight", "2"],
+            "--phase1-steps 200 --phase2-steps 200 --phase1-lr 0.002 --attention-loss-weight 0.1 --plugin background-anchor",
+        ),  # the model's plugin's option, given without -p
+        (["-p", "no:background-anchor"], "--phase1-steps 200 --phase2-steps 200 --phase1-lr 0.002 --attention-loss-weight 0.1"),
+        (["-p", "full"], "--phase1-steps 200 --phase2-steps 200 --phase1-lr 0.002 --attention-loss-weight 0.1"),  # it cannot run there
+        (
+            ["-p", "background-anchor"],
+            "--phase1-steps 200 --phase2-steps 200 --phase1-lr 0.002 --attention-loss-weight 0.1 --background-anchor-weight 0.5",
+        ),  # the user's own: not the model's
+        (["--no-model-defaults"], None),
+    ],
+)
+def test_a_plugin_the_model_recommends_is_on_unless_the_user_names_it_turns_it_off_or_cannot_run_it(extra, took, anchored, invoke, scene):
+    result = invoke("run", "--plan", "--scene", scene, "--model", "bas-mini", "--device", "cpu", *extra)
+    assert result.exit_code == 0, result.output
+    said = re.findall(r"recommended settings for the options you left out: (.*) \(give", result.stderr)
+    assert said == ([took] if took else [])
+
+
+def test_a_run_turns_on_the_models_plugin_and_run_json_says_the_model_chose_it(anchored, invoke, scene, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(
+        "run", "--scene", scene, "--model", "bas-mini", "--out", out, "--phase1-steps", 1, "--phase2-steps", 1, "--device", "cpu", "--quiet"
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["plugins"] == ["background-anchor"]
+    assert info["model_settings"]["plugins"] == ["background-anchor"] and info["model_settings"]["background_anchor_weight"] == 0.5
+    assert {t["name"]: t["weight"] for t in info["loss_terms"]}["background-anchor"] == 0.5
+    assert "background-anchor" in info["history"]["phase2"][0]  # it trained with it
+
+
+def test_every_way_to_start_a_run_turns_the_models_plugin_on(anchored, scene, tmp_path):
+    from bas.core.api import model_plugins, run_plugins
+
+    base = {"scene": scene, "model": "bas-mini", "out": tmp_path / "out"}
+    plain = Plugins()
+    with pytest.raises(
+        BasError,
+        match=r"^The plugin manager lacks background-anchor, which bas-mini recommends; make it with "
+        r"bas\.core\.api\.run_plugins\.$",
+    ):
+        make_config(plain, base, [])  # a caller that forgot the model's plugins is told, not run without them
+    manager = run_plugins(plain, base, [])
+    assert manager is not plain and "background-anchor" in manager.infos
+    assert run_plugins(plain, {**base, "model": "some/model"}, []) is plain  # nothing to turn on: the same manager
+    config = make_config(manager, base, [])
+    assert config.plugins == ["background-anchor"] and config.model_settings["plugins"] == ["background-anchor"]
+    assert config.options["background_anchor_weight"] == 0.5
+    assert model_plugins(Plugins(["full"]), base, ["full"]) == []  # the full fine-tune has no base model to ask
+    assert model_plugins(plain, {**base, "model_defaults": False}, []) == []
+    assert model_plugins(plain, base, ["no:background-anchor"]) == []
+
+    # a run made from a config whose model turned a plugin on refuses a manager without it
+    from bas.core.training import Run
+
+    with pytest.raises(BasError, match=r"^The run's plugins lack background-anchor, which bas-mini recommends"):
+        Run(config, plain)
+
+    # bas batch: each scene's model decides; a scene that names full runs without it
+    lines = [
+        {"name": "mini", "scene": str(scene), "model": "bas-mini"},
+        {"name": "mini-full", "scene": str(scene), "model": "bas-mini", "plugins": ["full"]},
+        {"name": "mini-off", "scene": str(scene), "model": "bas-mini", "model_defaults": False},
+        {"name": "weighted", "scene": str(scene), "model": "bas-mini", "background_anchor_weight": 2.0},  # the model's plugin's option
+    ]
+    batch = Batch(lines, tmp_path / "runs", "local", [], False, 1, True, {})
+    made = {}
+    for s in batch.states:  # a scene's worker makes its manager and config from the task as bas_batch_run_task does
+        values = dict(s.task.values, out=Path(s.task.out))
+        made[s.spec.name] = make_config(run_plugins(Plugins(s.task.plugins), values, s.task.plugins), values, s.task.plugins)
+    assert made["mini"].plugins == ["background-anchor"] and made["mini"].options["background_anchor_weight"] == 0.5
+    assert made["mini-full"].plugins == ["full"] and "plugins" not in made["mini-full"].model_settings
+    assert made["mini-off"].plugins == [] and made["mini-off"].model_settings == {}
+    assert made["weighted"].options["background_anchor_weight"] == 2.0
+    assert "--plugin background-anchor" in batch.states[0].model_settings
+
+
+def test_the_page_ticks_the_models_plugin_and_runs_what_it_shows(anchored, tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    d = commands.defaults(model="bas-mini")
+    assert d["plugins"] == ["background-anchor"] and d["background_anchor_weight"] == 0.5
+    assert commands.defaults(["full"], model="bas-mini")["plugins"] == []
+    form = {
+        "scene": "scenes/toys",
+        "out": "runs/toys",
+        "model": "bas-mini",
+        "weights": "lora",
+        "plugins": ["background-anchor"],
+        "seed": 0,
+        "precision": "auto",
+        "device": "cpu",
+    }
+    args = commands.run_args(form, commands.absolute(ws))
+    assert "background-anchor" not in " ".join(args)  # ticked as it starts: the model's, left out
+    config, names = commands.parse_run(args, ws)
+    assert names == config.plugins == ["background-anchor"] and config.model_settings["plugins"] == ["background-anchor"]
+    args = commands.run_args(dict(form, plugins=[]), commands.absolute(ws))  # unticked: off
+    assert args[args.index("no:background-anchor") - 1] == "--plugin"
+    config, names = commands.parse_run(args, ws)
+    assert names == config.plugins == ["no:background-anchor"] and "plugins" not in config.model_settings
+    # the page resumes a command-line run with the same plugins, so the same run
+    from bas.core.api import run_plugins
+    from bas.core.checkpoint import check_same_run
+
+    values = {"scene": ws.root / "scenes" / "a", "model": "bas-mini", "out": ws.root / "runs" / "a"}
+    ran = make_config(run_plugins(Plugins(), values, []), values, [])
+    saved = json.loads(json.dumps(ran.to_json(), default=str))
+    again, _ = commands.parse_run(commands.config_args(saved), ws)
+    assert again.plugins == ran.plugins == ["background-anchor"]
+    check_same_run(saved, json.loads(json.dumps(again.to_json(), default=str)))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (
+            "background-anchor",
+            r"^Plugin 'mine' recommends plugins='background-anchor' for my-model; recommend a list of plugin names, or pass "
+            r"--no-model-defaults\.$",
+        ),
+        (
+            ["no-such-plugin"],
+            r"^Plugin 'mine' recommends plugin no-such-plugin for my-model, which is not installed; install it, or pass "
+            r"--no-model-defaults\.$",
+        ),
+    ],
+)
+def test_a_bad_plugin_recommendation_is_the_recommending_plugins_one_line_error(bad, message, tmp_path):
+    pm = Plugins(extra=[("mine", Recommends({"plugins": bad}))])
+    with pytest.raises(BasError, match=message):
+        make_config(pm, {"model": "my-model", "out": tmp_path / "out"}, [])
+    assert make_config(pm, {"model": "my-model", "out": tmp_path / "out", "model_defaults": False}, []).plugins == []
+
+
+class NeedsAdapters:
+    """A community loss term that asks the base model, as background-anchor does."""
+
+    @bas.hookimpl
+    def bas_register_loss_terms(self, register):
+        from bas.core.components import LossTerm
+
+        class Asks(LossTerm):
+            name = "asks"
+            needs_adapters = True
+
+            def __init__(self, config):
+                pass
+
+            def __call__(self, batch):  # pragma: no cover - never reached: refused first
+                raise AssertionError
+
+        register("asks", Asks)
+
+
+def test_a_loss_term_that_needs_adapters_is_refused_under_the_full_fine_tune_before_any_weight_loads(invoke, scene, tmp_path):
+    from bas.core.training import adapter_conflicts, resolve
+
+    assert adapter_conflicts(Plugins(extra=[("asker", NeedsAdapters())])) == []  # lora adds adapters
+    full = Plugins(["full"], extra=[("asker", NeedsAdapters())])
+    assert adapter_conflicts(full) == ["asker"]
+    with pytest.raises(
+        BasError,
+        match=r"^Plugin asker asks the base model beside the adapted one, so it needs an adapter weight strategy "
+        r"\(lora\), and 'full' fine-tunes the base model itself; drop --plugin full, or turn it off with "
+        r"--plugin no:asker\.$",
+    ):
+        resolve(full, make_config(full, {"model": "some/model", "out": tmp_path / "out"}, ["full"]))
+    result = invoke("run", "--plan", "--scene", scene, "--model", "bas-mini", "--device", "cpu", "-p", "full", "-p", "background-anchor")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: Plugin background-anchor asks the base model beside the adapted one, so it needs an adapter weight strategy (lora), and "
+        "'full' fine-tunes the base model itself; drop --plugin full, or turn it off with --plugin no:background-anchor."
+    )

@@ -17,6 +17,7 @@ checkpoint); a scene that fails with an error is recorded and the others go on.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -32,7 +33,7 @@ import click
 
 from bas.core.version import __version__
 from bas.core import checkpoint
-from bas.core.api import describe_model_settings, make_config, option_default
+from bas.core.api import describe_model_settings, make_config, model_plugins, option_default, run_plugins
 from bas.batches import summary as summary_io
 from bas.batches.progress import BatchProgress
 from bas.batches.scenes import LIST_SEPARATOR, SceneSpec, normalise_key, read_scenes
@@ -283,7 +284,8 @@ class Batch:
             raise BasError(f"--out {self.out} is a file; pass a folder for the batch's runs.")
         summary_io.check_own_files(self.out)
         self.plugin_names = list(plugin_names)
-        self.manager = Plugins(self.plugin_names)
+        model = {k: options[k] for k in ("model", "model_defaults") if k in options}
+        self.manager = run_plugins(Plugins(self.plugin_names), model, self.plugin_names)  # with the plugins --model recommends
         self.entry, self.executor_values, run_values, self.shown_options = split_options(self.manager, executor, options)
         self.executor_name, self.overwrite, self.retries, self.quiet = executor, overwrite, retries, quiet
         self.managers: dict[tuple[str, ...], Plugins] = {tuple(self.plugin_names): self.manager}
@@ -307,9 +309,27 @@ class Batch:
                 raise BasError(f"{source}: {exc}") from None
         return self.managers[key]
 
+    def model_values(self, spec: SceneSpec, manager: Plugins) -> dict[str, Any]:
+        """The scene's model and ``model_defaults``, over the batch's: what says which plugins its model turns on."""
+        table = OptionTable.of(manager)
+        own = {}
+        for key, value in spec.values.items():
+            with contextlib.suppress(BasError):  # another option (perhaps of a plugin the model turns on): read later
+                if table.resolve(key, spec.source) in ("model", "model_defaults"):
+                    own[key] = value
+        values = dict(self.base_values)
+        values.update(convert_values(own, table, spec.base, spec.source, spec.text))
+        return values
+
     def plan(self, spec: SceneSpec) -> SceneState:
         names = self.plugin_names + [p for p in spec.plugins if p not in self.plugin_names]
         manager = self.scene_manager(names, spec.source)
+        try:
+            recommended = model_plugins(manager, self.model_values(spec, manager), names)
+        except BasError as exc:
+            raise BasError(f"{spec.source}: {exc}") from None
+        if recommended:  # its options are the scene's to set too
+            manager = self.scene_manager(names + recommended, spec.source)
         values = dict(self.base_values)
         values.update(convert_values(spec.values, OptionTable.of(manager), spec.base, spec.source, spec.text))
         if any(opt.name == "quiet" for _, opt in manager.run_options()):

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import click
 
 from bas.core.errors import BasError, PluginError
-from bas.core.plugins import Plugins, option_default  # noqa: F401 (option_default: re-exported)
+from bas.core.plugins import Plugins, available_plugin_names, option_default, parse_plugin_names  # noqa: F401 (option_default: re-exported)
 from bas.core.training import Run, RunConfig
 from bas.core.training import extract as _extract
 
@@ -46,6 +46,46 @@ def model_settings(plugins: Plugins, values: dict[str, Any], chosen: Iterable[st
     return out
 
 
+def model_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable[str]) -> list[str]:
+    """The plugins the model in ``values`` recommends (``"plugins"`` in its ``bas_model_settings``) that a run
+    turns on besides ``plugin_names`` (the user's ``--plugin`` values): none with ``model_defaults=False``,
+    none the user named or turned off (``--plugin no:NAME``), and none that cannot run with the weight
+    strategy the user chose (a loss term that needs adapters, under ``--plugin full``).  A name no installed
+    plugin has is the recommending plugin's error."""
+    if values.get("model") is None or values.get("model_defaults") is False:
+        return []
+    model = str(values["model"])
+    plugin, settings = plugins.model_settings(model)
+    wanted = settings.get("plugins") or []
+    if isinstance(wanted, str) or not isinstance(wanted, (list, tuple)) or not all(isinstance(n, str) and n for n in wanted):
+        raise PluginError(
+            f"Plugin '{plugin}' recommends plugins={wanted!r} for {model}; recommend a list of plugin names, or pass --no-model-defaults."
+        )
+    named, blocked = parse_plugin_names(plugin_names)
+    wanted = [n for n in dict.fromkeys(wanted) if n not in named and n not in blocked]
+    if not wanted:
+        return []
+    unknown = [n for n in wanted if n not in available_plugin_names() + [name for name, _ in plugins.extra]]
+    if unknown:
+        raise PluginError(
+            f"Plugin '{plugin}' recommends plugin {', '.join(unknown)} for {model}, which is not installed; install it, or pass --no-model-defaults."
+        )
+    from bas.core.training import adapter_conflicts
+
+    trial = Plugins([*plugin_names, *wanted], extra=plugins.extra)
+    conflicts = set(adapter_conflicts(trial)) - set(named)
+    return [n for n in wanted if n not in conflicts]
+
+
+def run_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable[str]) -> Plugins:
+    """The plugin manager a run with these ``values`` uses: ``plugins`` (made from the user's ``plugin_names``),
+    or one made again with the plugins the model recommends on too (:func:`model_plugins`)."""
+    added = model_plugins(plugins, values, plugin_names)
+    if not added or all(n in plugins.infos for n in added):
+        return plugins
+    return Plugins([*plugins.names, *added], extra=plugins.extra, tolerant=plugins.tolerant)
+
+
 def _converted(value: Any, option: Any, hint: Any) -> Any:
     """``value`` as the option's click type (a plugin's option) or the RunConfig field's type would have it."""
     if option is not None:
@@ -70,7 +110,8 @@ def describe_model_settings(config: RunConfig) -> str | None:
     from bas.core.checks import option_name
     from bas.core.errors import command_line
 
-    words = [w for k, v in config.model_settings.items() for w in (option_name(k), v)]
+    words = [w for k, v in config.model_settings.items() if k != "plugins" for w in (option_name(k), v)]
+    words += [w for name in config.model_settings.get("plugins", ()) for w in ("--plugin", name)]
     return (
         f"Using {config.model}'s recommended settings for the options you left out: {command_line(*words)} "
         "(give an option to choose its value, or --no-model-defaults for bas's own defaults)."
@@ -90,13 +131,21 @@ def make_config(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable
         raise BasError(f"Unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(CORE_FIELDS | set(options)))}.")
     if chosen is None:
         chosen = {k for k, v in values.items() if v is not None}
+    added = model_plugins(plugins, values, plugin_names)
+    missing = [n for n in added if n not in plugins.infos]
+    if missing:  # a caller's mistake, not the user's: the run would go without them
+        raise PluginError(
+            f"The plugin manager lacks {', '.join(missing)}, which {values['model']} recommends; make it with bas.core.api.run_plugins."
+        )
     recommended = model_settings(plugins, values, chosen)
     values = {**values, **recommended}
     core = {k: v for k, v in values.items() if k in CORE_FIELDS and v is not None}
     options.update({k: v for k, v in values.items() if k in options})
     if "init_tokens" in core:
         core["init_tokens"] = list(core["init_tokens"])
-    config = RunConfig(plugins=list(plugin_names), options=options, model_settings=recommended, **core)
+    if added:
+        recommended = {"plugins": added, **recommended}
+    config = RunConfig(plugins=[*plugin_names, *added], options=options, model_settings=recommended, **core)
     if recommended:  # a recommended value out of range is the plugin's error, not the user's
         from bas.core.checks import option_name
 
@@ -120,8 +169,8 @@ def extract(image=None, masks=(), out="bas-out", *, plugins: Iterable[str] = (),
     run; ``run.out`` is the folder and ``run.info`` what ``run.json`` holds.
     """
     plugins = list(plugins)
-    manager = Plugins(plugins)
     values = dict(options, out=Path(out), image=Path(image) if image else None)
     if masks:
         values["masks"] = [Path(m) for m in masks]
+    manager = run_plugins(Plugins(plugins), values, plugins)
     return _extract(make_config(manager, values, plugins), manager)

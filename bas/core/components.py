@@ -65,6 +65,10 @@ class LossTerm:
     name: str = "loss"
     weight: float = 1.0
     phases: tuple[int, ...] = (1, 2)
+    # Whether the term needs the base model beside the adapted one (it switches adapters off to ask it): then
+    # it runs only with a weight strategy that adds adapters (``WeightStrategy.freezes_base``), and a run with
+    # another (``--plugin full``) is refused before any weight loads.  Set it on the class you register.
+    needs_adapters: bool = False
 
     def setup(self, run: "Run") -> None:
         """Prepare the model before training (install hooks, precompute data)."""

@@ -268,7 +268,10 @@ def bas_model_settings(name):
     them in ``run.json`` (``model_settings``); ``bas run`` and ``bas batch`` say so in one line, the page
     starts its fields at them.  An option the user gave always wins, and
     ``--no-model-defaults`` turns them off.  A setting of a plugin that is not on (the attention loss
-    turned off) is skipped.  The first plugin that knows the name wins.  The built-in ``bas-mini`` plugin
+    turned off) is skipped.  ``"plugins"`` (a list of names) are plugins the model's runs turn on
+    (:func:`bas.core.api.run_plugins`), except one the user named or turned off (``--plugin no:NAME``) and
+    one the user's weight strategy cannot run (``LossTerm.needs_adapters`` under ``--plugin full``); their
+    options may then be recommended too.  The first plugin that knows the name wins.  The built-in ``bas-mini`` plugin
     gives bas-mini's operating point, chosen on its tuning scenes (``benchmarks/README.md``).
 
     **Provisional** (plugin API 1).

@@ -177,6 +177,7 @@ class Plugins:
         :attr:`broken` (name -> message) and left out, instead of stopping everything."""
         wanted, blocked = parse_plugin_names(names)
         extra = list(extra)
+        self.names, self.extra = list(names), extra  # what it was made from, to make it again with more plugins on
         self.tolerant = tolerant
         self.broken: dict[str, str] = {}
         self.pm = pluggy.PluginManager("bas")

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from bas.core.version import __version__
 from bas.core import checkpoint, checks, io, run_inputs, runfolder
 from bas.core.components import LossTerm, StepBatch, StepRecord, WeightStrategy
-from bas.core.errors import BasError
+from bas.core.errors import BasError, PluginError
 from bas.core.failures import is_out_of_memory
 from bas.core.family import Components, Conditioning, ImageSize, LoadPlan, choose_family
 from bas.core.handles import HandleEmbedding, add_handles, check_init_words, handles_file_state
@@ -122,19 +122,43 @@ class Resolved:
 def resolve(plugins: Plugins, config: RunConfig, num_concepts: int | None = None) -> Resolved:
     source = plugins.choose("mask source")
     strategy_entry = plugins.choose("weight strategy")
-    terms = [t for t in (e.factory(config) for e in plugins.registry("loss term").entries.values()) if t is not None]
+    made = [(e.plugin, e.factory(config)) for e in plugins.registry("loss term").entries.values()]
+    terms = [t for _, t in made if t is not None]
     if not terms:
         raise BasError("No loss term is enabled; do not block masked-loss, or turn on a plugin that provides a loss.")
+    strategy = strategy_entry.factory(config)
+    if not getattr(strategy, "freezes_base", True):
+        lacking = sorted({plugin for plugin, t in made if t is not None and getattr(t, "needs_adapters", False)})
+        if lacking:
+            raise BasError(adapters_message(lacking, strategy_entry.name))
     observers = [o for o in (e.factory(config) for e in plugins.registry("observer").entries.values()) if o is not None]
     return Resolved(
         mask_source=source.factory(config),
-        strategy=strategy_entry.factory(config),
+        strategy=strategy,
         strategy_name=strategy_entry.name,
         loss_terms=terms,
         optimizer_factory=None,
         sampler=None,
         observers=observers,
     )
+
+
+def adapters_message(plugins: list[str], strategy: str) -> str:
+    """The refusal of loss terms that need adapters (``needs_adapters``) under a weight strategy without them."""
+    names = " and ".join(plugins)
+    off = " ".join(f"--plugin no:{p}" for p in plugins)
+    return (f"Plugin {names} asks the base model beside the adapted one, so it needs an adapter weight strategy (lora), and "
+            f"'{strategy}' fine-tunes the base model itself; drop --plugin {strategy}, or turn it off with {off}.")
+
+
+def adapter_conflicts(plugins: Plugins) -> list[str]:
+    """The enabled plugins whose loss terms need adapters (``LossTerm.needs_adapters``, read from the registered
+    class) that the weight strategy ``plugins`` chooses does not add (``freezes_base``): what :func:`resolve`
+    would refuse, known before any option is read.  Empty when the run can go."""
+    if getattr(plugins.choose("weight strategy").factory, "freezes_base", True):
+        return []
+    entries = plugins.registry("loss term").entries.values()
+    return sorted({e.plugin for e in entries if getattr(e.factory, "needs_adapters", False)})
 
 
 def _observer_calls(observers: list[Any], name: str) -> list[Callable]:
@@ -165,6 +189,10 @@ class Run:
 
     def __init__(self, config: RunConfig, plugins: Plugins):
         config.check()
+        missing = [n for n in config.model_settings.get("plugins", ()) if n not in plugins.infos]
+        if missing:  # a caller's mistake, not the user's: the run would go without what its run.json says it ran
+            raise PluginError(f"The run's plugins lack {', '.join(missing)}, which {config.model} recommends; make them with "
+                              "bas.core.api.run_plugins.")
         self.config = config
         self.plugins = plugins
         self.out = Path(config.out)

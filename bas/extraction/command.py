@@ -29,16 +29,37 @@ def prescan_plugins(args: list[str]) -> list[str]:
     return names
 
 
+def prescan_model(args: list[str]) -> dict:
+    """``--model`` and ``--no-model-defaults`` in raw arguments, before click parses them (the last one wins)."""
+    values: dict = {}
+    it = iter(args)
+    for arg in it:
+        if arg == "--model":
+            values["model"] = next(it, None)
+        elif arg.startswith("--model="):
+            values["model"] = arg.split("=", 1)[1]
+        elif arg in ("--model-defaults", "--no-model-defaults"):
+            values["model_defaults"] = arg == "--model-defaults"
+    return values
+
+
 class RunCommand(click.Command):
-    """``bas run``: the plugins named on the command line add their options before parsing."""
+    """``bas run``: the plugins named on the command line add their options before parsing, and so do
+    those the model recommends (``bas_model_settings``), which the run turns on."""
 
     def plugin_options(self, plugins: Plugins) -> list:
         return plugins.run_options()
 
+    def manager(self, args: list[str]) -> Plugins:
+        from bas.core.api import run_plugins
+
+        names = prescan_plugins(args)
+        return run_plugins(Plugins(names), prescan_model(args), names)
+
     def parse_args(self, ctx, args):
         base = [p for p in self.params if not getattr(p, "_from_plugin", False)]
         try:
-            plugins = Plugins(prescan_plugins(args))
+            plugins = self.manager(args)
             added = self.plugin_options(plugins)
         except BasError as exc:
             raise click.ClickException(str(exc)) from None
@@ -58,6 +79,9 @@ class RunCommand(click.Command):
 
 class MasksCommand(RunCommand):
     """``bas masks``: as ``bas run``, but only the options of mask sources and mask cleanup."""
+
+    def manager(self, args: list[str]) -> Plugins:
+        return Plugins(prescan_plugins(args))
 
     def plugin_options(self, plugins: Plugins) -> list:
         return plugins.mask_options()

@@ -6,8 +6,8 @@ are free to learn the input's background there and draw it again for ``<asset0> 
 background``.  This term runs the denoiser a second time on the same noisy latents and prompt with
 the adapters switched off (no gradient) and penalises the adapted prediction's distance from that
 one outside the union of the shown concepts' masks: the adapters may change what is drawn inside
-the concepts, not around them.  It needs an adapter weight strategy (``lora``); with ``full``
-there is no base model to ask.  Cost: one more forward pass per phase-2 step.
+the concepts, not around them.  It needs an adapter weight strategy (``lora``; ``needs_adapters``): with
+``full`` there is no base model to ask, and such a run is refused before any weight loads.  Cost: one more forward pass per phase-2 step.
 
 Measured on bas-mini v3's 16 test scenes (benchmarks/README.md, "Test scenes on bas-mini v3"), it
 lowers leakage by 0.02 (suggestive, not shown) and leaves entanglement where it was, so it is off
@@ -32,6 +32,7 @@ from bas.core.training import latent_mask
 class BackgroundAnchorLoss(LossTerm):
     name = "background-anchor"
     phases = (2,)  # phase 1 trains only the handles; the adapters do not exist yet
+    needs_adapters = True  # with --plugin full there is no base model to ask: refused before any weight loads
 
     def __init__(self, config):
         self.weight = config.options.get("background_anchor_weight", 1.0)
@@ -40,9 +41,6 @@ class BackgroundAnchorLoss(LossTerm):
         self.layers = None
 
     def setup(self, run) -> None:
-        if not run.resolved.strategy.freezes_base:
-            raise BasError("--plugin background-anchor holds the adapted model to the base model outside the masks, so it needs an "
-                           "adapter weight strategy (lora); drop --plugin full or drop background-anchor.")
         self.run = run
 
     def teardown(self, run) -> None:

@@ -56,21 +56,25 @@ def parse_run(args: list[str], workspace: Workspace):
     names = list(params.pop("plugin_names", ()))
     for name in PLAN_OPTIONS:  # --plan and --vram plan a run on the command line; the page runs one
         params.pop(name, None)
-    return make_config(plugins, params, names, chosen=given), names
+    config = make_config(plugins, params, names, chosen=given)
+    return config, list(config.plugins)  # with those the model turns on, as the run has them
 
 
 def defaults(plugin_names: Iterable[str] = ("lora",), model: str | None = None) -> dict[str, Any]:
     """``bas run``'s defaults for ``model``, its own options and those of the named plugins (as the page's
     fields start): bas's, with the settings the model recommends (``bas_model_settings``) over them, so
     that a field left as it starts is the value the run takes."""
-    from bas.core.api import model_settings, option_default
+    from bas.core.api import model_plugins, model_settings, option_default, run_plugins
     from bas.core.plugins import Plugins
 
-    plugins = Plugins(list(plugin_names))
+    names = list(plugin_names)
+    plugins = run_plugins(Plugins(names), {"model": model}, names)
     values = {p.name: option_default(p) for p in run_command().params if isinstance(p, click.Option) and not getattr(p, "_from_plugin", False)}
     values.update({opt.name: option_default(opt) for _, opt in plugins.run_options()})
+    values["plugins"] = []
     if model:
         values.update(model_settings(plugins, {"model": model}, ()))
+        values["plugins"] = model_plugins(plugins, {"model": model}, names)  # the plugins it turns on
     return values
 
 
@@ -85,8 +89,13 @@ def run_args(form: dict[str, Any], path: Callable[[str], str]) -> list[str]:
     args = ["--scene", path(form["scene"]), "--out", path(form["out"])]
     if form.get("weights") == "full":
         args += ["--plugin", "full"]
-    for name in form.get("plugins") or ():
-        args += ["--plugin", name]
+    ticked = list(form.get("plugins") or ())
+    for name in ticked:
+        if name not in d["plugins"]:  # one the model turns on is left out, as a field left at the model's value
+            args += ["--plugin", name]
+    for name in d["plugins"]:
+        if name not in ticked:  # the model's plugin, unticked: off
+            args += ["--plugin", f"no:{name}"]
     args += ["--model", str(form["model"])]
     for word in form.get("init_tokens") or ():
         args += ["--init-token", word]

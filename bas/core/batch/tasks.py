@@ -159,7 +159,7 @@ def _one_line(exc: BaseException) -> str:
 def run_scene(task: SceneTask, emit: Callable[[Any], None]) -> dict[str, Any]:
     """Run one scene as ``bas run`` would and return its result (never raises for the scene's
     own failures: those are the result)."""
-    from bas.core.api import make_config
+    from bas.core.api import make_config, run_plugins
     from bas.core.plugins import Plugins
     from bas.core.training import Interrupted, extract
 
@@ -177,8 +177,8 @@ def run_scene(task: SceneTask, emit: Callable[[Any], None]) -> dict[str, Any]:
                               "resumed": resume, "resumed_at": None, "started": started}
     with warnings.catch_warnings(record=True) as caught:
         try:
-            plugins = Plugins(task.plugins, extra=[(OBSERVER_PLUGIN, forwarder)])
             values = dict(task.values, out=out, resume=resume, overwrite=task.overwrite)
+            plugins = run_plugins(Plugins(task.plugins, extra=[(OBSERVER_PLUGIN, forwarder)]), values, task.plugins)
             emit(Progress(task.name, 0, 0, 0, ""))
             run = extract(make_config(plugins, values, task.plugins), plugins)
         except Interrupted:
