@@ -1288,7 +1288,10 @@ def choose_operating_point(path: Path, tuning_result: Path, settings: dict, test
         sets = list({str(Path(s["operating_point"]).resolve()): s for s in sets}.values())
         seen = list({json.dumps(s, sort_keys=True): s for s in seen}.values())
         point.update(test_prefix=f"test{1 + len(sets)}", apart_from={"sets": sets, "scenes": seen})
-    io.write_json(path, point)
+    try:
+        io.create_json(path, point)  # another choice made meanwhile wins: this one is refused, not written over it
+    except FileExistsError:
+        raise click.ClickException(f"{path} was written by another choice while this one ran; an operating point is chosen once.") from None
     return point
 
 

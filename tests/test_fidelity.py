@@ -97,7 +97,7 @@ def test_the_tuning_set_has_what_the_issue_asks_and_is_the_one_its_seed_draws():
     assert fidelity.draw_scenes(fidelity.TUNING_SEED, fidelity.TUNING_COUNT, "tuning") == scenes
 
 
-def test_the_test_set_needs_the_operating_point_and_is_drawn_from_its_seed_apart_from_the_tuning_set(tmp_path):
+def test_the_test_set_needs_the_operating_point_and_is_drawn_from_its_seed_apart_from_the_tuning_set(tmp_path, monkeypatch):
     point = tmp_path / "operating-point.json"
     with pytest.raises(click.ClickException, match="drawn only after the operating point is chosen"):
         fidelity.scene_set("test", point)
@@ -114,6 +114,21 @@ def test_the_test_set_needs_the_operating_point_and_is_drawn_from_its_seed_apart
     assert scenes == fidelity.scene_set("test", point)[0]  # the same seed, the same scenes
     with pytest.raises(click.ClickException, match="already exists"):  # chosen once
         fidelity.choose_operating_point(point, tuning_result, settings)
+    # two choices at once: the one that writes first stands, the other is refused, not written over it
+    racing = tmp_path / "race" / "operating-point.json"
+    racing.parent.mkdir()
+    real_revision = fidelity.git_revision
+
+    def rival_chooses_meanwhile():  # after this choice's checks: the rival passed them too, and writes first
+        m.setattr(fidelity, "git_revision", real_revision)
+        fidelity.choose_operating_point(racing, tuning_result, settings, test_scenes=12, test_seed=1)
+        return real_revision()
+
+    with monkeypatch.context() as m:
+        m.setattr(fidelity, "git_revision", rival_chooses_meanwhile)
+        with pytest.raises(click.ClickException, match=r"was written by another choice while this one ran; an operating point is chosen once\.$"):
+            fidelity.choose_operating_point(racing, tuning_result, settings, test_scenes=12, test_seed=2)
+    assert json.loads(racing.read_text())["test_seed"] == 1 and sorted(p.name for p in racing.parent.iterdir()) == [racing.name]
     v2_result = tmp_path / "v2.json"
     v2_result.write_text(json.dumps({"ablations": {}, "stats": {}, "scene_set": {"name": "v2"}}))
     with pytest.raises(click.ClickException, match="not run on the tuning scenes"):

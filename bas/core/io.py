@@ -199,6 +199,24 @@ def write_json(path: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
+def create_json(path: Path, data) -> None:
+    """Write ``path`` as :func:`write_json` does, only where nothing is there yet: of two writers racing for the
+    same path, the first wins and the second gets :class:`FileExistsError` (a hard link never replaces a file,
+    where a rename would).  Nothing half-written is ever seen there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # each writer its own
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, default=str) + "\n")
+        normalise_modes(Path(name))
+        fsync_path(Path(name))
+        os.link(name, path)  # atomic, and refuses an existing path
+        fsync_path(path.parent)
+    finally:
+        os.unlink(name)
+
+
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
