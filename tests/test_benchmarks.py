@@ -265,6 +265,8 @@ def test_the_second_operating_point_is_what_the_declared_rule_takes_from_tuning_
     round2 = json.loads((results / "fidelity-v3-tuning2.json").read_text())
     round3 = json.loads((results / "fidelity-v3-tuning3.json").read_text())
     assert round2["table"] in page and round3["table"] in page
+    for group in ("rates", "attention", "contrast"):  # round 1's, which chose the first point
+        assert json.loads((results / f"fidelity-v3-tuning-{group}.json").read_text())["table"].strip() in page
     chosen2, said2 = tuning_rule.choose(tuning_rule.means(round2), ["full", "p2lr-1e-3", "p2lr-1e-3-r32", "p2steps-600", "ft-2e-5"])
     chosen3, said3 = tuning_rule.choose(tuning_rule.means(round3), ["full", "p2lr-5e-4-anchor", "p2lr-1e-3-anchor", "p2steps-600-anchor"])
     assert chosen2 == "full" and chosen3 == "p2steps-600-anchor" and f"The rule takes {chosen3}: {said3}." in page
