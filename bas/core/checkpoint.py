@@ -197,8 +197,10 @@ def check_same_run(saved_config: dict, config: dict) -> None:
     a, b = comparable(saved_config), comparable(json.loads(json.dumps(config, default=str)))
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
-        k = diff[0]
-        if k.removeprefix("options.") in (config.get("model_settings") or {}):  # the user gave no value: the model's settings did
+        recommended = config.get("model_settings") or {}
+        # a plugin the model turned on brings options of its own: its absence is the difference to name
+        k = "plugins" if "plugins" in diff and "plugins" in recommended else diff[0]
+        if k.removeprefix("options.") in recommended:  # the user gave no value: the model's settings did
             raise BasError(
                 f"The checkpoint was made with {k}={a.get(k)!r}, but this command takes {b.get(k)!r} from {config.get('model')}'s "
                 "recommended settings; resume with --no-model-defaults (or with the interrupted run's options)."
