@@ -347,8 +347,11 @@ def test_the_page_ticks_the_models_plugin_and_runs_what_it_shows(anchored, tmp_p
     check_same_run(saved, json.loads(json.dumps(again.to_json(), default=str)))
     # a run interrupted before the model recommended the plugin: the way to resume it is said
     older = {**saved, "plugins": [], "options": {k: v for k, v in saved["options"].items() if k != "background_anchor_weight"}}
-    with pytest.raises(BasError, match=r"^The checkpoint was made with plugins=\[\], but this command takes \['background-anchor'\] from "
-                                       r"bas-mini's recommended settings; resume with --no-model-defaults"):
+    with pytest.raises(
+        BasError,
+        match=r"^The checkpoint was made with plugins=\[\], but this command takes \['background-anchor'\] from "
+        r"bas-mini's recommended settings; resume with --no-model-defaults",
+    ):
         check_same_run(older, saved)
 
 
