@@ -352,7 +352,7 @@ def summarize_phase(data: dict, warmup: int, paper_steps: int) -> dict:
 
 def measure(spec: dict) -> dict:
     """Run one configuration for ``warmup + timed + 1`` steps per phase and summarize it."""
-    from bas.core.api import make_config
+    from bas.core.api import make_config, run_plugins
     from bas.demo.demo import draw_scene
     from bas.core.plugins import Plugins
 
@@ -362,13 +362,13 @@ def measure(spec: dict) -> dict:
     scene = draw_scene(work / "scene", size=res)
     names = [variant.strategy] + (["prior-preservation"] if variant.prior_preservation else []) + list(spec.get("plugins", ()))
     meter = Meter(warmup, count_flops=not variant.compile)  # the counter's dispatch mode would recompile
-    plugins = Plugins(names, extra=[("benchmark", BenchmarkPlugin(meter))])
     values = dict(
         out=work / "out", image=scene / "img.png", masks=[scene / "mask0.png", scene / "mask1.png"], model=spec["model"],
         phase1_steps=steps, phase2_steps=steps, precision=variant.precision, optimizer=variant.optimizer,
         gradient_checkpointing=variant.gradient_checkpointing, quantize=variant.quantize, resolution=res, seed=spec["seed"], device=spec["device"],
         quiet=True,
     )
+    plugins = run_plugins(Plugins(names, extra=[("benchmark", BenchmarkPlugin(meter))]), values, names)  # as bas run turns them on
     class_images = None
     if variant.prior_preservation:
         n = spec["num_class_images"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bas.core.api import make_config  # noqa: E402
+from bas.core.api import make_config, run_plugins  # noqa: E402
 from bas.core.errors import BasError  # noqa: E402
 from bas.core.plugins import Plugins  # noqa: E402
 from bas.memory.plan import make_plan  # noqa: E402
@@ -40,9 +40,9 @@ BUDGETS = (8, 12, 16)
 
 def config(model: str, strategy: str, device: str, resolution: int | None = None, **values):
     names = ["full"] if strategy == "full" else []
-    plugins = Plugins(names)
-    values = {"out": Path("unused"), "model": model, "device": device, "resolution": resolution, **values}
-    return make_config(plugins, {k: v for k, v in values.items() if v is not None}, names), plugins
+    values = {k: v for k, v in {"out": Path("unused"), "model": model, "device": device, "resolution": resolution, **values}.items() if v is not None}
+    plugins = run_plugins(Plugins(names), values, names)  # with the plugins the model turns on, as bas run has them
+    return make_config(plugins, values, names), plugins
 
 
 def check(args) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -247,10 +248,17 @@ def anchored(monkeypatch):
     ],
 )
 def test_a_plugin_the_model_recommends_is_on_unless_the_user_names_it_turns_it_off_or_cannot_run_it(extra, took, anchored, invoke, scene):
-    result = invoke("run", "--plan", "--scene", scene, "--model", "bas-mini", "--device", "cpu", *extra)
+    with warnings.catch_warnings(record=True) as caught:  # bas shows a warning as one "Warning: ..." line (bas.core.compat)
+        warnings.simplefilter("always")
+        result = invoke("run", "--plan", "--scene", scene, "--model", "bas-mini", "--device", "cpu", *extra)
     assert result.exit_code == 0, result.output
     said = re.findall(r"recommended settings for the options you left out: (.*) \(give", result.stderr)
     assert said == ([took] if took else [])
+    left_off = (
+        "bas-mini recommends --plugin background-anchor, which cannot run with the weight strategy you chose (it needs adapters); "
+        "the run goes without it."
+    )
+    assert (left_off in {str(w.message) for w in caught}) == (extra == ["-p", "full"])  # left off, and said so
 
 
 def test_a_run_turns_on_the_models_plugin_and_run_json_says_the_model_chose_it(anchored, invoke, scene, tmp_path):
@@ -266,7 +274,7 @@ def test_a_run_turns_on_the_models_plugin_and_run_json_says_the_model_chose_it(a
     assert "background-anchor" in info["history"]["phase2"][0]  # it trained with it
 
 
-def test_every_way_to_start_a_run_turns_the_models_plugin_on(anchored, scene, tmp_path):
+def test_every_way_to_start_a_run_turns_the_models_plugin_on(anchored, scene, tiny_model, tmp_path):
     from bas.core.api import model_plugins, run_plugins
 
     base = {"scene": scene, "model": "bas-mini", "out": tmp_path / "out"}
@@ -293,26 +301,45 @@ def test_every_way_to_start_a_run_turns_the_models_plugin_on(anchored, scene, tm
     with pytest.raises(BasError, match=r"^The run's plugins lack background-anchor, which bas-mini recommends"):
         Run(config, plain)
 
-    # bas batch: each scene's model decides; a scene that names full runs without it
+    # bas batch: each scene's model decides (the batch's --model bas-mini here); a scene that names full runs without it
     lines = [
-        {"name": "mini", "scene": str(scene), "model": "bas-mini"},
-        {"name": "mini-full", "scene": str(scene), "model": "bas-mini", "plugins": ["full"]},
-        {"name": "mini-off", "scene": str(scene), "model": "bas-mini", "model_defaults": False},
-        {"name": "weighted", "scene": str(scene), "model": "bas-mini", "background_anchor_weight": 2.0},  # the model's plugin's option
+        {"name": "mini", "scene": str(scene)},
+        {"name": "mini-full", "scene": str(scene), "plugins": ["full"]},
+        {"name": "mini-off", "scene": str(scene), "model_defaults": False},
+        {"name": "weighted", "scene": str(scene), "background_anchor_weight": 2.0},  # the model's plugin's option
+        {"name": "tiny", "scene": str(scene), "model": str(tiny_model)},  # a model that recommends nothing
     ]
-    batch = Batch(lines, tmp_path / "runs", "local", [], False, 1, True, {})
+    batch = Batch(lines, tmp_path / "runs", "local", [], False, 1, True, {"model": "bas-mini"})
     made = {}
-    for s in batch.states:  # a scene's worker makes its manager and config from the task as bas_batch_run_task does
+    for s in batch.states:  # a scene's worker makes its manager and config from the task (bas.core.batch.tasks.run_scene)
         values = dict(s.task.values, out=Path(s.task.out))
         made[s.spec.name] = make_config(run_plugins(Plugins(s.task.plugins), values, s.task.plugins), values, s.task.plugins)
     assert made["mini"].plugins == ["background-anchor"] and made["mini"].options["background_anchor_weight"] == 0.5
     assert made["mini-full"].plugins == ["full"] and "plugins" not in made["mini-full"].model_settings
-    assert made["mini-off"].plugins == [] and made["mini-off"].model_settings == {}
+    assert made["mini-off"].plugins == [] and made["mini-off"].model_settings == {} and "background_anchor_weight" not in made["mini-off"].options
+    assert made["tiny"].plugins == [] and "background_anchor_weight" not in made["tiny"].options
     assert made["weighted"].options["background_anchor_weight"] == 2.0
     assert "--plugin background-anchor" in batch.states[0].model_settings
+    # the same batch again over those runs finished: every scene is the same run, so skipped
+    for name, config in made.items():
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "run.json").write_text(json.dumps({"config": config.to_json()}, default=str))
+    again = Batch(lines, tmp_path / "runs", "local", [], False, 1, True, {"model": "bas-mini"})
+    assert {s.spec.name: (s.record["status"], s.record["error"]) for s in again.states} == {n: ("skipped", None) for n in made}
+    # and the worker itself runs with it
+    from bas.core.batch.tasks import run_scene
+
+    quick = Batch(
+        lines[:1], tmp_path / "quick", "local", [], False, 1, True, {"model": "bas-mini", "phase1_steps": 1, "phase2_steps": 1, "device": "cpu"}
+    )
+    result = run_scene(quick.states[0].task, lambda event: None)
+    assert result["status"] == "done", result["error"]
+    info = json.loads((tmp_path / "quick" / "mini" / "run.json").read_text())
+    assert info["config"]["plugins"] == ["background-anchor"] and info["model_settings"]["plugins"] == ["background-anchor"]
+    assert "background-anchor" in info["history"]["phase2"][0]
 
 
-def test_the_page_ticks_the_models_plugin_and_runs_what_it_shows(anchored, tmp_path):
+def test_the_page_ticks_the_models_plugin_and_runs_what_it_shows(anchored, tmp_path, monkeypatch):
     ws = Workspace(tmp_path / "ws")
     d = commands.defaults(model="bas-mini")
     assert d["plugins"] == ["background-anchor"] and d["background_anchor_weight"] == 0.5
@@ -335,6 +362,18 @@ def test_the_page_ticks_the_models_plugin_and_runs_what_it_shows(anchored, tmp_p
     assert args[args.index("no:background-anchor") - 1] == "--plugin"
     config, names = commands.parse_run(args, ws)
     assert names == config.plugins == ["no:background-anchor"] and "plugins" not in config.model_settings
+    # switching the weights to the full fine-tune unticks what needs adapters; back to LoRA ticks the model's again
+    assert commands.ticked_for_weights("full", ["background-anchor", "tensorboard"], "bas-mini") == ["tensorboard"]
+    assert commands.ticked_for_weights("lora", ["tensorboard"], "bas-mini") == ["tensorboard", "background-anchor"]
+    assert commands.ticked_for_weights("lora", ["tensorboard"], "some/model") == ["tensorboard"]
+    # a plugin the model recommends that the page has no box for (a default one here) is never turned off by it
+    import bas.mini
+
+    monkeypatch.setattr(bas.mini, "RECOMMENDED", {**WITH_ANCHOR, "plugins": ["background-anchor", "attention-contrast", "sam-masks"]})
+    assert "sam-masks" not in commands.optional_plugins() and "attention-contrast" in commands.optional_plugins()
+    args = commands.run_args(dict(form, plugins=[]), commands.absolute(ws))
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--plugin"] == ["no:background-anchor", "no:attention-contrast"]
+    monkeypatch.setattr(bas.mini, "RECOMMENDED", WITH_ANCHOR)
     # the page resumes a command-line run with the same plugins, so the same run
     from bas.core.api import run_plugins
     from bas.core.checkpoint import check_same_run
@@ -345,14 +384,24 @@ def test_the_page_ticks_the_models_plugin_and_runs_what_it_shows(anchored, tmp_p
     again, _ = commands.parse_run(commands.config_args(saved), ws)
     assert again.plugins == ran.plugins == ["background-anchor"]
     check_same_run(saved, json.loads(json.dumps(again.to_json(), default=str)))
-    # a run interrupted before the model recommended the plugin: the way to resume it is said
+    # a run interrupted before the model recommended the plugin, or one that turned it off: the plugins are named, and how to resume
     older = {**saved, "plugins": [], "options": {k: v for k, v in saved["options"].items() if k != "background_anchor_weight"}}
+    said = (
+        r"^The checkpoint was made with plugins {}, but this command runs {}: bas-mini's recommended plugins differ; resume with the "
+        r"interrupted run's plugins \(--plugin NAME turns one on, --plugin no:NAME off\), or use --overwrite to start over\.$"
+    )
+    with pytest.raises(BasError, match=said.format(r"\[\]", r"\['background-anchor'\]")):
+        check_same_run(older, saved)
+    off = make_config(Plugins(["no:background-anchor"]), values, ["no:background-anchor"]).to_json()
+    with pytest.raises(BasError, match=said.format(r"\['background-anchor'\]", r"\['no:background-anchor'\]")):
+        check_same_run(saved, json.loads(json.dumps(off, default=str)))
+    mine = make_config(run_plugins(Plugins(["tensorboard"]), values, ["tensorboard"]), values, ["tensorboard"]).to_json()
     with pytest.raises(
         BasError,
-        match=r"^The checkpoint was made with plugins=\[\], but this command takes \['background-anchor'\] from "
-        r"bas-mini's recommended settings; resume with --no-model-defaults",
+        match=r"^The checkpoint was made with plugins=\['background-anchor'\] but this command has "
+        r"\['tensorboard', 'background-anchor'\]; resume with the same options",
     ):
-        check_same_run(older, saved)
+        check_same_run(saved, json.loads(json.dumps(mine, default=str)))  # the user's own plugin: the user's difference
 
 
 @pytest.mark.parametrize(

@@ -1267,3 +1267,22 @@ def test_demo_never_replaces_what_it_did_not_write(work):
         code, err = run_main(["demo", "--out", out, "--steps", "1"])
         assert code == 1 and message in error_line(err), out
         assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_create_json_writes_once_and_the_second_writer_is_refused_with_nothing_left_behind(tmp_path, monkeypatch, links):
+    """io.create_json: whole or nothing, and never over a file already there (a hard link, or where a filesystem has
+    none, an exclusive create filled by a rename)."""
+    from bas.core import io
+
+    if not links:
+        def no_links(src, dst):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "point.json"
+    io.create_json(path, {"chosen": 1})
+    with pytest.raises(FileExistsError):
+        io.create_json(path, {"chosen": 2})
+    assert json.loads(path.read_text()) == {"chosen": 1} and [p.name for p in tmp_path.iterdir()] == ["point.json"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~io.current_umask()

@@ -285,10 +285,12 @@ class Batch:
         summary_io.check_own_files(self.out)
         self.plugin_names = list(plugin_names)
         model = {k: options[k] for k in ("model", "model_defaults") if k in options}
-        self.manager = run_plugins(Plugins(self.plugin_names), model, self.plugin_names)  # with the plugins --model recommends
+        own = Plugins(self.plugin_names)
+        self.manager = run_plugins(own, model, self.plugin_names)  # with the plugins --model recommends: their options are the batch's
         self.entry, self.executor_values, run_values, self.shown_options = split_options(self.manager, executor, options)
         self.executor_name, self.overwrite, self.retries, self.quiet = executor, overwrite, retries, quiet
-        self.managers: dict[tuple[str, ...], Plugins] = {tuple(self.plugin_names): self.manager}
+        # each scene's model decides which plugins it turns on (plan), so the managers are keyed by every name they have on
+        self.managers: dict[tuple[str, ...], Plugins] = {tuple(self.plugin_names): own, tuple(self.manager.names): self.manager}
         self.base_values = convert_values(run_values, OptionTable.of(self.manager), Path.cwd(), "the batch's options", text=False)
         make_config(self.manager, dict(self.base_values, out=self.out), self.plugin_names).check()  # option errors before any scene
         specs = read_scenes(scenes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -50,10 +51,15 @@ def model_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Iterab
     """The plugins the model in ``values`` recommends (``"plugins"`` in its ``bas_model_settings``) that a run
     turns on besides ``plugin_names`` (the user's ``--plugin`` values): none with ``model_defaults=False``,
     none the user named or turned off (``--plugin no:NAME``), and none that cannot run with the weight
-    strategy the user chose (a loss term that needs adapters, under ``--plugin full``).  A name no installed
-    plugin has is the recommending plugin's error."""
+    strategy the user chose (a loss term that needs adapters, under ``--plugin full``: :func:`make_config`
+    warns that it is left off).  A name no installed plugin has is the recommending plugin's error."""
+    return _model_plugins(plugins, values, plugin_names)[0]
+
+
+def _model_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(:func:`model_plugins`, those left off because the chosen weight strategy cannot run them)."""
     if values.get("model") is None or values.get("model_defaults") is False:
-        return []
+        return [], []
     model = str(values["model"])
     plugin, settings = plugins.model_settings(model)
     wanted = settings.get("plugins") or []
@@ -64,7 +70,7 @@ def model_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Iterab
     named, blocked = parse_plugin_names(plugin_names)
     wanted = [n for n in dict.fromkeys(wanted) if n not in named and n not in blocked]
     if not wanted:
-        return []
+        return [], []
     unknown = [n for n in wanted if n not in available_plugin_names() + [name for name, _ in plugins.extra]]
     if unknown:
         raise PluginError(
@@ -74,7 +80,7 @@ def model_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Iterab
 
     trial = Plugins([*plugin_names, *wanted], extra=plugins.extra)
     conflicts = set(adapter_conflicts(trial)) - set(named)
-    return [n for n in wanted if n not in conflicts]
+    return [n for n in wanted if n not in conflicts], [n for n in wanted if n in conflicts]
 
 
 def run_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable[str]) -> Plugins:
@@ -131,7 +137,14 @@ def make_config(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable
         raise BasError(f"Unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(CORE_FIELDS | set(options)))}.")
     if chosen is None:
         chosen = {k for k, v in values.items() if v is not None}
-    added = model_plugins(plugins, values, plugin_names)
+    added, left_off = _model_plugins(plugins, values, plugin_names)
+    if left_off:
+        names = " and ".join(f"--plugin {n}" for n in left_off)
+        warnings.warn(
+            f"{values['model']} recommends {names}, which cannot run with the weight strategy you chose (it needs adapters); "
+            "the run goes without it.",
+            stacklevel=2,
+        )
     missing = [n for n in added if n not in plugins.infos]
     if missing:  # a caller's mistake, not the user's: the run would go without them
         raise PluginError(

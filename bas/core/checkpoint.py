@@ -198,9 +198,18 @@ def check_same_run(saved_config: dict, config: dict) -> None:
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
         recommended = config.get("model_settings") or {}
-        # a plugin the model turned on brings options of its own: its absence is the difference to name
-        k = "plugins" if "plugins" in diff and "plugins" in recommended else diff[0]
-        if k.removeprefix("options.") in recommended:  # the user gave no value: the model's settings did
+        k = diff[0]
+        if "plugins" in diff:  # a plugin brings options of its own: the plugins are the difference to name
+            k = "plugins"
+            then, now = a.get("plugins") or [], b.get("plugins") or []
+            models = set(recommended.get("plugins") or ()) | set((saved_config.get("model_settings") or {}).get("plugins") or ())
+            if {n.removeprefix("no:") for n in set(then) ^ set(now)} <= models:
+                raise BasError(
+                    f"The checkpoint was made with plugins {then}, but this command runs {now}: {config.get('model')}'s recommended "
+                    "plugins differ; resume with the interrupted run's plugins (--plugin NAME turns one on, --plugin no:NAME off), "
+                    "or use --overwrite to start over."
+                )
+        if k != "plugins" and k.removeprefix("options.") in recommended:  # the user gave no value: the model's settings did
             raise BasError(
                 f"The checkpoint was made with {k}={a.get(k)!r}, but this command takes {b.get(k)!r} from {config.get('model')}'s "
                 "recommended settings; resume with --no-model-defaults (or with the interrupted run's options)."

@@ -199,6 +199,9 @@ def write_json(path: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
+NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}  # os.link where links are not made
+
+
 def create_json(path: Path, data) -> None:
     """Write ``path`` as :func:`write_json` does, only where nothing is there yet: of two writers racing for the
     same path, the first wins and the second gets :class:`FileExistsError` (a hard link never replaces a file,
@@ -211,10 +214,18 @@ def create_json(path: Path, data) -> None:
             f.write(json.dumps(data, indent=2, default=str) + "\n")
         normalise_modes(Path(name))
         fsync_path(Path(name))
-        os.link(name, path)  # atomic, and refuses an existing path
+        try:
+            os.link(name, path)  # atomic, and refuses an existing path
+        except FileExistsError:
+            raise
+        except OSError as exc:  # a filesystem without hard links (FAT, some network mounts): claim the name, then fill it whole
+            if exc.errno not in NO_LINKS:
+                raise
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # refuses an existing path
+            os.replace(name, path)
         fsync_path(path.parent)
     finally:
-        os.unlink(name)
+        Path(name).unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:

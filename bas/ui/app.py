@@ -324,7 +324,7 @@ class App:
                             words = gr.Textbox(label="Init words, one per concept, separated by commas (from the scene; blank: 'object')", elem_id="init-words")
                             background = gr.Checkbox(False, label="Also extract the background (--background)")
                             extra_plugins = gr.CheckboxGroup(self.optional_plugins(), value=[n for n in d["plugins"] if n in self.optional_plugins()],
-                                                             label="More plugins (ticked as the model recommends)")
+                                                             label="More plugins (ticked as the model recommends)", elem_id="more-plugins")
                             extra = gr.Textbox(label="More options, as on the command line (such as --validation-prompt \"a photo of <asset0>\")", elem_id="more-options")
                             overwrite = gr.Checkbox(False, label="Replace a run of that name (--overwrite)")
                         with gr.Column(scale=3):
@@ -341,6 +341,9 @@ class App:
                             attention = gr.Image(label="Attention of each handle (newest)", interactive=False, elem_id="attention", height=260)
                             command = gr.Textbox(label="The same from the command line", interactive=False, buttons=["copy"], lines=2, elem_id="run-command")
                     form = [x_scene, run_name, x_model, weights, p1, p2, lr1, lr2, rank, seed, resolution, precision, x_device, words, background, extra_plugins, extra, overwrite]
+                    # a user's switch to the full fine-tune unticks what cannot run with it (not a job's form being shown again)
+                    weights.input(lambda w, ticked, model: commands.ticked_for_weights(w, ticked, model or None), [weights, extra_plugins, x_model],
+                                  extra_plugins)
 
                 # ---------------------------------------------------------------- Generate
                 with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
@@ -780,13 +783,7 @@ class App:
 
     @staticmethod
     def optional_plugins() -> list[str]:
-        """Opt-in plugins that change training (not mask sources or weight strategies, which have their own fields)."""
-        from bas.core.plugins import Plugins, TRAINING_KINDS
-
-        manager = Plugins(all_installed=True)
-        training = {e.plugin for kind in TRAINING_KINDS if kind != "weight strategy" for e in manager.registry(kind).entries.values()}
-        strategies = {e.plugin for e in manager.registry("weight strategy").entries.values()}
-        return sorted(n for n, info in manager.infos.items() if not info.default and n in training and n not in strategies)
+        return commands.optional_plugins()
 
     @staticmethod
     def check_not_busy(out: Path) -> None:

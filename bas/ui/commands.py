@@ -78,6 +78,30 @@ def defaults(plugin_names: Iterable[str] = ("lora",), model: str | None = None) 
     return values
 
 
+def optional_plugins() -> list[str]:
+    """Opt-in plugins that change training (not mask sources or weight strategies, which have their own fields):
+    the page's "More plugins" checkboxes."""
+    from bas.core.plugins import TRAINING_KINDS, Plugins
+
+    manager = Plugins(all_installed=True)
+    training = {e.plugin for kind in TRAINING_KINDS if kind != "weight strategy" for e in manager.registry(kind).entries.values()}
+    strategies = {e.plugin for e in manager.registry("weight strategy").entries.values()}
+    return sorted(n for n, info in manager.infos.items() if not info.default and n in training and n not in strategies)
+
+
+def ticked_for_weights(weights: str, ticked: Iterable[str], model: str | None) -> list[str]:
+    """The "More plugins" ticks once the weights field says ``weights``: the full fine-tune unticks the plugins that
+    need adapters (``LossTerm.needs_adapters``), and LoRA ticks again those of them the model recommends."""
+    from bas.core.plugins import Plugins
+    from bas.core.training import adapter_conflicts
+
+    ticked = list(ticked or ())
+    if weights == "full":
+        conflicts = set(adapter_conflicts(Plugins(["full", *ticked]))) if ticked else set()
+        return [n for n in ticked if n not in conflicts]
+    return ticked + [n for n in defaults(["lora"], model=model)["plugins"] if n in optional_plugins() and n not in ticked]
+
+
 def shell(words: Iterable[Any]) -> str:
     return command_line(*words)
 
@@ -93,8 +117,9 @@ def run_args(form: dict[str, Any], path: Callable[[str], str]) -> list[str]:
     for name in ticked:
         if name not in d["plugins"]:  # one the model turns on is left out, as a field left at the model's value
             args += ["--plugin", name]
+    offered = optional_plugins()
     for name in d["plugins"]:
-        if name not in ticked:  # the model's plugin, unticked: off
+        if name not in ticked and name in offered:  # the model's plugin, unticked: off (one the page has no box for stays on)
             args += ["--plugin", f"no:{name}"]
     args += ["--model", str(form["model"])]
     for word in form.get("init_tokens") or ():
