@@ -1087,3 +1087,22 @@ def test_the_page_keeps_the_users_habits(server, page, scene, tiny_model, tmp_pa
     prompts.press("Control+Enter")
     wait_text(page, "#generate-status", r"Wrote 1 image into runs/restored/samples", timeout=60_000)
     expect(page.locator("#generate-gallery")).to_contain_text("a photo of <asset0> at the beach (seed 3)", timeout=30_000)
+
+
+def test_switching_to_the_full_fine_tune_unticks_the_plugins_that_need_adapters(server, page):
+    """background-anchor asks the base model through the adapters, which the full fine-tune has not: the page unticks
+    it when the user picks full (what bas run would refuse), and leaves the other plugins as they were."""
+    from playwright.sync_api import expect
+
+    page.goto(server["url"])
+    open_tab(page, "Extract")
+    box = lambda name: page.locator(f"#more-plugins label:has-text('{name}') input")  # noqa: E731
+    for name in ("background-anchor", "tensorboard"):
+        box(name).check()
+    page.locator("#weights label:has-text('full') input").check()
+    expect(box("background-anchor")).not_to_be_checked(timeout=30_000)
+    expect(box("tensorboard")).to_be_checked()
+    page.locator("#weights label:has-text('lora') input").check()  # the tiny model recommends nothing to tick again
+    page.wait_for_timeout(1000)
+    expect(box("background-anchor")).not_to_be_checked()
+    expect(box("tensorboard")).to_be_checked()

@@ -307,7 +307,8 @@ class App:
                             x_scene = gr.Dropdown(ws.scenes(), label="Scene", allow_custom_value=True, elem_id="extract-scene")
                             run_name = gr.Textbox(label="Run name (written to runs/NAME)", elem_id="run-name")
                             x_model = gr.Textbox(self.model, label="Model (hub id or pipeline folder)", elem_id="extract-model")
-                            weights = gr.Radio(["lora", "full"], value="lora", label="Weights of phase 2 (LoRA, or a full fine-tune as the paper)")
+                            weights = gr.Radio(["lora", "full"], value="lora", label="Weights of phase 2 (LoRA, or a full fine-tune as the paper)",
+                                               elem_id="weights")
                             with gr.Row():
                                 p1 = gr.Number(d["phase1_steps"], precision=0, label="Phase 1 steps (handles)", elem_id="phase1-steps")
                                 p2 = gr.Number(d["phase2_steps"], precision=0, label="Phase 2 steps (weights + handles)", elem_id="phase2-steps")
