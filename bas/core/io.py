@@ -161,11 +161,29 @@ def recover_dir(final: Path, complete: Path | None = None) -> None:
         fsync_path(parent)
 
 
+NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}  # os.link where links are not made
+
+
+def _place_once(tmp: Path, final: Path) -> None:
+    """Put the file ``tmp`` at ``final`` only where nothing is there: :class:`FileExistsError` otherwise, whoever
+    was first (a hard link never replaces a file, where a rename would)."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError as exc:  # a filesystem without hard links (FAT, some network mounts): claim the name, then fill it whole
+        if exc.errno not in NO_LINKS:
+            raise
+        os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # refuses an existing path
+        os.replace(tmp, final)
+
+
 @contextlib.contextmanager
-def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
+def atomic_path(final: Path, *, directory: bool = False, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``final``; on success flush it to disk and rename it to ``final``.
 
-    On an exception the temporary is removed and ``final`` keeps whatever it held before.
+    On an exception the temporary is removed and ``final`` keeps whatever it held before.  ``exclusive`` (a
+    file): only where nothing is at ``final`` yet; of two writers racing, the second gets :class:`FileExistsError`.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +202,11 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
             replace_dir(tmp, final)
         else:
             fsync_path(tmp)
-            os.replace(tmp, final)
+            if exclusive:
+                _place_once(tmp, final)
+                tmp.unlink(missing_ok=True)  # the link's other name
+            else:
+                os.replace(tmp, final)
             fsync_path(final.parent)
     except BaseException:
         if tmp.is_dir():
@@ -199,33 +221,11 @@ def write_json(path: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}  # os.link where links are not made
-
-
 def create_json(path: Path, data) -> None:
-    """Write ``path`` as :func:`write_json` does, only where nothing is there yet: of two writers racing for the
-    same path, the first wins and the second gets :class:`FileExistsError` (a hard link never replaces a file,
-    where a rename would).  Nothing half-written is ever seen there."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # each writer its own
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, default=str) + "\n")
-        normalise_modes(Path(name))
-        fsync_path(Path(name))
-        try:
-            os.link(name, path)  # atomic, and refuses an existing path
-        except FileExistsError:
-            raise
-        except OSError as exc:  # a filesystem without hard links (FAT, some network mounts): claim the name, then fill it whole
-            if exc.errno not in NO_LINKS:
-                raise
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # refuses an existing path
-            os.replace(name, path)
-        fsync_path(path.parent)
-    finally:
-        Path(name).unlink(missing_ok=True)
+    """Write ``path`` as :func:`write_json` does, only where nothing is there yet (``atomic_path(exclusive=True)``):
+    of two writers racing for the same path, the first wins and the second gets :class:`FileExistsError`."""
+    with atomic_path(path, exclusive=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def write_text(path: Path, text: str) -> None:
