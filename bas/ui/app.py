@@ -324,7 +324,7 @@ class App:
                                 x_device = gr.Textbox(self.device, label="Device")
                             words = gr.Textbox(label="Init words, one per concept, separated by commas (from the scene; blank: 'object')", elem_id="init-words")
                             background = gr.Checkbox(False, label="Also extract the background (--background)")
-                            extra_plugins = gr.CheckboxGroup(self.optional_plugins(), value=[n for n in d["plugins"] if n in self.optional_plugins()],
+                            extra_plugins = gr.CheckboxGroup(list(self.optional_plugins()), value=[n for n in d["plugins"] if n in self.optional_plugins()],
                                                              label="More plugins (ticked as the model recommends)", elem_id="more-plugins")
                             extra = gr.Textbox(label="More options, as on the command line (such as --validation-prompt \"a photo of <asset0>\")", elem_id="more-options")
                             overwrite = gr.Checkbox(False, label="Replace a run of that name (--overwrite)")
@@ -783,7 +783,7 @@ class App:
             return MaskCleanup()
 
     @staticmethod
-    def optional_plugins() -> list[str]:
+    def optional_plugins() -> tuple[str, ...]:
         return commands.optional_plugins()
 
     @staticmethod

@@ -9,6 +9,7 @@ is resolved inside the workspace, so a path typed on the page cannot leave it.
 
 from __future__ import annotations
 
+import functools
 import shlex
 import threading
 from pathlib import Path
@@ -78,15 +79,17 @@ def defaults(plugin_names: Iterable[str] = ("lora",), model: str | None = None) 
     return values
 
 
-def optional_plugins() -> list[str]:
+@functools.cache
+def optional_plugins() -> tuple[str, ...]:
     """Opt-in plugins that change training (not mask sources or weight strategies, which have their own fields):
-    the page's "More plugins" checkboxes."""
+    the page's "More plugins" checkboxes, made once with the page (so found once: the command preview asks on
+    every change of the form)."""
     from bas.core.plugins import TRAINING_KINDS, Plugins
 
     manager = Plugins(all_installed=True)
     training = {e.plugin for kind in TRAINING_KINDS if kind != "weight strategy" for e in manager.registry(kind).entries.values()}
     strategies = {e.plugin for e in manager.registry("weight strategy").entries.values()}
-    return sorted(n for n, info in manager.infos.items() if not info.default and n in training and n not in strategies)
+    return tuple(sorted(n for n, info in manager.infos.items() if not info.default and n in training and n not in strategies))
 
 
 def ticked_for_weights(weights: str, ticked: Iterable[str], model: str | None) -> list[str]:
@@ -99,7 +102,8 @@ def ticked_for_weights(weights: str, ticked: Iterable[str], model: str | None) -
     if weights == "full":
         conflicts = set(adapter_conflicts(Plugins(["full", *ticked]))) if ticked else set()
         return [n for n in ticked if n not in conflicts]
-    return ticked + [n for n in defaults(["lora"], model=model)["plugins"] if n in optional_plugins() and n not in ticked]
+    offered = optional_plugins()
+    return ticked + [n for n in defaults(["lora"], model=model)["plugins"] if n in offered and n not in ticked]
 
 
 def shell(words: Iterable[Any]) -> str:
