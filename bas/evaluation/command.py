@@ -14,11 +14,7 @@ def eval_command(command_class: type[click.Command]) -> click.Command:
     from bas.core.model import PRECISIONS
 
     class EvalCommand(command_class):
-        def manager(self, args):  # no --model: only the plugins named
-            from bas.core.plugins import Plugins
-            from bas.extraction.command import prescan_plugins
-
-            return Plugins(prescan_plugins(args))
+        takes_model = False
 
         def plugin_options(self, plugins):
             from bas.evaluation.evaluate import eval_options

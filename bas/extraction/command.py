@@ -47,6 +47,8 @@ class RunCommand(click.Command):
     """``bas run``: the plugins named on the command line add their options before parsing, and so do
     those the model recommends (``bas_model_settings``), which the run turns on."""
 
+    takes_model = True  # a command without --model (bas masks, bas eval) turns on only the plugins named
+
     def plugin_options(self, plugins: Plugins) -> list:
         return plugins.run_options()
 
@@ -54,7 +56,7 @@ class RunCommand(click.Command):
         from bas.core.api import run_plugins
 
         names = prescan_plugins(args)
-        return run_plugins(Plugins(names), prescan_model(args), names)
+        return run_plugins(Plugins(names), prescan_model(args), names) if self.takes_model else Plugins(names)
 
     def parse_args(self, ctx, args):
         base = [p for p in self.params if not getattr(p, "_from_plugin", False)]
@@ -80,8 +82,7 @@ class RunCommand(click.Command):
 class MasksCommand(RunCommand):
     """``bas masks``: as ``bas run``, but only the options of mask sources and mask cleanup."""
 
-    def manager(self, args: list[str]) -> Plugins:
-        return Plugins(prescan_plugins(args))
+    takes_model = False
 
     def plugin_options(self, plugins: Plugins) -> list:
         return plugins.mask_options()
