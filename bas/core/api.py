@@ -56,10 +56,11 @@ def model_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Iterab
     return _model_plugins(plugins, values, plugin_names)[0]
 
 
-def _model_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable[str]) -> tuple[list[str], list[str]]:
-    """(:func:`model_plugins`, those left off because the chosen weight strategy cannot run them)."""
+def _model_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable[str]) -> tuple[list[str], list[str], Plugins]:
+    """(:func:`model_plugins`, those left off because the chosen weight strategy cannot run them, a manager with
+    every recommended plugin on: ``plugins`` itself where it has them)."""
     if values.get("model") is None or values.get("model_defaults") is False:
-        return [], []
+        return [], [], plugins
     model = str(values["model"])
     plugin, settings = plugins.model_settings(model)
     wanted = settings.get("plugins") or []
@@ -70,7 +71,7 @@ def _model_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Itera
     named, blocked = parse_plugin_names(plugin_names)
     wanted = [n for n in dict.fromkeys(wanted) if n not in named and n not in blocked]
     if not wanted:
-        return [], []
+        return [], [], plugins
     unknown = [n for n in wanted if n not in available_plugin_names() + [name for name, _ in plugins.extra]]
     if unknown:
         raise PluginError(
@@ -78,17 +79,21 @@ def _model_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Itera
         )
     from bas.core.training import adapter_conflicts
 
-    trial = Plugins([*plugin_names, *wanted], extra=plugins.extra)
-    conflicts = set(adapter_conflicts(trial)) - set(named)
-    return [n for n in wanted if n not in conflicts], [n for n in wanted if n in conflicts]
+    with_all = (
+        plugins if all(n in plugins.infos for n in wanted) else Plugins([*plugins.names, *wanted], extra=plugins.extra, tolerant=plugins.tolerant)
+    )
+    conflicts = set(adapter_conflicts(with_all))
+    return [n for n in wanted if n not in conflicts], [n for n in wanted if n in conflicts], with_all
 
 
 def run_plugins(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable[str]) -> Plugins:
     """The plugin manager a run with these ``values`` uses: ``plugins`` (made from the user's ``plugin_names``),
     or one made again with the plugins the model recommends on too (:func:`model_plugins`)."""
-    added = model_plugins(plugins, values, plugin_names)
-    if not added or all(n in plugins.infos for n in added):
+    added, left_off, with_all = _model_plugins(plugins, values, plugin_names)
+    if all(n in plugins.infos for n in added):
         return plugins
+    if not left_off:
+        return with_all  # made with exactly those
     return Plugins([*plugins.names, *added], extra=plugins.extra, tolerant=plugins.tolerant)
 
 
@@ -137,7 +142,7 @@ def make_config(plugins: Plugins, values: dict[str, Any], plugin_names: Iterable
         raise BasError(f"Unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(CORE_FIELDS | set(options)))}.")
     if chosen is None:
         chosen = {k for k, v in values.items() if v is not None}
-    added, left_off = _model_plugins(plugins, values, plugin_names)
+    added, left_off, _ = _model_plugins(plugins, values, plugin_names)
     if left_off:
         names = " and ".join(f"--plugin {n}" for n in left_off)
         warnings.warn(
