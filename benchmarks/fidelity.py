@@ -473,16 +473,16 @@ def batch_lines(scenes: dict[str, Path], ablations: list[Ablation], extraction_s
     """One ``bas batch`` manifest line per scene, ablation and extraction seed; ``plugins``: every run's (the operating
     point's), less those the ablation turns off (:func:`run_plugins`)."""
     lines = []
+    objects = {name: json.loads((folder / "scene.json").read_text())["objects"] for name, folder in scenes.items()}
+    masks = {name: [str(m) for m in sorted(folder.glob("mask*.png"), key=lambda p: int(p.stem[4:]))] for name, folder in scenes.items()}
     for ablation in ablations:
+        own_plugins, own_options = run_plugins(ablation, plugins), options_without_plugins_off(ablation, options, plugins)  # once each
         for name, folder in scenes.items():
-            info = json.loads((folder / "scene.json").read_text())
-            masks = sorted(folder.glob("mask*.png"), key=lambda p: int(p.stem[4:]))
             for seed in extraction_seeds:
-                line = {"name": run_name(name, ablation.name, seed), "image": str(folder / "img.png"), "masks": [str(m) for m in masks],
-                        "init_tokens": [init_word(o["shape"]) for o in info["objects"]], "seed": seed,
-                        "plugins": run_plugins(ablation, plugins)}
+                line = {"name": run_name(name, ablation.name, seed), "image": str(folder / "img.png"), "masks": list(masks[name]),
+                        "init_tokens": [init_word(o["shape"]) for o in objects[name]], "seed": seed, "plugins": list(own_plugins)}
                 line.update(strategy_rates(ablation, learning_rates))
-                line.update(options_without_plugins_off(ablation, options, plugins))
+                line.update(own_options)
                 line.update(ablation.options)
                 if ablation.prior:
                     line.update(class_data_dir=str(class_dir), class_prompt=PRIOR_CLASS_PROMPT, num_class_images=PRIOR_CLASS_IMAGES)
