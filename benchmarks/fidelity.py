@@ -1255,10 +1255,14 @@ def choose_operating_point(path: Path, tuning_result: Path, settings: dict, test
     from bas.core import io
 
     path = Path(path)
-    if path.exists():
-        old = json.loads(path.read_text()) if path.is_file() else {}
+    if os.path.lexists(path):  # a link too, dangling or not: never written through
+        try:
+            old = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            old = {}
         raise click.ClickException(f"{path} already exists (chosen {old.get('chosen', '?')}); an operating point is chosen once, before the "
                                    f"test scenes are seen. Remove it only if no --scenes test run has used it.")
+    io.check_output_folder(path.parent, "The folder of --operating-point")  # a file there: one line, not mkdir's traceback
     tuning = load_result(tuning_result)
     if (tuning.get("scene_set") or {}).get("name") != "tuning":
         raise click.ClickException(f"{tuning_result} was not run on the tuning scenes (--scenes tuning); choose the operating point on them.")
@@ -1291,6 +1295,8 @@ def choose_operating_point(path: Path, tuning_result: Path, settings: dict, test
     try:
         io.create_json(path, point)  # another choice made meanwhile wins: this one is refused, not written over it
     except FileExistsError:
+        if not os.path.lexists(path):  # not this path (its folder became a file meanwhile): the OS error, as cli() says it
+            raise
         raise click.ClickException(f"{path} was written by another choice while this one ran; an operating point is chosen once.") from None
     return point
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bas.core.errors import BasError
 from bas.evaluation.stats import bootstrap_interval, holm, holm_adjusted, holm_confidences, nested_bootstrap_means, nested_summary, scene_test
 from bas.mini import metrics, world
 from bas.plugins.bas_mini import read_concepts, score_reading
@@ -129,6 +131,21 @@ def test_the_test_set_needs_the_operating_point_and_is_drawn_from_its_seed_apart
         with pytest.raises(click.ClickException, match=r"was written by another choice while this one ran; an operating point is chosen once\.$"):
             fidelity.choose_operating_point(racing, tuning_result, settings, test_scenes=12, test_seed=2)
     assert json.loads(racing.read_text())["test_seed"] == 1 and sorted(p.name for p in racing.parent.iterdir()) == [racing.name]
+    # what is already there is never written through, whatever it is; a file where the folder should be is one line
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not json")
+    (odd / "link.json").symlink_to(outside)
+    (odd / "dangling.json").symlink_to(tmp_path / "nowhere.json")
+    (odd / "garbage.json").write_text("{")
+    (odd / "afile").write_text("x")
+    for name in ("link.json", "dangling.json", "garbage.json"):
+        with pytest.raises(click.ClickException, match=rf"^{re.escape(str(odd / name))} already exists \(chosen \?\)"):
+            fidelity.choose_operating_point(odd / name, tuning_result, settings, test_scenes=12, test_seed=3, apart_from=[])
+    with pytest.raises(BasError, match=rf"^The folder of --operating-point {re.escape(str(odd / 'afile'))} is a file; pass a folder path\.$"):
+        fidelity.choose_operating_point(odd / "afile" / "point.json", tuning_result, settings, test_scenes=12, test_seed=3)
+    assert outside.read_text() == "not json" and not (tmp_path / "nowhere.json").exists() and (odd / "afile").read_text() == "x"
     v2_result = tmp_path / "v2.json"
     v2_result.write_text(json.dumps({"ablations": {}, "stats": {}, "scene_set": {"name": "v2"}}))
     with pytest.raises(click.ClickException, match="not run on the tuning scenes"):
