@@ -1062,6 +1062,22 @@ def git_revision() -> str:
         return "unknown"
 
 
+def check_outputs(out: Path, grids: Path, work: Path | None, keep: Path | None) -> None:
+    """Refuse, before hours of runs, every path the benchmark would only fail to write at the end (or
+    after its first scene): ``--out`` a folder or below a file, ``--grids``, ``--work`` or ``--keep`` a
+    file or below one, ``--grids`` the same path as ``--out``."""
+    from bas.core import io
+
+    if out.is_dir():
+        raise click.ClickException(f"--out {out} is a folder; pass the path of the result file (.json) to write.")
+    io.check_output_folder(out.parent, "The folder of --out")
+    if grids.resolve() == out.resolve():
+        raise click.ClickException(f"--out {out} is also the folder of its grids; pass a path ending in .json, or --grids elsewhere.")
+    for option, folder in (("--grids", grids), ("--work", work), ("--keep", keep)):
+        if folder is not None:
+            io.check_output_folder(Path(folder), option)
+
+
 def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | None = None, ablations: list[str] | None = None,
                   variants: list[Ablation] = (),
                   steps: tuple[int, int] = (200, 200), extraction_seeds: list[int] | None = None, seeds: list[int] | None = None,
@@ -1077,6 +1093,8 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
     that the benchmark resumes from them alone, on another machine or in a fresh ``work``."""
     t_start = time.perf_counter()
     out = Path(out)
+    grids = Path(grids) if grids else out.with_suffix("")
+    check_outputs(out, grids, work, keep)
     keep = Path(keep).resolve() if keep else None
     learning_rates = dict(learning_rates or {})
     extra = dict(options or {})
@@ -1102,7 +1120,6 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
     chosen = with_baselines(ablations, variants)
     extraction_seeds = extraction_seeds if extraction_seeds is not None else [0, 1, 2]
     seeds = seeds if seeds is not None else [0, 1, 2, 3]
-    grids = Path(grids) if grids else out.with_suffix("")
     common = {"model": model, "phase1_steps": steps[0], "phase2_steps": steps[1], "device": "cpu", "quiet": True}
     if attention_res:
         common["attention_res"] = attention_res

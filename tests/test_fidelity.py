@@ -616,6 +616,37 @@ def test_two_variants_of_one_name_are_one_clear_error_line():
     assert result.exit_code == 2 and "two variants are named 'a'" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("case, says", [
+    ("out-folder", r"^--out {tmp}/taken is a folder; pass the path of the result file \(\.json\) to write\.$"),
+    ("out-below-file", r"^The folder of --out {tmp}/afile/sub is below {tmp}/afile, which is a file; pass a folder path\.$"),
+    ("out-no-suffix", r"^--out {tmp}/result is also the folder of its grids; pass a path ending in \.json, or --grids elsewhere\.$"),
+    ("grids-file", r"^--grids {tmp}/afile is a file; pass a folder path\.$"),
+    ("work-file", r"^--work {tmp}/afile is a file; pass a folder path\.$"),
+    ("keep-below-file", r"^--keep {tmp}/afile/kept is below {tmp}/afile, which is a file; pass a folder path\.$"),
+])
+def test_an_output_path_the_benchmark_could_only_fail_to_write_hours_later_is_refused_before_any_run(tmp_path, monkeypatch, case, says):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "afile").write_text("x")
+    out, options = tmp_path / "fidelity.json", {}
+    if case == "out-folder":
+        out = tmp_path / "taken"
+    elif case == "out-below-file":
+        out = tmp_path / "afile" / "sub" / "fidelity.json"
+    elif case == "out-no-suffix":
+        out = tmp_path / "result"
+    else:
+        options[case.split("-")[0]] = tmp_path / "afile" / ("kept" if case == "keep-below-file" else "")
+    options.setdefault("work", tmp_path / "work")
+    monkeypatch.setattr(fidelity, "run_extractions", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises((click.ClickException, BasError)) as caught:
+        fidelity.run_benchmark(out, scene_set_name="tuning", scenes=["tuning-01-box"], steps=(2, 2), extraction_seeds=[0], seeds=[0],
+                               log=lambda m: None, **options)
+    message = caught.value.message if isinstance(caught.value, click.ClickException) else str(caught.value)
+    assert re.match(says.format(tmp=re.escape(str(tmp_path))), message), message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "taken"] and (tmp_path / "afile").read_text() == "x"
+    assert not any((tmp_path / "taken").iterdir())
+
+
 # -- a two-step run ---------------------------------------------------------------------------------
 def test_two_step_benchmark_on_one_scene_per_set_writes_paired_results_a_sweep_of_them_and_the_test_table(tmp_path):
     out, work = tmp_path / "fidelity.json", tmp_path / "work"
