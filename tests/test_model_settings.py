@@ -339,6 +339,25 @@ def test_every_way_to_start_a_run_turns_the_models_plugin_on(anchored, scene, ti
     assert "background-anchor" in info["history"]["phase2"][0]
 
 
+def test_the_pages_fields_follow_the_model_typed_where_the_user_left_them(anchored):
+    """Naming another model on the page: each field still at the last model's recommendation takes the new one's, what
+    the user typed stays, and the plugin ticks follow (none that needs adapters for the full fine-tune)."""
+    sd = commands.defaults(model="some/model")
+    fields = {k: sd[k] for k in commands.FOLLOWS_MODEL}
+    values, ticked = commands.follow_model("some/model", "bas-mini", fields, ["tensorboard"], "lora")
+    assert values == {**fields, "phase1_steps": 200, "phase2_steps": 200, "phase1_lr": 2e-3} and ticked == ["tensorboard", "background-anchor"]
+    assert (sd["phase1_steps"], sd["phase1_lr"]) != (200, 2e-3)  # each field above did change
+    typed = {**fields, "phase2_steps": 7, "seed": 3}  # the user's own values stay
+    assert commands.follow_model("some/model", "bas-mini", typed, [], "lora")[0] == {**typed, "phase1_steps": 200, "phase1_lr": 2e-3}
+    assert commands.follow_model("some/model", "bas-mini", fields, ["tensorboard"], "full")[1] == ["tensorboard"]
+    # and back: bas-mini's values and its plugin go, the user's tick and values stay
+    mini = {**fields, "phase1_steps": 200, "phase2_steps": 200, "phase1_lr": 0.002}
+    back, ticked = commands.follow_model("bas-mini", "some/model", {**mini, "phase2_steps": 9}, ["background-anchor", "tensorboard"], "lora")
+    assert back == {**fields, "phase2_steps": 9} and ticked == ["tensorboard"]
+    # the page's own number types (an int field sent back as a float) compare as numbers
+    assert commands.follow_model("bas-mini", "some/model", {**mini, "phase1_steps": 200.0}, [], "lora")[0]["phase1_steps"] == sd["phase1_steps"]
+
+
 def test_the_page_ticks_the_models_plugin_and_runs_what_it_shows(anchored, tmp_path, monkeypatch):
     ws = Workspace(tmp_path / "ws")
     d = commands.defaults(model="bas-mini")

@@ -1106,3 +1106,47 @@ def test_switching_to_the_full_fine_tune_unticks_the_plugins_that_need_adapters(
     page.wait_for_timeout(1000)
     expect(box("background-anchor")).not_to_be_checked()
     expect(box("tensorboard")).to_be_checked()
+
+
+def test_naming_another_model_on_the_page_moves_the_fields_left_at_the_last_ones_recommendation(server, page, tiny_model):
+    """The page starts at the model of bas ui --model (the tiny one: bas run's defaults). Typing bas-mini moves every field
+    the user left to bas-mini's recommended settings (and ticks the plugins it turns on); one the user typed stays; typing
+    the first model back moves them back."""
+    from playwright.sync_api import expect
+
+    import bas.mini
+    from bas.ui import commands
+
+    page.goto(server["url"])
+    open_tab(page, "Extract")
+    tiny = commands.defaults(model=str(tiny_model))
+    mini = {**tiny, **bas.mini.RECOMMENDED}
+    field = {"phase1_steps": "#phase1-steps input", "phase2_steps": "#phase2-steps input"}
+    lr = page.get_by_label("Phase 1 learning rate")
+    seed = page.get_by_label("Seed", exact=True)
+    expect(page.locator(field["phase1_steps"])).to_have_value(str(tiny["phase1_steps"]), timeout=30_000)
+    assert (tiny["phase1_steps"], tiny["phase2_steps"], tiny["phase1_lr"]) != (mini["phase1_steps"], mini["phase2_steps"], mini["phase1_lr"])
+    page.locator("#extract-scene input").fill("scenes/toys")  # for the command shown (no scene need be saved to show it)
+    page.locator("#extract-scene input").press("Enter")
+    page.locator("#run-name textarea, #run-name input").first.fill("follows")
+    seed.fill("7")  # the user's own value
+    model = page.locator("#extract-model textarea, #extract-model input").first
+    model.fill("bas-mini")
+    model.press("Enter")
+    for name, selector in field.items():
+        expect(page.locator(selector)).to_have_value(str(mini[name]), timeout=30_000)
+    expect(lr).to_have_value(str(mini["phase1_lr"]))
+    expect(seed).to_have_value("7")
+    for name in commands.optional_plugins():
+        box = page.locator(f"#more-plugins label:has-text('{name}') input")
+        (expect(box).to_be_checked if name in mini.get("plugins", ()) else expect(box).not_to_be_checked)()
+    # the command shown leaves out what the model recommends (as left) and keeps the user's seed
+    expect(page.locator("#run-command textarea")).to_have_value(
+        re.compile(r"^(?=.*--model bas-mini)(?=.*--seed 7)(?!.*--phase[12]-(steps|lr))", re.S), timeout=30_000)
+    page.locator(field["phase2_steps"]).fill("9")  # typed after the switch: stays when the model changes back
+    model.fill(str(tiny_model))
+    model.press("Enter")
+    expect(page.locator(field["phase1_steps"])).to_have_value(str(tiny["phase1_steps"]), timeout=30_000)
+    expect(page.locator(field["phase2_steps"])).to_have_value("9")
+    expect(lr).to_have_value(str(tiny["phase1_lr"]))
+    expect(seed).to_have_value("7")

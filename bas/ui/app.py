@@ -345,6 +345,22 @@ class App:
                     # a user's switch to the full fine-tune unticks what cannot run with it (not a job's form being shown again)
                     weights.input(lambda w, ticked, model: commands.ticked_for_weights(w, ticked, model or None), [weights, extra_plugins, x_model],
                                   extra_plugins)
+                    # another model typed: the fields still at the last model's recommendation take the new one's
+                    model_for = gr.State(self.model)  # the model the fields' starting values are those of
+                    follows = [p1, p2, lr1, rank, seed]  # commands.FOLLOWS_MODEL, in order
+
+                    def on_model(model, previous, weights_, ticked, *numbers):
+                        model = (model or "").strip()
+                        if model == (previous or ""):
+                            return [gr.skip()] * (len(follows) + 2)
+                        try:
+                            values, ticked = commands.follow_model(previous, model, dict(zip(commands.FOLLOWS_MODEL, numbers)), ticked, weights_)
+                        except BasError:  # a recommendation that cannot be made (start says why): the fields stay as they are
+                            return [gr.skip()] * (len(follows) + 1) + [model]
+                        return [*values.values(), ticked, model]
+
+                    for event in (x_model.blur, x_model.submit):
+                        event(on_model, [x_model, model_for, weights, extra_plugins, *follows], [*follows, extra_plugins, model_for])
 
                 # ---------------------------------------------------------------- Generate
                 with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
@@ -624,10 +640,11 @@ class App:
                 running = [j for j in active if j.state != "queued"]
                 job = (running or active)[-1] if active else self.jobs.newest()
                 if job is None:
-                    return None, -1, gr.skip(), *[gr.skip()] * len(form)
-                return job.id, -1, job.shown, *self.form_of(job)
+                    return None, -1, gr.skip(), *[gr.skip()] * len(form), gr.skip()
+                fields = self.form_of(job)
+                return job.id, -1, job.shown, *fields, fields[form.index(x_model)]  # the form shows that run's model
 
-            demo.load(on_load, None, [job_id, seen, command, *form])
+            demo.load(on_load, None, [job_id, seen, command, *form, model_for])
 
             # ---------------------------------------------------------------- Generate events
             g_run.change(self.generate_settings, g_run, [chips, g_status, scheduler, guidance, steps])

@@ -10,6 +10,7 @@ is resolved inside the workspace, so a path typed on the page cannot leave it.
 from __future__ import annotations
 
 import functools
+import math
 import shlex
 import threading
 from pathlib import Path
@@ -104,6 +105,30 @@ def ticked_for_weights(weights: str, ticked: Iterable[str], model: str | None) -
         return [n for n in ticked if n not in conflicts]
     offered = optional_plugins()
     return ticked + [n for n in defaults(["lora"], model=model)["plugins"] if n in offered and n not in ticked]
+
+
+# the Extract form's fields whose starting value is the model's recommendation, where it makes one
+FOLLOWS_MODEL = ("phase1_steps", "phase2_steps", "phase1_lr", "lora_rank", "seed")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def follow_model(previous: str | None, model: str | None, values: dict[str, Any], ticked: Iterable[str], weights: str) -> tuple[dict[str, Any], list[str]]:
+    """The Extract form once the user names another model: each field of ``values`` (``FOLLOWS_MODEL``) still at what
+    ``previous`` recommends takes what ``model`` recommends (a value the user typed stays), and the "More plugins" ticks
+    lose what ``previous`` turned on and ``model`` does not, and gain what ``model`` turns on (for ``weights``: the full
+    fine-tune gets none that need adapters).  So a field left as it shows is, for any model typed, the value the run takes."""
+    names = ["full"] if weights == "full" else ["lora"]
+    before = defaults(names, model=previous or None)
+    after = defaults(names, model=model or None)
+    followed = {k: (after[k] if _same(v, before[k]) else v) for k, v in values.items()}
+    offered = optional_plugins()
+    kept = [n for n in ticked or () if n not in before["plugins"] or n in after["plugins"]]
+    return followed, kept + [n for n in after["plugins"] if n in offered and n not in kept]
 
 
 def shell(words: Iterable[Any]) -> str:
