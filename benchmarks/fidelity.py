@@ -1068,9 +1068,7 @@ def check_outputs(out: Path, grids: Path, work: Path | None, keep: Path | None) 
     file or below one, ``--grids`` the same path as ``--out``."""
     from bas.core import io
 
-    if out.is_dir():
-        raise click.ClickException(f"--out {out} is a folder; pass the path of the result file (.json) to write.")
-    io.check_output_folder(out.parent, "The folder of --out")
+    io.check_output_file(out, "--out")
     if grids.resolve() == out.resolve():
         raise click.ClickException(f"--out {out} is also the folder of its grids; pass a path ending in .json, or --grids elsewhere.")
     for option, folder in (("--grids", grids), ("--work", work), ("--keep", keep)):

@@ -617,7 +617,7 @@ def test_two_variants_of_one_name_are_one_clear_error_line():
 
 
 @pytest.mark.parametrize("case, says", [
-    ("out-folder", r"^--out {tmp}/taken is a folder; pass the path of the result file \(\.json\) to write\.$"),
+    ("out-folder", r"^--out {tmp}/taken is a folder; pass the path of the file to write\.$"),
     ("out-below-file", r"^The folder of --out {tmp}/afile/sub is below {tmp}/afile, which is a file; pass a folder path\.$"),
     ("out-no-suffix", r"^--out {tmp}/result is also the folder of its grids; pass a path ending in \.json, or --grids elsewhere\.$"),
     ("grids-file", r"^--grids {tmp}/afile is a file; pass a folder path\.$"),

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -1267,6 +1268,21 @@ def test_demo_never_replaces_what_it_did_not_write(work):
         code, err = run_main(["demo", "--out", out, "--steps", "1"])
         assert code == 1 and message in error_line(err), out
         assert snapshot(work) == before
+
+
+def test_an_output_file_path_that_cannot_be_written_is_refused_before_anything_runs(tmp_path):
+    from bas.core import io
+    from bas.core.errors import BasError
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BasError, match=rf"^--out {re.escape(str(tmp_path / 'folder'))} is a folder; pass the path of the file to write\.$"):
+        io.check_output_file(tmp_path / "folder", "--out")
+    below = tmp_path / "afile" / "sub" / "r.json"
+    with pytest.raises(BasError, match=rf"^The folder of --out {re.escape(str(below.parent))} is below {re.escape(str(tmp_path / 'afile'))}, which is a file"):
+        io.check_output_file(below, "--out")
+    assert io.check_output_file(tmp_path / "new" / "r.json", "--out") == tmp_path / "new" / "r.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"] and (tmp_path / "afile").read_text() == "x"
 
 
 @pytest.mark.parametrize("links", [True, False])

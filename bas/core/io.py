@@ -358,6 +358,16 @@ def check_output_folder(path: Path, option: str) -> Path:
     return path
 
 
+def check_output_file(path: Path, option: str) -> Path:
+    """Refuse, before anything slow runs, a file path to write that cannot be one: a folder, or a
+    path below a file (what ``write_json`` would only find out at the end)."""
+    path = Path(path)
+    if path.is_dir():
+        raise BasError(f"{option} {path} is a folder; pass the path of the file to write.")
+    check_output_folder(path.parent, f"The folder of {option}")
+    return path
+
+
 def inside(base: Path, relative: str, what: str) -> Path:
     """``base / relative`` for a relative path read from a file, refusing one that leaves ``base``
     (absolute, ``..``, a drive, a link pointing outside)."""
