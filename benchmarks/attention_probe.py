@@ -34,6 +34,8 @@ import torch
 from torch.nn import functional as F
 
 from bas import hookimpl
+from benchmarks.commandline import Command
+from benchmarks.fidelity import parse_option
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (0.2, 0.5, 0.8)  # noise levels of the probe, as fractions of the training schedule
@@ -270,7 +272,7 @@ def plot(results: dict, path: Path) -> None:
     buffer.unlink()
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--scene", "scenes", multiple=True,
               help="Fidelity-benchmark scenes of the v2 or tuning set, by name [default: four v2 scenes with touching or similar objects]. "
                    "Never the test set's: what is seen there must not steer a choice.")
@@ -278,13 +280,13 @@ def plot(results: dict, path: Path) -> None:
               help="[default: full and no-attention-loss]")
 @click.option("--phase1-steps", default=200, show_default=True)
 @click.option("--phase2-steps", default=200, show_default=True)
-@click.option("--every", default=25, show_default=True, help="Probe every N steps.")
+@click.option("--every", type=click.IntRange(min=1), default=25, show_default=True, help="Probe every N steps.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--set", "sets", multiple=True, help="KEY=VALUE: a bas run option for every run (repeatable).")
+@click.option("--set", "extra", multiple=True, callback=parse_option, help="KEY=VALUE: a bas run option for every run (repeatable).")
 @click.option("--out", type=click.Path(path_type=Path), default=None)
 @click.option("--table", "table_of", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="PROBE.json: print the table of a probe already written; runs nothing.")
-def main(scenes, variants, phase1_steps, phase2_steps, every, seed, sets, out, table_of):
+def main(scenes, variants, phase1_steps, phase2_steps, every, seed, extra, out, table_of):
     """Probe extractions on bas-mini and write the JSON and figure."""
     from bas.core import io
     from benchmarks import fidelity
@@ -303,8 +305,10 @@ def main(scenes, variants, phase1_steps, phase2_steps, every, seed, sets, out, t
     if unknown:
         raise click.UsageError(f"no scene {unknown[0]!r} in the v2 or tuning set; name one of: {', '.join(known)}.")
     variants = list(variants) or ["full", "no-attention-loss"]
-    extra = fidelity.parse_option(None, None, sets)
-    out = out or RESULTS / f"attention-probe-{datetime.date.today().isoformat()}.json"
+    out = io.check_output_file(out or RESULTS / f"attention-probe-{datetime.date.today().isoformat()}.json", "--out")  # before the runs
+    if out.suffix == ".png":
+        raise click.BadParameter(f"{out} is the name of the figure written beside the JSON; pass a path ending in .json.", param_hint="'--out'")
+    io.check_output_file(out.with_suffix(".png"), "The figure beside --out")
     result = {"date": datetime.date.today().isoformat(), "git": fidelity.git_revision(), "steps": [phase1_steps, phase2_steps], "every": every,
               "seed": seed, "fractions": list(FRACTIONS), "options": extra, "runs": []}
     t0 = time.perf_counter()

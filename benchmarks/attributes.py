@@ -27,6 +27,7 @@ import numpy as np
 
 from bas.mini import metrics, world
 from benchmarks import fidelity
+from benchmarks.commandline import Command
 
 PARTS = ("identity", "identity_colour", "identity_shape", "identity_texture", "identity_core", "count", "swap")
 NAMED = {"colour": world.COLOURS, "shape": world.SHAPES, "texture": world.TEXTURES}
@@ -51,7 +52,7 @@ def read_samples(keep: Path, scenes: dict, ablation: str) -> list[dict]:
         for path in sorted((keep / "scores").glob(f"{name}--{ablation}--e*.json")):
             if path.stem.split("--")[1] != ablation:
                 continue
-            for image in json.loads(path.read_text())["images"]:
+            for image in fidelity.read_kept(path)["images"]:  # a damaged file: one line, before any table
                 prompt = image["prompt"]
                 shown = [int(h.split(">")[0]) for h in prompt.split("<asset")[1:]]
                 if len(shown) != 1 or prompt != f"a photo of <asset{shown[0]}>":
@@ -149,7 +150,7 @@ def prior_markdown(prior: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--keep", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="The benchmark's --keep folder.")
 @click.option("--scenes", "scene_set_name", type=click.Choice(fidelity.SCENE_SETS), default="test", show_default=True)
 @click.option("--test-scenes", type=int, default=None, help="As the benchmark's: how many test scenes were drawn.")
@@ -163,7 +164,7 @@ def prior_markdown(prior: dict[str, dict[str, int]]) -> str:
 @click.option("--ablation", "ablations", multiple=True, default=("full",), show_default=True)
 @click.option(
     "--prior-seeds",
-    type=int,
+    type=click.IntRange(min=0),
     default=0,
     show_default=True,
     help="Also sample the base model this many times per caption of PRIOR_CAPTIONS and count the unnamed attributes it draws.",
@@ -171,6 +172,10 @@ def prior_markdown(prior: dict[str, dict[str, int]]) -> str:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the rows as JSON (with the markdown tables).")
 def main(keep, scene_set_name, test_scenes, operating_point, ablations, prior_seeds, out):
     """Identity and its parts per attribute value, from kept scores (see the module docstring)."""
+    from bas.core import io
+
+    if out:
+        io.check_output_file(out, "--out")  # before the base model's samples, not after them
     scenes, record = fidelity.scene_set(scene_set_name, operating_point, count=test_scenes)
     result = {"date": datetime.date.today().isoformat(), "git": fidelity.git_revision(), "keep": str(keep), "scene_set": record, "ablations": {}}
     for ablation in ablations:
@@ -186,8 +191,6 @@ def main(keep, scene_set_name, test_scenes, operating_point, ablations, prior_se
         result["base_prior"] = {"seeds": prior_seeds, "steps": 25, "guidance": 7.5, "counts": prior, "markdown": prior_markdown(prior)}
         click.echo(f"## the base model, {prior_seeds} seeds per caption\n\n{prior_markdown(prior)}")
     if out:
-        from bas.core import io
-
         io.write_text(Path(out), json.dumps(result, indent=1) + "\n")  # whole or not at all, as every result file
         click.echo(f"Wrote {out}", err=True)
 

@@ -20,10 +20,10 @@ N for the others.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -32,7 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import click
+
 ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.commandline import Command  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = {"loop": 1, "local-1": 1, "local-2": 2, "ray-1": 1, "ray-2": 2}
 
@@ -138,42 +145,42 @@ def git_revision() -> str:
         return "unknown"
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenes", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="Steps per phase of every scene.")
-    parser.add_argument("--repeats", type=int, default=1, help="Runs of every configuration, interleaved.")
-    parser.add_argument("--config", action="append", choices=list(CONFIGS), help="Configurations to run [default: all].")
-    parser.add_argument("--out", type=Path, default=None, help="Results file [default: benchmarks/results/batch-cpu-<date>.json].")
-    args = parser.parse_args(argv)
-    configs = args.config or list(CONFIGS)
+@click.command(cls=Command, help=__doc__.splitlines()[0], context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--scenes", type=click.IntRange(min=1), default=8, show_default=True, help="Scenes every configuration extracts.")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Steps per phase of every scene.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="Runs of every configuration, interleaved.")
+@click.option("--config", "configs", multiple=True, type=click.Choice(list(CONFIGS)), help="Configurations to run (repeatable) [default: all].")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Results file [default: benchmarks/results/batch-cpu-<date>.json].")
+def main(scenes, steps, repeats, configs, out) -> None:
+    from bas.core import io
+
+    configs = list(configs) or list(CONFIGS)
     date = time.strftime("%Y-%m-%d")
-    out_file = args.out or RESULTS / f"batch-cpu-{date}.json"
+    out_file = io.check_output_file(out or RESULTS / f"batch-cpu-{date}.json", "--out")  # before the runs, not after them
     load_before = os.getloadavg()
     revision = git_revision()  # before the runs: the code they measured
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="bas-batch-bench-") as tmp:
         work = Path(tmp)
-        model, scenes = prepare(work, args.scenes)
-        for repeat in range(args.repeats):
+        model, folders = prepare(work, scenes)
+        for repeat in range(repeats):
             for config in configs:
-                print(f"[{repeat + 1}/{args.repeats}] {config} ...", file=sys.stderr, flush=True)
-                row = measure(config, model, scenes, work / f"{config}-{repeat}", args.steps)
+                print(f"[{repeat + 1}/{repeats}] {config} ...", file=sys.stderr, flush=True)
+                row = measure(config, model, folders, work / f"{config}-{repeat}", steps)
                 print(f"    {row}", file=sys.stderr, flush=True)
                 runs[config].append(row)
     result = {
         "benchmark": "batch",
         "date": date,
-        "command": "python benchmarks/batch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/batch.py " + shlex.join(sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_average_before": [round(x, 2) for x in load_before], "load_average_after": [round(x, 2) for x in os.getloadavg()]},
-        "settings": {"scenes": args.scenes, "steps_per_phase": args.steps, "threads_per_scene": 1, "repeats": args.repeats, "model": "tiny (bas tiny-model)"},
+        "settings": {"scenes": scenes, "steps_per_phase": steps, "threads_per_scene": 1, "repeats": repeats, "model": "tiny (bas tiny-model)"},
         "git": revision,
         "runs": runs,
         "summary": summarise(runs),
     }
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps(result, indent=2) + "\n")
+    io.write_json(out_file, result)  # whole or not at all
     print(markdown(result))
     print(f"Wrote {out_file}", file=sys.stderr)
 

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.commandline import Command  # noqa: E402
 from benchmarks.harness import ABLATIONS, PAPER_STEPS, REFERENCE_STYLE, Variant  # noqa: E402
 from benchmarks.presets import PRESETS, materialize  # noqa: E402
 
@@ -152,19 +153,35 @@ def targets(arch: str, device: str, variant: Variant, configs: dict, speedup: fl
 
 
 def load_results(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {"rows": []}
+    """The results file ``path`` (``{"rows": [...]}``; a new one where nothing is there yet), or one clear error: a path that
+    cannot be one, or a file this script did not write, is refused before anything is measured."""
+    from bas.core import io
+
+    io.check_output_file(path, "--out")
+    if not os.path.lexists(path):
+        return {"rows": []}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"--out {path} is not a readable results file ({exc}); give a new path, or the file benchmarks/extract.py "
+                                   f"wrote there.") from None
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("command"), str) for r in rows):
+        raise click.ClickException(f"--out {path} is not a results file of benchmarks/extract.py (no list of rows, each with its command); "
+                                   f"give a new path, or the file it wrote there.")
+    return data
 
 
 def save_row(path: Path, row: dict) -> None:
     """Add the row to the results file, replacing an earlier row of the same command."""
     from bas.core import io
 
-    data = load_results(path)
+    data = load_results(path)  # read again: another measurement may have added its row meanwhile
     data["rows"] = [r for r in data["rows"] if r["command"] != row["command"]] + [row]
     io.write_json(path, data)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--arch", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True, help="Architecture preset (random weights, real shapes).")
 @click.option("--strategy", type=click.Choice(["lora", "full"]), default="lora", show_default=True, help="Phase 2 weights of the bas configuration.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True, help="auto: what `bas run` picks for the device.")
@@ -189,12 +206,17 @@ def save_row(path: Path, row: dict) -> None:
 def main(arch, strategy, precision, optimizer, grad_checkpointing, quantize, prior_preservation, steps, warmup, repeats, compare, ablations,
          plugin_names, resolution, threads, device, num_class_images, seed, cache_dir, out):
     """Measure extraction speed and memory at an architecture preset."""
+    from bas.core import io
+    from benchmarks.presets import default_cache_dir
+
     if steps < 1 or warmup < 0 or repeats < 1:
         raise click.UsageError("--steps and --repeats must be at least 1 and --warmup at least 0.")
     command = "python benchmarks/extract.py " + shlex.join(sys.argv[1:])
     slug = device_slug() if device == "auto" else ("cpu" if device == "cpu" else device_slug())
     today = datetime.date.today().isoformat()
-    out = out or RESULTS_DIR / f"{slug}-{today}.json"
+    out = Path(out or RESULTS_DIR / f"{slug}-{today}.json")
+    load_results(out)  # a path it could only fail to write, or a file it could not merge into, after the measurements: refused now
+    io.check_output_folder(Path(cache_dir or default_cache_dir()), "--cache-dir")
 
     variant = Variant(strategy=strategy, precision=precision, optimizer=optimizer, gradient_checkpointing=grad_checkpointing,
                       prior_preservation=prior_preservation, quantize=quantize)
@@ -254,7 +276,7 @@ def main(arch, strategy, precision, optimizer, grad_checkpointing, quantize, pri
         "targets": targets(arch, slug, variant, results, speedup["extraction"] if speedup and "error" not in speedup else None,
                            base_spec["resolution"]),
     }
-    save_row(Path(out), row)
+    save_row(out, row)
     if speedup and "error" not in speedup:
         click.echo(f"bas is {speedup['extraction']:.2f}x faster than reference-style for the 400+400 extraction "
                    f"({bas['projected_extraction_s']:.1f} s vs {reference['projected_extraction_s']:.1f} s), "

@@ -66,6 +66,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from bas.mini import world
+from benchmarks.commandline import Command, json_kind
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKGROUND_CHOICES = ("yellow", "green", "blue")  # the first two that differ from the input's are asked for
@@ -307,9 +308,40 @@ def load_operating_point(path: Path = OPERATING_POINT) -> dict:
         for s in earlier_test_sets(point)["sets"]:
             int(s["test_scenes"]), int(s["test_seed"]), str(s["chosen"]), str(s["operating_point"])
         seen_scenes(point)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        problem = settings_problem(point["settings"])
+        if problem:
+            raise ValueError(problem)
+    except ValueError as exc:  # a JSON error's position, or what is wrong, in words
+        raise click.ClickException(f"{path} is not an operating point written by --choose-operating-point ({exc}); write it again.") from None
+    except (KeyError, TypeError, AttributeError) as exc:
         raise click.ClickException(f"{path} is not an operating point written by --choose-operating-point ({exc!r}); write it again.") from None
     return point
+
+
+def settings_problem(settings) -> str | None:
+    """What is wrong with an operating point's ``settings`` (as :func:`choose_operating_point` records them: ``steps``
+    [phase 1, phase 2], ``learning_rates`` by option name, ``attention_res``, ``options`` and ``plugins``), or None."""
+    if not isinstance(settings, dict):
+        return f"its settings are {json_kind(settings)}, not an object"
+    missing = [k for k in ("steps", "learning_rates", "attention_res", "options") if k not in settings]
+    if missing:
+        return f"its settings have no {', '.join(missing)}"
+    steps = settings["steps"]
+    if not (isinstance(steps, list) and len(steps) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in steps)):
+        return f"its settings' steps {steps!r} are not [phase-1 steps, phase-2 steps]"
+    rates = settings["learning_rates"]
+    known = ("phase1_lr", "phase2_lr", "full_phase2_lr", "phase2_handle_lr")
+    if not (isinstance(rates, dict) and all(k in known and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in rates.items())):
+        return f"its settings' learning_rates {rates!r} are not an object of {', '.join(known)} and numbers"
+    res = settings["attention_res"]
+    if res is not None and not (isinstance(res, int) and not isinstance(res, bool) and res >= 0):
+        return f"its settings' attention_res {res!r} is neither null nor a whole number"
+    if not isinstance(settings["options"], dict):
+        return f"its settings' options {settings['options']!r} are not an object of bas run options"
+    plugins = settings.get("plugins", [])
+    if not (isinstance(plugins, list) and all(isinstance(p, str) for p in plugins)):
+        return f"its settings' plugins {plugins!r} are not a list of plugin names"
+    return None
 
 
 def earlier_test_sets(point: dict) -> dict:
@@ -849,12 +881,70 @@ def targets_table(checks: list[dict]) -> str:
 
 # -- a table and its sweeps, corrected together ---------------------------------------------------
 def load_result(path: Path) -> dict:
+    """A result file of the benchmark, checked to be one: every field that :func:`holm_over`, ``--belongs-to`` and
+    ``--choose-operating-point`` read has the shape the benchmark writes (each ablation's values finite numbers of
+    scenes x extraction seeds x generation seeds, as many as its baseline's, which is in the file), or one clear error."""
     try:
         result = json.loads(Path(path).read_text())
-        result["ablations"], result["stats"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise click.ClickException(f"{path} is not a result of benchmarks/fidelity.py ({exc}); give the JSON files it wrote.") from None
+    problem = result_problem(result)
+    if problem:
+        raise click.ClickException(f"{path} is not a result of benchmarks/fidelity.py ({problem}); give the JSON files it wrote, as it wrote them.")
     return result
+
+
+def result_problem(result) -> str | None:
+    """What is wrong with a result file's content (see :func:`load_result`), or None."""
+    if not isinstance(result, dict):
+        return f"it holds {json_kind(result)}, not an object"
+    if not isinstance(result.get("stats"), dict):
+        return "it has no stats object"
+    ablations = result.get("ablations")
+    if not isinstance(ablations, dict):
+        return "its ablations are not an object of ablation records"
+    shapes = {}
+    for name, info in ablations.items():
+        if not isinstance(info, dict):
+            return f"ablation {name!r} is {json_kind(info)}, not a record"
+        if not isinstance(info.get("values"), dict) or not info["values"]:
+            return f"ablation {name!r} has no values"
+        kinds = (("what", "", str), ("plugins", [], list), ("options", {}, dict))
+        if not all(isinstance(info.get(key, default), kind) for key, default, kind in kinds):
+            return f"ablation {name!r}'s what, plugins or options are not text, a list and an object"
+        shapes[name] = {}
+        for metric, values in info["values"].items():
+            try:
+                x = np.asarray(values, dtype=np.float64)
+            except (TypeError, ValueError):
+                x = None
+            if x is None or x.ndim != 3 or x.size == 0 or not np.isfinite(x).all():
+                return f"ablation {name!r}'s {metric} values are not finite numbers of scenes x extraction seeds x generation seeds"
+            shapes[name][metric] = x.shape
+    for name, info in ablations.items():
+        baseline = info.get("baseline")
+        if baseline is None:
+            continue
+        if not isinstance(baseline, str) or baseline not in ablations:
+            return f"ablation {name!r}'s baseline {baseline!r} is not in the file"
+        if any(shapes[baseline].get(m) != shape for m, shape in shapes[name].items()):
+            return f"ablation {name!r}'s values do not pair with its baseline {baseline!r}'s (other metrics or other counts)"
+    if "targets" in result and any(m not in shapes.get("full", {}) for m, _, _ in TARGETS):
+        return "it has targets but no values of full's " + ", ".join(m for m, _, _ in TARGETS)
+    scene_set = result.get("scene_set")
+    if scene_set is not None and not (isinstance(scene_set, dict) and isinstance(scene_set.get("name", "v2"), str)):
+        return "its scene_set is not a record with a name"
+    if "belongs_to" in result and result["belongs_to"] is not None and table_name(result) is None:
+        return f"its belongs_to {result['belongs_to']!r} is not a file name"
+    resamples = result.get("resamples", 10_000)
+    if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 1:
+        return f"its resamples {resamples!r} is not a positive whole number"
+    return None
+
+
+def scene_set_name_of(result: dict) -> str:
+    """The name of the scene set a (checked) result ran on: v2 for a file from before the sets were named."""
+    return (result.get("scene_set") or {}).get("name", "v2")
 
 
 def ablations_record(ablations: list[Ablation], values: dict[str, dict[str, np.ndarray]]) -> dict:
@@ -872,9 +962,15 @@ def result_values(result: dict) -> dict[str, dict[str, np.ndarray]]:
     return {name: {m: np.asarray(v, dtype=np.float64) for m, v in info["values"].items()} for name, info in result["ablations"].items()}
 
 
+def table_name(result: dict) -> str | None:
+    """A result's ``belongs_to`` where it is one (a non-empty path without a NUL), else None."""
+    name = result.get("belongs_to")
+    return name if isinstance(name, str) and name and "\0" not in name else None
+
+
 def belongs_to(path: Path, result: dict) -> Path | None:
     """The table a sweep file belongs to (its ``belongs_to``, relative to the sweep's folder), or None for a table."""
-    name = result.get("belongs_to")
+    name = table_name(result)
     return (Path(path).parent / name).resolve() if name else None
 
 
@@ -884,24 +980,8 @@ def holm_over(table: Path, sweeps: list[Path], log=print) -> int:
     table it belongs to, and every file beside the given ones that names it must be given.  Returns the family's size."""
     from bas.core import io
 
-    table = Path(table).resolve()
-    sweeps = [Path(s).resolve() for s in sweeps]
-    results = {table: load_result(table)}
-    if results[table].get("belongs_to"):
-        raise click.ClickException(f"{table} is a sweep of {results[table]['belongs_to']}, not a table; give that table first.")
-    for sweep in sweeps:
-        results[sweep] = load_result(sweep)
-        owner = belongs_to(sweep, results[sweep])
-        if owner != table:
-            raise click.ClickException(f"{sweep} belongs to {owner or 'no table (it is a table itself)'}, not to {table}; give only the "
-                                       f"sweeps of {table.name} (run a sweep with --belongs-to {table.name}).")
-    missing = [p for p in sweeps_of(table) if p not in results]
-    if missing:
-        raise click.ClickException(f"{missing[0]} is a sweep of {table.name} too; give every sweep of a table, so the family is whole.")
-    scene_sets = {p: (r.get("scene_set") or {}).get("name", "v2") for p, r in results.items()}
-    if len(set(scene_sets.values())) > 1:
-        raise click.ClickException(f"the files ran on different scene sets ({', '.join(f'{p.name}: {n}' for p, n in scene_sets.items())}); "
-                                   f"a sweep belongs to a table of its own scenes.")
+    results = load_family(table, sweeps)
+    table = next(iter(results))
     tables, labels = [], [p.name for p in results]
     for result in results.values():
         ablations = result_ablations(result)
@@ -924,6 +1004,31 @@ def holm_over(table: Path, sweeps: list[Path], log=print) -> int:
     return size
 
 
+def load_family(table: Path, sweeps: list[Path], coming: Path | None = None) -> dict[Path, dict]:
+    """The results of a table and of its sweeps (resolved paths, the table first), checked to be one whole family: every
+    sweep names ``table`` as the table it belongs to, every file beside it that names it is given, all ran on one scene
+    set; or one clear error.  ``coming``: a sweep about to be written (``--belongs-to``), that need not be there yet."""
+    table = Path(table).resolve()
+    sweeps = [Path(s).resolve() for s in sweeps]
+    results = {table: load_result(table)}
+    if table_name(results[table]):
+        raise click.ClickException(f"{table} is a sweep of {results[table]['belongs_to']}, not a table; give that table first.")
+    for sweep in sweeps:
+        results[sweep] = load_result(sweep)
+        owner = belongs_to(sweep, results[sweep])
+        if owner != table:
+            raise click.ClickException(f"{sweep} belongs to {owner or 'no table (it is a table itself)'}, not to {table}; give only the "
+                                       f"sweeps of {table.name} (run a sweep with --belongs-to {table.name}).")
+    missing = [p for p in sweeps_of(table) if p not in results and p != coming]
+    if missing:
+        raise click.ClickException(f"{missing[0]} is a sweep of {table.name} too; give every sweep of a table, so the family is whole.")
+    scene_sets = {p: scene_set_name_of(r) for p, r in results.items()}
+    if len(set(scene_sets.values())) > 1:
+        raise click.ClickException(f"the files ran on different scene sets ({', '.join(f'{p.name}: {n}' for p, n in scene_sets.items())}); "
+                                   f"a sweep belongs to a table of its own scenes.")
+    return results
+
+
 def iter_differences(stats: dict):
     for row in stats.values():
         for m in METRICS:
@@ -940,7 +1045,13 @@ def sweeps_of(table: Path) -> list[Path]:
             data = json.loads(other.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and data.get("belongs_to") and belongs_to(other, data) == table:
+        if not isinstance(data, dict) or table_name(data) is None:  # a table, or no sweep of anything: a file it cannot read
+            continue
+        try:
+            owner = belongs_to(other, data)
+        except (OSError, ValueError):
+            continue
+        if owner == table:
             found.append(other.resolve())
     return found
 
@@ -1017,15 +1128,39 @@ def kept_scores(keep: Path, line: dict, finger: dict) -> dict | None:
     path = kept_path(keep, line["name"])
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-        old = data["fingerprint"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise click.ClickException(f"{path} is not a kept score file ({exc}); remove it and the benchmark makes it again.") from None
-    if old != json.loads(json.dumps(finger)):
+    data = read_kept(path)
+    if not isinstance(data.get("fingerprint"), dict) or not isinstance(data.get("run_seconds"), (int, float)):
+        raise click.ClickException(f"{path} is not a kept score file (it has no fingerprint or run_seconds); remove it and the benchmark "
+                                   f"makes it again.")
+    if data["fingerprint"] != json.loads(json.dumps(finger)):
         raise click.ClickException(f"{path} was kept by a benchmark with other settings; give another --keep folder, or remove "
                                    f"{keep} to start again with these.")
     return data
+
+
+def read_kept(path: Path) -> dict:
+    """A kept score file's content (:func:`keep_scene`), its images checked (each a prompt, a seed and numeric scores),
+    or one clear error: what reads them (the benchmark resuming, ``benchmarks.attributes``) stops before any work."""
+    try:
+        data = json.loads(Path(path).read_text())
+        problem = kept_problem(data)
+    except (OSError, ValueError) as exc:
+        problem = str(exc)
+    if problem:
+        raise click.ClickException(f"{path} is not a kept score file ({problem}); remove it and the benchmark makes it again.")
+    return data
+
+
+def kept_problem(data) -> str | None:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        return "it has no list of images"
+    for image in data["images"]:
+        if not (isinstance(image, dict) and isinstance(image.get("prompt"), str) and isinstance(image.get("seed"), int)
+                and isinstance(image.get("scores"), dict)):
+            return "an image is not a prompt, a seed and scores"
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in image["scores"].values()):
+            return f"the scores of {image['prompt']!r} are not all numbers"
+    return None
 
 
 def keep_scene(keep: Path, work: Path, scene: str, scene_lines: list[dict], fingers: dict[str, dict], folder: Path, groups: dict,
@@ -1112,8 +1247,14 @@ def run_benchmark(out: Path, *, model: str = "bas-mini", scenes: list[str] | Non
         table = Path(table).resolve()
         if table == out.resolve():
             raise click.ClickException(f"--belongs-to names the file this run writes, {out}; name the table it is a sweep of.")
-        if load_result(table).get("belongs_to"):
+        if table_name(load_result(table)):
             raise click.ClickException(f"{table} is itself a sweep; a sweep belongs to the table it extends, the file without --belongs-to.")
+        # the family this run joins is corrected again once it is written (holm_over): what would refuse it then is refused now
+        family = load_family(table, [p for p in sweeps_of(table) if p != out.resolve()], coming=out.resolve())
+        ran_on = scene_set_name_of(family[table])
+        if ran_on != scene_set_name:
+            raise click.ClickException(f"--belongs-to {table.name} ran on the {ran_on} scenes, this run on the {scene_set_name} scenes; a sweep "
+                                       f"belongs to a table of its own scenes (give --scenes {ran_on}, or another table).")
     scene_names = list(scenes or bench_scenes)
     chosen = with_baselines(ablations, variants)
     extraction_seeds = extraction_seeds if extraction_seeds is not None else [0, 1, 2]
@@ -1331,7 +1472,7 @@ def parse_apart_from(ctx, param, values) -> list[tuple[Path, int]]:
 RUN_SETTINGS = ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "full_phase2_lr", "phase2_handle_lr", "attention_res", "options", "plugins")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--model", default="bas-mini", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: benchmarks/results/fidelity-<date>.json]")
 @click.option("--scenes", "scene_set_name", type=click.Choice(SCENE_SETS), default="tuning", show_default=True,
@@ -1440,28 +1581,10 @@ def main(ctx, model, out, scene_set_name, scenes, ablations, variants, table, ph
 
 
 def cli() -> None:
-    """``main`` with the failures bas's commands report as one line (bas's own errors such as a bad option in a
-    run line, a full disk, out of memory: :func:`bas.core.failures.known_failure`) as one Error line and exit 1."""
-    from bas.core.failures import known_failure
-
-    try:
-        main(standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(1)
-    except Exception as exc:
-        error = known_failure(exc)
-        if error is None:  # a bug keeps its traceback
-            raise
-        click.echo(f"Error: {error}", err=True)
-        sys.exit(1)
+    """The command line: ``main``, whose known failures (bas's own errors such as a bad option in a run line, a full disk,
+    out of memory: :func:`bas.core.failures.known_failure`) are one Error line and exit 1 (:class:`benchmarks.commandline.Command`)."""
+    main()
 
 
 if __name__ == "__main__":
     cli()
-

@@ -19,6 +19,7 @@ import click
 import torch
 
 import bas
+from benchmarks.commandline import Command
 
 
 class HandleSnapshots:
@@ -48,16 +49,19 @@ SETTINGS = {  # name -> (weight strategy plugins, phase-2 handle rate)
 }
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--steps", default=200, show_default=True, help="Steps per phase.")
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True, help="Steps per phase.")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("/tmp/bas-handle-drift"), show_default=True)
 def main(out, steps, work):
+    from bas.core import io
     from bas.core.api import make_config
     from bas.demo.demo import draw_mini_scene
     from bas.core.plugins import Plugins
     from bas.core.training import extract
 
+    io.check_output_file(out, "--out")  # before the runs, not after them
+    io.check_output_folder(work, "--work")
     torch.set_num_threads(1)
     scene = draw_mini_scene(work / "scene")
     results = {"model": "bas-mini", "scene": "purple-orange", "steps": [steps, steps], "settings": {}}
@@ -73,8 +77,7 @@ def main(out, steps, work):
         phase1, phase2 = float((r["end1"] - r["start1"]).norm()), float((r["end2"] - r["start2"]).norm())
         results["settings"][name] = {"phase1_distance": phase1, "phase2_distance": phase2, "phase2_over_phase1": phase2 / phase1}
         click.echo(f"{name}: phase 2 moves the handles {100 * phase2 / phase1:.2f}% as far as phase 1", err=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    io.write_text(out, json.dumps(results, indent=1) + "\n")  # whole or not at all
 
 
 if __name__ == "__main__":

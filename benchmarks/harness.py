@@ -28,12 +28,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 from PIL import Image
 
 import bas
 from bas.core.training import Run
+from benchmarks.commandline import json_kind, one_line
 
 PAPER_STEPS = (400, 400)  # the paper's phase 1 + phase 2 schedule
 
@@ -419,15 +421,61 @@ def measure(spec: dict) -> dict:
     }
 
 
-def main(argv: list[str]) -> None:
-    """``python -m benchmarks.harness SPEC.json RESULT.json``: measure one configuration."""
-    spec = json.loads(Path(argv[0]).read_text())
+SPEC_FIELDS = {"variant": dict, "workdir": str, "model": str, "resolution": int, "warmup": int, "timed": int, "seed": int, "device": str}
+
+
+def load_spec(path: Path) -> dict:
+    """A measurement's spec as :func:`benchmarks.extract.run_worker` writes it, checked, or one clear error."""
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        problem = str(exc)
+    else:
+        problem = spec_problem(spec)
+    if problem:
+        raise click.ClickException(f"{path} is not a measurement spec ({problem}); run benchmarks/extract.py, which writes one per "
+                                   f"configuration and runs this on it.")
+    return spec
+
+
+def spec_problem(spec) -> str | None:
+    if not isinstance(spec, dict):
+        return f"it holds {json_kind(spec)}, not an object"
+    wrong = [k for k, kind in SPEC_FIELDS.items() if not isinstance(spec.get(k), kind) or isinstance(spec.get(k), bool)]
+    if wrong:
+        return f"no {', '.join(wrong)} of the right kind"
+    unknown = set(spec["variant"]) - set(Variant.__dataclass_fields__)
+    if unknown:
+        return f"its variant has unknown settings {', '.join(sorted(unknown))}"
+    if spec["variant"].get("prior_preservation", True) and not isinstance(spec.get("num_class_images"), int):
+        return "no num_class_images for its prior preservation"
+    if spec.get("threads") is not None and not (isinstance(spec["threads"], int) and spec["threads"] > 0):
+        return f"threads {spec['threads']!r} is not a positive whole number"
+    if not (isinstance(spec.get("plugins", []), list) and all(isinstance(p, str) for p in spec.get("plugins", []))):
+        return "its plugins are not a list of names"
+    return None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+def main(spec: Path, out: Path) -> None:
+    """Measure the configuration SPEC (JSON, as benchmarks/extract.py writes it) and write its result to OUT.
+
+    A spec or OUT it cannot use is one Error line; a failure of the measurement keeps its traceback, whose last
+    line benchmarks/extract.py records for the configuration.
+    """
+    from bas.core import io
+
+    with one_line():
+        data = load_spec(spec)
+        io.check_output_file(out, "OUT")  # before the measurement, not after it
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    result = measure(spec)
-    Path(argv[1]).write_text(json.dumps(result, indent=2) + "\n")
+    if data.get("threads"):
+        torch.set_num_threads(data["threads"])
+    result = measure(data)
+    io.write_text(out, json.dumps(result, indent=2) + "\n")  # whole or not at all: run_worker reads it once it is there
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

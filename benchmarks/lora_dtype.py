@@ -33,6 +33,7 @@ import click
 import torch
 
 import bas
+from benchmarks.commandline import Command
 
 
 class LoraWatch:
@@ -89,11 +90,12 @@ def flux_lora_parameters(rank: int = 8) -> int:
                if isinstance(m, torch.nn.Linear) and pattern.fullmatch(name))
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--steps", default=100, show_default=True, help="Phase-2 steps.")
-@click.option("--rank", default=8, show_default=True, help="--lora-rank (bas's default).")
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Phase-2 steps.")
+@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True, help="--lora-rank (bas's default).")
 def main(out, steps, rank):
+    from bas.core import io
     from bas.core.api import make_config
     from bas.demo.demo import draw_scene
     from bas.core.plugins import Plugins
@@ -101,6 +103,7 @@ def main(out, steps, rank):
     from bas.core.training import extract
     from bas.plugins.flux import Flux
 
+    io.check_output_file(out, "--out")  # before the runs, not after them
     torch.set_num_threads(1)
     results = {"model": "tiny FLUX (bas tiny-model --family flux)", "precision": "bf16 autocast, CPU", "phase2_steps": steps,
                "lora_rank": rank, "phase2_lr": 1e-4, "optimizer": "adamw", "settings": {}}
@@ -137,8 +140,7 @@ def main(out, steps, rank):
     results["flux_dev_lora_megabytes"] = {"fp32": params * 4 / 2**20, "bf16": params * 2 / 2**20}
     click.echo(f"FLUX.1-dev's transformer LoRA at rank {rank}: {params / 1e6:.1f}M parameters, {params * 4 / 2**20:.0f} MB in fp32, "
                f"{params * 2 / 2**20:.0f} MB in bf16 (gradients the same again)", err=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    io.write_text(out, json.dumps(results, indent=1) + "\n")  # whole or not at all
 
 
 if __name__ == "__main__":

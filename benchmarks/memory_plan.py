@@ -14,19 +14,24 @@ strategy, the plan at bas's CUDA defaults and the cheapest settings ``--vram`` p
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import click  # noqa: E402
 
 from bas.core.api import make_config, run_plugins  # noqa: E402
 from bas.core.errors import BasError  # noqa: E402
 from bas.core.plugins import Plugins  # noqa: E402
 from bas.memory.plan import make_plan  # noqa: E402
+from bas.core.training import QUANTIZE  # noqa: E402
 from bas.memory.vram import GIB, fit  # noqa: E402
+from benchmarks.commandline import Command  # noqa: E402
+from benchmarks.presets import PRESETS  # noqa: E402
 
 TABLE = [  # (row, hub id whose configs ship with bas, resolution)
     ("SD 1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", 512),
@@ -46,8 +51,13 @@ def config(model: str, strategy: str, device: str, resolution: int | None = None
 
 
 def check(args) -> int:
+    from bas.core.model import resolve_device
     from bas.memory.measure import measure_run
 
+    if not args.dry_run:
+        resolve_device(args.device)  # the measurement runs there: one Error line before the preset is built
+    if args.optimizer is not None:  # the same, for an optimizer no plugin registers
+        Plugins(["full"] if args.strategy == "full" else []).registry("optimizer").get(args.optimizer, "--optimizer")
     if args.dry_run:
         from bas.demo.demo import draw_scene
         from bas.demo.tiny import save_tiny_model
@@ -106,27 +116,28 @@ def table(only: str | None = None) -> None:
             print(f"<!-- {time.perf_counter() - t0:.0f} s -->", file=sys.stderr, flush=True)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--check", action="store_true", help="compare a real run's peak per phase with its plan")
-    mode.add_argument("--table", action="store_true", help="print the README's table of predicted peaks")
-    parser.add_argument("--dry-run", action="store_true", help="with --check: the tiny test model on the CPU")
-    parser.add_argument("--arch", default="sd15", help="with --check: a benchmarks/presets.py architecture")
-    parser.add_argument("--strategy", choices=("lora", "full"), default="lora")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--quantize", default=None)
-    parser.add_argument("--optimizer", default=None)
-    parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    parser.add_argument("--tolerance", type=float, default=0.10)
-    parser.add_argument("--only", default=None, help="with --table: only the rows whose model name contains this")
-    args = parser.parse_args(argv)
+@click.command(cls=Command, help=__doc__.splitlines()[0], context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--check", is_flag=True, help="Compare a real run's peak per phase with its plan.")
+@click.option("--table", is_flag=True, help="Print the README's table of predicted peaks.")
+@click.option("--dry-run", is_flag=True, help="With --check: the tiny test model on the CPU.")
+@click.option("--arch", type=click.Choice(sorted(PRESETS)), default="sd15", show_default=True, help="With --check: a benchmarks/presets.py preset.")
+@click.option("--strategy", type=click.Choice(("lora", "full")), default="lora", show_default=True)
+@click.option("--device", default="cuda", show_default=True, help="With --check: where the run is measured (cuda, cuda:N or cpu).")
+@click.option("--resolution", type=int, default=None)
+@click.option("--quantize", type=click.Choice(QUANTIZE), default=None)
+@click.option("--optimizer", default=None, help="adamw or adamw8bit (bitsandbytes, CUDA), or one a plugin adds.")
+@click.option("--gradient-checkpointing", is_flag=True, default=None)
+@click.option("--tolerance", type=float, default=0.10, show_default=True)
+@click.option("--only", default=None, help="With --table: only the rows whose model name contains this.")
+def main(**options) -> None:
+    args = SimpleNamespace(**options)
+    if args.check == args.table:
+        raise click.UsageError("give one of --check and --table.")
     if args.table:
         table(args.only)
-        return 0
-    return check(args)
+        return
+    sys.exit(check(args))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -26,7 +26,10 @@ import click
 import torch
 import torch.nn.functional as F
 
+from bas.core import io
+from bas.core.errors import BasError
 from bas.mini import train
+from benchmarks.commandline import Command, json_kind
 
 
 def outline_band(x: torch.Tensor, radius: int = 1) -> torch.Tensor:
@@ -43,6 +46,28 @@ def weighted_mse(recon: torch.Tensor, x: torch.Tensor, edge_weight: float) -> to
     return ((recon - x) ** 2 * weight).sum() / (weight.sum() * x.shape[1])
 
 
+PIPELINE_FILES = ("model_index.json", "vae/config.json", "unet/config.json", "text_encoder/config.json", "tokenizer", "scheduler")
+
+
+def read_record(model: Path) -> dict:
+    """The pipeline folder's ``training.json`` (``{}`` where it has none), checked to be a pipeline :mod:`bas.mini.train`
+    wrote, or one clear error."""
+    missing = [name for name in PIPELINE_FILES if not (model / name).exists()]
+    if missing:
+        raise BasError(f"--model {model} is not a pipeline bas.mini.train wrote (it has no {', '.join(missing)}); give its --out folder.")
+    path = model / "training.json"
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        record = exc
+    if not isinstance(record, dict):
+        what = record if isinstance(record, Exception) else f"{json_kind(record)}, not an object"
+        raise BasError(f"{path} is not the record bas.mini.train writes ({what}); train the model again, or remove the file.")
+    return record
+
+
 def finetune(
     model: Path,
     out: Path,
@@ -56,8 +81,7 @@ def finetune(
     threads: int = 1,
     log=print,
 ) -> dict:
-    from bas.core import io
-
+    record = read_record(Path(model))  # a damaged record: one line now, not after the training
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -105,8 +129,6 @@ def finetune(
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    record_path = Path(model) / "training.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
     entry = {
         "model": str(model),
         "steps": steps,
@@ -144,7 +166,7 @@ def finetune(
     return entry
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="A pipeline bas.mini.train wrote.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where the pipeline with the fine-tuned decoder goes (written whole).")
 @click.option("--steps", default=1500, show_default=True)
@@ -157,7 +179,8 @@ def finetune(
 @click.option("--threads", default=1, show_default=True)
 def main(model, out, steps, batch, crop, lr, edge_weight, scenes, seed, threads):
     """Fine-tune the VAE decoder of a bas-mini pipeline (encoder frozen), weighting shapes' outlines."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # the --model folder itself included: it is kept as it was
+    io.check_output_folder(out, "--out")  # a file, or below one: one line now, not after the training
+    if out.exists() and any(out.iterdir()):  # the --model folder itself included: it is kept as it was
         raise click.UsageError(f"{out} already holds files; choose an empty --out.")
     entry = finetune(model, out, steps, batch, lr, edge_weight, scenes, seed, crop, threads)
     click.echo(f"Wrote {out}: decoder fine-tuned for {steps} steps in {entry['seconds'] / 60:.1f} min ({entry['cpu_s'] / 60:.1f} min of CPU).")

@@ -10,7 +10,14 @@ import json
 import sys
 from pathlib import Path
 
+import click
+
 ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.commandline import Command, json_kind  # noqa: E402
+
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 README = ROOT / "benchmarks" / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -58,8 +65,7 @@ def row_table(row: dict) -> list[str]:
 
 def render(rows: list[dict]) -> str:
     out = []
-    order = ["tiny", "small", "sd15", "sd21", "sdxl-small", "sdxl", "flux-small", "flux"]
-    for row in sorted(rows, key=lambda r: (r["device"], order.index(r["arch"]), r["date"], r["command"])):
+    for row in sorted(rows, key=lambda r: (r["device"], ARCH_ORDER.index(r["arch"]), r["date"], r["command"])):
         speed = row.get("speedup_vs_reference") or {}
         out.append(f"### {row['arch']} at {row['resolution']} px, {row['device_name']}, {row['date']}")
         out.append("")
@@ -88,21 +94,74 @@ def render(rows: list[dict]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+ROW_KEYS = ("command", "date", "device", "device_name", "arch", "resolution", "configs", "warmup_steps", "timed_steps", "repeats", "torch",
+            "threads", "git")
+ARCH_ORDER = ["tiny", "small", "sd15", "sd21", "sdxl-small", "sdxl", "flux-small", "flux"]
+
+
+def file_rows(path: Path) -> list[dict]:
+    """The speed rows of one results file (a fidelity result, in the same folder, has none), each checked to render; a
+    damaged file is one clear error."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{path} is not a readable results file ({exc}); run its benchmark again, or move it out of "
+                                   f"{path.parent}.") from None
+    rows = data.get("rows", []) if isinstance(data, dict) else None
+    problem = None if isinstance(rows, list) else "it is not an object with a list of rows"
+    for i, row in enumerate(rows or []):
+        if problem:
+            break
+        missing = [k for k in ROW_KEYS if k not in row] if isinstance(row, dict) else None
+        if missing is None:
+            problem = f"row {i + 1} is {json_kind(row)}, not an object"
+        elif missing:
+            problem = f"row {i + 1} has no {', '.join(missing)}"
+        elif row["arch"] not in ARCH_ORDER:
+            problem = f"row {i + 1}'s arch {row['arch']!r} is not one of {', '.join(ARCH_ORDER)}"
+        else:
+            try:
+                render([row])
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                problem = f"row {i + 1} does not render: {type(exc).__name__}: {exc}"
+    if problem:
+        raise click.ClickException(f"{path} is not a results file of benchmarks/extract.py ({problem}); run its command again, or move it "
+                                   f"out of {path.parent}.")
+    return rows
+
+
 def all_rows(directory: Path = RESULTS_DIR) -> list[dict]:
     """The speed rows of every results file (fidelity results, in the same folder, have none)."""
-    return [row for path in sorted(directory.glob("*.json")) for row in json.loads(path.read_text()).get("rows", [])]
+    return [row for path in sorted(directory.glob("*.json")) for row in file_rows(path)]
 
 
-def main(argv: list[str]) -> None:
-    text = render(all_rows())
-    if "--print" in argv:
-        print(text)
-        return
-    readme = README.read_text()
+def rewritten(readme: str, text: str) -> str:
+    """``readme`` with ``text`` between its markers, or one clear error where they are not there once each, in order."""
+    if readme.count(START) != 1 or readme.count(END) != 1 or readme.index(START) > readme.index(END):
+        raise click.ClickException(f"{README} does not hold the markers {START} and {END} once each, in that order, around its results "
+                                   f"section; put them back (git diff {README.name} shows where they were).")
     head, rest = readme.split(START, 1)
     _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{text}{END}{tail}")
+    return f"{head}{START}\n{text}{END}{tail}"
+
+
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--print", "show", is_flag=True, help="Print the results section instead of rewriting it in benchmarks/README.md.")
+def main(show):
+    """Render benchmarks/results/*.json as the results section of benchmarks/README.md (rewritten between its markers)."""
+    from bas.core import io
+
+    text = render(all_rows(RESULTS_DIR))
+    if show:
+        click.echo(text)
+        return
+    try:
+        readme = README.read_text()
+    except OSError as exc:
+        raise click.ClickException(f"{README} cannot be read ({exc.strerror or exc}); run this from a checkout of the repository.") from None
+    io.write_text(README, rewritten(readme, text))  # whole or not at all
+    click.echo(f"Wrote the results section of {README}", err=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

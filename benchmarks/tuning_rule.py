@@ -19,12 +19,38 @@ from pathlib import Path
 
 import click
 
+from benchmarks.commandline import Command, json_kind
+
 LEAKAGE_MAX, COUNT_MIN, TIE = 0.05, 0.9, 0.02
+
+
+RULE_METRICS = ("identity", "composition", "leakage", "count")  # what the rule and its table read of every setting
 
 
 def means(result: dict) -> dict[str, dict[str, float]]:
     """Each setting's mean of each metric over the result's scenes and seeds."""
     return {name: {m: cell["value"]["mean"] for m, cell in stats.items() if "value" in cell} for name, stats in result["stats"].items()}
+
+
+def stats_problem(stats: dict) -> str | None:
+    """What is wrong with a result's ``stats`` for the rule (each setting an object of metric cells, each cell's
+    ``value.mean`` a number, the rule's metrics all there), or None."""
+    if not stats:
+        return "its stats hold no setting"
+    for name, cells in stats.items():
+        if not isinstance(cells, dict):
+            return f"the stats of {name!r} are {json_kind(cells)}, not an object of metrics"
+        for metric, cell in cells.items():
+            if not isinstance(cell, dict):
+                return f"the stats of {name!r} give {metric} as {json_kind(cell)}, not an object"
+            if "value" in cell:
+                mean = cell["value"].get("mean") if isinstance(cell["value"], dict) else None
+                if not isinstance(mean, (int, float)) or isinstance(mean, bool):
+                    return f"the stats of {name!r} give {metric}'s mean as {mean!r}, not a number"
+        missing = [m for m in RULE_METRICS if "value" not in cells.get(m, {})]
+        if missing:
+            return f"the stats of {name!r} have no mean of {', '.join(missing)}"
+    return None
 
 
 def choose(table: dict[str, dict[str, float]], group: list[str]) -> tuple[str, str]:
@@ -50,7 +76,7 @@ def choose(table: dict[str, dict[str, float]], group: list[str]) -> tuple[str, s
     )
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("result", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--group", default="", help="The group's settings, cheapest first, its default first [default: full, then the file's order].")
 def main(result, group):
@@ -61,8 +87,14 @@ def main(result, group):
         raise click.ClickException(f"{result} is not a readable result file ({exc}); give the JSON benchmarks.fidelity wrote.") from None
     if not isinstance(data, dict) or not isinstance(data.get("stats"), dict):
         raise click.ClickException(f"{result} holds no fidelity statistics; give the JSON benchmarks.fidelity wrote.")
-    if (data.get("scene_set") or {}).get("name") != "tuning":
+    scene_set = data.get("scene_set") or {}
+    if not isinstance(scene_set, dict):
+        raise click.ClickException(f"{result}'s scene_set is {json_kind(scene_set)}, not a record; give the JSON benchmarks.fidelity wrote.")
+    if scene_set.get("name") != "tuning":
         raise click.ClickException(f"{result} was not run on the tuning scenes.")
+    problem = stats_problem(data["stats"])
+    if problem:
+        raise click.ClickException(f"{result} is not a result benchmarks.fidelity wrote ({problem}); give the JSON it wrote, as it wrote it.")
     table = means(data)
     click.echo("| setting | identity | composition | mean | leakage | count | swap |")
     click.echo("|---|---|---|---|---|---|---|")

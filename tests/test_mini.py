@@ -315,7 +315,7 @@ def test_decoder_finetune_changes_the_decoder_only_and_writes_a_whole_pipeline(t
     assert same.exit_code != 0 and "already holds files" in same.output  # --out the --model folder: kept as it was
     (tmp_path / "a-file").write_text("mine")
     onto_file = CliRunner().invoke(decoder.main, ["--model", str(base), "--out", str(tmp_path / "a-file"), "--steps", "1"])
-    assert onto_file.exit_code != 0 and "already holds files" in onto_file.output and (tmp_path / "a-file").read_text() == "mine"
+    assert onto_file.exit_code != 0 and "is a file; pass a folder path" in onto_file.output and (tmp_path / "a-file").read_text() == "mine"
     assert load_file(base / "vae" / "diffusion_pytorch_model.safetensors").keys() == before.keys()
 
 
