@@ -15,6 +15,8 @@ docstring in :mod:`bas.core.hookspecs` lists what that takes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import json
 import math
@@ -488,12 +490,58 @@ def python_str(value) -> str:
 
 
 # -- finding a model's family --------------------------------------------------------------------
+_MODEL_OF_RUN: contextvars.ContextVar[Path | None] = contextvars.ContextVar("bas_model_of_run", default=None)
+
+
+@contextlib.contextmanager
+def model_of_run(out: Path):
+    """While a command loads the base model a run's run.json names (generate, edit, export, eval, none of
+    which takes --model): a message about that model names the run and how to fix it there."""
+    token = _MODEL_OF_RUN.set(Path(out))
+    try:
+        yield
+    finally:
+        _MODEL_OF_RUN.reset(token)
+
+
+def model_fix(option_fix: str, run_fix: str = "put the model the run was made with back at that path") -> str:
+    """How to fix a model that cannot be used: ``option_fix`` (what to pass with --model), or, where the
+    model is a run's (:func:`model_of_run`), ``run_fix`` or a new run."""
+    run = _MODEL_OF_RUN.get()
+    if run is None:
+        return option_fix
+    return f"the run {run} was made with it (its run.json's \"model\"): {run_fix}, or re-run `bas run` with a model that loads"
+
+
+def plugin_model_error(model: str) -> BasError | None:
+    """For a model name that an installed plugin gives a folder (``bas-mini``) where that plugin is off:
+    the one line saying so, before the name is taken for a hub id; None for any other model."""
+    if Path(model).exists():
+        return None
+    from bas.core.plugins import Plugins
+
+    every = Plugins(all_installed=True, tolerant=True)
+    found = [plugin for plugin, folder in every.call_each("bas_model_path", name=model) if folder is not None]
+    if not found:
+        return None
+    plugin = found[0]
+    if every.infos[plugin].default:  # on unless turned off
+        return BasError(f"Model '{model}' is provided by the {plugin} plugin, which --plugin no:{plugin} turned off; "
+                        f"leave out --plugin no:{plugin} to use {model}, or pass another --model.")
+    return BasError(f"Model '{model}' is provided by the {plugin} plugin, which is not turned on; add --plugin {plugin}, or pass another --model.")
+
+
 def check_model_path(model: str) -> None:
     """Refuse, before anything is read from it, a ``--model`` folder that is no pipeline or that leads
-    out of itself (:func:`check_model_files`); every loader of every family calls this first."""
+    out of itself (:func:`check_model_files`), and a plugin's model name where that plugin is off
+    (it is no hub id); every loader of every family calls this first."""
     path = Path(model)
     if path.exists() and not (path / "model_index.json").is_file():
-        raise BasError(f"{model} is not a diffusers pipeline folder (it has no model_index.json); pass a pipeline folder or hub id with --model.")
+        raise BasError(f"{model} is not a diffusers pipeline folder (it has no model_index.json); "
+                       f"{model_fix('pass a pipeline folder or hub id with --model')}.")
+    error = plugin_model_error(model)
+    if error is not None:
+        raise error
     check_model_files(model)
 
 
@@ -532,7 +580,7 @@ def check_model_files(model: str) -> None:
         if target != root and root not in target.parents:
             raise BasError(f"Model folder {model} holds the link {link.relative_to(folder).as_posix()}, which leads outside it (to {target}); "
                            "bas reads no model file from outside its folder: copy the file into the folder in the link's place "
-                           "(`cp --remove-destination TARGET LINK`) or pass the folder it lives in with --model.")
+                           "(`cp --remove-destination TARGET LINK`) or " + model_fix("pass the folder it lives in with --model", "restore the folder") + ".")
     named = []  # (file, path it names relative to the file's folder)
     index = folder / "model_index.json"
     try:
@@ -552,7 +600,8 @@ def check_model_files(model: str) -> None:
             io.inside(file.parent, name, str(file))
         except BasError:
             raise BasError(f"Model folder {model}'s {file.relative_to(folder).as_posix()} names {name!r}, a path outside the folder; "
-                           "bas reads no model file from outside its folder: download the model again and pass that folder with --model.") from None
+                           "bas reads no model file from outside its folder: "
+                           + model_fix("download the model again and pass that folder with --model", "download the model again into that folder") + ".") from None
 
 
 # what loading a model raises for a missing, damaged or refused file: torch's weights-only unpickler
@@ -563,11 +612,13 @@ MODEL_FILE_ERRORS = (OSError, ValueError, pickle.UnpicklingError, KeyError, EOFE
 def load_error(model: str, exc: Exception) -> BasError:
     if isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError)):  # torch's own advice (weights_only=False) would run its code
         why = "pickled weights that could run code" if isinstance(exc, pickle.UnpicklingError) else "a damaged pickle"
-        return BasError(f"Model '{model}' holds a weights file that cannot be read safely ({why}); bas never runs code from weights, "
-                        "so pass a model saved as safetensors with --model (or download it again if it is damaged).")
+        fix = model_fix("so pass a model saved as safetensors with --model (or download it again if it is damaged)",
+                        "download it again if it is damaged")
+        return BasError(f"Model '{model}' holds a weights file that cannot be read safely ({why}); bas never runs code from weights, {fix}.")
     return BasError(
         f"Could not load model '{model}' ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-        "check the hub id and your connection (or `hf auth login`), or pass a local diffusers folder with --model."
+        + model_fix("check the hub id and your connection (or `hf auth login`), or pass a local diffusers folder with --model",
+                    "check your connection (or `hf auth login`), or put the model the run was made with back at that path") + "."
     )
 
 
@@ -582,7 +633,8 @@ def read_model_index(model: str) -> dict:
             path = Path(hf_hub_download(model, "model_index.json"))
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise BasError(f"{path} is not valid JSON ({exc}); pass an unmodified diffusers pipeline with --model.") from exc
+        fix = model_fix("pass an unmodified diffusers pipeline with --model", "download the model again into that folder")
+        raise BasError(f"{path} is not valid JSON ({exc}); {fix}.") from exc
     except Exception as exc:  # the hub client raises many kinds: offline, not found, gated, bad id
         raise load_error(model, exc) from exc
 

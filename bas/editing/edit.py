@@ -116,7 +116,7 @@ def edit_images(
     if not 0.0 <= blend_start < 1.0:
         raise BasError(f"--blend-start must be at least 0 and below 1 (the script's 0.25), not {blend_start}.")
     check_size(width, height)
-    family = run_family(info)
+    family = run_family(info, out=out)
     scheduler, guidance, steps = run_sampling_defaults(family, info, scheduler, guidance, steps)
     family.check_sampling(negative_prompt)
     res = info["resolution"]

@@ -173,18 +173,13 @@ def prompt_specs(run: EvalRun, templates: Sequence[str], literal: Sequence[tuple
 
 def split_prompts_file(path: Path) -> tuple[list[str], list[tuple[int, str]]]:
     """Lines with ``{}`` are templates (filled with every subset of the handles); other lines are
-    prompts used as written (``<asset0>``, ...).  Returns (templates, [(line number, prompt)])."""
-    path = Path(path)
-    if not path.is_file():
-        raise BasError(f"Prompts file {path} does not exist; pass a text file with one prompt or template ({{}} for the handles) per line.")
+    prompts used as written (``<asset0>``, ...).  Returns (templates, [(line number, prompt)]).  The file
+    is read as ``bas generate --prompts-file`` reads its (:func:`bas.generation.generate.read_prompt_lines`)."""
+    from bas.generation.generate import read_prompt_lines
+
     templates, literal = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for number, line in read_prompt_lines(path, "one prompt or template ({} for the handles) per line"):
         (templates.append(line) if PLACEHOLDER in line else literal.append((number, line)))
-    if not templates and not literal:
-        raise BasError(f"Prompts file {path} holds no prompt; write one prompt or template per line.")
     return templates, literal
 
 
@@ -260,6 +255,7 @@ def check_out(config: EvalConfig) -> None:
             raise BasError(f"--out {out} is inside the run folder {run}; put the evaluation beside the runs, such as --out eval.")
     if out.exists() and not out.is_dir():
         raise BasError(f"--out {out} is a file; pass a folder for eval.json, eval.csv, index.html and the images.")
+    io.check_output_folder(out, "--out")  # below a file: one line, not mkdir's traceback
     if out.is_dir() and any(out.iterdir()):
         if not is_eval_output(out):
             raise BasError(f"--out {out} is a folder that holds other files, not an earlier bas eval; choose a new or empty folder.")
@@ -281,24 +277,27 @@ def choose_sampling(config: EvalConfig, runs: Sequence[EvalRun]) -> None:
     defaults (as ``bas generate`` picks them), checked against its family before anything generates."""
     from bas.core.family import check_model_files
     from bas.core.model import resolve_model
-    from bas.core.runs import run_family
+    from bas.core.runs import run_family, run_model
     from bas.generation.generate import run_sampling_defaults
 
     for run in runs:
-        check_model_files(resolve_model(run.info["model"]))  # the model its images load from: no link out, before any staging
+        with run_model(run.path):
+            check_model_files(resolve_model(run.info["model"]))  # the model its images load from: no link out, before any staging
         try:
-            scheduler, guidance, steps = run_sampling_defaults(run_family(run.info), run.info, config.scheduler, config.guidance, config.steps)
+            scheduler, guidance, steps = run_sampling_defaults(run_family(run.info, out=run.path), run.info, config.scheduler, config.guidance,
+                                                               config.steps)
         except BasError as exc:
             raise BasError(f"{run.path}: {exc}") from None
         run.sampling = {"scheduler": scheduler, "guidance": guidance, "steps": steps}
 
 
-def prepare_staging(config: EvalConfig, runs: Sequence[EvalRun]) -> Path:
+def prepare_staging(config: EvalConfig, runs: Sequence[EvalRun]) -> tuple[Path, bool]:
     """The staging folder beside ``--out``: kept from an interrupted evaluation with the same generation
-    settings (its images are reused), else made anew."""
+    settings (its images are reused), else made anew; and whether it was kept."""
     staging = staging_dir(Path(config.out))
     settings = generation_settings(config, runs)
     state = staging / STAGING_STATE
+    same = False
     if staging.exists():
         try:
             same = json.loads(state.read_text()) == settings
@@ -308,7 +307,7 @@ def prepare_staging(config: EvalConfig, runs: Sequence[EvalRun]) -> Path:
             shutil.rmtree(staging)
     staging.mkdir(parents=True, exist_ok=True)
     io.write_json(state, settings)
-    return staging
+    return staging, same
 
 
 def generate_samples(run: EvalRun, specs: Sequence[PromptSpec], config: EvalConfig, folder: Path, progress) -> tuple[list[Sample], int]:
@@ -507,7 +506,7 @@ def evaluate(config: EvalConfig, plugins: Plugins) -> dict:
     lock = RunLock(out)
     lock.acquire(this_command())
     try:
-        staging = prepare_staging(config, runs)
+        staging, kept = prepare_staging(config, runs)
         try:
             if config.images is None:
                 total = sum(len(specs[r.name]) * config.num_images for r in runs)
@@ -520,14 +519,19 @@ def evaluate(config: EvalConfig, plugins: Plugins) -> dict:
                 if reused:
                     notes.append(f"reused {reused} images that an interrupted bas eval with the same settings had generated")
             results = score_all(chosen, runs, samples, device, make_bar, notes)
+            prune_images(staging, samples)
+            summary = summary_of(chosen, runs, samples, results)
+            data = eval_outputs.result_json(config, runs, chosen, samples, results, summary, notes, template_name, templates, final=out,
+                                            staging=staging)
+            eval_outputs.write_outputs(staging, data)
         except KeyboardInterrupt:
             from bas.core.training import Interrupted
 
             raise Interrupted(f"Interrupted; the images generated so far are kept in {staging}, and the same command continues from them.") from None
-        prune_images(staging, samples)
-        summary = summary_of(chosen, runs, samples, results)
-        data = eval_outputs.result_json(config, runs, chosen, samples, results, summary, notes, template_name, templates, final=out, staging=staging)
-        eval_outputs.write_outputs(staging, data)
+        except BaseException:
+            if not kept:  # a failed evaluation leaves nothing behind (one interrupted before keeps its images for the next try)
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         swap_into_place(staging, out)
         return data
     finally:

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from bas.core.version import __version__
 from bas.core import io
@@ -40,7 +39,7 @@ from bas.core.family import ModelFamily, python_str
 from bas.exports.formats import LoraLayer, kohya_targets, read_diffusers_lora, write_diffusers_lora, write_kohya_lora
 from bas.generation.generate import all_handles_prompt, read_run, sampling_code, slug
 from bas.core.handles import check_handle_names, split_handles
-from bas.core.runs import run_family
+from bas.core.runs import read_weights, run_family, run_model
 
 FORMATS = ("diffusers", "kohya", "lora-from-full")
 EMBEDDINGS_DIR = "embeddings"
@@ -84,8 +83,9 @@ def lora_from_full(out: Path, info: dict, rank: int, device: str = "auto", famil
     if rank < 1:
         raise BasError(f"--rank must be at least 1, not {rank}.")
     dev = resolve_device(device)
-    family = family or run_family(info)
-    base = load_components(info["model"], family).trainable_modules()
+    family = family or run_family(info, out=out)
+    with run_model(out):  # export takes no --model: a base model that cannot be loaded is named as the run's
+        base = load_components(info["model"], family).trainable_modules()
     tuned = load_components(str(out / "pipeline"), family).trainable_modules()
     layers = [layer for name in tuned for layer in low_rank_difference(base[name], tuned[name], name, rank, dev)]
     if not layers:
@@ -275,7 +275,7 @@ def write_run_exports(out: Path, info: dict, shown_as: Path | None = None, famil
     out = Path(out)
     shown = Path(shown_as or out)
     family = family or run_family(info)
-    handles = handle_rows(family, load_file(str(out / "handles.safetensors")))
+    handles = handle_rows(family, read_weights(out / "handles.safetensors"))
     with io.atomic_path(out / EMBEDDINGS_DIR, directory=True) as tmp:  # replaces an overwritten run's files as a whole
         names = [p.name for p in write_textual_inversions(family, handles, tmp)]
     written = [f"{EMBEDDINGS_DIR}/{name}" for name in names]
@@ -361,12 +361,12 @@ def export_run(out: Path, fmt: str, dest: Path, *, rank: int = DEFAULT_RANK, nam
     check_destination(out, dest, overwrite)
     name = slug(name or out.name, 60)
     has_lora, has_pipeline = run_files(info)
-    family = run_family(info)
+    family = run_family(info, out=out)
     if fmt not in family.export_formats:
         raise BasError(f"Runs of the {family.name} family export as {', '.join(family.export_formats)}; --format {fmt} is not one of them.")
     if fmt == "lora-from-full" and not has_pipeline:
         raise BasError(f"{out} is not a full fine-tune (it has no pipeline/); export it with --format diffusers or kohya.")
-    handles = handle_rows(family, load_file(str(out / "handles.safetensors")))
+    handles = handle_rows(family, read_weights(out / "handles.safetensors"))
     info = dict(info, handle_dim=next(iter(next(iter(handles.values())).values())).numel())
     layers = None
     if fmt == "lora-from-full" or (fmt == "kohya" and has_pipeline):

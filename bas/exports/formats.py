@@ -216,13 +216,17 @@ def read_diffusers_lora(path: Path) -> list[LoraLayer]:
     """The layers of a diffusers-format LoRA: what ``bas run`` writes now, and the layouts of earlier bas
     versions (peft's ``lora_A`` names in the UNet too, transformers-5 text-encoder paths, a peft config in
     the header)."""
+    from bas.core.runs import read_weights
+
     path = Path(path)
+    tensors = read_weights(path)  # a damaged or empty file: one line naming it (every command reads a run's weights there)
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-        tensors = load_file(str(path))
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise BasError(f"{path} is not a readable LoRA safetensors file ({exc}); re-run `bas run` to rewrite it.") from exc
+    if not isinstance(meta, dict):
+        raise BasError(f"{path} is not a readable LoRA safetensors file (its lora_adapter_metadata is not a table); re-run `bas run` to rewrite it.")
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         parsed = parse_diffusers_key(key)

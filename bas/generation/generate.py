@@ -10,15 +10,14 @@ from typing import Callable
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file
-
 from bas.core import checks, io
 from bas.core.errors import BasError
 from bas.core.failures import is_out_of_memory
 from bas.core.family import ModelFamily, python_str
 from bas.core.handles import check_prompt_fits, check_prompt_handles, install_handles
 from bas.core.model import DTYPES, load_pipeline, resolve_device, resolve_precision
-from bas.core.runs import SavedConfig, all_handles_prompt, read_run, run_family, run_plugins, slug  # noqa: F401 (re-exported)
+from bas.core.runs import (SavedConfig, all_handles_prompt, read_run, read_weights, run_family, run_model, run_plugins,  # noqa: F401 (re-exported)
+                           slug)
 
 
 def image_stem(prompt: str) -> str:
@@ -50,10 +49,11 @@ def load_run_pipeline(out: Path, device: str = "auto", precision: str = "auto"):
     dev = resolve_device(device)
     dtype = DTYPES[resolve_precision(precision, dev)]
     plugins = run_plugins(info)
-    family = run_family(info, plugins)
+    family = run_family(info, plugins, out)
 
     def load(model):
-        return load_pipeline(model, dev, dtype, family, quantize=info.get("quantize") or "none")
+        with run_model(out):  # a model that cannot be loaded is named as the run's (generate, edit, eval and export take no --model)
+            return load_pipeline(model, dev, dtype, family, quantize=info.get("quantize") or "none")
 
     if info.get("weights"):
         strategy = plugins.registry("weight strategy").get(info["weights"], "this run's weights").factory
@@ -70,7 +70,7 @@ def load_run_pipeline(out: Path, device: str = "auto", precision: str = "auto"):
     else:
         pipe = load(info["model"])
     encoders = family.pipeline_text_encoders(pipe)
-    install_handles(encoders, load_file(str(io.inside(out, "handles.safetensors", str(out)))))
+    install_handles(encoders, read_weights(io.inside(out, "handles.safetensors", str(out))))
     for encoder in encoders:
         encoder.model.to(dev)
     return pipe, info
@@ -154,24 +154,36 @@ def make_scheduler(name: str, config):
 MAX_PROMPTS_FILE = 10 * 2**20
 
 
-def read_prompts_file(path: Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with # are skipped."""
+def read_prompt_lines(path: Path, what: str = "one prompt per line") -> list[tuple[int, str]]:
+    """``(line number, text)`` of the lines of a prompts file that hold something: blank lines and lines
+    starting with # are skipped.  ``bas generate --prompts-file``, ``bas edit --prompts-file`` and ``bas eval
+    --prompts`` read their files here; ``what`` says what a line holds, in messages."""
     path = Path(path)
+    if path.is_dir():
+        raise BasError(f"Prompts file {path} is a folder; pass a text file with {what}.")
     if not path.is_file():
-        raise BasError(f"Prompts file {path} does not exist; pass a text file with one prompt per line.")
+        raise BasError(f"Prompts file {path} does not exist; pass a text file with {what}.")
     if path.stat().st_size > MAX_PROMPTS_FILE:
-        raise BasError(f"Prompts file {path} is {path.stat().st_size:,} bytes; a prompts file is text of at most {MAX_PROMPTS_FILE // 2**20} MB, one prompt per line.")
+        raise BasError(f"Prompts file {path} is {path.stat().st_size:,} bytes; a prompts file is text of at most {MAX_PROMPTS_FILE // 2**20} MB, "
+                       f"{what}.")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise BasError(f"Prompts file {path} is not UTF-8 text; save it as plain text with one prompt per line.") from None
+        raise BasError(f"Prompts file {path} is not UTF-8 text; save it as plain text with {what}.") from None
+    except OSError as exc:
+        raise BasError(f"Prompts file {path} cannot be read ({exc.strerror or exc}); pass a readable text file with {what}.") from None
     if "\0" in text:
-        raise BasError(f"Prompts file {path} is not a text file (it holds NUL bytes); pass plain text with one prompt per line.")
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise BasError(f"Prompts file {path} holds no prompt; write one prompt per line.")
-    return prompts
+        raise BasError(f"Prompts file {path} is not a text file (it holds NUL bytes); pass plain text with {what}.")
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)]
+    lines = [(number, line) for number, line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise BasError(f"Prompts file {path} holds no prompt; write {what}.")
+    return lines
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    return [line for _, line in read_prompt_lines(path)]
 
 
 def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
@@ -267,7 +279,7 @@ def generate_images(
     seeds = sampling_seeds(seed, seeds, num_images)
     checks.check_integer("batch_size", batch_size, 1, checks.MAX_IMAGES)
     check_size(width, height)
-    family = run_family(info)
+    family = run_family(info, out=out)
     scheduler, guidance, steps = run_sampling_defaults(family, info, scheduler, guidance, steps)  # before the model loads
     family.check_sampling(negative_prompt)
     out_dir = io.check_output_folder(Path(out_dir) if out_dir else out / "samples", "--out-dir")  # before sampling

@@ -72,8 +72,12 @@ class Lora(WeightStrategy):
         return ["lora/pytorch_lora_weights.safetensors"]
 
     def load_pipeline(self, out: Path, run_info: dict, load):
-        from bas.core.compat import load_lora_folder
+        from bas.core.compat import LORA_WEIGHT_NAME, load_lora_folder
+        from bas.core.runs import damaged_weights, weight_names
 
+        path = out / "lora" / LORA_WEIGHT_NAME
+        if not any("lora" in name for name in weight_names(path)):  # a damaged file is one line (bas.core.runs), before any model loads
+            raise damaged_weights(path, "holds no LoRA weights")
         pipe = load(run_info["model"])
         load_lora_folder(pipe, out / "lora")
         return pipe
