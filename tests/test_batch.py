@@ -410,8 +410,13 @@ def scripted(monkeypatch):
 
 
 def fake_finished_run(folder: Path, config: dict) -> None:
+    """A finished run as far as the batch checks one (bas.core.runs.read_run): a run.json and the handles it lists."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True)
-    (folder / "run.json").write_text(json.dumps({"config": config, "device": "cpu", "files": ["handles.safetensors"], "times": {"total_s": 1.5}}, default=str))
+    save_file({"<asset0>": torch.zeros(4)}, str(folder / "handles.safetensors"))
+    (folder / "run.json").write_text(json.dumps({"config": config, "device": "cpu", "model": "tiny", "handles": ["<asset0>"], "resolution": 64,
+                                                 "files": ["handles.safetensors"], "times": {"total_s": 1.5}}, default=str))
 
 
 def test_runner_skips_same_options_reports_other_options_and_retries_a_dead_process(scene, scripted, tmp_path):
@@ -437,8 +442,41 @@ def test_runner_skips_same_options_reports_other_options_and_retries_a_dead_proc
     assert result["counts"] == {"done": 2, "skipped": 1, "other-options": 1}
 
     scripted.submitted = []
+    fake_finished_run(out / "dies", dict(config, seed=7))  # a run to replace: its retry replaces it too, not "pass --overwrite"
     result = bas.batch(lines, out, executor="scripted", overwrite=True, **options)
-    assert scripted.submitted == [("other", 1, True), ("dies", 1, False), ("fresh", 1, False), ("dies", 2, False)]
+    assert scripted.submitted == [("other", 1, True), ("dies", 1, True), ("fresh", 1, False), ("dies", 2, True)]
+
+
+@pytest.mark.parametrize(
+    "attempt, overwrite, finished, saved, resume",
+    [
+        (1, False, False, True, True),  # an interrupted run: continued
+        (1, True, True, True, False),  # told to replace a run: starts over, whatever an earlier replacement left
+        (1, False, False, False, False),
+        (2, True, True, True, True),  # its first attempt died while replacing a run: what it saved is continued
+        (2, True, True, False, False),  # it died before a checkpoint: it starts over again, still replacing
+        (2, False, False, True, True),
+    ],
+)
+def test_a_scenes_worker_resumes_what_an_earlier_attempt_saved_and_replaces_what_it_was_told_to(
+    attempt, overwrite, finished, saved, resume, tmp_path, monkeypatch
+):
+    from bas.core.batch import tasks
+
+    out = tmp_path / "runs" / "s"
+    if finished:
+        fake_finished_run(out, {})
+    given = {}
+
+    def extract(config, plugins):
+        given.update(resume=config.resume, overwrite=config.overwrite)
+        raise BasError("stop here")
+
+    monkeypatch.setattr("bas.core.training.extract", extract)
+    monkeypatch.setattr(tasks.checkpoint, "complete_checkpoints", lambda folder: ["phase1-step00002"] if saved else [])
+    task = tasks.SceneTask("s", str(out), {"model": "m", "scene": str(tmp_path)}, [], overwrite=overwrite, attempt=attempt)
+    result = tasks.run_scene(task, lambda event: None)
+    assert result["error"] == "stop here" and given == {"resume": resume, "overwrite": overwrite} and result["resumed"] is resume
 
 
 def test_a_batch_says_once_which_recommended_settings_its_scenes_take(scene, scripted, tmp_path, capsys):

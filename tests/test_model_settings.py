@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import bas
 from bas.batches.runner import Batch
@@ -322,8 +323,15 @@ def test_every_way_to_start_a_run_turns_the_models_plugin_on(anchored, scene, ti
     assert "--plugin background-anchor" in batch.states[0].model_settings
     # the same batch again over those runs finished: every scene is the same run, so skipped
     for name, config in made.items():
+        from safetensors.torch import save_file  # a finished run as far as the batch checks one (bas.core.runs.read_run)
+
         (tmp_path / "runs" / name).mkdir(parents=True)
-        (tmp_path / "runs" / name / "run.json").write_text(json.dumps({"config": config.to_json()}, default=str))
+        save_file({"<asset0>": torch.zeros(4)}, str(tmp_path / "runs" / name / "handles.safetensors"))
+        (tmp_path / "runs" / name / "run.json").write_text(
+            json.dumps(
+                {"config": config.to_json(), "model": "m", "handles": ["<asset0>"], "resolution": 64, "files": ["handles.safetensors"]}, default=str
+            )
+        )
     again = Batch(lines, tmp_path / "runs", "local", [], False, 1, True, {"model": "bas-mini"})
     assert {s.spec.name: (s.record["status"], s.record["error"]) for s in again.states} == {n: ("skipped", None) for n in made}
     # and the worker itself runs with it

@@ -170,7 +170,7 @@ MATRIX = [  # (case, prepare, extra arguments, out, message)
     ("a 1x1 image", write_one_pixel_image, [], "runs/new", "The image is 1x1 pixels, too small to hold a concept"),
     ("a live run holds the lock", write_live_lock, ["--overwrite"], "runs/new", "is in use by another bas process (pid"),
     ("a lock from another host", write_foreign_lock, [], "runs/new", "pid 1 on another-host"),
-    ("out below a file", write_file_out, [], "runs/afile/new", "is not a folder"),
+    ("out below a file", write_file_out, [], "runs/afile/new", "which is a file; pass a folder path"),  # check_target, before the lock
     ("out is bas's own staging name", None, [], "runs/.old.bas-partial", "is a name bas uses for its own work"),
     ("a model that cannot load, into new folders", None, ["--model", "no-such/model"], "deep/er/new", "Could not load model 'no-such/model'"),
     ("a family that does not match the model", None, ["--family", "flux"], "deep/er/new",

@@ -64,6 +64,9 @@ def report(summary: dict) -> None:
     scenes = summary["scenes"]
     counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items())
     click.echo(f"{len(scenes)} scene(s) in {out}: {counts}. Summary: {out / 'batch.json'}; gallery: {out / 'index.html'}")
+    for scene in scenes:
+        if scene.get("replaced") and scene["status"] == "done":
+            click.echo(f"  {scene['name']} ({scene['status']}): run again (--overwrite), as {scene['replaced']}.")
     bad = [s for s in scenes if s["status"] not in ("done", "skipped")]
     for scene in bad[:SHOWN_FAILURES]:
         click.echo(f"  {scene['name']} ({scene['status']}): {scene.get('error') or ''}")

@@ -6,6 +6,8 @@ Per scene, from what its run folder ``<out>/<name>`` holds:
 - a finished run (``run.json``) made with the same options: skipped, its files untouched;
 - a finished run made with other options: reported (``other-options``), or run again with
   ``overwrite``;
+- a finished run whose files do not agree with its ``run.json`` (:func:`bas.core.runs.read_run`):
+  reported (``damaged``), or run again with ``overwrite``;
 - an interrupted run (``checkpoint.complete_checkpoints``): resumed from its newest checkpoint
   (with ``overwrite``: started over);
 - anything else (nothing, a failed attempt): run.
@@ -32,7 +34,7 @@ from typing import Any, Iterable
 import click
 
 from bas.core.version import __version__
-from bas.core import checkpoint
+from bas.core import checkpoint, io
 from bas.core.api import describe_model_settings, make_config, model_plugins, option_default, run_plugins
 from bas.batches import summary as summary_io
 from bas.batches.progress import BatchProgress
@@ -49,7 +51,7 @@ BATCH_FIELDS = {"out", "resume", "overwrite", "options", "plugins", "model_setti
 CORE_ALIASES = {"init_token": "init_tokens"}
 POLL_S = 0.5
 GALLERY_EVERY_S = 10.0  # index.html is rewritten at most this often while scenes run (and at the end)
-FINAL_STATUSES = ("done", "skipped", "failed", "other-options", "interrupted", "not-started")
+FINAL_STATUSES = ("done", "skipped", "failed", "other-options", "damaged", "interrupted", "not-started")
 OK_STATUSES = ("done", "skipped")
 
 
@@ -179,6 +181,19 @@ def convert_values(values: dict[str, Any], table: OptionTable, base: Path, sourc
     return converted
 
 
+def read_finished(run_out: Path) -> tuple[dict | None, str | None]:
+    """The run.json of the finished run in ``run_out`` once its files agree with it (the checks of
+    :func:`bas.core.runs.read_run`, checksums included), and ``None``; or ``None`` and what is wrong
+    with the run (read_run's line without its fix)."""
+    from bas.core.runs import read_run
+
+    try:
+        return read_run(run_out), None
+    except (BasError, OSError) as exc:
+        what = str(exc).rstrip(".")
+        return None, what.rsplit("; ", 1)[0] if isinstance(exc, BasError) and "; " in what else what
+
+
 def option_differences(done: dict, wanted: dict) -> list[tuple[str, Any, Any]]:
     """``(option, in the finished run, requested)`` for every option that would change the run."""
     def flat(config: dict) -> dict:
@@ -282,6 +297,7 @@ class Batch:
         self.out = Path(out).expanduser().resolve()
         if self.out.exists() and not self.out.is_dir():
             raise BasError(f"--out {self.out} is a file; pass a folder for the batch's runs.")
+        io.check_output_folder(self.out, "--out")  # below a file: refused before any scene runs
         summary_io.check_own_files(self.out)
         self.plugin_names = list(plugin_names)
         model = {k: options[k] for k in ("model", "model_defaults") if k in options}
@@ -348,12 +364,17 @@ class Batch:
         preview = self.out / summary_io.PREVIEW_DIR / f"{spec.name}.png"
         task = SceneTask(name=spec.name, out=str(run_out), values=values, plugins=names, preview=str(preview))
         if run_json.is_file():
-            try:
-                finished = json.loads(run_json.read_text())
-                diffs = option_differences(finished.get("config") or {}, config.to_json())
-            except (OSError, ValueError, AttributeError) as exc:
-                record.update(status="failed", error=f"{run_json} cannot be read ({exc}); move the folder {run_out} away to run the scene again.")
+            finished, damage = read_finished(run_out)
+            if damage is not None:  # never skipped as done; replaced only with --overwrite, as a finished run always is
+                if not self.overwrite:
+                    record.update(status="damaged", error=f"{run_out} holds a damaged finished run ({damage}); restore its files, or delete the "
+                                                          "folder or pass --overwrite to run the scene again.")
+                    return state
+                record["replaced"] = f"its earlier run was damaged ({damage})"
+                task.overwrite = True
+                state.task = task
                 return state
+            diffs = option_differences(finished.get("config") or {}, config.to_json())
             if not diffs:
                 record.update(self.previous_record(spec.name, finished), status="skipped", error=None)
                 return state
@@ -373,10 +394,10 @@ class Batch:
         """What the summary said of a skipped scene when it finished (or what its run.json says)."""
         old = self.previous.get(name)
         if old and old.get("status") in OK_STATUSES:
-            return {k: v for k, v in old.items() if k not in ("name", "source", "out")}
-        times = finished.get("times") or {}
-        return {"device": finished.get("device"), "seconds": times.get("total_s"), "files": list(finished.get("files", [])) + ["run.json"],
-                "run_times": times}
+            return {k: v for k, v in old.items() if k not in ("name", "source", "out", "replaced")}
+        times = finished.get("times") if isinstance(finished.get("times"), dict) else {}  # read_run checks the files, not the record's extras
+        device = finished.get("device") if isinstance(finished.get("device"), str) else None
+        return {"device": device, "seconds": times.get("total_s"), "files": list(finished["files"]) + ["run.json"], "run_times": times}
 
     # -- running --------------------------------------------------------------------------------
     def config(self) -> BatchConfig:
@@ -463,7 +484,8 @@ class Batch:
                 task = state.task
                 if result.get("crashed") and task.attempt <= self.retries and executor is not None:
                     task.attempt += 1
-                    task.overwrite = False  # resume from what the dead process saved
+                    # resume from what the dead process saved (run_scene): a scene being run again over a damaged run or
+                    # one of other options keeps --overwrite, so that a crash before any checkpoint starts over again
                     state.started = False  # queued again: after Ctrl-C it is not waited for
                     record.update(status="retrying", error=result["error"])
                     progress.note(f"{event.name}: {result['error']} Retrying ({task.attempt - 1} of {self.retries}).")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -22,33 +23,70 @@ BATCH_DIR = ".batch"  # the gallery's pictures and the lock; hidden, so `runs/*`
 PREVIEW_DIR = f"{BATCH_DIR}/previews"
 REPORT_DIR = "report"  # where a run keeps its report (the report plugin's folder)
 _VALIDATION = re.compile(r"validation-phase(\d)-step(\d+)\.png")
-STATUS_COLOURS = {"done": "#2e7d32", "skipped": "#558b2f", "failed": "#c62828", "other-options": "#ef6c00",
+STATUS_COLOURS = {"done": "#2e7d32", "skipped": "#558b2f", "failed": "#c62828", "other-options": "#ef6c00", "damaged": "#ad1457",
                   "interrupted": "#6a1b9a", "not-started": "#616161", "running": "#1565c0", "retrying": "#1565c0", "pending": "#616161"}
 STATUS_MEANING = {
     "done": "finished in this invocation",
     "skipped": "finished earlier with the same options; left as it was",
     "failed": "stopped with the error shown; run the batch again to retry it",
     "other-options": "holds a finished run made with other options; --overwrite runs it again",
+    "damaged": "holds a finished run whose files do not agree with its run.json; restore them, or --overwrite runs it again",
     "interrupted": "stopped with a checkpoint; run the batch again to resume it",
     "not-started": "the batch stopped before this scene began",
 }
 
 
+SUMMARY_START = '{\n  "bas_version": '  # how every batch.json write_summary writes begins (its first key)
+GALLERY_START = '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n<title>bas batch: '  # and every index.html
+
+
+def _begins(path: Path, start: str) -> bool:
+    """``path`` is a plain file (not a link) that begins with ``start``: written by a batch, whatever followed."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(start.encode())) == start.encode()
+    except OSError:
+        return False
+
+
+def _summary_problem(path: Path) -> str | None:
+    """``None`` when ``path`` is a batch's summary, else why not, in a few words."""
+    if path.is_symlink():
+        return "it is a link"
+    if not path.is_file():
+        return "it is not a file"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"it cannot be read as JSON: {exc}"
+    if not isinstance(data, dict) or not isinstance(data.get("scenes"), list):
+        return "it holds no list of scenes"
+    return None
+
+
 def check_own_files(out: Path) -> None:
     """The batch writes ``batch.json`` and ``index.html`` into ``--out``, replacing an earlier batch's:
-    never a file of the user's that has one of those names (a folder without a batch's ``batch.json``)."""
-    summary = Path(out) / SUMMARY
-    ours = False
-    if summary.is_file() and not summary.is_symlink():
-        try:
-            data = json.loads(summary.read_text(encoding="utf-8"))
-            ours = isinstance(data, dict) and isinstance(data.get("scenes"), list)
-        except (OSError, ValueError):
-            ours = False
-    for path in (summary, Path(out) / GALLERY):
-        if not ours and (path.exists() or path.is_symlink()):
-            raise BasError(f"--out {out} holds {path.name}, which is not an earlier bas batch's, and the batch writes its own {path.name} "
-                           "there; choose another --out.")
+    never a file of the user's that has one of those names.  An earlier batch's damaged ``batch.json``
+    is refused with how to recover (delete it: the batch rebuilds it from the scenes' runs, as it
+    does for a folder of runs with none); an ``index.html`` a batch wrote is replaced, also without
+    its ``batch.json``."""
+    out = Path(out)
+    summary, gallery = out / SUMMARY, out / GALLERY
+    if os.path.lexists(summary):
+        problem = _summary_problem(summary)
+        if problem is None:
+            return  # an earlier batch's: index.html is its gallery
+        unreadable = problem.startswith("it cannot be read")  # beside .batch/ (the batch's pictures): a batch's, cut short
+        if summary.is_file() and not summary.is_symlink() and (_begins(summary, SUMMARY_START) or (unreadable and (out / BATCH_DIR).is_dir())):
+            raise BasError(f"--out {out} holds a damaged {SUMMARY} of an earlier bas batch ({problem}); delete it and run the batch again, "
+                           f"which rebuilds {SUMMARY} from the scenes' runs.")
+        raise BasError(f"--out {out} holds {SUMMARY}, which is not an earlier bas batch's ({problem}), and the batch writes its own {SUMMARY} "
+                       f"there; choose another --out (or, if a bas batch wrote it, delete it: the batch rebuilds it from the scenes' runs).")
+    if os.path.lexists(gallery) and not _begins(gallery, GALLERY_START):
+        raise BasError(f"--out {out} holds {GALLERY}, which is not an earlier bas batch's, and the batch writes its own {GALLERY} there; "
+                       f"choose another --out, or move {GALLERY} away.")
 
 
 def read_previous(out: Path) -> dict[str, dict]:
@@ -100,6 +138,8 @@ def _scene_card(out: Path, scene: dict) -> str:
         facts.append(f"on {scene['host']}")
     if scene.get("attempt", 1) > 1:
         facts.append(f"attempt {scene['attempt']}")
+    if scene.get("replaced"):
+        facts.append(f"run again, as {scene['replaced']}")
     if scene.get("resumed_at"):
         facts.append(f"resumed at phase {scene['resumed_at']['phase']} step {scene['resumed_at']['step']}")
     parts = [f'<section class="scene" id="{e(name)}">',

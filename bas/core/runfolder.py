@@ -137,13 +137,14 @@ def option_paths(image, model, options: dict, plugin_options) -> list[tuple[str,
 
 def check_target(out, inputs: Iterable[tuple[str, Path]] = (), kind: str = "run", option: str = "--out") -> Path:
     """Refuse an ``--out`` that bas may not replace as a whole: the root, home or current folder
-    or one above it, a file, a name bas uses for its own work, or a folder holding any of the
+    or one above it, a file or a path below one, a name bas uses for its own work, or a folder holding any of the
     inputs (``(option, path)``).  ``kind`` names what is written (``run``, ``export``), ``option`` the
     argument that names the folder."""
     given = out
     out = canonical(out)
     if out.exists() and not out.is_dir():
         raise BasError(f"{option} {given} is a file; pass a folder path.")
+    io.check_output_folder(out, option)  # a path below a file: one line now, not an error from mkdir at the end
     try:
         home = Path.home().resolve()
     except (RuntimeError, KeyError):

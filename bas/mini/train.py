@@ -658,6 +658,13 @@ def main(**values):
         values[name] = _ints(values[name])
     if len(values["unet_heads"]) != len(values["unet_channels"]):
         raise click.BadParameter("give one head dimension per UNet level", param_hint="--unet-heads")
+    from bas.core import io
+    from bas.core.errors import BasError
+
+    try:  # a file there, or above it: one line now, not mkdir's traceback after the world is drawn
+        io.check_output_folder(Path(values["out"]), "--out")
+    except BasError as exc:
+        raise click.ClickException(str(exc)) from None
     record = train(TrainConfig(**values))
     t = record["times"]
     if record.get("stopped") and record.get("unet_steps_done") is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from bas.core import io
 from bas.core.errors import BasError
 from bas.core.model import default_model
 
@@ -19,7 +20,7 @@ MAX_UPLOAD = "200mb"
 @click.command("ui")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but a loopback address lets other machines open the page, and needs --auth.")
-@click.option("--port", type=int, default=7860, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="The TCP port to listen on.")
 @click.option("--auth", envvar="BAS_UI_AUTH", default=None, metavar="USER:PASS",
               help="Ask for this user name and password before showing the page (needed with --host; or set BAS_UI_AUTH).")
 @click.option("--allow-host", multiple=True, metavar="NAME",
@@ -43,9 +44,10 @@ def ui(host, port, auth, allow_host, workspace, model, sam_model, device):
 
     credentials = parse_auth(auth)
     check_exposure(host, credentials)
-    ws = Workspace(workspace)
-    if importlib.util.find_spec("gradio") is None:
+    if importlib.util.find_spec("gradio") is None:  # before the workspace is created: a refused command leaves nothing behind
         raise BasError("bas ui needs gradio; install it with: pip install 'bas[ui]'.")
+    io.check_output_folder(Path(workspace).expanduser(), "--workspace")  # a path below a file: one line, not mkdir's error
+    ws = Workspace(workspace)
     # gradio keeps uploads (and what it serves) in its temporary folder: make that one part of the
     # workspace, before gradio is imported, and turn off its telemetry
     os.environ["GRADIO_TEMP_DIR"] = str(ws.uploads)

@@ -172,7 +172,10 @@ def run_scene(task: SceneTask, emit: Callable[[Any], None]) -> dict[str, Any]:
     emit(Started(task.name, task.attempt, host, pid))
     out = Path(task.out)
     forwarder = Forwarder(task, emit)
-    resume = not task.overwrite and not (out / "run.json").exists() and bool(checkpoint.complete_checkpoints(out))
+    # a first attempt resumes an interrupted run it was not told to replace; a retry (after its process died) resumes
+    # whatever the attempt before it saved, a run it was told to replace (--overwrite) included, and else starts as that did
+    first = task.attempt <= 1
+    resume = bool(checkpoint.complete_checkpoints(out)) and (not first or (not task.overwrite and not (out / "run.json").exists()))
     result: dict[str, Any] = {"status": "failed", "error": None, "traceback": None, "attempt": task.attempt, "host": host, "pid": pid,
                               "resumed": resume, "resumed_at": None, "started": started}
     with warnings.catch_warnings(record=True) as caught:
