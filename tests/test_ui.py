@@ -241,7 +241,7 @@ def test_the_runs_list_finds_runs_in_staging_folders_and_shows_no_name_bas_keeps
         config, _ = commands.parse_run(["--scene", "scenes/s", "--out", f"runs/{name}", "--seed", "7"], ws)
         folder = staging_path(runs / name) / "checkpoints" / f"phase1-step{step:05d}"
         folder.mkdir(parents=True)
-        state = state or {"phase": 1, "step": step, "history": {"phase1": []}, "times": {}, "python_rng": [], "config": config.to_json()}
+        state = state or {"phase": 1, "step": step, "history": {"phase1": [], "phase2": []}, "times": {}, "python_rng": [], "config": config.to_json()}
         (folder / "state.json").write_text(json.dumps(state, default=str))
         return folder
 

@@ -151,7 +151,18 @@ def _state_damage(state, phase: int, step: int) -> str | None:
             return f"{STATE_FILE} has no valid '{key}'"
     if (state["phase"], state["step"]) != (phase, step):
         return f"{STATE_FILE} is of phase {state['phase']} step {state['step']}, not of the folder's"
+    history = state["history"]  # the run goes on appending to it, and run.json and its report show it
+    for name in ("phase1", "phase2"):
+        steps = history.get(name)
+        if not isinstance(steps, list) or not all(isinstance(s, dict) and _number(s.get("step")) and all(map(_number, s.values())) for s in steps):
+            return f"{STATE_FILE} has no valid 'history' of {name} (a list of each step's losses)"
+    if not all(_number(v) for v in state["times"].values()):
+        return f"{STATE_FILE} has no valid 'times'"
     return None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _damage(state, optimizer, rng, phase: int, step: int) -> str | None:
@@ -184,10 +195,12 @@ def read_inputs(out: Path) -> dict | None:
     return data
 
 
-def check_same_run(saved_config: dict, config: dict) -> None:
+def check_same_run(saved_config: dict, config: dict, defaults: dict | None = None) -> None:
     """Refuse to resume with options that would make the result differ from an uninterrupted run.
 
     ``out`` is not compared: the checkpoint was found from it, whichever path named the folder.
+    ``defaults``: bas's own value of every option (:func:`bas.core.training.bas_defaults`), so that a message can say
+    where a value came from.
     """
     def comparable(c):
         flat = {k: v for k, v in c.items() if k not in RESUME_FREE_OPTIONS and k not in ("options", "out")}
@@ -214,6 +227,18 @@ def check_same_run(saved_config: dict, config: dict) -> None:
                 f"The checkpoint was made with {k}={a.get(k)!r}, but this command takes {b.get(k)!r} from {config.get('model')}'s "
                 "recommended settings; resume with --no-model-defaults (or with the interrupted run's options)."
             )
+        name = k.removeprefix("options.")
+        if k != "plugins" and name in (saved_config.get("model_settings") or {}):  # the checkpoint's value was the model's recommendation
+            made = f"The checkpoint was made with {name}={a.get(k)!r} from {saved_config.get('model')}'s recommended settings"
+            default = (defaults or {}).get(k, object())
+            if b.get(k) == default and config.get("model_defaults") is False:
+                raise BasError(f"{made}, but this command has bas's default {b.get(k)!r} because --no-model-defaults leaves those settings "
+                               "out; resume without --no-model-defaults, as the interrupted run was started.")
+            if b.get(k) == default:
+                raise BasError(f"{made}, but this command has bas's default {b.get(k)!r}; resume with {name}={a.get(k)!r}, "
+                               "or use --overwrite to start over.")
+            raise BasError(f"{made}, but this command gives {b.get(k)!r}; resume with the interrupted run's {name}={a.get(k)!r}, "
+                           "or use --overwrite to start over with yours.")
         raise BasError(
             f"The checkpoint was made with {k}={a.get(k)!r} but this command has {b.get(k)!r}; "
             "resume with the same options as the interrupted run, or use --overwrite to start over."

@@ -71,7 +71,9 @@ class LossTerm:
     needs_adapters: bool = False
 
     def setup(self, run: "Run") -> None:
-        """Prepare the model before training (install hooks, precompute data)."""
+        """Prepare the model before training (install hooks, precompute data).  Under ``bas run --plan``
+        (``run.planning``) tensors have no values: read none, write and generate nothing, and say what
+        was assumed instead with ``run.assume(text)``."""
 
     def teardown(self, run: "Run") -> None:
         """Undo ``setup`` so the model is clean for saving and generation."""

@@ -70,6 +70,8 @@ def open_image(path: Path, what: str, fix: str) -> Image.Image:
     ``what`` names the file in messages (``Image file``, ``Mask file``); ``fix`` says what to pass.
     """
     path = Path(path)
+    if path.is_dir():
+        raise BasError(f"{what} {path} is a folder, not a file; {fix}.")
     if not path.is_file():
         raise BasError(f"{what} {path} does not exist; {fix}.")
     try:
@@ -267,14 +269,16 @@ def prepare_scene(scene: SceneInput, resolution: int, init_tokens: list[str] | N
             raise BasError(f"{name} is empty after cropping to a square (no pixel above 0.5); draw the concept in white on black.")
         if coverage == 1.0:
             raise BasError(f"{name} covers the whole image; a mask must mark one concept, white on a black background.")
-        masks.append(torch.from_numpy(arr))
+        masks.append(arr)
     names = list(names)
+    # the checks read the arrays, before any tensor exists: a memory plan (bas.memory) makes its tensors fake (values unknown)
     if background:
-        complement = 1.0 - torch.stack(masks).amax(dim=0)
+        complement = 1.0 - np.stack(masks).max(axis=0)
         if not (complement > 0.5).any():
             raise BasError("The masks cover the whole image, so --background has nothing to extract; leave out --background.")
         masks.append(complement)
         names.append(BACKGROUND_NAME)
+    masks = [torch.from_numpy(m) for m in masks]
     image = _square(scene.image, resolution, Image.BICUBIC)
     image_t = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
     return Scene(image=image_t, masks=torch.stack(masks), mask_names=names, background=background,

@@ -8,6 +8,7 @@ plain objects.  This module knows no particular loss, mask source or weight stra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -184,8 +185,21 @@ class PhaseState:
     params: list[torch.nn.Parameter]
 
 
+def bas_defaults(plugins=None) -> dict:
+    """bas's own value of every option (``options.NAME`` for the plugins' in ``plugins``): what a run has where
+    neither the user nor the model's recommended settings give one; as JSON has them."""
+    from bas.core.plugins import option_default
+
+    values = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    if plugins is not None:
+        values.update({f"options.{opt.name}": option_default(opt) for _, opt in plugins.run_options()})
+    return json.loads(json.dumps(values, default=str))
+
+
 class Run:
     """The state of one extraction: model parts, handles, cached inputs, history."""
+
+    planning = False  # True in a memory plan (bas.memory.plan): tensors are fake, so plugins read no values and write nothing
 
     def __init__(self, config: RunConfig, plugins: Plugins):
         config.check()
@@ -272,9 +286,9 @@ class Run:
                 self.resume_from = checkpoint.load_latest(folder.staging)
                 saved = checkpoint.read_inputs(folder.staging)
                 if saved is None:
-                    checkpoint.check_same_run(self.resume_from.state["config"], self.config.to_json())
+                    checkpoint.check_same_run(self.resume_from.state["config"], self.config.to_json(), bas_defaults(self.plugins))
                 else:
-                    checkpoint.check_same_run(saved["config"], resume_record(self.config))
+                    checkpoint.check_same_run(saved["config"], resume_record(self.config), bas_defaults(self.plugins))
                     self.saved_inputs = saved.get("inputs")
             else:
                 if (finished or resumable) and not self.config.overwrite:

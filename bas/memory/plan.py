@@ -9,12 +9,20 @@ holds the optimizer's state, as every later step does) through ``Run.forward_ste
 the device's live storages meanwhile; nothing is computed (fake tensors have shapes, not values), so
 a plan of FLUX.1 at 1024 px takes seconds.  The optimizers' states are stand-ins of the sizes
 torch's AdamW and bitsandbytes' AdamW8bit allocate (:class:`PlannedAdamW`).
+
+Nothing in a plan may read a tensor's values (``if mask.any()``, ``.item()``, ``int(t)``, boolean
+indexing): fake tensors have none.  bas checks its inputs on their arrays, before they become tensors;
+a plugin's code sees ``run.planning`` true in a plan, skips its value checks and what would write or
+generate files there, and says what it assumed instead with ``run.assume(...)`` (prior preservation:
+its class images).  A plugin that still reads values stops the plan with one line naming it
+(:func:`unplannable`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import types
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 
@@ -67,6 +75,7 @@ class Plan:
     text_encoders: dict = field(default_factory=dict)
     attention_kernels: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)
+    assumptions: list = field(default_factory=list)  # what plugins assumed instead of what a plan cannot do (run.assume)
 
     @property
     def peak(self) -> int:
@@ -142,11 +151,14 @@ class _NoScaler:
 class PlanRun(Run):
     """A run planned for ``device``, computing on fake tensors (see the module docstring)."""
 
+    planning = True
+
     def __init__(self, config: RunConfig, plugins: Plugins, device: torch.device, concepts: int, tracker: LiveStorages, fake):
         self.planned_device = device
         self.concepts = concepts
         self.tracker = tracker
         self.fake = fake
+        self.assumptions: list[str] = []
         super().__init__(config, plugins)
         self.target = self.device
         self.device = torch.device("cpu")  # the fake tensors' device; their sizes are the target's
@@ -154,6 +166,10 @@ class PlanRun(Run):
 
     def resolve_device(self) -> torch.device:
         return self.planned_device
+
+    def assume(self, text: str) -> None:
+        """What a plugin assumed instead of what a plan cannot do (a sentence; the plan shows it)."""
+        self.assumptions.append(text)
 
     def resolve_precision(self) -> str:
         """On CUDA, a GPU with bf16 (Ampere or newer): ``auto`` is bf16 there, as bas picks it."""
@@ -254,9 +270,9 @@ class PlanRun(Run):
         phases = {}
         self.tracker.reset_peak()
         self.load()
-        phases["load"] = PhaseMemory(peak=self.tracker.peak, frozen_weights=self.tracker.bytes_of(self.device_tensors()))
-        for term in self.resolved.loss_terms:
+        for term in self.resolved.loss_terms:  # with the VAE still on the device, as a run sets them up (prior preservation's latents)
             term.setup(self)
+        phases["load"] = PhaseMemory(peak=self.tracker.peak, frozen_weights=self.tracker.bytes_of(self.device_tensors()))
         self.release_vae()
         self.components.denoiser.train()
         if self.config.phase1_steps:
@@ -291,6 +307,50 @@ def concept_count(config: RunConfig) -> int:
     return len(masks) or DEFAULT_CONCEPTS
 
 
+def reads_values(exc: BaseException) -> bool:
+    """Whether ``exc`` is a fake tensor's refusal to give values: a branch on one (``.any()``, ``.item()``,
+    ``int()``), an output whose shape its values decide (boolean indexing, ``nonzero``), ``.numpy()``."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    if isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException)):
+        return True
+    return isinstance(exc, RuntimeError) and "not supported for tensor subclasses" in str(exc)
+
+
+def unplannable(exc: BaseException, plugins: Plugins) -> BasError | None:
+    """The one line for a plan that stopped where a plugin's code reads a tensor's values: the
+    innermost frame in a plugin's module (its own, or an installed plugin's package) names it;
+    ``None`` where only bas's code is in the traceback, built-in plugins included (a bug of bas's,
+    which keeps its traceback, as :func:`bas.core.failures.plugin_failure` has it)."""
+    from bas.core.plugins import BUILTIN_PLUGINS, installed_plugin_packages
+
+    modules, packages = {}, {}
+    for name, obj in plugins.pm.list_name_plugin():
+        if name not in BUILTIN_PLUGINS:
+            modules[obj.__name__ if isinstance(obj, types.ModuleType) else getattr(obj, "__module__", "")] = name
+    for package, name in installed_plugin_packages().items():
+        if name in plugins.infos:
+            packages[package] = name
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        name = modules.get(module) or packages.get(module.split(".", 1)[0])
+        if name is not None:
+            found = (name, tb.tb_frame.f_code.co_qualname)
+        tb = tb.tb_next
+    if found is None:
+        return None
+    name, function = found
+    info = plugins.infos.get(name)
+    how = f"with --plugin no:{name}" if info is not None and info.default else f"without --plugin {name}"
+    return BasError(
+        f"Plugin '{name}' reads a tensor's values in {function}, which a memory plan cannot (it computes shapes, not values), "
+        f"so the run's memory with it cannot be predicted; plan {how} to leave it out, and ask its authors to skip "
+        "such checks where run.planning is true."
+    )
+
+
 def make_plan(config: RunConfig, plugins: Plugins) -> Plan:
     """The memory plan of the run ``config`` describes, on its ``--device`` (``cuda`` need not be here)."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -311,8 +371,14 @@ def make_plan(config: RunConfig, plugins: Plugins) -> Plan:
         if shown is None and run.model in PACKAGED:
             shown = run.model
         kernels = run.kernel_mode if device.type == "cuda" else contextlib.nullcontext()  # the CPU's own choices are the CPU's
-        with torch.random.fork_rng(), fake_module_conversion(), mode, tracker, kernels:
-            phases = run.plan()
+        try:
+            with torch.random.fork_rng(), fake_module_conversion(), mode, tracker, kernels:
+                phases = run.plan()
+        except RuntimeError as exc:
+            error = unplannable(exc, plugins) if reads_values(exc) else None
+            if error is None:
+                raise
+            raise error from None
     return Plan(
         model=shown or run.model,
         family=run.family.name,
@@ -333,6 +399,7 @@ def make_plan(config: RunConfig, plugins: Plugins) -> Plan:
         text_encoders={e.name: _module_bytes(e.model) for e in run.components.text_encoders},
         attention_kernels=dict(run.kernel_mode.kernels),
         phases={name: asdict(p) for name, p in phases.items()},
+        assumptions=list(run.assumptions),
     )
 
 
@@ -384,5 +451,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  Text encoders ({encoders}): on the device in both phases; their handle rows train, so their outputs cannot be cached.")
     if plan.attention_kernels:
         lines.append("  Attention kernels as the GPU picks them: " + ", ".join(f"{k} x{v}" for k, v in sorted(plan.attention_kernels.items())) + ".")
+    for text in plan.assumptions:
+        lines.append(f"  Assumed: {text}")
     lines.append(f"Predicted peak: {gigabytes(plan.peak)} (torch.cuda.max_memory_allocated; the CUDA context and allocator cache come on top).")
     return "\n".join(lines)

@@ -43,13 +43,13 @@ def contrast_loss(probabilities: torch.Tensor, masks: torch.Tensor) -> torch.Ten
         return probabilities.sum() * 0.0
     res = probabilities.shape[-1]
     cover = F.interpolate(masks.float(), size=(res, res), mode="area") >= 0.5  # (B, K, r, r)
-    owned = cover.sum(dim=1) == 1  # (B, r, r)
-    if not owned.any():
-        return probabilities.sum() * 0.0
+    owned = (cover.sum(dim=1) == 1).float()  # (B, r, r)
     p = probabilities.float().clamp(min=1e-12)
     log_share = p.log() - p.sum(dim=1, keepdim=True).log()  # log of each handle's share of the shown handles' attention
     owner_log_share = (log_share * cover.float()).sum(dim=1)  # at owned pixels: the owner's
-    return -(owner_log_share[owned]).mean()
+    # the mean over owned pixels without reading which they are (no branch on the values): a memory plan
+    # (bas.memory) runs this on fake tensors; no owned pixel gives 0 / 1
+    return -(owner_log_share * owned).sum() / owned.sum().clamp(min=1.0)
 
 
 class AttentionContrastLoss(LossTerm):
