@@ -211,6 +211,18 @@ def test_bas_ui_without_gradio_says_how_to_install_it_and_another_host_needs_a_p
         assert result.exit_code == 1 and "bas ui needs gradio; install it with: pip install 'bas[ui]'." in result.output, result.output
 
 
+def test_bas_ui_on_a_port_in_use_is_one_line_and_makes_no_workspace(tmp_path):
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[test]')")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = CliRunner().invoke(cli, ["ui", "--workspace", str(tmp_path / "ws"), "--port", str(port)])
+    assert result.exit_code == 1 and result.output.count("Error") == 1, result.output
+    assert result.output.startswith(f"Error: Cannot listen on 127.0.0.1:{port} (Address already in use); pass another --port"), result.output
+    assert not (tmp_path / "ws").exists()
+
+
 def test_the_host_check_and_the_address_shown():
     from bas.ui.access import allowed_hosts, host_name, page_url
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -15,6 +16,17 @@ from bas.core.errors import BasError
 from bas.core.model import default_model
 
 MAX_UPLOAD = "200mb"
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, before anything is made, an address the page could not listen on (a port another server holds)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a port left in TIME_WAIT is free
+            probe.bind(address)
+    except OSError as exc:
+        raise BasError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port (or --host).") from None
 
 
 @click.command("ui")
@@ -47,6 +59,7 @@ def ui(host, port, auth, allow_host, workspace, model, sam_model, device):
     if importlib.util.find_spec("gradio") is None:  # before the workspace is created: a refused command leaves nothing behind
         raise BasError("bas ui needs gradio; install it with: pip install 'bas[ui]'.")
     io.check_output_folder(Path(workspace).expanduser(), "--workspace")  # a path below a file: one line, not mkdir's error
+    check_port(host, port)  # a port in use: refused before the workspace is made (launch checks again, as it binds)
     ws = Workspace(workspace)
     # gradio keeps uploads (and what it serves) in its temporary folder: make that one part of the
     # workspace, before gradio is imported, and turn off its telemetry
