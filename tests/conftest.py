@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may try to download anything
@@ -82,6 +84,17 @@ def rich_run(tmp_path_factory, tiny_model, scene) -> Path:
 
 
 EARLIER_RUN_FIELDS = ("checksums", "sealed_folders", "weight_files", "inputs_sha256")  # run.json records newer versions added
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Everything under ``root``, hidden entries included: (kind, mode, content hash), to compare the files
+    before and after a command that must leave them as they were."""
+    found = {}
+    for path in sorted(Path(root).rglob("*")):
+        st = os.lstat(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
+        found[path.relative_to(root).as_posix()] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), digest)
+    return found
 
 
 def as_an_earlier_version_wrote(folder: Path) -> Path:

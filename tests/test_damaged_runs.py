@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import stat
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from safetensors.torch import save, save_file
 
 from bas.cli import cli
 
-from conftest import quick_run_args, run_main
+from conftest import quick_run_args, run_main, snapshot
 from test_eval import metric_models  # noqa: F401  (a fixture: bas eval's tiny CLIP, DINO and CLIPSeg)
 
 LORA = "lora/pytorch_lora_weights.safetensors"
@@ -45,16 +43,6 @@ def work(tmp_path, good, scene) -> Path:
     shutil.copytree(good, tmp_path / "runs" / "run")
     shutil.copytree(scene, tmp_path / "scene")
     return tmp_path
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Everything under ``root``, hidden entries included: (kind, content hash)."""
-    found = {}
-    for path in sorted(Path(root).rglob("*")):
-        st = os.lstat(path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
-        found[path.relative_to(root).as_posix()] = (stat.S_IFMT(st.st_mode), digest)
-    return found
 
 
 def error_line(err: str) -> str:

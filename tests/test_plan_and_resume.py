@@ -3,11 +3,8 @@ was hand-edited or is resumed without the model's recommended settings: a plan, 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import stat
 import sys
 import textwrap
 import types
@@ -17,17 +14,7 @@ import pytest
 
 from bas.core import plugins as plugins_module
 from bas.core.runfolder import staging_path
-from conftest import run_main  # noqa: E402
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Everything under ``root``, hidden entries included: (kind, mode, content hash)."""
-    found = {}
-    for path in sorted(Path(root).rglob("*")):
-        st = os.lstat(path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
-        found[path.relative_to(root).as_posix()] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), digest)
-    return found
+from conftest import run_main, snapshot  # noqa: E402
 
 
 def error_line(err: str) -> str:

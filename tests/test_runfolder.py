@@ -7,7 +7,6 @@ after (the whole test folder, hidden files included, by content and mode).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -37,21 +36,11 @@ from bas.core.plugins import Plugins
 from bas.core.runfolder import staging_path
 from bas.core.training import NumericalError, extract
 
-from conftest import as_an_earlier_version_wrote
+from conftest import as_an_earlier_version_wrote, snapshot
 from test_eval import metric_models  # noqa: F401  (a fixture: bas eval's tiny CLIP, DINO and CLIPSeg)
 from test_reliability import Fragile
 
 QUICK = ["--phase1-steps", "1", "--phase2-steps", "1", "--quiet"]
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Everything under ``root``, hidden entries included: (kind, mode, content hash)."""
-    found = {}
-    for path in sorted(Path(root).rglob("*")):
-        st = os.lstat(path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
-        found[path.relative_to(root).as_posix()] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), digest)
-    return found
 
 
 def run_main(argv) -> tuple[int, str]:

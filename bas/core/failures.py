@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from types import TracebackType
+from typing import Callable
 
 from bas.core import io
 from bas.core.errors import BasError, PluginError
@@ -54,6 +55,19 @@ def known_failure(exc: BaseException) -> BasError | None:
     return plugin_failure(exc)
 
 
+def innermost_frame(exc: BaseException, owner: Callable[[str], str | None]) -> tuple[str, str] | None:
+    """``(owner, function)`` of the innermost frame of ``exc``'s traceback whose module ``owner`` names
+    (it returns the owner's name for a module name, or None), or None where no frame has one."""
+    found = None
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None:
+        name = owner(str(tb.tb_frame.f_globals.get("__name__", "")))
+        if name is not None:
+            found = (name, tb.tb_frame.f_code.co_qualname)
+        tb = tb.tb_next
+    return found
+
+
 def plugin_failure(exc: BaseException) -> PluginError | None:
     """A :class:`PluginError` naming the installed plugin in whose code ``exc`` was raised and the
     function there (a hook implementation, or a method of a component it registered), or ``None``
@@ -69,14 +83,7 @@ def plugin_failure(exc: BaseException) -> PluginError | None:
     from bas.core.plugins import installed_plugin_packages
 
     packages = installed_plugin_packages()
-    found = None
-    tb: TracebackType | None = exc.__traceback__
-    while tb is not None:
-        module = str(tb.tb_frame.f_globals.get("__name__", ""))
-        plugin = packages.get(module.split(".", 1)[0])
-        if plugin is not None:
-            found = (plugin, tb.tb_frame.f_code.co_qualname)
-        tb = tb.tb_next
+    found = innermost_frame(exc, lambda module: packages.get(module.split(".", 1)[0]))
     if found is None:
         return None
     plugin, function = found

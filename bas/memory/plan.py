@@ -322,6 +322,7 @@ def unplannable(exc: BaseException, plugins: Plugins) -> BasError | None:
     innermost frame in a plugin's module (its own, or an installed plugin's package) names it;
     ``None`` where only bas's code is in the traceback, built-in plugins included (a bug of bas's,
     which keeps its traceback, as :func:`bas.core.failures.plugin_failure` has it)."""
+    from bas.core.failures import innermost_frame
     from bas.core.plugins import BUILTIN_PLUGINS, installed_plugin_packages
 
     modules, packages = {}, {}
@@ -331,14 +332,7 @@ def unplannable(exc: BaseException, plugins: Plugins) -> BasError | None:
     for package, name in installed_plugin_packages().items():
         if name in plugins.infos:
             packages[package] = name
-    found = None
-    tb = exc.__traceback__
-    while tb is not None:
-        module = str(tb.tb_frame.f_globals.get("__name__", ""))
-        name = modules.get(module) or packages.get(module.split(".", 1)[0])
-        if name is not None:
-            found = (name, tb.tb_frame.f_code.co_qualname)
-        tb = tb.tb_next
+    found = innermost_frame(exc, lambda module: modules.get(module) or packages.get(module.split(".", 1)[0]))
     if found is None:
         return None
     name, function = found
